@@ -1,0 +1,12 @@
+//! The Call Me Back domain: aggregates, commands, events, value types and rules.
+//!
+//! Invariant of this crate: it does no I/O. No tokio, sqlx, axum or NATS here; everything is
+//! plain data and pure decisions, tested with cqrs-es's `TestFramework`. Side effects live in
+//! `services`, read models in `projections`, the message log in `nats`.
+
+pub mod envelope;
+pub mod persona;
+
+pub mod values;
+
+pub use envelope::{Actor, CommandContext, EventEnvelope, EventMetadata};

@@ -1,0 +1,53 @@
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+
+use super::rules::{Owner, TurnTaking};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PersonaEvent {
+    PersonaCreated {
+        owner: Owner,
+        name: String,
+        description: String,
+        voice_id: String,
+        system_prompt: String,
+        greeting: String,
+        is_public: bool,
+        tags: Vec<String>,
+        turn_taking: TurnTaking,
+    },
+    PersonaUpdated {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voice_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system_prompt: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        greeting: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        is_public: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tags: Option<Vec<String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        turn_taking: Option<TurnTaking>,
+    },
+    PersonaDeleted,
+}
+
+impl DomainEvent for PersonaEvent {
+    fn event_type(&self) -> String {
+        match self {
+            PersonaEvent::PersonaCreated { .. } => "PersonaCreated",
+            PersonaEvent::PersonaUpdated { .. } => "PersonaUpdated",
+            PersonaEvent::PersonaDeleted => "PersonaDeleted",
+        }
+        .to_string()
+    }
+
+    fn event_version(&self) -> String {
+        "1".to_string()
+    }
+}

@@ -1,0 +1,1 @@
+//! Users: accounts, their credentials' lifecycle (lockout, revoked tokens) and profile.

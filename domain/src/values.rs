@@ -1,0 +1,192 @@
+//! Validated value types, built once at the edge ("parse, don't validate").
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A rule a value broke, naming the field so the API can point at it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// An email address, trimmed and lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Email, Invalid> {
+        let email = raw.trim().to_lowercase();
+        let invalid = || Invalid::new("email", "must be a valid email address");
+        if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid());
+        }
+        let (local, domain) = email.rsplit_once('@').ok_or_else(invalid)?;
+        if local.is_empty()
+            || local.contains('@')
+            || domain.len() < 3
+            || !domain.contains('.')
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+            || domain.contains("..")
+        {
+            return Err(invalid());
+        }
+        Ok(Email(email))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `j***@example.com`, for logs.
+    pub fn masked(&self) -> String {
+        match self.0.split_once('@') {
+            Some((local, domain)) => {
+                let first: String = local.chars().take(1).collect();
+                format!("{first}***@{domain}")
+            }
+            None => "***".into(),
+        }
+    }
+}
+
+impl fmt::Display for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A phone number in E.164: `+` then 8 to 15 digits, the first not 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    pub fn parse(field: &'static str, raw: &str) -> Result<PhoneNumber, Invalid> {
+        let s = raw.trim();
+        let digits = s.strip_prefix('+').unwrap_or("");
+        let ok = (8..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0');
+        if ok {
+            Ok(PhoneNumber(s.to_string()))
+        } else {
+            Err(Invalid::new(
+                field,
+                "must be an E.164 phone number such as +14155550123",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `+1415*****23`, for logs.
+    pub fn masked(&self) -> String {
+        let n = self.0.len();
+        self.0
+            .char_indices()
+            .map(|(i, c)| if i >= 5 && i + 2 < n { '*' } else { c })
+            .collect()
+    }
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A person's display name: 1 to 100 characters, no control characters.
+pub fn parse_name(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String, Invalid> {
+    let s = raw.trim();
+    let n = s.chars().count();
+    if n < min || n > max {
+        return Err(Invalid::new(
+            field,
+            format!("must be {min} to {max} characters"),
+        ));
+    }
+    if s.chars().any(|c| c.is_control() || c == '<' || c == '>') {
+        return Err(Invalid::new(
+            field,
+            "must not contain control characters or angle brackets",
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// Free text (descriptions, prompts): length-checked, control characters other than newlines
+/// and tabs refused.
+pub fn parse_text(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String, Invalid> {
+    let s = raw.trim();
+    let n = s.chars().count();
+    if n < min || n > max {
+        return Err(Invalid::new(
+            field,
+            format!("must be {min} to {max} characters"),
+        ));
+    }
+    if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r') {
+        return Err(Invalid::new(field, "must not contain control characters"));
+    }
+    Ok(s.to_string())
+}
+
+/// Money in integer US cents. Never floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cents(pub i64);
+
+impl fmt::Display for Cents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        write!(f, "{sign}${}.{:02}", abs / 100, abs % 100)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_normalised_to_lower_case() {
+        assert_eq!(Email::parse("  Jo@Example.COM ").unwrap().as_str(), "jo@example.com");
+        for bad in ["", "jo", "jo@", "@x.io", "jo@x", "jo@.io", "j o@x.io", "jo@x..io"] {
+            assert!(Email::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn phones_must_be_e164() {
+        assert!(PhoneNumber::parse("phone", "+14155550123").is_ok());
+        for bad in ["14155550123", "+0123456789", "+1", "+1415555012a", "+1234567890123456"] {
+            assert!(PhoneNumber::parse("phone", bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            PhoneNumber::parse("phone", "+14155550123").unwrap().masked(),
+            "+1415*****23"
+        );
+    }
+
+    #[test]
+    fn cents_print_as_dollars() {
+        assert_eq!(Cents(265).to_string(), "$2.65");
+        assert_eq!(Cents(-5).to_string(), "-$0.05");
+    }
+}
