@@ -9,4 +9,4 @@ mod rules;
 pub use aggregate::{Persona, PersonaError};
 pub use command::{PersonaCommand, PersonaDraft, PersonaPatch};
 pub use event::PersonaEvent;
-pub use rules::{parse_tags, Owner, PersonaLimits, TurnTaking};
+pub use rules::{parse_tags, Owner, PersonaLimits, TurnTaking, PERSONA_LIMITS};

@@ -1,0 +1,61 @@
+//! Durable pull consumers, shared by every instance: JetStream hands each message to one of
+//! them, and redelivers what is not acknowledged in time.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+
+use crate::stream::StreamSettings;
+
+/// How a durable consumer behaves.
+#[derive(Debug, Clone)]
+pub struct DurableSpec {
+    pub name: String,
+    pub filter_subject: String,
+    pub ack_wait: Duration,
+    pub max_ack_pending: i64,
+}
+
+impl DurableSpec {
+    /// A consumer of every event of the stream.
+    pub fn all_events(settings: &StreamSettings, name: &str) -> Self {
+        DurableSpec {
+            name: name.to_string(),
+            filter_subject: settings.all_subjects(),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1_000,
+        }
+    }
+
+    /// A consumer of one aggregate type's events.
+    pub fn of_type(settings: &StreamSettings, name: &str, aggregate_type: &str) -> Self {
+        DurableSpec {
+            filter_subject: settings.type_subjects(aggregate_type),
+            ..Self::all_events(settings, name)
+        }
+    }
+}
+
+/// Gets or creates the durable consumer `spec.name` on the events stream.
+pub async fn durable(
+    stream: &jetstream::stream::Stream,
+    spec: &DurableSpec,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let config = consumer::pull::Config {
+        durable_name: Some(spec.name.clone()),
+        filter_subject: spec.filter_subject.clone(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: spec.ack_wait,
+        max_ack_pending: spec.max_ack_pending,
+        max_deliver: -1,
+        ..Default::default()
+    };
+    Ok(stream.get_or_create_consumer(&spec.name, config).await?)
+}
+
+/// Messages a durable consumer has not yet had acknowledged (pending plus in flight).
+pub async fn lag(consumer: &mut consumer::PullConsumer) -> Result<u64, async_nats::Error> {
+    let info = consumer.info().await?;
+    Ok(info.num_pending + info.num_ack_pending as u64)
+}

@@ -1,0 +1,125 @@
+//! Startup: connect, migrate, ensure the stream, seed what must exist, then run the API and
+//! every worker until shutdown. Tests start the same way, on a random port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::outbox::Publisher;
+use crate::projector::Projector;
+use crate::store::EventStore;
+
+/// A running service.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Stops taking requests, lets workers finish what they hold, and waits for them.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Connections and the stream, shared by `serve` and the operators' commands.
+pub struct Backbone {
+    pub pool: sqlx::PgPool,
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub stream: async_nats::jetstream::stream::Stream,
+}
+
+pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbone> {
+    let pool = crate::db::connect(&config.database_url, pool_size)
+        .await
+        .context("connecting to Postgres")?;
+    crate::db::migrate(&pool).await.context("applying migrations")?;
+    let nats = cmb_nats::connect(&config.nats_url, &format!("callmeback {}", config.instance_id))
+        .await
+        .context("connecting to NATS")?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let stream = cmb_nats::ensure_stream(&js, &config.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the JetStream stream: {e}"))?;
+    Ok(Backbone {
+        pool,
+        nats,
+        js,
+        stream,
+    })
+}
+
+/// Starts the API and all workers.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    let Backbone {
+        pool,
+        nats,
+        js,
+        stream,
+    } = backbone(&config, 32).await?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let store = EventStore::new(pool.clone());
+
+    let publisher = Publisher {
+        pool: pool.clone(),
+        js: js.clone(),
+        stream: config.stream.clone(),
+        settings: config.publisher.clone(),
+        instance_id: config.instance_id.clone(),
+        lag_samples: None,
+    };
+    tasks.spawn(publisher.run(shutdown.clone()));
+
+    let lag = crate::projector::LagBoard::default();
+    let projector = Arc::new(Projector {
+        pool: pool.clone(),
+        stream,
+        settings: config.stream.clone(),
+        consumer_prefix: config.consumer_prefix.clone(),
+        lag: lag.clone(),
+    });
+    projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
+
+    let state = AppState {
+        config: config.clone(),
+        pool,
+        store,
+        nats,
+        js,
+        metrics: crate::telemetry::metrics(),
+        projection_lag: lag,
+    };
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    let router = http::router(state.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, instance = %config.instance_id, "callmeback is serving");
+    Ok(Running {
+        addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}

@@ -1,0 +1,190 @@
+//! Configuration: one typed struct, loaded once from the environment (and `.env`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cmb_nats::StreamSettings;
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublisherSettings {
+    /// Pause between polls of the event table when there is nothing to publish.
+    pub idle_poll: Duration,
+    /// Events per read.
+    pub batch: i64,
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub nats_url: String,
+    pub http_addr: SocketAddr,
+    pub public_base_url: String,
+    pub stream: StreamSettings,
+    /// Prefix of durable consumer names, so two deployments can share a NATS cluster.
+    pub consumer_prefix: String,
+    pub log_format: LogFormat,
+    pub instance_id: String,
+    pub jwt_secret: Secret,
+    pub publisher: PublisherSettings,
+    /// How long a write waits for its own read model before answering (read-your-writes).
+    pub read_your_writes: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {message}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub message: String,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/callmeback";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+/// Signs tokens when `JWT_SECRET` is unset: fine for a laptop, refused by nothing, logged loudly.
+pub const DEVELOPMENT_JWT_SECRET: &str = "callmeback-development-jwt-secret-change-me";
+
+impl Config {
+    /// Reads `.env` (if present) and the environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let _ = dotenvy::dotenv();
+        Config::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Builds the configuration from any source of variables (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        fn parse<T: std::str::FromStr>(
+            name: &'static str,
+            value: Option<String>,
+            default: T,
+        ) -> Result<T, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            match value {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|e: T::Err| ConfigError {
+                    name,
+                    message: e.to_string(),
+                }),
+            }
+        }
+        let http_addr: SocketAddr = parse(
+            "HTTP_ADDR",
+            get("HTTP_ADDR"),
+            DEFAULT_HTTP_ADDR.parse().expect("the default address parses"),
+        )?;
+        let defaults = StreamSettings::default();
+        let stream = StreamSettings {
+            stream: get("NATS_STREAM").unwrap_or(defaults.stream),
+            subject_prefix: get("NATS_SUBJECT_PREFIX").unwrap_or(defaults.subject_prefix),
+            replicas: parse("NATS_REPLICAS", get("NATS_REPLICAS"), 1)?,
+            duplicate_window: Duration::from_secs(parse(
+                "NATS_DUPLICATE_WINDOW_SECS",
+                get("NATS_DUPLICATE_WINDOW_SECS"),
+                defaults.duplicate_window.as_secs(),
+            )?),
+        };
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError {
+                    name: "LOG_FORMAT",
+                    message: format!("{other:?} is neither pretty nor json"),
+                })
+            }
+        };
+        let instance_id = get("INSTANCE_ID").unwrap_or_else(|| {
+            format!(
+                "{}-{}-{}",
+                get("HOSTNAME").unwrap_or_else(|| "cmb".into()),
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        });
+        Ok(Config {
+            database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            nats_url: get("NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.into()),
+            public_base_url: get("PUBLIC_BASE_URL")
+                .unwrap_or_else(|| format!("http://{http_addr}"))
+                .trim_end_matches('/')
+                .to_string(),
+            http_addr,
+            stream,
+            consumer_prefix: get("NATS_CONSUMER_PREFIX").unwrap_or_else(|| "cmb".into()),
+            log_format,
+            instance_id,
+            jwt_secret: Secret::new(
+                get("JWT_SECRET").unwrap_or_else(|| DEVELOPMENT_JWT_SECRET.into()),
+            ),
+            publisher: PublisherSettings {
+                idle_poll: Duration::from_millis(parse(
+                    "PUBLISHER_IDLE_POLL_MS",
+                    get("PUBLISHER_IDLE_POLL_MS"),
+                    5,
+                )?),
+                batch: parse("PUBLISHER_BATCH", get("PUBLISHER_BATCH"), 1000)?,
+                lease_ttl: Duration::from_millis(parse(
+                    "LEASE_TTL_MS",
+                    get("LEASE_TTL_MS"),
+                    10_000,
+                )?),
+            },
+            read_your_writes: Duration::from_millis(parse(
+                "READ_YOUR_WRITES_MS",
+                get("READ_YOUR_WRITES_MS"),
+                2_000,
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_follow_the_fixed_interface() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(c.nats_url, DEFAULT_NATS_URL);
+        assert_eq!(c.http_addr.to_string(), DEFAULT_HTTP_ADDR);
+        assert_eq!(c.public_base_url, "http://127.0.0.1:8080");
+        assert_eq!(format!("{:?}", c.jwt_secret), "Secret(***)");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let env = HashMap::from([("HTTP_ADDR", "nowhere")]);
+        let err = Config::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap_err();
+        assert_eq!(err.name, "HTTP_ADDR");
+    }
+}

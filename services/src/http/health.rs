@@ -1,0 +1,49 @@
+//! Liveness, readiness and metrics.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::AppState;
+
+/// Readiness fails when a projection is this many messages behind.
+const MAX_READY_LAG: u64 = 10_000;
+
+/// The process is up.
+pub async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Postgres and NATS answer, and the read models are not far behind.
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&state.pool)
+        .await
+        .is_ok();
+    let nats = state.nats.connection_state() == async_nats::connection::State::Connected
+        && state.js.get_stream(&state.config.stream.stream).await.is_ok();
+    let lag = state.projection_lag.read().expect("lag board").clone();
+    let lag_ok = lag.values().all(|&l| l <= MAX_READY_LAG);
+    let ready = postgres && nats && lag_ok;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (
+        status,
+        axum::Json(json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "checks": {
+                "postgres": if postgres { "ok" } else { "down" },
+                "nats": if nats { "ok" } else { "down" },
+                "projection_lag": lag,
+            }
+        })),
+    )
+}
+
+/// Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,14 @@
+//! Call Me Back's service: the HTTP API, the workers and the operators' commands, in one
+//! binary. See ARCHITECTURE.md for the map.
+
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod lease;
+pub mod outbox;
+pub mod projector;
+pub mod store;
+pub mod telemetry;

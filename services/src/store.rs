@@ -1,0 +1,160 @@
+//! The command path: load an aggregate from the Postgres event store, let it decide, commit
+//! its events with the command's metadata, retrying on a concurrent writer.
+//!
+//! cqrs-es's `CqrsFramework` would also dispatch in-process `Query`s after the commit; we do
+//! not use those (a crash loses them): every read model and worker is fed from JetStream.
+
+use std::time::Duration;
+
+use cmb_domain::CommandContext;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, EventStore as _};
+use postgres_es::PostgresEventRepository;
+use sqlx::PgPool;
+
+/// What a successful command wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+    /// The aggregate's last sequence after the command (unchanged if it wrote nothing).
+    pub sequence: u64,
+    pub events: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error> {
+    /// The aggregate refused the command.
+    #[error(transparent)]
+    Rejected(E),
+    /// Other writers kept winning the race for this aggregate.
+    #[error("the {0} was changed concurrently too often; try again")]
+    Contended(&'static str),
+    #[error("event store: {0}")]
+    Store(String),
+}
+
+/// How many times a command is re-decided after losing an optimistic-concurrency race.
+const CONFLICT_RETRIES: usize = 8;
+
+#[derive(Clone)]
+pub struct EventStore {
+    pool: PgPool,
+}
+
+impl EventStore {
+    pub fn new(pool: PgPool) -> Self {
+        EventStore { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn store<A: Aggregate>(&self) -> PersistedEventStore<PostgresEventRepository, A> {
+        PersistedEventStore::new_event_store(PostgresEventRepository::new(self.pool.clone()))
+    }
+
+    /// The aggregate's current state and sequence, straight from the event store (consistent,
+    /// unlike a read model).
+    pub async fn load<A: Aggregate>(&self, id: &str) -> Result<(A, u64), CommandError<A::Error>> {
+        let context = self
+            .store::<A>()
+            .load_aggregate(id)
+            .await
+            .map_err(|e| CommandError::Store(e.to_string()))?;
+        Ok((context.aggregate, context.current_sequence as u64))
+    }
+
+    /// Runs `command` against aggregate `id` and commits what it decides.
+    pub async fn execute<A>(
+        &self,
+        id: &str,
+        command: A::Command,
+        ctx: &CommandContext,
+    ) -> Result<Committed, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Command: Clone,
+    {
+        let store = self.store::<A>();
+        let mut attempt = 0;
+        loop {
+            let mut context = store
+                .load_aggregate(id)
+                .await
+                .map_err(|e| CommandError::Store(e.to_string()))?;
+            let before = context.current_sequence as u64;
+            let sink = cqrs_es::event_sink::EventSink::default();
+            context
+                .aggregate
+                .handle(command.clone(), &(), &sink)
+                .await
+                .map_err(CommandError::Rejected)?;
+            let events = sink.collect().await;
+            let count = events.len();
+            if count == 0 {
+                return Ok(Committed {
+                    aggregate_type: A::TYPE,
+                    aggregate_id: id.to_string(),
+                    sequence: before,
+                    events: 0,
+                });
+            }
+            match store.commit(events, context, ctx.to_metadata()).await {
+                Ok(_) => {
+                    metrics::counter!("cmb_events_committed_total", "aggregate" => A::TYPE)
+                        .increment(count as u64);
+                    return Ok(Committed {
+                        aggregate_type: A::TYPE,
+                        aggregate_id: id.to_string(),
+                        sequence: before + count as u64,
+                        events: count,
+                    });
+                }
+                Err(AggregateError::AggregateConflict) if attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    // Back off a little, with jitter, so hot aggregates stop colliding.
+                    let jitter = rand::random::<u64>() % (2 << attempt.min(6));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(AggregateError::AggregateConflict) => {
+                    return Err(CommandError::Contended(A::TYPE))
+                }
+                Err(e) => return Err(CommandError::Store(e.to_string())),
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) until `projection` has applied `committed`, so a client that
+    /// reads right after writing sees its write. Returns whether it caught up.
+    pub async fn wait_projected(
+        &self,
+        projection: &str,
+        committed: &Committed,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let seq: Option<i64> = sqlx::query_scalar(
+                "SELECT sequence FROM projection_offsets
+                  WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+            )
+            .bind(projection)
+            .bind(committed.aggregate_type)
+            .bind(&committed.aggregate_id)
+            .fetch_optional(&self.pool)
+            .await
+            .ok()
+            .flatten();
+            if seq.unwrap_or(0) as u64 >= committed.sequence {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(projection, aggregate = %committed.aggregate_id, "read model lags");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+}
