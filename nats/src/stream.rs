@@ -72,7 +72,10 @@ pub async fn ensure_stream(
     let config = settings.config();
     let stream = js.get_or_create_stream(config.clone()).await?;
     let current = &stream.cached_info().config;
-    if current.duplicate_window != config.duplicate_window || current.subjects != config.subjects {
+    if current.duplicate_window != config.duplicate_window
+        || current.subjects != config.subjects
+        || !current.allow_direct
+    {
         js.update_stream(config).await?;
     }
     Ok(js.get_stream(&settings.stream).await?)

@@ -116,20 +116,46 @@ async fn save_checkpoint(pool: &PgPool, name: &str, at: CommitPosition) -> Resul
     Ok(())
 }
 
-/// The commit position of the stream's last message, if it carries one.
-async fn stream_tail(js: &jetstream::Context, settings: &StreamSettings) -> Result<Option<CommitPosition>, async_nats::Error> {
-    let mut stream = js.get_stream(&settings.stream).await?;
-    let last = stream.info().await?.state.last_sequence;
-    if last == 0 {
-        return Ok(None);
+/// Drops the events the stream already holds, judged by the last message on each
+/// aggregate's subject: per-aggregate order means every earlier event of that aggregate is in
+/// too. Used on taking over (after a crash or a lost lease), so that what a predecessor
+/// published but did not checkpoint is not published again, even long after JetStream's
+/// duplicate window has passed.
+async fn drop_already_published(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    batch: Vec<EventEnvelope>,
+) -> Result<Vec<EventEnvelope>, async_nats::Error> {
+    use std::collections::HashMap;
+    let stream = js.get_stream(&settings.stream).await?;
+    let mut published: HashMap<(String, String), u64> = HashMap::new();
+    for e in &batch {
+        let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+        if published.contains_key(&key) {
+            continue;
+        }
+        let subject = settings.subject(&e.aggregate_type, &e.aggregate_id);
+        let last = match stream.direct_get_last_for_subject(&subject).await {
+            Ok(message) => {
+                let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
+                // Only trust a message that names this very aggregate.
+                if header(cmb_nats::contract::AGGREGATE_ID).as_deref() == Some(e.aggregate_id.as_str())
+                    && header(cmb_nats::contract::AGGREGATE_TYPE).as_deref() == Some(e.aggregate_type.as_str())
+                {
+                    header(cmb_nats::contract::SEQUENCE).and_then(|s| s.parse().ok()).unwrap_or(0)
+                } else {
+                    0
+                }
+            }
+            Err(err) if matches!(err.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => 0,
+            Err(err) => return Err(err.into()),
+        };
+        published.insert(key, last);
     }
-    let message = stream.get_raw_message(last).await?;
-    Ok(cmb_nats::contract::commit_position(&message.headers)
-        .ok()
-        .map(|(commit_xid, global_position)| CommitPosition {
-            commit_xid,
-            global_position,
-        }))
+    Ok(batch
+        .into_iter()
+        .filter(|e| e.sequence > published[&(e.aggregate_type.clone(), e.aggregate_id.clone())])
+        .collect())
 }
 
 /// Publication lags (commit to acknowledgement), kept for benchmarks.
@@ -196,25 +222,20 @@ impl Publisher {
             *position = None;
             return Ok(false);
         }
-        let at = match *position {
-            Some(at) if was_held => at,
-            _ => {
-                // Newly in charge: start from the later of our checkpoint and the stream's tail.
-                let saved = checkpoint(&self.pool, PUBLISHER).await?;
-                let tail = stream_tail(&self.js, &self.stream).await?.unwrap_or_default();
-                let at = saved.max(tail);
-                if tail > saved {
-                    save_checkpoint(&self.pool, PUBLISHER, at).await?;
-                }
-                *position = Some(at);
-                at
-            }
+        let (at, taking_over) = match *position {
+            Some(at) if was_held => (at, false),
+            _ => (checkpoint(&self.pool, PUBLISHER).await?, true),
         };
-        let batch = read_committed(&self.pool, at, self.settings.batch).await?;
+        *position = Some(at);
+        let mut batch = read_committed(&self.pool, at, self.settings.batch).await?;
         let Some(last) = batch.last() else {
             return Ok(false);
         };
         let last = CommitPosition::of(last);
+        if taking_over {
+            batch = drop_already_published(&self.js, &self.stream, batch).await?;
+            // Only the first batch after taking over can hold what a predecessor published.
+        }
         let acks = cmb_nats::publish::publish_in_order(&self.js, &self.stream, &batch).await?;
         save_checkpoint(&self.pool, PUBLISHER, last).await?;
         *position = Some(last);

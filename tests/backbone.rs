@@ -1,0 +1,203 @@
+//! The event backbone: every event committed in Postgres reaches JetStream exactly once and in
+//! per-aggregate order, through `kill -9` of the publishing process and with two instances.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use callmeback::store::EventStore;
+use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaPatch};
+use cmb_domain::{Actor, CommandContext};
+use common::{eventually, persona_draft, read_stream, TestEnv};
+
+async fn events_in_store(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
+    sqlx::query_as("SELECT aggregate_type, aggregate_id, sequence FROM events ORDER BY global_position")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn stream_count(env: &TestEnv) -> u64 {
+    let config = env.config();
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(&config.stream.stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// Drives `commands` persona commands from `tasks` concurrent writers over `aggregates`
+/// personas, straight through the command path.
+async fn write_commands(store: EventStore, tasks: usize, aggregates: usize, commands: usize) {
+    let owner = uuid::Uuid::now_v7();
+    let ids: Arc<Vec<String>> = Arc::new((0..aggregates).map(|_| uuid::Uuid::now_v7().to_string()).collect());
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        let ids = ids.clone();
+        handles.push(tokio::spawn(async move {
+            let mut created = HashSet::new();
+            for i in 0..commands / tasks {
+                // Writers share aggregates, so optimistic-concurrency conflicts happen too.
+                let id = &ids[(i * 7 + t * 13) % ids.len()];
+                let ctx = CommandContext::for_request(format!("t{t}-{i}"), Actor::User(owner));
+                let (state, _) = store.load::<Persona>(id).await.unwrap();
+                let command = if !state.created && !created.contains(id) {
+                    PersonaCommand::Create { owner: Owner::User(owner), draft: persona_draft("Crash test") }
+                } else {
+                    PersonaCommand::Update {
+                        by: owner,
+                        patch: PersonaPatch { description: Some(format!("Revision {t}-{i} of this persona.")), ..Default::default() },
+                    }
+                };
+                match store.execute::<Persona>(id, command, &ctx).await {
+                    Ok(_) => {
+                        created.insert(id.clone());
+                    }
+                    // Another writer created it first: fine, the next command updates it.
+                    Err(callmeback::store::CommandError::Rejected(_)) => {}
+                    Err(e) => panic!("command failed: {e}"),
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
+fn assert_exactly_once_in_order(stored: &[(String, String, i64)], published: &[cmb_domain::EventEnvelope]) {
+    let stored_ids: HashSet<String> = stored.iter().map(|(t, id, s)| format!("{t}:{id}:{s}")).collect();
+    let mut seen = HashSet::new();
+    for e in published {
+        assert!(seen.insert(e.event_id()), "{} published twice", e.event_id());
+    }
+    let missing: Vec<_> = stored_ids.difference(&seen).collect();
+    assert!(missing.is_empty(), "{} events never published, e.g. {:?}", missing.len(), missing.iter().take(3).collect::<Vec<_>>());
+    assert!(seen.is_subset(&stored_ids), "the stream holds events the store does not");
+    let mut last: HashMap<(&str, &str), u64> = HashMap::new();
+    for e in published {
+        let prev = last.insert((&e.aggregate_type, &e.aggregate_id), e.sequence).unwrap_or(0);
+        assert_eq!(e.sequence, prev + 1, "{} published out of order (after {prev})", e.event_id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_event_is_published_exactly_once_in_order_while_publishers_are_killed() {
+    let env = TestEnv::new();
+    let backbone = env.backbone().await;
+    let store = EventStore::new(backbone.pool.clone());
+
+    // Two instances; small batches and a short lease make for many crash windows.
+    let extra = [("PUBLISHER_BATCH", "20"), ("LEASE_TTL_MS", "800")];
+    let mut procs = vec![env.spawn_process(&extra), env.spawn_process(&extra)];
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_commands(store.clone(), 16, 150, 2_400));
+
+    // Kill -9 one instance or the other every few hundred milliseconds, and restart it.
+    let mut kills = 0;
+    while !writer.is_finished() || kills < 6 {
+        tokio::time::sleep(Duration::from_millis(250 + rand::random::<u64>() % 400)).await;
+        let victim = kills % 2;
+        procs[victim].start_kill().unwrap();
+        procs[victim].wait().await.unwrap();
+        procs[victim] = env.spawn_process(&extra);
+        kills += 1;
+        if kills > 40 {
+            break;
+        }
+    }
+    writer.await.unwrap();
+    done.store(true, Ordering::SeqCst);
+
+    let stored = events_in_store(&backbone.pool).await;
+    assert!(stored.len() >= 2_000, "only {} events written", stored.len());
+    let caught_up = eventually(Duration::from_secs(60), || async {
+        (stream_count(&env).await >= stored.len() as u64).then_some(())
+    })
+    .await;
+    // Give a late duplicate, if the design let one through, the chance to show up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for p in &mut procs {
+        p.start_kill().ok();
+        p.wait().await.ok();
+    }
+    assert!(caught_up.is_some(), "the stream never caught up with the store");
+    let published = read_stream(&env).await;
+    assert_eq!(published.len(), stored.len(), "stream and store disagree in size");
+    assert_exactly_once_in_order(&stored, &published);
+    eprintln!("{} events, {kills} kills: exactly once, in order", stored.len());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_republishes_what_the_stream_lost() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let store = EventStore::new(b.pool.clone());
+    write_commands(store, 4, 20, 200).await;
+    let stored = events_in_store(&b.pool).await;
+
+    // As after a host crash that lost acknowledged JetStream writes: the publisher's
+    // checkpoint says everything went out, the stream has none of it.
+    sqlx::query(
+        "INSERT INTO publisher_checkpoints (name, commit_xid, global_position)
+         SELECT 'publisher', max(xact_id::text::bigint), max(global_position) FROM events",
+    )
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    let config = env.config();
+    let dry = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, false).await.unwrap();
+    assert_eq!(dry.missing.len(), stored.len());
+    assert_eq!(dry.republished, 0);
+    assert_eq!(stream_count(&env).await, 0, "a dry run publishes nothing");
+
+    let repaired = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true).await.unwrap();
+    assert_eq!(repaired.republished as usize, stored.len());
+    assert_exactly_once_in_order(&stored, &read_stream(&env).await);
+
+    // Running it again finds nothing to do and publishes nothing twice.
+    let again = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true).await.unwrap();
+    assert!(again.missing.is_empty());
+    assert_eq!(stream_count(&env).await as usize, stored.len());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twice() {
+    let env = TestEnv::new().set("NATS_DUPLICATE_WINDOW_SECS", "1");
+    let b = env.backbone().await;
+    let config = env.config();
+    write_commands(EventStore::new(b.pool.clone()), 4, 30, 300).await;
+    let stored = events_in_store(&b.pool).await;
+    let publish_for = |d: Duration| {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let publisher = callmeback::outbox::Publisher {
+            pool: b.pool.clone(),
+            js: b.js.clone(),
+            stream: config.stream.clone(),
+            settings: config.publisher.clone(),
+            instance_id: "test".into(),
+            lag_samples: None,
+        };
+        let stop = shutdown.clone();
+        async move {
+            let run = tokio::spawn(publisher.run(shutdown));
+            tokio::time::sleep(d).await;
+            stop.cancel();
+            run.await.unwrap();
+        }
+    };
+    publish_for(Duration::from_secs(2)).await;
+    assert_eq!(stream_count(&env).await as usize, stored.len());
+
+    // As if it died after publishing but before checkpointing, and came back much later.
+    sqlx::query("DELETE FROM publisher_checkpoints").execute(&b.pool).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish_for(Duration::from_secs(2)).await;
+    assert_exactly_once_in_order(&stored, &read_stream(&env).await);
+    env.cleanup().await;
+}
