@@ -14,10 +14,12 @@ use cmb_domain::{Actor, CommandContext};
 use common::{eventually, persona_draft, read_stream, TestEnv};
 
 async fn events_in_store(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
-    sqlx::query_as("SELECT aggregate_type, aggregate_id, sequence FROM events ORDER BY global_position")
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence FROM events ORDER BY global_position",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 async fn stream_count(env: &TestEnv) -> u64 {
@@ -32,7 +34,11 @@ async fn stream_count(env: &TestEnv) -> u64 {
 /// personas, straight through the command path.
 async fn write_commands(store: EventStore, tasks: usize, aggregates: usize, commands: usize) {
     let owner = uuid::Uuid::now_v7();
-    let ids: Arc<Vec<String>> = Arc::new((0..aggregates).map(|_| uuid::Uuid::now_v7().to_string()).collect());
+    let ids: Arc<Vec<String>> = Arc::new(
+        (0..aggregates)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect(),
+    );
     let mut handles = Vec::new();
     for t in 0..tasks {
         let store = store.clone();
@@ -45,11 +51,17 @@ async fn write_commands(store: EventStore, tasks: usize, aggregates: usize, comm
                 let ctx = CommandContext::for_request(format!("t{t}-{i}"), Actor::User(owner));
                 let (state, _) = store.load::<Persona>(id).await.unwrap();
                 let command = if !state.created && !created.contains(id) {
-                    PersonaCommand::Create { owner: Owner::User(owner), draft: persona_draft("Crash test") }
+                    PersonaCommand::Create {
+                        owner: Owner::User(owner),
+                        draft: persona_draft("Crash test"),
+                    }
                 } else {
                     PersonaCommand::Update {
                         by: owner,
-                        patch: PersonaPatch { description: Some(format!("Revision {t}-{i} of this persona.")), ..Default::default() },
+                        patch: PersonaPatch {
+                            description: Some(format!("Revision {t}-{i} of this persona.")),
+                            ..Default::default()
+                        },
                     }
                 };
                 match store.execute::<Persona>(id, command, &ctx).await {
@@ -68,19 +80,44 @@ async fn write_commands(store: EventStore, tasks: usize, aggregates: usize, comm
     }
 }
 
-fn assert_exactly_once_in_order(stored: &[(String, String, i64)], published: &[cmb_domain::EventEnvelope]) {
-    let stored_ids: HashSet<String> = stored.iter().map(|(t, id, s)| format!("{t}:{id}:{s}")).collect();
+fn assert_exactly_once_in_order(
+    stored: &[(String, String, i64)],
+    published: &[cmb_domain::EventEnvelope],
+) {
+    let stored_ids: HashSet<String> = stored
+        .iter()
+        .map(|(t, id, s)| format!("{t}:{id}:{s}"))
+        .collect();
     let mut seen = HashSet::new();
     for e in published {
-        assert!(seen.insert(e.event_id()), "{} published twice", e.event_id());
+        assert!(
+            seen.insert(e.event_id()),
+            "{} published twice",
+            e.event_id()
+        );
     }
     let missing: Vec<_> = stored_ids.difference(&seen).collect();
-    assert!(missing.is_empty(), "{} events never published, e.g. {:?}", missing.len(), missing.iter().take(3).collect::<Vec<_>>());
-    assert!(seen.is_subset(&stored_ids), "the stream holds events the store does not");
+    assert!(
+        missing.is_empty(),
+        "{} events never published, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        seen.is_subset(&stored_ids),
+        "the stream holds events the store does not"
+    );
     let mut last: HashMap<(&str, &str), u64> = HashMap::new();
     for e in published {
-        let prev = last.insert((&e.aggregate_type, &e.aggregate_id), e.sequence).unwrap_or(0);
-        assert_eq!(e.sequence, prev + 1, "{} published out of order (after {prev})", e.event_id());
+        let prev = last
+            .insert((&e.aggregate_type, &e.aggregate_id), e.sequence)
+            .unwrap_or(0);
+        assert_eq!(
+            e.sequence,
+            prev + 1,
+            "{} published out of order (after {prev})",
+            e.event_id()
+        );
     }
 }
 
@@ -113,7 +150,11 @@ async fn every_event_is_published_exactly_once_in_order_while_publishers_are_kil
     done.store(true, Ordering::SeqCst);
 
     let stored = events_in_store(&backbone.pool).await;
-    assert!(stored.len() >= 2_000, "only {} events written", stored.len());
+    assert!(
+        stored.len() >= 2_000,
+        "only {} events written",
+        stored.len()
+    );
     let caught_up = eventually(Duration::from_secs(60), || async {
         (stream_count(&env).await >= stored.len() as u64).then_some(())
     })
@@ -124,11 +165,21 @@ async fn every_event_is_published_exactly_once_in_order_while_publishers_are_kil
         p.start_kill().ok();
         p.wait().await.ok();
     }
-    assert!(caught_up.is_some(), "the stream never caught up with the store");
+    assert!(
+        caught_up.is_some(),
+        "the stream never caught up with the store"
+    );
     let published = read_stream(&env).await;
-    assert_eq!(published.len(), stored.len(), "stream and store disagree in size");
+    assert_eq!(
+        published.len(),
+        stored.len(),
+        "stream and store disagree in size"
+    );
     assert_exactly_once_in_order(&stored, &published);
-    eprintln!("{} events, {kills} kills: exactly once, in order", stored.len());
+    eprintln!(
+        "{} events, {kills} kills: exactly once, in order",
+        stored.len()
+    );
     env.cleanup().await;
 }
 
@@ -150,17 +201,23 @@ async fn verify_republishes_what_the_stream_lost() {
     .await
     .unwrap();
     let config = env.config();
-    let dry = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, false).await.unwrap();
+    let dry = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, false)
+        .await
+        .unwrap();
     assert_eq!(dry.missing.len(), stored.len());
     assert_eq!(dry.republished, 0);
     assert_eq!(stream_count(&env).await, 0, "a dry run publishes nothing");
 
-    let repaired = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true).await.unwrap();
+    let repaired = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true)
+        .await
+        .unwrap();
     assert_eq!(repaired.republished as usize, stored.len());
     assert_exactly_once_in_order(&stored, &read_stream(&env).await);
 
     // Running it again finds nothing to do and publishes nothing twice.
-    let again = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true).await.unwrap();
+    let again = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true)
+        .await
+        .unwrap();
     assert!(again.missing.is_empty());
     assert_eq!(stream_count(&env).await as usize, stored.len());
     env.cleanup().await;
@@ -195,7 +252,10 @@ async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twic
     assert_eq!(stream_count(&env).await as usize, stored.len());
 
     // As if it died after publishing but before checkpointing, and came back much later.
-    sqlx::query("DELETE FROM publisher_checkpoints").execute(&b.pool).await.unwrap();
+    sqlx::query("DELETE FROM publisher_checkpoints")
+        .execute(&b.pool)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     publish_for(Duration::from_secs(2)).await;
     assert_exactly_once_in_order(&stored, &read_stream(&env).await);

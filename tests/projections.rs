@@ -35,17 +35,34 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
     for i in 0..30 {
         let id = format!("p{i:02}");
         store
-            .execute::<Persona>(&id, PersonaCommand::Create { owner: Owner::User(owner), draft: persona_draft(&format!("Persona {i}")) }, &ctx)
+            .execute::<Persona>(
+                &id,
+                PersonaCommand::Create {
+                    owner: Owner::User(owner),
+                    draft: persona_draft(&format!("Persona {i}")),
+                },
+                &ctx,
+            )
             .await
             .unwrap();
         total += 1;
         for r in 0..(i % 4) {
-            let patch = PersonaPatch { description: Some(format!("Revision {r} of persona {i}.")), tags: Some(vec![format!("t{r}")]), ..Default::default() };
-            store.execute::<Persona>(&id, PersonaCommand::Update { by: owner, patch }, &ctx).await.unwrap();
+            let patch = PersonaPatch {
+                description: Some(format!("Revision {r} of persona {i}.")),
+                tags: Some(vec![format!("t{r}")]),
+                ..Default::default()
+            };
+            store
+                .execute::<Persona>(&id, PersonaCommand::Update { by: owner, patch }, &ctx)
+                .await
+                .unwrap();
             total += 1;
         }
         if i % 5 == 0 {
-            store.execute::<Persona>(&id, PersonaCommand::Delete { by: owner }, &ctx).await.unwrap();
+            store
+                .execute::<Persona>(&id, PersonaCommand::Delete { by: owner }, &ctx)
+                .await
+                .unwrap();
             total += 1;
         }
     }
@@ -69,26 +86,47 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
     let events = read_stream(&env).await;
     for (i, event) in events.iter().enumerate() {
         for projection in cmb_projections::all() {
-            let outcome = cmb_projections::apply(&pool, projection.as_ref(), event, i as u64 + 1).await.unwrap();
-            assert!(matches!(outcome, Outcome::AlreadyApplied | Outcome::Ignored), "{outcome:?}");
+            let outcome = cmb_projections::apply(&pool, projection.as_ref(), event, i as u64 + 1)
+                .await
+                .unwrap();
+            assert!(
+                matches!(outcome, Outcome::AlreadyApplied | Outcome::Ignored),
+                "{outcome:?}"
+            );
         }
     }
-    assert_eq!(cmb_projections::personas::dump(&pool).await.unwrap(), personas);
+    assert_eq!(
+        cmb_projections::personas::dump(&pool).await.unwrap(),
+        personas
+    );
     assert_eq!(timeline_dump(&pool).await, timeline);
 
     // An event delivered before its predecessor is held back, not applied.
     let late = events.iter().find(|e| e.sequence == 2).unwrap().clone();
     let mut ahead = late.clone();
     ahead.aggregate_id = "not-yet-seen".into();
-    let outcome = cmb_projections::apply(&pool, &cmb_projections::timeline::Timeline, &ahead, 0).await.unwrap();
+    let outcome = cmb_projections::apply(&pool, &cmb_projections::timeline::Timeline, &ahead, 0)
+        .await
+        .unwrap();
     assert_eq!(outcome, Outcome::Gap { expected: 1 });
 
     // Rebuild from scratch, with the live projectors still running: same read models.
     let config = env.config();
     for projection in cmb_projections::all() {
-        callmeback::projector::rebuild(&pool, &app.state.js, &config.stream, projection.as_ref(), false).await.unwrap();
+        callmeback::projector::rebuild(
+            &pool,
+            &app.state.js,
+            &config.stream,
+            projection.as_ref(),
+            false,
+        )
+        .await
+        .unwrap();
     }
-    assert_eq!(cmb_projections::personas::dump(&pool).await.unwrap(), personas);
+    assert_eq!(
+        cmb_projections::personas::dump(&pool).await.unwrap(),
+        personas
+    );
     assert_eq!(timeline_dump(&pool).await, timeline);
 
     app.stop().await;

@@ -112,7 +112,12 @@ impl fmt::Display for PhoneNumber {
 }
 
 /// A person's display name: 1 to 100 characters, no control characters.
-pub fn parse_name(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String, Invalid> {
+pub fn parse_name(
+    field: &'static str,
+    raw: &str,
+    min: usize,
+    max: usize,
+) -> Result<String, Invalid> {
     let s = raw.trim();
     let n = s.chars().count();
     if n < min || n > max {
@@ -132,7 +137,12 @@ pub fn parse_name(field: &'static str, raw: &str, min: usize, max: usize) -> Res
 
 /// Free text (descriptions, prompts): length-checked, control characters other than newlines
 /// and tabs refused.
-pub fn parse_text(field: &'static str, raw: &str, min: usize, max: usize) -> Result<String, Invalid> {
+pub fn parse_text(
+    field: &'static str,
+    raw: &str,
+    min: usize,
+    max: usize,
+) -> Result<String, Invalid> {
     let s = raw.trim();
     let n = s.chars().count();
     if n < min || n > max {
@@ -141,14 +151,18 @@ pub fn parse_text(field: &'static str, raw: &str, min: usize, max: usize) -> Res
             format!("must be {min} to {max} characters"),
         ));
     }
-    if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r') {
+    if s.chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+    {
         return Err(Invalid::new(field, "must not contain control characters"));
     }
     Ok(s.to_string())
 }
 
 /// Money in integer US cents. Never floats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Cents(pub i64);
 
@@ -166,8 +180,13 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_to_lower_case() {
-        assert_eq!(Email::parse("  Jo@Example.COM ").unwrap().as_str(), "jo@example.com");
-        for bad in ["", "jo", "jo@", "@x.io", "jo@x", "jo@.io", "j o@x.io", "jo@x..io"] {
+        assert_eq!(
+            Email::parse("  Jo@Example.COM ").unwrap().as_str(),
+            "jo@example.com"
+        );
+        for bad in [
+            "", "jo", "jo@", "@x.io", "jo@x", "jo@.io", "j o@x.io", "jo@x..io",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad} accepted");
         }
     }
@@ -175,11 +194,19 @@ mod tests {
     #[test]
     fn phones_must_be_e164() {
         assert!(PhoneNumber::parse("phone", "+14155550123").is_ok());
-        for bad in ["14155550123", "+0123456789", "+1", "+1415555012a", "+1234567890123456"] {
+        for bad in [
+            "14155550123",
+            "+0123456789",
+            "+1",
+            "+1415555012a",
+            "+1234567890123456",
+        ] {
             assert!(PhoneNumber::parse("phone", bad).is_err(), "{bad} accepted");
         }
         assert_eq!(
-            PhoneNumber::parse("phone", "+14155550123").unwrap().masked(),
+            PhoneNumber::parse("phone", "+14155550123")
+                .unwrap()
+                .masked(),
             "+1415*****23"
         );
     }

@@ -101,7 +101,10 @@ mod tests {
 
     #[test]
     fn subjects_never_carry_reserved_characters() {
-        assert_eq!(subject("cmb.events", "call", "a.b*c>d e"), "cmb.events.call.a_b_c_d_e");
+        assert_eq!(
+            subject("cmb.events", "call", "a.b*c>d e"),
+            "cmb.events.call.a_b_c_d_e"
+        );
         assert_eq!(subject("p", "persona", "brad_001"), "p.persona.brad_001");
     }
 

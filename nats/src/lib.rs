@@ -17,7 +17,10 @@ pub use contract::{decode_message, encode, ContractError};
 pub use stream::{ensure_stream, StreamSettings};
 
 /// Connects to NATS with a name that shows up in `nats server report connections`.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+pub async fn connect(
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::new()
         .name(name)
         .retry_on_initial_connect()

@@ -121,7 +121,14 @@ mod tests {
 
     #[test]
     fn an_aggregates_next_event_waits_for_the_next_wave() {
-        let events = vec![event("a", 1), event("b", 1), event("a", 2), event("c", 1), event("a", 3), event("b", 2)];
+        let events = vec![
+            event("a", 1),
+            event("b", 1),
+            event("a", 2),
+            event("c", 1),
+            event("a", 3),
+            event("b", 2),
+        ];
         assert_eq!(waves(&events), vec![vec![0, 1, 3], vec![2, 5], vec![4]]);
     }
 }

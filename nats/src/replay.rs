@@ -59,7 +59,9 @@ pub async fn open(
     let stream = js.get_stream(&settings.stream).await?;
     let deliver_policy = match start {
         Start::Beginning => consumer::DeliverPolicy::All,
-        Start::Sequence(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+        Start::Sequence(start_sequence) => {
+            consumer::DeliverPolicy::ByStartSequence { start_sequence }
+        }
         Start::Time(t) => consumer::DeliverPolicy::ByStartTime {
             start_time: time_from_chrono(t),
         },
@@ -76,7 +78,8 @@ pub async fn open(
         loop {
             // A filtered range may hold nothing more below `until`: the message's own
             // `pending` count says when it was the last one; the timeout covers an empty range.
-            let next = tokio::time::timeout(std::time::Duration::from_secs(5), messages.next()).await;
+            let next =
+                tokio::time::timeout(std::time::Duration::from_secs(5), messages.next()).await;
             let message = match next {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => {
@@ -111,6 +114,8 @@ pub async fn open(
 }
 
 fn time_from_chrono(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.timestamp_nanos_opt().unwrap_or(0)))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+        t.timestamp_nanos_opt().unwrap_or(0),
+    ))
+    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }

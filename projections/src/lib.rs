@@ -38,7 +38,9 @@ pub enum Outcome {
     /// Applied before (a redelivery): nothing changed.
     AlreadyApplied,
     /// Its predecessor has not been applied yet; deliver it again later.
-    Gap { expected: u64 },
+    Gap {
+        expected: u64,
+    },
     /// Not an aggregate type this projection reads.
     Ignored,
 }

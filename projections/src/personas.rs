@@ -22,7 +22,9 @@ impl Projection for Personas {
         &["persona"]
     }
     async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
-        let event: PersonaEvent = e.decode().map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
+        let event: PersonaEvent = e
+            .decode()
+            .map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
         match event {
             PersonaEvent::PersonaCreated {
                 owner,

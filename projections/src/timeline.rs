@@ -54,7 +54,11 @@ pub struct Entry {
 }
 
 /// An aggregate's events in order.
-pub async fn of(pool: &PgPool, aggregate_type: &str, aggregate_id: &str) -> Result<Vec<Entry>, sqlx::Error> {
+pub async fn of(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Vec<Entry>, sqlx::Error> {
     sqlx::query_as(
         "SELECT sequence, event_type, occurred_at, actor, correlation_id, causation_id
            FROM rm_timeline WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",

@@ -43,10 +43,15 @@ pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbon
     let pool = crate::db::connect(&config.database_url, pool_size)
         .await
         .context("connecting to Postgres")?;
-    crate::db::migrate(&pool).await.context("applying migrations")?;
-    let nats = cmb_nats::connect(&config.nats_url, &format!("callmeback {}", config.instance_id))
+    crate::db::migrate(&pool)
         .await
-        .context("connecting to NATS")?;
+        .context("applying migrations")?;
+    let nats = cmb_nats::connect(
+        &config.nats_url,
+        &format!("callmeback {}", config.instance_id),
+    )
+    .await
+    .context("connecting to NATS")?;
     let js = async_nats::jetstream::new(nats.clone());
     let stream = cmb_nats::ensure_stream(&js, &config.stream)
         .await
@@ -108,9 +113,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let router = http::router(state.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {
-        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "HTTP server failed");
         }

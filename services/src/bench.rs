@@ -26,7 +26,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn with_database(url: &str, name: &str) -> String {
     match url.rsplit_once('/') {
         Some((base, rest)) => {
-            let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+            let query = rest
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
             format!("{base}/{name}{query}")
         }
         None => url.to_string(),
@@ -34,13 +37,24 @@ pub fn with_database(url: &str, name: &str) -> String {
 }
 
 fn database_name(url: &str) -> String {
-    url.rsplit('/').next().unwrap_or("callmeback").split('?').next().unwrap_or("callmeback").to_string()
+    url.rsplit('/')
+        .next()
+        .unwrap_or("callmeback")
+        .split('?')
+        .next()
+        .unwrap_or("callmeback")
+        .to_string()
 }
 
 /// `bench events`: `commands` persona commands from `concurrency` tasks over `aggregates`
 /// personas, each producing one event, through the real command path, with the real
 /// publisher running; measures commit and publication throughput and publication lag.
-pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggregates: u64) -> anyhow::Result<()> {
+pub async fn events(
+    mut config: Config,
+    commands: u64,
+    concurrency: u64,
+    aggregates: u64,
+) -> anyhow::Result<()> {
     use sqlx::migrate::MigrateDatabase;
     let aggregates = aggregates.clamp(1, commands.max(1));
     let bench_db = format!("{}_bench", database_name(&config.database_url));
@@ -50,7 +64,9 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
     let _ = sqlx::Postgres::drop_database(&config.database_url).await;
     let b = crate::app::backbone(&config, (concurrency as u32 + 4).max(8)).await?;
     b.js.delete_stream(&config.stream.stream).await.ok();
-    cmb_nats::ensure_stream(&b.js, &config.stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    cmb_nats::ensure_stream(&b.js, &config.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let samples: LagSamples = Default::default();
     let shutdown = CancellationToken::new();
@@ -66,7 +82,11 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
 
     let store = EventStore::new(b.pool.clone());
     let owner = uuid::Uuid::now_v7();
-    let ids: Arc<Vec<String>> = Arc::new((0..aggregates).map(|_| uuid::Uuid::now_v7().to_string()).collect());
+    let ids: Arc<Vec<String>> = Arc::new(
+        (0..aggregates)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect(),
+    );
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -76,7 +96,11 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
         let ids = ids.clone();
         let next = next.clone();
         workers.push(tokio::spawn(async move {
-            let mine: Vec<&String> = ids.iter().skip(w as usize).step_by(concurrency as usize).collect();
+            let mine: Vec<&String> = ids
+                .iter()
+                .skip(w as usize)
+                .step_by(concurrency as usize)
+                .collect();
             let mut done = 0u64;
             let mut round = 0usize;
             loop {
@@ -84,7 +108,10 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
                     if next.fetch_add(1, Ordering::Relaxed) >= commands {
                         return Ok::<u64, anyhow::Error>(done);
                     }
-                    let ctx = CommandContext::for_request(format!("bench-{w}-{done}"), Actor::User(owner));
+                    let ctx = CommandContext::for_request(
+                        format!("bench-{w}-{done}"),
+                        Actor::User(owner),
+                    );
                     let command = if round == 0 {
                         PersonaCommand::Create {
                             owner: Owner::User(owner),
@@ -108,7 +135,10 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
                             },
                         }
                     };
-                    store.execute::<Persona>(id, command, &ctx).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    store
+                        .execute::<Persona>(id, command, &ctx)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
                     done += 1;
                 }
                 round += 1;
@@ -142,11 +172,20 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
     let p50 = percentile(&lags, 0.50);
     let p99 = percentile(&lags, 0.99);
     let stream_messages = {
-        let mut s = b.js.get_stream(&config.stream.stream).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        s.info().await.map_err(|e| anyhow::anyhow!("{e}"))?.state.messages
+        let mut s =
+            b.js.get_stream(&config.stream.stream)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        s.info()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .state
+            .messages
     };
 
-    println!("bench events: {commands} commands, {concurrency} concurrent, {aggregates} aggregates");
+    println!(
+        "bench events: {commands} commands, {concurrency} concurrent, {aggregates} aggregates"
+    );
     println!("| figure                     | value        |");
     println!("|----------------------------|--------------|");
     println!("| commands committed         | {committed:>12} |");
@@ -154,8 +193,14 @@ pub async fn events(mut config: Config, commands: u64, concurrency: u64, aggrega
     println!("| messages in the stream     | {stream_messages:>12} |");
     println!("| committed per second       | {committed_per_s:>12.0} |");
     println!("| committed+published per s  | {published_per_s:>12.0} |");
-    println!("| publication lag p50 (ms)   | {:>12.1} |", p50.as_secs_f64() * 1e3);
-    println!("| publication lag p99 (ms)   | {:>12.1} |", p99.as_secs_f64() * 1e3);
+    println!(
+        "| publication lag p50 (ms)   | {:>12.1} |",
+        p50.as_secs_f64() * 1e3
+    );
+    println!(
+        "| publication lag p99 (ms)   | {:>12.1} |",
+        p99.as_secs_f64() * 1e3
+    );
     println!(
         "{}",
         json!({

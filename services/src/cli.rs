@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "callmeback", version, about = "Call Me Back: AI personas that call you back")]
+#[command(
+    name = "callmeback",
+    version,
+    about = "Call Me Back: AI personas that call you back"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,7 +95,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => {
             if config.jwt_secret.expose() == crate::config::DEVELOPMENT_JWT_SECRET {
-                tracing::warn!("JWT_SECRET is not set: tokens are signed with the development secret");
+                tracing::warn!(
+                    "JWT_SECRET is not set: tokens are signed with the development secret"
+                );
             }
             let running = crate::app::start(config).await?;
             wait_for_signal().await;
@@ -112,18 +118,33 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let report = crate::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("events in the store (published so far): {}", report.in_store);
-            println!("events in the stream:                   {}", report.in_stream);
-            println!("missing from the stream:                {}", report.missing.len());
+            println!(
+                "events in the store (published so far): {}",
+                report.in_store
+            );
+            println!(
+                "events in the stream:                   {}",
+                report.in_stream
+            );
+            println!(
+                "missing from the stream:                {}",
+                report.missing.len()
+            );
             for id in report.missing.iter().take(20) {
                 println!("  {id}");
             }
-            println!("republished:                            {}", report.republished);
-            Ok(if report.missing.is_empty() || report.republished as usize == report.missing.len() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            println!(
+                "republished:                            {}",
+                report.republished
+            );
+            Ok(
+                if report.missing.is_empty() || report.republished as usize == report.missing.len()
+                {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
         }
         Command::Projections {
             command: ProjectionsCommand::List,
@@ -142,9 +163,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             };
             let b = crate::app::backbone(&config, 4).await?;
             use std::io::IsTerminal;
-            let applied = crate::projector::rebuild(&b.pool, &b.js, &config.stream, projection.as_ref(), std::io::stderr().is_terminal())
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let applied = crate::projector::rebuild(
+                &b.pool,
+                &b.js,
+                &config.stream,
+                projection.as_ref(),
+                std::io::stderr().is_terminal(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("rebuilt {name}: {applied} events applied");
             Ok(ExitCode::SUCCESS)
         }

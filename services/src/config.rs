@@ -98,7 +98,9 @@ impl Config {
         let http_addr: SocketAddr = parse(
             "HTTP_ADDR",
             get("HTTP_ADDR"),
-            DEFAULT_HTTP_ADDR.parse().expect("the default address parses"),
+            DEFAULT_HTTP_ADDR
+                .parse()
+                .expect("the default address parses"),
         )?;
         let defaults = StreamSettings::default();
         let stream = StreamSettings {

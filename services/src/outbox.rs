@@ -39,7 +39,8 @@ impl CommitPosition {
     }
 }
 
-const SELECT_ENVELOPE: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
+const SELECT_ENVELOPE: &str =
+    "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
         payload, metadata, global_position, xact_id::text::bigint AS commit_xid, recorded_at
    FROM events";
 
@@ -139,10 +140,14 @@ async fn drop_already_published(
             Ok(message) => {
                 let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
                 // Only trust a message that names this very aggregate.
-                if header(cmb_nats::contract::AGGREGATE_ID).as_deref() == Some(e.aggregate_id.as_str())
-                    && header(cmb_nats::contract::AGGREGATE_TYPE).as_deref() == Some(e.aggregate_type.as_str())
+                if header(cmb_nats::contract::AGGREGATE_ID).as_deref()
+                    == Some(e.aggregate_id.as_str())
+                    && header(cmb_nats::contract::AGGREGATE_TYPE).as_deref()
+                        == Some(e.aggregate_type.as_str())
                 {
-                    header(cmb_nats::contract::SEQUENCE).and_then(|s| s.parse().ok()).unwrap_or(0)
+                    header(cmb_nats::contract::SEQUENCE)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
                 } else {
                     0
                 }
@@ -242,7 +247,8 @@ impl Publisher {
         let now = Utc::now();
         let fresh = acks.iter().filter(|a| !a.duplicate).count() as u64;
         metrics::counter!("cmb_events_published_total").increment(fresh);
-        metrics::counter!("cmb_events_republished_duplicates_total").increment(batch.len() as u64 - fresh);
+        metrics::counter!("cmb_events_republished_duplicates_total")
+            .increment(batch.len() as u64 - fresh);
         let lags: Vec<Duration> = batch
             .iter()
             .map(|e| (now - e.occurred_at).to_std().unwrap_or_default())
@@ -280,7 +286,14 @@ pub async fn verify(
     let upto = checkpoint(pool, PUBLISHER).await?;
     let until = cmb_nats::replay::last_sequence(js, settings).await?;
     let mut seen: HashSet<String> = HashSet::new();
-    let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), cmb_nats::replay::Start::Beginning, until).await?;
+    let mut rx = cmb_nats::replay::open(
+        js,
+        settings,
+        &settings.all_subjects(),
+        cmb_nats::replay::Start::Beginning,
+        until,
+    )
+    .await?;
     while let Some(item) = rx.recv().await {
         let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;
         seen.insert(r.event.event_id());

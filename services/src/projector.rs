@@ -73,8 +73,12 @@ impl Projector {
             if last_lag_check.elapsed() > Duration::from_secs(2) {
                 last_lag_check = Instant::now();
                 if let Ok(lag) = consume::lag(&mut consumer).await {
-                    self.lag.write().expect("lag board").insert(name.to_string(), lag);
-                    metrics::gauge!("cmb_projection_lag_messages", "projection" => name).set(lag as f64);
+                    self.lag
+                        .write()
+                        .expect("lag board")
+                        .insert(name.to_string(), lag);
+                    metrics::gauge!("cmb_projection_lag_messages", "projection" => name)
+                        .set(lag as f64);
                 }
             }
             let message = tokio::select! {
@@ -100,7 +104,9 @@ impl Projector {
             match cmb_projections::apply(&self.pool, projection, &event, stream_sequence).await {
                 Ok(Outcome::Gap { expected }) => {
                     tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
-                    message.ack_with(AckKind::Nak(Some(Duration::from_millis(200)))).await?;
+                    message
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                        .await?;
                 }
                 Ok(outcome) => {
                     message.ack().await?;
@@ -108,7 +114,9 @@ impl Projector {
                 }
                 Err(e) => {
                     tracing::warn!(projection = name, event = %event.event_id(), error = %e, "apply failed; redeliver later");
-                    message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await?;
+                    message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await?;
                 }
             }
         }
@@ -202,8 +210,16 @@ pub async fn rebuild(
 ) -> Result<u64, async_nats::Error> {
     cmb_projections::reset(pool, projection).await?;
     let until = cmb_nats::replay::last_sequence(js, settings).await?;
-    let mut progress = Progress::new(&format!("rebuild {}", projection.name()), until).force(show_progress);
-    let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), cmb_nats::replay::Start::Beginning, until).await?;
+    let mut progress =
+        Progress::new(&format!("rebuild {}", projection.name()), until).force(show_progress);
+    let mut rx = cmb_nats::replay::open(
+        js,
+        settings,
+        &settings.all_subjects(),
+        cmb_nats::replay::Start::Beginning,
+        until,
+    )
+    .await?;
     let mut applied = 0;
     while let Some(item) = rx.recv().await {
         let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;

@@ -16,7 +16,8 @@ pub struct TestEnv {
 }
 
 pub fn base_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| callmeback::config::DEFAULT_DATABASE_URL.into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| callmeback::config::DEFAULT_DATABASE_URL.into())
 }
 
 impl TestEnv {
@@ -25,7 +26,10 @@ impl TestEnv {
         let db = callmeback::bench::with_database(&base_database_url(), &format!("cmb_test_{id}"));
         let vars = HashMap::from([
             ("DATABASE_URL".to_string(), db),
-            ("NATS_URL".to_string(), std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())),
+            (
+                "NATS_URL".to_string(),
+                std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+            ),
             ("NATS_STREAM".to_string(), format!("T_{id}")),
             ("NATS_SUBJECT_PREFIX".to_string(), format!("t{id}.ev")),
             ("NATS_CONSUMER_PREFIX".to_string(), format!("t{id}")),
@@ -49,7 +53,9 @@ impl TestEnv {
 
     /// The app, in this process.
     pub async fn spawn_app(&self) -> Running {
-        callmeback::app::start(self.config()).await.expect("app starts")
+        callmeback::app::start(self.config())
+            .await
+            .expect("app starts")
     }
 
     /// The real binary, `callmeback serve`, with this environment.
@@ -69,7 +75,9 @@ impl TestEnv {
 
     /// The database, migrated, and the stream, created.
     pub async fn backbone(&self) -> callmeback::app::Backbone {
-        callmeback::app::backbone(&self.config(), 20).await.expect("backbone")
+        callmeback::app::backbone(&self.config(), 20)
+            .await
+            .expect("backbone")
     }
 
     /// Removes the stream and the database.
@@ -82,7 +90,10 @@ impl TestEnv {
         use sqlx::migrate::MigrateDatabase;
         // Connections from a killed process may linger for a moment.
         for _ in 0..20 {
-            if sqlx::Postgres::force_drop_database(&config.database_url).await.is_ok() {
+            if sqlx::Postgres::force_drop_database(&config.database_url)
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -113,10 +124,18 @@ pub async fn read_stream(env: &TestEnv) -> Vec<cmb_domain::EventEnvelope> {
     let config = env.config();
     let client = async_nats::connect(&config.nats_url).await.expect("nats");
     let js = async_nats::jetstream::new(client);
-    let until = cmb_nats::replay::last_sequence(&js, &config.stream).await.expect("stream");
-    let mut rx = cmb_nats::replay::open(&js, &config.stream, &config.stream.all_subjects(), cmb_nats::replay::Start::Beginning, until)
+    let until = cmb_nats::replay::last_sequence(&js, &config.stream)
         .await
-        .expect("replay");
+        .expect("stream");
+    let mut rx = cmb_nats::replay::open(
+        &js,
+        &config.stream,
+        &config.stream.all_subjects(),
+        cmb_nats::replay::Start::Beginning,
+        until,
+    )
+    .await
+    .expect("replay");
     let mut out = Vec::new();
     while let Some(item) = rx.recv().await {
         out.push(item.expect("decodable").event);

@@ -289,7 +289,9 @@ mod tests {
     fn defining_a_system_persona_twice_changes_nothing() {
         Given::with(())
             .given(vec![created(Owner::System, "Brad")])
-            .when(PersonaCommand::DefineSystemPersona { draft: draft("Brad") })
+            .when(PersonaCommand::DefineSystemPersona {
+                draft: draft("Brad"),
+            })
             .then_expect_events(vec![]);
     }
 

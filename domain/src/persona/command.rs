@@ -77,7 +77,14 @@ pub enum PersonaCommand {
         draft: PersonaDraft,
     },
     /// Brings a system persona to its shipped definition; does nothing when it already is.
-    DefineSystemPersona { draft: PersonaDraft },
-    Update { by: Uuid, patch: PersonaPatch },
-    Delete { by: Uuid },
+    DefineSystemPersona {
+        draft: PersonaDraft,
+    },
+    Update {
+        by: Uuid,
+        patch: PersonaPatch,
+    },
+    Delete {
+        by: Uuid,
+    },
 }

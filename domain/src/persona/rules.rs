@@ -48,7 +48,10 @@ impl TurnTaking {
             return Err(Invalid::new("endpointing_ms", "must be 100 to 3000"));
         }
         if !(3_000..=120_000).contains(&self.silence_reminder_ms) {
-            return Err(Invalid::new("silence_reminder_ms", "must be 3000 to 120000"));
+            return Err(Invalid::new(
+                "silence_reminder_ms",
+                "must be 3000 to 120000",
+            ));
         }
         if self.silence_hangup_ms <= self.silence_reminder_ms || self.silence_hangup_ms > 300_000 {
             return Err(Invalid::new(

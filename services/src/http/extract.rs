@@ -89,11 +89,19 @@ where
             Ok(axum::extract::Query(v)) => Ok(Query(v)),
             Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
                 let text = e.body_text();
-                let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", inner(&text).to_string());
+                let mut err = ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_query",
+                    inner(&text).to_string(),
+                );
                 err.field = field_of(&text);
                 Err(err)
             }
-            Err(other) => Err(ApiError::new(other.status(), "invalid_query", other.body_text())),
+            Err(other) => Err(ApiError::new(
+                other.status(),
+                "invalid_query",
+                other.body_text(),
+            )),
         }
     }
 }

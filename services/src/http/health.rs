@@ -22,11 +22,19 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         .await
         .is_ok();
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected
-        && state.js.get_stream(&state.config.stream.stream).await.is_ok();
+        && state
+            .js
+            .get_stream(&state.config.stream.stream)
+            .await
+            .is_ok();
     let lag = state.projection_lag.read().expect("lag board").clone();
     let lag_ok = lag.values().all(|&l| l <= MAX_READY_LAG);
     let ready = postgres && nats && lag_ok;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         axum::Json(json!({
