@@ -6,6 +6,7 @@
 //! refused (a [`Outcome::Gap`]) until the predecessor has been applied. Nothing here knows
 //! NATS: the runner in `services` feeds events in, from a durable consumer or a replay.
 
+pub mod accounts;
 pub mod personas;
 pub mod timeline;
 
@@ -134,6 +135,10 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
     vec![
         std::sync::Arc::new(timeline::Timeline),
         std::sync::Arc::new(personas::Personas),
+        std::sync::Arc::new(accounts::Users),
+        std::sync::Arc::new(accounts::Contacts),
+        std::sync::Arc::new(accounts::Preferences),
+        std::sync::Arc::new(accounts::Wallets),
     ]
 }
 

@@ -1,1 +1,321 @@
-//! Users: accounts, their credentials' lifecycle (lockout, revoked tokens) and profile.
+//! Users: registration, profile, sign-in attempts (with lockout) and revoked tokens.
+//!
+//! Uniqueness of email and phone spans users, so it is not this aggregate's to decide: the
+//! service reserves them (a unique index) before sending `Register` or a profile change.
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::values::{Email, PhoneNumber};
+
+/// Consecutive failed sign-ins that lock an account.
+pub const LOCKOUT_THRESHOLD: u32 = 10;
+/// How long a locked account stays locked.
+pub const LOCKOUT_MINUTES: i64 = 30;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserCommand {
+    Register {
+        name: String,
+        email: Email,
+        phone: PhoneNumber,
+        password_hash: String,
+    },
+    UpdateProfile {
+        name: Option<String>,
+        email: Option<Email>,
+        phone: Option<PhoneNumber>,
+    },
+    /// A sign-in attempt, already checked against the password hash by the service.
+    RecordSignIn { succeeded: bool, at: DateTime<Utc> },
+    RevokeToken {
+        token_id: String,
+        expires_at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UserEvent {
+    UserRegistered {
+        name: String,
+        email: Email,
+        phone: PhoneNumber,
+        password_hash: String,
+    },
+    ProfileUpdated {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<Email>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        phone: Option<PhoneNumber>,
+    },
+    SignInFailed {
+        at: DateTime<Utc>,
+        consecutive: u32,
+    },
+    AccountLocked {
+        until: DateTime<Utc>,
+    },
+    SignedIn {
+        at: DateTime<Utc>,
+    },
+    TokenRevoked {
+        token_id: String,
+        expires_at: DateTime<Utc>,
+    },
+}
+
+impl DomainEvent for UserEvent {
+    fn event_type(&self) -> String {
+        match self {
+            UserEvent::UserRegistered { .. } => "UserRegistered",
+            UserEvent::ProfileUpdated { .. } => "ProfileUpdated",
+            UserEvent::SignInFailed { .. } => "SignInFailed",
+            UserEvent::AccountLocked { .. } => "AccountLocked",
+            UserEvent::SignedIn { .. } => "SignedIn",
+            UserEvent::TokenRevoked { .. } => "TokenRevoked",
+        }
+        .to_string()
+    }
+    fn event_version(&self) -> String {
+        "1".to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UserError {
+    #[error("user not found")]
+    NotFound,
+    #[error("this account already exists")]
+    AlreadyRegistered,
+    #[error("the account is locked until {until}")]
+    Locked { until: DateTime<Utc> },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub registered: bool,
+    pub name: String,
+    pub email: Option<Email>,
+    pub phone: Option<PhoneNumber>,
+    pub password_hash: String,
+    pub failed_sign_ins: u32,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub registered_at: Option<DateTime<Utc>>,
+}
+
+impl User {
+    pub fn is_locked(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.locked_until.filter(|until| *until > now)
+    }
+}
+
+impl Aggregate for User {
+    const TYPE: &'static str = "user";
+    type Command = UserCommand;
+    type Event = UserEvent;
+    type Error = UserError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: UserCommand,
+        _: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), UserError> {
+        match command {
+            UserCommand::Register {
+                name,
+                email,
+                phone,
+                password_hash,
+            } => {
+                if self.registered {
+                    return Err(UserError::AlreadyRegistered);
+                }
+                let event = UserEvent::UserRegistered {
+                    name,
+                    email,
+                    phone,
+                    password_hash,
+                };
+                sink.write(event, self).await;
+            }
+            UserCommand::UpdateProfile { name, email, phone } => {
+                if !self.registered {
+                    return Err(UserError::NotFound);
+                }
+                let name = name.filter(|n| *n != self.name);
+                let email = email.filter(|e| Some(e) != self.email.as_ref());
+                let phone = phone.filter(|p| Some(p) != self.phone.as_ref());
+                if name.is_some() || email.is_some() || phone.is_some() {
+                    sink.write(UserEvent::ProfileUpdated { name, email, phone }, self)
+                        .await;
+                }
+            }
+            UserCommand::RecordSignIn { succeeded, at } => {
+                if !self.registered {
+                    return Err(UserError::NotFound);
+                }
+                if let Some(until) = self.is_locked(at) {
+                    return Err(UserError::Locked { until });
+                }
+                if succeeded {
+                    sink.write(UserEvent::SignedIn { at }, self).await;
+                } else {
+                    let consecutive = self.failed_sign_ins + 1;
+                    sink.write(UserEvent::SignInFailed { at, consecutive }, self)
+                        .await;
+                    if consecutive >= LOCKOUT_THRESHOLD {
+                        let until = at + Duration::minutes(LOCKOUT_MINUTES);
+                        sink.write(UserEvent::AccountLocked { until }, self).await;
+                    }
+                }
+            }
+            UserCommand::RevokeToken {
+                token_id,
+                expires_at,
+            } => {
+                if !self.registered {
+                    return Err(UserError::NotFound);
+                }
+                sink.write(
+                    UserEvent::TokenRevoked {
+                        token_id,
+                        expires_at,
+                    },
+                    self,
+                )
+                .await;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: UserEvent) {
+        match event {
+            UserEvent::UserRegistered {
+                name,
+                email,
+                phone,
+                password_hash,
+            } => {
+                self.registered = true;
+                self.name = name;
+                self.email = Some(email);
+                self.phone = Some(phone);
+                self.password_hash = password_hash;
+            }
+            UserEvent::ProfileUpdated { name, email, phone } => {
+                if let Some(name) = name {
+                    self.name = name;
+                }
+                if email.is_some() {
+                    self.email = email;
+                }
+                if phone.is_some() {
+                    self.phone = phone;
+                }
+            }
+            UserEvent::SignInFailed { consecutive, .. } => self.failed_sign_ins = consecutive,
+            UserEvent::AccountLocked { until } => {
+                self.locked_until = Some(until);
+                self.failed_sign_ins = 0;
+            }
+            UserEvent::SignedIn { .. } => self.failed_sign_ins = 0,
+            UserEvent::TokenRevoked { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+
+    fn registered() -> UserEvent {
+        UserEvent::UserRegistered {
+            name: "Jo".into(),
+            email: Email::parse("jo@example.com").unwrap(),
+            phone: PhoneNumber::parse("phone", "+14155550123").unwrap(),
+            password_hash: "$argon2id$...".into(),
+        }
+    }
+
+    #[test]
+    fn the_tenth_failure_in_a_row_locks_the_account_for_thirty_minutes() {
+        let at = Utc::now();
+        let mut given = vec![registered()];
+        for i in 1..10 {
+            given.push(UserEvent::SignInFailed { at, consecutive: i });
+        }
+        TestFramework::<User>::with(())
+            .given(given.clone())
+            .when(UserCommand::RecordSignIn {
+                succeeded: false,
+                at,
+            })
+            .then_expect_events(vec![
+                UserEvent::SignInFailed {
+                    at,
+                    consecutive: 10,
+                },
+                UserEvent::AccountLocked {
+                    until: at + Duration::minutes(30),
+                },
+            ]);
+        given.push(UserEvent::AccountLocked {
+            until: at + Duration::minutes(30),
+        });
+        TestFramework::<User>::with(())
+            .given(given.clone())
+            .when(UserCommand::RecordSignIn {
+                succeeded: true,
+                at: at + Duration::minutes(29),
+            })
+            .then_expect_error(UserError::Locked {
+                until: at + Duration::minutes(30),
+            });
+        TestFramework::<User>::with(())
+            .given(given)
+            .when(UserCommand::RecordSignIn {
+                succeeded: true,
+                at: at + Duration::minutes(31),
+            })
+            .then_expect_events(vec![UserEvent::SignedIn {
+                at: at + Duration::minutes(31),
+            }]);
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let at = Utc::now();
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(),
+                UserEvent::SignInFailed { at, consecutive: 9 },
+                UserEvent::SignedIn { at },
+            ])
+            .when(UserCommand::RecordSignIn {
+                succeeded: false,
+                at,
+            })
+            .then_expect_events(vec![UserEvent::SignInFailed { at, consecutive: 1 }]);
+    }
+
+    #[test]
+    fn unchanged_profile_fields_record_nothing() {
+        TestFramework::<User>::with(())
+            .given(vec![registered()])
+            .when(UserCommand::UpdateProfile {
+                name: Some("Jo".into()),
+                email: Some(Email::parse("JO@example.com").unwrap()),
+                phone: None,
+            })
+            .then_expect_events(vec![]);
+    }
+}

@@ -1,0 +1,228 @@
+//! Users (with revoked tokens), contacts, persona customisations and credit wallets.
+
+use async_trait::async_trait;
+use cmb_domain::contacts::ContactsEvent;
+use cmb_domain::persona::preference::PreferenceEvent;
+use cmb_domain::user::UserEvent;
+use cmb_domain::wallet::WalletEvent;
+use cmb_domain::EventEnvelope;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Projection;
+
+fn decode<E: serde::de::DeserializeOwned>(e: &EventEnvelope) -> Result<E, sqlx::Error> {
+    e.decode().map_err(|err| sqlx::Error::Decode(Box::new(err)))
+}
+
+fn user_id(e: &EventEnvelope) -> Result<Uuid, sqlx::Error> {
+    Uuid::parse_str(&e.aggregate_id).map_err(|err| sqlx::Error::Decode(Box::new(err)))
+}
+
+pub struct Users;
+
+#[async_trait]
+impl Projection for Users {
+    fn name(&self) -> &'static str {
+        "users"
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["rm_users"]
+    }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["user"]
+    }
+    async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
+        let id = user_id(e)?;
+        match decode::<UserEvent>(e)? {
+            UserEvent::UserRegistered {
+                name, email, phone, ..
+            } => {
+                sqlx::query(
+                    "INSERT INTO rm_users (id, name, email, phone, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $5)",
+                )
+                .bind(id)
+                .bind(name)
+                .bind(email.as_str())
+                .bind(phone.as_str())
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            UserEvent::ProfileUpdated { name, email, phone } => {
+                sqlx::query(
+                    "UPDATE rm_users SET name = COALESCE($2, name), email = COALESCE($3, email),
+                            phone = COALESCE($4, phone), updated_at = $5 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(name)
+                .bind(email.map(|e| e.as_str().to_string()))
+                .bind(phone.map(|p| p.as_str().to_string()))
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            UserEvent::AccountLocked { until } => {
+                sqlx::query("UPDATE rm_users SET locked_until = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(until)
+                    .execute(db)
+                    .await?;
+            }
+            UserEvent::SignedIn { at } => {
+                sqlx::query("UPDATE rm_users SET last_sign_in = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(at)
+                    .execute(db)
+                    .await?;
+            }
+            UserEvent::TokenRevoked {
+                token_id,
+                expires_at,
+            } => {
+                // Not in `tables()`: a rebuild must never un-revoke a token.
+                sqlx::query(
+                    "INSERT INTO revoked_tokens (token_id, user_id, expires_at) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(token_id)
+                .bind(id)
+                .bind(expires_at)
+                .execute(db)
+                .await?;
+            }
+            UserEvent::SignInFailed { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+pub struct Contacts;
+
+#[async_trait]
+impl Projection for Contacts {
+    fn name(&self) -> &'static str {
+        "contacts"
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["rm_contacts"]
+    }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["contacts"]
+    }
+    async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
+        let id = user_id(e)?;
+        match decode::<ContactsEvent>(e)? {
+            ContactsEvent::ContactAdded { persona_id, at } => {
+                sqlx::query(
+                    "INSERT INTO rm_contacts (user_id, persona_id, added_at) VALUES ($1, $2, $3)",
+                )
+                .bind(id)
+                .bind(persona_id)
+                .bind(at)
+                .execute(db)
+                .await?;
+            }
+            ContactsEvent::ContactRemoved { persona_id, .. } => {
+                sqlx::query("DELETE FROM rm_contacts WHERE user_id = $1 AND persona_id = $2")
+                    .bind(id)
+                    .bind(persona_id)
+                    .execute(db)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct Preferences;
+
+#[async_trait]
+impl Projection for Preferences {
+    fn name(&self) -> &'static str {
+        "persona_preferences"
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["rm_persona_preferences"]
+    }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["persona_preference"]
+    }
+    async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
+        let PreferenceEvent::PersonaCustomized {
+            user_id,
+            persona_id,
+            customization: c,
+        } = decode(e)?;
+        sqlx::query(
+            "INSERT INTO rm_persona_preferences
+                (user_id, persona_id, custom_prompt, voice_override, favorite, memory_enabled, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (user_id, persona_id) DO UPDATE SET
+                custom_prompt = EXCLUDED.custom_prompt, voice_override = EXCLUDED.voice_override,
+                favorite = EXCLUDED.favorite, memory_enabled = EXCLUDED.memory_enabled,
+                updated_at = EXCLUDED.updated_at",
+        )
+        .bind(user_id)
+        .bind(persona_id)
+        .bind(c.custom_prompt)
+        .bind(c.voice_override)
+        .bind(c.favorite)
+        .bind(c.memory_enabled)
+        .bind(e.occurred_at)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
+
+pub struct Wallets;
+
+#[async_trait]
+impl Projection for Wallets {
+    fn name(&self) -> &'static str {
+        "wallets"
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &["rm_wallets", "rm_credit_ledger"]
+    }
+    fn aggregate_types(&self) -> &'static [&'static str] {
+        &["wallet"]
+    }
+    async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
+        let id = user_id(e)?;
+        let (kind, credits, reason, reference, balance_after) = match decode::<WalletEvent>(e)? {
+            WalletEvent::CreditsGranted {
+                credits,
+                reason,
+                reference,
+                balance_after,
+            } => ("grant", credits, reason, reference, balance_after),
+        };
+        sqlx::query(
+            "INSERT INTO rm_credit_ledger (user_id, sequence, kind, credits, reason, reference, balance_after, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(e.sequence as i64)
+        .bind(kind)
+        .bind(credits)
+        .bind(reason)
+        .bind(reference)
+        .bind(balance_after)
+        .bind(e.occurred_at)
+        .execute(&mut *db)
+        .await?;
+        sqlx::query(
+            "INSERT INTO rm_wallets (user_id, balance, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(id)
+        .bind(balance_after)
+        .bind(e.occurred_at)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
