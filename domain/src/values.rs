@@ -159,6 +159,49 @@ pub fn parse_text(
     Ok(s.to_string())
 }
 
+/// A password that meets the policy: 8 to 128 characters with an upper-case letter, a
+/// lower-case letter, a digit and a symbol. Any Unicode letter counts as a letter and any
+/// other printable character (punctuation, `!"\{}$`, emoji) as a symbol; nothing is escaped or
+/// trimmed, so what the user typed is what gets hashed. It never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn parse(raw: &str) -> Result<Password, Invalid> {
+        let n = raw.chars().count();
+        if !(8..=128).contains(&n) {
+            return Err(Invalid::new("password", "must be 8 to 128 characters"));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(Invalid::new(
+                "password",
+                "must not contain control characters",
+            ));
+        }
+        let upper = raw.chars().any(char::is_uppercase);
+        let lower = raw.chars().any(char::is_lowercase);
+        let digit = raw.chars().any(|c| c.is_numeric());
+        let symbol = raw.chars().any(|c| !c.is_alphanumeric());
+        if !(upper && lower && digit && symbol) {
+            return Err(Invalid::new(
+                "password",
+                "must contain an upper-case letter, a lower-case letter, a digit and a symbol",
+            ));
+        }
+        Ok(Password(raw.to_string()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
 /// Money in integer US cents. Never floats.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
@@ -208,6 +251,35 @@ mod tests {
                 .unwrap()
                 .masked(),
             "+1415*****23"
+        );
+    }
+
+    #[test]
+    fn passwords_need_four_kinds_of_character_and_keep_every_one() {
+        for good in [
+            "Passw0rd!",
+            r#"Aa1!"\{}$"#,
+            "Ünïcødé9§x",
+            "Пароль1$пароль",
+            "Zz9 spaced out",
+            "Emoji🙂Pass1",
+        ] {
+            let p = Password::parse(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(p.expose(), good, "the password is kept as typed");
+        }
+        for bad in [
+            "Sh0rt!",
+            "alllower1!",
+            "ALLUPPER1!",
+            "NoDigits!!",
+            "NoSymbol12",
+            "Tab\tinside1!",
+        ] {
+            assert!(Password::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            format!("{:?}", Password::parse("Passw0rd!").unwrap()),
+            "Password(***)"
         );
     }
 

@@ -64,6 +64,24 @@ pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbon
     })
 }
 
+/// Brings Brad, Sarah and Alex to their shipped definitions (idempotent; safe from any number
+/// of instances at once).
+pub async fn define_system_personas(store: &EventStore) -> anyhow::Result<()> {
+    use cmb_domain::persona::{Persona, PersonaCommand};
+    let ctx = cmb_domain::CommandContext::system("define-system-personas");
+    for p in cmb_domain::persona::system::system_personas() {
+        store
+            .execute::<Persona>(
+                p.id,
+                PersonaCommand::DefineSystemPersona { draft: p.draft },
+                &ctx,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("defining system persona {}: {e}", p.id))?;
+    }
+    Ok(())
+}
+
 /// Starts the API and all workers.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
@@ -90,12 +108,60 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let lag = crate::projector::LagBoard::default();
     let projector = Arc::new(Projector {
         pool: pool.clone(),
-        stream,
+        stream: stream.clone(),
         settings: config.stream.clone(),
         consumer_prefix: config.consumer_prefix.clone(),
         lag: lag.clone(),
     });
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
+
+    define_system_personas(&store).await?;
+
+    let http_client = crate::providers::http_client();
+    let elevenlabs = {
+        let p = &config.elevenlabs;
+        let base_url = match (&p.base_url, p.simulated()) {
+            (Some(url), _) => url.clone(),
+            (None, true) => {
+                let faults =
+                    crate::sim::Faults::from_lookup(&|k| std::env::var(k).ok(), "ELEVENLABS");
+                crate::sim::serve(
+                    "elevenlabs",
+                    crate::sim::elevenlabs::router(faults),
+                    shutdown.clone(),
+                    &tasks,
+                )
+                .await?
+            }
+            (None, false) => crate::providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
+        };
+        let key = p
+            .api_key
+            .as_ref()
+            .map(|k| k.expose().to_string())
+            .unwrap_or_else(|| "simulator".into());
+        crate::providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
+    };
+
+    {
+        let store = store.clone();
+        let spec = cmb_nats::consume::DurableSpec::of_type(
+            &config.stream,
+            &format!(
+                "{}-worker-{}",
+                config.consumer_prefix,
+                crate::workers::contacts_cleanup::NAME
+            ),
+            "persona",
+        );
+        tasks.spawn(crate::workers::run(
+            crate::workers::contacts_cleanup::NAME,
+            stream.clone(),
+            spec,
+            move |event| crate::workers::contacts_cleanup::handle(store.clone(), event),
+            shutdown.clone(),
+        ));
+    }
 
     let state = AppState {
         config: config.clone(),
@@ -105,6 +171,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         js,
         metrics: crate::telemetry::metrics(),
         projection_lag: lag,
+        elevenlabs,
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

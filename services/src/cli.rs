@@ -23,6 +23,9 @@ enum Command {
     Serve,
     /// Create the database if missing and apply pending migrations, then exit.
     Migrate,
+    /// Create (idempotently) the system personas and a demo user with 100 credits; print its
+    /// sign-in.
+    Seed,
     /// Operate on the event log.
     Events {
         #[command(subcommand)]
@@ -103,6 +106,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             wait_for_signal().await;
             tracing::info!("shutting down");
             running.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seed => {
+            let b = crate::app::backbone(&config, 4).await?;
+            let store = crate::store::EventStore::new(b.pool.clone());
+            let demo = crate::seed::demo(&store).await?;
+            println!("system personas: brad_001, sarah_001, alex_001");
+            println!("demo user:       {} ({})", demo.email, demo.user_id);
+            println!("password:        {}", crate::seed::DEMO_PASSWORD);
+            println!("credits:         {}", demo.credits);
+            println!(
+                "sign in:         POST /api/auth/login {{\"email\": \"{}\", \"password\": \"…\"}}",
+                demo.email
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {

@@ -55,6 +55,32 @@ pub struct Config {
     pub publisher: PublisherSettings,
     /// How long a write waits for its own read model before answering (read-your-writes).
     pub read_your_writes: Duration,
+    /// Take the client's address from `X-Forwarded-For` (behind a trusted proxy) for per-IP
+    /// rate limits. Off by default: a client could otherwise pick its own address.
+    pub trust_proxy_headers: bool,
+    pub elevenlabs: Provider,
+}
+
+/// A provider's key and base URL. With neither set, `serve` starts that provider's simulator on
+/// loopback and talks to it; with a base URL set, the real client talks to that URL.
+#[derive(Debug, Clone, Default)]
+pub struct Provider {
+    pub api_key: Option<Secret>,
+    pub base_url: Option<String>,
+}
+
+impl Provider {
+    fn from(get: &impl Fn(&str) -> Option<String>, key: &str, url: &str) -> Provider {
+        Provider {
+            api_key: get(key).map(Secret::new),
+            base_url: get(url).map(|u| u.trim_end_matches('/').to_string()),
+        }
+    }
+
+    /// Whether `serve` must run a simulator for this provider.
+    pub fn simulated(&self) -> bool {
+        self.api_key.is_none() && self.base_url.is_none()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +190,8 @@ impl Config {
                 get("READ_YOUR_WRITES_MS"),
                 2_000,
             )?),
+            trust_proxy_headers: parse("TRUST_PROXY_HEADERS", get("TRUST_PROXY_HEADERS"), false)?,
+            elevenlabs: Provider::from(&get, "ELEVENLABS_API_KEY", "ELEVENLABS_BASE_URL"),
         })
     }
 }

@@ -1,7 +1,9 @@
 //! Call Me Back's service: the HTTP API, the workers and the operators' commands, in one
 //! binary. See ARCHITECTURE.md for the map.
 
+pub mod api;
 pub mod app;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -10,5 +12,10 @@ pub mod http;
 pub mod lease;
 pub mod outbox;
 pub mod projector;
+pub mod providers;
+pub mod ratelimit;
+pub mod seed;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod workers;

@@ -35,6 +35,7 @@ pub struct AppState {
     pub js: jetstream::Context,
     pub metrics: PrometheusHandle,
     pub projection_lag: LagBoard,
+    pub elevenlabs: crate::providers::elevenlabs::ElevenLabs,
 }
 
 impl AppState {
@@ -46,11 +47,12 @@ impl AppState {
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
-    let api = Router::new();
+    let api = crate::api::routes();
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/docs", get(crate::api::openapi::docs_page))
         .nest("/api", api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {

@@ -1,0 +1,63 @@
+//! The `/api` routes the front end uses. Writes are commands through the event store; reads
+//! come from read models, after waiting (briefly) for the caller's own write to reach them.
+
+pub mod accounts;
+pub mod contacts;
+pub mod openapi;
+pub mod personas;
+
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+
+use crate::http::error::ApiError;
+use crate::http::AppState;
+use crate::store::{CommandError, Committed};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/auth/register", post(accounts::register))
+        .route("/auth/login", post(accounts::login))
+        .route("/auth/logout", post(accounts::logout))
+        .route("/auth/me", get(accounts::me))
+        .route("/user/profile", put(accounts::update_profile))
+        .route("/personas", get(personas::list).post(personas::create))
+        .route(
+            "/personas/{id}",
+            get(personas::get_one)
+                .put(personas::update)
+                .delete(personas::remove),
+        )
+        .route(
+            "/personas/{id}/customization",
+            get(personas::get_customization).put(personas::customize),
+        )
+        .route("/contacts", get(contacts::list).post(contacts::add))
+        .route("/contacts/{persona_id}", delete(contacts::remove))
+        .route("/openapi.json", get(openapi::document))
+}
+
+/// A store failure is ours (500); contention is worth a retry (503). Rejections are mapped
+/// by each handler, which knows what they mean to the caller.
+pub fn store_error<E: std::error::Error>(
+    e: CommandError<E>,
+    reject: impl FnOnce(E) -> ApiError,
+) -> ApiError {
+    match e {
+        CommandError::Rejected(e) => reject(e),
+        CommandError::Contended(what) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::unavailable(format!("the {what} is busy; try again"))
+        },
+        CommandError::Store(detail) => ApiError::internal(detail),
+    }
+}
+
+/// Waits for `projection` to show `committed` (bounded by READ_YOUR_WRITES_MS).
+pub async fn settle(state: &AppState, projection: &str, committed: &Committed) {
+    if committed.events > 0 {
+        state
+            .store
+            .wait_projected(projection, committed, state.read_your_writes())
+            .await;
+    }
+}

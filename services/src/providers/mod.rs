@@ -1,0 +1,30 @@
+//! Real clients of the providers, speaking their wire protocols. Each takes a base URL, so the
+//! same client talks to the provider, a proxy, or this project's simulator.
+
+pub mod elevenlabs;
+
+/// A provider call that did not give an answer we can use.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{provider} could not be reached: {detail}")]
+    Unreachable {
+        provider: &'static str,
+        detail: String,
+    },
+    #[error("{provider} answered {status}: {detail}")]
+    Status {
+        provider: &'static str,
+        status: u16,
+        detail: String,
+    },
+}
+
+/// One HTTP client for all providers: rustls, connection pooling, bounded timeouts.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(15))
+        .user_agent(concat!("callmeback/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("an HTTP client with default TLS roots")
+}
