@@ -66,11 +66,14 @@ pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbon
 
 /// Brings Brad, Sarah and Alex to their shipped definitions (idempotent; safe from any number
 /// of instances at once).
-pub async fn define_system_personas(store: &EventStore) -> anyhow::Result<()> {
+pub async fn define_system_personas(
+    store: &EventStore,
+) -> anyhow::Result<Vec<crate::store::Committed>> {
     use cmb_domain::persona::{Persona, PersonaCommand};
     let ctx = cmb_domain::CommandContext::system("define-system-personas");
+    let mut committed = Vec::new();
     for p in cmb_domain::persona::system::system_personas() {
-        store
+        let c = store
             .execute::<Persona>(
                 p.id,
                 PersonaCommand::DefineSystemPersona { draft: p.draft },
@@ -78,8 +81,9 @@ pub async fn define_system_personas(store: &EventStore) -> anyhow::Result<()> {
             )
             .await
             .map_err(|e| anyhow::anyhow!("defining system persona {}: {e}", p.id))?;
+        committed.push(c);
     }
-    Ok(())
+    Ok(committed)
 }
 
 /// Starts the API and all workers.
@@ -113,9 +117,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         consumer_prefix: config.consumer_prefix.clone(),
         lag: lag.clone(),
     });
+    let defined = define_system_personas(&store).await?;
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
-
-    define_system_personas(&store).await?;
+    // Serve once the persona list shows them (bounded: a lagging read model is not fatal).
+    for c in &defined {
+        store
+            .wait_projected("personas", c, std::time::Duration::from_secs(10))
+            .await;
+    }
 
     let http_client = crate::providers::http_client();
     let elevenlabs = {

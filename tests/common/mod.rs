@@ -37,6 +37,7 @@ impl TestEnv {
             ("JWT_SECRET".to_string(), format!("test-secret-{id}")),
             ("LEASE_TTL_MS".to_string(), "1500".to_string()),
             ("RUST_LOG".to_string(), "warn".to_string()),
+            ("TRUST_PROXY_HEADERS".to_string(), "true".to_string()),
         ]);
         TestEnv { id, vars }
     }
@@ -156,4 +157,134 @@ pub fn persona_draft(name: &str) -> cmb_domain::persona::PersonaDraft {
         cmb_domain::persona::TurnTaking::default(),
     )
     .expect("valid draft")
+}
+
+/// An HTTP client of the API that comes from its own address (the app trusts
+/// `X-Forwarded-For` in tests, so per-IP limits apply per `Api`).
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub ip: String,
+    pub token: Option<String>,
+    client: reqwest::Client,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+    pub fn field(&self) -> &str {
+        self.body["error"]["field"].as_str().unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.body)
+    }
+}
+
+impl Api {
+    pub fn new(addr: std::net::SocketAddr) -> Api {
+        let n: u32 = rand::random();
+        Api {
+            base: format!("http://{addr}"),
+            ip: format!("10.{}.{}.{}", n >> 16 & 255, n >> 8 & 255, n & 255),
+            token: None,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// The same client from another address.
+    pub fn elsewhere(&self) -> Api {
+        let mut other = Api::new("127.0.0.1:1".parse().unwrap());
+        other.base = self.base.clone();
+        other.token = self.token.clone();
+        other
+    }
+
+    pub fn with_token(&self, token: &str) -> Api {
+        let mut other = self.clone();
+        other.token = Some(token.to_string());
+        other
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("x-forwarded-for", &self.ip);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        req
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        let response = req.send().await.expect("the API answers");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::GET, path)).await
+    }
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send(self.request(reqwest::Method::DELETE, path)).await
+    }
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.send(self.request(reqwest::Method::POST, path).json(&body))
+            .await
+    }
+    pub async fn put(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.send(self.request(reqwest::Method::PUT, path).json(&body))
+            .await
+    }
+
+    /// Registers a fresh user (from a fresh address) and returns a client signed in as them.
+    pub async fn register(&self, password: &str) -> (Api, serde_json::Value) {
+        let who = self.elsewhere();
+        let n: u64 = rand::random::<u64>() % 10_000_000_000;
+        let reply = who
+            .post(
+                "/api/auth/register",
+                serde_json::json!({
+                    "name": "Test User",
+                    "email": format!("user{n}@example.com"),
+                    "password": password,
+                    "phone": format!("+1{n:010}"),
+                }),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "register: {reply:?}");
+        let token = reply.body["token"].as_str().expect("a token").to_string();
+        (who.with_token(&token), reply.body["user"].clone())
+    }
+}
+
+pub const PASSWORD: &str = "Corr3ct!horse";
+
+/// A persona body the API accepts.
+pub fn persona_body(name: &str, is_public: bool) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "description": "A persona made by the tests.",
+        "voice": "21m00Tcm4TlvDq8ikWAM",
+        "system_prompt": "You are a persona in a test. Keep it short.",
+        "is_public": is_public,
+        "tags": ["test"],
+    })
 }

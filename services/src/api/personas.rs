@@ -258,22 +258,16 @@ pub async fn get_one(
 
 // ---- names: unique per owner, and the per-user limit ----------------------------------------
 
-/// Reserves `name` for `owner`'s persona `persona_id`, under a lock on the owner so the limit
-/// and uniqueness hold with any number of instances. `counts_against_limit` is false on rename.
-async fn claim_name(
-    pool: &PgPool,
-    owner: Uuid,
-    persona_id: &str,
-    name: &str,
-    counts_against_limit: bool,
-) -> ApiResult<()> {
+/// Reserves `name` for `owner`'s new persona `persona_id`, under a lock on the owner so the
+/// limit and uniqueness hold with any number of instances.
+async fn claim_name(pool: &PgPool, owner: Uuid, persona_id: &str, name: &str) -> ApiResult<()> {
     let owner = owner.to_string();
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('persona_names:' || $1, 0))")
         .bind(&owner)
         .execute(&mut *tx)
         .await?;
-    if counts_against_limit {
+    {
         let owned: i64 =
             sqlx::query_scalar("SELECT count(*) FROM persona_name_claims WHERE owner = $1")
                 .bind(&owner)
@@ -308,6 +302,27 @@ async fn claim_name(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// Moves persona `persona_id`'s name claim to `to`; 409 if the owner has another persona by it.
+async fn rename_claim(pool: &PgPool, owner: Uuid, persona_id: &str, to: &str) -> ApiResult<()> {
+    let moved = sqlx::query(
+        "UPDATE persona_name_claims SET name_key = $3 WHERE owner = $1 AND persona_id = $2",
+    )
+    .bind(owner.to_string())
+    .bind(persona_id)
+    .bind(to.to_lowercase())
+    .execute(pool)
+    .await;
+    match moved {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(ApiError::conflict(
+            "name_taken",
+            "you already have a persona with this name",
+        )
+        .with_field("name")),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn release_name(pool: &PgPool, owner: Uuid, name: &str, persona_id: &str) {
@@ -382,7 +397,7 @@ pub async fn create(
     )?;
     check_voice(&state, "voice", &draft.voice_id).await?;
     let id = Uuid::now_v7().to_string();
-    claim_name(&state.pool, user.id, &id, &draft.name, true).await?;
+    claim_name(&state.pool, user.id, &id, &draft.name).await?;
     let name = draft.name.clone();
     let command = PersonaCommand::Create {
         owner: Owner::User(user.id),
@@ -494,16 +509,18 @@ pub async fn update(
         .clone()
         .filter(|n| n.to_lowercase() != current.name.to_lowercase());
     if let Some(name) = &renamed {
-        claim_name(&state.pool, user.id, &id, name, false).await?;
+        rename_claim(&state.pool, user.id, &id, name).await?;
     }
     let command = PersonaCommand::Update { by: user.id, patch };
     let result = state
         .store
         .execute::<Persona>(&id, command, &user.context())
         .await;
-    if let Some(name) = &renamed {
-        let loser = if result.is_ok() { &current.name } else { name };
-        release_name(&state.pool, user.id, loser, &id).await;
+    if renamed.is_some() && result.is_err() {
+        // Put the claim back under the name the persona still has.
+        if let Err(e) = rename_claim(&state.pool, user.id, &id, &current.name).await {
+            tracing::error!(persona = %id, error = %e.message, "could not restore a persona name claim");
+        }
     }
     let committed = result.map_err(|e| store_error(e, rejected))?;
     settle(&state, "personas", &committed).await;
