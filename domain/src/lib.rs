@@ -4,9 +4,11 @@
 //! plain data and pure decisions, tested with cqrs-es's `TestFramework`. Side effects live in
 //! `services`, read models in `projections`, the message log in `nats`.
 
+pub mod call;
 pub mod contacts;
 pub mod envelope;
 pub mod persona;
+pub mod pricing;
 pub mod user;
 pub mod values;
 pub mod wallet;
