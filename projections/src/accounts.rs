@@ -192,14 +192,52 @@ impl Projection for Wallets {
     }
     async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
         let id = user_id(e)?;
-        let (kind, credits, reason, reference, balance_after) = match decode::<WalletEvent>(e)? {
-            WalletEvent::CreditsGranted {
-                credits,
-                reason,
-                reference,
-                balance_after,
-            } => ("grant", credits, reason, reference, balance_after),
-        };
+        // (kind, credits moved, reason, reference, balance after, reserved change)
+        let (kind, credits, reason, reference, balance_delta, reserved_delta) =
+            match decode::<WalletEvent>(e)? {
+                WalletEvent::CreditsGranted {
+                    credits,
+                    reason,
+                    reference,
+                    ..
+                } => ("grant", credits, reason, reference, credits, 0),
+                WalletEvent::CreditsReserved {
+                    hold_id, credits, ..
+                } => ("reserve", credits, "call hold".into(), hold_id, 0, credits),
+                WalletEvent::CreditsSettled {
+                    hold_id,
+                    used,
+                    released,
+                    ..
+                } => (
+                    "settle",
+                    used,
+                    "call".into(),
+                    hold_id,
+                    -used,
+                    -(used + released),
+                ),
+                WalletEvent::CreditsReleased { hold_id, credits } => (
+                    "release",
+                    credits,
+                    "call hold released".into(),
+                    hold_id,
+                    0,
+                    -credits,
+                ),
+            };
+        let balance_after: i64 = sqlx::query_scalar(
+            "INSERT INTO rm_wallets (user_id, balance, reserved, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (user_id) DO UPDATE SET balance = rm_wallets.balance + $2,
+                 reserved = rm_wallets.reserved + $3, updated_at = $4
+             RETURNING balance",
+        )
+        .bind(id)
+        .bind(balance_delta)
+        .bind(reserved_delta)
+        .bind(e.occurred_at)
+        .fetch_one(&mut *db)
+        .await?;
         sqlx::query(
             "INSERT INTO rm_credit_ledger (user_id, sequence, kind, credits, reason, reference, balance_after, at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -210,15 +248,6 @@ impl Projection for Wallets {
         .bind(credits)
         .bind(reason)
         .bind(reference)
-        .bind(balance_after)
-        .bind(e.occurred_at)
-        .execute(&mut *db)
-        .await?;
-        sqlx::query(
-            "INSERT INTO rm_wallets (user_id, balance, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = EXCLUDED.updated_at",
-        )
-        .bind(id)
         .bind(balance_after)
         .bind(e.occurred_at)
         .execute(db)

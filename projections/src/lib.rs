@@ -7,6 +7,7 @@
 //! NATS: the runner in `services` feeds events in, from a durable consumer or a replay.
 
 pub mod accounts;
+pub mod calls;
 pub mod personas;
 pub mod timeline;
 
@@ -139,6 +140,7 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(accounts::Contacts),
         std::sync::Arc::new(accounts::Preferences),
         std::sync::Arc::new(accounts::Wallets),
+        std::sync::Arc::new(calls::Calls),
     ]
 }
 

@@ -72,6 +72,21 @@ pub async fn define_system_personas(
     use cmb_domain::persona::{Persona, PersonaCommand};
     let ctx = cmb_domain::CommandContext::system("define-system-personas");
     let mut committed = Vec::new();
+    // The launch prices, as the first version of the price table.
+    let launch = cmb_domain::pricing::PricingCommand::Publish {
+        table: cmb_domain::pricing::PriceTable::LAUNCH,
+        effective_from: chrono::DateTime::UNIX_EPOCH,
+    };
+    let (pricing, _) = store
+        .load::<cmb_domain::pricing::Pricing>(cmb_domain::pricing::PRICING_ID)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading the prices: {e}"))?;
+    if pricing.tables.is_empty() {
+        store
+            .execute::<cmb_domain::pricing::Pricing>(cmb_domain::pricing::PRICING_ID, launch, &ctx)
+            .await
+            .map_err(|e| anyhow::anyhow!("publishing the launch prices: {e}"))?;
+    }
     for p in cmb_domain::persona::system::system_personas() {
         let c = store
             .execute::<Persona>(
@@ -88,6 +103,18 @@ pub async fn define_system_personas(
 
 /// Starts the API and all workers.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, crate::clock::Clock::system()).await
+}
+
+/// Starts the API and all workers on `clock` (tests pass a manual one).
+pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    let addr = listener.local_addr()?;
+    if !config.public_base_url_explicit {
+        config.public_base_url = format!("http://{addr}");
+    }
     let config = Arc::new(config);
     let Backbone {
         pool,
@@ -159,6 +186,34 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             &format!(
                 "{}-worker-{}",
                 config.consumer_prefix,
+                crate::workers::settlement::NAME
+            ),
+            "call",
+        );
+        tasks.spawn(crate::workers::run(
+            crate::workers::settlement::NAME,
+            stream.clone(),
+            spec,
+            move |event| crate::workers::settlement::handle(store.clone(), event),
+            shutdown.clone(),
+        ));
+    }
+    let scheduler = crate::scheduler::Scheduler {
+        pool: pool.clone(),
+        store: store.clone(),
+        clock: clock.clone(),
+        instance_id: config.instance_id.clone(),
+        lease_ttl: config.publisher.lease_ttl,
+        tick: config.scheduler_tick,
+    };
+    tasks.spawn(scheduler.run(shutdown.clone()));
+    {
+        let store = store.clone();
+        let spec = cmb_nats::consume::DurableSpec::of_type(
+            &config.stream,
+            &format!(
+                "{}-worker-{}",
+                config.consumer_prefix,
                 crate::workers::contacts_cleanup::NAME
             ),
             "persona",
@@ -181,11 +236,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: crate::telemetry::metrics(),
         projection_lag: lag,
         elevenlabs,
+        clock: clock.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("binding {}", config.http_addr))?;
-    let addr = listener.local_addr()?;
     let router = http::router(state.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {

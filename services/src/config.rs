@@ -59,6 +59,28 @@ pub struct Config {
     /// rate limits. Off by default: a client could otherwise pick its own address.
     pub trust_proxy_headers: bool,
     pub elevenlabs: Provider,
+    pub twilio: TwilioSettings,
+    /// Whether `PUBLIC_BASE_URL` was given; if not, `serve` uses the address it bound.
+    pub public_base_url_explicit: bool,
+    /// How often the scheduler looks for due calls.
+    pub scheduler_tick: Duration,
+}
+
+/// Signs the Twilio simulator's callbacks when `TWILIO_AUTH_TOKEN` is not set; anyone can sign
+/// a test callback with it using Twilio's own helper libraries.
+pub const DEV_TWILIO_AUTH_TOKEN: &str = "callmeback-development-twilio-token";
+pub const DEV_TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
+/// Twilio's magic "from" number for test credentials.
+pub const DEV_TWILIO_PHONE_NUMBER: &str = "+15005550006";
+
+#[derive(Debug, Clone)]
+pub struct TwilioSettings {
+    pub account_sid: String,
+    pub auth_token: Secret,
+    pub phone_number: String,
+    pub base_url: Option<String>,
+    /// No account SID configured: `serve` runs the simulator (unless a base URL is set).
+    pub simulated: bool,
 }
 
 /// A provider's key and base URL. With neither set, `serve` starts that provider's simulator on
@@ -192,6 +214,23 @@ impl Config {
             )?),
             trust_proxy_headers: parse("TRUST_PROXY_HEADERS", get("TRUST_PROXY_HEADERS"), false)?,
             elevenlabs: Provider::from(&get, "ELEVENLABS_API_KEY", "ELEVENLABS_BASE_URL"),
+            twilio: TwilioSettings {
+                simulated: get("TWILIO_ACCOUNT_SID").is_none() && get("TWILIO_BASE_URL").is_none(),
+                account_sid: get("TWILIO_ACCOUNT_SID")
+                    .unwrap_or_else(|| DEV_TWILIO_ACCOUNT_SID.into()),
+                auth_token: Secret::new(
+                    get("TWILIO_AUTH_TOKEN").unwrap_or_else(|| DEV_TWILIO_AUTH_TOKEN.into()),
+                ),
+                phone_number: get("TWILIO_PHONE_NUMBER")
+                    .unwrap_or_else(|| DEV_TWILIO_PHONE_NUMBER.into()),
+                base_url: get("TWILIO_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
+            },
+            public_base_url_explicit: get("PUBLIC_BASE_URL").is_some(),
+            scheduler_tick: Duration::from_millis(parse(
+                "SCHEDULER_TICK_MS",
+                get("SCHEDULER_TICK_MS"),
+                1_000,
+            )?),
         })
     }
 }

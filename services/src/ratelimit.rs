@@ -37,6 +37,11 @@ pub const PERSONA_CUSTOMIZE: Limit = limit("persona_customize", 30, MINUTE);
 pub const CONTACTS_LIST: Limit = limit("contacts_list", 60, MINUTE);
 pub const CONTACTS_ADD: Limit = limit("contacts_add", 30, MINUTE);
 pub const CONTACTS_REMOVE: Limit = limit("contacts_remove", 30, MINUTE);
+pub const CALL: Limit = limit("call", 5, MINUTE);
+pub const CALL_SCHEDULE: Limit = limit("call_schedule", 10, HOUR);
+pub const CALL_CANCEL: Limit = limit("call_cancel", 20, MINUTE);
+pub const CALLS_LIST: Limit = limit("calls_list", 60, MINUTE);
+pub const USAGE: Limit = limit("usage", 60, MINUTE);
 
 fn window_start(now: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
     let secs = window.as_secs().max(1) as i64;

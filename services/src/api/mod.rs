@@ -2,6 +2,7 @@
 //! come from read models, after waiting (briefly) for the caller's own write to reach them.
 
 pub mod accounts;
+pub mod calls;
 pub mod contacts;
 pub mod openapi;
 pub mod personas;
@@ -33,6 +34,13 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/contacts", get(contacts::list).post(contacts::add))
         .route("/contacts/{persona_id}", delete(contacts::remove))
+        .route("/call", post(calls::trigger))
+        .route("/calls", get(calls::list))
+        .route("/calls/schedule", post(calls::schedule))
+        .route("/calls/scheduled", get(calls::scheduled))
+        .route("/calls/schedule/{id}", delete(calls::cancel))
+        .route("/calls/{id}", get(calls::get_one))
+        .route("/user/usage", get(calls::usage))
         .route("/openapi.json", get(openapi::document))
 }
 

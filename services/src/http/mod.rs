@@ -36,6 +36,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub projection_lag: LagBoard,
     pub elevenlabs: crate::providers::elevenlabs::ElevenLabs,
+    pub clock: crate::clock::Clock,
 }
 
 impl AppState {

@@ -3,6 +3,7 @@
 //! is acknowledged only after its handler succeeded, and redelivered with backoff otherwise.
 
 pub mod contacts_cleanup;
+pub mod settlement;
 
 use std::future::Future;
 use std::sync::Arc;

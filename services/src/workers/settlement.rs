@@ -1,0 +1,72 @@
+//! Settles a call's hold when it ends: takes exactly its price (never more than the hold) and
+//! releases the rest; an unanswered, failed or cancelled call releases all of it. Frees the
+//! user's active-call slot. Idempotent at every step (holds are named by the call id).
+
+use cmb_domain::call::{Call, CallCommand, Payment};
+use cmb_domain::pricing::credits_for;
+use cmb_domain::values::Cents;
+use cmb_domain::wallet::{Wallet, WalletCommand, CENTS_PER_CREDIT};
+use cmb_domain::{Actor, CommandContext, EventEnvelope};
+
+use crate::store::EventStore;
+
+pub const NAME: &str = "settlement";
+
+pub async fn handle(store: EventStore, event: EventEnvelope) -> anyhow::Result<()> {
+    if event.event_type != "CallEnded" {
+        return Ok(());
+    }
+    let call_id = event.aggregate_id.clone();
+    let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
+    let (call, _) = store
+        .load::<Call>(&call_id)
+        .await
+        .map_err(|e| anyhow::anyhow!("loading call {call_id}: {e}"))?;
+    let (Some(user), Some(payment)) = (call.user_id, call.payment.clone()) else {
+        anyhow::bail!("call {call_id} has no owner or payment");
+    };
+    if !call.settled {
+        let price = call.price_cents.unwrap_or(0);
+        let (charged, released) = match payment {
+            Payment::Credits { credits } => {
+                let used = credits_for(Cents(price)).min(credits);
+                let command = if used > 0 {
+                    WalletCommand::Settle {
+                        hold_id: call_id.clone(),
+                        credits: used,
+                    }
+                } else {
+                    WalletCommand::Release {
+                        hold_id: call_id.clone(),
+                    }
+                };
+                store
+                    .execute::<Wallet>(&user.to_string(), command, &ctx)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("settling the hold of {call_id}: {e}"))?;
+                (used * CENTS_PER_CREDIT, (credits - used) * CENTS_PER_CREDIT)
+            }
+            Payment::Card { payment_intent_id } => {
+                anyhow::bail!(
+                    "card payment {payment_intent_id} cannot be settled: no Stripe client"
+                );
+            }
+        };
+        store
+            .execute::<Call>(
+                &call_id,
+                CallCommand::RecordSettlement {
+                    charged_cents: charged,
+                    released_cents: released,
+                },
+                &ctx,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("recording the settlement of {call_id}: {e}"))?;
+    }
+    sqlx::query("DELETE FROM active_calls WHERE call_id = $1::uuid")
+        .bind(&call_id)
+        .execute(store.pool())
+        .await?;
+    Ok(())
+}
