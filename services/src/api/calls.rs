@@ -218,6 +218,7 @@ async fn request(
     let persona = accessible(state, body.persona_id.trim(), user.id).await?;
     let prices = current_prices(state).await?;
     let max_price = prices.max_price(minutes);
+    super::budget::check(state, user.id, max_price.0).await?;
     let payment = match (&body.payment_intent_id, body.use_credits) {
         (Some(_), true) => {
             return Err(ApiError::validation(

@@ -2,6 +2,7 @@
 //! come from read models, after waiting (briefly) for the caller's own write to reach them.
 
 pub mod accounts;
+pub mod budget;
 pub mod calls;
 pub mod contacts;
 pub mod openapi;
@@ -41,6 +42,7 @@ pub fn routes() -> Router<AppState> {
         .route("/calls/schedule/{id}", delete(calls::cancel))
         .route("/calls/{id}", get(calls::get_one))
         .route("/user/usage", get(calls::usage))
+        .route("/user/budget", get(budget::get).put(budget::put))
         .route("/openapi.json", get(openapi::document))
 }
 

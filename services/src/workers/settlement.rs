@@ -64,9 +64,64 @@ pub async fn handle(store: EventStore, event: EventEnvelope) -> anyhow::Result<(
             .await
             .map_err(|e| anyhow::anyhow!("recording the settlement of {call_id}: {e}"))?;
     }
+    observe_budget(
+        &store,
+        user,
+        &call_id,
+        call.price_cents.unwrap_or(0),
+        &event,
+        &ctx,
+    )
+    .await?;
     sqlx::query("DELETE FROM active_calls WHERE call_id = $1::uuid")
         .bind(&call_id)
         .execute(store.pool())
         .await?;
+    Ok(())
+}
+
+/// Records a budget alert when this call takes the day's or month's spend past the user's
+/// warning threshold (once per period).
+async fn observe_budget(
+    store: &EventStore,
+    user: uuid::Uuid,
+    call_id: &str,
+    price: i64,
+    event: &EventEnvelope,
+    ctx: &CommandContext,
+) -> anyhow::Result<()> {
+    use crate::api::budget::{day_start, month_start, spent_since};
+    use cmb_domain::budget::{Budget, BudgetCommand};
+    let (budget, _) = store
+        .load::<Budget>(&user.to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("loading the budget: {e}"))?;
+    let settings = budget.settings();
+    let at = event.occurred_at;
+    let this = uuid::Uuid::parse_str(call_id).ok();
+    for (limit, since, period) in [
+        (
+            settings.max_daily_spend_cents,
+            day_start(at),
+            format!("day:{}", at.format("%Y-%m-%d")),
+        ),
+        (
+            settings.max_monthly_spend_cents,
+            month_start(at),
+            format!("month:{}", at.format("%Y-%m")),
+        ),
+    ] {
+        let Some(limit) = limit else { continue };
+        let spent = spent_since(store.pool(), user, since, this).await? + price;
+        let command = BudgetCommand::ObserveSpend {
+            period,
+            spent_cents: spent,
+            limit_cents: limit,
+        };
+        store
+            .execute::<Budget>(&user.to_string(), command, ctx)
+            .await
+            .map_err(|e| anyhow::anyhow!("observing spend: {e}"))?;
+    }
     Ok(())
 }

@@ -1,0 +1,159 @@
+//! Twilio's webhooks: status callbacks and the answer URL. Both are signed by Twilio
+//! (`X-Twilio-Signature` over the full URL we gave it and the POST parameters); anything
+//! unsigned or forged is refused with 403 and records nothing.
+
+use axum::extract::{OriginalUri, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Form;
+use chrono::{DateTime, Utc};
+use cmb_domain::call::{Call, CallCommand, CallError, Status};
+use cmb_domain::{Actor, CommandContext};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::store_error;
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::extract::Query;
+use crate::http::AppState;
+use crate::providers::twilio::verify_signature;
+
+#[derive(Deserialize)]
+pub struct CallRef {
+    call_id: Option<String>,
+}
+
+/// Checks the signature over `PUBLIC_BASE_URL` + the path and query Twilio called.
+fn verify(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    params: &[(String, String)],
+) -> ApiResult<()> {
+    let signature = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{}{path}", state.config.public_base_url);
+    let token = state.config.twilio.auth_token.expose();
+    if signature.is_empty() || !verify_signature(token, &url, params, signature) {
+        metrics::counter!("cmb_webhooks_refused_total", "source" => "twilio").increment(1);
+        tracing::warn!(%url, "Twilio webhook with a missing or wrong signature refused");
+        return Err(ApiError::forbidden("invalid Twilio signature"));
+    }
+    Ok(())
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The call a webhook is about: our id from the URL, or the CallSid.
+async fn call_id(state: &AppState, query: &CallRef, params: &[(String, String)]) -> ApiResult<String> {
+    if let Some(id) = query.call_id.as_deref().and_then(|id| Uuid::parse_str(id).ok()) {
+        return Ok(id.to_string());
+    }
+    let sid = param(params, "CallSid").unwrap_or("");
+    let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM rm_calls WHERE call_sid = $1")
+        .bind(sid)
+        .fetch_optional(&state.pool)
+        .await?;
+    id.map(|id| id.to_string())
+        .ok_or_else(|| ApiError::not_found("call"))
+}
+
+pub async fn status_callback(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(query): Query<CallRef>,
+    headers: HeaderMap,
+    Form(params): Form<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    verify(&state, &headers, &uri, &params)?;
+    let id = call_id(&state, &query, &params).await?;
+    let sid = param(&params, "CallSid")
+        .ok_or_else(|| ApiError::validation("CallSid", "CallSid: missing"))?
+        .to_string();
+    let raw_status = param(&params, "CallStatus").unwrap_or("");
+    let status = Status::from_twilio(raw_status)
+        .ok_or_else(|| ApiError::validation("CallStatus", format!("CallStatus: unknown {raw_status:?}")))?;
+    let sequence = param(&params, "SequenceNumber").and_then(|s| s.parse().ok());
+    let duration_secs = param(&params, "CallDuration").and_then(|s| s.parse().ok());
+    let at = param(&params, "Timestamp")
+        .and_then(|t| DateTime::parse_from_rfc2822(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| state.clock.now());
+    let ctx = CommandContext::for_request(
+        crate::http::request_id(&headers),
+        Actor::Webhook("twilio".into()),
+    );
+    let command = CallCommand::RecordStatus {
+        call_sid: sid,
+        status,
+        sequence,
+        duration_secs,
+        at,
+    };
+    state
+        .store
+        .execute::<Call>(&id, command, &ctx)
+        .await
+        .map_err(|e| {
+            store_error(e, |e| match e {
+                CallError::NotFound => ApiError::not_found("call"),
+                other => ApiError::conflict("call_conflict", other.to_string()),
+            })
+        })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+/// The answer URL: what Twilio does when the callee picks up.
+pub async fn answer(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(query): Query<CallRef>,
+    headers: HeaderMap,
+    Form(params): Form<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    verify(&state, &headers, &uri, &params)?;
+    let id = call_id(&state, &query, &params).await?;
+    let (call, _) = state
+        .store
+        .load::<Call>(&id)
+        .await
+        .map_err(|e| store_error(e, ApiError::internal))?;
+    if !call.exists() {
+        return Err(ApiError::not_found("call"));
+    }
+    let persona_id: Option<String> =
+        sqlx::query_scalar("SELECT persona_id FROM rm_calls WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_optional(&state.pool)
+            .await?;
+    let greeting: Option<String> = match persona_id {
+        Some(p) => sqlx::query_scalar("SELECT greeting FROM rm_personas WHERE id = $1")
+            .bind(p)
+            .fetch_optional(&state.pool)
+            .await?,
+        None => None,
+    };
+    let greeting = greeting.unwrap_or_else(|| "Hi, it's Call Me Back.".into());
+    let seconds = call.max_minutes * 60;
+    let twiml = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Say>{}</Say><Pause length="{seconds}"/></Response>"#,
+        xml_escape(&greeting)
+    );
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
+}
