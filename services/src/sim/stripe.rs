@@ -246,7 +246,8 @@ struct ApiError {
     decline_code: Option<&'static str>,
     message: String,
     param: Option<&'static str>,
-    payment_intent: Option<Value>,
+    /// Boxed to keep `Result<_, ApiError>` small.
+    payment_intent: Option<Box<Value>>,
 }
 
 impl ApiError {
@@ -289,7 +290,7 @@ impl ApiError {
             }
         }
         if let Some(pi) = &self.payment_intent {
-            error["payment_intent"] = pi.clone();
+            error["payment_intent"] = (**pi).clone();
         }
         json!({ "error": error })
     }
@@ -767,7 +768,7 @@ async fn list_payment_methods(
             .values()
             .filter(|c| c.customer.is_some() && c.customer.as_deref() == customer.or(c.customer.as_deref()))
             .collect();
-        cards.sort_by(|a, b| b.seq.cmp(&a.seq));
+        cards.sort_by_key(|c| std::cmp::Reverse(c.seq));
         let has_more = cards.len() > limit;
         let data: Vec<Value> = cards.iter().take(limit).map(|c| c.json()).collect();
         Ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": "/v1/payment_methods" }))
@@ -1024,7 +1025,7 @@ async fn create_intent(State(sim): State<StripeSim>, headers: HeaderMap, body: B
                 decline_code: Some(decline_code),
                 message: message.into(),
                 param: None,
-                payment_intent: Some(json),
+                payment_intent: Some(Box::new(json)),
             });
         }
         intent.latest_charge = Some(random_id("ch"));
@@ -1063,7 +1064,7 @@ async fn get_intent(
 
 fn unexpected_state(intent: &Intent, action: &str) -> ApiError {
     ApiError {
-        payment_intent: Some(intent.json()),
+        payment_intent: Some(Box::new(intent.json())),
         ..ApiError::invalid(
             Some("payment_intent_unexpected_state"),
             None,
