@@ -577,3 +577,81 @@ pub fn verify_webhook(
             .ok_or_else(|| WebhookError::MalformedPayload("no data.object".into()))?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_test_secret";
+    const PAYLOAD: &[u8] =
+        br#"{"id":"evt_1","type":"payment_intent.succeeded","created":1700000000,"data":{"object":{"id":"pi_1"}}}"#;
+
+    #[test]
+    fn a_signed_event_verifies() {
+        let header = sign_webhook(SECRET, PAYLOAD, 1_700_000_000);
+        let event = verify_webhook(SECRET, PAYLOAD, &header, 1_700_000_010, 300).unwrap();
+        assert_eq!(event.id, "evt_1");
+        assert_eq!(event.kind, "payment_intent.succeeded");
+        assert_eq!(event.created, 1_700_000_000);
+        assert_eq!(event.object["id"], "pi_1");
+    }
+
+    #[test]
+    fn tampering_a_wrong_secret_and_staleness_are_rejected() {
+        let header = sign_webhook(SECRET, PAYLOAD, 1_700_000_000);
+        let tampered = String::from_utf8_lossy(PAYLOAD).replace("pi_1", "pi_2");
+        assert_eq!(
+            verify_webhook(SECRET, tampered.as_bytes(), &header, 1_700_000_000, 300),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify_webhook("whsec_other", PAYLOAD, &header, 1_700_000_000, 300),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify_webhook(SECRET, PAYLOAD, &header, 1_700_000_301, 300),
+            Err(WebhookError::Stale { age_secs: 301 })
+        );
+        assert!(verify_webhook(SECRET, PAYLOAD, &header, 1_700_000_300, 300).is_ok());
+        for bad in [
+            "",
+            "t=abc,v1=00",
+            "v1=00",
+            "t=1700000000",
+            "t=1700000000,v1=zz",
+        ] {
+            assert!(verify_webhook(SECRET, PAYLOAD, bad, 1_700_000_000, 300).is_err());
+        }
+    }
+
+    #[test]
+    fn any_matching_v1_passes_and_v0_is_ignored() {
+        let good = sign_webhook(SECRET, PAYLOAD, 1_700_000_000);
+        let v1 = good.split_once("v1=").unwrap().1;
+        let header = format!("t=1700000000,v1={},v1={v1},v0=abc", "0".repeat(64));
+        assert!(verify_webhook(SECRET, PAYLOAD, &header, 1_700_000_000, 300).is_ok());
+        let only_v0 = format!("t=1700000000,v0={v1}");
+        assert!(verify_webhook(SECRET, PAYLOAD, &only_v0, 1_700_000_000, 300).is_err());
+    }
+
+    #[test]
+    fn error_bodies_map_to_kinds() {
+        let card = br#"{"error":{"type":"card_error","code":"card_declined","decline_code":"insufficient_funds","message":"no"}}"#;
+        match error_from(402, card, false) {
+            StripeError::Card(e) => {
+                assert_eq!(e.decline_code.as_deref(), Some("insufficient_funds"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = error_from(
+            400,
+            br#"{"error":{"type":"invalid_request_error","param":"amount","message":"x"}}"#,
+            false,
+        );
+        assert!(
+            matches!(&e, StripeError::InvalidRequest { status: 400, param: Some(p), .. } if p == "amount")
+        );
+        assert!(!e.retryable());
+        assert!(error_from(503, b"<html>", true).retryable());
+    }
+}
