@@ -681,19 +681,16 @@ async fn get_customer(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let op = move |l: &mut Ledger| -> Outcome {
-        l.customers
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| ApiError::missing("id", "customer", &id))
-    };
     if let Err(r) = sim.admit(&headers).await {
         return r;
     }
-    let outcome = op(&mut sim.ledger());
-    match outcome {
-        Ok(body) => respond(StatusCode::OK, body, &[]),
-        Err(e) => respond(e.status, e.body(), &[]),
+    let found = sim.ledger().customers.get(&id).cloned();
+    match found {
+        Some(body) => respond(StatusCode::OK, body, &[]),
+        None => {
+            let e = ApiError::missing("id", "customer", &id);
+            respond(e.status, e.body(), &[])
+        }
     }
 }
 
