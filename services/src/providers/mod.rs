@@ -2,6 +2,7 @@
 //! same client talks to the provider, a proxy, or this project's simulator.
 
 pub mod elevenlabs;
+pub mod stripe;
 
 /// A provider call that did not give an answer we can use.
 #[derive(Debug, thiserror::Error)]
