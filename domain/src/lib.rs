@@ -4,6 +4,7 @@
 //! plain data and pure decisions, tested with cqrs-es's `TestFramework`. Side effects live in
 //! `services`, read models in `projections`, the message log in `nats`.
 
+pub mod billing;
 pub mod budget;
 pub mod call;
 pub mod contacts;

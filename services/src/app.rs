@@ -14,10 +14,18 @@ use crate::outbox::Publisher;
 use crate::projector::Projector;
 use crate::store::EventStore;
 
+/// The simulators this instance started (for tests to inspect).
+#[derive(Clone, Default)]
+pub struct Simulators {
+    pub twilio: Option<crate::sim::twilio::TwilioSim>,
+    pub stripe: Option<crate::sim::stripe::StripeSim>,
+}
+
 /// A running service.
 pub struct Running {
     pub addr: SocketAddr,
     pub state: AppState,
+    pub sims: Simulators,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -159,15 +167,9 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let base_url = match (&p.base_url, p.simulated()) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let faults =
-                    crate::sim::Faults::from_lookup(&|k| std::env::var(k).ok(), "ELEVENLABS");
-                crate::sim::serve(
-                    "elevenlabs",
-                    crate::sim::elevenlabs::router(faults),
-                    shutdown.clone(),
-                    &tasks,
-                )
-                .await?
+                let faults = crate::sim::Faults::from_lookup(&|k| config.sim_var(k), "ELEVENLABS");
+                let router = crate::sim::elevenlabs::router(faults);
+                crate::sim::serve("elevenlabs", router, shutdown.clone(), &tasks).await?
             }
             (None, false) => crate::providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
         };
@@ -179,22 +181,95 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         crate::providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
     };
 
+    let mut sims = Simulators::default();
+    let twilio = {
+        let t = &config.twilio;
+        let base_url = match (&t.base_url, t.simulated) {
+            (Some(url), _) => url.clone(),
+            (None, true) => {
+                let mut settings = crate::sim::twilio::Settings::from_lookup(&|k| config.sim_var(k));
+                settings.account_sid = t.account_sid.clone();
+                settings.auth_token = t.auth_token.expose().to_string();
+                let sim = crate::sim::twilio::TwilioSim::new(settings);
+                let url = crate::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
+                sims.twilio = Some(sim);
+                url
+            }
+            (None, false) => crate::providers::twilio::DEFAULT_BASE_URL.to_string(),
+        };
+        crate::providers::twilio::Twilio::new(
+            http_client.clone(),
+            &base_url,
+            &t.account_sid,
+            t.auth_token.expose(),
+        )
+    };
+
+    let stripe = {
+        let st = &config.stripe;
+        let base_url = match (&st.base_url, st.simulated) {
+            (Some(url), _) => url.clone(),
+            (None, true) => {
+                let mut settings = crate::sim::stripe::Settings::from_lookup(&|k| config.sim_var(k));
+                settings.webhook_secret = st.webhook_secret.expose().to_string();
+                let sim = crate::sim::stripe::StripeSim::new(settings);
+                sim.set_webhook_url(&format!("{}/api/stripe/webhook", config.public_base_url));
+                let url = crate::sim::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
+                sims.stripe = Some(sim);
+                url
+            }
+            (None, false) => crate::providers::stripe::DEFAULT_BASE_URL.to_string(),
+        };
+        crate::providers::stripe::Stripe::new(http_client.clone(), &base_url, st.secret_key.expose())
+    };
+
+    let worker = |name: &'static str, aggregate_type: &str| {
+        let mut spec = cmb_nats::consume::DurableSpec::of_type(
+            &config.stream,
+            &format!("{}-worker-{name}", config.consumer_prefix),
+            aggregate_type,
+        );
+        spec.ack_wait = config.worker_ack_wait;
+        spec
+    };
     {
         let store = store.clone();
-        let spec = cmb_nats::consume::DurableSpec::of_type(
-            &config.stream,
-            &format!(
-                "{}-worker-{}",
-                config.consumer_prefix,
-                crate::workers::settlement::NAME
-            ),
-            "call",
-        );
+        let stripe = stripe.clone();
         tasks.spawn(crate::workers::run(
             crate::workers::settlement::NAME,
             stream.clone(),
-            spec,
-            move |event| crate::workers::settlement::handle(store.clone(), event),
+            worker(crate::workers::settlement::NAME, "call"),
+            move |event| crate::workers::settlement::handle(store.clone(), stripe.clone(), event),
+            shutdown.clone(),
+        ));
+    }
+    {
+        let store = store.clone();
+        tasks.spawn(crate::workers::run(
+            crate::workers::contacts_cleanup::NAME,
+            stream.clone(),
+            worker(crate::workers::contacts_cleanup::NAME, "persona"),
+            move |event| crate::workers::contacts_cleanup::handle(store.clone(), event),
+            shutdown.clone(),
+        ));
+    }
+    {
+        let dialer = crate::workers::dialer::Dialer {
+            store: store.clone(),
+            twilio: twilio.clone(),
+            from: config.twilio.phone_number.clone(),
+            public_base_url: config.public_base_url.clone(),
+            clock: clock.clone(),
+            exit_after_create: config.fault_dialer_exit_after_create,
+        };
+        tasks.spawn(crate::workers::run(
+            crate::workers::dialer::NAME,
+            stream.clone(),
+            worker(crate::workers::dialer::NAME, "call"),
+            move |event| {
+                let dialer = dialer.clone();
+                async move { dialer.handle(event).await }
+            },
             shutdown.clone(),
         ));
     }
@@ -207,25 +282,6 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         tick: config.scheduler_tick,
     };
     tasks.spawn(scheduler.run(shutdown.clone()));
-    {
-        let store = store.clone();
-        let spec = cmb_nats::consume::DurableSpec::of_type(
-            &config.stream,
-            &format!(
-                "{}-worker-{}",
-                config.consumer_prefix,
-                crate::workers::contacts_cleanup::NAME
-            ),
-            "persona",
-        );
-        tasks.spawn(crate::workers::run(
-            crate::workers::contacts_cleanup::NAME,
-            stream.clone(),
-            spec,
-            move |event| crate::workers::contacts_cleanup::handle(store.clone(), event),
-            shutdown.clone(),
-        ));
-    }
 
     let state = AppState {
         config: config.clone(),
@@ -236,6 +292,8 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         metrics: crate::telemetry::metrics(),
         projection_lag: lag,
         elevenlabs,
+        twilio,
+        stripe,
         clock: clock.clone(),
     };
     let router = http::router(state.clone());
@@ -255,6 +313,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     Ok(Running {
         addr,
         state,
+        sims,
         shutdown,
         tasks,
     })

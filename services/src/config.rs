@@ -60,10 +60,18 @@ pub struct Config {
     pub trust_proxy_headers: bool,
     pub elevenlabs: Provider,
     pub twilio: TwilioSettings,
+    pub stripe: StripeSettings,
     /// Whether `PUBLIC_BASE_URL` was given; if not, `serve` uses the address it bound.
     pub public_base_url_explicit: bool,
     /// How often the scheduler looks for due calls.
     pub scheduler_tick: Duration,
+    /// How long a worker has to acknowledge a message before JetStream redelivers it.
+    pub worker_ack_wait: Duration,
+    /// The simulators' settings (`SIM_*` variables).
+    pub sim: std::collections::BTreeMap<String, String>,
+    /// Fault injection for tests: the dialer exits the process right after Twilio accepted a
+    /// call, before recording its SID (`CMB_FAULT_DIALER_EXIT_AFTER_CREATE=1`).
+    pub fault_dialer_exit_after_create: bool,
 }
 
 /// Signs the Twilio simulator's callbacks when `TWILIO_AUTH_TOKEN` is not set; anyone can sign
@@ -72,6 +80,18 @@ pub const DEV_TWILIO_AUTH_TOKEN: &str = "callmeback-development-twilio-token";
 pub const DEV_TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
 /// Twilio's magic "from" number for test credentials.
 pub const DEV_TWILIO_PHONE_NUMBER: &str = "+15005550006";
+
+/// Test-mode key the Stripe simulator accepts when `STRIPE_SECRET_KEY` is not set.
+pub const DEV_STRIPE_SECRET_KEY: &str = "sk_test_callmeback_simulator";
+
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    pub secret_key: Secret,
+    /// Signs (simulator) and verifies (webhook endpoint) Stripe's webhooks.
+    pub webhook_secret: Secret,
+    pub base_url: Option<String>,
+    pub simulated: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct TwilioSettings {
@@ -122,7 +142,17 @@ impl Config {
     /// Reads `.env` (if present) and the environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         let _ = dotenvy::dotenv();
-        Config::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        let mut config =
+            Config::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))?;
+        config.sim = std::env::vars()
+            .filter(|(k, _)| k.starts_with("SIM_"))
+            .collect();
+        Ok(config)
+    }
+
+    /// A simulator's variable.
+    pub fn sim_var(&self, name: &str) -> Option<String> {
+        self.sim.get(name).cloned()
     }
 
     /// Builds the configuration from any source of variables (tests pass a map).
@@ -225,12 +255,30 @@ impl Config {
                     .unwrap_or_else(|| DEV_TWILIO_PHONE_NUMBER.into()),
                 base_url: get("TWILIO_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
+            stripe: StripeSettings {
+                simulated: get("STRIPE_SECRET_KEY").is_none() && get("STRIPE_BASE_URL").is_none(),
+                secret_key: Secret::new(
+                    get("STRIPE_SECRET_KEY").unwrap_or_else(|| DEV_STRIPE_SECRET_KEY.into()),
+                ),
+                webhook_secret: Secret::new(get("STRIPE_WEBHOOK_SECRET").unwrap_or_else(|| {
+                    crate::sim::stripe::DEV_WEBHOOK_SECRET.into()
+                })),
+                base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
+            },
             public_base_url_explicit: get("PUBLIC_BASE_URL").is_some(),
             scheduler_tick: Duration::from_millis(parse(
                 "SCHEDULER_TICK_MS",
                 get("SCHEDULER_TICK_MS"),
                 1_000,
             )?),
+            worker_ack_wait: Duration::from_millis(parse(
+                "WORKER_ACK_WAIT_MS",
+                get("WORKER_ACK_WAIT_MS"),
+                30_000,
+            )?),
+            sim: Default::default(),
+            fault_dialer_exit_after_create: get("CMB_FAULT_DIALER_EXIT_AFTER_CREATE")
+                .is_some_and(|v| v == "1" || v == "true"),
         })
     }
 }

@@ -49,12 +49,27 @@ impl TestEnv {
 
     pub fn config(&self) -> Config {
         let vars = self.vars.clone();
-        Config::from_lookup(move |k| vars.get(k).cloned()).expect("test configuration")
+        let mut config =
+            Config::from_lookup(move |k| vars.get(k).cloned()).expect("test configuration");
+        config.sim = self
+            .vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("SIM_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        config
     }
 
     /// The app, in this process.
     pub async fn spawn_app(&self) -> Running {
         callmeback::app::start(self.config())
+            .await
+            .expect("app starts")
+    }
+
+    /// The app, in this process, on `clock`.
+    pub async fn spawn_app_with(&self, clock: callmeback::clock::Clock) -> Running {
+        callmeback::app::start_with(self.config(), clock)
             .await
             .expect("app starts")
     }

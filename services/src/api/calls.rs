@@ -159,10 +159,21 @@ struct Requested {
 
 enum Hold {
     Credits(i64),
+    Card(String),
 }
 
 async fn release_hold(state: &AppState, user: &AuthUser, call_id: Uuid, hold: &Hold) {
     match hold {
+        Hold::Card(pi) => {
+            // The call never existed: give the money back at once.
+            if let Err(e) = state
+                .stripe
+                .cancel_payment_intent(pi, &format!("release-{call_id}"))
+                .await
+            {
+                tracing::error!(call = %call_id, error = %e, "could not cancel a payment intent");
+            }
+        }
         Hold::Credits(_) => {
             let release = WalletCommand::Release {
                 hold_id: call_id.to_string(),
@@ -235,12 +246,36 @@ async fn request(
         (None, true) => Payment::Credits {
             credits: credits_for(max_price),
         },
-        (Some(_), false) => {
-            return Err(ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "card_payments_unavailable",
-                "card payments are not enabled on this server; pay with credits",
-            ))
+        (Some(pi), false) => {
+            let pi = pi.trim().to_string();
+            // The intent must be ours, authorised, and cover the call's maximum price.
+            let intent = state
+                .stripe
+                .retrieve_payment_intent(&pi)
+                .await
+                .map_err(|e| match e {
+                    crate::providers::stripe::StripeError::InvalidRequest { .. } => ApiError::new(
+                        StatusCode::PAYMENT_REQUIRED,
+                        "payment_intent_invalid",
+                        "no such payment intent",
+                    )
+                    .with_field("payment_intent_id"),
+                    other => super::billing::stripe_error(other),
+                })?;
+            if intent.status != "requires_capture" || intent.amount_capturable < max_price.0 {
+                return Err(ApiError::new(
+                    StatusCode::PAYMENT_REQUIRED,
+                    "payment_intent_insufficient",
+                    format!(
+                        "the payment intent is {} with {} cents capturable; the call can cost up to {} cents",
+                        intent.status, intent.amount_capturable, max_price.0
+                    ),
+                )
+                .with_field("payment_intent_id"));
+            }
+            Payment::Card {
+                payment_intent_id: pi,
+            }
         }
     };
 
@@ -336,11 +371,11 @@ async fn answer(
     let view = call_view(&state.pool, requested.call_id, user.id)
         .await?
         .ok_or_else(|| ApiError::unavailable("the call is being set up; look it up in a moment"))?;
-    let Hold::Credits(credits) = requested.hold;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "call": view, "hold": { "method": "credits", "credits": credits } })),
-    ))
+    let hold = match requested.hold {
+        Hold::Credits(credits) => json!({ "method": "credits", "credits": credits }),
+        Hold::Card(pi) => json!({ "method": "card", "payment_intent_id": pi, "amount_cents": view.max_price_cents }),
+    };
+    Ok((StatusCode::CREATED, axum::Json(json!({ "call": view, "hold": hold }))))
 }
 
 pub async fn trigger(

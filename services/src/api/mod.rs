@@ -2,11 +2,13 @@
 //! come from read models, after waiting (briefly) for the caller's own write to reach them.
 
 pub mod accounts;
+pub mod billing;
 pub mod budget;
 pub mod calls;
 pub mod contacts;
 pub mod openapi;
 pub mod personas;
+pub mod twilio;
 
 use axum::routing::{delete, get, post, put};
 use axum::Router;
@@ -43,6 +45,15 @@ pub fn routes() -> Router<AppState> {
         .route("/calls/{id}", get(calls::get_one))
         .route("/user/usage", get(calls::usage))
         .route("/user/budget", get(budget::get).put(budget::put))
+        .route("/user/billing", get(billing::billing))
+        .route("/user/payment-method", post(billing::attach))
+        .route("/user/payment-method/{id}", delete(billing::detach))
+        .route("/user/payment-method/{id}/default", put(billing::make_default))
+        .route("/user/create-payment-intent", post(billing::create_payment_intent))
+        .route("/user/credits", post(billing::buy_credits))
+        .route("/stripe/webhook", post(billing::webhook))
+        .route("/twilio/callback", post(twilio::status_callback))
+        .route("/twilio/answer", post(twilio::answer))
         .route("/openapi.json", get(openapi::document))
 }
 

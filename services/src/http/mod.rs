@@ -36,6 +36,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub projection_lag: LagBoard,
     pub elevenlabs: crate::providers::elevenlabs::ElevenLabs,
+    pub twilio: crate::providers::twilio::Twilio,
+    pub stripe: crate::providers::stripe::Stripe,
     pub clock: crate::clock::Clock,
 }
 

@@ -3,6 +3,7 @@
 //! is acknowledged only after its handler succeeded, and redelivered with backoff otherwise.
 
 pub mod contacts_cleanup;
+pub mod dialer;
 pub mod settlement;
 
 use std::future::Future;

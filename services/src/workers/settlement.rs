@@ -8,11 +8,12 @@ use cmb_domain::values::Cents;
 use cmb_domain::wallet::{Wallet, WalletCommand, CENTS_PER_CREDIT};
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
+use crate::providers::stripe::{Stripe, StripeError};
 use crate::store::EventStore;
 
 pub const NAME: &str = "settlement";
 
-pub async fn handle(store: EventStore, event: EventEnvelope) -> anyhow::Result<()> {
+pub async fn handle(store: EventStore, stripe: Stripe, event: EventEnvelope) -> anyhow::Result<()> {
     if event.event_type != "CallEnded" {
         return Ok(());
     }
@@ -124,4 +125,37 @@ async fn observe_budget(
             .map_err(|e| anyhow::anyhow!("observing spend: {e}"))?;
     }
     Ok(())
+}
+
+/// Captures exactly `price` (the rest of the authorisation is released by Stripe), or cancels
+/// the intent when the call cost nothing. The idempotency keys make a retry a replay.
+async fn settle_card(stripe: &Stripe, call_id: &str, pi: &str, price: i64) -> anyhow::Result<()> {
+    let result = if price > 0 {
+        stripe
+            .capture_payment_intent(pi, price, &format!("capture-{call_id}"))
+            .await
+    } else {
+        stripe
+            .cancel_payment_intent(pi, &format!("release-{call_id}"))
+            .await
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.retryable() => Err(anyhow::anyhow!("settling {pi}: {e}")),
+        Err(StripeError::InvalidRequest { message, .. }) => {
+            // Settled already (by an earlier delivery with another key, or by hand)?
+            let intent = stripe
+                .retrieve_payment_intent(pi)
+                .await
+                .map_err(|e| anyhow::anyhow!("checking {pi}: {e}"))?;
+            let done = (price > 0 && intent.status == "succeeded" && intent.amount_received == price)
+                || (price == 0 && intent.status == "canceled");
+            if done {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("settling {pi} refused: {message} (intent is {})", intent.status))
+            }
+        }
+        Err(e) => Err(anyhow::anyhow!("settling {pi}: {e}")),
+    }
 }
