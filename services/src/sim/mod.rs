@@ -4,6 +4,7 @@
 //! "Simulators" table for the variables).
 
 pub mod elevenlabs;
+pub mod twilio;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
