@@ -3,6 +3,7 @@
 
 pub mod elevenlabs;
 pub mod stripe;
+pub mod twilio;
 
 /// A provider call that did not give an answer we can use.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,18 @@ pub enum ProviderError {
         status: u16,
         detail: String,
     },
+}
+
+impl ProviderError {
+    /// Whether trying again later may succeed: the provider was unreachable (or timed out),
+    /// failed on its side (5xx) or asked us to slow down (429). Any other 4xx means the request
+    /// itself is wrong and will fail the same way again.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ProviderError::Unreachable { .. } => true,
+            ProviderError::Status { status, .. } => *status >= 500 || *status == 429,
+        }
+    }
 }
 
 /// One HTTP client for all providers: rustls, connection pooling, bounded timeouts.

@@ -5,6 +5,7 @@
 
 pub mod elevenlabs;
 pub mod stripe;
+pub mod twilio;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
