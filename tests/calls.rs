@@ -43,22 +43,26 @@ async fn credits(user: &Api) -> i64 {
         .unwrap()
 }
 
-/// Waits for the call to reach `status` and be settled (or just `status` if `settled` is false).
-async fn wait_for(user: &Api, id: &str, status: &str, settled: bool) -> Value {
+/// Waits (watching the read model, not the rate-limited API) for the call to reach `status`
+/// and be settled (or just `status` if `settled` is false); then answers what the API shows.
+async fn wait_for(pool: &sqlx::PgPool, user: &Api, id: &str, status: &str, settled: bool) -> Value {
     let reached = eventually(Duration::from_secs(20), || async {
-        let reply = user.get(&format!("/api/calls/{id}")).await;
-        let call = &reply.body["call"];
-        (call["status"] == status && (!settled || !call["charged_cents"].is_null()))
-            .then(|| reply.body.clone())
+        let row: Option<(String, Option<i64>)> =
+            sqlx::query_as("SELECT status, charged_cents FROM rm_calls WHERE id = $1::uuid")
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+        row.filter(|(s, charged)| s == status && (!settled || charged.is_some()))
     })
     .await;
-    match reached {
-        Some(v) => v,
-        None => panic!(
-            "call {id} never reached {status}: {:?}",
-            user.get(&format!("/api/calls/{id}")).await
-        ),
-    }
+    let reply = user.get(&format!("/api/calls/{id}")).await;
+    assert!(
+        reached.is_some(),
+        "call {id} never reached {status}: {reply:?}"
+    );
+    assert_eq!(reply.body["call"]["status"], status, "{reply:?}");
+    reply.body
 }
 
 #[tokio::test]
@@ -68,7 +72,11 @@ async fn a_call_paid_with_credits_rings_completes_and_is_charged_exactly_its_pri
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    assert!(eventually(Duration::from_secs(5), || async { (credits(&user).await == 100).then_some(()) }).await.is_some());
+    assert!(eventually(Duration::from_secs(5), || async {
+        (credits(&user).await == 100).then_some(())
+    })
+    .await
+    .is_some());
 
     let reply = user
         .post(
@@ -84,36 +92,57 @@ async fn a_call_paid_with_credits_rings_completes_and_is_charged_exactly_its_pri
     let id = reply.body["call"]["id"].as_str().unwrap().to_string();
 
     let second = user
-        .post("/api/call", json!({ "persona_id": "sarah_001", "use_credits": true }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "sarah_001", "use_credits": true }),
+        )
         .await;
     assert_eq!(second.status, 429, "one call at a time: {second:?}");
     assert_eq!(second.code(), "call_in_progress");
 
-    let done = wait_for(&user, &id, "completed", true).await;
+    let done = wait_for(&app.state.pool, &user, &id, "completed", true).await;
     let call = &done["call"];
     assert!(call["call_sid"].as_str().unwrap().starts_with("CA"));
     let secs = call["duration_secs"].as_i64().unwrap();
     assert!((1..=4).contains(&secs), "about 2 s answered: {secs}");
     assert_eq!(call["billed_minutes"], 1);
-    assert_eq!(call["cost_cents"], 65, "25¢ connection + one started minute at 40¢");
+    assert_eq!(
+        call["cost_cents"], 65,
+        "25¢ connection + one started minute at 40¢"
+    );
     assert_eq!(call["charged_cents"], 65);
     let balance = eventually(Duration::from_secs(5), || async {
         let c = credits(&user).await;
         (c == 87).then_some(c)
     })
     .await;
-    assert_eq!(balance, Some(87), "100 − 13 credits, the rest of the hold released");
+    assert_eq!(
+        balance,
+        Some(87),
+        "100 − 13 credits, the rest of the hold released"
+    );
 
     // The whole story, in order, with who did what.
     let timeline: Vec<(String, String)> = done["timeline"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["event_type"].as_str().unwrap().into(), e["actor"].as_str().unwrap().into()))
+        .map(|e| {
+            (
+                e["event_type"].as_str().unwrap().into(),
+                e["actor"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     let types: Vec<&str> = timeline.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(types.first(), Some(&"CallRequested"));
-    for expected in ["DialAttempted", "CallPlaced", "CallEnded", "CostRecorded", "CallSettled"] {
+    for expected in [
+        "DialAttempted",
+        "CallPlaced",
+        "CallEnded",
+        "CostRecorded",
+        "CallSettled",
+    ] {
         assert!(types.contains(&expected), "{expected} in {types:?}");
     }
     let actor = |t: &str| timeline.iter().find(|(e, _)| e == t).unwrap().1.clone();
@@ -144,7 +173,10 @@ async fn a_call_paid_with_credits_rings_completes_and_is_charged_exactly_its_pri
     assert_eq!(usage.body["total"]["spent_cents"], 65);
     assert_eq!(usage.body["monthly"].as_array().unwrap().len(), 2);
     let again = user
-        .post("/api/call", json!({ "persona_id": "sarah_001", "use_credits": true, "duration": 1 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "sarah_001", "use_credits": true, "duration": 1 }),
+        )
         .await;
     assert_eq!(again.status, 201, "{again:?}");
     app.stop().await;
@@ -172,7 +204,7 @@ async fn unanswered_busy_and_failed_calls_cost_nothing_and_release_the_hold() {
             .await;
         assert_eq!(reply.status, 201, "{reply:?}");
         let id = reply.body["call"]["id"].as_str().unwrap().to_string();
-        let done = wait_for(&user, &id, status, true).await;
+        let done = wait_for(&app.state.pool, &user, &id, status, true).await;
         assert_eq!(done["call"]["cost_cents"], 0);
         assert_eq!(done["call"]["charged_cents"], 0);
     }
@@ -194,28 +226,45 @@ async fn calls_need_enough_credits_and_valid_input() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 20).await;
     let poor = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true }),
+        )
         .await;
     assert_eq!(poor.status, 402, "5 minutes need 45 credits: {poor:?}");
     assert_eq!(poor.code(), "insufficient_credits");
+    // (Calls are limited to 5 a minute per user, bad ones included: another user checks input.)
+    let (checker, _) = api.register(PASSWORD).await;
     for (body, field) in [
-        (json!({ "persona_id": "brad_001", "use_credits": true, "duration": 31 }), "duration"),
-        (json!({ "persona_id": "brad_001", "use_credits": true, "phone_number": "555" }), "phone_number"),
+        (
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 31 }),
+            "duration",
+        ),
+        (
+            json!({ "persona_id": "brad_001", "use_credits": true, "phone_number": "555" }),
+            "phone_number",
+        ),
         (json!({ "persona_id": "brad_001" }), "payment_intent_id"),
         (json!({ "use_credits": true }), "persona_id"),
     ] {
-        let reply = user.post("/api/call", body).await;
+        let reply = checker.post("/api/call", body).await;
         assert_eq!(reply.status, 400, "{reply:?}");
         assert_eq!(reply.field(), field);
     }
-    let unknown = user
-        .post("/api/call", json!({ "persona_id": "nobody", "use_credits": true, "duration": 1 }))
+    let unknown = checker
+        .post(
+            "/api/call",
+            json!({ "persona_id": "nobody", "use_credits": true, "duration": 1 }),
+        )
         .await;
     assert_eq!(unknown.status, 404);
     // Nothing was dialled and nothing is held; the user can still call.
     assert_eq!(app.sims.twilio.as_ref().unwrap().calls().len(), 0);
     let ok = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
+        )
         .await;
     assert_eq!(ok.status, 201, "{ok:?}");
     // Someone else cannot see it.
@@ -235,47 +284,69 @@ async fn budgets_refuse_calls_before_any_hold_and_name_the_limit() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 500).await;
     let set = user
-        .put("/api/user/budget", json!({ "max_cost_per_call_cents": 200, "max_daily_spend_cents": 300 }))
+        .put(
+            "/api/user/budget",
+            json!({ "max_cost_per_call_cents": 200, "max_daily_spend_cents": 300 }),
+        )
         .await;
     assert_eq!(set.status, 200, "{set:?}");
     let pricey = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5 }),
+        )
         .await;
     assert_eq!(pricey.status, 402, "{pricey:?}");
     assert_eq!(pricey.code(), "budget_exceeded");
     assert_eq!(pricey.field(), "max_cost_per_call_cents");
     let ok = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }),
+        )
         .await;
     assert_eq!(ok.status, 201, "$1.85 is within both limits: {ok:?}");
     let id = ok.body["call"]["id"].as_str().unwrap().to_string();
-    wait_for(&user, &id, "completed", true).await;
+    wait_for(&app.state.pool, &user, &id, "completed", true).await;
     // 65¢ spent today; another $1.85 hold would make $2.50 — fine; a third would not.
     let second = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }),
+        )
         .await;
     assert_eq!(second.status, 201, "{second:?}");
     let id2 = second.body["call"]["id"].as_str().unwrap().to_string();
-    wait_for(&user, &id2, "completed", true).await;
+    wait_for(&app.state.pool, &user, &id2, "completed", true).await;
     let third = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }),
+        )
         .await;
     assert_eq!(third.status, 402, "{third:?}");
     assert_eq!(third.field(), "max_daily_spend_cents");
     // The day's spend (130¢ of 300¢) is under the 80 % alert; a bad setting is refused.
-    let bad = user.put("/api/user/budget", json!({ "warn_at_percent": 0 })).await;
+    let bad = user
+        .put("/api/user/budget", json!({ "warn_at_percent": 0 }))
+        .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.field(), "warn_at_percent");
     let budget = user.get("/api/user/budget").await;
     assert_eq!(budget.body["spent"]["today_cents"], 130, "{budget:?}");
-    let alert = user.put("/api/user/budget", json!({ "warn_at_percent": 40 })).await;
+    let alert = user
+        .put("/api/user/budget", json!({ "warn_at_percent": 40 }))
+        .await;
     assert_eq!(alert.status, 200);
     let third = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
+        )
         .await;
     assert_eq!(third.status, 201, "{third:?}");
     let id3 = third.body["call"]["id"].as_str().unwrap().to_string();
-    wait_for(&user, &id3, "completed", true).await;
+    wait_for(&app.state.pool, &user, &id3, "completed", true).await;
     let alerts: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_type = 'budget' AND event_type = 'BudgetAlertRaised'",
     )
@@ -288,7 +359,9 @@ async fn budgets_refuse_calls_before_any_hold_and_name_the_limit() {
 }
 
 fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc)
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap()
+        .with_timezone(&chrono::Utc)
 }
 
 async fn count_events(app: &Running, id: &str, event_type: &str) -> i64 {
@@ -320,14 +393,21 @@ async fn scheduled_calls_fire_once_at_the_local_time_across_a_dst_change_and_res
     assert_eq!(reply.status, 201, "{reply:?}");
     let call = &reply.body["call"];
     assert_eq!(call["status"], "scheduled");
-    assert_eq!(call["scheduled_for"], "2027-03-14T13:00:00Z", "09:00 EDT, not EST");
+    assert_eq!(
+        call["scheduled_for"], "2027-03-14T13:00:00Z",
+        "09:00 EDT, not EST"
+    );
     assert_eq!(call["timezone"], "America/New_York");
     let id = call["id"].as_str().unwrap().to_string();
 
     for (time, tz, field) in [
         ("2027-03-13T12:04:00Z", None, "scheduled_time"),
         ("2027-04-13T12:01:00Z", None, "scheduled_time"),
-        ("2027-03-14T02:30", Some("America/New_York"), "scheduled_time"),
+        (
+            "2027-03-14T02:30",
+            Some("America/New_York"),
+            "scheduled_time",
+        ),
         ("2027-03-14T09:00", Some("Mars/Olympus"), "timezone"),
     ] {
         let bad = schedule(time, tz).await;
@@ -335,7 +415,11 @@ async fn scheduled_calls_fire_once_at_the_local_time_across_a_dst_change_and_res
         assert_eq!(bad.field(), field);
     }
     let listed = user.get("/api/calls/scheduled").await;
-    assert_eq!(listed.body["calls"].as_array().unwrap().len(), 1, "{listed:?}");
+    assert_eq!(
+        listed.body["calls"].as_array().unwrap().len(),
+        1,
+        "{listed:?}"
+    );
 
     // A minute early: nothing happens.
     clock.set(at("2027-03-14T12:59:00Z"));
@@ -347,14 +431,18 @@ async fn scheduled_calls_fire_once_at_the_local_time_across_a_dst_change_and_res
     let clock = callmeback::clock::Clock::manual(at("2027-03-14T13:00:30Z"));
     let app = env.spawn_app_with(clock.clone()).await;
     let user = Api::new(app.addr).with_token(user.token.as_deref().unwrap());
-    wait_for(&user, &id, "completed", true).await;
+    wait_for(&app.state.pool, &user, &id, "completed", true).await;
     assert_eq!(app.sims.twilio.as_ref().unwrap().calls().len(), 1);
     app.stop().await;
     let app = env.spawn_app_with(clock).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(count_events(&app, &id, "ScheduledCallFired").await, 1);
     assert_eq!(count_events(&app, &id, "CallPlaced").await, 1);
-    assert_eq!(app.sims.twilio.as_ref().unwrap().calls().len(), 0, "nothing dialled again");
+    assert_eq!(
+        app.sims.twilio.as_ref().unwrap().calls().len(),
+        0,
+        "nothing dialled again"
+    );
     app.stop().await;
     env.cleanup().await;
 }
@@ -378,39 +466,72 @@ async fn cancelling_a_scheduled_call_releases_its_hold_unless_it_is_too_late() {
         assert_eq!(reply.status, 201, "{reply:?}");
         ids.push(reply.body["call"]["id"].as_str().unwrap().to_string());
     }
-    assert!(eventually(Duration::from_secs(5), || async { (credits(&user).await == 100).then_some(()) }).await.is_some());
+    assert!(eventually(Duration::from_secs(5), || async {
+        (credits(&user).await == 100).then_some(())
+    })
+    .await
+    .is_some());
     let me = user.get("/api/auth/me").await;
     assert_eq!(me.body["user"]["credits"], 100, "holds are not spent");
 
     let (other, _) = api.register(PASSWORD).await;
-    assert_eq!(other.delete(&format!("/api/calls/schedule/{}", ids[0])).await.status, 403);
+    assert_eq!(
+        other
+            .delete(&format!("/api/calls/schedule/{}", ids[0]))
+            .await
+            .status,
+        403
+    );
 
     clock.set(at("2027-01-10T10:56:00Z"));
-    let late = user.delete(&format!("/api/calls/schedule/{}", ids[0])).await;
+    let late = user
+        .delete(&format!("/api/calls/schedule/{}", ids[0]))
+        .await;
     assert_eq!(late.status, 400, "{late:?}");
     assert_eq!(late.code(), "too_late");
-    let ok = user.delete(&format!("/api/calls/schedule/{}", ids[1])).await;
+    let ok = user
+        .delete(&format!("/api/calls/schedule/{}", ids[1]))
+        .await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(ok.body["refund"]["credits_released"], 45);
-    let cancelled = wait_for(&user, &ids[1], "canceled", true).await;
+    let cancelled = wait_for(&app.state.pool, &user, &ids[1], "canceled", true).await;
     assert_eq!(cancelled["call"]["charged_cents"], 0);
     let listed = user.get("/api/calls/scheduled?status=cancelled").await;
     assert_eq!(listed.body["calls"].as_array().unwrap().len(), 1);
-    assert_eq!(user.delete(&format!("/api/calls/schedule/{}", ids[1])).await.status, 200, "idempotent");
-    let wallet: (i64, i64) = sqlx::query_as("SELECT balance, reserved FROM rm_wallets WHERE user_id = $1::uuid")
-        .bind(profile["id"].as_str().unwrap())
-        .fetch_one(&app.state.pool)
-        .await
-        .unwrap();
-    assert_eq!(wallet, (100, 45), "one hold released in full, the other still held");
+    assert_eq!(
+        user.delete(&format!("/api/calls/schedule/{}", ids[1]))
+            .await
+            .status,
+        200,
+        "idempotent"
+    );
+    let wallet: (i64, i64) =
+        sqlx::query_as("SELECT balance, reserved FROM rm_wallets WHERE user_id = $1::uuid")
+            .bind(profile["id"].as_str().unwrap())
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        wallet,
+        (100, 45),
+        "one hold released in full, the other still held"
+    );
     app.stop().await;
     env.cleanup().await;
 }
 
 /// Posts a Twilio status callback, signed with `token` (or not at all).
-async fn callback(api: &Api, call_id: &str, params: &[(&str, &str)], token: Option<&str>) -> common::Reply {
+async fn callback(
+    api: &Api,
+    call_id: &str,
+    params: &[(&str, &str)],
+    token: Option<&str>,
+) -> common::Reply {
     let path = format!("/api/twilio/callback?call_id={call_id}");
-    let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let params: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let mut req = api
         .request(reqwest::Method::POST, &path)
         .header("content-type", "application/x-www-form-urlencoded")
@@ -422,7 +543,11 @@ async fn callback(api: &Api, call_id: &str, params: &[(&str, &str)], token: Opti
                 .join("&"),
         );
     if let Some(token) = token {
-        let sig = callmeback::providers::twilio::signature(token, &format!("{}{path}", api.base), &params);
+        let sig = callmeback::providers::twilio::signature(
+            token,
+            &format!("{}{path}", api.base),
+            &params,
+        );
         req = req.header("x-twilio-signature", sig);
     }
     api.send(req).await
@@ -431,7 +556,9 @@ async fn callback(api: &Api, call_id: &str, params: &[(&str, &str)], token: Opti
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -446,17 +573,21 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let reply = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 3 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 3 }),
+        )
         .await;
     let id = reply.body["call"]["id"].as_str().unwrap().to_string();
-    let ringing = wait_for(&user, &id, "ringing", false).await;
+    let ringing = wait_for(&app.state.pool, &user, &id, "ringing", false).await;
     let sid = ringing["call"]["call_sid"].as_str().unwrap().to_string();
     let token = callmeback::config::DEV_TWILIO_AUTH_TOKEN;
-    let events_before = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE aggregate_id = $1")
-        .bind(&id)
-        .fetch_one(&app.state.pool)
-        .await
-        .unwrap();
+    let events_before =
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE aggregate_id = $1")
+            .bind(&id)
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
 
     let completed = [
         ("CallSid", sid.as_str()),
@@ -464,8 +595,18 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
         ("CallDuration", "61"),
         ("SequenceNumber", "3"),
     ];
-    assert_eq!(callback(&api, &id, &completed, None).await.status, 403, "unsigned");
-    assert_eq!(callback(&api, &id, &completed, Some("not-the-token")).await.status, 403, "forged");
+    assert_eq!(
+        callback(&api, &id, &completed, None).await.status,
+        403,
+        "unsigned"
+    );
+    assert_eq!(
+        callback(&api, &id, &completed, Some("not-the-token"))
+            .await
+            .status,
+        403,
+        "forged"
+    );
     let after: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
         .bind(&id)
         .fetch_one(&app.state.pool)
@@ -474,16 +615,35 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     assert_eq!(after, events_before, "refused callbacks record nothing");
 
     // Answer, then a late "ringing", then the same completion twice.
-    let answered = [("CallSid", sid.as_str()), ("CallStatus", "in-progress"), ("SequenceNumber", "2")];
-    assert_eq!(callback(&api, &id, &answered, Some(token)).await.status, 204);
-    let late = [("CallSid", sid.as_str()), ("CallStatus", "ringing"), ("SequenceNumber", "1")];
+    let answered = [
+        ("CallSid", sid.as_str()),
+        ("CallStatus", "in-progress"),
+        ("SequenceNumber", "2"),
+    ];
+    assert_eq!(
+        callback(&api, &id, &answered, Some(token)).await.status,
+        204
+    );
+    wait_for(&app.state.pool, &user, &id, "in-progress", false).await;
+    let changes = count_events(&app, &id, "CallStatusChanged").await;
+    let late = [
+        ("CallSid", sid.as_str()),
+        ("CallStatus", "ringing"),
+        ("SequenceNumber", "1"),
+    ];
     assert_eq!(callback(&api, &id, &late, Some(token)).await.status, 204);
-    let now = user.get(&format!("/api/calls/{id}")).await;
-    assert_eq!(now.body["call"]["status"], "in-progress", "never backwards");
+    assert_eq!(
+        count_events(&app, &id, "CallStatusChanged").await,
+        changes,
+        "never backwards"
+    );
     for _ in 0..2 {
-        assert_eq!(callback(&api, &id, &completed, Some(token)).await.status, 204);
+        assert_eq!(
+            callback(&api, &id, &completed, Some(token)).await.status,
+            204
+        );
     }
-    let done = wait_for(&user, &id, "completed", true).await;
+    let done = wait_for(&app.state.pool, &user, &id, "completed", true).await;
     assert_eq!(done["call"]["duration_secs"], 61);
     assert_eq!(done["call"]["cost_cents"], 105, "25¢ + 2 started minutes");
     assert_eq!(done["call"]["charged_cents"], 105);
@@ -498,7 +658,13 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     assert_eq!(settled, 1, "charged once");
     assert_eq!(credits(&user).await, 79);
     // A callback for a call that does not exist.
-    let stray = callback(&api, &uuid::Uuid::new_v4().to_string(), &completed, Some(token)).await;
+    let stray = callback(
+        &api,
+        &uuid::Uuid::new_v4().to_string(),
+        &completed,
+        Some(token),
+    )
+    .await;
     assert_eq!(stray.status, 404);
     app.stop().await;
     env.cleanup().await;
@@ -514,10 +680,13 @@ async fn the_simulators_duplicated_and_reordered_callbacks_settle_a_call_once() 
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let reply = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
+        )
         .await;
     let id = reply.body["call"]["id"].as_str().unwrap().to_string();
-    let done = wait_for(&user, &id, "completed", true).await;
+    let done = wait_for(&app.state.pool, &user, &id, "completed", true).await;
     assert_eq!(done["call"]["charged_cents"], 65);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(count_events(&app, &id, "CallEnded").await, 1);
@@ -544,7 +713,11 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     let url = callmeback::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks)
         .await
         .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let base = format!("http://127.0.0.1:{port}");
     let env = env()
         .set("TWILIO_BASE_URL", &url)
@@ -558,7 +731,11 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     let api = Api::new(format!("127.0.0.1:{port}").parse().unwrap());
     let up = || async {
         eventually(Duration::from_secs(20), || async {
-            reqwest::get(format!("{base}/healthz")).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+            reqwest::get(format!("{base}/healthz"))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
         })
         .await
         .expect("serve is up")
@@ -570,27 +747,42 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     store
         .execute::<Wallet>(
             profile["id"].as_str().unwrap(),
-            WalletCommand::Grant { credits: 100, reason: "test".into(), reference: "crash".into() },
+            WalletCommand::Grant {
+                credits: 100,
+                reason: "test".into(),
+                reference: "crash".into(),
+            },
             &CommandContext::for_request("test", Actor::System),
         )
         .await
         .unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { (credits(&user).await == 100).then_some(()) }).await.is_some());
-    let reply = user
-        .post("/api/call", json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
+    assert!(eventually(Duration::from_secs(5), || async {
+        (credits(&user).await == 100).then_some(())
+    })
+    .await
+    .is_some());
+    // The process may die before it answers: the dialer runs in it, and exits as soon as
+    // Twilio has accepted the call.
+    let _ = user
+        .request(reqwest::Method::POST, "/api/call")
+        .json(&json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
+        .send()
         .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
     let exit = tokio::time::timeout(Duration::from_secs(20), first.wait())
         .await
         .expect("the dialer exits after Twilio accepted the call")
         .unwrap();
     assert_eq!(exit.code(), Some(86));
     assert_eq!(sim.calls().len(), 1, "Twilio placed it");
+    let id: String =
+        sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'CallRequested'")
+            .fetch_one(&backbone.pool)
+            .await
+            .unwrap();
 
     let _second = env.spawn_process(&[]);
     up().await;
-    let done = wait_for(&user, &id, "completed", true).await;
+    let done = wait_for(&backbone.pool, &user, &id, "completed", true).await;
     assert_eq!(done["call"]["charged_cents"], 65);
     assert_eq!(sim.calls().len(), 1, "and nobody placed it again");
     let attempts: i64 = sqlx::query_scalar(

@@ -17,24 +17,54 @@ pub struct Card {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BillingCommand {
-    RecordCustomer { customer_id: String },
-    AttachCard { card: Card, make_default: bool },
-    DetachCard { payment_method_id: String },
-    SetDefault { payment_method_id: String },
+    RecordCustomer {
+        customer_id: String,
+    },
+    AttachCard {
+        card: Card,
+        make_default: bool,
+    },
+    DetachCard {
+        payment_method_id: String,
+    },
+    SetDefault {
+        payment_method_id: String,
+    },
     /// A PaymentIntent with manual capture, authorised for `amount_cents`.
-    RecordAuthorization { payment_intent_id: String, amount_cents: i64 },
+    RecordAuthorization {
+        payment_intent_id: String,
+        amount_cents: i64,
+    },
     /// Reserves an authorised intent for one call.
-    UseAuthorization { payment_intent_id: String, call_id: String, needed_cents: i64 },
+    UseAuthorization {
+        payment_intent_id: String,
+        call_id: String,
+        needed_cents: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BillingEvent {
-    StripeCustomerCreated { customer_id: String },
-    PaymentMethodAttached { card: Card },
-    PaymentMethodDetached { payment_method_id: String },
-    DefaultPaymentMethodSet { payment_method_id: String },
-    PaymentAuthorized { payment_intent_id: String, amount_cents: i64 },
-    PaymentAuthorizationUsed { payment_intent_id: String, call_id: String },
+    StripeCustomerCreated {
+        customer_id: String,
+    },
+    PaymentMethodAttached {
+        card: Card,
+    },
+    PaymentMethodDetached {
+        payment_method_id: String,
+    },
+    DefaultPaymentMethodSet {
+        payment_method_id: String,
+    },
+    PaymentAuthorized {
+        payment_intent_id: String,
+        amount_cents: i64,
+    },
+    PaymentAuthorizationUsed {
+        payment_intent_id: String,
+        call_id: String,
+    },
 }
 
 impl DomainEvent for BillingEvent {
@@ -111,7 +141,11 @@ impl Aggregate for Billing {
                 }
             }
             BillingCommand::DetachCard { payment_method_id } => {
-                if !self.cards.iter().any(|c| c.payment_method_id == payment_method_id) {
+                if !self
+                    .cards
+                    .iter()
+                    .any(|c| c.payment_method_id == payment_method_id)
+                {
                     return Err(BillingError::UnknownCard);
                 }
                 if self.default_card.as_deref() == Some(&payment_method_id) {
@@ -120,7 +154,11 @@ impl Aggregate for Billing {
                 events.push(BillingEvent::PaymentMethodDetached { payment_method_id });
             }
             BillingCommand::SetDefault { payment_method_id } => {
-                if !self.cards.iter().any(|c| c.payment_method_id == payment_method_id) {
+                if !self
+                    .cards
+                    .iter()
+                    .any(|c| c.payment_method_id == payment_method_id)
+                {
                     return Err(BillingError::UnknownCard);
                 }
                 if self.default_card.as_deref() != Some(&payment_method_id) {
@@ -178,9 +216,9 @@ impl Aggregate for Billing {
                 self.customer_id = Some(customer_id)
             }
             BillingEvent::PaymentMethodAttached { card } => self.cards.push(card),
-            BillingEvent::PaymentMethodDetached { payment_method_id } => {
-                self.cards.retain(|c| c.payment_method_id != payment_method_id)
-            }
+            BillingEvent::PaymentMethodDetached { payment_method_id } => self
+                .cards
+                .retain(|c| c.payment_method_id != payment_method_id),
             BillingEvent::DefaultPaymentMethodSet { payment_method_id } => {
                 self.default_card = Some(payment_method_id)
             }

@@ -187,11 +187,13 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let base_url = match (&t.base_url, t.simulated) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let mut settings = crate::sim::twilio::Settings::from_lookup(&|k| config.sim_var(k));
+                let mut settings =
+                    crate::sim::twilio::Settings::from_lookup(&|k| config.sim_var(k));
                 settings.account_sid = t.account_sid.clone();
                 settings.auth_token = t.auth_token.expose().to_string();
                 let sim = crate::sim::twilio::TwilioSim::new(settings);
-                let url = crate::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
+                let url =
+                    crate::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.twilio = Some(sim);
                 url
             }
@@ -210,17 +212,23 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let base_url = match (&st.base_url, st.simulated) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let mut settings = crate::sim::stripe::Settings::from_lookup(&|k| config.sim_var(k));
+                let mut settings =
+                    crate::sim::stripe::Settings::from_lookup(&|k| config.sim_var(k));
                 settings.webhook_secret = st.webhook_secret.expose().to_string();
                 let sim = crate::sim::stripe::StripeSim::new(settings);
                 sim.set_webhook_url(&format!("{}/api/stripe/webhook", config.public_base_url));
-                let url = crate::sim::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
+                let url =
+                    crate::sim::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.stripe = Some(sim);
                 url
             }
             (None, false) => crate::providers::stripe::DEFAULT_BASE_URL.to_string(),
         };
-        crate::providers::stripe::Stripe::new(http_client.clone(), &base_url, st.secret_key.expose())
+        crate::providers::stripe::Stripe::new(
+            http_client.clone(),
+            &base_url,
+            st.secret_key.expose(),
+        )
     };
 
     let worker = |name: &'static str, aggregate_type: &str| {

@@ -260,9 +260,10 @@ impl Config {
                 secret_key: Secret::new(
                     get("STRIPE_SECRET_KEY").unwrap_or_else(|| DEV_STRIPE_SECRET_KEY.into()),
                 ),
-                webhook_secret: Secret::new(get("STRIPE_WEBHOOK_SECRET").unwrap_or_else(|| {
-                    crate::sim::stripe::DEV_WEBHOOK_SECRET.into()
-                })),
+                webhook_secret: Secret::new(
+                    get("STRIPE_WEBHOOK_SECRET")
+                        .unwrap_or_else(|| crate::sim::stripe::DEV_WEBHOOK_SECRET.into()),
+                ),
                 base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
             public_base_url_explicit: get("PUBLIC_BASE_URL").is_some(),

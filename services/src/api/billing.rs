@@ -56,16 +56,24 @@ pub fn stripe_error(e: StripeError) -> ApiError {
 fn billing_rejected(e: BillingError) -> ApiError {
     match e {
         BillingError::UnknownCard => ApiError::not_found("payment method"),
-        BillingError::DefaultCard => {
-            ApiError::new(StatusCode::BAD_REQUEST, "default_payment_method", e.to_string())
-        }
-        BillingError::UnknownAuthorization => {
-            ApiError::new(StatusCode::PAYMENT_REQUIRED, "payment_intent_invalid", e.to_string())
-                .with_field("payment_intent_id")
-        }
+        BillingError::DefaultCard => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "default_payment_method",
+            e.to_string(),
+        ),
+        BillingError::UnknownAuthorization => ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "payment_intent_invalid",
+            e.to_string(),
+        )
+        .with_field("payment_intent_id"),
         BillingError::AuthorizationUsed | BillingError::AuthorizationTooSmall { .. } => {
-            ApiError::new(StatusCode::PAYMENT_REQUIRED, "payment_intent_insufficient", e.to_string())
-                .with_field("payment_intent_id")
+            ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "payment_intent_insufficient",
+                e.to_string(),
+            )
+            .with_field("payment_intent_id")
         }
     }
 }
@@ -101,11 +109,26 @@ async fn customer(state: &AppState, user: &AuthUser) -> ApiResult<String> {
     let email = me.email.map(|e| e.to_string()).unwrap_or_default();
     let created = state
         .stripe
-        .create_customer(&email, &me.name, &user.id.to_string(), &format!("customer-{}", user.id))
+        .create_customer(
+            &email,
+            &me.name,
+            &user.id.to_string(),
+            &format!("customer-{}", user.id),
+        )
         .await
         .map_err(stripe_error)?;
-    record(state, user, BillingCommand::RecordCustomer { customer_id: created.id.clone() }).await?;
-    Ok(load(state, user.id).await?.customer_id.unwrap_or(created.id))
+    record(
+        state,
+        user,
+        BillingCommand::RecordCustomer {
+            customer_id: created.id.clone(),
+        },
+    )
+    .await?;
+    Ok(load(state, user.id)
+        .await?
+        .customer_id
+        .unwrap_or(created.id))
 }
 
 fn card_json(card: &Card, default: Option<&str>) -> serde_json::Value {
@@ -119,7 +142,10 @@ fn card_json(card: &Card, default: Option<&str>) -> serde_json::Value {
     })
 }
 
-pub async fn billing(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
+pub async fn billing(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<impl IntoResponse> {
     ratelimit::check(&state.pool, ratelimit::USAGE, &format!("user:{}", user.id)).await?;
     let b = load(&state, user.id).await?;
     let (wallet, _) = state
@@ -152,10 +178,18 @@ pub async fn attach(
     user: AuthUser,
     Json(body): Json<AttachBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::PROFILE, &format!("user:{}", user.id)).await?;
+    ratelimit::check(
+        &state.pool,
+        ratelimit::PROFILE,
+        &format!("user:{}", user.id),
+    )
+    .await?;
     let pm = body.payment_method_id.trim();
     if !pm.starts_with("pm_") || pm.len() > 100 {
-        return Err(ApiError::validation("payment_method_id", "payment_method_id: a Stripe pm_… id"));
+        return Err(ApiError::validation(
+            "payment_method_id",
+            "payment_method_id: a Stripe pm_… id",
+        ));
     }
     let customer = customer(&state, &user).await?;
     let attached = state
@@ -178,9 +212,20 @@ pub async fn attach(
         exp_month: attached.exp_month,
         exp_year: attached.exp_year,
     };
-    record(&state, &user, BillingCommand::AttachCard { card: card.clone(), make_default }).await?;
+    record(
+        &state,
+        &user,
+        BillingCommand::AttachCard {
+            card: card.clone(),
+            make_default,
+        },
+    )
+    .await?;
     let b = load(&state, user.id).await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({ "payment_method": card_json(&card, b.default_card.as_deref()) }))))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "payment_method": card_json(&card, b.default_card.as_deref()) })),
+    ))
 }
 
 pub async fn detach(
@@ -188,7 +233,12 @@ pub async fn detach(
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::PROFILE, &format!("user:{}", user.id)).await?;
+    ratelimit::check(
+        &state.pool,
+        ratelimit::PROFILE,
+        &format!("user:{}", user.id),
+    )
+    .await?;
     let b = load(&state, user.id).await?;
     if !b.cards.iter().any(|c| c.payment_method_id == id) {
         return Err(ApiError::not_found("payment method"));
@@ -196,8 +246,19 @@ pub async fn detach(
     if b.default_card.as_deref() == Some(id.as_str()) {
         return Err(billing_rejected(BillingError::DefaultCard));
     }
-    state.stripe.detach_payment_method(&id).await.map_err(stripe_error)?;
-    record(&state, &user, BillingCommand::DetachCard { payment_method_id: id }).await?;
+    state
+        .stripe
+        .detach_payment_method(&id)
+        .await
+        .map_err(stripe_error)?;
+    record(
+        &state,
+        &user,
+        BillingCommand::DetachCard {
+            payment_method_id: id,
+        },
+    )
+    .await?;
     Ok(axum::Json(json!({ "message": "payment method removed" })))
 }
 
@@ -206,9 +267,17 @@ pub async fn make_default(
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::PROFILE, &format!("user:{}", user.id)).await?;
+    ratelimit::check(
+        &state.pool,
+        ratelimit::PROFILE,
+        &format!("user:{}", user.id),
+    )
+    .await?;
     let b = load(&state, user.id).await?;
-    let customer = b.customer_id.clone().ok_or_else(|| ApiError::not_found("payment method"))?;
+    let customer = b
+        .customer_id
+        .clone()
+        .ok_or_else(|| ApiError::not_found("payment method"))?;
     if !b.cards.iter().any(|c| c.payment_method_id == id) {
         return Err(ApiError::not_found("payment method"));
     }
@@ -217,7 +286,14 @@ pub async fn make_default(
         .set_default_payment_method(&customer, &id)
         .await
         .map_err(stripe_error)?;
-    record(&state, &user, BillingCommand::SetDefault { payment_method_id: id.clone() }).await?;
+    record(
+        &state,
+        &user,
+        BillingCommand::SetDefault {
+            payment_method_id: id.clone(),
+        },
+    )
+    .await?;
     Ok(axum::Json(json!({ "default_payment_method": id })))
 }
 
@@ -246,7 +322,12 @@ pub async fn create_payment_intent(
     user: AuthUser,
     Json(body): Json<IntentBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::PROFILE, &format!("user:{}", user.id)).await?;
+    ratelimit::check(
+        &state.pool,
+        ratelimit::PROFILE,
+        &format!("user:{}", user.id),
+    )
+    .await?;
     let minutes = body.estimated_duration;
     if !(MIN_MINUTES..=MAX_MINUTES).contains(&minutes) {
         return Err(ApiError::validation(
@@ -294,7 +375,10 @@ pub async fn create_payment_intent(
     record(
         &state,
         &user,
-        BillingCommand::RecordAuthorization { payment_intent_id: intent.id.clone(), amount_cents: intent.amount },
+        BillingCommand::RecordAuthorization {
+            payment_intent_id: intent.id.clone(),
+            amount_cents: intent.amount,
+        },
     )
     .await?;
     Ok((
@@ -321,7 +405,12 @@ pub async fn buy_credits(
     user: AuthUser,
     Json(body): Json<CreditsBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::PROFILE, &format!("user:{}", user.id)).await?;
+    ratelimit::check(
+        &state.pool,
+        ratelimit::PROFILE,
+        &format!("user:{}", user.id),
+    )
+    .await?;
     if !PACKS.contains(&body.credits) {
         return Err(ApiError::validation(
             "credits",
@@ -379,7 +468,9 @@ pub async fn buy_credits(
         .map_err(|e| store_error(e, ApiError::internal))?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "payment_intent_id": intent.id, "amount": amount, "credits": body.credits, "balance": wallet.balance })),
+        axum::Json(
+            json!({ "payment_intent_id": intent.id, "amount": amount, "credits": body.credits, "balance": wallet.balance }),
+        ),
     ))
 }
 
@@ -426,10 +517,17 @@ pub async fn webhook(
         "payment_intent": object.get("payment_intent"),
         "metadata": object.get("metadata"),
     });
-    let ctx = CommandContext::for_request(crate::http::request_id(&headers), Actor::Webhook("stripe".into()));
+    let ctx = CommandContext::for_request(
+        crate::http::request_id(&headers),
+        Actor::Webhook("stripe".into()),
+    );
     let command = RecordStripeEvent {
         kind: event.kind.clone(),
-        object_id: object.get("id").and_then(|v| v.as_str()).unwrap_or("").to_string(),
+        object_id: object
+            .get("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string(),
         created: event.created,
         summary,
     };
@@ -438,5 +536,7 @@ pub async fn webhook(
         .execute::<StripeEvent>(&event.id, command, &ctx)
         .await
         .map_err(|e| store_error(e, |e| match e {}))?;
-    Ok(axum::Json(json!({ "received": true, "recorded": committed.events > 0 })))
+    Ok(axum::Json(
+        json!({ "received": true, "recorded": committed.events > 0 }),
+    ))
 }

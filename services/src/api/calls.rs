@@ -324,11 +324,22 @@ async fn request(
             }
             Hold::Credits(*credits)
         }
-        Payment::Card { .. } => {
-            release_active(&state.pool, call_id).await;
-            return Err(ApiError::internal(
-                "card holds are refused before this point",
-            ));
+        Payment::Card { payment_intent_id } => {
+            let used = super::billing::record(
+                state,
+                user,
+                cmb_domain::billing::BillingCommand::UseAuthorization {
+                    payment_intent_id: payment_intent_id.clone(),
+                    call_id: call_id.to_string(),
+                    needed_cents: max_price.0,
+                },
+            )
+            .await;
+            if let Err(e) = used {
+                release_active(&state.pool, call_id).await;
+                return Err(e);
+            }
+            Hold::Card(payment_intent_id.clone())
         }
     };
     let (scheduled_for, timezone) = match scheduled {
@@ -373,9 +384,14 @@ async fn answer(
         .ok_or_else(|| ApiError::unavailable("the call is being set up; look it up in a moment"))?;
     let hold = match requested.hold {
         Hold::Credits(credits) => json!({ "method": "credits", "credits": credits }),
-        Hold::Card(pi) => json!({ "method": "card", "payment_intent_id": pi, "amount_cents": view.max_price_cents }),
+        Hold::Card(pi) => {
+            json!({ "method": "card", "payment_intent_id": pi, "amount_cents": view.max_price_cents })
+        }
     };
-    Ok((StatusCode::CREATED, axum::Json(json!({ "call": view, "hold": hold }))))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "call": view, "hold": hold })),
+    ))
 }
 
 pub async fn trigger(

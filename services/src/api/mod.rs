@@ -48,8 +48,14 @@ pub fn routes() -> Router<AppState> {
         .route("/user/billing", get(billing::billing))
         .route("/user/payment-method", post(billing::attach))
         .route("/user/payment-method/{id}", delete(billing::detach))
-        .route("/user/payment-method/{id}/default", put(billing::make_default))
-        .route("/user/create-payment-intent", post(billing::create_payment_intent))
+        .route(
+            "/user/payment-method/{id}/default",
+            put(billing::make_default),
+        )
+        .route(
+            "/user/create-payment-intent",
+            post(billing::create_payment_intent),
+        )
         .route("/user/credits", post(billing::buy_credits))
         .route("/stripe/webhook", post(billing::webhook))
         .route("/twilio/callback", post(twilio::status_callback))

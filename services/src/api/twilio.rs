@@ -53,8 +53,16 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// The call a webhook is about: our id from the URL, or the CallSid.
-async fn call_id(state: &AppState, query: &CallRef, params: &[(String, String)]) -> ApiResult<String> {
-    if let Some(id) = query.call_id.as_deref().and_then(|id| Uuid::parse_str(id).ok()) {
+async fn call_id(
+    state: &AppState,
+    query: &CallRef,
+    params: &[(String, String)],
+) -> ApiResult<String> {
+    if let Some(id) = query
+        .call_id
+        .as_deref()
+        .and_then(|id| Uuid::parse_str(id).ok())
+    {
         return Ok(id.to_string());
     }
     let sid = param(params, "CallSid").unwrap_or("");
@@ -79,8 +87,9 @@ pub async fn status_callback(
         .ok_or_else(|| ApiError::validation("CallSid", "CallSid: missing"))?
         .to_string();
     let raw_status = param(&params, "CallStatus").unwrap_or("");
-    let status = Status::from_twilio(raw_status)
-        .ok_or_else(|| ApiError::validation("CallStatus", format!("CallStatus: unknown {raw_status:?}")))?;
+    let status = Status::from_twilio(raw_status).ok_or_else(|| {
+        ApiError::validation("CallStatus", format!("CallStatus: unknown {raw_status:?}"))
+    })?;
     let sequence = param(&params, "SequenceNumber").and_then(|s| s.parse().ok());
     let duration_secs = param(&params, "CallDuration").and_then(|s| s.parse().ok());
     let at = param(&params, "Timestamp")
@@ -143,10 +152,12 @@ pub async fn answer(
             .fetch_optional(&state.pool)
             .await?;
     let greeting: Option<String> = match persona_id {
-        Some(p) => sqlx::query_scalar("SELECT greeting FROM rm_personas WHERE id = $1")
-            .bind(p)
-            .fetch_optional(&state.pool)
-            .await?,
+        Some(p) => {
+            sqlx::query_scalar("SELECT greeting FROM rm_personas WHERE id = $1")
+                .bind(p)
+                .fetch_optional(&state.pool)
+                .await?
+        }
         None => None,
     };
     let greeting = greeting.unwrap_or_else(|| "Hi, it's Call Me Back.".into());

@@ -58,7 +58,10 @@ impl Dialer {
             .ok_or_else(|| anyhow::anyhow!("call {id} has no phone"))?;
 
         if call.dial_attempts > 0 {
-            if let Some(sid) = self.find_earlier_attempt(&id, &call, phone.as_str()).await? {
+            if let Some(sid) = self
+                .find_earlier_attempt(&id, &call, phone.as_str())
+                .await?
+            {
                 tracing::info!(call = %id, %sid, "found the call placed before a crash");
                 self.record(&id, CallCommand::RecordPlaced { call_sid: sid }, &ctx)
                     .await?;
@@ -85,8 +88,14 @@ impl Dialer {
                 tracing::info!(call = %id, sid = %placed.sid, to = %phone.masked(), "call placed");
                 metrics::counter!("cmb_calls_placed_total").increment(1);
                 // The initiated callback may have recorded it already: same SID, no change.
-                self.record(&id, CallCommand::RecordPlaced { call_sid: placed.sid }, &ctx)
-                    .await
+                self.record(
+                    &id,
+                    CallCommand::RecordPlaced {
+                        call_sid: placed.sid,
+                    },
+                    &ctx,
+                )
+                .await
             }
             Err(e) => {
                 let give_up = !e.retryable() || attempt >= MAX_DIAL_ATTEMPTS;
@@ -118,7 +127,12 @@ impl Dialer {
             .map_err(|e| anyhow::anyhow!("loading call {id}: {e}"))
     }
 
-    async fn record(&self, id: &str, command: CallCommand, ctx: &CommandContext) -> anyhow::Result<()> {
+    async fn record(
+        &self,
+        id: &str,
+        command: CallCommand,
+        ctx: &CommandContext,
+    ) -> anyhow::Result<()> {
         self.store
             .execute::<Call>(id, command, ctx)
             .await

@@ -48,9 +48,8 @@ pub async fn handle(store: EventStore, stripe: Stripe, event: EventEnvelope) -> 
                 (used * CENTS_PER_CREDIT, (credits - used) * CENTS_PER_CREDIT)
             }
             Payment::Card { payment_intent_id } => {
-                anyhow::bail!(
-                    "card payment {payment_intent_id} cannot be settled: no Stripe client"
-                );
+                settle_card(&stripe, &call_id, &payment_intent_id, price).await?;
+                (price, call.max_price_cents - price)
             }
         };
         store
@@ -148,12 +147,16 @@ async fn settle_card(stripe: &Stripe, call_id: &str, pi: &str, price: i64) -> an
                 .retrieve_payment_intent(pi)
                 .await
                 .map_err(|e| anyhow::anyhow!("checking {pi}: {e}"))?;
-            let done = (price > 0 && intent.status == "succeeded" && intent.amount_received == price)
-                || (price == 0 && intent.status == "canceled");
+            let done =
+                (price > 0 && intent.status == "succeeded" && intent.amount_received == price)
+                    || (price == 0 && intent.status == "canceled");
             if done {
                 Ok(())
             } else {
-                Err(anyhow::anyhow!("settling {pi} refused: {message} (intent is {})", intent.status))
+                Err(anyhow::anyhow!(
+                    "settling {pi} refused: {message} (intent is {})",
+                    intent.status
+                ))
             }
         }
         Err(e) => Err(anyhow::anyhow!("settling {pi}: {e}")),
