@@ -15,7 +15,7 @@ mod media;
 #[cfg(test)]
 mod tests;
 
-pub use media::{caller_audio, CallerScript, FRAME_BYTES};
+pub use media::{caller_audio, linear_to_mulaw, mulaw_to_linear, CallerScript, FRAME_BYTES};
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -378,16 +378,12 @@ impl TwilioSim {
     }
 
     /// Basic auth and the account in the path, as Twilio checks them.
-    fn check_account(&self, account: &str, headers: &HeaderMap) -> Result<(), Response> {
+    fn check_account(&self, account: &str, headers: &HeaderMap) -> Result<(), Refusal> {
         if !self.authorized(headers) {
-            return Err(twilio_error(
-                StatusCode::UNAUTHORIZED,
-                20003,
-                "Authenticate",
-            ));
+            return Err(refusal(StatusCode::UNAUTHORIZED, 20003, "Authenticate"));
         }
         if account != self.inner.settings.account_sid {
-            return Err(twilio_error(
+            return Err(refusal(
                 StatusCode::NOT_FOUND,
                 20404,
                 "The requested resource was not found",
@@ -445,18 +441,39 @@ fn rfc2822(at: DateTime<Utc>) -> String {
     at.format("%a, %d %b %Y %H:%M:%S +0000").to_string()
 }
 
-/// Twilio's error body.
-fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
-    (
+/// A refusal in Twilio's error body: `{"code","message","more_info","status"}`.
+struct Refusal {
+    status: StatusCode,
+    code: u32,
+    message: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let code = self.code;
+        (
+            self.status,
+            Json(json!({
+                "code": code,
+                "message": self.message,
+                "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+                "status": self.status.as_u16(),
+            })),
+        )
+            .into_response()
+    }
+}
+
+fn refusal(status: StatusCode, code: u32, message: &str) -> Refusal {
+    Refusal {
         status,
-        Json(json!({
-            "code": code,
-            "message": message,
-            "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
-            "status": status.as_u16(),
-        })),
-    )
-        .into_response()
+        code,
+        message: message.to_string(),
+    }
+}
+
+fn twilio_error(status: StatusCode, code: u32, message: &str) -> Response {
+    refusal(status, code, message).into_response()
 }
 
 /// A form-encoded body as pairs, repeated keys kept (`StatusCallbackEvent` repeats).
@@ -495,7 +512,7 @@ async fn create_call(
         );
     }
     if let Err(refused) = sim.check_account(&account, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let form = parse_form(&body);
     let Some(to) = param(&form, "To") else {
@@ -600,7 +617,7 @@ async fn fetch_call(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = sim.check_account(&account, &headers) {
-        return refused;
+        return refused.into_response();
     }
     match call_sid(&call).and_then(|sid| sim.call(sid)) {
         Some(call) => Json(sim.resource(&call)).into_response(),
@@ -626,7 +643,7 @@ async fn update_call(
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(refused) = sim.check_account(&account, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let Some(sid) = call_sid(&call) else {
         return not_found();
@@ -668,16 +685,16 @@ async fn list_calls(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
     if let Err(refused) = sim.check_account(&account, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let query = query.map(|Query(q)| q).unwrap_or_default();
-    let day = |name: &str| -> Result<Option<chrono::NaiveDate>, Response> {
+    let day = |name: &str| -> Result<Option<chrono::NaiveDate>, Refusal> {
         match param(&query, name) {
             None => Ok(None),
             Some(v) => chrono::NaiveDate::parse_from_str(v.trim(), "%Y-%m-%d")
                 .map(Some)
                 .map_err(|_| {
-                    twilio_error(
+                    refusal(
                         StatusCode::BAD_REQUEST,
                         20001,
                         &format!("{name} must be YYYY-MM-DD"),
@@ -687,7 +704,7 @@ async fn list_calls(
     };
     let (after, before, on) = match (day("StartTime>="), day("StartTime<="), day("StartTime")) {
         (Ok(a), Ok(b), Ok(o)) => (a, b, o),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e,
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return e.into_response(),
     };
     let to = param(&query, "To");
     let from = param(&query, "From");
@@ -931,6 +948,10 @@ async fn converse(
             None => return true,
         },
     };
+    if hang_up.is_cancelled() {
+        // Hung up while we were fetching the TwiML: nothing left to run.
+        return false;
+    }
     let stream = media::parse_stream(&twiml);
     let Some(stream) = stream else {
         tokio::select! {

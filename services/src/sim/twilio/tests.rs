@@ -681,3 +681,67 @@ fn settings_from_variables() {
     let bad = Settings::from_lookup(&|k| (k == "SIM_TWILIO_OUTCOME").then(|| "maybe".to_string()));
     assert_eq!(bad.outcome, Outcome::Answer);
 }
+
+#[tokio::test]
+async fn clear_drops_queued_audio_and_echoes_pending_marks_at_once() {
+    let mut settings = settings();
+    settings.call_length = Duration::from_millis(1500);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/", listener.local_addr().unwrap());
+    let echo_delay = Arc::new(Mutex::new(None::<Duration>));
+    let recorded = echo_delay.clone();
+    let server = Router::new().route(
+        "/",
+        get(move |ws: WebSocketUpgrade| {
+            let recorded = recorded.clone();
+            async move {
+                ws.on_upgrade(move |mut socket| async move {
+                    let mut cleared_at = None;
+                    while let Some(Ok(WsMessage::Text(text))) = socket.recv().await {
+                        let value: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+                        let sid = value["streamSid"].as_str().unwrap_or_default().to_string();
+                        match value["event"].as_str() {
+                            Some("start") => {
+                                // Five seconds of audio, a mark behind it, then barge-in.
+                                let audio = BASE64.encode([0xFFu8; 40_000]);
+                                for message in [
+                                    json!({"event": "media", "streamSid": sid, "media": {"payload": audio}}),
+                                    json!({"event": "mark", "streamSid": sid, "mark": {"name": "late"}}),
+                                    json!({"event": "clear", "streamSid": sid}),
+                                    json!({"event": "clear", "streamSid": "MZwrong"}),
+                                ] {
+                                    let _ = socket.send(WsMessage::Text(message.to_string().into())).await;
+                                }
+                                cleared_at = Some(Instant::now());
+                            }
+                            Some("mark") => {
+                                *recorded.lock().unwrap() = cleared_at.map(|at| at.elapsed());
+                            }
+                            Some("stop") => break,
+                            _ => {}
+                        }
+                    }
+                })
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, server).await });
+    let env = start(settings, move |_| {
+        format!(r#"<Response><Connect><Stream url="{ws_url}"/></Connect></Response>"#)
+    })
+    .await;
+    let created = env
+        .client
+        .create_call(&env.call("+15551234567"))
+        .await
+        .unwrap();
+    env.wait_for_callbacks(4).await;
+    let delay = echo_delay.lock().unwrap().expect("mark echoed");
+    assert!(delay < Duration::from_millis(500), "{delay:?}");
+    let call = env.sim.call(&created.sid).unwrap();
+    assert_eq!(call.frames_received, 1);
+    assert_eq!(call.marks_received, 1);
+    assert_eq!(call.marks_echoed, 1);
+    assert_eq!(call.clears_received, 1);
+    assert_eq!(call.invalid_messages, 1);
+}
