@@ -93,7 +93,10 @@ impl Projection for Calls {
             CallEvent::ScheduledCallFired { .. } => {
                 set_status(db, id, Status::Initiated.as_str(), e).await?;
             }
-            CallEvent::CallCancelled { .. } | CallEvent::DialFailed { .. } => {}
+            CallEvent::CallCancelled { .. }
+            | CallEvent::DialFailed { .. }
+            | CallEvent::TurnCompleted { .. }
+            | CallEvent::VoiceSessionEnded { .. } => {}
             CallEvent::DialAttempted { attempt, .. } => {
                 sqlx::query(
                     "UPDATE rm_calls SET dial_attempts = $2, updated_at = $3 WHERE id = $1",

@@ -19,6 +19,9 @@ use crate::store::EventStore;
 pub struct Simulators {
     pub twilio: Option<crate::sim::twilio::TwilioSim>,
     pub stripe: Option<crate::sim::stripe::StripeSim>,
+    pub deepgram: Option<crate::sim::deepgram::DeepgramSim>,
+    pub cerebras: Option<crate::sim::llm::LlmSim>,
+    pub openai: Option<crate::sim::llm::LlmSim>,
 }
 
 /// A running service.
@@ -231,6 +234,102 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         )
     };
 
+    let deepgram = {
+        let p = &config.deepgram;
+        let base_url = match (&p.base_url, p.simulated()) {
+            (Some(url), _) => url.clone(),
+            (None, true) => {
+                let settings = crate::sim::deepgram::Settings::from_lookup(&|k| config.sim_var(k));
+                let sim = crate::sim::deepgram::DeepgramSim::new(settings);
+                let url = crate::sim::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
+                sims.deepgram = Some(sim);
+                url
+            }
+            (None, false) => crate::providers::deepgram::DEFAULT_BASE_URL.to_string(),
+        };
+        let key = p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_else(|| "simulator".into());
+        crate::providers::deepgram::Deepgram::new(&base_url, &key)
+    };
+    let mut llm_sim = |name: &'static str, p: &crate::config::Provider| {
+        let sim = crate::sim::llm::LlmSim::new(crate::sim::llm::Settings::from_lookup(name, &|k| config.sim_var(k)));
+        let key = p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_else(|| "simulator".into());
+        (sim, key)
+    };
+    let cerebras = {
+        let p = config.cerebras.clone();
+        let (base_url, key) = match (&p.base_url, p.simulated()) {
+            (Some(url), _) => (url.clone(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+            (None, true) => {
+                let (sim, key) = llm_sim("CEREBRAS", &p);
+                let url = crate::sim::serve("cerebras", sim.router(), shutdown.clone(), &tasks).await?;
+                sims.cerebras = Some(sim);
+                (url, key)
+            }
+            (None, false) => (crate::providers::llm::CEREBRAS_BASE_URL.to_string(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+        };
+        crate::providers::llm::Llm::cerebras(http_client.clone(), &base_url, &key, &config.cerebras_model)
+    };
+    let openai = {
+        let p = config.openai.clone();
+        let (base_url, key) = match (&p.base_url, p.simulated()) {
+            (Some(url), _) => (url.clone(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+            (None, true) => {
+                let (sim, key) = llm_sim("OPENAI", &p);
+                let url = crate::sim::serve("openai", sim.router(), shutdown.clone(), &tasks).await?;
+                sims.openai = Some(sim);
+                (format!("{url}/v1"), key)
+            }
+            (None, false) => (crate::providers::llm::OPENAI_BASE_URL.to_string(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+        };
+        crate::providers::llm::Llm::openai(http_client.clone(), &base_url, &key, &config.openai_model)
+    };
+    let voice = Arc::new(crate::voice::Voice {
+        store: store.clone(),
+        deepgram,
+        llm: cerebras,
+        fallback: Some(openai),
+        elevenlabs: elevenlabs.clone(),
+        twilio: twilio.clone(),
+        clock: clock.clone(),
+        settings: crate::voice::VoiceSettings {
+            tts_model: config.elevenlabs_model.clone(),
+            first_token_timeout: config.llm_first_token_timeout,
+            max_reply_tokens: 150,
+            warning_before_end: std::time::Duration::from_secs(60),
+        },
+        tts_cache: Default::default(),
+        pacing: Default::default(),
+    });
+    // Greetings of the system personas are ready before anyone calls.
+    {
+        let voice = voice.clone();
+        tasks.spawn(async move {
+            for p in cmb_domain::persona::system::system_personas() {
+                if let Err(e) = voice.phrase(&p.draft.voice_id, &p.draft.greeting).await {
+                    tracing::warn!(persona = p.id, error = %e, "greeting pre-synthesis failed");
+                }
+            }
+        });
+    }
+    // Transcripts older than the retention period are deleted, hourly, by every instance
+    // (deleting twice is harmless).
+    {
+        let pool = pool.clone();
+        let days = config.transcript_retention_days;
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                if let Err(e) = crate::voice::purge_transcripts(&pool, days).await {
+                    tracing::warn!(error = %e, "transcript retention failed");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                }
+            }
+        });
+    }
+
     let worker = |name: &'static str, aggregate_type: &str| {
         let mut spec = cmb_nats::consume::DurableSpec::of_type(
             &config.stream,
@@ -302,6 +401,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         elevenlabs,
         twilio,
         stripe,
+        voice,
         clock: clock.clone(),
     };
     let router = http::router(state.clone());

@@ -1,5 +1,6 @@
 //! The command line: `serve`, `migrate`, `events verify`, `projections rebuild`, `bench …`.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,13 @@ enum Command {
     /// Create (idempotently) the system personas and a demo user with 100 credits; print its
     /// sign-in.
     Seed,
+    /// Analysts: read the event log (JetStream or Postgres), print it or reconcile costs.
+    Replay {
+        #[command(flatten)]
+        range: ReplayRange,
+        #[command(subcommand)]
+        command: ReplayCommand,
+    },
     /// Operate on the event log.
     Events {
         #[command(subcommand)]
@@ -50,6 +58,53 @@ enum EventsCommand {
         /// Only report; republish nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ReplayRange {
+    /// Where to read: `nats` (the JetStream stream, with an ordered consumer) or `postgres`.
+    #[arg(long, default_value = "nats", global = true)]
+    source: String,
+    /// From this time (ISO 8601) or date (YYYY-MM-DD, UTC), inclusive.
+    #[arg(long, global = true)]
+    from: Option<String>,
+    /// Up to this time or date (a date means its whole day), exclusive.
+    #[arg(long, global = true)]
+    to: Option<String>,
+    /// Start at this stream sequence (NATS only).
+    #[arg(long, global = true)]
+    since_seq: Option<u64>,
+    /// Only this aggregate type (call, wallet, user, …).
+    #[arg(long = "type", global = true)]
+    aggregate_type: Option<String>,
+    /// Only this user's events (and their calls').
+    #[arg(long, global = true)]
+    user: Option<uuid::Uuid>,
+    /// Only this call's events.
+    #[arg(long, global = true)]
+    call: Option<uuid::Uuid>,
+    /// table (default on a terminal), csv or json.
+    #[arg(long, global = true)]
+    format: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReplayCommand {
+    /// Print the events as JSON lines.
+    Events,
+    /// Revenue, cost and margin per call, user, provider and day, with anomalies; with
+    /// `--billed`, differences from what providers billed.
+    Reconcile {
+        /// Draw cost (stacked by provider) and revenue per day into this SVG file.
+        #[arg(long)]
+        chart: Option<std::path::PathBuf>,
+        /// Providers' bills: the generic CSV or Twilio's call export.
+        #[arg(long, num_args = 1..)]
+        billed: Vec<std::path::PathBuf>,
+        /// Differences larger than this many cents are listed.
+        #[arg(long, default_value_t = 1)]
+        threshold: i64,
     },
 }
 
@@ -122,6 +177,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Replay { range, command } => replay(config, range, command).await,
         Command::Migrate => {
             let pool = crate::db::connect(&config.database_url, 2).await?;
             crate::db::migrate(&pool).await?;
@@ -219,4 +275,131 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn parse_time(field: &str, raw: &str, end: bool) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let day = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+        .map_err(|_| anyhow::anyhow!("--{field}: expected YYYY-MM-DD or an ISO 8601 time, got {raw:?}"))?;
+    let day = if end { day.succ_opt().unwrap_or(day) } else { day };
+    Ok(day.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
+}
+
+async fn replay(config: Config, range: ReplayRange, command: ReplayCommand) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let from = range.from.as_deref().map(|f| parse_time("from", f, false)).transpose()?;
+    let to = range.to.as_deref().map(|t| parse_time("to", t, true)).transpose()?;
+    let format = range.format.clone().unwrap_or_else(|| {
+        if std::io::stdout().is_terminal() { "table".into() } else { "json".into() }
+    });
+    if !["table", "csv", "json"].contains(&format.as_str()) {
+        anyhow::bail!("--format: table, csv or json");
+    }
+    let filter = crate::replay::Filter {
+        aggregate_type: range.aggregate_type.clone(),
+        user: range.user,
+        call: range.call,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let b = crate::app::backbone(&config, 4).await?;
+    let mut progress = crate::projector::Progress::new("replay", 0)
+        .force(std::io::stderr().is_terminal() && format != "json");
+    let reader = match range.source.as_str() {
+        "postgres" => {
+            let pool = b.pool.clone();
+            tokio::spawn(async move { crate::replay::from_postgres(&pool, tx, from, to).await })
+        }
+        "nats" => {
+            let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            progress = crate::projector::Progress::new("replay", until)
+                .force(std::io::stderr().is_terminal() && format != "json");
+            let start = match (range.since_seq, from) {
+                (Some(seq), _) => cmb_nats::replay::Start::Sequence(seq),
+                (None, Some(t)) => cmb_nats::replay::Start::Time(t),
+                (None, None) => cmb_nats::replay::Start::Beginning,
+            };
+            let filter_subject = match &range.aggregate_type {
+                Some(t) => config.stream.type_subjects(t),
+                None => config.stream.all_subjects(),
+            };
+            let mut events = cmb_nats::replay::open(&b.js, &config.stream, &filter_subject, start, until)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tokio::spawn(async move {
+                while let Some(item) = events.recv().await {
+                    let e = item.map_err(|e| anyhow::anyhow!("{e}"))?.event;
+                    if to.is_some_and(|t| e.occurred_at >= t) || from.is_some_and(|f| e.occurred_at < f) {
+                        continue;
+                    }
+                    if tx.send(e).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+        }
+        other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
+    };
+    let mut user_calls = std::collections::HashSet::new();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut reconciler = crate::replay::Reconciler::default();
+    let printing = matches!(command, ReplayCommand::Events);
+    while let Some(e) = rx.recv().await {
+        progress.tick(1);
+        if !filter.keep(&e, &mut user_calls) {
+            continue;
+        }
+        if printing {
+            serde_json::to_writer(&mut out, &e)?;
+            writeln!(out)?;
+        } else {
+            reconciler.add(&e);
+        }
+    }
+    reader.await??;
+    if let ReplayCommand::Reconcile { chart, billed, threshold } = command {
+        let report = reconciler.report();
+        if let Some(path) = chart {
+            std::fs::write(&path, crate::replay::chart_svg(&report))?;
+        }
+        if billed.is_empty() {
+            crate::replay::write_report(&mut out, &report, &format)?;
+        } else {
+            let mut rows = Vec::new();
+            for path in &billed {
+                rows.extend(crate::replay::read_billed(path)?);
+            }
+            let (diffs, total) = crate::replay::compare(&report, &rows, threshold);
+            match format.as_str() {
+                "json" => {
+                    serde_json::to_writer(&mut out, &serde_json::json!({ "differences": diffs, "total_difference_cents": total }))?;
+                    writeln!(out)?;
+                }
+                "csv" => {
+                    writeln!(out, "kind,call_id,provider,reference,estimated_cents,billed_cents,difference_cents")?;
+                    for d in &diffs {
+                        writeln!(out, "{},{},{},{},{},{},{}", d.kind, d.call_id.clone().unwrap_or_default(), d.provider, d.reference,
+                            d.estimated_cents.map(|c| c.to_string()).unwrap_or_default(),
+                            d.billed_cents.map(|c| c.to_string()).unwrap_or_default(), d.difference_cents)?;
+                    }
+                }
+                _ => {
+                    for d in &diffs {
+                        writeln!(out, "{:<24} {:<36} {:<10} estimated {:>6} billed {:>6} difference {:>6}",
+                            d.kind, d.call_id.clone().unwrap_or_else(|| d.reference.clone()), d.provider,
+                            d.estimated_cents.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                            d.billed_cents.map(|c| c.to_string()).unwrap_or_else(|| "-".into()), d.difference_cents)?;
+                    }
+                    writeln!(out, "total difference: {total} cents")?;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -61,6 +61,16 @@ pub struct Config {
     pub elevenlabs: Provider,
     pub twilio: TwilioSettings,
     pub stripe: StripeSettings,
+    pub deepgram: Provider,
+    pub cerebras: Provider,
+    pub openai: Provider,
+    pub cerebras_model: String,
+    pub openai_model: String,
+    pub elevenlabs_model: String,
+    /// A reply whose first LLM token is later than this goes to the fallback LLM.
+    pub llm_first_token_timeout: Duration,
+    /// Transcripts are deleted after this many days.
+    pub transcript_retention_days: u32,
     /// Whether `PUBLIC_BASE_URL` was given; if not, `serve` uses the address it bound.
     pub public_base_url_explicit: bool,
     /// How often the scheduler looks for due calls.
@@ -266,6 +276,22 @@ impl Config {
                 ),
                 base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
+            deepgram: Provider::from(&get, "DEEPGRAM_API_KEY", "DEEPGRAM_BASE_URL"),
+            cerebras: Provider::from(&get, "CEREBRAS_API_KEY", "CEREBRAS_BASE_URL"),
+            openai: Provider::from(&get, "OPENAI_API_KEY", "OPENAI_BASE_URL"),
+            cerebras_model: get("CEREBRAS_MODEL").unwrap_or_else(|| "llama-3.3-70b".into()),
+            openai_model: get("OPENAI_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()),
+            elevenlabs_model: get("ELEVENLABS_MODEL").unwrap_or_else(|| "eleven_flash_v2_5".into()),
+            llm_first_token_timeout: Duration::from_millis(parse(
+                "LLM_FIRST_TOKEN_TIMEOUT_MS",
+                get("LLM_FIRST_TOKEN_TIMEOUT_MS"),
+                2_000,
+            )?),
+            transcript_retention_days: parse(
+                "TRANSCRIPT_RETENTION_DAYS",
+                get("TRANSCRIPT_RETENTION_DAYS"),
+                30,
+            )?,
             public_base_url_explicit: get("PUBLIC_BASE_URL").is_some(),
             scheduler_tick: Duration::from_millis(parse(
                 "SCHEDULER_TICK_MS",

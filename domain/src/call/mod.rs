@@ -95,6 +95,35 @@ impl Status {
     }
 }
 
+fn one() -> i64 {
+    1
+}
+
+impl Cost {
+    /// A cost line at a rate, rounded once (half up) to the micro-dollar.
+    pub fn priced(
+        service: &str,
+        operation: &str,
+        quantity: i64,
+        unit: &str,
+        unit_cost_micros: i64,
+        per_units: i64,
+        estimated: bool,
+    ) -> Cost {
+        let per = per_units.max(1);
+        Cost {
+            service: service.into(),
+            operation: operation.into(),
+            quantity,
+            unit: unit.into(),
+            unit_cost_micros,
+            per_units: per,
+            total_micros: (quantity * unit_cost_micros + per / 2) / per,
+            estimated,
+        }
+    }
+}
+
 /// A billable use of a provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cost {
@@ -103,10 +132,26 @@ pub struct Cost {
     pub operation: String,
     pub quantity: i64,
     pub unit: String,
+    /// The rate: `unit_cost_micros` per `per_units` units (e.g. per 1,000,000 tokens).
     pub unit_cost_micros: i64,
+    #[serde(default = "one")]
+    pub per_units: i64,
+    /// `quantity × unit_cost_micros / per_units`, rounded half up once, here.
     pub total_micros: i64,
     /// True when counted by us rather than reported by the provider.
     pub estimated: bool,
+}
+
+/// One persona turn's timings, in milliseconds from the moment the caller's turn was judged
+/// finished (the endpoint). `None` when the turn never got that far (interrupted, failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TurnTimings {
+    /// From the caller's first word of the turn to the final transcript.
+    pub stt_final_ms: Option<u32>,
+    pub llm_first_token_ms: Option<u32>,
+    pub tts_first_byte_ms: Option<u32>,
+    /// The first audio frame of the reply sent to Twilio: the end-to-end latency.
+    pub first_audio_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +204,19 @@ pub enum CallCommand {
     RecordSettlement {
         charged_cents: i64,
         released_cents: i64,
+    },
+    RecordTurn {
+        turn: u32,
+        timings: TurnTimings,
+        interrupted: bool,
+        llm_provider: String,
+        fell_back: bool,
+    },
+    RecordSessionEnd {
+        turns: u32,
+        barge_ins: u32,
+        early_replies: u32,
+        reason: String,
     },
 }
 
@@ -213,6 +271,22 @@ pub enum CallEvent {
         charged_cents: i64,
         released_cents: i64,
     },
+    TurnCompleted {
+        turn: u32,
+        timings: TurnTimings,
+        /// The caller spoke over this reply and it was cut.
+        interrupted: bool,
+        llm_provider: String,
+        fell_back: bool,
+    },
+    VoiceSessionEnded {
+        turns: u32,
+        /// The caller interrupted the persona.
+        barge_ins: u32,
+        /// The persona started replying and the caller turned out not to have finished.
+        early_replies: u32,
+        reason: String,
+    },
 }
 
 impl DomainEvent for CallEvent {
@@ -228,6 +302,8 @@ impl DomainEvent for CallEvent {
             CallEvent::CallEnded { .. } => "CallEnded",
             CallEvent::CostRecorded(_) => "CostRecorded",
             CallEvent::CallSettled { .. } => "CallSettled",
+            CallEvent::TurnCompleted { .. } => "TurnCompleted",
+            CallEvent::VoiceSessionEnded { .. } => "VoiceSessionEnded",
         }
         .to_string()
     }
@@ -270,6 +346,10 @@ pub struct Call {
     pub price_cents: Option<i64>,
     pub settled: bool,
     pub costs_micros: i64,
+    #[serde(default)]
+    pub turns_recorded: Vec<u32>,
+    #[serde(default)]
+    pub session_ended: bool,
 }
 
 impl Call {
@@ -320,15 +400,15 @@ impl Call {
         }];
         if answered_secs > 0 {
             let minutes = PriceTable::billed_minutes(answered_secs) as i64;
-            events.push(CallEvent::CostRecorded(Cost {
-                service: "twilio".into(),
-                operation: "outbound-voice-minutes".into(),
-                quantity: minutes,
-                unit: "minute".into(),
-                unit_cost_micros: prices.twilio_per_minute_micros,
-                total_micros: minutes * prices.twilio_per_minute_micros,
-                estimated: duration_secs.is_none(),
-            }));
+            events.push(CallEvent::CostRecorded(Cost::priced(
+                "twilio",
+                "outbound-voice-minutes",
+                minutes,
+                "minute",
+                prices.twilio_per_minute_micros,
+                1,
+                duration_secs.is_none(),
+            )));
         }
         events
     }
@@ -478,6 +558,42 @@ impl Aggregate for Call {
                 events
             }
             CallCommand::RecordCost(cost) => vec![CallEvent::CostRecorded(cost)],
+            CallCommand::RecordTurn {
+                turn,
+                timings,
+                interrupted,
+                llm_provider,
+                fell_back,
+            } => {
+                if self.turns_recorded.contains(&turn) {
+                    vec![]
+                } else {
+                    vec![CallEvent::TurnCompleted {
+                        turn,
+                        timings,
+                        interrupted,
+                        llm_provider,
+                        fell_back,
+                    }]
+                }
+            }
+            CallCommand::RecordSessionEnd {
+                turns,
+                barge_ins,
+                early_replies,
+                reason,
+            } => {
+                if self.session_ended {
+                    vec![]
+                } else {
+                    vec![CallEvent::VoiceSessionEnded {
+                        turns,
+                        barge_ins,
+                        early_replies,
+                        reason,
+                    }]
+                }
+            }
             CallCommand::RecordSettlement {
                 charged_cents,
                 released_cents,
@@ -550,6 +666,8 @@ impl Aggregate for Call {
             }
             CallEvent::CostRecorded(cost) => self.costs_micros += cost.total_micros,
             CallEvent::CallSettled { .. } => self.settled = true,
+            CallEvent::TurnCompleted { turn, .. } => self.turns_recorded.push(turn),
+            CallEvent::VoiceSessionEnded { .. } => self.session_ended = true,
         }
     }
 }
@@ -621,6 +739,7 @@ mod tests {
                     quantity: 2,
                     unit: "minute".into(),
                     unit_cost_micros: 14_000,
+                    per_units: 1,
                     total_micros: 28_000,
                     estimated: false,
                 }),

@@ -676,6 +676,14 @@ pub async fn list(
 }
 
 #[derive(Serialize, sqlx::FromRow)]
+struct TranscriptLine {
+    speaker: String,
+    text: String,
+    cut_off: bool,
+    at: DateTime<Utc>,
+}
+
+#[derive(Serialize, sqlx::FromRow)]
 struct TimelineEntry {
     sequence: i64,
     event_type: String,
@@ -705,7 +713,13 @@ pub async fn get_one(
     .bind(id.to_string())
     .fetch_all(&state.pool)
     .await?;
-    Ok(axum::Json(json!({ "call": call, "timeline": timeline })))
+    let transcript: Vec<TranscriptLine> = sqlx::query_as(
+        "SELECT speaker, text, cut_off, at FROM call_transcripts WHERE call_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(axum::Json(json!({ "call": call, "timeline": timeline, "transcript": transcript })))
 }
 
 #[derive(Deserialize)]

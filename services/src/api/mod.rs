@@ -60,6 +60,7 @@ pub fn routes() -> Router<AppState> {
         .route("/stripe/webhook", post(billing::webhook))
         .route("/twilio/callback", post(twilio::status_callback))
         .route("/twilio/answer", post(twilio::answer))
+        .route("/twilio/stream", get(twilio::stream))
         .route("/openapi.json", get(openapi::document))
 }
 

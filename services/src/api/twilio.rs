@@ -160,11 +160,38 @@ pub async fn answer(
         }
         None => None,
     };
-    let greeting = greeting.unwrap_or_else(|| "Hi, it's Call Me Back.".into());
-    let seconds = call.max_minutes * 60;
+    // Warm the greeting while Twilio opens the stream (usually cached already).
+    if let (Some(greeting), Some(voice_id)) = (greeting, voice_id) {
+        let voice = state.voice.clone();
+        tokio::spawn(async move {
+            if let Err(e) = voice.phrase(&voice_id, &greeting).await {
+                tracing::warn!(error = %e, "greeting pre-synthesis failed");
+            }
+        });
+    }
+    let ws_base = state
+        .config
+        .public_base_url
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
     let twiml = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Say>{}</Say><Pause length="{seconds}"/></Response>"#,
-        xml_escape(&greeting)
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/></Stream></Connect></Response>"#,
+        xml_escape(&ws_base),
+        xml_escape(&id)
     );
+    let _ = call;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
+}
+
+/// The Media Streams WebSocket: Twilio connects here when the call is answered.
+pub async fn stream(
+    State(state): State<AppState>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let voice = state.voice.clone();
+    ws.on_upgrade(move |socket| async move {
+        if let Err(e) = crate::voice::run(voice, socket).await {
+            tracing::error!(error = %e, "voice session failed");
+        }
+    })
 }

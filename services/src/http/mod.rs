@@ -38,6 +38,7 @@ pub struct AppState {
     pub elevenlabs: crate::providers::elevenlabs::ElevenLabs,
     pub twilio: crate::providers::twilio::Twilio,
     pub stripe: crate::providers::stripe::Stripe,
+    pub voice: Arc<crate::voice::Voice>,
     pub clock: crate::clock::Clock,
 }
 

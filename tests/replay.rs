@@ -1,0 +1,143 @@
+//! The analysts' replay: calls made through the real path, reconciled from JetStream and from
+//! Postgres (the same answers), then against billed files with deliberate discrepancies.
+
+mod common;
+
+use std::time::Duration;
+
+use cmb_domain::wallet::{Wallet, WalletCommand};
+use cmb_domain::{Actor, CommandContext};
+use common::{eventually, Api, TestEnv, PASSWORD};
+use serde_json::{json, Value};
+
+async fn replay(env: &TestEnv, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .arg("replay")
+        .args(args)
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("replay runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "2")
+        .set("SIM_TWILIO_CALLER_TURNS", "0:60000");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let mut ids = Vec::new();
+    // Three users, three calls: two answered, one busy.
+    for phone in [None, None, Some("+15558880001")] {
+        let (user, profile) = api.register(PASSWORD).await;
+        app.state
+            .store
+            .execute::<Wallet>(
+                profile["id"].as_str().unwrap(),
+                WalletCommand::Grant { credits: 100, reason: "test".into(), reference: "r".into() },
+                &CommandContext::for_request("test", Actor::System),
+            )
+            .await
+            .unwrap();
+        let mut body = json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 });
+        if let Some(p) = phone {
+            body["phone_number"] = json!(p);
+        }
+        let reply = user.post("/api/call", body).await;
+        assert_eq!(reply.status, 201, "{reply:?}");
+        ids.push(reply.body["call"]["id"].as_str().unwrap().to_string());
+    }
+    let settled = eventually(Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE charged_cents IS NOT NULL")
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+        (n == 3).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "every call settled");
+    // Let the publisher put the last events on the stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let from_nats = replay(&env, &["--source", "nats", "--format", "json", "reconcile"]).await;
+    let from_pg = replay(&env, &["--source", "postgres", "--format", "json", "reconcile"]).await;
+    assert_eq!(from_nats, from_pg, "the same answers from JetStream and Postgres");
+    let report = from_nats;
+    assert_eq!(report["totals"]["calls"], 3);
+    assert_eq!(report["totals"]["revenue_cents"], 130, "two answered one-minute calls at 65¢");
+    assert_eq!(report["anomalies"].as_array().unwrap().len(), 0, "{}", report["anomalies"]);
+    let twilio_cents = report["per_provider"]["twilio"].as_i64().unwrap();
+    assert_eq!(twilio_cents, 2, "1.4¢ per call, rounded once per call: 1 + 1");
+    let calls = report["calls"].as_array().unwrap();
+    let sid_of = |id: &str| {
+        calls.iter().find(|c| c["call_id"] == id).unwrap()["call_sid"].as_str().unwrap().to_string()
+    };
+
+    // A bill: call 0 as estimated, call 1 three cents dearer (Twilio's export), an unknown
+    // CallSid; the busy call is not billed (and not estimated).
+    let dir = std::env::temp_dir().join(format!("cmb-replay-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let generic = dir.join("generic.csv");
+    std::fs::write(
+        &generic,
+        format!(
+            "provider,call_id,usage_date,quantity,unit,billed_usd\ntwilio,{},2026-11-29,1,minute,0.014\ntwilio,CAunknown00000000000000000000000,2026-11-29,1,minute,0.014\n",
+            ids[0]
+        ),
+    )
+    .unwrap();
+    let export = dir.join("twilio-export.csv");
+    std::fs::write(
+        &export,
+        format!("Sid,From,To,Status,Duration,Price,PriceUnit\n{},+15005550006,+15550000000,completed,2,-0.04400,USD\n", sid_of(&ids[1])),
+    )
+    .unwrap();
+    let diff = replay(
+        &env,
+        &["--source", "postgres", "--format", "json", "reconcile", "--billed", generic.to_str().unwrap(), export.to_str().unwrap()],
+    )
+    .await;
+    let diffs = diff["differences"].as_array().unwrap();
+    let find = |kind: &str| diffs.iter().filter(|d| d["kind"] == kind).collect::<Vec<_>>();
+    assert_eq!(find("billed_but_unknown").len(), 1, "{diffs:?}");
+    assert_eq!(find("billed_but_unknown")[0]["reference"], "CAunknown00000000000000000000000");
+    let off = find("differs");
+    assert_eq!(off.len(), 1, "{diffs:?}");
+    assert_eq!(off[0]["call_id"], ids[1].as_str());
+    assert_eq!(off[0]["difference_cents"], 3, "4¢ billed against 1¢ estimated");
+    assert!(find("missing_from_bill").is_empty(), "{diffs:?}");
+    // Without call 0's row, it is missing from the bill.
+    std::fs::write(&generic, "provider,call_id,usage_date,quantity,unit,billed_usd\n").unwrap();
+    let diff = replay(&env, &["--source", "postgres", "--format", "json", "reconcile", "--billed", generic.to_str().unwrap(), export.to_str().unwrap()]).await;
+    let missing: Vec<&Value> = diff["differences"].as_array().unwrap().iter().filter(|d| d["kind"] == "missing_from_bill").collect();
+    assert_eq!(missing.len(), 1);
+    assert_eq!(missing[0]["call_id"], ids[0].as_str());
+
+    // Events, filtered by call.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(["replay", "--source", "nats", "--call", &ids[2], "events"])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .unwrap();
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().all(|e| e["aggregate_id"] == ids[2].as_str()));
+    assert!(events.iter().any(|e| e["event_type"] == "CallEnded"));
+    let chart = dir.join("chart.svg");
+    replay(&env, &["--source", "postgres", "--format", "json", "reconcile", "--chart", chart.to_str().unwrap()]).await;
+    assert!(std::fs::read_to_string(&chart).unwrap().starts_with("<svg"));
+    let _ = std::fs::remove_dir_all(&dir);
+    app.stop().await;
+    env.cleanup().await;
+}

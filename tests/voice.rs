@@ -1,0 +1,270 @@
+//! Voice sessions end to end: the Twilio simulator answers and streams a scripted caller, the
+//! Deepgram simulator hears it, the LLM and ElevenLabs simulators answer, and the session runs
+//! the conversation in between.
+
+mod common;
+
+use std::time::Duration;
+
+use callmeback::app::Running;
+use cmb_domain::wallet::{Wallet, WalletCommand};
+use cmb_domain::{Actor, CommandContext};
+use common::{eventually, Api, TestEnv, PASSWORD};
+use serde_json::{json, Value};
+
+async fn grant(app: &Running, user: &Value, credits: i64) {
+    app.state
+        .store
+        .execute::<Wallet>(
+            user["id"].as_str().unwrap(),
+            WalletCommand::Grant {
+                credits,
+                reason: "test".into(),
+                reference: "voice-test".into(),
+            },
+            &CommandContext::for_request("test", Actor::System),
+        )
+        .await
+        .unwrap();
+}
+
+/// A persona with a short greeting and the given turn-taking, owned by `user`.
+async fn persona(user: &Api, greeting: &str, turn_taking: Value) -> String {
+    let reply = user
+        .post(
+            "/api/personas",
+            json!({
+                "name": "Test Buddy",
+                "description": "A persona for voice tests.",
+                "voice": "21m00Tcm4TlvDq8ikWAM",
+                "system_prompt": "You are a test buddy. Answer in one short sentence.",
+                "greeting": greeting,
+                "turn_taking": turn_taking,
+            }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    reply.body["persona"]["id"].as_str().unwrap().to_string()
+}
+
+fn turn_taking(endpointing: u32, reminder: u32, hangup: u32) -> Value {
+    json!({ "endpointing_ms": endpointing, "silence_reminder_ms": reminder, "silence_hangup_ms": hangup })
+}
+
+/// Calls, and waits until the call has ended and its voice session is recorded.
+async fn converse(app: &Running, user: &Api, persona_id: &str) -> (String, Value) {
+    let reply = user
+        .post("/api/call", json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }))
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let ended = eventually(Duration::from_secs(60), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'VoiceSessionEnded'",
+        )
+        .bind(&id)
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(ended.is_some(), "the voice session of {id} never ended");
+    let call = user.get(&format!("/api/calls/{id}")).await;
+    (id, call.body)
+}
+
+fn lines(call: &Value) -> Vec<(String, String, bool)> {
+    call["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["speaker"].as_str().unwrap().to_string(),
+                l["text"].as_str().unwrap().to_string(),
+                l["cut_off"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn events_of(app: &Running, id: &str, event_type: &str) -> Vec<Value> {
+    sqlx::query_scalar::<_, Value>(
+        "SELECT payload FROM events WHERE aggregate_id = $1 AND event_type = $2 ORDER BY sequence",
+    )
+    .bind(id)
+    .bind(event_type)
+    .fetch_all(&app.state.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "14")
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:3000,1000:3000,1000:3000")
+        .set("SIM_DEEPGRAM_SCRIPT", "I ran five miles today|my knee hurts a bit|thanks that helps")
+        .set("SIM_CEREBRAS_REPLY", "Okay, noted.");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi there.", turn_taking(300, 20_000, 40_000)).await;
+    let (id, call) = converse(&app, &user, &persona_id).await;
+    let transcript = lines(&call);
+    let expected: Vec<(String, String, bool)> = [
+        ("persona", "Hi there."),
+        ("caller", "I ran five miles today"),
+        ("persona", "Okay, noted."),
+        ("caller", "my knee hurts a bit"),
+        ("persona", "Okay, noted."),
+        ("caller", "thanks that helps"),
+        ("persona", "Okay, noted."),
+    ]
+    .iter()
+    .map(|(s, t)| (s.to_string(), t.to_string(), false))
+    .collect();
+    assert_eq!(transcript, expected);
+
+    // Three turns with their timings.
+    let turns = events_of(&app, &id, "TurnCompleted").await;
+    assert_eq!(turns.len(), 3, "{turns:?}");
+    for t in &turns {
+        let t = &t["TurnCompleted"];
+        assert_eq!(t["interrupted"], false);
+        assert_eq!(t["llm_provider"], "cerebras");
+        let first_audio = t["timings"]["first_audio_ms"].as_u64().expect("audio went out");
+        let first_token = t["timings"]["llm_first_token_ms"].as_u64().unwrap();
+        assert!(first_token <= first_audio, "{t}");
+    }
+    // Costs: what the simulators counted.
+    let costs: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT service, quantity FROM rm_call_costs WHERE call_id = $1::uuid ORDER BY service",
+    )
+    .bind(&id)
+    .fetch_all(&app.state.pool)
+    .await
+    .unwrap();
+    let cost = |s: &str| costs.iter().find(|(k, _)| k == s).map(|(_, q)| *q);
+    let llm = app.sims.cerebras.as_ref().unwrap();
+    assert_eq!(
+        cost("cerebras"),
+        Some((llm.prompt_tokens_total() + llm.completion_tokens_total()) as i64),
+        "{costs:?}"
+    );
+    let deepgram = app.sims.deepgram.as_ref().unwrap().billed_seconds_total();
+    assert_eq!(cost("deepgram"), Some(deepgram.ceil() as i64), "{costs:?}");
+    assert_eq!(
+        cost("elevenlabs"),
+        Some(("Hi there.".len() + 3 * "Okay, noted.".len()) as i64),
+        "{costs:?}"
+    );
+    assert!(cost("twilio").is_some());
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "12")
+        // Speak, let the persona start its long reply, then a 200 ms "mm-hmm", then talk over it.
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:1500,200:1200,1200:6000")
+        .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story|no wait stop");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    let (id, call) = converse(&app, &user, &persona_id).await;
+    let transcript = lines(&call);
+    let cut: Vec<&(String, String, bool)> = transcript.iter().filter(|l| l.2).collect();
+    assert_eq!(cut.len(), 1, "one reply cut: {transcript:?}");
+    let full = "Got it: \"tell me a long story\". That sounds important to you. Tell me more about it.";
+    let heard = &cut[0].1;
+    assert!(full.starts_with(heard.as_str()) && heard.len() < full.len(), "{heard:?}");
+    assert!(
+        !transcript.iter().any(|l| l.1 == "mm-hmm"),
+        "the backchannel is not a turn: {transcript:?}"
+    );
+    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    assert_eq!(end[0]["VoiceSessionEnded"]["barge_ins"], 1, "{end:?}");
+    let sim = app.sims.twilio.as_ref().unwrap();
+    assert!(sim.calls()[0].clears_received >= 1);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_or_slow_llm_falls_back_for_that_turn() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "9")
+        .set("SIM_TWILIO_CALLER_TURNS", "800:3500,800:3000")
+        .set("SIM_DEEPGRAM_SCRIPT", "first question|second question")
+        .set("SIM_CEREBRAS_FAIL_EVERY", "2")
+        .set("SIM_CEREBRAS_STALL_EVERY", "1")
+        .set("SIM_OPENAI_REPLY", "Fallback here.")
+        .set("LLM_FIRST_TOKEN_TIMEOUT_MS", "700");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    let (id, call) = converse(&app, &user, &persona_id).await;
+    let turns = events_of(&app, &id, "TurnCompleted").await;
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    for t in &turns {
+        assert_eq!(t["TurnCompleted"]["llm_provider"], "openai", "{t}");
+        assert_eq!(t["TurnCompleted"]["fell_back"], true);
+    }
+    let persona_lines: Vec<String> = lines(&call)
+        .into_iter()
+        .filter(|l| l.0 == "persona")
+        .map(|l| l.1)
+        .collect();
+    assert_eq!(persona_lines, ["Hi.", "Fallback here.", "Fallback here."]);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_gets_a_reminder_then_a_goodbye_and_a_hang_up() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "60")
+        .set("SIM_TWILIO_CALLER_TURNS", "0:60000");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 3000, 5000)).await;
+    let started = std::time::Instant::now();
+    let (id, call) = converse(&app, &user, &persona_id).await;
+    assert!(started.elapsed() < Duration::from_secs(30), "hung up, not left to run");
+    let persona_lines: Vec<String> = lines(&call)
+        .into_iter()
+        .filter(|l| l.0 == "persona")
+        .map(|l| l.1)
+        .collect();
+    assert_eq!(persona_lines.len(), 3, "{persona_lines:?}");
+    assert_eq!(persona_lines[1], "Are you still there?");
+    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    assert_eq!(end[0]["VoiceSessionEnded"]["reason"], "silence");
+    let done = eventually(Duration::from_secs(10), || async {
+        let s: String = sqlx::query_scalar("SELECT status FROM rm_calls WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+        (s == "completed").then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "Twilio ended the call after our hang-up");
+    app.stop().await;
+    env.cleanup().await;
+}
