@@ -22,6 +22,7 @@ pub struct Simulators {
     pub deepgram: Option<crate::sim::deepgram::DeepgramSim>,
     pub cerebras: Option<crate::sim::llm::LlmSim>,
     pub openai: Option<crate::sim::llm::LlmSim>,
+    pub elevenlabs: Option<crate::sim::elevenlabs::ElevenLabsSim>,
 }
 
 /// A running service.
@@ -165,14 +166,19 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     }
 
     let http_client = crate::providers::http_client();
+    let mut sims = Simulators::default();
     let elevenlabs = {
         let p = &config.elevenlabs;
         let base_url = match (&p.base_url, p.simulated()) {
             (Some(url), _) => url.clone(),
             (None, true) => {
                 let faults = crate::sim::Faults::from_lookup(&|k| config.sim_var(k), "ELEVENLABS");
-                let router = crate::sim::elevenlabs::router(faults);
-                crate::sim::serve("elevenlabs", router, shutdown.clone(), &tasks).await?
+                let tts = crate::sim::elevenlabs::TtsSettings::from_lookup(&|k| config.sim_var(k));
+                let sim = crate::sim::elevenlabs::ElevenLabsSim::new(faults, tts);
+                let url =
+                    crate::sim::serve("elevenlabs", sim.router(), shutdown.clone(), &tasks).await?;
+                sims.elevenlabs = Some(sim);
+                url
             }
             (None, false) => crate::providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
         };
@@ -184,7 +190,6 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         crate::providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
     };
 
-    let mut sims = Simulators::default();
     let twilio = {
         let t = &config.twilio;
         let base_url = match (&t.base_url, t.simulated) {

@@ -2,6 +2,7 @@
 //! same client talks to the provider, a proxy, or this project's simulator.
 
 pub mod elevenlabs;
+pub mod llm;
 pub mod stripe;
 pub mod twilio;
 

@@ -1,15 +1,87 @@
-//! ElevenLabs simulator: `GET /v1/voices/{voice_id}` over the premade voices.
+//! ElevenLabs simulator: `GET /v1/voices/{voice_id}` over the premade voices, and text-to-speech
+//! in 8 kHz μ-law over HTTP (`POST /v1/text-to-speech/{voice_id}[/stream]`) and the
+//! stream-input WebSocket. The "speech" is a voiced tone 65 ms long per character, produced in
+//! 100 ms chunks faster than real time, so that durations, pacing and billing can be checked.
 
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
+use super::twilio::linear_to_mulaw;
 use super::Faults;
+
+/// Audio per character of text.
+pub const MS_PER_CHAR: u64 = 65;
+/// 8 kHz μ-law: one byte per sample.
+pub const SAMPLES_PER_CHAR: usize = (8 * MS_PER_CHAR) as usize;
+/// Audio per chunk (100 ms).
+const CHUNK_SAMPLES: usize = 800;
+const CHUNK_MS: u64 = 100;
+/// Buffered characters that start a generation without a trigger.
+const GENERATE_AT_CHARS: usize = 50;
+/// ElevenLabs closes an idle stream-input socket after 20 s.
+const INACTIVITY: Duration = Duration::from_secs(20);
+const TONE_HZ: f64 = 220.0;
+
+/// Speed and failures of speech synthesis.
+#[derive(Debug, Clone)]
+pub struct TtsSettings {
+    /// Delay before the first audio of a synthesis.
+    pub first_byte: Duration,
+    /// How much faster than real time audio is produced.
+    pub realtime_factor: f32,
+    /// Every n-th synthesis (HTTP request or WebSocket) fails (0: never).
+    pub fail_every: u64,
+}
+
+impl Default for TtsSettings {
+    fn default() -> Self {
+        TtsSettings {
+            first_byte: Duration::from_millis(120),
+            realtime_factor: 4.0,
+            fail_every: 0,
+        }
+    }
+}
+
+impl TtsSettings {
+    /// `SIM_ELEVENLABS_TTS_FIRST_BYTE_MS` (120), `SIM_ELEVENLABS_TTS_SPEED` (4.0),
+    /// `SIM_ELEVENLABS_TTS_FAIL_EVERY` (0).
+    pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
+        let d = TtsSettings::default();
+        TtsSettings {
+            first_byte: get("SIM_ELEVENLABS_TTS_FIRST_BYTE_MS")
+                .and_then(|v| v.trim().parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or(d.first_byte),
+            realtime_factor: get("SIM_ELEVENLABS_TTS_SPEED")
+                .and_then(|v| v.trim().parse::<f32>().ok())
+                .filter(|f| *f > 0.0 && f.is_finite())
+                .unwrap_or(d.realtime_factor),
+            fail_every: get("SIM_ELEVENLABS_TTS_FAIL_EVERY")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(d.fail_every),
+        }
+    }
+
+    /// Time to produce one 100 ms chunk.
+    fn chunk_time(&self) -> Duration {
+        Duration::from_secs_f64(CHUNK_MS as f64 / 1000.0 / f64::from(self.realtime_factor))
+    }
+}
 
 /// ElevenLabs' premade voices (id, name, gender, accent).
 pub const VOICES: &[(&str, &str, &str, &str)] = &[
@@ -24,17 +96,75 @@ pub const VOICES: &[(&str, &str, &str, &str)] = &[
     ("yoZ06aMxZJJ28mfd3POQ", "Sam", "male", "american"),
 ];
 
+/// The simulator, with counters for tests.
 #[derive(Clone)]
-struct Sim {
-    faults: Arc<Faults>,
+pub struct ElevenLabsSim {
+    shared: Arc<Shared>,
 }
 
+struct Shared {
+    faults: Faults,
+    tts: TtsSettings,
+    characters: AtomicU64,
+    syntheses: AtomicU64,
+    open_sockets: AtomicU64,
+}
+
+type Sim = ElevenLabsSim;
+
+/// Voices, and text-to-speech with the default [`TtsSettings`].
 pub fn router(faults: Faults) -> Router {
-    Router::new()
-        .route("/v1/voices/{voice_id}", get(voice))
-        .with_state(Sim {
-            faults: Arc::new(faults),
-        })
+    ElevenLabsSim::new(faults, TtsSettings::default()).router()
+}
+
+impl ElevenLabsSim {
+    pub fn new(faults: Faults, tts: TtsSettings) -> Self {
+        ElevenLabsSim {
+            shared: Arc::new(Shared {
+                faults,
+                tts,
+                characters: AtomicU64::new(0),
+                syntheses: AtomicU64::new(0),
+                open_sockets: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/voices/{voice_id}", get(voice))
+            .route("/v1/text-to-speech/{voice_id}", post(synthesize))
+            .route("/v1/text-to-speech/{voice_id}/stream", post(synthesize))
+            .route(
+                "/v1/text-to-speech/{voice_id}/stream-input",
+                get(stream_input),
+            )
+            .with_state(self.clone())
+    }
+
+    /// Characters billed so far (HTTP texts and WebSocket chunks, without the `" "` and `""`
+    /// sentinels).
+    pub fn characters_total(&self) -> u64 {
+        self.shared.characters.load(Ordering::Relaxed)
+    }
+
+    /// Syntheses started (HTTP requests and WebSocket streams past their init), failed ones
+    /// included.
+    pub fn syntheses(&self) -> u64 {
+        self.shared.syntheses.load(Ordering::Relaxed)
+    }
+
+    /// Stream-input sockets open right now.
+    pub fn open_sockets(&self) -> u64 {
+        self.shared.open_sockets.load(Ordering::Relaxed)
+    }
+
+    /// Counts one synthesis; says whether it must fail.
+    fn next_synthesis_fails(&self) -> bool {
+        let n = self.shared.syntheses.fetch_add(1, Ordering::Relaxed) + 1;
+        let every = self.shared.tts.fail_every;
+        every > 0 && n.is_multiple_of(every)
+    }
 }
 
 fn detail(status: StatusCode, code: &str, message: &str) -> Response {
@@ -46,7 +176,7 @@ fn detail(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 async fn voice(State(sim): State<Sim>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if sim.faults.apply().await {
+    if sim.shared.faults.apply().await {
         return detail(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",
@@ -84,3 +214,306 @@ async fn voice(State(sim): State<Sim>, headers: HeaderMap, Path(id): Path<String
         ),
     }
 }
+
+/// A voiced tone: 220 Hz with a few harmonics and a syllable-rate swell, continuous across
+/// chunks through `sample`, the running sample index.
+fn tone(samples: usize, sample: &mut u64) -> Vec<u8> {
+    (0..samples)
+        .map(|_| {
+            let t = *sample as f64 / 8000.0;
+            *sample += 1;
+            let w = 2.0 * std::f64::consts::PI * TONE_HZ * t;
+            let voiced = w.sin() + 0.5 * (2.0 * w).sin() + 0.25 * (3.0 * w).sin();
+            let swell = 0.6 + 0.4 * (2.0 * std::f64::consts::PI * 4.0 * t).sin().abs();
+            linear_to_mulaw((voiced * swell * 6000.0) as i16)
+        })
+        .collect()
+}
+
+/// One 100 ms chunk of a segment: its audio and the characters that start in it, with times
+/// relative to the chunk.
+struct AudioChunk {
+    audio: Vec<u8>,
+    chars: Vec<String>,
+    starts: Vec<u64>,
+}
+
+/// Cuts the speech of `text` into 100 ms chunks.
+fn speak(text: &str, sample: &mut u64) -> Vec<AudioChunk> {
+    let chars: Vec<char> = text.chars().collect();
+    let total = chars.len() * SAMPLES_PER_CHAR;
+    let mut chunks = Vec::new();
+    let mut offset = 0;
+    while offset < total {
+        let len = CHUNK_SAMPLES.min(total - offset);
+        let (from, to) = (offset as u64 / 8, (offset + len) as u64 / 8);
+        let (mut names, mut starts) = (Vec::new(), Vec::new());
+        for (i, c) in chars.iter().enumerate() {
+            let start = i as u64 * MS_PER_CHAR;
+            if start >= from && start < to {
+                names.push(c.to_string());
+                starts.push(start - from);
+            }
+        }
+        chunks.push(AudioChunk {
+            audio: tone(len, sample),
+            chars: names,
+            starts,
+        });
+        offset += len;
+    }
+    chunks
+}
+
+fn api_key(headers: &HeaderMap) -> &str {
+    headers
+        .get("xi-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[derive(serde::Deserialize)]
+struct SpeechParams {
+    output_format: Option<String>,
+}
+
+async fn synthesize(
+    State(sim): State<Sim>,
+    headers: HeaderMap,
+    Path(voice_id): Path<String>,
+    Query(params): Query<SpeechParams>,
+    body: Bytes,
+) -> Response {
+    if api_key(&headers).is_empty() {
+        return detail(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "missing xi-api-key header",
+        );
+    }
+    if !VOICES.iter().any(|v| v.0 == voice_id) {
+        return detail(
+            StatusCode::BAD_REQUEST,
+            "voice_not_found",
+            &format!("A voice with the voice_id {voice_id} was not found."),
+        );
+    }
+    if params
+        .output_format
+        .as_deref()
+        .is_some_and(|f| f != "ulaw_8000")
+    {
+        return detail(
+            StatusCode::BAD_REQUEST,
+            "invalid_output_format",
+            "this simulator only produces ulaw_8000",
+        );
+    }
+    let text = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("text").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
+    if text.trim().is_empty() {
+        return detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_text",
+            "text must not be empty",
+        );
+    }
+    if sim.next_synthesis_fails() {
+        return detail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_server_error",
+            "injected failure",
+        );
+    }
+    let characters = text.chars().count() as u64;
+    sim.shared
+        .characters
+        .fetch_add(characters, Ordering::Relaxed);
+    let tts = sim.shared.tts.clone();
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        tokio::time::sleep(tts.first_byte).await;
+        let mut sample = 0;
+        for (i, chunk) in speak(&text, &mut sample).into_iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(tts.chunk_time()).await;
+            }
+            if tx.send(Bytes::from(chunk.audio)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    }));
+    (
+        [
+            (header::CONTENT_TYPE, "audio/basic".to_string()),
+            (
+                header::HeaderName::from_static("character-cost"),
+                characters.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("request-id"),
+                uuid::Uuid::new_v4().simple().to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn stream_input(
+    State(sim): State<Sim>,
+    headers: HeaderMap,
+    Path(voice_id): Path<String>,
+    Query(params): Query<SpeechParams>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let key = api_key(&headers).to_string();
+    upgrade.on_upgrade(move |socket| async move {
+        sim.shared.open_sockets.fetch_add(1, Ordering::Relaxed);
+        run_stream_input(&sim, socket, key, voice_id, params).await;
+        sim.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    })
+}
+
+/// Sends an error frame and closes (as ElevenLabs does, e.g. 1008 on a bad key).
+async fn refuse(socket: &mut WebSocket, code: u16, error: &str, message: &str) {
+    let frame = json!({ "message": message, "error": error, "code": code });
+    let _ = socket.send(Message::Text(frame.to_string().into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: error.to_string().into(),
+        })))
+        .await;
+}
+
+/// The next text message as JSON; `None` when the client closed or went quiet too long.
+async fn next_json(socket: &mut WebSocket) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(INACTIVITY, socket.recv()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
+            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+async fn run_stream_input(
+    sim: &Sim,
+    mut socket: WebSocket,
+    header_key: String,
+    voice_id: String,
+    params: SpeechParams,
+) {
+    let Some(init) = next_json(&mut socket).await else {
+        return;
+    };
+    if init.get("text").and_then(Value::as_str) != Some(" ") {
+        return refuse(
+            &mut socket,
+            1008,
+            "invalid_request",
+            "the first message must have text \" \"",
+        )
+        .await;
+    }
+    let key_in_message = ["xi_api_key", "xi-api-key"].iter().any(|k| {
+        init.get(*k)
+            .and_then(Value::as_str)
+            .is_some_and(|v| !v.is_empty())
+    });
+    if header_key.is_empty() && !key_in_message {
+        return refuse(&mut socket, 1008, "invalid_api_key", "no xi-api-key given").await;
+    }
+    if !VOICES.iter().any(|v| v.0 == voice_id) {
+        let message = format!("A voice with the voice_id {voice_id} was not found.");
+        return refuse(&mut socket, 1008, "voice_not_found", &message).await;
+    }
+    if params
+        .output_format
+        .as_deref()
+        .is_some_and(|f| f != "ulaw_8000")
+    {
+        return refuse(
+            &mut socket,
+            1008,
+            "invalid_output_format",
+            "this simulator only produces ulaw_8000",
+        )
+        .await;
+    }
+    if sim.next_synthesis_fails() {
+        return refuse(
+            &mut socket,
+            1011,
+            "internal_server_error",
+            "injected failure",
+        )
+        .await;
+    }
+    let tts = sim.shared.tts.clone();
+    let mut buffer = String::new();
+    let mut sample: u64 = 0;
+    let mut first = true;
+    loop {
+        let Some(message) = next_json(&mut socket).await else {
+            return;
+        };
+        let text = message.get("text").and_then(Value::as_str).unwrap_or(" ");
+        let last = text.is_empty();
+        if text != " " && !last {
+            sim.shared
+                .characters
+                .fetch_add(text.chars().count() as u64, Ordering::Relaxed);
+            buffer.push_str(text);
+        }
+        let triggered = ["try_trigger_generation", "flush"]
+            .iter()
+            .any(|k| message.get(*k).and_then(Value::as_bool) == Some(true));
+        if (last || triggered || buffer.chars().count() >= GENERATE_AT_CHARS)
+            && !buffer.trim().is_empty()
+        {
+            for chunk in speak(&std::mem::take(&mut buffer), &mut sample) {
+                let wait = if first {
+                    tts.first_byte
+                } else {
+                    tts.chunk_time()
+                };
+                first = false;
+                tokio::time::sleep(wait).await;
+                let durations = vec![MS_PER_CHAR; chunk.chars.len()];
+                let alignment = json!({
+                    "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": durations,
+                });
+                let frame = json!({
+                    "audio": BASE64.encode(&chunk.audio),
+                    "isFinal": false,
+                    "normalizedAlignment": alignment,
+                    "alignment": alignment,
+                });
+                if socket
+                    .send(Message::Text(frame.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        if last {
+            let _ = socket
+                .send(Message::Text(json!({ "isFinal": true }).to_string().into()))
+                .await;
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

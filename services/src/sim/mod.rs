@@ -4,6 +4,7 @@
 //! "Simulators" table for the variables).
 
 pub mod elevenlabs;
+pub mod llm;
 pub mod stripe;
 pub mod twilio;
 
