@@ -102,6 +102,7 @@ impl Settings {
 struct Stats {
     connections: AtomicU64,
     billed_samples: AtomicU64,
+    keepalives: AtomicU64,
 }
 
 /// The simulator, with counters for tests.
@@ -133,6 +134,11 @@ impl DeepgramSim {
     /// WebSocket handshakes accepted.
     pub fn connections(&self) -> u64 {
         self.stats.connections.load(Ordering::Relaxed)
+    }
+
+    /// `KeepAlive` messages received, over all streams.
+    pub fn keepalives(&self) -> u64 {
+        self.stats.keepalives.load(Ordering::Relaxed)
     }
 }
 
@@ -263,7 +269,11 @@ async fn session(socket: WebSocket, sim: DeepgramSim, config: ListenConfig, mode
                 match kind.as_deref() {
                     Some("Finalize") => (ear.finalize(), false),
                     Some("CloseStream") => (ear.finalize(), true),
-                    // KeepAlive, and anything we do not know, is accepted silently.
+                    Some("KeepAlive") => {
+                        sim.stats.keepalives.fetch_add(1, Ordering::Relaxed);
+                        (Vec::new(), false)
+                    }
+                    // Anything we do not know is ignored, as Deepgram does.
                     _ => (Vec::new(), false),
                 }
             }

@@ -311,6 +311,26 @@ async fn a_dropped_socket_is_an_error_then_closed() {
     assert!(billed(&events) >= 2.0);
 }
 
+/// Real time on purpose: the client's keep-alive timer is wall-clock (5 s), and the
+/// simulator closes a stream idle for 10 s, as Deepgram does.
+#[tokio::test]
+async fn a_quiet_stream_is_kept_alive() {
+    let running = start(scripted()).await;
+    let client = Deepgram::new(&running.url, "test-key");
+    let SttStream { audio, mut events } = client.connect(&options(300)).await.expect("connects");
+    for frame in silence_frames(200) {
+        audio.send(Bytes::copy_from_slice(&frame)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(5400)).await;
+    assert_eq!(running.sim.keepalives(), 1);
+    drop(audio);
+    let mut seen = Vec::new();
+    while let Some(event) = events.recv().await {
+        seen.push(event);
+    }
+    assert_eq!(seen, [SttEvent::Closed { billed_secs: 0.2 }]);
+}
+
 #[test]
 fn settings_come_from_the_environment() {
     let vars = [
