@@ -1,6 +1,7 @@
 //! Real clients of the providers, speaking their wire protocols. Each takes a base URL, so the
 //! same client talks to the provider, a proxy, or this project's simulator.
 
+pub mod deepgram;
 pub mod elevenlabs;
 pub mod llm;
 pub mod stripe;

@@ -3,6 +3,7 @@
 //! tests start them directly. Each takes a latency and can be told to fail (see the README's
 //! "Simulators" table for the variables).
 
+pub mod deepgram;
 pub mod elevenlabs;
 pub mod llm;
 pub mod stripe;
