@@ -202,6 +202,32 @@ async fn each_utterance_takes_the_next_line_and_backchannels_do_not() {
 }
 
 #[tokio::test]
+async fn latency_delays_results_without_reordering_them() {
+    let running = start(Settings {
+        latency: Duration::from_millis(50),
+        ..scripted()
+    })
+    .await;
+    let client = Deepgram::new(&running.url, "test-key");
+    let audio = [
+        silence_frames(500),
+        speech_frames(1000),
+        silence_frames(1200),
+    ]
+    .concat();
+    let begun = std::time::Instant::now();
+    let events = transcribe(&client, &options(300), audio).await;
+    assert!(begun.elapsed() >= Duration::from_millis(50));
+    assert!(matches!(events[0], SttEvent::SpeechStarted { .. }));
+    assert_eq!(finals(&events)[0].0, SCRIPT[0]);
+    assert!(matches!(
+        events[events.len() - 2],
+        SttEvent::UtteranceEnd { .. }
+    ));
+    assert!(close_to(billed(&events), 2.7));
+}
+
+#[tokio::test]
 async fn longer_endpointing_waits_longer_in_audio_time() {
     let running = start(scripted()).await;
     let client = Deepgram::new(&running.url, "test-key");
