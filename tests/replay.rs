@@ -19,10 +19,13 @@ async fn replay(env: &TestEnv, args: &[&str]) -> Value {
         .output()
         .await
         .expect("replay runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))
-    })
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +44,11 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
             .store
             .execute::<Wallet>(
                 profile["id"].as_str().unwrap(),
-                WalletCommand::Grant { credits: 100, reason: "test".into(), reference: "r".into() },
+                WalletCommand::Grant {
+                    credits: 100,
+                    reason: "test".into(),
+                    reference: "r".into(),
+                },
                 &CommandContext::for_request("test", Actor::System),
             )
             .await
@@ -55,10 +62,11 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
         ids.push(reply.body["call"]["id"].as_str().unwrap().to_string());
     }
     let settled = eventually(Duration::from_secs(30), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE charged_cents IS NOT NULL")
-            .fetch_one(&app.state.pool)
-            .await
-            .unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE charged_cents IS NOT NULL")
+                .fetch_one(&app.state.pool)
+                .await
+                .unwrap();
         (n == 3).then_some(())
     })
     .await;
@@ -67,17 +75,38 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let from_nats = replay(&env, &["--source", "nats", "--format", "json", "reconcile"]).await;
-    let from_pg = replay(&env, &["--source", "postgres", "--format", "json", "reconcile"]).await;
-    assert_eq!(from_nats, from_pg, "the same answers from JetStream and Postgres");
+    let from_pg = replay(
+        &env,
+        &["--source", "postgres", "--format", "json", "reconcile"],
+    )
+    .await;
+    assert_eq!(
+        from_nats, from_pg,
+        "the same answers from JetStream and Postgres"
+    );
     let report = from_nats;
     assert_eq!(report["totals"]["calls"], 3);
-    assert_eq!(report["totals"]["revenue_cents"], 130, "two answered one-minute calls at 65¢");
-    assert_eq!(report["anomalies"].as_array().unwrap().len(), 0, "{}", report["anomalies"]);
+    assert_eq!(
+        report["totals"]["revenue_cents"], 130,
+        "two answered one-minute calls at 65¢"
+    );
+    assert_eq!(
+        report["anomalies"].as_array().unwrap().len(),
+        0,
+        "{}",
+        report["anomalies"]
+    );
     let twilio_cents = report["per_provider"]["twilio"].as_i64().unwrap();
-    assert_eq!(twilio_cents, 2, "1.4¢ per call, rounded once per call: 1 + 1");
+    assert_eq!(
+        twilio_cents, 2,
+        "1.4¢ per call, rounded once per call: 1 + 1"
+    );
     let calls = report["calls"].as_array().unwrap();
     let sid_of = |id: &str| {
-        calls.iter().find(|c| c["call_id"] == id).unwrap()["call_sid"].as_str().unwrap().to_string()
+        calls.iter().find(|c| c["call_id"] == id).unwrap()["call_sid"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
 
     // A bill: call 0 as estimated, call 1 three cents dearer (Twilio's export), an unknown
@@ -101,22 +130,64 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     .unwrap();
     let diff = replay(
         &env,
-        &["--source", "postgres", "--format", "json", "reconcile", "--billed", generic.to_str().unwrap(), export.to_str().unwrap()],
+        &[
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+            "--billed",
+            generic.to_str().unwrap(),
+            export.to_str().unwrap(),
+        ],
     )
     .await;
     let diffs = diff["differences"].as_array().unwrap();
-    let find = |kind: &str| diffs.iter().filter(|d| d["kind"] == kind).collect::<Vec<_>>();
+    let find = |kind: &str| {
+        diffs
+            .iter()
+            .filter(|d| d["kind"] == kind)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(find("billed_but_unknown").len(), 1, "{diffs:?}");
-    assert_eq!(find("billed_but_unknown")[0]["reference"], "CAunknown00000000000000000000000");
+    assert_eq!(
+        find("billed_but_unknown")[0]["reference"],
+        "CAunknown00000000000000000000000"
+    );
     let off = find("differs");
     assert_eq!(off.len(), 1, "{diffs:?}");
     assert_eq!(off[0]["call_id"], ids[1].as_str());
-    assert_eq!(off[0]["difference_cents"], 3, "4¢ billed against 1¢ estimated");
+    assert_eq!(
+        off[0]["difference_cents"], 3,
+        "4¢ billed against 1¢ estimated"
+    );
     assert!(find("missing_from_bill").is_empty(), "{diffs:?}");
     // Without call 0's row, it is missing from the bill.
-    std::fs::write(&generic, "provider,call_id,usage_date,quantity,unit,billed_usd\n").unwrap();
-    let diff = replay(&env, &["--source", "postgres", "--format", "json", "reconcile", "--billed", generic.to_str().unwrap(), export.to_str().unwrap()]).await;
-    let missing: Vec<&Value> = diff["differences"].as_array().unwrap().iter().filter(|d| d["kind"] == "missing_from_bill").collect();
+    std::fs::write(
+        &generic,
+        "provider,call_id,usage_date,quantity,unit,billed_usd\n",
+    )
+    .unwrap();
+    let diff = replay(
+        &env,
+        &[
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+            "--billed",
+            generic.to_str().unwrap(),
+            export.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let missing: Vec<&Value> = diff["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["kind"] == "missing_from_bill")
+        .collect();
     assert_eq!(missing.len(), 1);
     assert_eq!(missing[0]["call_id"], ids[0].as_str());
 
@@ -135,7 +206,19 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     assert!(events.iter().all(|e| e["aggregate_id"] == ids[2].as_str()));
     assert!(events.iter().any(|e| e["event_type"] == "CallEnded"));
     let chart = dir.join("chart.svg");
-    replay(&env, &["--source", "postgres", "--format", "json", "reconcile", "--chart", chart.to_str().unwrap()]).await;
+    replay(
+        &env,
+        &[
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+            "--chart",
+            chart.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert!(std::fs::read_to_string(&chart).unwrap().starts_with("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
     app.stop().await;

@@ -246,47 +246,95 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             (None, true) => {
                 let settings = crate::sim::deepgram::Settings::from_lookup(&|k| config.sim_var(k));
                 let sim = crate::sim::deepgram::DeepgramSim::new(settings);
-                let url = crate::sim::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
+                let url =
+                    crate::sim::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.deepgram = Some(sim);
                 url
             }
             (None, false) => crate::providers::deepgram::DEFAULT_BASE_URL.to_string(),
         };
-        let key = p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_else(|| "simulator".into());
+        let key = p
+            .api_key
+            .as_ref()
+            .map(|k| k.expose().to_string())
+            .unwrap_or_else(|| "simulator".into());
         crate::providers::deepgram::Deepgram::new(&base_url, &key)
     };
-    let mut llm_sim = |name: &'static str, p: &crate::config::Provider| {
-        let sim = crate::sim::llm::LlmSim::new(crate::sim::llm::Settings::from_lookup(name, &|k| config.sim_var(k)));
-        let key = p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_else(|| "simulator".into());
+    let llm_sim = |name: &'static str, p: &crate::config::Provider| {
+        let sim =
+            crate::sim::llm::LlmSim::new(crate::sim::llm::Settings::from_lookup(name, &|k| {
+                config.sim_var(k)
+            }));
+        let key = p
+            .api_key
+            .as_ref()
+            .map(|k| k.expose().to_string())
+            .unwrap_or_else(|| "simulator".into());
         (sim, key)
     };
     let cerebras = {
         let p = config.cerebras.clone();
         let (base_url, key) = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => (url.clone(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+            (Some(url), _) => (
+                url.clone(),
+                p.api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string())
+                    .unwrap_or_default(),
+            ),
             (None, true) => {
                 let (sim, key) = llm_sim("CEREBRAS", &p);
-                let url = crate::sim::serve("cerebras", sim.router(), shutdown.clone(), &tasks).await?;
+                let url =
+                    crate::sim::serve("cerebras", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.cerebras = Some(sim);
                 (url, key)
             }
-            (None, false) => (crate::providers::llm::CEREBRAS_BASE_URL.to_string(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+            (None, false) => (
+                crate::providers::llm::CEREBRAS_BASE_URL.to_string(),
+                p.api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string())
+                    .unwrap_or_default(),
+            ),
         };
-        crate::providers::llm::Llm::cerebras(http_client.clone(), &base_url, &key, &config.cerebras_model)
+        crate::providers::llm::Llm::cerebras(
+            http_client.clone(),
+            &base_url,
+            &key,
+            &config.cerebras_model,
+        )
     };
     let openai = {
         let p = config.openai.clone();
         let (base_url, key) = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => (url.clone(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+            (Some(url), _) => (
+                url.clone(),
+                p.api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string())
+                    .unwrap_or_default(),
+            ),
             (None, true) => {
                 let (sim, key) = llm_sim("OPENAI", &p);
-                let url = crate::sim::serve("openai", sim.router(), shutdown.clone(), &tasks).await?;
+                let url =
+                    crate::sim::serve("openai", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.openai = Some(sim);
                 (format!("{url}/v1"), key)
             }
-            (None, false) => (crate::providers::llm::OPENAI_BASE_URL.to_string(), p.api_key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default()),
+            (None, false) => (
+                crate::providers::llm::OPENAI_BASE_URL.to_string(),
+                p.api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string())
+                    .unwrap_or_default(),
+            ),
         };
-        crate::providers::llm::Llm::openai(http_client.clone(), &base_url, &key, &config.openai_model)
+        crate::providers::llm::Llm::openai(
+            http_client.clone(),
+            &base_url,
+            &key,
+            &config.openai_model,
+        )
     };
     let voice = Arc::new(crate::voice::Voice {
         store: store.clone(),
@@ -310,6 +358,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let voice = voice.clone();
         tasks.spawn(async move {
             for p in cmb_domain::persona::system::system_personas() {
+                // Warmed for every call to come; billed to no call (see the README).
                 if let Err(e) = voice.phrase(&p.draft.voice_id, &p.draft.greeting).await {
                     tracing::warn!(persona = p.id, error = %e, "greeting pre-synthesis failed");
                 }

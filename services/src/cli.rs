@@ -30,7 +30,7 @@ enum Command {
     /// Analysts: read the event log (JetStream or Postgres), print it or reconcile costs.
     Replay {
         #[command(flatten)]
-        range: ReplayRange,
+        range: Box<ReplayRange>,
         #[command(subcommand)]
         command: ReplayCommand,
     },
@@ -177,7 +177,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replay { range, command } => replay(config, range, command).await,
+        Command::Replay { range, command } => replay(config, *range, command).await,
         Command::Migrate => {
             let pool = crate::db::connect(&config.database_url, 2).await?;
             crate::db::migrate(&pool).await?;
@@ -281,18 +281,39 @@ fn parse_time(field: &str, raw: &str, end: bool) -> anyhow::Result<chrono::DateT
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(raw) {
         return Ok(t.with_timezone(&chrono::Utc));
     }
-    let day = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .map_err(|_| anyhow::anyhow!("--{field}: expected YYYY-MM-DD or an ISO 8601 time, got {raw:?}"))?;
-    let day = if end { day.succ_opt().unwrap_or(day) } else { day };
+    let day = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
+        anyhow::anyhow!("--{field}: expected YYYY-MM-DD or an ISO 8601 time, got {raw:?}")
+    })?;
+    let day = if end {
+        day.succ_opt().unwrap_or(day)
+    } else {
+        day
+    };
     Ok(day.and_hms_opt(0, 0, 0).expect("midnight").and_utc())
 }
 
-async fn replay(config: Config, range: ReplayRange, command: ReplayCommand) -> anyhow::Result<ExitCode> {
+async fn replay(
+    config: Config,
+    range: ReplayRange,
+    command: ReplayCommand,
+) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let from = range.from.as_deref().map(|f| parse_time("from", f, false)).transpose()?;
-    let to = range.to.as_deref().map(|t| parse_time("to", t, true)).transpose()?;
+    let from = range
+        .from
+        .as_deref()
+        .map(|f| parse_time("from", f, false))
+        .transpose()?;
+    let to = range
+        .to
+        .as_deref()
+        .map(|t| parse_time("to", t, true))
+        .transpose()?;
     let format = range.format.clone().unwrap_or_else(|| {
-        if std::io::stdout().is_terminal() { "table".into() } else { "json".into() }
+        if std::io::stdout().is_terminal() {
+            "table".into()
+        } else {
+            "json".into()
+        }
     });
     if !["table", "csv", "json"].contains(&format.as_str()) {
         anyhow::bail!("--format: table, csv or json");
@@ -326,13 +347,16 @@ async fn replay(config: Config, range: ReplayRange, command: ReplayCommand) -> a
                 Some(t) => config.stream.type_subjects(t),
                 None => config.stream.all_subjects(),
             };
-            let mut events = cmb_nats::replay::open(&b.js, &config.stream, &filter_subject, start, until)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut events =
+                cmb_nats::replay::open(&b.js, &config.stream, &filter_subject, start, until)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
             tokio::spawn(async move {
                 while let Some(item) = events.recv().await {
                     let e = item.map_err(|e| anyhow::anyhow!("{e}"))?.event;
-                    if to.is_some_and(|t| e.occurred_at >= t) || from.is_some_and(|f| e.occurred_at < f) {
+                    if to.is_some_and(|t| e.occurred_at >= t)
+                        || from.is_some_and(|f| e.occurred_at < f)
+                    {
                         continue;
                     }
                     if tx.send(e).await.is_err() {
@@ -362,7 +386,12 @@ async fn replay(config: Config, range: ReplayRange, command: ReplayCommand) -> a
         }
     }
     reader.await??;
-    if let ReplayCommand::Reconcile { chart, billed, threshold } = command {
+    if let ReplayCommand::Reconcile {
+        chart,
+        billed,
+        threshold,
+    } = command
+    {
         let report = reconciler.report();
         if let Some(path) = chart {
             std::fs::write(&path, crate::replay::chart_svg(&report))?;
@@ -377,23 +406,44 @@ async fn replay(config: Config, range: ReplayRange, command: ReplayCommand) -> a
             let (diffs, total) = crate::replay::compare(&report, &rows, threshold);
             match format.as_str() {
                 "json" => {
-                    serde_json::to_writer(&mut out, &serde_json::json!({ "differences": diffs, "total_difference_cents": total }))?;
+                    serde_json::to_writer(
+                        &mut out,
+                        &serde_json::json!({ "differences": diffs, "total_difference_cents": total }),
+                    )?;
                     writeln!(out)?;
                 }
                 "csv" => {
                     writeln!(out, "kind,call_id,provider,reference,estimated_cents,billed_cents,difference_cents")?;
                     for d in &diffs {
-                        writeln!(out, "{},{},{},{},{},{},{}", d.kind, d.call_id.clone().unwrap_or_default(), d.provider, d.reference,
+                        writeln!(
+                            out,
+                            "{},{},{},{},{},{},{}",
+                            d.kind,
+                            d.call_id.clone().unwrap_or_default(),
+                            d.provider,
+                            d.reference,
                             d.estimated_cents.map(|c| c.to_string()).unwrap_or_default(),
-                            d.billed_cents.map(|c| c.to_string()).unwrap_or_default(), d.difference_cents)?;
+                            d.billed_cents.map(|c| c.to_string()).unwrap_or_default(),
+                            d.difference_cents
+                        )?;
                     }
                 }
                 _ => {
                     for d in &diffs {
-                        writeln!(out, "{:<24} {:<36} {:<10} estimated {:>6} billed {:>6} difference {:>6}",
-                            d.kind, d.call_id.clone().unwrap_or_else(|| d.reference.clone()), d.provider,
-                            d.estimated_cents.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-                            d.billed_cents.map(|c| c.to_string()).unwrap_or_else(|| "-".into()), d.difference_cents)?;
+                        writeln!(
+                            out,
+                            "{:<24} {:<36} {:<10} estimated {:>6} billed {:>6} difference {:>6}",
+                            d.kind,
+                            d.call_id.clone().unwrap_or_else(|| d.reference.clone()),
+                            d.provider,
+                            d.estimated_cents
+                                .map(|c| c.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            d.billed_cents
+                                .map(|c| c.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            d.difference_cents
+                        )?;
                     }
                     writeln!(out, "total difference: {total} cents")?;
                 }

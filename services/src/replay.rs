@@ -34,7 +34,11 @@ pub fn parse_usd_micros(raw: &str) -> Option<i64> {
     if whole.is_empty() && frac.is_empty() {
         return None;
     }
-    let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let mut frac_digits: String = frac.chars().take(7).collect();
     if !frac_digits.chars().all(|c| c.is_ascii_digit()) {
         return None;
@@ -156,7 +160,10 @@ impl Reconciler {
                 let p = &e.payload["StripeEventReceived"];
                 if p["kind"] == "charge.refunded" {
                     let refunded = p["summary"]["amount_refunded"].as_i64().unwrap_or(0);
-                    let pi = p["summary"]["payment_intent"].as_str().unwrap_or("").to_string();
+                    let pi = p["summary"]["payment_intent"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
                     match self.by_intent.get(&pi).and_then(|c| self.calls.get_mut(c)) {
                         Some(line) => line.refunded_cents = line.refunded_cents.max(refunded),
                         None => self.orphan_refunds.push((pi, refunded)),
@@ -168,23 +175,36 @@ impl Reconciler {
     }
 
     fn add_call(&mut self, e: &EventEnvelope) {
-        let Ok(event) = e.decode::<CallEvent>() else { return };
-        let line = self.calls.entry(e.aggregate_id.clone()).or_insert_with(|| CallLine {
-            call_id: e.aggregate_id.clone(),
-            ..Default::default()
-        });
+        let Ok(event) = e.decode::<CallEvent>() else {
+            return;
+        };
+        let line = self
+            .calls
+            .entry(e.aggregate_id.clone())
+            .or_insert_with(|| CallLine {
+                call_id: e.aggregate_id.clone(),
+                ..Default::default()
+            });
         match event {
-            CallEvent::CallRequested { user_id, payment, .. } => {
+            CallEvent::CallRequested {
+                user_id, payment, ..
+            } => {
                 line.requested = true;
                 line.user_id = user_id.to_string();
                 line.day = Some(e.occurred_at.date_naive());
                 if let Payment::Card { payment_intent_id } = payment {
-                    self.by_intent.insert(payment_intent_id.clone(), e.aggregate_id.clone());
+                    self.by_intent
+                        .insert(payment_intent_id.clone(), e.aggregate_id.clone());
                     line.payment_intent = Some(payment_intent_id);
                 }
             }
             CallEvent::CallPlaced { call_sid } => line.call_sid = Some(call_sid),
-            CallEvent::CallEnded { outcome, answered_secs, price_cents, .. } => {
+            CallEvent::CallEnded {
+                outcome,
+                answered_secs,
+                price_cents,
+                ..
+            } => {
                 line.outcome = Some(outcome.as_str().to_string());
                 line.answered_secs = answered_secs;
                 line.price_cents = Some(price_cents);
@@ -192,7 +212,9 @@ impl Reconciler {
             CallEvent::CostRecorded(cost) => {
                 *line.cost_micros.entry(cost.service).or_default() += cost.total_micros;
             }
-            CallEvent::CallSettled { charged_cents, .. } => line.charged_cents = Some(charged_cents),
+            CallEvent::CallSettled { charged_cents, .. } => {
+                line.charged_cents = Some(charged_cents)
+            }
             _ => {}
         }
     }
@@ -210,22 +232,47 @@ impl Reconciler {
             line.margin_cents = line.revenue_cents - line.total_cost_cents;
             let id = line.call_id.clone();
             let mut anomaly = |kind: &'static str, detail: String| {
-                report.anomalies.push(Anomaly { call_id: id.clone(), kind, detail })
+                report.anomalies.push(Anomaly {
+                    call_id: id.clone(),
+                    kind,
+                    detail,
+                })
             };
             if !line.requested {
-                anomaly("cost_without_call", format!("{} cents of cost events for a call never requested", line.total_cost_cents));
+                anomaly(
+                    "cost_without_call",
+                    format!(
+                        "{} cents of cost events for a call never requested",
+                        line.total_cost_cents
+                    ),
+                );
             }
             match (line.price_cents, line.charged_cents) {
                 (Some(price), Some(charged)) if price != charged => anomaly(
                     "charge_differs_from_price",
                     format!("charged {charged} cents for a call priced {price} cents"),
                 ),
-                (Some(_), None) => anomaly("hold_not_settled", "the call ended but its hold was never captured or released".into()),
-                (None, Some(charged)) if charged > 0 => anomaly("capture_without_call", format!("{charged} cents captured for a call that never ended")),
+                (Some(_), None) => anomaly(
+                    "hold_not_settled",
+                    "the call ended but its hold was never captured or released".into(),
+                ),
+                (None, Some(charged)) if charged > 0 => anomaly(
+                    "capture_without_call",
+                    format!("{charged} cents captured for a call that never ended"),
+                ),
                 _ => {}
             }
-            if line.charged_cents.unwrap_or(0) > 0 && line.outcome.as_deref().is_some_and(|o| o != "completed") {
-                anomaly("capture_without_completed_call", format!("charged {} cents for a call that ended {}", line.charged_cents.unwrap_or(0), line.outcome.clone().unwrap_or_default()));
+            if line.charged_cents.unwrap_or(0) > 0
+                && line.outcome.as_deref().is_some_and(|o| o != "completed")
+            {
+                anomaly(
+                    "capture_without_completed_call",
+                    format!(
+                        "charged {} cents for a call that ended {}",
+                        line.charged_cents.unwrap_or(0),
+                        line.outcome.clone().unwrap_or_default()
+                    ),
+                );
             }
             let user = report.per_user.entry(line.user_id.clone()).or_default();
             user.calls += 1;
@@ -284,17 +331,37 @@ pub fn read_billed(path: &std::path::Path) -> anyhow::Result<Vec<Billed>> {
         for (n, line) in lines.enumerate() {
             let f = split_csv(line);
             let get = |i: usize| f.get(i).map(|s| s.trim().to_string()).unwrap_or_default();
-            let micros = parse_usd_micros(&get(b))
-                .ok_or_else(|| anyhow::anyhow!("{source} line {}: billed_usd {:?} is not a decimal", n + 2, get(b)))?;
-            out.push(Billed { provider: get(p).to_lowercase(), reference: get(c), micros, source: source.clone() });
+            let micros = parse_usd_micros(&get(b)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{source} line {}: billed_usd {:?} is not a decimal",
+                    n + 2,
+                    get(b)
+                )
+            })?;
+            out.push(Billed {
+                provider: get(p).to_lowercase(),
+                reference: get(c),
+                micros,
+                source: source.clone(),
+            });
         }
     } else if let (Some(s), Some(pr)) = (col("Sid"), col("Price")) {
         for (n, line) in lines.enumerate() {
             let f = split_csv(line);
             let get = |i: usize| f.get(i).map(|s| s.trim().to_string()).unwrap_or_default();
-            let micros = parse_usd_micros(&get(pr))
-                .ok_or_else(|| anyhow::anyhow!("{source} line {}: Price {:?} is not a decimal", n + 2, get(pr)))?;
-            out.push(Billed { provider: "twilio".into(), reference: get(s), micros: micros.abs(), source: source.clone() });
+            let micros = parse_usd_micros(&get(pr)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{source} line {}: Price {:?} is not a decimal",
+                    n + 2,
+                    get(pr)
+                )
+            })?;
+            out.push(Billed {
+                provider: "twilio".into(),
+                reference: get(s),
+                micros: micros.abs(),
+                source: source.clone(),
+            });
         }
     } else {
         anyhow::bail!("{source}: expected a header `provider,call_id,usage_date,quantity,unit,billed_usd` or Twilio's export (Sid, Duration, Price)");
@@ -348,7 +415,11 @@ pub fn compare(report: &Report, billed: &[Billed], threshold: i64) -> (Vec<Diffe
     let providers: HashSet<String> = billed.iter().map(|b| b.provider.clone()).collect();
     for b in billed {
         match by_ref.get(&b.reference) {
-            Some(call) => *billed_per.entry((call.call_id.clone(), b.provider.clone())).or_default() += b.micros,
+            Some(call) => {
+                *billed_per
+                    .entry((call.call_id.clone(), b.provider.clone()))
+                    .or_default() += b.micros
+            }
             None => diffs.push(Difference {
                 call_id: None,
                 provider: b.provider.clone(),
@@ -364,7 +435,9 @@ pub fn compare(report: &Report, billed: &[Billed], threshold: i64) -> (Vec<Diffe
     for c in &report.calls {
         for provider in &providers {
             let estimated = c.cost_cents.get(provider).copied();
-            let billed = billed_per.get(&(c.call_id.clone(), provider.clone())).map(|m| micros_to_cents(*m));
+            let billed = billed_per
+                .get(&(c.call_id.clone(), provider.clone()))
+                .map(|m| micros_to_cents(*m));
             let (kind, diff) = match (estimated, billed) {
                 (None, None) => continue,
                 (Some(e), None) if e != 0 => ("missing_from_bill", -e),
@@ -422,7 +495,11 @@ pub fn write_report(out: &mut dyn Write, report: &Report, format: &str) -> std::
             Ok(())
         }
         _ => {
-            writeln!(out, "{:<36}  {:<10}  {:>9}  {:>9}  {:>9}", "call", "outcome", "revenue", "cost", "margin")?;
+            writeln!(
+                out,
+                "{:<36}  {:<10}  {:>9}  {:>9}  {:>9}",
+                "call", "outcome", "revenue", "cost", "margin"
+            )?;
             for c in &report.calls {
                 writeln!(
                     out,
@@ -441,7 +518,12 @@ pub fn write_report(out: &mut dyn Write, report: &Report, format: &str) -> std::
             writeln!(out, "per day:")?;
             for (d, line) in &report.per_day {
                 let cost: i64 = line.cost_cents.values().sum();
-                writeln!(out, "  {d}  revenue {:>10}  cost {:>10}", dollars(line.revenue_cents), dollars(cost))?;
+                writeln!(
+                    out,
+                    "  {d}  revenue {:>10}  cost {:>10}",
+                    dollars(line.revenue_cents),
+                    dollars(cost)
+                )?;
             }
             writeln!(
                 out,
@@ -464,7 +546,9 @@ pub fn write_report(out: &mut dyn Write, report: &Report, format: &str) -> std::
 pub fn chart_svg(report: &Report) -> String {
     let days: Vec<(&NaiveDate, &DayLine)> = report.per_day.iter().collect();
     let providers: Vec<String> = report.per_provider.keys().cloned().collect();
-    let colours = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948"];
+    let colours = [
+        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948",
+    ];
     let max = days
         .iter()
         .map(|(_, d)| d.revenue_cents.max(d.cost_cents.values().sum()))
@@ -474,8 +558,13 @@ pub fn chart_svg(report: &Report) -> String {
     let (w, h, left, bottom) = (900.0, 400.0, 70.0, 40.0);
     let bw = ((w - left - 20.0) / days.len().max(1) as f64).max(2.0);
     let y = |cents: f64| h - bottom - (cents / max) * (h - bottom - 20.0);
-    let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#);
-    svg.push_str(&format!(r#"<text x="{left}" y="14">cost per day by provider (bars), revenue (line); max {}</text>"#, dollars(max as i64)));
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    svg.push_str(&format!(
+        r#"<text x="{left}" y="14">cost per day by provider (bars), revenue (line); max {}</text>"#,
+        dollars(max as i64)
+    ));
     let mut points = Vec::new();
     for (i, (day, line)) in days.iter().enumerate() {
         let x = left + i as f64 * bw;
@@ -490,9 +579,16 @@ pub fn chart_svg(report: &Report) -> String {
             }
             acc += c;
         }
-        points.push(format!("{:.1},{:.1}", x + bw * 0.4, y(line.revenue_cents as f64)));
+        points.push(format!(
+            "{:.1},{:.1}",
+            x + bw * 0.4,
+            y(line.revenue_cents as f64)
+        ));
     }
-    svg.push_str(&format!(r##"<polyline points="{}" fill="none" stroke="#222" stroke-width="2"/>"##, points.join(" ")));
+    svg.push_str(&format!(
+        r##"<polyline points="{}" fill="none" stroke="#222" stroke-width="2"/>"##,
+        points.join(" ")
+    ));
     for (p, provider) in providers.iter().enumerate() {
         svg.push_str(&format!(
             r#"<rect x="{}" y="{}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{provider}</text>"#,
@@ -513,7 +609,9 @@ pub async fn from_postgres(
     let mut after = crate::outbox::CommitPosition::default();
     loop {
         let batch = crate::outbox::read_committed(pool, after, 5_000).await?;
-        let Some(last) = batch.last() else { return Ok(()) };
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
         after = crate::outbox::CommitPosition::of(last);
         for e in batch {
             if from.is_some_and(|f| e.occurred_at < f) || to.is_some_and(|t| e.occurred_at >= t) {

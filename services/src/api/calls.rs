@@ -719,7 +719,9 @@ pub async fn get_one(
     .bind(id)
     .fetch_all(&state.pool)
     .await?;
-    Ok(axum::Json(json!({ "call": call, "timeline": timeline, "transcript": transcript })))
+    Ok(axum::Json(
+        json!({ "call": call, "timeline": timeline, "transcript": transcript }),
+    ))
 }
 
 #[derive(Deserialize)]

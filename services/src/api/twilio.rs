@@ -151,9 +151,9 @@ pub async fn answer(
             .bind(&id)
             .fetch_optional(&state.pool)
             .await?;
-    let greeting: Option<String> = match persona_id {
+    let persona: Option<(String, String)> = match persona_id {
         Some(p) => {
-            sqlx::query_scalar("SELECT greeting FROM rm_personas WHERE id = $1")
+            sqlx::query_as("SELECT greeting, voice_id FROM rm_personas WHERE id = $1")
                 .bind(p)
                 .fetch_optional(&state.pool)
                 .await?
@@ -161,11 +161,39 @@ pub async fn answer(
         None => None,
     };
     // Warm the greeting while Twilio opens the stream (usually cached already).
-    if let (Some(greeting), Some(voice_id)) = (greeting, voice_id) {
+    if let Some((greeting, voice_id)) = persona {
         let voice = state.voice.clone();
+        let call_id = id.clone();
+        let prices = call
+            .prices
+            .unwrap_or(cmb_domain::pricing::PriceTable::LAUNCH);
         tokio::spawn(async move {
-            if let Err(e) = voice.phrase(&voice_id, &greeting).await {
-                tracing::warn!(error = %e, "greeting pre-synthesis failed");
+            match voice.phrase(&voice_id, &greeting).await {
+                // Synthesised for this call: its cost is this call's.
+                Ok((_, chars)) if chars > 0 => {
+                    let cost = cmb_domain::call::Cost::priced(
+                        "elevenlabs",
+                        "tts-characters",
+                        chars as i64,
+                        "character",
+                        prices.elevenlabs_per_thousand_chars_micros,
+                        1000,
+                        false,
+                    );
+                    let ctx = CommandContext::for_request(
+                        uuid::Uuid::new_v4().to_string(),
+                        Actor::Worker("voice".into()),
+                    );
+                    if let Err(e) = voice
+                        .store
+                        .execute::<Call>(&call_id, CallCommand::RecordCost(cost), &ctx)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "recording the greeting's cost failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "greeting pre-synthesis failed"),
             }
         });
     }
@@ -179,7 +207,6 @@ pub async fn answer(
         xml_escape(&ws_base),
         xml_escape(&id)
     );
-    let _ = call;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
 }
 

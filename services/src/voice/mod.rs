@@ -69,11 +69,11 @@ pub struct Voice {
 
 impl Voice {
     /// Audio for a fixed phrase, from the cache or synthesised once (the greeting is warmed
-    /// while the phone rings).
-    pub async fn phrase(&self, voice_id: &str, text: &str) -> anyhow::Result<Bytes> {
+    /// while the phone rings), and the characters this call to it was billed (0 from cache).
+    pub async fn phrase(&self, voice_id: &str, text: &str) -> anyhow::Result<(Bytes, u64)> {
         let key = (voice_id.to_string(), text.to_string());
         if let Some(audio) = self.tts_cache.lock().expect("cache").get(&key) {
-            return Ok(audio.clone());
+            return Ok((audio.clone(), 0));
         }
         let audio = self
             .elevenlabs
@@ -84,7 +84,7 @@ impl Voice {
             .lock()
             .expect("cache")
             .insert(key, audio.clone());
-        Ok(audio)
+        Ok((audio, text.chars().count() as u64))
     }
 }
 
@@ -112,10 +112,11 @@ async fn load_context(voice: &Voice, call_id: &str, call_sid: &str) -> anyhow::R
     let user_id = call
         .user_id
         .ok_or_else(|| anyhow::anyhow!("no call {call_id}"))?;
-    let persona_id: String = sqlx::query_scalar("SELECT persona_id FROM rm_calls WHERE id = $1::uuid")
-        .bind(call_id)
-        .fetch_one(voice.store.pool())
-        .await?;
+    let persona_id: String =
+        sqlx::query_scalar("SELECT persona_id FROM rm_calls WHERE id = $1::uuid")
+            .bind(call_id)
+            .fetch_one(voice.store.pool())
+            .await?;
     let (persona, _) = voice
         .store
         .load::<Persona>(&persona_id)
@@ -133,7 +134,9 @@ async fn load_context(voice: &Voice, call_id: &str, call_sid: &str) -> anyhow::R
         persona.system_prompt
     );
     if let Some(extra) = custom.custom_prompt {
-        system_prompt.push_str(&format!("\n\nThe caller asked you to keep in mind: {extra}"));
+        system_prompt.push_str(&format!(
+            "\n\nThe caller asked you to keep in mind: {extra}"
+        ));
     }
     let tt = persona.turn_taking;
     Ok(Context {
@@ -163,11 +166,27 @@ struct Usage {
 }
 
 enum Pipe {
-    FirstToken { turn: u64, at: Instant, provider: &'static str, fell_back: bool },
-    TtsFirstByte { turn: u64, at: Instant },
-    Text { turn: u64, text: String },
-    Done { turn: u64 },
-    Failed { turn: u64, reason: String },
+    FirstToken {
+        turn: u64,
+        at: Instant,
+        provider: &'static str,
+        fell_back: bool,
+    },
+    TtsFirstByte {
+        turn: u64,
+        at: Instant,
+    },
+    Text {
+        turn: u64,
+        text: String,
+    },
+    Done {
+        turn: u64,
+    },
+    Failed {
+        turn: u64,
+        reason: String,
+    },
 }
 
 struct Reply {
@@ -175,7 +194,6 @@ struct Reply {
     task: JoinHandle<()>,
     text: String,
     endpoint_at: Instant,
-    stt_final_ms: Option<u32>,
     timings: TurnTimings,
     provider: &'static str,
     fell_back: bool,
@@ -203,7 +221,10 @@ fn is_backchannel(text: &str) -> bool {
     ];
     let words: Vec<String> = text
         .split_whitespace()
-        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '-').to_lowercase())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric() && c != '-')
+                .to_lowercase()
+        })
         .filter(|w| !w.is_empty())
         .collect();
     !words.is_empty() && words.len() <= 2 && words.iter().all(|w| WORDS.contains(&w.as_str()))
@@ -241,7 +262,9 @@ fn take_sentences(buffer: &mut String) -> Option<String> {
 }
 
 fn ms(from: Instant, to: Instant) -> u32 {
-    to.saturating_duration_since(from).as_millis().min(u32::MAX as u128) as u32
+    to.saturating_duration_since(from)
+        .as_millis()
+        .min(u32::MAX as u128) as u32
 }
 
 fn parse(msg: &Message) -> Option<Value> {
@@ -253,10 +276,11 @@ fn parse(msg: &Message) -> Option<Value> {
 
 /// Deletes transcripts older than `days` days. Returns how many lines went.
 pub async fn purge_transcripts(pool: &sqlx::PgPool, days: u32) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM call_transcripts WHERE at < now() - make_interval(days => $1)")
-        .bind(days as i32)
-        .execute(pool)
-        .await?;
+    let done =
+        sqlx::query("DELETE FROM call_transcripts WHERE at < now() - make_interval(days => $1)")
+            .bind(days as i32)
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected())
 }
 
@@ -273,7 +297,11 @@ pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> anyhow::Result<()> {
             Some("start") => {
                 let start = &v["start"];
                 break (
-                    start["streamSid"].as_str().or(v["streamSid"].as_str()).unwrap_or("").to_string(),
+                    start["streamSid"]
+                        .as_str()
+                        .or(v["streamSid"].as_str())
+                        .unwrap_or("")
+                        .to_string(),
                     start["callSid"].as_str().unwrap_or("").to_string(),
                     start["customParameters"].clone(),
                 );
@@ -292,7 +320,9 @@ pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> anyhow::Result<()> {
     };
     let ctx = load_context(&voice, &call_id, &call_sid).await?;
     tracing::info!(call = %call_id, %stream_sid, "voice session started");
-    Session::new(voice, ctx, sink, stream_sid).run(inbound).await
+    Session::new(voice, ctx, sink, stream_sid)
+        .run(inbound)
+        .await
 }
 
 struct Session {
@@ -527,7 +557,9 @@ impl Session {
     /// The caller spoke over the persona: stop the audio at once, cancel the reply, keep what
     /// was heard.
     async fn barge_in(&mut self) {
-        let Some(reply) = self.reply.take() else { return };
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
         let _ = self.out.send(Out::Clear).await;
         // Late audio of the old turn is now dropped by the writer.
         self.current_turn.store(self.next_turn, Ordering::Release);
@@ -555,7 +587,11 @@ impl Session {
         }
         self.transcript.push(Line {
             speaker: "persona",
-            text: if interrupted { heard } else { reply.text.clone() },
+            text: if interrupted {
+                heard
+            } else {
+                reply.text.clone()
+            },
             cut_off: interrupted,
             at: chrono::Utc::now(),
         });
@@ -614,7 +650,6 @@ impl Session {
             task,
             text: String::new(),
             endpoint_at,
-            stt_final_ms: started.map(|s| ms(s, endpoint_at)),
             timings: TurnTimings {
                 stt_final_ms: started.map(|s| ms(s, endpoint_at)),
                 ..Default::default()
@@ -643,19 +678,28 @@ impl Session {
         let out = self.out.clone();
         let pipe = self.pipe_tx.clone();
         let phrase = text.to_string();
-        let usage = Arc::new(Mutex::new(Usage {
-            tts_chars: text.chars().count() as u64,
-            ..Default::default()
-        }));
+        let usage = Arc::new(Mutex::new(Usage::default()));
+        let billed = usage.clone();
         let task = tokio::spawn(async move {
             match voice.phrase(&voice_id, &phrase).await {
-                Ok(audio) => {
-                    let _ = pipe.send(Pipe::TtsFirstByte { turn, at: Instant::now() }).await;
+                Ok((audio, chars)) => {
+                    billed.lock().expect("usage").tts_chars += chars;
+                    let _ = pipe
+                        .send(Pipe::TtsFirstByte {
+                            turn,
+                            at: Instant::now(),
+                        })
+                        .await;
                     let _ = out.send(Out::Audio { turn, audio }).await;
                     let _ = out.send(Out::Mark { turn }).await;
                 }
                 Err(e) => {
-                    let _ = pipe.send(Pipe::Failed { turn, reason: e.to_string() }).await;
+                    let _ = pipe
+                        .send(Pipe::Failed {
+                            turn,
+                            reason: e.to_string(),
+                        })
+                        .await;
                 }
             }
             let _ = pipe.send(Pipe::Done { turn }).await;
@@ -665,7 +709,6 @@ impl Session {
             task,
             text: text.to_string(),
             endpoint_at: Instant::now(),
-            stt_final_ms: None,
             timings: TurnTimings::default(),
             provider: "",
             fell_back: false,
@@ -678,9 +721,16 @@ impl Session {
     }
 
     async fn on_pipe(&mut self, p: Pipe) {
-        let Some(reply) = self.reply.as_mut() else { return };
+        let Some(reply) = self.reply.as_mut() else {
+            return;
+        };
         match p {
-            Pipe::FirstToken { turn, at, provider, fell_back } if turn == reply.turn => {
+            Pipe::FirstToken {
+                turn,
+                at,
+                provider,
+                fell_back,
+            } if turn == reply.turn => {
                 reply.timings.llm_first_token_ms = Some(ms(reply.endpoint_at, at));
                 reply.provider = provider;
                 reply.fell_back = fell_back;
@@ -705,7 +755,9 @@ impl Session {
 
     /// The current reply has been said in full.
     async fn reply_over(&mut self) {
-        let Some(reply) = self.reply.take() else { return };
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
         let turn = reply.turn;
         self.close_reply(reply, String::new(), false);
         self.last_activity = Instant::now();
@@ -726,8 +778,11 @@ impl Session {
                     reply.idle = false;
                     reply.timings.first_audio_ms = Some(ms(reply.endpoint_at, at));
                     if !reply.phrase {
-                        metrics::histogram!("cmb_voice_first_audio_ms")
-                            .record(ms(reply.endpoint_at, at) as f64);
+                        metrics::histogram!("cmb_voice_first_audio_ms").record(ms(
+                            reply.endpoint_at,
+                            at,
+                        )
+                            as f64);
                     }
                 }
             }
@@ -807,8 +862,11 @@ impl Session {
         let cap = Duration::from_secs(self.ctx.max_minutes as u64 * 60);
         let elapsed = now.duration_since(self.started);
         if elapsed + Duration::from_secs(4) >= cap {
-            self.say_goodbye("paid duration reached", "That's our time for today. Talk soon, bye!")
-                .await;
+            self.say_goodbye(
+                "paid duration reached",
+                "That's our time for today. Talk soon, bye!",
+            )
+            .await;
             return;
         }
         if now >= self.next_budget_check {
@@ -823,13 +881,16 @@ impl Session {
                     .await;
                     return;
                 }
-                Err(e) => tracing::warn!(call = %self.ctx.call_id, error = %e, "budget check failed"),
+                Err(e) => {
+                    tracing::warn!(call = %self.ctx.call_id, error = %e, "budget check failed")
+                }
             }
         }
         if !self.warned && elapsed + self.voice.settings.warning_before_end >= cap {
             self.warned = true;
             if !self.speaking() {
-                self.speak_phrase("Just so you know, we have about a minute left.").await;
+                self.speak_phrase("Just so you know, we have about a minute left.")
+                    .await;
             }
         }
         if self.speaking() || !self.pending.is_empty() || self.ending.is_some() {
@@ -837,8 +898,11 @@ impl Session {
         }
         let silent = now.duration_since(self.last_activity);
         if silent >= self.ctx.silence_hangup {
-            self.say_goodbye("silence", "It sounds like you've stepped away. I'll let you go. Bye for now!")
-                .await;
+            self.say_goodbye(
+                "silence",
+                "It sounds like you've stepped away. I'll let you go. Bye for now!",
+            )
+            .await;
         } else if silent >= self.ctx.silence_reminder && !self.reminded {
             self.reminded = true;
             self.speak_phrase("Are you still there?").await;
@@ -934,13 +998,7 @@ impl Session {
             )))
             .await;
         }
-        record(CallCommand::RecordSessionEnd {
-            turns: self.turns,
-            barge_ins: self.barge_ins,
-            early_replies: self.early_replies,
-            reason: reason.clone(),
-        })
-        .await;
+        // The transcript first: the session's end event says everything is recorded.
         let pool = store.pool();
         for (seq, line) in self.transcript.iter().enumerate() {
             sqlx::query(
@@ -956,6 +1014,13 @@ impl Session {
             .execute(pool)
             .await?;
         }
+        record(CallCommand::RecordSessionEnd {
+            turns: self.turns,
+            barge_ins: self.barge_ins,
+            early_replies: self.early_replies,
+            reason: reason.clone(),
+        })
+        .await;
         tracing::info!(call = %self.ctx.call_id, turns = self.turns, barge_ins = self.barge_ins, %reason, "voice session ended");
         Ok(())
     }
@@ -977,7 +1042,9 @@ async fn respond(
         temperature: 0.7,
     };
     // Open TTS while the LLM thinks.
-    let tts = voice.elevenlabs.stream_tts(&voice_id, &voice.settings.tts_model);
+    let tts = voice
+        .elevenlabs
+        .stream_tts(&voice_id, &voice.settings.tts_model);
     let llm = first_token(&voice, &request);
     let (tts, llm) = tokio::join!(tts, llm);
     let (provider, mut rx, first, fell_back) = match llm {
@@ -990,12 +1057,22 @@ async fn respond(
     };
     usage.lock().expect("usage").provider = provider;
     let _ = pipe
-        .send(Pipe::FirstToken { turn, at: Instant::now(), provider, fell_back })
+        .send(Pipe::FirstToken {
+            turn,
+            at: Instant::now(),
+            provider,
+            fell_back,
+        })
         .await;
     let tts = match tts {
         Ok(t) => t,
         Err(e) => {
-            let _ = pipe.send(Pipe::Failed { turn, reason: format!("text-to-speech: {e}") }).await;
+            let _ = pipe
+                .send(Pipe::Failed {
+                    turn,
+                    reason: format!("text-to-speech: {e}"),
+                })
+                .await;
             let _ = pipe.send(Pipe::Done { turn }).await;
             return;
         }
@@ -1012,7 +1089,12 @@ async fn respond(
                 TtsAudio::Chunk(audio) => {
                     if first {
                         first = false;
-                        let _ = pump_pipe.send(Pipe::TtsFirstByte { turn, at: Instant::now() }).await;
+                        let _ = pump_pipe
+                            .send(Pipe::TtsFirstByte {
+                                turn,
+                                at: Instant::now(),
+                            })
+                            .await;
                     }
                     let _ = pump_out.send(Out::Audio { turn, audio }).await;
                     let _ = pump_out.send(Out::Mark { turn }).await;
@@ -1020,7 +1102,12 @@ async fn respond(
                 TtsAudio::Final => break,
                 TtsAudio::Error(e) => {
                     // Never voice an error: stop this reply's audio here.
-                    let _ = pump_pipe.send(Pipe::Failed { turn, reason: format!("text-to-speech: {e}") }).await;
+                    let _ = pump_pipe
+                        .send(Pipe::Failed {
+                            turn,
+                            reason: format!("text-to-speech: {e}"),
+                        })
+                        .await;
                     break;
                 }
             }
@@ -1029,17 +1116,24 @@ async fn respond(
     let mut said = String::new();
     let mut buffer = first;
     let mut words = buffer.split_whitespace().count() as u64;
-    let send_text = |said: &mut String, sentence: String| {
-        said.push_str(&sentence);
-        let chars = sentence.chars().count() as u64;
-        usage.lock().expect("usage").tts_chars += chars;
-        sentence
+    // What goes to TTS, counted as ElevenLabs bills it.
+    let send_text = |said: &mut String, sentence: &str| {
+        let chunk = format!("{} ", sentence.trim());
+        said.push_str(&chunk);
+        usage.lock().expect("usage").tts_chars +=
+            crate::providers::elevenlabs::billed_characters(&chunk);
+        chunk
     };
     loop {
         while let Some(sentence) = take_sentences(&mut buffer) {
-            let sentence = send_text(&mut said, sentence);
-            let _ = pipe.send(Pipe::Text { turn, text: said.trim().to_string() }).await;
-            if text_tx.send(format!("{} ", sentence.trim())).await.is_err() {
+            let chunk = send_text(&mut said, &sentence);
+            let _ = pipe
+                .send(Pipe::Text {
+                    turn,
+                    text: said.trim().to_string(),
+                })
+                .await;
+            if text_tx.send(chunk).await.is_err() {
                 break;
             }
         }
@@ -1049,7 +1143,10 @@ async fn respond(
                 usage.lock().expect("usage").words = words;
                 buffer.push_str(&d);
             }
-            Some(LlmChunk::Usage { prompt_tokens, completion_tokens }) => {
+            Some(LlmChunk::Usage {
+                prompt_tokens,
+                completion_tokens,
+            }) => {
                 let mut u = usage.lock().expect("usage");
                 u.prompt_tokens = prompt_tokens as u64;
                 u.completion_tokens = completion_tokens as u64;
@@ -1063,9 +1160,14 @@ async fn respond(
     }
     let rest = buffer.trim().to_string();
     if !rest.is_empty() {
-        let rest = send_text(&mut said, format!(" {rest}"));
-        let _ = pipe.send(Pipe::Text { turn, text: said.trim().to_string() }).await;
-        let _ = text_tx.send(format!("{} ", rest.trim())).await;
+        let chunk = send_text(&mut said, &rest);
+        let _ = pipe
+            .send(Pipe::Text {
+                turn,
+                text: said.trim().to_string(),
+            })
+            .await;
+        let _ = text_tx.send(chunk).await;
     }
     drop(text_tx);
     let _ = pump.await;
@@ -1078,7 +1180,11 @@ async fn first_token(
     voice: &Voice,
     request: &ChatRequest,
 ) -> Result<(&'static str, mpsc::Receiver<LlmChunk>, String, bool), String> {
-    async fn attempt(llm: &Llm, request: &ChatRequest, bound: Duration) -> Result<(mpsc::Receiver<LlmChunk>, String), String> {
+    async fn attempt(
+        llm: &Llm,
+        request: &ChatRequest,
+        bound: Duration,
+    ) -> Result<(mpsc::Receiver<LlmChunk>, String), String> {
         let deadline = Instant::now() + bound;
         let mut rx = tokio::time::timeout_at(deadline, llm.stream(request))
             .await
@@ -1086,11 +1192,18 @@ async fn first_token(
             .map_err(|e| format!("{}: {e}", llm.provider()))?;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) => return Err(format!("{}: no first token within {bound:?}", llm.provider())),
+                Err(_) => {
+                    return Err(format!(
+                        "{}: no first token within {bound:?}",
+                        llm.provider()
+                    ))
+                }
                 Ok(Some(LlmChunk::Delta(d))) if !d.is_empty() => return Ok((rx, d)),
                 Ok(Some(LlmChunk::Delta(_))) | Ok(Some(LlmChunk::Usage { .. })) => continue,
                 Ok(Some(LlmChunk::Error(e))) => return Err(format!("{}: {e}", llm.provider())),
-                Ok(Some(LlmChunk::Done)) | Ok(None) => return Err(format!("{}: empty reply", llm.provider())),
+                Ok(Some(LlmChunk::Done)) | Ok(None) => {
+                    return Err(format!("{}: empty reply", llm.provider()))
+                }
             }
         }
     }
@@ -1128,14 +1241,20 @@ mod tests {
     #[test]
     fn heard_text_is_cut_at_a_word() {
         assert_eq!(heard_prefix("Hello there, my friend.", 9), "Hello");
-        assert_eq!(heard_prefix("Hello there, my friend.", 100), "Hello there, my friend.");
+        assert_eq!(
+            heard_prefix("Hello there, my friend.", 100),
+            "Hello there, my friend."
+        );
         assert_eq!(heard_prefix("Hello", 2), "");
     }
 
     #[test]
     fn sentences_split_where_a_reply_can_be_voiced() {
         let mut b = "Sure. Let me think! What about".to_string();
-        assert_eq!(take_sentences(&mut b).as_deref(), Some("Sure. Let me think!"));
+        assert_eq!(
+            take_sentences(&mut b).as_deref(),
+            Some("Sure. Let me think!")
+        );
         assert_eq!(b, " What about");
         let mut b = "3.5 miles".to_string();
         assert_eq!(take_sentences(&mut b), None);

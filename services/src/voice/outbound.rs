@@ -22,9 +22,14 @@ pub const FRAME_BYTES: usize = 160;
 pub const FRAME: Duration = Duration::from_millis(20);
 
 pub enum Out {
-    Audio { turn: u64, audio: Bytes },
+    Audio {
+        turn: u64,
+        audio: Bytes,
+    },
     /// A mark named `<turn>:<frames of this turn queued before it>`.
-    Mark { turn: u64 },
+    Mark {
+        turn: u64,
+    },
     /// Drop everything queued and tell Twilio to drop what it buffered.
     Clear,
     Close,
@@ -33,11 +38,19 @@ pub enum Out {
 /// What the writer reports to the session.
 #[derive(Debug)]
 pub enum Sent {
-    FirstFrame { turn: u64, at: Instant },
+    FirstFrame {
+        turn: u64,
+        at: Instant,
+    },
     /// Audio resumed after the queue had run dry.
-    Playing { turn: u64 },
+    Playing {
+        turn: u64,
+    },
     /// Nothing left to play.
-    Drained { turn: u64, at: Instant },
+    Drained {
+        turn: u64,
+        at: Instant,
+    },
 }
 
 enum Item {
