@@ -155,6 +155,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         settings: config.stream.clone(),
         consumer_prefix: config.consumer_prefix.clone(),
         lag: lag.clone(),
+        ack_wait: config.worker_ack_wait,
     });
     let defined = define_system_personas(&store).await?;
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);

@@ -24,6 +24,9 @@ pub struct Projector {
     pub settings: StreamSettings,
     pub consumer_prefix: String,
     pub lag: LagBoard,
+    /// How long a delivered message may go unacknowledged (a dead instance's messages come
+    /// back after this).
+    pub ack_wait: Duration,
 }
 
 impl Projector {
@@ -47,7 +50,9 @@ impl Projector {
 
     async fn run(self: Arc<Self>, projection: Arc<dyn Projection>, shutdown: CancellationToken) {
         let name = projection.name();
-        let spec = DurableSpec::all_events(&self.settings, &self.durable_name(projection.as_ref()));
+        let mut spec =
+            DurableSpec::all_events(&self.settings, &self.durable_name(projection.as_ref()));
+        spec.ack_wait = self.ack_wait;
         while !shutdown.is_cancelled() {
             if let Err(e) = self.consume(projection.as_ref(), &spec, &shutdown).await {
                 tracing::warn!(projection = name, error = %e, "projector stopped; restarting");
