@@ -107,12 +107,17 @@ pub async fn run(
                         partial.clear();
                     }
                     partial.extend_from_slice(&audio);
+                    let idle = queue.is_empty() && playing.is_none();
                     while partial.len() >= FRAME_BYTES {
                         let mut frame = [0u8; FRAME_BYTES];
                         frame.copy_from_slice(&partial[..FRAME_BYTES]);
                         partial.drain(..FRAME_BYTES);
                         queue.push_back(Item::Frame(turn, frame));
                         frames_in_turn += 1;
+                    }
+                    // Nothing was playing: start now rather than at the next tick.
+                    if idle && !queue.is_empty() {
+                        tick.reset_immediately();
                     }
                 }
                 Some(Out::Mark { turn }) => {
