@@ -154,6 +154,10 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     // Three turns with their timings.
     let turns = events_of(&app, &id, "TurnCompleted").await;
     assert_eq!(turns.len(), 3, "{turns:?}");
+    // The greeting was synthesised while the phone rang: it starts at once.
+    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    let greeting = end[0]["VoiceSessionEnded"]["greeting_ms"].as_u64().unwrap();
+    assert!(greeting < 300, "greeting after {greeting} ms");
     for t in &turns {
         let t = &t["TurnCompleted"];
         assert_eq!(t["interrupted"], false);
@@ -228,6 +232,13 @@ async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
     );
     let end = events_of(&app, &id, "VoiceSessionEnded").await;
     assert_eq!(end[0]["VoiceSessionEnded"]["barge_ins"], 1, "{end:?}");
+    let stop = end[0]["VoiceSessionEnded"]["barge_in_stop_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        stop <= 100,
+        "outbound audio stopped {stop} ms after the caller was heard"
+    );
     let sim = app.sims.twilio.as_ref().unwrap();
     assert!(sim.calls()[0].clears_received >= 1);
     app.stop().await;
@@ -303,6 +314,102 @@ async fn silence_gets_a_reminder_then_a_goodbye_and_a_hang_up() {
     })
     .await;
     assert!(done.is_some(), "Twilio ended the call after our hang-up");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "300")
+        .set("SIM_TWILIO_CALLER_TURNS", "0:300000");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 120_000, 300_000)).await;
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 1 }),
+        )
+        .await;
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let completed = eventually(Duration::from_secs(75), || async {
+        let row: Option<(String, i32)> =
+            sqlx::query_as("SELECT status, billed_minutes FROM rm_calls WHERE id = $1::uuid AND charged_cents IS NOT NULL")
+                .bind(&id)
+                .fetch_optional(&app.state.pool)
+                .await
+                .unwrap();
+        row
+    })
+    .await;
+    assert_eq!(
+        completed,
+        Some(("completed".to_string(), 1)),
+        "ended within the paid minute"
+    );
+    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    assert_eq!(
+        end[0]["VoiceSessionEnded"]["reason"],
+        "paid duration reached"
+    );
+    let call = user.get(&format!("/api/calls/{id}")).await;
+    let said: Vec<String> = lines(&call.body).into_iter().map(|l| l.1).collect();
+    assert!(
+        said.iter().any(|l| l.contains("about a minute left")),
+        "{said:?}"
+    );
+    assert!(said.last().unwrap().contains("our time"), "{said:?}");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_lowered_during_a_call_ends_it_gracefully() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "300")
+        .set("SIM_TWILIO_CALLER_TURNS", "0:300000");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 120_000, 300_000)).await;
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 5 }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    // Once the call is under way, the user lowers their daily limit below its price.
+    let answered = eventually(Duration::from_secs(10), || async {
+        let s: String = sqlx::query_scalar("SELECT status FROM rm_calls WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+        (s == "in-progress").then_some(())
+    })
+    .await;
+    assert!(answered.is_some());
+    assert_eq!(
+        user.put("/api/user/budget", json!({ "max_daily_spend_cents": 50 }))
+            .await
+            .status,
+        200
+    );
+    let ended = eventually(Duration::from_secs(40), || async {
+        let e = events_of(&app, &id, "VoiceSessionEnded").await;
+        e.first().cloned()
+    })
+    .await
+    .expect("the session ended");
+    assert_eq!(ended["VoiceSessionEnded"]["reason"], "budget reached");
     app.stop().await;
     env.cleanup().await;
 }

@@ -217,6 +217,8 @@ pub enum CallCommand {
         barge_ins: u32,
         early_replies: u32,
         reason: String,
+        greeting_ms: Option<u32>,
+        barge_in_stop_ms: Option<u32>,
     },
 }
 
@@ -286,6 +288,12 @@ pub enum CallEvent {
         /// The persona started replying and the caller turned out not to have finished.
         early_replies: u32,
         reason: String,
+        /// From the stream's start to the greeting's first audio frame.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        greeting_ms: Option<u32>,
+        /// The longest time from hearing the caller over the persona to stopping its audio.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        barge_in_stop_ms: Option<u32>,
     },
 }
 
@@ -582,6 +590,8 @@ impl Aggregate for Call {
                 barge_ins,
                 early_replies,
                 reason,
+                greeting_ms,
+                barge_in_stop_ms,
             } => {
                 if self.session_ended {
                     vec![]
@@ -591,6 +601,8 @@ impl Aggregate for Call {
                         barge_ins,
                         early_replies,
                         reason,
+                        greeting_ms,
+                        barge_in_stop_ms,
                     }]
                 }
             }

@@ -352,6 +352,8 @@ struct Session {
     turns: u32,
     barge_ins: u32,
     early_replies: u32,
+    greeting_ms: Option<u32>,
+    barge_in_stop_ms: Option<u32>,
     usage: Vec<Usage>,
     timings: Vec<(u32, TurnTimings, bool, &'static str, bool)>,
     writer: JoinHandle<()>,
@@ -406,6 +408,8 @@ impl Session {
             turns: 0,
             barge_ins: 0,
             early_replies: 0,
+            greeting_ms: None,
+            barge_in_stop_ms: None,
             usage: Vec::new(),
             timings: Vec::new(),
             writer,
@@ -557,10 +561,14 @@ impl Session {
     /// The caller spoke over the persona: stop the audio at once, cancel the reply, keep what
     /// was heard.
     async fn barge_in(&mut self) {
+        let heard_at = Instant::now();
         let Some(reply) = self.reply.take() else {
             return;
         };
         let _ = self.out.send(Out::Clear).await;
+        let stop = ms(heard_at, Instant::now());
+        self.barge_in_stop_ms = Some(self.barge_in_stop_ms.unwrap_or(0).max(stop));
+        metrics::histogram!("cmb_voice_barge_in_stop_ms").record(stop as f64);
         // Late audio of the old turn is now dropped by the writer.
         self.current_turn.store(self.next_turn, Ordering::Release);
         reply.task.abort();
@@ -774,6 +782,11 @@ impl Session {
                 }
             }
             Sent::FirstFrame { turn, at } => {
+                if turn == 1 && self.greeting_ms.is_none() {
+                    self.greeting_ms = Some(ms(self.started, at));
+                    metrics::histogram!("cmb_voice_greeting_ms")
+                        .record(ms(self.started, at) as f64);
+                }
                 if let Some(reply) = self.reply.as_mut().filter(|r| r.turn == turn) {
                     reply.idle = false;
                     reply.timings.first_audio_ms = Some(ms(reply.endpoint_at, at));
@@ -886,12 +899,15 @@ impl Session {
                 }
             }
         }
-        if !self.warned && elapsed + self.voice.settings.warning_before_end >= cap {
+        // The warning waits for the persona to finish what it is saying.
+        if !self.warned
+            && !self.speaking()
+            && self.ending.is_none()
+            && elapsed + self.voice.settings.warning_before_end >= cap
+        {
             self.warned = true;
-            if !self.speaking() {
-                self.speak_phrase("Just so you know, we have about a minute left.")
-                    .await;
-            }
+            self.speak_phrase("Just so you know, we have about a minute left.")
+                .await;
         }
         if self.speaking() || !self.pending.is_empty() || self.ending.is_some() {
             return;
@@ -1019,6 +1035,8 @@ impl Session {
             barge_ins: self.barge_ins,
             early_replies: self.early_replies,
             reason: reason.clone(),
+            greeting_ms: self.greeting_ms,
+            barge_in_stop_ms: self.barge_in_stop_ms,
         })
         .await;
         tracing::info!(call = %self.ctx.call_id, turns = self.turns, barge_ins = self.barge_ins, %reason, "voice session ended");
