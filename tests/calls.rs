@@ -475,13 +475,46 @@ async fn cancelling_a_scheduled_call_releases_its_hold_unless_it_is_too_late() {
     let me = user.get("/api/auth/me").await;
     assert_eq!(me.body["user"]["credits"], 100, "holds are not spent");
 
-    let (other, _) = api.register(PASSWORD).await;
+    let (other, other_profile) = api.register(PASSWORD).await;
     assert_eq!(
         other
             .delete(&format!("/api/calls/schedule/{}", ids[0]))
             .await
             .status,
         403
+    );
+
+    // A persona with someone's scheduled call to come cannot be deleted; once that call is
+    // cancelled, it can.
+    grant(&app, &other_profile, 100).await;
+    let mine = user
+        .post("/api/personas", common::persona_body("Morning Coach", true))
+        .await;
+    let persona_id = mine.body["persona"]["id"].as_str().unwrap().to_string();
+    let booked = other
+        .post(
+            "/api/calls/schedule",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 1, "scheduled_time": "2027-01-11T08:00:00Z" }),
+        )
+        .await;
+    assert_eq!(booked.status, 201, "{booked:?}");
+    let refused = user.delete(&format!("/api/personas/{persona_id}")).await;
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert_eq!(refused.code(), "persona_scheduled");
+    let booked_id = booked.body["call"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        other
+            .delete(&format!("/api/calls/schedule/{booked_id}"))
+            .await
+            .status,
+        200
+    );
+    wait_for(&app.state.pool, &other, &booked_id, "canceled", false).await;
+    assert_eq!(
+        user.delete(&format!("/api/personas/{persona_id}"))
+            .await
+            .status,
+        200
     );
 
     clock.set(at("2027-01-10T10:56:00Z"));

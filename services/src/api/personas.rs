@@ -542,6 +542,19 @@ pub async fn remove(
     )
     .await?;
     let current = owned(&state, &id, user.id).await?;
+    // Anyone's scheduled call with this persona still to come keeps it.
+    let scheduled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rm_calls WHERE persona_id = $1 AND status = 'scheduled'",
+    )
+    .bind(&id)
+    .fetch_one(&state.pool)
+    .await?;
+    if scheduled > 0 {
+        return Err(ApiError::conflict(
+            "persona_scheduled",
+            format!("this persona has {scheduled} scheduled call(s) to come; cancel them first"),
+        ));
+    }
     let command = PersonaCommand::Delete { by: user.id };
     let committed = state
         .store
