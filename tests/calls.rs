@@ -839,3 +839,75 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     drop(_second);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_scheduled_call_missed_beyond_the_grace_period_expires_and_releases_its_hold() {
+    let env = env().set("SCHEDULE_GRACE_SECS", "600");
+    let clock = callmeback::clock::Clock::manual(at("2027-02-01T09:00:00Z"));
+    let app = env.spawn_app_with(clock).await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let reply = user
+        .post(
+            "/api/calls/schedule",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5, "scheduled_time": "2027-02-01T09:30:00Z" }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    app.stop().await;
+    // Down until 20 minutes after the call's time: past the 10-minute grace.
+    let app = env
+        .spawn_app_with(callmeback::clock::Clock::manual(at("2027-02-01T09:50:00Z")))
+        .await;
+    let user = Api::new(app.addr).with_token(user.token.as_deref().unwrap());
+    let done = wait_for(&app.state.pool, &user, &id, "expired", true).await;
+    assert_eq!(done["call"]["charged_cents"], 0);
+    assert_eq!(
+        app.sims.twilio.as_ref().unwrap().calls().len(),
+        0,
+        "never dialled"
+    );
+    assert!(eventually(Duration::from_secs(5), || async {
+        (credits(&user).await == 100).then_some(())
+    })
+    .await
+    .is_some());
+    let wallet: (i64, i64) = sqlx::query_as("SELECT balance, reserved FROM rm_wallets")
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+    assert_eq!(wallet, (100, 0), "the hold released in full");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_call_twilio_keeps_refusing_fails_after_bounded_retries_and_releases_its_hold() {
+    let env = env()
+        .set("SIM_TWILIO_FAIL_EVERY", "1")
+        .set("WORKER_ACK_WAIT_MS", "2000");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
+        )
+        .await;
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let done = wait_for(&app.state.pool, &user, &id, "failed", true).await;
+    assert_eq!(done["call"]["charged_cents"], 0);
+    assert_eq!(count_events(&app, &id, "DialAttempted").await, 5);
+    assert_eq!(count_events(&app, &id, "DialFailed").await, 5);
+    assert!(eventually(Duration::from_secs(5), || async {
+        (credits(&user).await == 100).then_some(())
+    })
+    .await
+    .is_some());
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -442,6 +442,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         instance_id: config.instance_id.clone(),
         lease_ttl: config.publisher.lease_ttl,
         tick: config.scheduler_tick,
+        grace: config.schedule_grace,
     };
     tasks.spawn(scheduler.run(shutdown.clone()));
 

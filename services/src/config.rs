@@ -75,6 +75,8 @@ pub struct Config {
     pub public_base_url_explicit: bool,
     /// How often the scheduler looks for due calls.
     pub scheduler_tick: Duration,
+    /// A scheduled call found due later than this (the service was down) expires instead.
+    pub schedule_grace: Duration,
     /// How long a worker has to acknowledge a message before JetStream redelivers it.
     pub worker_ack_wait: Duration,
     /// The simulators' settings (`SIM_*` variables).
@@ -297,6 +299,11 @@ impl Config {
                 "SCHEDULER_TICK_MS",
                 get("SCHEDULER_TICK_MS"),
                 1_000,
+            )?),
+            schedule_grace: Duration::from_secs(parse(
+                "SCHEDULE_GRACE_SECS",
+                get("SCHEDULE_GRACE_SECS"),
+                900,
             )?),
             worker_ack_wait: Duration::from_millis(parse(
                 "WORKER_ACK_WAIT_MS",

@@ -23,6 +23,8 @@ pub struct Scheduler {
     pub instance_id: String,
     pub lease_ttl: Duration,
     pub tick: Duration,
+    /// A call found due later than this after its time (the service was down) expires.
+    pub grace: Duration,
 }
 
 impl Scheduler {
@@ -49,8 +51,8 @@ impl Scheduler {
     /// Fires every call whose time has come. Returns how many were fired.
     pub async fn fire_due(&self) -> anyhow::Result<usize> {
         let now = self.clock.now();
-        let due: Vec<String> = sqlx::query_scalar(
-            "SELECT id::text FROM rm_calls WHERE status = 'scheduled' AND scheduled_for <= $1
+        let due: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT id::text, scheduled_for FROM rm_calls WHERE status = 'scheduled' AND scheduled_for <= $1
               ORDER BY scheduled_for LIMIT 500",
         )
         .bind(now)
@@ -61,12 +63,15 @@ impl Scheduler {
             Actor::Worker(LEASE.into()),
         );
         let mut fired = 0;
-        for id in due {
-            match self
-                .store
-                .execute::<Call>(&id, CallCommand::Fire { at: now }, &ctx)
-                .await
-            {
+        let grace = chrono::Duration::from_std(self.grace).unwrap_or_default();
+        for (id, when) in due {
+            let command = if now - when > grace {
+                tracing::warn!(call = %id, %when, "scheduled call expired: its time passed while the service was down");
+                CallCommand::Expire { at: now }
+            } else {
+                CallCommand::Fire { at: now }
+            };
+            match self.store.execute::<Call>(&id, command, &ctx).await {
                 Ok(c) if c.events > 0 => {
                     fired += 1;
                     tracing::info!(call = %id, "scheduled call fired");

@@ -39,6 +39,8 @@ pub enum Outcome {
     NoAnswer,
     Failed,
     Canceled,
+    /// A scheduled call whose time passed while the service was down, past the grace period.
+    Expired,
 }
 
 impl Outcome {
@@ -49,6 +51,7 @@ impl Outcome {
             Outcome::NoAnswer => "no-answer",
             Outcome::Failed => "failed",
             Outcome::Canceled => "canceled",
+            Outcome::Expired => "expired",
         }
     }
 }
@@ -86,6 +89,7 @@ impl Status {
             "no-answer" => Status::Ended(Outcome::NoAnswer),
             "failed" => Status::Ended(Outcome::Failed),
             "canceled" => Status::Ended(Outcome::Canceled),
+            "expired" => Status::Ended(Outcome::Expired),
             _ => return None,
         })
     }
@@ -172,6 +176,10 @@ pub enum CallCommand {
     Request(CallRequest),
     /// The scheduler: the time has come.
     Fire {
+        at: DateTime<Utc>,
+    },
+    /// The scheduler: the time passed too long ago (the service was down); never dialled.
+    Expire {
         at: DateTime<Utc>,
     },
     /// The owner cancels a scheduled call, at least `min_notice` before it.
@@ -459,6 +467,19 @@ impl Aggregate for Call {
             CallCommand::Fire { at } => {
                 if self.status == Some(Status::Scheduled) && !self.fired {
                     vec![CallEvent::ScheduledCallFired { at }]
+                } else {
+                    vec![]
+                }
+            }
+            CallCommand::Expire { at } => {
+                if self.status == Some(Status::Scheduled) && !self.fired {
+                    vec![CallEvent::CallEnded {
+                        outcome: Outcome::Expired,
+                        answered_secs: 0,
+                        billed_minutes: 0,
+                        price_cents: 0,
+                        at,
+                    }]
                 } else {
                     vec![]
                 }
