@@ -158,6 +158,30 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     let end = events_of(&app, &id, "VoiceSessionEnded").await;
     let greeting = end[0]["VoiceSessionEnded"]["greeting_ms"].as_u64().unwrap();
     assert!(greeting < 300, "greeting after {greeting} ms");
+    let e2e = end[0]["VoiceSessionEnded"]["first_audio_ms"]
+        .as_array()
+        .expect("p50/p90/p99");
+    assert_eq!(e2e.len(), 3);
+    assert!(e2e[0].as_u64() <= e2e[2].as_u64());
+
+    // Transcripts go after the retention period.
+    sqlx::query(
+        "UPDATE call_transcripts SET at = now() - interval '31 days' WHERE call_id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&app.state.pool)
+    .await
+    .unwrap();
+    let purged = callmeback::voice::purge_transcripts(&app.state.pool, 30)
+        .await
+        .unwrap();
+    assert_eq!(purged, 7);
+    assert!(
+        user.get(&format!("/api/calls/{id}")).await.body["transcript"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     for t in &turns {
         let t = &t["TurnCompleted"];
         assert_eq!(t["interrupted"], false);

@@ -227,6 +227,7 @@ pub enum CallCommand {
         reason: String,
         greeting_ms: Option<u32>,
         barge_in_stop_ms: Option<u32>,
+        first_audio_ms: Option<[u32; 3]>,
     },
 }
 
@@ -302,6 +303,9 @@ pub enum CallEvent {
         /// The longest time from hearing the caller over the persona to stopping its audio.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         barge_in_stop_ms: Option<u32>,
+        /// End-to-end latency of the call's replies (endpoint to first audio), p50/p90/p99.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first_audio_ms: Option<[u32; 3]>,
     },
 }
 
@@ -613,6 +617,7 @@ impl Aggregate for Call {
                 reason,
                 greeting_ms,
                 barge_in_stop_ms,
+                first_audio_ms,
             } => {
                 if self.session_ended {
                     vec![]
@@ -624,6 +629,7 @@ impl Aggregate for Call {
                         reason,
                         greeting_ms,
                         barge_in_stop_ms,
+                        first_audio_ms,
                     }]
                 }
             }

@@ -1037,6 +1037,16 @@ impl Session {
             reason: reason.clone(),
             greeting_ms: self.greeting_ms,
             barge_in_stop_ms: self.barge_in_stop_ms,
+            first_audio_ms: {
+                let mut e2e: Vec<u32> = self
+                    .timings
+                    .iter()
+                    .filter_map(|t| t.1.first_audio_ms)
+                    .collect();
+                e2e.sort_unstable();
+                let at = |p: f64| e2e[((e2e.len() - 1) as f64 * p).round() as usize];
+                (!e2e.is_empty()).then(|| [at(0.5), at(0.9), at(0.99)])
+            },
         })
         .await;
         tracing::info!(call = %self.ctx.call_id, turns = self.turns, barge_ins = self.barge_ins, %reason, "voice session ended");
