@@ -135,6 +135,14 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let persona_id = persona(&user, "Hi there.", turn_taking(300, 20_000, 40_000)).await;
+    // The simulator's token counts are compared with the call's voice costs: no memory work.
+    let off = user
+        .put(
+            &format!("/api/personas/{persona_id}/customization"),
+            json!({ "memory_enabled": false }),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{off:?}");
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let expected: Vec<(String, String, bool)> = [

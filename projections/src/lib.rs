@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod calls;
+pub mod memory;
 pub mod personas;
 pub mod timeline;
 
@@ -141,6 +142,7 @@ pub fn all() -> Vec<std::sync::Arc<dyn Projection>> {
         std::sync::Arc::new(accounts::Preferences),
         std::sync::Arc::new(accounts::Wallets),
         std::sync::Arc::new(calls::Calls),
+        std::sync::Arc::new(memory::MemoryProjection),
     ]
 }
 

@@ -330,13 +330,22 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
                     .unwrap_or_default(),
             ),
         };
-        crate::providers::llm::Llm::openai(
+        let llm = crate::providers::llm::Llm::openai(
             http_client.clone(),
             &base_url,
             &key,
             &config.openai_model,
-        )
+        );
+        // Embeddings come from the same OpenAI-compatible endpoint.
+        let embeddings = crate::providers::embeddings::Embeddings::new(
+            http_client.clone(),
+            &base_url,
+            &key,
+            &config.embeddings_model,
+        );
+        (llm, embeddings)
     };
+    let (openai, embeddings) = openai;
     let voice = Arc::new(crate::voice::Voice {
         store: store.clone(),
         deepgram,
@@ -353,6 +362,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         },
         tts_cache: Default::default(),
         pacing: Default::default(),
+        memory_prompt_tokens: config.memory_prompt_tokens,
     });
     // Greetings of the system personas are ready before anyone calls.
     {
@@ -402,6 +412,24 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             stream.clone(),
             worker(crate::workers::settlement::NAME, "call"),
             move |event| crate::workers::settlement::handle(store.clone(), stripe.clone(), event),
+            shutdown.clone(),
+        ));
+    }
+    {
+        let memory = crate::workers::memory::MemoryWorker {
+            store: store.clone(),
+            llm: voice.llm.clone(),
+            fallback: voice.fallback.clone(),
+            embeddings,
+        };
+        tasks.spawn(crate::workers::run(
+            crate::workers::memory::NAME,
+            stream.clone(),
+            worker(crate::workers::memory::NAME, "call"),
+            move |event| {
+                let memory = memory.clone();
+                async move { memory.handle(event).await }
+            },
             shutdown.clone(),
         ));
     }

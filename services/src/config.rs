@@ -66,6 +66,10 @@ pub struct Config {
     pub openai: Provider,
     pub cerebras_model: String,
     pub openai_model: String,
+    /// `EMBEDDINGS_MODEL`, on the OpenAI-compatible endpoint (`OPENAI_BASE_URL`).
+    pub embeddings_model: String,
+    /// `MEMORY_PROMPT_TOKENS`: how much of a call's prompt memory may take.
+    pub memory_prompt_tokens: usize,
     pub elevenlabs_model: String,
     /// A reply whose first LLM token is later than this goes to the fallback LLM.
     pub llm_first_token_timeout: Duration,
@@ -283,6 +287,9 @@ impl Config {
             openai: Provider::from(&get, "OPENAI_API_KEY", "OPENAI_BASE_URL"),
             cerebras_model: get("CEREBRAS_MODEL").unwrap_or_else(|| "llama-3.3-70b".into()),
             openai_model: get("OPENAI_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()),
+            embeddings_model: get("EMBEDDINGS_MODEL")
+                .unwrap_or_else(|| crate::providers::embeddings::DEFAULT_MODEL.into()),
+            memory_prompt_tokens: parse("MEMORY_PROMPT_TOKENS", get("MEMORY_PROMPT_TOKENS"), 400)?,
             elevenlabs_model: get("ELEVENLABS_MODEL").unwrap_or_else(|| "eleven_flash_v2_5".into()),
             llm_first_token_timeout: Duration::from_millis(parse(
                 "LLM_FIRST_TOKEN_TIMEOUT_MS",

@@ -370,6 +370,9 @@ pub struct Call {
     pub turns_recorded: Vec<u32>,
     #[serde(default)]
     pub session_ended: bool,
+    /// Who the user called (the memory worker needs it).
+    #[serde(default)]
+    pub persona_id: Option<String>,
 }
 
 impl Call {
@@ -657,6 +660,7 @@ impl Aggregate for Call {
         match event {
             CallEvent::CallRequested {
                 user_id,
+                persona_id,
                 phone,
                 max_minutes,
                 payment,
@@ -666,6 +670,7 @@ impl Aggregate for Call {
                 ..
             } => {
                 self.user_id = Some(user_id);
+                self.persona_id = Some(persona_id);
                 self.phone = Some(phone);
                 self.max_minutes = max_minutes;
                 self.payment = Some(payment);

@@ -6,6 +6,7 @@ pub mod billing;
 pub mod budget;
 pub mod calls;
 pub mod contacts;
+pub mod memory;
 pub mod openapi;
 pub mod personas;
 pub mod twilio;
@@ -35,6 +36,11 @@ pub fn routes() -> Router<AppState> {
             "/personas/{id}/customization",
             get(personas::get_customization).put(personas::customize),
         )
+        .route(
+            "/personas/{id}/memory",
+            get(memory::get).delete(memory::clear),
+        )
+        .route("/personas/{id}/memory/{item_id}", delete(memory::forget))
         .route("/contacts", get(contacts::list).post(contacts::add))
         .route("/contacts/{persona_id}", delete(contacts::remove))
         .route("/call", post(calls::trigger))

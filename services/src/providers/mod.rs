@@ -3,6 +3,7 @@
 
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod embeddings;
 pub mod llm;
 pub mod stripe;
 pub mod twilio;

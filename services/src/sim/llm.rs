@@ -3,9 +3,10 @@
 //! deterministically from the last user message and streamed a word at a time at a set pace, so
 //! latency, cancellation and token accounting can be tested without either provider.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -31,6 +32,9 @@ pub struct Settings {
     pub tokens_per_sec: u32,
     /// A fixed reply instead of the generated one.
     pub reply: Option<String>,
+    /// The answer to memory extraction requests (`SIM_<NAME>_EXTRACTION_REPLY`), when no
+    /// scripted one is queued (see [`LlmSim::set_extraction_reply`]).
+    pub extraction_reply: Option<String>,
     /// Every n-th request answers 500 with an OpenAI-style error (0: never).
     pub fail_every: u64,
     /// Every n-th request sends its headers, then nothing for 10 s (0: never).
@@ -53,6 +57,8 @@ impl Settings {
             first_token: Duration::from_millis(number("FIRST_TOKEN_MS", 150)),
             tokens_per_sec: number("TOKENS_PER_SEC", 400).clamp(1, 100_000) as u32,
             reply: get(&format!("SIM_{name}_REPLY")).filter(|r| !r.trim().is_empty()),
+            extraction_reply: get(&format!("SIM_{name}_EXTRACTION_REPLY"))
+                .filter(|r| !r.trim().is_empty()),
             fail_every: number("FAIL_EVERY", 0),
             stall_every: number("STALL_EVERY", 0),
             // FAIL_EVERY belongs to this simulator's own 500s, not to `Faults`' 503s.
@@ -72,7 +78,17 @@ struct Shared {
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     active_streams: AtomicU64,
+    /// Scripted answers to extraction requests, consumed in order.
+    extraction_replies: Mutex<VecDeque<String>>,
+    /// Every chat request's messages, (role, content), in arrival order.
+    log: Mutex<Vec<Vec<(String, String)>>>,
+    embedding_tokens: AtomicU64,
 }
+
+/// The marker of a memory extraction prompt (the memory worker puts it in its prompt).
+pub const EXTRACTION_MARKER: &str = "MEMORY_EXTRACTION";
+/// What an extraction request gets when nothing was scripted: nothing learned.
+const EMPTY_EXTRACTION: &str = r#"{"facts":[],"summary":"","open_items":[],"closed_items":[]}"#;
 
 impl LlmSim {
     pub fn new(settings: Settings) -> Self {
@@ -83,6 +99,9 @@ impl LlmSim {
                 prompt_tokens: AtomicU64::new(0),
                 completion_tokens: AtomicU64::new(0),
                 active_streams: AtomicU64::new(0),
+                extraction_replies: Mutex::new(VecDeque::new()),
+                log: Mutex::new(Vec::new()),
+                embedding_tokens: AtomicU64::new(0),
             }),
         }
     }
@@ -90,6 +109,7 @@ impl LlmSim {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/v1/chat/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings))
             .with_state(self.clone())
     }
 
@@ -105,6 +125,21 @@ impl LlmSim {
 
     pub fn prompt_tokens_total(&self) -> u64 {
         self.shared.prompt_tokens.load(Ordering::Relaxed)
+    }
+
+    /// The next extraction requests answer these, in order (then the default again).
+    pub fn set_extraction_reply(&self, replies: Vec<String>) {
+        *self.shared.extraction_replies.lock().expect("replies") = replies.into();
+    }
+
+    /// Every chat request received so far: its messages as (role, content).
+    pub fn requests_log(&self) -> Vec<Vec<(String, String)>> {
+        self.shared.log.lock().expect("log").clone()
+    }
+
+    /// Input tokens of every embeddings request.
+    pub fn embedding_tokens_total(&self) -> u64 {
+        self.shared.embedding_tokens.load(Ordering::Relaxed)
     }
 
     /// Streams being written right now.
@@ -229,10 +264,27 @@ async fn completions(State(sim): State<LlmSim>, headers: HeaderMap, body: Bytes)
         .unwrap_or(false);
     let prompt = prompt_tokens(&messages);
     shared.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-    let reply = settings
-        .reply
-        .clone()
-        .unwrap_or_else(|| reply_for(&messages));
+    shared.log.lock().expect("log").push(messages.clone());
+    let extraction = messages
+        .iter()
+        .rev()
+        .find(|(role, _)| role == "user" || role == "system")
+        .is_some_and(|(_, content)| content.contains(EXTRACTION_MARKER));
+    let reply = if extraction {
+        let scripted = shared
+            .extraction_replies
+            .lock()
+            .expect("replies")
+            .pop_front();
+        scripted
+            .or_else(|| settings.extraction_reply.clone())
+            .unwrap_or_else(|| EMPTY_EXTRACTION.to_string())
+    } else {
+        settings
+            .reply
+            .clone()
+            .unwrap_or_else(|| reply_for(&messages))
+    };
     let stall = settings.stall_every > 0 && n.is_multiple_of(settings.stall_every);
 
     let (tx, rx) = mpsc::channel::<Bytes>(4);
@@ -265,6 +317,70 @@ async fn completions(State(sim): State<LlmSim>, headers: HeaderMap, body: Bytes)
         body,
     )
         .into_response()
+}
+
+/// `POST /v1/embeddings`: `{"model", "input": string | [string]}` → OpenAI's shape, with the
+/// deterministic hashed vectors of [`cmb_domain::memory::embed`].
+async fn embeddings(State(sim): State<LlmSim>, headers: HeaderMap, body: Bytes) -> Response {
+    sim.shared.settings.faults.apply().await;
+    let authorised = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|k| !k.trim().is_empty());
+    if !authorised {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided.",
+        );
+    }
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            "The request body is not valid JSON.",
+        );
+    };
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                "'input' must be a string or a non-empty array of strings.",
+            )
+        }
+    };
+    let tokens: u64 = inputs
+        .iter()
+        .map(|t| (t.split_whitespace().count() as u64 * 4).div_ceil(3))
+        .sum();
+    sim.shared
+        .embedding_tokens
+        .fetch_add(tokens, Ordering::Relaxed);
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({ "object": "embedding", "index": i,
+                    "embedding": cmb_domain::memory::embed::embed(t) })
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "model": body.get("model").and_then(Value::as_str).unwrap_or("text-embedding-3-small"),
+        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+    }))
+    .into_response()
 }
 
 /// One streamed completion.

@@ -65,7 +65,15 @@ pub struct Voice {
     /// Synthesised fixed phrases (greetings, reminders), by voice and text.
     pub tts_cache: Mutex<HashMap<(String, String), Bytes>>,
     pub pacing: Arc<Pacing>,
+    /// How much of the prompt memory may take, in tokens (`MEMORY_PROMPT_TOKENS`).
+    pub memory_prompt_tokens: usize,
 }
+
+/// The longest a follow-up greeting may take to synthesise before the cached greeting is used.
+const FOLLOW_UP_GREETING_WAIT: Duration = Duration::from_millis(1500);
+/// Facts pulled into a turn, at most, and how similar to the caller's words they must be.
+const RECALL_FACTS: usize = 3;
+const RECALL_FLOOR: f32 = 0.15;
 
 impl Voice {
     /// Audio for a fixed phrase, from the cache or synthesised once (the greeting is warmed
@@ -98,6 +106,10 @@ struct Context {
     voice_id: String,
     system_prompt: String,
     greeting: String,
+    /// The greeting that follows up on an open item (synthesised per call).
+    follow_up: Option<String>,
+    /// Remembered facts not already in the prompt, with their local vectors, for each turn.
+    recall: Vec<(String, Vec<f32>)>,
     endpointing_ms: u32,
     silence_reminder: Duration,
     silence_hangup: Duration,
@@ -138,6 +150,23 @@ async fn load_context(voice: &Voice, call_id: &str, call_sid: &str) -> anyhow::R
             "\n\nThe caller asked you to keep in mind: {extra}"
         ));
     }
+    let (follow_up, recall) = if custom.memory_enabled {
+        let memory = load_memory(voice, user_id, &persona_id).await?;
+        if let Some(section) = &memory.section {
+            system_prompt.push_str("\n\n");
+            system_prompt.push_str(section);
+        }
+        let follow_up = memory.open_items.last().map(|item| {
+            format!(
+                "{} Last time you mentioned {}. How did it go?",
+                persona.greeting.trim_end(),
+                item.trim_end_matches('.')
+            )
+        });
+        (follow_up, memory.recall)
+    } else {
+        (None, Vec::new())
+    };
     let tt = persona.turn_taking;
     Ok(Context {
         call_id: call_id.to_string(),
@@ -148,9 +177,71 @@ async fn load_context(voice: &Voice, call_id: &str, call_sid: &str) -> anyhow::R
         voice_id: custom.voice_override.unwrap_or(persona.voice_id),
         system_prompt,
         greeting: persona.greeting,
+        follow_up,
+        recall,
         endpointing_ms: tt.endpointing_ms,
         silence_reminder: Duration::from_millis(tt.silence_reminder_ms as u64),
         silence_hangup: Duration::from_millis(tt.silence_hangup_ms as u64),
+    })
+}
+
+struct LoadedMemory {
+    section: Option<String>,
+    open_items: Vec<String>,
+    recall: Vec<(String, Vec<f32>)>,
+}
+
+/// What this persona remembers of this user, from the read models: the prompt's memory section
+/// (within the token budget) and the facts left out of it, with vectors for per-turn recall.
+async fn load_memory(
+    voice: &Voice,
+    user_id: uuid::Uuid,
+    persona_id: &str,
+) -> anyhow::Result<LoadedMemory> {
+    let pool = voice.store.pool();
+    let summary: Option<String> = sqlx::query_scalar(
+        "SELECT summary FROM rm_memory_summary WHERE user_id = $1 AND persona_id = $2",
+    )
+    .bind(user_id)
+    .bind(persona_id)
+    .fetch_optional(pool)
+    .await?;
+    let open_items: Vec<String> = sqlx::query_scalar(
+        "SELECT text FROM rm_memory_open_items WHERE user_id = $1 AND persona_id = $2
+          ORDER BY at, id",
+    )
+    .bind(user_id)
+    .bind(persona_id)
+    .fetch_all(pool)
+    .await?;
+    let facts: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, text FROM rm_memory_facts WHERE user_id = $1 AND persona_id = $2
+          ORDER BY at, id",
+    )
+    .bind(user_id)
+    .bind(persona_id)
+    .fetch_all(pool)
+    .await?;
+    let section = cmb_domain::memory::prompt::memory_section(
+        summary.as_deref(),
+        &open_items,
+        &facts,
+        voice.memory_prompt_tokens,
+    );
+    let carried = section.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
+    // Ranked per turn with the local hashed vectors: microseconds, no network call.
+    let recall = facts
+        .into_iter()
+        .filter(|(id, _)| !carried.contains(id))
+        .map(|(_, text)| {
+            let v = cmb_domain::memory::embed::embed(&text);
+            (text, v)
+        })
+        .collect();
+    Ok(LoadedMemory {
+        section: section.map(|(s, _)| s),
+        open_items,
+        recall,
     })
 }
 
@@ -437,6 +528,20 @@ impl Session {
             endpointing_ms: self.ctx.endpointing_ms,
             utterance_end_ms: (self.ctx.endpointing_ms + 700).max(1000),
         };
+        // A follow-up greeting is synthesised while speech-to-text connects.
+        let greeting_ready = Instant::now() + FOLLOW_UP_GREETING_WAIT;
+        let follow_up = self.ctx.follow_up.clone().map(|text| {
+            let voice = self.voice.clone();
+            let voice_id = self.ctx.voice_id.clone();
+            let spoken = text.clone();
+            let task = tokio::spawn(async move {
+                voice
+                    .elevenlabs
+                    .synthesize(&voice_id, &voice.settings.tts_model, &spoken)
+                    .await
+            });
+            (text, task)
+        });
         let stt = self.voice.deepgram.connect(&stt_options).await;
         let (stt_audio, mut stt_events) = match stt {
             Ok(s) => (Some(s.audio), s.events),
@@ -448,7 +553,26 @@ impl Session {
         };
         let mut stt_audio = stt_audio;
         let greeting = self.ctx.greeting.clone();
-        self.speak_phrase(&greeting).await;
+        match follow_up {
+            Some((text, task)) => match tokio::time::timeout_at(greeting_ready, task).await {
+                Ok(Ok(Ok(audio))) => {
+                    self.speak(&text, Some(audio)).await;
+                }
+                outcome => {
+                    let why = match outcome {
+                        Err(_) => "not ready in time".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(Err(e))) => e.to_string(),
+                        Ok(Ok(Ok(_))) => unreachable!("matched above"),
+                    };
+                    tracing::warn!(call = %self.ctx.call_id, reason = %why, "follow-up greeting unavailable; using the usual one");
+                    self.speak_phrase(&greeting).await;
+                }
+            },
+            None => {
+                self.speak_phrase(&greeting).await;
+            }
+        }
 
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut billed_secs = None;
@@ -638,16 +762,22 @@ impl Session {
             let heard = heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize);
             self.close_reply(reply, heard, true);
         }
+        let recalled = self.recall(&text);
         self.history.push(ChatMessage {
             role: "user".into(),
             content: text,
         });
+        let mut messages = self.history.clone();
+        if let Some(note) = recalled {
+            // For this reply only, just before what the caller said.
+            messages.insert(messages.len() - 1, ChatMessage::new("system", &note));
+        }
         let turn = self.new_turn();
         let usage = Arc::new(Mutex::new(Usage::default()));
         let task = tokio::spawn(respond(
             self.voice.clone(),
             turn,
-            self.history.clone(),
+            messages,
             self.ctx.voice_id.clone(),
             self.out.clone(),
             self.pipe_tx.clone(),
@@ -671,8 +801,40 @@ impl Session {
         });
     }
 
+    /// The remembered facts most relevant to what the caller just said, as a note for the
+    /// reply; measured, since it sits on the turn's latency path.
+    fn recall(&self, text: &str) -> Option<String> {
+        if self.ctx.recall.is_empty() {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let query = cmb_domain::memory::embed::embed(text);
+        let vectors: Vec<Vec<f32>> = self.ctx.recall.iter().map(|(_, v)| v.clone()).collect();
+        let best = cmb_domain::memory::embed::top_k(&query, &vectors, RECALL_FACTS, RECALL_FLOOR);
+        let took = started.elapsed();
+        metrics::histogram!("cmb_memory_recall_us").record(took.as_micros() as f64);
+        tracing::debug!(call = %self.ctx.call_id, us = took.as_micros() as u64, found = best.len(), "memory recall");
+        if best.is_empty() {
+            return None;
+        }
+        let facts: Vec<String> = best
+            .iter()
+            .map(|(i, _)| format!("- {}", self.ctx.recall[*i].0))
+            .collect();
+        Some(format!(
+            "You may remember, if it fits what they just said:\n{}",
+            facts.join("\n")
+        ))
+    }
+
     /// Says a fixed phrase (greeting, reminder, warning, goodbye) as its own turn.
     async fn speak_phrase(&mut self, text: &str) -> u64 {
+        self.speak(text, None).await
+    }
+
+    /// Says `text` as its own turn: `audio` when it was synthesised for this call already,
+    /// else the cached (or once synthesised) phrase.
+    async fn speak(&mut self, text: &str, audio: Option<Bytes>) -> u64 {
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
             let _ = self.out.send(Out::Clear).await;
@@ -689,7 +851,11 @@ impl Session {
         let usage = Arc::new(Mutex::new(Usage::default()));
         let billed = usage.clone();
         let task = tokio::spawn(async move {
-            match voice.phrase(&voice_id, &phrase).await {
+            let spoken = match audio {
+                Some(audio) => Ok((audio, phrase.chars().count() as u64)),
+                None => voice.phrase(&voice_id, &phrase).await,
+            };
+            match spoken {
                 Ok((audio, chars)) => {
                     billed.lock().expect("usage").tts_chars += chars;
                     let _ = pipe

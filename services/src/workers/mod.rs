@@ -4,6 +4,7 @@
 
 pub mod contacts_cleanup;
 pub mod dialer;
+pub mod memory;
 pub mod settlement;
 
 use std::future::Future;
