@@ -37,10 +37,25 @@ async fn grant(app: &Running, user: &Value, credits: i64) {
         .unwrap();
 }
 
-async fn credits(user: &Api) -> i64 {
-    user.get("/api/auth/me").await.body["user"]["credits"]
-        .as_i64()
+/// Waits (up to 5 s) for the user's balance to be `expected`; returns what it last was.
+async fn settles_at(pool: &sqlx::PgPool, profile: &Value, expected: i64) -> i64 {
+    eventually(Duration::from_secs(5), || async {
+        let b = balance(pool, profile).await;
+        (b == expected).then_some(b)
+    })
+    .await
+    .unwrap_or(balance(pool, profile).await)
+}
+
+/// The user's balance, from the wallets read model (polling the rate-limited API would trip
+/// its limits).
+async fn balance(pool: &sqlx::PgPool, profile: &Value) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT balance FROM rm_wallets WHERE user_id = $1::uuid")
+        .bind(profile["id"].as_str().unwrap())
+        .fetch_optional(pool)
+        .await
         .unwrap()
+        .unwrap_or(0)
 }
 
 /// Waits (watching the read model, not the rate-limited API) for the call to reach `status`
@@ -73,7 +88,7 @@ async fn a_call_paid_with_credits_rings_completes_and_is_charged_exactly_its_pri
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     assert!(eventually(Duration::from_secs(5), || async {
-        (credits(&user).await == 100).then_some(())
+        (balance(&app.state.pool, &profile).await == 100).then_some(())
     })
     .await
     .is_some());
@@ -112,7 +127,7 @@ async fn a_call_paid_with_credits_rings_completes_and_is_charged_exactly_its_pri
     );
     assert_eq!(call["charged_cents"], 65);
     let balance = eventually(Duration::from_secs(5), || async {
-        let c = credits(&user).await;
+        let c = balance(&app.state.pool, &profile).await;
         (c == 87).then_some(c)
     })
     .await;
@@ -209,7 +224,11 @@ async fn unanswered_busy_and_failed_calls_cost_nothing_and_release_the_hold() {
         assert_eq!(done["call"]["cost_cents"], 0);
         assert_eq!(done["call"]["charged_cents"], 0);
     }
-    assert_eq!(credits(&user).await, 50, "every hold released");
+    assert_eq!(
+        settles_at(&app.state.pool, &profile, 50).await,
+        50,
+        "every hold released"
+    );
     let costs: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_call_costs")
         .fetch_one(&app.state.pool)
         .await
@@ -468,7 +487,7 @@ async fn cancelling_a_scheduled_call_releases_its_hold_unless_it_is_too_late() {
         ids.push(reply.body["call"]["id"].as_str().unwrap().to_string());
     }
     assert!(eventually(Duration::from_secs(5), || async {
-        (credits(&user).await == 100).then_some(())
+        (balance(&app.state.pool, &profile).await == 100).then_some(())
     })
     .await
     .is_some());
@@ -690,7 +709,7 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     .await
     .unwrap();
     assert_eq!(settled, 1, "charged once");
-    assert_eq!(credits(&user).await, 79);
+    assert_eq!(settles_at(&app.state.pool, &profile, 79).await, 79);
     // A callback for a call that does not exist.
     let stray = callback(
         &api,
@@ -733,7 +752,7 @@ async fn the_simulators_duplicated_and_reordered_callbacks_settle_a_call_once() 
     .await
     .unwrap();
     assert_eq!(twilio_costs, 1, "Twilio's minutes recorded once");
-    assert_eq!(credits(&user).await, 87);
+    assert_eq!(settles_at(&app.state.pool, &profile, 87).await, 87);
     app.stop().await;
     env.cleanup().await;
 }
@@ -799,7 +818,7 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
         .await
         .unwrap();
     assert!(eventually(Duration::from_secs(5), || async {
-        (credits(&user).await == 100).then_some(())
+        (balance(&backbone.pool, &profile).await == 100).then_some(())
     })
     .await
     .is_some());
@@ -870,7 +889,7 @@ async fn a_scheduled_call_missed_beyond_the_grace_period_expires_and_releases_it
         "never dialled"
     );
     assert!(eventually(Duration::from_secs(5), || async {
-        (credits(&user).await == 100).then_some(())
+        (balance(&app.state.pool, &profile).await == 100).then_some(())
     })
     .await
     .is_some());
@@ -904,7 +923,7 @@ async fn a_call_twilio_keeps_refusing_fails_after_bounded_retries_and_releases_i
     assert_eq!(count_events(&app, &id, "DialAttempted").await, 5);
     assert_eq!(count_events(&app, &id, "DialFailed").await, 5);
     assert!(eventually(Duration::from_secs(5), || async {
-        (credits(&user).await == 100).then_some(())
+        (balance(&app.state.pool, &profile).await == 100).then_some(())
     })
     .await
     .is_some());
