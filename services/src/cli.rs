@@ -105,6 +105,10 @@ enum ReplayCommand {
         /// Differences larger than this many cents are listed.
         #[arg(long, default_value_t = 1)]
         threshold: i64,
+        /// Record the billed figures of rows that match a call as cost events
+        /// (`estimated = false`), once per call, provider and reference.
+        #[arg(long, requires = "billed")]
+        record: bool,
     },
 }
 
@@ -390,6 +394,7 @@ async fn replay(
         chart,
         billed,
         threshold,
+        record,
     } = command
     {
         let report = reconciler.report();
@@ -404,12 +409,22 @@ async fn replay(
                 rows.extend(crate::replay::read_billed(path)?);
             }
             let (diffs, total) = crate::replay::compare(&report, &rows, threshold);
+            let (recorded, unchanged) = if record {
+                record_billed(&b.pool, &report, &rows).await?
+            } else {
+                (0, 0)
+            };
+            if record && format != "json" {
+                eprintln!("recorded {recorded} billed figures ({unchanged} were already recorded)");
+            }
             match format.as_str() {
                 "json" => {
-                    serde_json::to_writer(
-                        &mut out,
-                        &serde_json::json!({ "differences": diffs, "total_difference_cents": total }),
-                    )?;
+                    let mut body = serde_json::json!({ "differences": diffs, "total_difference_cents": total });
+                    if record {
+                        body["recorded"] = recorded.into();
+                        body["already_recorded"] = unchanged.into();
+                    }
+                    serde_json::to_writer(&mut out, &body)?;
                     writeln!(out)?;
                 }
                 "csv" => {
@@ -452,4 +467,35 @@ async fn replay(
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `reconcile --record`: each billed figure matched to a call becomes a cost event with
+/// `estimated = false`, once per call, provider and reference (the aggregate drops repeats).
+/// Returns (recorded, already recorded).
+async fn record_billed(
+    pool: &sqlx::PgPool,
+    report: &crate::replay::Report,
+    rows: &[crate::replay::Billed],
+) -> anyhow::Result<(u64, u64)> {
+    use cmb_domain::call::{Call, CallCommand, Cost};
+    let store = crate::store::EventStore::new(pool.clone());
+    let ctx = cmb_domain::CommandContext::system("reconcile-record");
+    let (mut recorded, mut unchanged) = (0, 0);
+    for ((call_id, provider, reference), micros) in crate::replay::billed_per_call(report, rows) {
+        let cost = Cost::priced(&provider, "billed", 1, "bill", micros, 1, false);
+        let committed = store
+            .execute::<Call>(
+                &call_id,
+                CallCommand::RecordBilledCost { reference, cost },
+                &ctx,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("recording a bill on {call_id}: {e}"))?;
+        if committed.events > 0 {
+            recorded += 1;
+        } else {
+            unchanged += 1;
+        }
+    }
+    Ok((recorded, unchanged))
 }

@@ -105,8 +105,12 @@ pub struct CallLine {
     pub charged_cents: Option<i64>,
     pub refunded_cents: i64,
     pub revenue_cents: i64,
-    /// Per provider, micro-dollars (exact) and cents (rounded once).
+    /// Per provider, micro-dollars (exact) and cents (rounded once). Where a provider's bill
+    /// was recorded for the call, its billed figures replace our estimates.
     pub cost_micros: BTreeMap<String, i64>,
+    /// Per provider, what its recorded bills say (micro-dollars), when any was recorded.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub billed_micros: BTreeMap<String, i64>,
     pub cost_cents: BTreeMap<String, i64>,
     pub total_cost_cents: i64,
     pub margin_cents: i64,
@@ -209,6 +213,9 @@ impl Reconciler {
                 line.answered_secs = answered_secs;
                 line.price_cents = Some(price_cents);
             }
+            CallEvent::CostRecorded(cost) if cost.billed_reference.is_some() => {
+                *line.billed_micros.entry(cost.service).or_default() += cost.total_micros;
+            }
             CallEvent::CostRecorded(cost) => {
                 *line.cost_micros.entry(cost.service).or_default() += cost.total_micros;
             }
@@ -222,6 +229,9 @@ impl Reconciler {
     pub fn report(self) -> Report {
         let mut report = Report::default();
         for (_, mut line) in self.calls {
+            for (provider, micros) in &line.billed_micros {
+                line.cost_micros.insert(provider.clone(), *micros);
+            }
             line.cost_cents = line
                 .cost_micros
                 .iter()
@@ -386,6 +396,29 @@ fn split_csv(line: &str) -> Vec<String> {
         }
     }
     fields
+}
+
+/// Billed rows matched to our calls, summed per (call id, provider, the bill's reference):
+/// what `reconcile --record` turns into events.
+pub fn billed_per_call(
+    report: &Report,
+    billed: &[Billed],
+) -> BTreeMap<(String, String, String), i64> {
+    let mut by_ref: HashMap<&str, &str> = HashMap::new();
+    for c in &report.calls {
+        by_ref.insert(&c.call_id, &c.call_id);
+        if let Some(sid) = &c.call_sid {
+            by_ref.insert(sid, &c.call_id);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for b in billed {
+        if let Some(call) = by_ref.get(b.reference.as_str()) {
+            *out.entry((call.to_string(), b.provider.clone(), b.reference.clone()))
+                .or_default() += b.micros;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize)]
