@@ -132,6 +132,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         aggregates: u64,
     },
+    /// Fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with N events of the
+    /// real shapes, then replays them with the ordered reader, with and without reconciling:
+    /// events per second.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
 }
 
 pub async fn main() -> ExitCode {
@@ -261,6 +268,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 },
         } => {
             crate::bench::events(config, commands, concurrency, aggregates).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Replay { events },
+        } => {
+            crate::bench::replay(config, events).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

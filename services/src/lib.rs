@@ -20,6 +20,7 @@ pub mod scheduler;
 pub mod seed;
 pub mod sim;
 pub mod store;
+pub mod synthetic;
 pub mod telemetry;
 pub mod voice;
 pub mod workers;
