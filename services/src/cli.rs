@@ -44,6 +44,21 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// A realistic history through the real command path, fast: users, credits, calls of
+    /// varied lengths with holds, failures, costs, settlements and refunds. Backdated over
+    /// the days when no other instance is publishing (see the README).
+    Simulate {
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, default_value_t = 20)]
+        calls_per_day: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Then run the publisher until every event is on the stream (without it, `serve`
+        /// publishes them when it runs).
+        #[arg(long)]
+        publish: bool,
+    },
     /// Benchmarks (figures as a table, then one line of JSON).
     Bench {
         #[command(subcommand)]
@@ -189,6 +204,25 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { range, command } => replay(config, *range, command).await,
+        Command::Simulate {
+            days,
+            calls_per_day,
+            seed,
+            publish,
+        } => {
+            let summary = crate::simulate::run(
+                config,
+                crate::simulate::Options {
+                    days,
+                    calls_per_day,
+                    seed,
+                    publish,
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             let pool = crate::db::connect(&config.database_url, 2).await?;
             crate::db::migrate(&pool).await?;

@@ -19,6 +19,7 @@ pub mod replay;
 pub mod scheduler;
 pub mod seed;
 pub mod sim;
+pub mod simulate;
 pub mod store;
 pub mod synthetic;
 pub mod telemetry;
