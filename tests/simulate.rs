@@ -115,3 +115,135 @@ async fn a_simulated_month_reconciles_from_either_source() {
     assert_eq!(one_day["per_day"].as_object().unwrap().len(), 1);
     env.cleanup().await;
 }
+
+/// Every row of `table`, in a stable order, as one JSON text.
+async fn rows(pool: &sqlx::PgPool, table: &str) -> String {
+    sqlx::query_scalar(&format!(
+        "SELECT coalesce(json_agg(r ORDER BY r::text), '[]')::text
+           FROM (SELECT to_jsonb(t) AS r FROM {table} t) x"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
+    let env = TestEnv::new();
+    let summary = run(
+        &env,
+        &[
+            "simulate",
+            "--days",
+            "3",
+            "--calls-per-day",
+            "8",
+            "--seed",
+            "3",
+            "--publish",
+        ],
+    )
+    .await;
+    // The app's projectors build the read models from the stream.
+    let app = env.spawn_app().await;
+    let pool = app.state.pool.clone();
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(["simulate", "--days", "1", "--calls-per-day", "1"])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "simulate refuses while serve runs"
+    );
+    let calls = summary["calls"].as_i64().unwrap();
+    let projected = common::eventually(std::time::Duration::from_secs(60), || async {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE charged_cents IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (settled == calls).then_some(())
+    })
+    .await;
+    assert!(projected.is_some(), "the live projector caught up");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let live_calls = rows(&pool, "rm_calls").await;
+    let live_costs = rows(&pool, "rm_call_costs").await;
+    let live_wallets = rows(&pool, "rm_wallets").await;
+
+    // Read the table in a loop, as the API does, while the rebuild runs.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let pool = pool.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut reads, mut fewest) = (0u64, i64::MAX);
+            while !stop.is_cancelled() {
+                let n: i64 = tokio::time::timeout(
+                    std::time::Duration::from_millis(500),
+                    sqlx::query_scalar("SELECT count(*) FROM rm_calls").fetch_one(&pool),
+                )
+                .await
+                .expect("a read never waits on the rebuild")
+                .expect("a read never fails");
+                fewest = fewest.min(n);
+                reads += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            (reads, fewest)
+        })
+    };
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args([
+            "replay",
+            "--format",
+            "json",
+            "projections",
+            "calls",
+            "wallets",
+        ])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rebuilt: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    stop.cancel();
+    let (reads, fewest) = reader.await.unwrap();
+    assert!(reads > 10, "the reader kept reading ({reads} reads)");
+    assert_eq!(fewest, calls, "never an empty or partial table");
+    assert_eq!(rebuilt.len(), 2, "{rebuilt:?}");
+    assert_eq!(rebuilt[0]["projection"], "calls");
+    assert_eq!(
+        rebuilt[0]["rows"],
+        calls + live_costs.matches("call_id").count() as i64
+    );
+
+    assert_eq!(
+        rows(&pool, "rm_calls").await,
+        live_calls,
+        "rebuilt calls equal the live ones"
+    );
+    assert_eq!(rows(&pool, "rm_call_costs").await, live_costs);
+    assert_eq!(rows(&pool, "rm_wallets").await, live_wallets);
+    let leftover: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'rebuild_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leftover, 0, "the rebuild schemas are dropped");
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -108,6 +108,13 @@ struct ReplayRange {
 enum ReplayCommand {
     /// Print the events as JSON lines.
     Events,
+    /// Rebuild read models into fresh tables from the whole stream and swap them in without
+    /// downtime for the API (see `rebuild.rs`). Always from the first event: a read model
+    /// folds every event of its aggregates, so `--from`/`--to` do not apply.
+    Projections {
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
     /// Revenue, cost and margin per call, user, provider and day, with anomalies; with
     /// `--billed`, differences from what providers billed.
     Reconcile {
@@ -369,6 +376,9 @@ async fn replay(
     if !["table", "csv", "json"].contains(&format.as_str()) {
         anyhow::bail!("--format: table, csv or json");
     }
+    if let ReplayCommand::Projections { names } = &command {
+        return replay_projections(config, &range, names, &format).await;
+    }
     let filter = crate::replay::Filter {
         aggregate_type: range.aggregate_type.clone(),
         user: range.user,
@@ -545,4 +555,61 @@ async fn record_billed(
         }
     }
     Ok((recorded, unchanged))
+}
+
+/// `replay projections NAME…`: each rebuilt into fresh tables and swapped in.
+async fn replay_projections(
+    config: Config,
+    range: &ReplayRange,
+    names: &[String],
+    format: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    if range.from.is_some()
+        || range.to.is_some()
+        || range.since_seq.is_some()
+        || range.aggregate_type.is_some()
+        || range.user.is_some()
+        || range.call.is_some()
+    {
+        anyhow::bail!("replay projections rebuilds from the first event: a read model folds every event of its aggregates, so --from, --to, --since-seq and the filters do not apply");
+    }
+    if range.source != "nats" {
+        anyhow::bail!("replay projections reads the stream (--source nats): the stream sequence is what the live projectors resume from");
+    }
+    let mut projections = Vec::new();
+    for name in names {
+        let Some(p) = cmb_projections::by_name(name) else {
+            let all: Vec<_> = cmb_projections::all().iter().map(|p| p.name()).collect();
+            anyhow::bail!("no projection {name:?}; there are: {}", all.join(", "));
+        };
+        projections.push(p);
+    }
+    let b = crate::app::backbone(&config, 4).await?;
+    let mut out = std::io::stdout().lock();
+    for projection in projections {
+        let rebuilt = crate::rebuild::rebuild_and_swap(
+            &b.pool,
+            &b.js,
+            &config.stream,
+            projection.as_ref(),
+            std::io::stderr().is_terminal() && format != "json",
+        )
+        .await?;
+        if format == "json" {
+            serde_json::to_writer(&mut out, &rebuilt)?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "rebuilt {}: {} events applied ({} caught up at the swap), {} rows, {:.1}s",
+                rebuilt.projection,
+                rebuilt.events_applied,
+                rebuilt.caught_up,
+                rebuilt.rows,
+                rebuilt.seconds
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod projector;
 pub mod providers;
 pub mod ratelimit;
+pub mod rebuild;
 pub mod replay;
 pub mod scheduler;
 pub mod seed;

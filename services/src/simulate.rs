@@ -4,12 +4,16 @@
 //! dialled, placed, ring, are answered for varied lengths or end busy, unanswered or failed,
 //! are priced, costed per provider and settled; some are paid by card and a few refunded.
 //!
+//! It runs with no `serve` running (it refuses otherwise: a running instance's dialer and
+//! settlement workers would act on the simulated calls while they are being written). Its
+//! events reach the stream when `serve` next runs, or at once with `--publish`.
+//!
 //! Dates: the event store dates an event when it is written (`recorded_at`, the database
-//! clock). To spread the history over `--days`, simulate backdates the rows it wrote — but only
-//! while it holds the publisher's lease, so no publisher can put a row on the stream before
-//! it is backdated (the stream and the store then agree). If a running `serve` holds the
-//! lease, nothing is backdated: the events are dated when written, and the simulated times
-//! live only in the events' own fields (`at` of dial attempts, status changes and ends).
+//! clock). To spread the history over `--days`, simulate backdates the rows it wrote, right
+//! after writing them — and only while it holds the publisher's lease, so no publisher can
+//! put a row on the stream before it is backdated (the stream and the store then agree). If
+//! the lease were lost midway, the rest is dated when written (`backdated: false` in the
+//! summary), the simulated times then living only in the events' own fields.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -76,13 +80,21 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
         &holder,
         config.publisher.lease_ttl,
     );
-    let backdate = Arc::new(AtomicBool::new(lease.ensure(&pool).await?));
-    if !backdate.load(Ordering::SeqCst) {
-        eprintln!(
-            "another instance is publishing (serve is running): events are dated when written; \
-             the simulated times are in the events' own fields"
-        );
+    // A running `serve` holds it: its dialer and settlement workers would then act on the
+    // simulated calls as they are written (dial them for real, settle them twice). Wait out a
+    // dead instance's lease, then refuse.
+    let deadline =
+        tokio::time::Instant::now() + config.publisher.lease_ttl + StdDuration::from_secs(1);
+    while !lease.ensure(&pool).await? {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "another instance holds the publisher's lease (is `serve` running?): stop it \
+                 first — its workers would act on the simulated calls while they are written"
+            );
+        }
+        tokio::time::sleep(StdDuration::from_millis(250)).await;
     }
+    let backdate = Arc::new(AtomicBool::new(true));
     let stop_renewing = CancellationToken::new();
     let renewer = {
         let pool = pool.clone();
