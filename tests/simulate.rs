@@ -113,6 +113,66 @@ async fn a_simulated_month_reconciles_from_either_source() {
     )
     .await;
     assert_eq!(one_day["per_day"].as_object().unwrap().len(), 1);
+
+    // A bill recorded today for a call of that first day still counts in that day's report.
+    let call = one_day["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["outcome"] == "completed" && c["call_sid"].is_string())
+        .expect("a completed call on the first day")
+        .clone();
+    let bill = std::env::temp_dir().join(format!("cmb-sim-bill-{}.csv", env.id));
+    std::fs::write(
+        &bill,
+        format!(
+            "Sid,From,To,Status,Duration,Price,PriceUnit\n{},+15005550006,+15550000000,completed,60,-0.50000,USD\n",
+            call["call_sid"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let recorded = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+            "--record",
+            "--billed",
+            bill.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(recorded["recorded"], 1, "{recorded}");
+    let one_day = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "--from",
+            &first_day,
+            "--to",
+            &first_day,
+            "reconcile",
+        ],
+    )
+    .await;
+    let same = one_day["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["call_id"] == call["call_id"])
+        .unwrap()
+        .clone();
+    assert_eq!(same["cost_cents"]["twilio"], 50, "{same}");
+    assert_eq!(one_day["anomalies"].as_array().unwrap().len(), 0);
+    let _ = std::fs::remove_file(&bill);
     env.cleanup().await;
 }
 

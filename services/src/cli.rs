@@ -384,6 +384,15 @@ async fn replay(
         user: range.user,
         call: range.call,
     };
+    // A reconcile covers the calls requested in the range with everything that belongs to
+    // them, however late (settlements, refunds, bills recorded afterwards), so it reads the
+    // whole log and places each call by its request.
+    let calls_in_range = (from, to);
+    let (from, to) = if matches!(command, ReplayCommand::Reconcile { .. }) {
+        (None, None)
+    } else {
+        (from, to)
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
     let b = crate::app::backbone(&config, 4).await?;
     let mut progress = crate::projector::Progress::new("replay", 0)
@@ -432,7 +441,7 @@ async fn replay(
     let mut user_calls = std::collections::HashSet::new();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut reconciler = crate::replay::Reconciler::default();
+    let mut reconciler = crate::replay::Reconciler::requested_between(calls_in_range);
     let printing = matches!(command, ReplayCommand::Events);
     while let Some(e) = rx.recv().await {
         progress.tick(1);

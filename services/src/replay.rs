@@ -115,6 +115,8 @@ pub struct CallLine {
     pub total_cost_cents: i64,
     pub margin_cents: i64,
     pub requested: bool,
+    #[serde(skip)]
+    pub requested_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -154,9 +156,19 @@ pub struct Reconciler {
     calls: BTreeMap<String, CallLine>,
     by_intent: HashMap<String, String>,
     orphan_refunds: Vec<(String, i64)>,
+    /// Only calls requested in this range (from inclusive, to exclusive) are reported.
+    range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
 }
 
 impl Reconciler {
+    /// Reports the calls requested in `range`, with all their events, however late.
+    pub fn requested_between(range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>)) -> Self {
+        Reconciler {
+            range,
+            ..Default::default()
+        }
+    }
+
     pub fn add(&mut self, e: &EventEnvelope) {
         match e.aggregate_type.as_str() {
             "call" => self.add_call(e),
@@ -194,6 +206,7 @@ impl Reconciler {
                 user_id, payment, ..
             } => {
                 line.requested = true;
+                line.requested_at = Some(e.occurred_at);
                 line.user_id = user_id.to_string();
                 line.day = Some(e.occurred_at.date_naive());
                 if let Payment::Card { payment_intent_id } = payment {
@@ -228,7 +241,14 @@ impl Reconciler {
 
     pub fn report(self) -> Report {
         let mut report = Report::default();
+        let (from, to) = self.range;
         for (_, mut line) in self.calls {
+            // Only lines with a request can be placed in time; the others are anomalies.
+            if let Some(at) = line.requested_at {
+                if from.is_some_and(|f| at < f) || to.is_some_and(|t| at >= t) {
+                    continue;
+                }
+            }
             for (provider, micros) in &line.billed_micros {
                 line.cost_micros.insert(provider.clone(), *micros);
             }
