@@ -264,6 +264,38 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
         after["totals"]["revenue_cents"], 130,
         "revenue is untouched"
     );
+    // The read models show billed truth: the bill replaces the estimate in the cost views.
+    let micros = |sql: &'static str| {
+        let pool = app.state.pool.clone();
+        let id = ids[1].clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let projected = eventually(Duration::from_secs(30), || async {
+        let twilio = micros(
+            "SELECT COALESCE(sum(total_micros), 0)::bigint FROM rm_call_costs
+              WHERE call_id = $1::uuid AND service = 'twilio' AND NOT superseded",
+        )
+        .await;
+        let all = micros(
+            "SELECT COALESCE(sum(total_micros), 0)::bigint FROM rm_call_costs
+              WHERE call_id = $1::uuid AND NOT superseded",
+        )
+        .await;
+        let view = micros("SELECT cost_micros FROM costs_per_call WHERE call_id = $1::uuid").await;
+        let rm = micros("SELECT cost_micros FROM rm_calls WHERE id = $1::uuid").await;
+        (twilio == 44_000 && view == all && rm == all).then_some(())
+    })
+    .await;
+    assert!(
+        projected.is_some(),
+        "costs_per_call shows the billed 4.4¢ for call 1"
+    );
     let diff = replay(
         &env,
         &[
