@@ -232,7 +232,10 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let live_calls = rows(&pool, "rm_calls").await;
     let live_costs = rows(&pool, "rm_call_costs").await;
-    let live_wallets = rows(&pool, "rm_wallets").await;
+    let user: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM rm_wallets LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
 
     // Read the table in a loop, as the API does, while the rebuild runs.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -254,6 +257,32 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
             (reads, fewest)
+        })
+    };
+    // And keep writing: credits granted to one user while the rebuild runs, which the swap
+    // must neither lose nor apply twice.
+    let writer = {
+        let store = app.state.store.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                store
+                    .execute::<cmb_domain::wallet::Wallet>(
+                        &user.to_string(),
+                        cmb_domain::wallet::WalletCommand::Grant {
+                            credits: 1,
+                            reason: "during the rebuild".into(),
+                            reference: format!("rebuild-{n}"),
+                        },
+                        &cmb_domain::CommandContext::system("test"),
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            n
         })
     };
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
@@ -281,6 +310,8 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
         .collect();
     stop.cancel();
     let (reads, fewest) = reader.await.unwrap();
+    let grants = writer.await.unwrap();
+    assert!(grants > 5, "{grants} grants during the rebuild");
     assert!(reads > 10, "the reader kept reading ({reads} reads)");
     assert_eq!(fewest, calls, "never an empty or partial table");
     assert_eq!(rebuilt.len(), 2, "{rebuilt:?}");
@@ -296,7 +327,26 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
         "rebuilt calls equal the live ones"
     );
     assert_eq!(rows(&pool, "rm_call_costs").await, live_costs);
-    assert_eq!(rows(&pool, "rm_wallets").await, live_wallets);
+    let (wallet, _) = app
+        .state
+        .store
+        .load::<cmb_domain::wallet::Wallet>(&user.to_string())
+        .await
+        .unwrap();
+    let agrees = common::eventually(std::time::Duration::from_secs(20), || async {
+        let balance: i64 = sqlx::query_scalar("SELECT balance FROM rm_wallets WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (balance == wallet.balance).then_some(())
+    })
+    .await;
+    assert!(
+        agrees.is_some(),
+        "the rebuilt wallet has every grant made during the rebuild, once ({} caught up at the swap)",
+        rebuilt[1]["caught_up"]
+    );
     let leftover: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'rebuild_%'",
     )
