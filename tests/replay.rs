@@ -191,6 +191,133 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     assert_eq!(missing.len(), 1);
     assert_eq!(missing[0]["call_id"], ids[0].as_str());
 
+    // `--record`: the bill's figure for call 1 becomes a cost event (4.4¢, not estimated) and
+    // replaces our estimate for Twilio; recording the same file again changes nothing.
+    let record = |env: &TestEnv| {
+        let export = export.to_str().unwrap().to_string();
+        let env_vars = env.vars.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+                .args(["replay", "--source", "postgres", "--format", "json"])
+                .args(["reconcile", "--record", "--billed", &export])
+                .env_clear()
+                .envs(&env_vars)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        }
+    };
+    let events_in_store = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap()
+    };
+    let first = record(&env).await;
+    assert_eq!(
+        (
+            first["recorded"].as_i64(),
+            first["already_recorded"].as_i64()
+        ),
+        (Some(1), Some(0))
+    );
+    let count = events_in_store().await;
+    let second = record(&env).await;
+    assert_eq!(
+        (
+            second["recorded"].as_i64(),
+            second["already_recorded"].as_i64()
+        ),
+        (Some(0), Some(1))
+    );
+    assert_eq!(
+        events_in_store().await,
+        count,
+        "the second recording wrote nothing"
+    );
+    let after = replay(
+        &env,
+        &["--source", "postgres", "--format", "json", "reconcile"],
+    )
+    .await;
+    assert_eq!(
+        after["per_provider"]["twilio"],
+        1 + 4,
+        "call 1 now costs what Twilio billed"
+    );
+    let call1 = after["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["call_id"] == ids[1].as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(call1["billed_micros"]["twilio"], 44_000);
+    assert_eq!(call1["cost_cents"]["twilio"], 4);
+    assert_eq!(
+        after["totals"]["revenue_cents"], 130,
+        "revenue is untouched"
+    );
+    // The read models show billed truth: the bill replaces the estimate in the cost views.
+    let micros = |sql: &'static str| {
+        let pool = app.state.pool.clone();
+        let id = ids[1].clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let projected = eventually(Duration::from_secs(30), || async {
+        let twilio = micros(
+            "SELECT COALESCE(sum(total_micros), 0)::bigint FROM rm_call_costs
+              WHERE call_id = $1::uuid AND service = 'twilio' AND NOT superseded",
+        )
+        .await;
+        let all = micros(
+            "SELECT COALESCE(sum(total_micros), 0)::bigint FROM rm_call_costs
+              WHERE call_id = $1::uuid AND NOT superseded",
+        )
+        .await;
+        let view = micros("SELECT cost_micros FROM costs_per_call WHERE call_id = $1::uuid").await;
+        let rm = micros("SELECT cost_micros FROM rm_calls WHERE id = $1::uuid").await;
+        (twilio == 44_000 && view == all && rm == all).then_some(())
+    })
+    .await;
+    assert!(
+        projected.is_some(),
+        "costs_per_call shows the billed 4.4¢ for call 1"
+    );
+    let diff = replay(
+        &env,
+        &[
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+            "--billed",
+            export.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        diff["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["kind"] != "differs"),
+        "{diff}"
+    );
+
     // Events, filtered by call.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
         .args(["replay", "--source", "nats", "--call", &ids[2], "events"])

@@ -147,10 +147,18 @@ impl Projection for Calls {
                 .await?;
             }
             CallEvent::CostRecorded(cost) => {
+                // A billed line supersedes the call's other lines for its provider (and any
+                // estimate arriving after it).
                 sqlx::query(
                     "INSERT INTO rm_call_costs (call_id, sequence, user_id, service, operation, quantity, unit,
-                                                unit_cost_micros, total_micros, estimated, at)
-                     SELECT $1, $2, user_id, $3, $4, $5, $6, $7, $8, $9, $10 FROM rm_calls WHERE id = $1",
+                                                unit_cost_micros, total_micros, estimated, at,
+                                                billed_reference, superseded)
+                     SELECT $1, $2, user_id, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                            $11::text IS NULL AND EXISTS (
+                                SELECT 1 FROM rm_call_costs b
+                                 WHERE b.call_id = $1 AND b.service = $3
+                                   AND b.billed_reference IS NOT NULL)
+                       FROM rm_calls WHERE id = $1",
                 )
                 .bind(id)
                 .bind(e.sequence as i64)
@@ -162,13 +170,28 @@ impl Projection for Calls {
                 .bind(cost.total_micros)
                 .bind(cost.estimated)
                 .bind(e.occurred_at)
+                .bind(&cost.billed_reference)
                 .execute(&mut *db)
                 .await?;
-                sqlx::query("UPDATE rm_calls SET cost_micros = cost_micros + $2 WHERE id = $1")
+                if cost.billed_reference.is_some() {
+                    sqlx::query(
+                        "UPDATE rm_call_costs SET superseded = true
+                          WHERE call_id = $1 AND service = $2 AND billed_reference IS NULL",
+                    )
                     .bind(id)
-                    .bind(cost.total_micros)
-                    .execute(db)
+                    .bind(&cost.service)
+                    .execute(&mut *db)
                     .await?;
+                }
+                sqlx::query(
+                    "UPDATE rm_calls SET cost_micros = (
+                        SELECT COALESCE(sum(total_micros), 0) FROM rm_call_costs
+                         WHERE call_id = $1 AND NOT superseded)
+                      WHERE id = $1",
+                )
+                .bind(id)
+                .execute(db)
+                .await?;
             }
             CallEvent::CallSettled { charged_cents, .. } => {
                 sqlx::query(

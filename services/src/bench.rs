@@ -220,3 +220,163 @@ pub async fn events(
     b.js.delete_stream(&config.stream.stream).await.ok();
     Ok(())
 }
+
+/// `bench replay`: fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with
+/// `events` events of the real shapes, published directly with bounded in-flight acks; then
+/// replays them with the ordered reader, once only decoding and once reconciling every call.
+pub async fn replay(config: Config, events: u64) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::future::IntoFuture;
+    let mut settings = config.stream.clone();
+    settings.stream = format!("{}_BENCH_REPLAY", config.stream.stream);
+    settings.subject_prefix = format!("{}_bench_replay", config.stream.subject_prefix);
+    let nats = cmb_nats::connect(&config.nats_url, "callmeback bench replay")
+        .await
+        .context("connecting to NATS")?;
+    let js = async_nats::jetstream::new(nats);
+    js.delete_stream(&settings.stream).await.ok();
+    cmb_nats::ensure_stream(&js, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Encoding on a thread of its own, publishing here: at most MAX_IN_FLIGHT unacknowledged.
+    const MAX_IN_FLIGHT: usize = 8_192;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Vec<(String, async_nats::HeaderMap, bytes::Bytes)>>(64);
+    let prefix = settings.clone();
+    let generator = tokio::task::spawn_blocking(move || {
+        // Thirty days of calls.
+        let start = chrono::Utc::now() - chrono::Duration::days(30);
+        let spacing = (30 * 86_400 / (events / 11).max(1) as i64).max(1);
+        let users = (events / 200).clamp(10, 50_000) as usize;
+        let mut history = crate::synthetic::History::new(42, users, start, spacing);
+        let mut left = events;
+        while left > 0 {
+            let n = left.min(1_000);
+            let batch = (&mut history)
+                .take(n as usize)
+                .map(|e| {
+                    let (headers, body) = cmb_nats::contract::encode(&e);
+                    (
+                        prefix.subject(&e.aggregate_type, &e.aggregate_id),
+                        headers,
+                        body,
+                    )
+                })
+                .collect();
+            if tx.blocking_send(batch).is_err() {
+                break;
+            }
+            left -= n;
+        }
+    });
+    let started = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut published = 0u64;
+    while let Some(batch) = rx.recv().await {
+        for (subject, headers, body) in batch {
+            while in_flight.len() >= MAX_IN_FLIGHT {
+                // The set is full, so it yields an ack.
+                if let Some(ack) = in_flight.next().await {
+                    let ack: Result<_, async_nats::jetstream::context::PublishError> = ack;
+                    ack.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+                    published += 1;
+                }
+            }
+            in_flight.push(
+                js.publish_with_headers(subject, headers, body)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("publish: {e}"))?
+                    .into_future(),
+            );
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+        published += 1;
+    }
+    generator.await.context("generator")?;
+    let publish_elapsed = started.elapsed();
+
+    let until = cmb_nats::replay::last_sequence(&js, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let read = |reconcile: bool| {
+        let js = js.clone();
+        let settings = settings.clone();
+        async move {
+            let started = Instant::now();
+            let mut rx = cmb_nats::replay::open(
+                &js,
+                &settings,
+                &settings.all_subjects(),
+                cmb_nats::replay::Start::Beginning,
+                until,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut n = 0u64;
+            let mut reconciler = crate::replay::Reconciler::default();
+            while let Some(item) = rx.recv().await {
+                let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
+                if reconcile {
+                    reconciler.add(&r.event);
+                }
+                n += 1;
+            }
+            let report = reconcile.then(|| reconciler.report());
+            Ok::<_, anyhow::Error>((n, started.elapsed(), report))
+        }
+    };
+    let (replayed, replay_elapsed, _) = read(false).await?;
+    let (reconciled, reconcile_elapsed, report) = read(true).await?;
+    let report = report.expect("reconciled");
+    js.delete_stream(&settings.stream).await.ok();
+
+    let per_s = |n: u64, d: Duration| (n as f64 / d.as_secs_f64().max(1e-9)).round();
+    let published_per_s = per_s(published, publish_elapsed);
+    let replayed_per_s = per_s(replayed, replay_elapsed);
+    let reconciled_per_s = per_s(reconciled, reconcile_elapsed);
+    println!("bench replay: {events} events of the real shapes");
+    println!("| figure                        | value        |");
+    println!("|-------------------------------|--------------|");
+    println!("| events published              | {published:>12} |");
+    println!("| published per second          | {published_per_s:>12.0} |");
+    println!("| events replayed               | {replayed:>12} |");
+    println!("| replayed per second           | {replayed_per_s:>12.0} |");
+    println!("| replayed+reconciled per second| {reconciled_per_s:>12.0} |");
+    println!(
+        "| calls reconciled              | {:>12} |",
+        report.totals.calls
+    );
+    println!(
+        "| revenue (cents)               | {:>12} |",
+        report.totals.revenue_cents
+    );
+    println!(
+        "| provider cost (cents)         | {:>12} |",
+        report.totals.cost_cents
+    );
+    println!(
+        "| anomalies                     | {:>12} |",
+        report.anomalies.len()
+    );
+    println!(
+        "{}",
+        json!({
+            "bench": "replay",
+            "events": events,
+            "published": published,
+            "published_per_sec": published_per_s,
+            "replayed": replayed,
+            "replayed_per_sec": replayed_per_s,
+            "reconciled": reconciled,
+            "replayed_reconciled_per_sec": reconciled_per_s,
+            "calls": report.totals.calls,
+            "revenue_cents": report.totals.revenue_cents,
+            "cost_cents": report.totals.cost_cents,
+            "anomalies": report.anomalies.len(),
+        })
+    );
+    Ok(())
+}

@@ -44,6 +44,21 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// A realistic history through the real command path, fast: users, credits, calls of
+    /// varied lengths with holds, failures, costs, settlements and refunds. Backdated over
+    /// the days when no other instance is publishing (see the README).
+    Simulate {
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, default_value_t = 20)]
+        calls_per_day: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Then run the publisher until every event is on the stream (without it, `serve`
+        /// publishes them when it runs).
+        #[arg(long)]
+        publish: bool,
+    },
     /// Benchmarks (figures as a table, then one line of JSON).
     Bench {
         #[command(subcommand)]
@@ -93,6 +108,13 @@ struct ReplayRange {
 enum ReplayCommand {
     /// Print the events as JSON lines.
     Events,
+    /// Rebuild read models into fresh tables from the whole stream and swap them in without
+    /// downtime for the API (see `rebuild.rs`). Always from the first event: a read model
+    /// folds every event of its aggregates, so `--from`/`--to` do not apply.
+    Projections {
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
     /// Revenue, cost and margin per call, user, provider and day, with anomalies; with
     /// `--billed`, differences from what providers billed.
     Reconcile {
@@ -105,6 +127,10 @@ enum ReplayCommand {
         /// Differences larger than this many cents are listed.
         #[arg(long, default_value_t = 1)]
         threshold: i64,
+        /// Record the billed figures of rows that match a call as cost events
+        /// (`estimated = false`), once per call, provider and reference.
+        #[arg(long, requires = "billed")]
+        record: bool,
     },
 }
 
@@ -139,6 +165,13 @@ enum BenchCommand {
         /// How long each simulated call lasts.
         #[arg(long, default_value_t = 14)]
         seconds: u32,
+    },
+    /// Fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with N events of the
+    /// real shapes, then replays them with the ordered reader, with and without reconciling:
+    /// events per second.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
     },
 }
 
@@ -190,6 +223,25 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { range, command } => replay(config, *range, command).await,
+        Command::Simulate {
+            days,
+            calls_per_day,
+            seed,
+            publish,
+        } => {
+            let summary = crate::simulate::run(
+                config,
+                crate::simulate::Options {
+                    days,
+                    calls_per_day,
+                    seed,
+                    publish,
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             let pool = crate::db::connect(&config.database_url, 2).await?;
             crate::db::migrate(&pool).await?;
@@ -302,6 +354,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             crate::bench_voice::print(&rows, if sweep { largest } else { None });
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            command: BenchCommand::Replay { events },
+        } => {
+            crate::bench::replay(config, events).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -361,10 +419,22 @@ async fn replay(
     if !["table", "csv", "json"].contains(&format.as_str()) {
         anyhow::bail!("--format: table, csv or json");
     }
+    if let ReplayCommand::Projections { names } = &command {
+        return replay_projections(config, &range, names, &format).await;
+    }
     let filter = crate::replay::Filter {
         aggregate_type: range.aggregate_type.clone(),
         user: range.user,
         call: range.call,
+    };
+    // A reconcile covers the calls requested in the range with everything that belongs to
+    // them, however late (settlements, refunds, bills recorded afterwards), so it reads the
+    // whole log and places each call by its request.
+    let calls_in_range = (from, to);
+    let (from, to) = if matches!(command, ReplayCommand::Reconcile { .. }) {
+        (None, None)
+    } else {
+        (from, to)
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
     let b = crate::app::backbone(&config, 4).await?;
@@ -414,7 +484,7 @@ async fn replay(
     let mut user_calls = std::collections::HashSet::new();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut reconciler = crate::replay::Reconciler::default();
+    let mut reconciler = crate::replay::Reconciler::requested_between(calls_in_range);
     let printing = matches!(command, ReplayCommand::Events);
     while let Some(e) = rx.recv().await {
         progress.tick(1);
@@ -433,6 +503,7 @@ async fn replay(
         chart,
         billed,
         threshold,
+        record,
     } = command
     {
         let report = reconciler.report();
@@ -447,12 +518,22 @@ async fn replay(
                 rows.extend(crate::replay::read_billed(path)?);
             }
             let (diffs, total) = crate::replay::compare(&report, &rows, threshold);
+            let (recorded, unchanged) = if record {
+                record_billed(&b.pool, &report, &rows).await?
+            } else {
+                (0, 0)
+            };
+            if record && format != "json" {
+                eprintln!("recorded {recorded} billed figures ({unchanged} were already recorded)");
+            }
             match format.as_str() {
                 "json" => {
-                    serde_json::to_writer(
-                        &mut out,
-                        &serde_json::json!({ "differences": diffs, "total_difference_cents": total }),
-                    )?;
+                    let mut body = serde_json::json!({ "differences": diffs, "total_difference_cents": total });
+                    if record {
+                        body["recorded"] = recorded.into();
+                        body["already_recorded"] = unchanged.into();
+                    }
+                    serde_json::to_writer(&mut out, &body)?;
                     writeln!(out)?;
                 }
                 "csv" => {
@@ -494,5 +575,93 @@ async fn replay(
         }
     }
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `reconcile --record`: each billed figure matched to a call becomes a cost event with
+/// `estimated = false`, once per call, provider and reference (the aggregate drops repeats).
+/// Returns (recorded, already recorded).
+async fn record_billed(
+    pool: &sqlx::PgPool,
+    report: &crate::replay::Report,
+    rows: &[crate::replay::Billed],
+) -> anyhow::Result<(u64, u64)> {
+    use cmb_domain::call::{Call, CallCommand, Cost};
+    let store = crate::store::EventStore::new(pool.clone());
+    let ctx = cmb_domain::CommandContext::system("reconcile-record");
+    let (mut recorded, mut unchanged) = (0, 0);
+    for ((call_id, provider, reference), micros) in crate::replay::billed_per_call(report, rows) {
+        let cost = Cost::priced(&provider, "billed", 1, "bill", micros, 1, false);
+        let committed = store
+            .execute::<Call>(
+                &call_id,
+                CallCommand::RecordBilledCost { reference, cost },
+                &ctx,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("recording a bill on {call_id}: {e}"))?;
+        if committed.events > 0 {
+            recorded += 1;
+        } else {
+            unchanged += 1;
+        }
+    }
+    Ok((recorded, unchanged))
+}
+
+/// `replay projections NAME…`: each rebuilt into fresh tables and swapped in.
+async fn replay_projections(
+    config: Config,
+    range: &ReplayRange,
+    names: &[String],
+    format: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    if range.from.is_some()
+        || range.to.is_some()
+        || range.since_seq.is_some()
+        || range.aggregate_type.is_some()
+        || range.user.is_some()
+        || range.call.is_some()
+    {
+        anyhow::bail!("replay projections rebuilds from the first event: a read model folds every event of its aggregates, so --from, --to, --since-seq and the filters do not apply");
+    }
+    if range.source != "nats" {
+        anyhow::bail!("replay projections reads the stream (--source nats): the stream sequence is what the live projectors resume from");
+    }
+    let mut projections = Vec::new();
+    for name in names {
+        let Some(p) = cmb_projections::by_name(name) else {
+            let all: Vec<_> = cmb_projections::all().iter().map(|p| p.name()).collect();
+            anyhow::bail!("no projection {name:?}; there are: {}", all.join(", "));
+        };
+        projections.push(p);
+    }
+    let b = crate::app::backbone(&config, 4).await?;
+    let mut out = std::io::stdout().lock();
+    for projection in projections {
+        let rebuilt = crate::rebuild::rebuild_and_swap(
+            &b.pool,
+            &b.js,
+            &config.stream,
+            projection.as_ref(),
+            std::io::stderr().is_terminal() && format != "json",
+        )
+        .await?;
+        if format == "json" {
+            serde_json::to_writer(&mut out, &rebuilt)?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "rebuilt {}: {} events applied ({} caught up at the swap), {} rows, {:.1}s",
+                rebuilt.projection,
+                rebuilt.events_applied,
+                rebuilt.caught_up,
+                rebuilt.rows,
+                rebuilt.seconds
+            )?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

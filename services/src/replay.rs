@@ -105,12 +105,18 @@ pub struct CallLine {
     pub charged_cents: Option<i64>,
     pub refunded_cents: i64,
     pub revenue_cents: i64,
-    /// Per provider, micro-dollars (exact) and cents (rounded once).
+    /// Per provider, micro-dollars (exact) and cents (rounded once). Where a provider's bill
+    /// was recorded for the call, its billed figures replace our estimates.
     pub cost_micros: BTreeMap<String, i64>,
+    /// Per provider, what its recorded bills say (micro-dollars), when any was recorded.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub billed_micros: BTreeMap<String, i64>,
     pub cost_cents: BTreeMap<String, i64>,
     pub total_cost_cents: i64,
     pub margin_cents: i64,
     pub requested: bool,
+    #[serde(skip)]
+    pub requested_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,9 +156,19 @@ pub struct Reconciler {
     calls: BTreeMap<String, CallLine>,
     by_intent: HashMap<String, String>,
     orphan_refunds: Vec<(String, i64)>,
+    /// Only calls requested in this range (from inclusive, to exclusive) are reported.
+    range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
 }
 
 impl Reconciler {
+    /// Reports the calls requested in `range`, with all their events, however late.
+    pub fn requested_between(range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>)) -> Self {
+        Reconciler {
+            range,
+            ..Default::default()
+        }
+    }
+
     pub fn add(&mut self, e: &EventEnvelope) {
         match e.aggregate_type.as_str() {
             "call" => self.add_call(e),
@@ -190,6 +206,7 @@ impl Reconciler {
                 user_id, payment, ..
             } => {
                 line.requested = true;
+                line.requested_at = Some(e.occurred_at);
                 line.user_id = user_id.to_string();
                 line.day = Some(e.occurred_at.date_naive());
                 if let Payment::Card { payment_intent_id } = payment {
@@ -209,6 +226,9 @@ impl Reconciler {
                 line.answered_secs = answered_secs;
                 line.price_cents = Some(price_cents);
             }
+            CallEvent::CostRecorded(cost) if cost.billed_reference.is_some() => {
+                *line.billed_micros.entry(cost.service).or_default() += cost.total_micros;
+            }
             CallEvent::CostRecorded(cost) => {
                 *line.cost_micros.entry(cost.service).or_default() += cost.total_micros;
             }
@@ -221,7 +241,17 @@ impl Reconciler {
 
     pub fn report(self) -> Report {
         let mut report = Report::default();
+        let (from, to) = self.range;
         for (_, mut line) in self.calls {
+            // Only lines with a request can be placed in time; the others are anomalies.
+            if let Some(at) = line.requested_at {
+                if from.is_some_and(|f| at < f) || to.is_some_and(|t| at >= t) {
+                    continue;
+                }
+            }
+            for (provider, micros) in &line.billed_micros {
+                line.cost_micros.insert(provider.clone(), *micros);
+            }
             line.cost_cents = line
                 .cost_micros
                 .iter()
@@ -386,6 +416,29 @@ fn split_csv(line: &str) -> Vec<String> {
         }
     }
     fields
+}
+
+/// Billed rows matched to our calls, summed per (call id, provider, the bill's reference):
+/// what `reconcile --record` turns into events.
+pub fn billed_per_call(
+    report: &Report,
+    billed: &[Billed],
+) -> BTreeMap<(String, String, String), i64> {
+    let mut by_ref: HashMap<&str, &str> = HashMap::new();
+    for c in &report.calls {
+        by_ref.insert(&c.call_id, &c.call_id);
+        if let Some(sid) = &c.call_sid {
+            by_ref.insert(sid, &c.call_id);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for b in billed {
+        if let Some(call) = by_ref.get(b.reference.as_str()) {
+            *out.entry((call.to_string(), b.provider.clone(), b.reference.clone()))
+                .or_default() += b.micros;
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -124,6 +124,7 @@ impl Cost {
             per_units: per,
             total_micros: (quantity * unit_cost_micros + per / 2) / per,
             estimated,
+            billed_reference: None,
         }
     }
 }
@@ -144,6 +145,11 @@ pub struct Cost {
     pub total_micros: i64,
     /// True when counted by us rather than reported by the provider.
     pub estimated: bool,
+    /// Set on a figure taken from a provider's bill (`replay reconcile --record`): the bill's
+    /// reference for the call (our call id or the provider's own, e.g. a CallSid). For that
+    /// call and provider, billed lines replace every other cost line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billed_reference: Option<String>,
 }
 
 /// One persona turn's timings, in milliseconds from the moment the caller's turn was judged
@@ -209,6 +215,12 @@ pub enum CallCommand {
         at: DateTime<Utc>,
     },
     RecordCost(Cost),
+    /// A provider's billed figure for this call: recorded once per (provider, reference), so
+    /// recording the same bill twice changes nothing.
+    RecordBilledCost {
+        reference: String,
+        cost: Cost,
+    },
     RecordSettlement {
         charged_cents: i64,
         released_cents: i64,
@@ -373,6 +385,9 @@ pub struct Call {
     /// Who the user called (the memory worker needs it).
     #[serde(default)]
     pub persona_id: Option<String>,
+    /// `provider:reference` of every billed figure recorded.
+    #[serde(default)]
+    pub billed: Vec<String>,
 }
 
 impl Call {
@@ -594,6 +609,20 @@ impl Aggregate for Call {
                 events
             }
             CallCommand::RecordCost(cost) => vec![CallEvent::CostRecorded(cost)],
+            CallCommand::RecordBilledCost { reference, cost } => {
+                if self
+                    .billed
+                    .contains(&format!("{}:{reference}", cost.service))
+                {
+                    vec![]
+                } else {
+                    vec![CallEvent::CostRecorded(Cost {
+                        estimated: false,
+                        billed_reference: Some(reference),
+                        ..cost
+                    })]
+                }
+            }
             CallCommand::RecordTurn {
                 turn,
                 timings,
@@ -708,7 +737,12 @@ impl Aggregate for Call {
                 self.status = Some(Status::Ended(outcome));
                 self.price_cents = Some(price_cents);
             }
-            CallEvent::CostRecorded(cost) => self.costs_micros += cost.total_micros,
+            CallEvent::CostRecorded(cost) => {
+                self.costs_micros += cost.total_micros;
+                if let Some(reference) = cost.billed_reference {
+                    self.billed.push(format!("{}:{reference}", cost.service));
+                }
+            }
             CallEvent::CallSettled { .. } => self.settled = true,
             CallEvent::TurnCompleted { turn, .. } => self.turns_recorded.push(turn),
             CallEvent::VoiceSessionEnded { .. } => self.session_ended = true,
@@ -786,6 +820,7 @@ mod tests {
                     per_units: 1,
                     total_micros: 28_000,
                     estimated: false,
+                    billed_reference: None,
                 }),
             ]);
     }
@@ -915,5 +950,29 @@ mod tests {
             })
             .expect("the call ended");
         assert_eq!(ended, (5, 225), "5 paid minutes at most, the held price");
+    }
+
+    #[test]
+    fn a_billed_figure_is_recorded_once_per_provider_and_reference() {
+        let billed = Cost::priced("twilio", "billed", 1, "call", 44_000, 1, true);
+        let recorded = CallEvent::CostRecorded(Cost {
+            estimated: false,
+            billed_reference: Some("CA1".into()),
+            ..billed.clone()
+        });
+        TestFramework::<Call>::with(())
+            .given(vec![requested(None)])
+            .when(CallCommand::RecordBilledCost {
+                reference: "CA1".into(),
+                cost: billed.clone(),
+            })
+            .then_expect_events(vec![recorded.clone()]);
+        TestFramework::<Call>::with(())
+            .given(vec![requested(None), recorded])
+            .when(CallCommand::RecordBilledCost {
+                reference: "CA1".into(),
+                cost: billed,
+            })
+            .then_expect_events(vec![]);
     }
 }

@@ -1,0 +1,359 @@
+//! `callmeback simulate` with no server running: a backdated history through the real command
+//! path, published with `--publish`, that reconciles without anomalies and gives the same
+//! answers from JetStream and from Postgres.
+
+mod common;
+
+use common::TestEnv;
+use serde_json::Value;
+
+async fn run(env: &TestEnv, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(args)
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_month_reconciles_from_either_source() {
+    let env = TestEnv::new();
+    let summary = run(
+        &env,
+        &[
+            "simulate",
+            "--days",
+            "4",
+            "--calls-per-day",
+            "6",
+            "--seed",
+            "7",
+            "--publish",
+        ],
+    )
+    .await;
+    assert_eq!(summary["calls"], 24, "{summary}");
+    assert_eq!(
+        summary["backdated"], true,
+        "no one else held the publisher's lease"
+    );
+    assert_eq!(summary["published"], true);
+    let from_pg = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+        ],
+    )
+    .await;
+    let from_nats = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "nats",
+            "--format",
+            "json",
+            "reconcile",
+        ],
+    )
+    .await;
+    assert_eq!(from_pg, from_nats, "the same answers from both sources");
+    assert_eq!(from_pg["totals"]["calls"], 24);
+    assert_eq!(
+        from_pg["anomalies"].as_array().unwrap().len(),
+        0,
+        "{}",
+        from_pg["anomalies"]
+    );
+    let days = from_pg["per_day"].as_object().unwrap();
+    assert_eq!(
+        days.len(),
+        4,
+        "spread over the four days before today: {days:?}"
+    );
+    let today = chrono::Utc::now().date_naive().to_string();
+    assert!(!days.contains_key(&today));
+    // Totals are sums of the rounded lines.
+    let calls = from_pg["calls"].as_array().unwrap();
+    let cost: i64 = calls
+        .iter()
+        .map(|c| c["total_cost_cents"].as_i64().unwrap())
+        .sum();
+    assert_eq!(from_pg["totals"]["cost_cents"], cost);
+    // A day range picks that day's calls only.
+    let first_day = days.keys().next().unwrap().clone();
+    let one_day = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "--from",
+            &first_day,
+            "--to",
+            &first_day,
+            "reconcile",
+        ],
+    )
+    .await;
+    assert_eq!(one_day["per_day"].as_object().unwrap().len(), 1);
+
+    // A bill recorded today for a call of that first day still counts in that day's report.
+    let call = one_day["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["outcome"] == "completed" && c["call_sid"].is_string())
+        .expect("a completed call on the first day")
+        .clone();
+    let bill = std::env::temp_dir().join(format!("cmb-sim-bill-{}.csv", env.id));
+    std::fs::write(
+        &bill,
+        format!(
+            "Sid,From,To,Status,Duration,Price,PriceUnit\n{},+15005550006,+15550000000,completed,60,-0.50000,USD\n",
+            call["call_sid"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let recorded = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "reconcile",
+            "--record",
+            "--billed",
+            bill.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(recorded["recorded"], 1, "{recorded}");
+    let one_day = run(
+        &env,
+        &[
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "json",
+            "--from",
+            &first_day,
+            "--to",
+            &first_day,
+            "reconcile",
+        ],
+    )
+    .await;
+    let same = one_day["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["call_id"] == call["call_id"])
+        .unwrap()
+        .clone();
+    assert_eq!(same["cost_cents"]["twilio"], 50, "{same}");
+    assert_eq!(one_day["anomalies"].as_array().unwrap().len(), 0);
+    let _ = std::fs::remove_file(&bill);
+    env.cleanup().await;
+}
+
+/// Every row of `table`, in a stable order, as one JSON text.
+async fn rows(pool: &sqlx::PgPool, table: &str) -> String {
+    sqlx::query_scalar(&format!(
+        "SELECT coalesce(json_agg(r ORDER BY r::text), '[]')::text
+           FROM (SELECT to_jsonb(t) AS r FROM {table} t) x"
+    ))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
+    let env = TestEnv::new();
+    let summary = run(
+        &env,
+        &[
+            "simulate",
+            "--days",
+            "3",
+            "--calls-per-day",
+            "8",
+            "--seed",
+            "3",
+            "--publish",
+        ],
+    )
+    .await;
+    // The app's projectors build the read models from the stream.
+    let app = env.spawn_app().await;
+    let pool = app.state.pool.clone();
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(["simulate", "--days", "1", "--calls-per-day", "1"])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "simulate refuses while serve runs"
+    );
+    let calls = summary["calls"].as_i64().unwrap();
+    let projected = common::eventually(std::time::Duration::from_secs(60), || async {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE charged_cents IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (settled == calls).then_some(())
+    })
+    .await;
+    assert!(projected.is_some(), "the live projector caught up");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let live_calls = rows(&pool, "rm_calls").await;
+    let live_costs = rows(&pool, "rm_call_costs").await;
+    let user: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM rm_wallets LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    // Read the table in a loop, as the API does, while the rebuild runs.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let pool = pool.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut reads, mut fewest) = (0u64, i64::MAX);
+            while !stop.is_cancelled() {
+                let n: i64 = tokio::time::timeout(
+                    std::time::Duration::from_millis(500),
+                    sqlx::query_scalar("SELECT count(*) FROM rm_calls").fetch_one(&pool),
+                )
+                .await
+                .expect("a read never waits on the rebuild")
+                .expect("a read never fails");
+                fewest = fewest.min(n);
+                reads += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            (reads, fewest)
+        })
+    };
+    // And keep writing: credits granted to one user while the rebuild runs, which the swap
+    // must neither lose nor apply twice.
+    let writer = {
+        let store = app.state.store.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                n += 1;
+                store
+                    .execute::<cmb_domain::wallet::Wallet>(
+                        &user.to_string(),
+                        cmb_domain::wallet::WalletCommand::Grant {
+                            credits: 1,
+                            reason: "during the rebuild".into(),
+                            reference: format!("rebuild-{n}"),
+                        },
+                        &cmb_domain::CommandContext::system("test"),
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            n
+        })
+    };
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args([
+            "replay",
+            "--format",
+            "json",
+            "projections",
+            "calls",
+            "wallets",
+        ])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rebuilt: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    stop.cancel();
+    let (reads, fewest) = reader.await.unwrap();
+    let grants = writer.await.unwrap();
+    assert!(grants > 5, "{grants} grants during the rebuild");
+    assert!(reads > 10, "the reader kept reading ({reads} reads)");
+    assert_eq!(fewest, calls, "never an empty or partial table");
+    assert_eq!(rebuilt.len(), 2, "{rebuilt:?}");
+    assert_eq!(rebuilt[0]["projection"], "calls");
+    assert_eq!(
+        rebuilt[0]["rows"],
+        calls + live_costs.matches("call_id").count() as i64
+    );
+
+    assert_eq!(
+        rows(&pool, "rm_calls").await,
+        live_calls,
+        "rebuilt calls equal the live ones"
+    );
+    assert_eq!(rows(&pool, "rm_call_costs").await, live_costs);
+    let (wallet, _) = app
+        .state
+        .store
+        .load::<cmb_domain::wallet::Wallet>(&user.to_string())
+        .await
+        .unwrap();
+    let agrees = common::eventually(std::time::Duration::from_secs(20), || async {
+        let balance: i64 = sqlx::query_scalar("SELECT balance FROM rm_wallets WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (balance == wallet.balance).then_some(())
+    })
+    .await;
+    assert!(
+        agrees.is_some(),
+        "the rebuilt wallet has every grant made during the rebuild, once ({} caught up at the swap)",
+        rebuilt[1]["caught_up"]
+    );
+    let leftover: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'rebuild_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leftover, 0, "the rebuild schemas are dropped");
+    app.stop().await;
+    env.cleanup().await;
+}
