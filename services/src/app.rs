@@ -133,7 +133,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         nats,
         js,
         stream,
-    } = backbone(&config, 32).await?;
+    } = backbone(&config, config.database_pool_size).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let store = EventStore::new(pool.clone());

@@ -77,6 +77,8 @@ pub struct Config {
     pub transcript_retention_days: u32,
     /// Whether `PUBLIC_BASE_URL` was given; if not, `serve` uses the address it bound.
     pub public_base_url_explicit: bool,
+    /// Connections to Postgres per instance.
+    pub database_pool_size: u32,
     /// How often the scheduler looks for due calls.
     pub scheduler_tick: Duration,
     /// A scheduled call found due later than this (the service was down) expires instead.
@@ -307,6 +309,7 @@ impl Config {
                 get("SCHEDULER_TICK_MS"),
                 1_000,
             )?),
+            database_pool_size: parse("DATABASE_POOL_SIZE", get("DATABASE_POOL_SIZE"), 32)?,
             schedule_grace: Duration::from_secs(parse(
                 "SCHEDULE_GRACE_SECS",
                 get("SCHEDULE_GRACE_SECS"),

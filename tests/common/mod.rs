@@ -38,6 +38,8 @@ impl TestEnv {
             ("LEASE_TTL_MS".to_string(), "1500".to_string()),
             ("RUST_LOG".to_string(), "warn".to_string()),
             ("TRUST_PROXY_HEADERS".to_string(), "true".to_string()),
+            // Several apps run at once against one Postgres (max_connections 100).
+            ("DATABASE_POOL_SIZE".to_string(), "10".to_string()),
         ]);
         TestEnv { id, vars }
     }
