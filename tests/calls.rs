@@ -71,6 +71,20 @@ async fn wait_for(pool: &sqlx::PgPool, user: &Api, id: &str, status: &str, settl
         row.filter(|(s, charged)| s == status && (!settled || charged.is_some()))
     })
     .await;
+    if settled {
+        // The timeline is a read model of its own: let it catch up too.
+        eventually(Duration::from_secs(10), || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM rm_timeline WHERE aggregate_id = $1 AND event_type = 'CallSettled'",
+            )
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            (n == 1).then_some(())
+        })
+        .await;
+    }
     let reply = user.get(&format!("/api/calls/{id}")).await;
     assert!(
         reached.is_some(),
