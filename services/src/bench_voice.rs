@@ -120,7 +120,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
             )
             .json(
                 &json!({ "name": "Bench", "email": format!("bench{i}@example.com"),
-                           "password": "Bench!pass1", "phone": format!("+1555{:07}", i) }),
+                           "password": "Bench!pass1", "phone": format!("+1555{:06}9", i) }),
             )
             .send()
             .await?
