@@ -39,7 +39,7 @@ impl TestEnv {
             ("RUST_LOG".to_string(), "warn".to_string()),
             ("TRUST_PROXY_HEADERS".to_string(), "true".to_string()),
             // Several apps run at once against one Postgres (max_connections 100).
-            ("DATABASE_POOL_SIZE".to_string(), "10".to_string()),
+            ("DATABASE_POOL_SIZE".to_string(), "20".to_string()),
         ]);
         TestEnv { id, vars }
     }
