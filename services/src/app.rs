@@ -113,6 +113,33 @@ pub async fn define_system_personas(
     Ok(committed)
 }
 
+/// An LLM provider's base URL and key: the configured ones, or a simulator started here (its
+/// URL with `sim_suffix`, e.g. `/v1` for OpenAI's base-URL convention).
+async fn llm_endpoint(
+    config: &Config,
+    p: &crate::config::Provider,
+    name: &'static str,
+    real_url: &str,
+    sim_suffix: &str,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<(String, String, Option<crate::sim::llm::LlmSim>)> {
+    Ok(match (&p.base_url, p.simulated()) {
+        (Some(url), _) => (url.clone(), p.key_or(""), None),
+        (None, true) => {
+            let settings = crate::sim::llm::Settings::from_lookup(name, &|k| config.sim_var(k));
+            let sim = crate::sim::llm::LlmSim::new(settings);
+            let url = crate::sim::serve(name, sim.router(), shutdown.clone(), tasks).await?;
+            (
+                format!("{url}{sim_suffix}"),
+                p.key_or("simulator"),
+                Some(sim),
+            )
+        }
+        (None, false) => (real_url.to_string(), p.key_or(""), None),
+    })
+}
+
 /// Starts the API and all workers.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     start_with(config, crate::clock::Clock::system()).await
@@ -183,11 +210,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             }
             (None, false) => crate::providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
         };
-        let key = p
-            .api_key
-            .as_ref()
-            .map(|k| k.expose().to_string())
-            .unwrap_or_else(|| "simulator".into());
+        let key = p.key_or("simulator");
         crate::providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
     };
 
@@ -254,98 +277,46 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             }
             (None, false) => crate::providers::deepgram::DEFAULT_BASE_URL.to_string(),
         };
-        let key = p
-            .api_key
-            .as_ref()
-            .map(|k| k.expose().to_string())
-            .unwrap_or_else(|| "simulator".into());
+        let key = p.key_or("simulator");
         crate::providers::deepgram::Deepgram::new(&base_url, &key)
     };
-    let llm_sim = |name: &'static str, p: &crate::config::Provider| {
-        let sim =
-            crate::sim::llm::LlmSim::new(crate::sim::llm::Settings::from_lookup(name, &|k| {
-                config.sim_var(k)
-            }));
-        let key = p
-            .api_key
-            .as_ref()
-            .map(|k| k.expose().to_string())
-            .unwrap_or_else(|| "simulator".into());
-        (sim, key)
-    };
-    let cerebras = {
-        let p = config.cerebras.clone();
-        let (base_url, key) = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => (
-                url.clone(),
-                p.api_key
-                    .as_ref()
-                    .map(|k| k.expose().to_string())
-                    .unwrap_or_default(),
-            ),
-            (None, true) => {
-                let (sim, key) = llm_sim("CEREBRAS", &p);
-                let url =
-                    crate::sim::serve("cerebras", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.cerebras = Some(sim);
-                (url, key)
-            }
-            (None, false) => (
-                crate::providers::llm::CEREBRAS_BASE_URL.to_string(),
-                p.api_key
-                    .as_ref()
-                    .map(|k| k.expose().to_string())
-                    .unwrap_or_default(),
-            ),
-        };
-        crate::providers::llm::Llm::cerebras(
-            http_client.clone(),
-            &base_url,
-            &key,
-            &config.cerebras_model,
-        )
-    };
-    let openai = {
-        let p = config.openai.clone();
-        let (base_url, key) = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => (
-                url.clone(),
-                p.api_key
-                    .as_ref()
-                    .map(|k| k.expose().to_string())
-                    .unwrap_or_default(),
-            ),
-            (None, true) => {
-                let (sim, key) = llm_sim("OPENAI", &p);
-                let url =
-                    crate::sim::serve("openai", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.openai = Some(sim);
-                (format!("{url}/v1"), key)
-            }
-            (None, false) => (
-                crate::providers::llm::OPENAI_BASE_URL.to_string(),
-                p.api_key
-                    .as_ref()
-                    .map(|k| k.expose().to_string())
-                    .unwrap_or_default(),
-            ),
-        };
-        let llm = crate::providers::llm::Llm::openai(
-            http_client.clone(),
-            &base_url,
-            &key,
-            &config.openai_model,
-        );
-        // Embeddings come from the same OpenAI-compatible endpoint.
-        let embeddings = crate::providers::embeddings::Embeddings::new(
-            http_client.clone(),
-            &base_url,
-            &key,
-            &config.embeddings_model,
-        );
-        (llm, embeddings)
-    };
-    let (openai, embeddings) = openai;
+    let (url, key, sim) = llm_endpoint(
+        &config,
+        &config.cerebras,
+        "CEREBRAS",
+        crate::providers::llm::CEREBRAS_BASE_URL,
+        "",
+        &shutdown,
+        &tasks,
+    )
+    .await?;
+    sims.cerebras = sim;
+    let cerebras = crate::providers::llm::Llm::cerebras(
+        http_client.clone(),
+        &url,
+        &key,
+        &config.cerebras_model,
+    );
+    let (url, key, sim) = llm_endpoint(
+        &config,
+        &config.openai,
+        "OPENAI",
+        crate::providers::llm::OPENAI_BASE_URL,
+        "/v1",
+        &shutdown,
+        &tasks,
+    )
+    .await?;
+    sims.openai = sim;
+    let openai =
+        crate::providers::llm::Llm::openai(http_client.clone(), &url, &key, &config.openai_model);
+    // Memory's embeddings use the OpenAI-compatible endpoint (or its simulator).
+    let embeddings = crate::providers::embeddings::Embeddings::new(
+        http_client.clone(),
+        &url,
+        &key,
+        &config.embeddings_model,
+    );
     let voice = Arc::new(crate::voice::Voice {
         store: store.clone(),
         deepgram,

@@ -137,6 +137,14 @@ impl Provider {
         }
     }
 
+    /// The API key, or `default` when none is configured.
+    pub fn key_or(&self, default: &str) -> String {
+        self.api_key
+            .as_ref()
+            .map(|k| k.expose().to_string())
+            .unwrap_or_else(|| default.to_string())
+    }
+
     /// Whether `serve` must run a simulator for this provider.
     pub fn simulated(&self) -> bool {
         self.api_key.is_none() && self.base_url.is_none()

@@ -49,19 +49,30 @@ fn window_start(now: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
     DateTime::from_timestamp(start, 0).unwrap_or(now)
 }
 
-/// Counts one request against `limit` for `who`; 429 with `Retry-After` once over.
-pub async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiError> {
+/// Counts one more occurrence of `key` in the current fixed window of `window`; returns the
+/// count so far and when the window started.
+pub async fn count(
+    pool: &PgPool,
+    key: &str,
+    window: Duration,
+) -> Result<(i32, DateTime<Utc>, DateTime<Utc>), sqlx::Error> {
     let now = Utc::now();
-    let start = window_start(now, limit.window);
+    let start = window_start(now, window);
     let count: i32 = sqlx::query_scalar(
         "INSERT INTO rate_limits (key, window_start, count) VALUES ($1, $2, 1)
          ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limits.count + 1
          RETURNING count",
     )
-    .bind(format!("{}:{who}", limit.name))
+    .bind(key)
     .bind(start)
     .fetch_one(pool)
     .await?;
+    Ok((count, start, now))
+}
+
+/// Counts one request against `limit` for `who`; 429 with `Retry-After` once over.
+pub async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiError> {
+    let (count, start, now) = count(pool, &format!("{}:{who}", limit.name), limit.window).await?;
     if count == 1 && rand::random::<u8>() < 4 {
         // Now and then, forget windows that ended long ago.
         let _ =

@@ -266,8 +266,9 @@ pub async fn login(
         // Unknown emails "lock" like real ones, so the lockout reveals nothing either.
         let key = format!("unknown:{}", email.as_str());
         let window = Duration::minutes(LOCKOUT_MINUTES);
-        let failures = count_unknown_failure(&state.pool, &key, now, window).await?;
-        if failures > LOCKOUT_THRESHOLD as i64 {
+        let window_std = window.to_std().unwrap_or_default();
+        let (failures, _, _) = ratelimit::count(&state.pool, &key, window_std).await?;
+        if failures > LOCKOUT_THRESHOLD as i32 {
             return Err(locked(now + window));
         }
         return Err(invalid_credentials());
@@ -294,26 +295,6 @@ pub async fn login(
     settle(&state, "users", &committed).await;
     let user = user_after_write(&state, id).await?;
     Ok(axum::Json(token_response(user, token, &claims)))
-}
-
-async fn count_unknown_failure(
-    pool: &PgPool,
-    key: &str,
-    now: DateTime<Utc>,
-    window: Duration,
-) -> Result<i64, sqlx::Error> {
-    let secs = window.num_seconds();
-    let start = DateTime::from_timestamp(now.timestamp().div_euclid(secs) * secs, 0).unwrap_or(now);
-    let count: i32 = sqlx::query_scalar(
-        "INSERT INTO rate_limits (key, window_start, count) VALUES ($1, $2, 1)
-         ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limits.count + 1
-         RETURNING count",
-    )
-    .bind(key)
-    .bind(start)
-    .fetch_one(pool)
-    .await?;
-    Ok(count as i64)
 }
 
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {

@@ -297,6 +297,15 @@ pub async fn make_default(
     Ok(axum::Json(json!({ "default_payment_method": id })))
 }
 
+/// The Stripe idempotency key of a client request: the client's own key (so its retry returns
+/// the same intent), scoped to the user, or a new one.
+fn idempotency_key(purpose: &str, user: &AuthUser, supplied: Option<&str>) -> String {
+    match supplied {
+        Some(k) if !k.is_empty() && k.len() <= 100 => format!("{purpose}-{}-{k}", user.id),
+        _ => format!("{purpose}-{}", Uuid::now_v7()),
+    }
+}
+
 /// Customer and default card, or 400 when there is none.
 async fn chargeable(state: &AppState, user: &AuthUser) -> ApiResult<(String, String)> {
     let b = load(state, user.id).await?;
@@ -338,10 +347,7 @@ pub async fn create_payment_intent(
     let prices = super::calls::current_prices(&state).await?;
     let amount = prices.max_price(minutes).0;
     let (customer, pm) = chargeable(&state, &user).await?;
-    let key = match body.idempotency_key.as_deref() {
-        Some(k) if !k.is_empty() && k.len() <= 100 => format!("hold-{}-{k}", user.id),
-        _ => format!("hold-{}", Uuid::now_v7()),
-    };
+    let key = idempotency_key("hold", &user, body.idempotency_key.as_deref());
     let intent = state
         .stripe
         .create_payment_intent(
@@ -418,10 +424,7 @@ pub async fn buy_credits(
         ));
     }
     let (customer, pm) = chargeable(&state, &user).await?;
-    let key = match body.idempotency_key.as_deref() {
-        Some(k) if !k.is_empty() && k.len() <= 100 => format!("credits-{}-{k}", user.id),
-        _ => format!("credits-{}", Uuid::now_v7()),
-    };
+    let key = idempotency_key("credits", &user, body.idempotency_key.as_deref());
     let amount = body.credits * CENTS_PER_CREDIT;
     let intent = state
         .stripe

@@ -507,6 +507,12 @@ impl Session {
         }
     }
 
+    /// What the caller heard of `reply`: the frames Twilio acknowledged with marks, as text.
+    fn heard(&self, reply: &Reply) -> String {
+        let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
+        heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize)
+    }
+
     fn new_turn(&mut self) -> u64 {
         let turn = self.next_turn;
         self.next_turn += 1;
@@ -698,8 +704,7 @@ impl Session {
         reply.task.abort();
         metrics::counter!("cmb_voice_barge_ins_total").increment(1);
         self.barge_ins += 1;
-        let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
-        let heard = heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize);
+        let heard = self.heard(&reply);
         tracing::debug!(call = %self.ctx.call_id, turn = reply.turn, heard = %heard, "barge-in");
         self.close_reply(reply, heard, true);
     }
@@ -758,8 +763,7 @@ impl Session {
             self.early_replies += 1;
             let _ = self.out.send(Out::Clear).await;
             reply.task.abort();
-            let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
-            let heard = heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize);
+            let heard = self.heard(&reply);
             self.close_reply(reply, heard, true);
         }
         let recalled = self.recall(&text);
@@ -838,8 +842,7 @@ impl Session {
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
             let _ = self.out.send(Out::Clear).await;
-            let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
-            let heard = heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize);
+            let heard = self.heard(&reply);
             self.close_reply(reply, heard, true);
         }
         let turn = self.new_turn();
@@ -1095,8 +1098,7 @@ impl Session {
     async fn finish(mut self, reason: String, billed_secs: Option<f64>) -> anyhow::Result<()> {
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
-            let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
-            let heard = heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize);
+            let heard = self.heard(&reply);
             let whole = heard.len() >= reply.text.len();
             self.close_reply(reply, heard, !whole);
         }

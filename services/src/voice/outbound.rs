@@ -80,6 +80,7 @@ pub async fn run(
     let mut playing: Option<u64> = None;
     let mut started: Option<u64> = None;
     let mut last_frame: Option<Instant> = None;
+    let mut seen_turn: u64 = 0;
     let mut tick = tokio::time::interval(FRAME);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let send = |msg: serde_json::Value| Message::Text(msg.to_string().into());
@@ -137,10 +138,14 @@ pub async fn run(
                 }
             },
             _ = tick.tick() => {
+                // Items of a cancelled turn go when the turn moves on, not on every tick.
                 let current = current_turn.load(Ordering::Acquire);
-                queue.retain(|item| match item {
-                    Item::Frame(t, _) | Item::Mark(t, _) => *t >= current,
-                });
+                if current != seen_turn {
+                    seen_turn = current;
+                    queue.retain(|item| match item {
+                        Item::Frame(t, _) | Item::Mark(t, _) => *t >= current,
+                    });
+                }
                 let mut sent_frame = false;
                 while let Some(item) = queue.pop_front() {
                     match item {
