@@ -8,7 +8,7 @@ use std::time::Duration;
 use callmeback::app::Running;
 use cmb_domain::wallet::{Wallet, WalletCommand};
 use cmb_domain::{Actor, CommandContext};
-use common::{eventually, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 /// A test environment whose simulated calls are short.
@@ -18,23 +18,6 @@ fn env() -> TestEnv {
         .set("SIM_TWILIO_CALL_SECONDS", "2")
         .set("SCHEDULER_TICK_MS", "100")
         .set("READ_YOUR_WRITES_MS", "3000")
-}
-
-async fn grant(app: &Running, user: &Value, credits: i64) {
-    let id = user["id"].as_str().unwrap();
-    app.state
-        .store
-        .execute::<Wallet>(
-            id,
-            WalletCommand::Grant {
-                credits,
-                reason: "test".into(),
-                reference: format!("test-{}", uuid::Uuid::new_v4()),
-            },
-            &CommandContext::for_request("test", Actor::System),
-        )
-        .await
-        .unwrap();
 }
 
 /// Waits (up to 5 s) for the user's balance to be `expected`; returns what it last was.

@@ -8,26 +8,8 @@ mod common;
 use std::time::Duration;
 
 use callmeback::app::Running;
-use cmb_domain::wallet::{Wallet, WalletCommand};
-use cmb_domain::{Actor, CommandContext};
-use common::{eventually, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
-
-async fn grant(app: &Running, user: &Value, credits: i64) {
-    app.state
-        .store
-        .execute::<Wallet>(
-            user["id"].as_str().unwrap(),
-            WalletCommand::Grant {
-                credits,
-                reason: "test".into(),
-                reference: "memory-test".into(),
-            },
-            &CommandContext::for_request("test", Actor::System),
-        )
-        .await
-        .unwrap();
-}
 
 async fn persona(user: &Api) -> String {
     let reply = user

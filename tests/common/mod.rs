@@ -305,3 +305,21 @@ pub fn persona_body(name: &str, is_public: bool) -> serde_json::Value {
         "tags": ["test"],
     })
 }
+
+/// Grants `credits` to the user (as `register` returns it), straight through the event store.
+pub async fn grant(app: &Running, user: &serde_json::Value, credits: i64) {
+    use cmb_domain::wallet::{Wallet, WalletCommand};
+    app.state
+        .store
+        .execute::<Wallet>(
+            user["id"].as_str().expect("a user id"),
+            WalletCommand::Grant {
+                credits,
+                reason: "test".into(),
+                reference: format!("test-{}", uuid::Uuid::new_v4()),
+            },
+            &cmb_domain::CommandContext::for_request("test", cmb_domain::Actor::System),
+        )
+        .await
+        .expect("credits granted");
+}
