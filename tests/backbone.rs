@@ -194,23 +194,21 @@ async fn verify_republishes_what_the_stream_lost() {
     // As after a host crash that lost acknowledged JetStream writes: the publisher's
     // checkpoint says everything went out, the stream has none of it.
     sqlx::query(
-        "INSERT INTO publisher_checkpoints (name, commit_xid, global_position)
-         SELECT 'publisher', max(xact_id::text::bigint), max(global_position) FROM events",
+        "INSERT INTO publisher_checkpoints (name, commit_xid, global_position, snapshot)
+         VALUES ('publisher', 0, 0, pg_current_snapshot())",
     )
     .execute(&b.pool)
     .await
     .unwrap();
     let config = env.config();
-    // Verify only looks below the cluster's oldest running transaction (pg_snapshot_xmin),
-    // which other databases' transactions (other tests) can hold back for a moment.
-    let dry = eventually(Duration::from_secs(20), || async {
-        let dry = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, false)
-            .await
-            .unwrap();
-        (dry.missing.len() == stored.len()).then_some(dry)
-    })
-    .await
-    .expect("every stored event is reported missing");
+    let dry = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        dry.missing.len(),
+        stored.len(),
+        "every stored event is reported missing"
+    );
     assert_eq!(dry.republished, 0);
     assert_eq!(stream_count(&env).await, 0, "a dry run publishes nothing");
 
@@ -265,5 +263,121 @@ async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twic
     tokio::time::sleep(Duration::from_millis(1500)).await;
     publish_for(Duration::from_secs(2)).await;
     assert_exactly_once_in_order(&stored, &read_stream(&env).await);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_never_repairs_an_event_behind_a_later_one_of_its_aggregate() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let config = env.config();
+    let store = EventStore::new(b.pool.clone());
+    write_commands(store, 1, 2, 6).await;
+    let stored = events_in_store(&b.pool).await;
+    // The stream lost an aggregate's first event but has its later ones.
+    let events: Vec<cmb_domain::EventEnvelope> = {
+        let rows = sqlx::query(&format!(
+            "{} ORDER BY xact_id, global_position",
+            callmeback::outbox::SELECT_ENVELOPE
+        ))
+        .fetch_all(&b.pool)
+        .await
+        .unwrap();
+        rows.iter()
+            .map(|r| callmeback::outbox::envelope_from_row(r).unwrap())
+            .collect()
+    };
+    let lost = events.iter().find(|e| e.sequence == 1).unwrap().clone();
+    let kept: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_id() != lost.event_id())
+        .cloned()
+        .collect();
+    cmb_nats::publish::publish_in_order(&b.js, &config.stream, &kept)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO publisher_checkpoints (name, commit_xid, global_position, snapshot)
+         VALUES ('publisher', 0, 0, pg_current_snapshot())",
+    )
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    let report = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true)
+        .await
+        .unwrap();
+    assert_eq!(report.missing, vec![lost.event_id()]);
+    assert_eq!(report.unrepairable, vec![lost.event_id()]);
+    assert_eq!(
+        report.republished, 0,
+        "nothing appended behind a later event"
+    );
+    assert_eq!(stream_count(&env).await as usize, stored.len() - 1);
+    env.cleanup().await;
+}
+
+/// A transaction left open in another database (an analyst's psql session, another
+/// application) must not hold publication back: only its own events may wait for it.
+#[tokio::test]
+async fn a_transaction_open_elsewhere_does_not_stall_publication() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    // Another database on the same server, with a transaction that has written and stays open.
+    let other = TestEnv::new();
+    let other_pool = {
+        let o = other.backbone().await;
+        o.pool
+    };
+    let mut open = other_pool.begin().await.unwrap();
+    sqlx::query("CREATE TABLE held (x int)")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    // And one in our own database that has written an event and not committed.
+    let mut ours = b.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         VALUES ('held', 'h1', 1, 'Held', '1', '{}', '{}')",
+    )
+    .execute(&mut *ours)
+    .await
+    .unwrap();
+
+    let config = env.config();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let publisher = callmeback::outbox::Publisher {
+        pool: b.pool.clone(),
+        js: b.js.clone(),
+        stream: config.stream.clone(),
+        settings: config.publisher.clone(),
+        instance_id: "test".into(),
+        lag_samples: None,
+    };
+    let running = tokio::spawn(publisher.run(shutdown.clone()));
+    write_commands(EventStore::new(b.pool.clone()), 2, 10, 40).await;
+    let written = events_in_store(&b.pool).await.len() as u64;
+    let published = eventually(Duration::from_secs(30), || async {
+        (stream_count(&env).await >= written).then_some(())
+    })
+    .await;
+    assert!(
+        published.is_some(),
+        "{written} events committed behind open transactions were published"
+    );
+    // The held event goes out once its transaction commits, after the others.
+    ours.commit().await.unwrap();
+    let all = eventually(Duration::from_secs(30), || async {
+        (stream_count(&env).await == written + 1).then_some(())
+    })
+    .await;
+    assert!(all.is_some(), "the late commit is published too");
+    let stream = read_stream(&env).await;
+    assert_eq!(stream.last().unwrap().aggregate_type, "held");
+    open.rollback().await.unwrap();
+    shutdown.cancel();
+    running.await.unwrap();
+    other_pool.close().await;
+    other.cleanup().await;
     env.cleanup().await;
 }

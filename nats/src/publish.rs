@@ -34,7 +34,7 @@ pub struct Acked {
 }
 
 /// The batch split into waves, each a list of indexes into `events` in commit order.
-fn waves(events: &[EventEnvelope]) -> Vec<Vec<usize>> {
+pub fn waves(events: &[EventEnvelope]) -> Vec<Vec<usize>> {
     let mut rank: HashMap<(&str, &str), usize> = HashMap::new();
     let mut waves: Vec<Vec<usize>> = Vec::new();
     for (i, e) in events.iter().enumerate() {
@@ -65,39 +65,59 @@ pub async fn publish_in_order(
         events.len()
     ];
     for wave in waves(events) {
-        let mut pending = Vec::with_capacity(wave.len());
-        for &i in &wave {
-            let event = &events[i];
-            let (headers, body) = encode(event);
-            let subject = settings.subject(&event.aggregate_type, &event.aggregate_id);
-            let ack = js
-                .publish_with_headers(subject, headers, body)
-                .await
-                .map_err(|source| PublishError::Publish {
-                    event_id: event.event_id(),
-                    source,
-                })?;
-            pending.push((i, ack));
-        }
-        // Await every ack of the wave, then report the first failure (if any).
-        let results = futures::future::join_all(
-            pending
-                .into_iter()
-                .map(|(i, ack)| async move { (i, ack.await) }),
-        )
-        .await;
-        for (i, result) in results {
-            let ack = result.map_err(|source| PublishError::Publish {
-                event_id: events[i].event_id(),
-                source,
-            })?;
-            acks[i] = Acked {
-                stream_sequence: ack.sequence,
-                duplicate: ack.duplicate,
-            };
+        for (i, ack) in wave
+            .iter()
+            .zip(publish_wave(js, settings, events, &wave).await?)
+        {
+            acks[*i] = ack;
         }
     }
     Ok(acks)
+}
+
+/// Publishes one wave (indexes into `events`, at most one per aggregate) and waits for every
+/// acknowledgement; returns them in the wave's order, or the first failure.
+pub async fn publish_wave(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    events: &[EventEnvelope],
+    wave: &[usize],
+) -> Result<Vec<Acked>, PublishError> {
+    let mut pending = Vec::with_capacity(wave.len());
+    for &i in wave {
+        let event = &events[i];
+        let (headers, body) = encode(event);
+        let subject = settings.subject(&event.aggregate_type, &event.aggregate_id);
+        let ack = js
+            .publish_with_headers(subject, headers, body)
+            .await
+            .map_err(|source| PublishError::Publish {
+                event_id: event.event_id(),
+                source,
+            })?;
+        pending.push((i, ack));
+    }
+    // Await every ack of the wave, then report the first failure (if any).
+    let results = futures::future::join_all(
+        pending
+            .into_iter()
+            .map(|(i, ack)| async move { (i, ack.await) }),
+    )
+    .await;
+    results
+        .into_iter()
+        .map(|(i, result)| {
+            result
+                .map(|ack| Acked {
+                    stream_sequence: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+                .map_err(|source| PublishError::Publish {
+                    event_id: events[i].event_id(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]

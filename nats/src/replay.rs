@@ -24,6 +24,8 @@ pub enum ReplayError {
     Nats(#[from] async_nats::Error),
     #[error("{0}")]
     Contract(#[from] ContractError),
+    #[error("the stream stopped delivering at sequence {reached}, before {until}")]
+    Stalled { reached: u64, until: u64 },
 }
 
 /// One replayed event and its place in the stream.
@@ -73,20 +75,32 @@ pub async fn open(
             ..Default::default()
         })
         .await?;
+    if consumer.cached_info().num_pending == 0 {
+        // Nothing on the filter from `start`: an empty range.
+        return Ok(rx);
+    }
     let mut messages = consumer.messages().await?;
     tokio::spawn(async move {
+        let mut reached = 0;
         loop {
-            // A filtered range may hold nothing more below `until`: the message's own
-            // `pending` count says when it was the last one; the timeout covers an empty range.
-            let next =
-                tokio::time::timeout(std::time::Duration::from_secs(5), messages.next()).await;
+            // The range ends at `until`, or earlier when a message says nothing matching the
+            // filter follows it (`pending` = 0). A slow stream is waited for; one that stops
+            // delivering for a long time is an error, never a silent early end.
+            let next = tokio::time::timeout(STALL_LIMIT, messages.next()).await;
             let message = match next {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => {
                     let _ = tx.send(Err(ReplayError::Nats(e.into()))).await;
                     return;
                 }
-                Ok(None) | Err(_) => return,
+                Ok(None) => {
+                    let _ = tx.send(Err(ReplayError::Stalled { reached, until })).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(ReplayError::Stalled { reached, until })).await;
+                    return;
+                }
             };
             let (stream_sequence, pending) = match message.info() {
                 Ok(info) => (info.stream_sequence, info.pending),
@@ -98,6 +112,7 @@ pub async fn open(
             if stream_sequence > until {
                 return;
             }
+            reached = stream_sequence;
             let item = decode_body(&message.payload)
                 .map(|event| Replayed {
                     stream_sequence,
@@ -112,6 +127,9 @@ pub async fn open(
     });
     Ok(rx)
 }
+
+/// How long a replay waits for the next message before it calls the stream stalled.
+const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn time_from_chrono(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(

@@ -59,15 +59,41 @@ pub async fn apply(
     if !projection.wants(&event.aggregate_type) {
         return Ok(Outcome::Ignored);
     }
-    let mut tx = pool.begin().await?;
-    // Serialise work on this projection × aggregate (a row lock cannot cover the first event,
-    // whose offset row does not exist yet); the next statement then sees every earlier commit.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2 || '/' || $3, 0))")
-        .bind(projection.name())
-        .bind(&event.aggregate_type)
-        .bind(&event.aggregate_id)
-        .execute(&mut *tx)
-        .await?;
+    let mut conn = pool.acquire().await?;
+    apply_on(&mut conn, projection, event, stream_sequence).await
+}
+
+/// The lock a swap of `projection` takes exclusively (`replay projections`), and every
+/// application of one of its events takes shared: while a swap holds it, that projection's
+/// live projector — and only it — pauses. (The two-key advisory lock space is apart from the
+/// one-key space of the per-aggregate locks.)
+pub const SWAP_LOCK_KEY: &str = "1, hashtext($1)";
+
+/// [`apply`] on a connection: in a transaction of its own, or in a savepoint when the
+/// connection is already in one (a swap's catch-up).
+pub async fn apply_on(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    event: &EventEnvelope,
+    stream_sequence: u64,
+) -> Result<Outcome, sqlx::Error> {
+    use sqlx::Connection;
+    if !projection.wants(&event.aggregate_type) {
+        return Ok(Outcome::Ignored);
+    }
+    let mut tx = conn.begin().await?;
+    // First the swap lock (shared), then serialise work on this projection × aggregate (a row
+    // lock cannot cover the first event, whose offset row does not exist yet); the next
+    // statement then sees every earlier commit. One round trip, evaluated left to right.
+    sqlx::query(&format!(
+        "SELECT pg_advisory_xact_lock_shared({SWAP_LOCK_KEY}),
+                pg_advisory_xact_lock(hashtextextended($1 || '/' || $2 || '/' || $3, 0))"
+    ))
+    .bind(projection.name())
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .execute(&mut *tx)
+    .await?;
     let last: Option<i64> = sqlx::query_scalar(
         "SELECT sequence FROM projection_offsets
           WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",

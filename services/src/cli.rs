@@ -274,6 +274,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 "republished:                            {}",
                 report.republished
             );
+            if !report.unrepairable.is_empty() {
+                println!(
+                    "not repairable in order:                {}",
+                    report.unrepairable.len()
+                );
+                for id in report.unrepairable.iter().take(20) {
+                    println!("  {id}");
+                }
+                eprintln!("{}", crate::outbox::UNREPAIRABLE_HINT);
+            }
             Ok(
                 if report.missing.is_empty() || report.republished as usize == report.missing.len()
                 {

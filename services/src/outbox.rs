@@ -39,7 +39,7 @@ impl CommitPosition {
     }
 }
 
-const SELECT_ENVELOPE: &str =
+pub const SELECT_ENVELOPE: &str =
     "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
         payload, metadata, global_position, xact_id::text::bigint AS commit_xid, recorded_at
    FROM events";
@@ -61,60 +61,175 @@ pub fn envelope_from_row(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, s
     })
 }
 
-/// Up to `limit` events after `after` in commit order, none of them overtakable.
-pub async fn read_committed(
+/// Where publication stands: every event of a transaction visible in `done` is on the stream;
+/// of those visible in `pending` but not in `done`, the ones up to `at` (commit order) are too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// A `pg_snapshot` in its text form (`xmin:xmax:xip,…`).
+    pub done: String,
+    pub pending: Option<String>,
+    pub at: CommitPosition,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Checkpoint {
+            // Nothing is visible in it: every event is still to publish.
+            done: "1:1:".into(),
+            pending: None,
+            at: CommitPosition::default(),
+        }
+    }
+}
+
+/// The SQL condition "this event is on the stream according to the checkpoint `c`".
+const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
+     OR (c.pending IS NOT NULL AND pg_visible_in_snapshot(e.xact_id, c.pending)
+         AND (e.xact_id, e.global_position) <= (c.commit_xid::text::xid8, c.global_position)))";
+
+/// The next events to publish after `checkpoint`, in commit order, and the snapshot they were
+/// read against (the checkpoint's `pending` one, or a fresh one when none was pending).
+///
+/// An event is due when its transaction is visible in the pending snapshot and was not in the
+/// done one: in `done`'s in-progress list, or at or above its `xmax`. Two ordered index scans
+/// (one per case) merged, so a batch costs its own size even behind a long backlog. Nothing
+/// here waits for the cluster's oldest transaction: a transaction still open is simply not
+/// visible yet, and only its own events wait for it.
+pub async fn read_due(
     pool: &PgPool,
-    after: CommitPosition,
+    checkpoint: &Checkpoint,
     limit: i64,
-) -> Result<Vec<EventEnvelope>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "{SELECT_ENVELOPE}
-          WHERE (xact_id, global_position) > ($1::text::xid8, $2)
-            AND xact_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY xact_id, global_position
-          LIMIT $3"
-    ))
-    .bind(after.commit_xid)
-    .bind(after.global_position)
+) -> Result<(Option<String>, Vec<EventEnvelope>), sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH s AS MATERIALIZED (
+              SELECT $1::pg_snapshot AS done,
+                     COALESCE($2::pg_snapshot, pg_current_snapshot()) AS pending)
+         SELECT (SELECT pending::text FROM s) AS snapshot, u.* FROM (
+           (SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                   metadata, global_position, xact_id, xact_id::text::bigint AS commit_xid,
+                   recorded_at
+              FROM events, s
+             WHERE xact_id = ANY(ARRAY(SELECT pg_snapshot_xip(s.done)))
+               AND pg_visible_in_snapshot(xact_id, s.pending)
+               AND (xact_id, global_position) > ($3::text::xid8, $4)
+             ORDER BY xact_id, global_position LIMIT $5)
+           UNION ALL
+           (SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                   metadata, global_position, xact_id, xact_id::text::bigint AS commit_xid,
+                   recorded_at
+              FROM events, s
+             WHERE xact_id >= pg_snapshot_xmax(s.done)
+               AND xact_id < pg_snapshot_xmax(s.pending)
+               AND pg_visible_in_snapshot(xact_id, s.pending)
+               AND (xact_id, global_position) > ($3::text::xid8, $4)
+             ORDER BY xact_id, global_position LIMIT $5)
+         ) u
+         ORDER BY u.xact_id, u.global_position
+         LIMIT $5",
+    )
+    .bind(&checkpoint.done)
+    .bind(checkpoint.pending.as_deref())
+    .bind(checkpoint.at.commit_xid)
+    .bind(checkpoint.at.global_position)
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter().map(envelope_from_row).collect()
+    let snapshot = rows
+        .first()
+        .map(|r| r.try_get::<String, _>("snapshot"))
+        .transpose()?;
+    let events = rows
+        .iter()
+        .map(envelope_from_row)
+        .collect::<Result<_, _>>()?;
+    Ok((snapshot, events))
 }
 
 /// The publisher's confirmed position.
-pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<CommitPosition, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT commit_xid, global_position FROM publisher_checkpoints WHERE name = $1",
+pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sqlx::Error> {
+    let row: Option<(String, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT snapshot::text, pending::text, commit_xid, global_position
+           FROM publisher_checkpoints WHERE name = $1",
     )
     .bind(name)
     .fetch_optional(pool)
     .await?;
     Ok(row
-        .map(|(commit_xid, global_position)| CommitPosition {
-            commit_xid,
-            global_position,
+        .map(|(done, pending, commit_xid, global_position)| Checkpoint {
+            done,
+            pending,
+            at: CommitPosition {
+                commit_xid,
+                global_position,
+            },
         })
         .unwrap_or_default())
 }
 
-/// Moves the checkpoint forward (never back).
-async fn save_checkpoint(pool: &PgPool, name: &str, at: CommitPosition) -> Result<(), sqlx::Error> {
+async fn save_checkpoint(pool: &PgPool, name: &str, at: &Checkpoint) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO publisher_checkpoints (name, commit_xid, global_position, updated_at)
-         VALUES ($1, $2, $3, now())
+        "INSERT INTO publisher_checkpoints
+                (name, snapshot, pending, commit_xid, global_position, updated_at)
+         VALUES ($1, $2::pg_snapshot, $3::pg_snapshot, $4, $5, now())
          ON CONFLICT (name) DO UPDATE
-            SET commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,
-                updated_at = now()
-          WHERE (publisher_checkpoints.commit_xid, publisher_checkpoints.global_position)
-              < (EXCLUDED.commit_xid, EXCLUDED.global_position)",
+            SET snapshot = EXCLUDED.snapshot, pending = EXCLUDED.pending,
+                commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,
+                updated_at = now()",
     )
     .bind(name)
-    .bind(at.commit_xid)
-    .bind(at.global_position)
+    .bind(&at.done)
+    .bind(at.pending.as_deref())
+    .bind(at.at.commit_xid)
+    .bind(at.at.global_position)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// How many committed events the publisher's checkpoint does not cover yet.
+pub async fn unpublished(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "WITH c AS (SELECT * FROM publisher_checkpoints WHERE name = $1
+                    UNION ALL
+                    SELECT $1, 0, 0, now(), '1:1:'::pg_snapshot, NULL
+                     WHERE NOT EXISTS (SELECT 1 FROM publisher_checkpoints WHERE name = $1))
+         SELECT count(*) FROM events e, c
+          WHERE e.xact_id >= pg_snapshot_xmin(c.snapshot) AND NOT {COVERED}"
+    ))
+    .bind(PUBLISHER)
+    .fetch_one(pool)
+    .await
+}
+
+/// The oldest transaction open anywhere on the Postgres server: it does not hold publication
+/// back (see [`read_due`]), but it holds back vacuum and is worth an operator's look.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OldestTransaction {
+    pub age_seconds: f64,
+    pub database: Option<String>,
+    pub pid: i32,
+    pub state: Option<String>,
+}
+
+pub async fn oldest_transaction(pool: &PgPool) -> Result<Option<OldestTransaction>, sqlx::Error> {
+    let row: Option<(f64, Option<String>, i32, Option<String>)> = sqlx::query_as(
+        "SELECT extract(epoch FROM now() - xact_start)::float8, datname, pid, state
+           FROM pg_stat_activity
+          WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+            AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+          ORDER BY xact_start LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let oldest = row.map(|(age_seconds, database, pid, state)| OldestTransaction {
+        age_seconds,
+        database,
+        pid,
+        state,
+    });
+    metrics::gauge!("cmb_oldest_transaction_age_seconds")
+        .set(oldest.as_ref().map_or(0.0, |o| o.age_seconds));
+    Ok(oldest)
 }
 
 /// Drops the events the stream already holds, judged by the last message on each
@@ -182,7 +297,7 @@ impl Publisher {
     /// Runs until `shutdown`: holds (or waits for) the lease and publishes.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut lease = Lease::new(PUBLISHER, &self.instance_id, self.settings.lease_ttl);
-        let mut position: Option<CommitPosition> = None;
+        let mut position: Option<Checkpoint> = None;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             match self.step(&mut lease, &mut position).await {
@@ -216,34 +331,67 @@ impl Publisher {
         tracing::info!("publisher stopped");
     }
 
-    /// One round: returns Ok(true) when it published something.
+    /// One round: returns Ok(true) when it published something (or finished a snapshot).
     async fn step(
         &self,
         lease: &mut Lease,
-        position: &mut Option<CommitPosition>,
+        position: &mut Option<Checkpoint>,
     ) -> Result<bool, async_nats::Error> {
         let was_held = lease.is_held();
         if !lease.ensure(&self.pool).await? {
             *position = None;
             return Ok(false);
         }
-        let (at, taking_over) = match *position {
+        let (mut at, taking_over) = match position.take() {
             Some(at) if was_held => (at, false),
             _ => (checkpoint(&self.pool, PUBLISHER).await?, true),
         };
-        *position = Some(at);
-        let mut batch = read_committed(&self.pool, at, self.settings.batch).await?;
+        let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch).await?;
         let Some(last) = batch.last() else {
-            return Ok(false);
+            return match at.pending.take() {
+                // Nothing new visible: the done snapshot stays (its scan costs nothing).
+                None => {
+                    *position = Some(at);
+                    Ok(false)
+                }
+                // The pending snapshot is fully out.
+                Some(pending) => {
+                    at.done = pending;
+                    at.at = CommitPosition::default();
+                    save_checkpoint(&self.pool, PUBLISHER, &at).await?;
+                    *position = Some(at);
+                    Ok(true)
+                }
+            };
         };
         let last = CommitPosition::of(last);
-        if taking_over {
-            batch = drop_already_published(&self.js, &self.stream, batch).await?;
-            // Only the first batch after taking over can hold what a predecessor published.
+        let full = batch.len() as i64 >= self.settings.batch;
+        if at.pending.is_none() {
+            at.pending = snapshot;
         }
-        let acks = cmb_nats::publish::publish_in_order(&self.js, &self.stream, &batch).await?;
-        save_checkpoint(&self.pool, PUBLISHER, last).await?;
-        *position = Some(last);
+        if taking_over {
+            // Only the first batch after taking over can hold what a predecessor published.
+            batch = drop_already_published(&self.js, &self.stream, batch).await?;
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for wave in cmb_nats::publish::waves(&batch) {
+            // A publisher that lost its lease stops within one wave.
+            if !lease.ensure(&self.pool).await? {
+                return Err("the publisher lease was lost mid-batch".into());
+            }
+            acks.extend(
+                cmb_nats::publish::publish_wave(&self.js, &self.stream, &batch, &wave).await?,
+            );
+        }
+        if full {
+            at.at = last;
+        } else {
+            // Fewer than a batch: that was the pending snapshot's last page.
+            at.done = at.pending.take().unwrap_or(at.done);
+            at.at = CommitPosition::default();
+        }
+        save_checkpoint(&self.pool, PUBLISHER, &at).await?;
+        *position = Some(at);
         let now = Utc::now();
         let fresh = acks.iter().filter(|a| !a.duplicate).count() as u64;
         metrics::counter!("cmb_events_published_total").increment(fresh);
@@ -271,21 +419,58 @@ pub struct VerifyReport {
     pub missing: Vec<String>,
     pub republished: u64,
     pub unknown_in_stream: u64,
+    /// Missing events whose aggregate already has a later event on the stream: republishing
+    /// them would put them after it, so they are left alone (see [`UNREPAIRABLE_HINT`]).
+    pub unrepairable: Vec<String>,
+}
+
+/// What to do when `verify` finds a loss it cannot repair in order.
+pub const UNREPAIRABLE_HINT: &str = "the stream holds later events of these aggregates, so \
+republishing the lost ones would break their order. Rebuild the stream from the store: stop \
+every instance, delete the stream (nats stream rm), DELETE FROM publisher_checkpoints, start \
+one `callmeback serve` (the publisher republishes the whole log in commit order), then \
+`callmeback projections rebuild NAME` for each projection.";
+
+/// Events the checkpoint says are on the stream, after `after` in commit order.
+async fn read_covered(
+    pool: &PgPool,
+    after: CommitPosition,
+    limit: i64,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                e.payload, e.metadata, e.global_position, e.xact_id::text::bigint AS commit_xid,
+                e.recorded_at
+           FROM events e, publisher_checkpoints c
+          WHERE c.name = $1 AND {COVERED}
+            AND (e.xact_id, e.global_position) > ($2::text::xid8, $3)
+          ORDER BY e.xact_id, e.global_position
+          LIMIT $4"
+    ))
+    .bind(PUBLISHER)
+    .bind(after.commit_xid)
+    .bind(after.global_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(envelope_from_row).collect()
 }
 
 /// Compares the stream with the event store up to the publisher's checkpoint (what the
 /// publisher has not reached yet is its job, not a loss) and, with `repair`, republishes what
-/// is missing, in commit order.
+/// is missing, in commit order — but never an event whose aggregate already has a later one
+/// on the stream (that would break the aggregate's order: it is reported as unrepairable).
 pub async fn verify(
     pool: &PgPool,
     js: &jetstream::Context,
     settings: &StreamSettings,
     repair: bool,
 ) -> Result<VerifyReport, async_nats::Error> {
-    use std::collections::HashSet;
-    let upto = checkpoint(pool, PUBLISHER).await?;
+    use std::collections::{HashMap, HashSet};
     let until = cmb_nats::replay::last_sequence(js, settings).await?;
     let mut seen: HashSet<String> = HashSet::new();
+    // Per aggregate, the highest sequence the stream holds.
+    let mut highest: HashMap<(String, String), u64> = HashMap::new();
     let mut rx = cmb_nats::replay::open(
         js,
         settings,
@@ -296,6 +481,10 @@ pub async fn verify(
     .await?;
     while let Some(item) = rx.recv().await {
         let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;
+        let top = highest
+            .entry((r.event.aggregate_type.clone(), r.event.aggregate_id.clone()))
+            .or_default();
+        *top = (*top).max(r.event.sequence);
         seen.insert(r.event.event_id());
     }
     let mut report = VerifyReport {
@@ -303,19 +492,24 @@ pub async fn verify(
         ..Default::default()
     };
     let mut after = CommitPosition::default();
-    let mut store_ids: u64 = 0;
+    // Aggregates with an unrepairable loss: none of their later events is republished either.
+    let mut broken: HashSet<(String, String)> = HashSet::new();
     loop {
-        let batch = read_committed(pool, after, 5_000).await?;
+        let batch = read_covered(pool, after, 5_000).await?;
         let Some(last) = batch.last() else { break };
         after = CommitPosition::of(last);
         let mut missing = Vec::new();
         for e in batch {
-            if CommitPosition::of(&e) > upto {
-                break;
+            report.in_store += 1;
+            if seen.remove(&e.event_id()) {
+                continue;
             }
-            store_ids += 1;
-            if !seen.remove(&e.event_id()) {
-                report.missing.push(e.event_id());
+            report.missing.push(e.event_id());
+            let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+            if broken.contains(&key) || highest.get(&key).is_some_and(|&top| top > e.sequence) {
+                report.unrepairable.push(e.event_id());
+                broken.insert(key);
+            } else {
                 missing.push(e);
             }
         }
@@ -323,11 +517,7 @@ pub async fn verify(
             let acks = cmb_nats::publish::publish_in_order(js, settings, &missing).await?;
             report.republished += acks.iter().filter(|a| !a.duplicate).count() as u64;
         }
-        if after > upto {
-            break;
-        }
     }
-    report.in_store = store_ids;
     report.unknown_in_stream = seen.len() as u64;
     Ok(report)
 }

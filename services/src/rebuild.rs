@@ -6,11 +6,13 @@
 //! `LIKE … INCLUDING ALL`), and the projection runs on connections whose `search_path` puts
 //! that schema first. The live tables are untouched meanwhile; the API reads them as usual.
 //!
-//! The swap is one transaction. It first takes `projection_offsets` exclusively: every live
-//! projector transaction reads that table first, so once the lock is held none is in flight
-//! and new ones wait (the API's reads of read models do not touch it). It then applies what
-//! reached the stream since the rebuild started, and replaces the live rows and offsets with
-//! the rebuilt ones (`DELETE` + `INSERT … SELECT`). Readers are never blocked — until the
+//! The swap is one transaction on one connection. It first takes the projection's swap lock
+//! exclusively (`cmb_projections::SWAP_LOCK_KEY`; every application of that projection's events
+//! takes it shared), so that projection's live projector pauses — its in-flight transactions
+//! finish, new ones wait — while every other projection carries on. On the same connection it
+//! then applies what reached the stream since the rebuild started, and replaces the live rows
+//! and offsets with the rebuilt ones (`DELETE` + `INSERT … SELECT`). A lock timeout turns a
+//! swap that cannot get its locks into an error. Readers are never blocked — until the
 //! commit they see the old rows, after it the new ones. (Renaming tables would take a lock
 //! that blocks readers, and would leave the cost views pointing at the old tables.) After the
 //! commit the live projector resumes; what it delivers that the rebuild already applied, the
@@ -113,27 +115,45 @@ async fn build_and_swap(
     .await?;
     progress.finish();
 
+    // The swap: one transaction on one connection. Its lock timeout turns a swap that cannot
+    // get its lock into an error instead of a wait without end.
     let mut tx = pool.begin().await?;
-    sqlx::query("LOCK TABLE public.projection_offsets IN ACCESS EXCLUSIVE MODE")
+    sqlx::query("SET LOCAL lock_timeout = '15s'")
         .execute(&mut *tx)
         .await?;
+    // Pause this projection's live projector (wherever it runs): its in-flight transactions
+    // finish, new ones wait for the commit. Other projections carry on.
+    sqlx::query(&format!(
+        "SELECT pg_advisory_xact_lock({})",
+        cmb_projections::SWAP_LOCK_KEY
+    ))
+    .bind(projection.name())
+    .execute(&mut *tx)
+    .await?;
     let last = cmb_nats::replay::last_sequence(js, settings)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // What reached the stream since the rebuild started, applied on the swap's own connection
+    // (into the rebuild schema): no other connection is needed while the lock is held.
+    sqlx::query(&format!("SET LOCAL search_path TO \"{schema}\", public"))
+        .execute(&mut *tx)
+        .await?;
     let caught_up = if last > until {
-        apply_range(
-            &fresh,
+        apply_range_on(
+            &mut tx,
             js,
             settings,
             projection,
             Start::Sequence(until + 1),
             last,
-            &mut crate::projector::Progress::new("catch up", last - until).force(false),
         )
         .await?
     } else {
         0
     };
+    sqlx::query("SET LOCAL search_path TO public")
+        .execute(&mut *tx)
+        .await?;
     let mut rows = 0;
     for table in projection.tables() {
         sqlx::query(&format!("DELETE FROM public.{table}"))
@@ -190,6 +210,33 @@ async fn apply_range(
             Outcome::AlreadyApplied | Outcome::Ignored => {}
         }
         progress.tick(1);
+    }
+    Ok(applied)
+}
+
+/// [`apply_range`] on one connection (inside the swap's transaction).
+async fn apply_range_on(
+    conn: &mut sqlx::PgConnection,
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    projection: &dyn Projection,
+    start: Start,
+    until: u64,
+) -> anyhow::Result<u64> {
+    let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), start, until)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut applied = 0;
+    while let Some(item) = rx.recv().await {
+        let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
+        match cmb_projections::apply_on(conn, projection, &r.event, r.stream_sequence).await? {
+            Outcome::Applied => applied += 1,
+            Outcome::Gap { expected } => anyhow::bail!(
+                "{} arrived but its sequence {expected} never did; run `callmeback events verify`",
+                r.event.event_id()
+            ),
+            Outcome::AlreadyApplied | Outcome::Ignored => {}
+        }
     }
     Ok(applied)
 }

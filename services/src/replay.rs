@@ -652,16 +652,35 @@ pub fn chart_svg(report: &Report) -> String {
     svg
 }
 
-/// Events from Postgres in commit order (the same order the stream has).
+/// Events from Postgres in commit order (the same order the stream has), every event committed
+/// when the read starts: one repeatable-read snapshot, so neither a transaction still open
+/// elsewhere nor the publisher's progress decides what the report sees.
 pub async fn from_postgres(
     pool: &sqlx::PgPool,
     tx: tokio::sync::mpsc::Sender<EventEnvelope>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 ) -> anyhow::Result<()> {
+    let mut db = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *db)
+        .await?;
     let mut after = crate::outbox::CommitPosition::default();
     loop {
-        let batch = crate::outbox::read_committed(pool, after, 5_000).await?;
+        let rows = sqlx::query(&format!(
+            "{} WHERE (xact_id, global_position) > ($1::text::xid8, $2)
+              ORDER BY xact_id, global_position
+              LIMIT 5000",
+            crate::outbox::SELECT_ENVELOPE
+        ))
+        .bind(after.commit_xid)
+        .bind(after.global_position)
+        .fetch_all(&mut *db)
+        .await?;
+        let batch = rows
+            .iter()
+            .map(crate::outbox::envelope_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         let Some(last) = batch.last() else {
             return Ok(());
         };

@@ -499,19 +499,9 @@ async fn one_call(
 
 /// Runs the publisher until the stream holds every committed event.
 async fn publish_all(config: &Config, b: &crate::app::Backbone) -> anyhow::Result<()> {
-    let last: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT xact_id::text::bigint, global_position FROM events
-          ORDER BY xact_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_optional(&b.pool)
-    .await?;
-    let Some((commit_xid, global_position)) = last else {
+    if crate::outbox::unpublished(&b.pool).await? == 0 {
         return Ok(());
-    };
-    let target = crate::outbox::CommitPosition {
-        commit_xid,
-        global_position,
-    };
+    }
     let shutdown = CancellationToken::new();
     let publisher = crate::outbox::Publisher {
         pool: b.pool.clone(),
@@ -524,7 +514,7 @@ async fn publish_all(config: &Config, b: &crate::app::Backbone) -> anyhow::Resul
     let running = tokio::spawn(publisher.run(shutdown.clone()));
     let deadline = tokio::time::Instant::now() + StdDuration::from_secs(600);
     loop {
-        if crate::outbox::checkpoint(&b.pool, crate::outbox::PUBLISHER).await? >= target {
+        if crate::outbox::unpublished(&b.pool).await? == 0 {
             break;
         }
         if tokio::time::Instant::now() > deadline {

@@ -28,6 +28,11 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             .await
             .is_ok();
     let lag = state.projection_lag.read().expect("lag board").clone();
+    // Not a readiness condition (publication does not wait for it), but an operator's clue.
+    let oldest_transaction = crate::outbox::oldest_transaction(&state.pool)
+        .await
+        .ok()
+        .flatten();
     let lag_ok = lag.values().all(|&l| l <= MAX_READY_LAG);
     let ready = postgres && nats && lag_ok;
     let status = if ready {
@@ -43,6 +48,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
                 "postgres": if postgres { "ok" } else { "down" },
                 "nats": if nats { "ok" } else { "down" },
                 "projection_lag": lag,
+                "oldest_transaction": oldest_transaction,
             }
         })),
     )
@@ -50,6 +56,8 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Sets `cmb_oldest_transaction_age_seconds`.
+    let _ = crate::outbox::oldest_transaction(&state.pool).await;
     (
         [("content-type", "text/plain; version=0.0.4")],
         state.metrics.render(),
