@@ -146,9 +146,21 @@ impl EventEnvelope {
         event_id(&self.aggregate_type, &self.aggregate_id, self.sequence)
     }
 
-    /// Decodes the payload as an aggregate's event enum.
+    /// Decodes the payload as an aggregate's event enum, upcast first to the version this
+    /// build speaks (see [`crate::events`]).
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        serde_json::from_value(self.payload.clone())
+        let (_, payload) = crate::events::upcast(
+            &self.aggregate_type,
+            &self.event_type,
+            &self.event_version,
+            self.payload.clone(),
+        );
+        serde_json::from_value(payload)
+    }
+
+    /// Whether this build knows the event's type (an unknown one comes from a newer build).
+    pub fn is_known(&self) -> bool {
+        crate::events::is_known(&self.aggregate_type, &self.event_type)
     }
 }
 

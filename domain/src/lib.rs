@@ -9,6 +9,7 @@ pub mod budget;
 pub mod call;
 pub mod contacts;
 pub mod envelope;
+pub mod events;
 pub mod memory;
 pub mod persona;
 pub mod pricing;

@@ -14,6 +14,9 @@ pub struct DurableSpec {
     pub filter_subject: String,
     pub ack_wait: Duration,
     pub max_ack_pending: i64,
+    /// Deliveries after which the consumer's owner sets a message it keeps failing on aside
+    /// (JetStream itself never drops one: `max_deliver` is unlimited).
+    pub set_aside_after: i64,
 }
 
 impl DurableSpec {
@@ -24,6 +27,7 @@ impl DurableSpec {
             filter_subject: settings.all_subjects(),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1_000,
+            set_aside_after: 6,
         }
     }
 

@@ -46,6 +46,9 @@ pub enum Outcome {
     },
     /// Not an aggregate type this projection reads.
     Ignored,
+    /// An event type this build does not know (written by a newer one): skipped, counted in
+    /// `cmb_projection_unknown_events_total`, its offset moved so the aggregate goes on.
+    Unknown,
 }
 
 /// Applies `event` (found at `stream_sequence`) to `projection`, with its offset, in one
@@ -110,7 +113,14 @@ pub async fn apply_on(
     if event.sequence > last + 1 {
         return Ok(Outcome::Gap { expected: last + 1 });
     }
-    projection.apply(&mut tx, event).await?;
+    let outcome = if event.is_known() {
+        projection.apply(&mut tx, event).await?;
+        Outcome::Applied
+    } else {
+        tracing::warn!(event = %event.event_id(), event_type = %event.event_type, "unknown event type skipped");
+        metrics::counter!("cmb_projection_unknown_events_total", "projection" => projection.name(), "event_type" => event.event_type.clone()).increment(1);
+        Outcome::Unknown
+    };
     sqlx::query(
         "INSERT INTO projection_offsets (projection, aggregate_type, aggregate_id, sequence)
          VALUES ($1, $2, $3, $4)
@@ -135,7 +145,7 @@ pub async fn apply_on(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Outcome::Applied)
+    Ok(outcome)
 }
 
 /// Empties a projection's tables and offsets, for a rebuild from the first event.

@@ -183,6 +183,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         consumer_prefix: config.consumer_prefix.clone(),
         lag: lag.clone(),
         ack_wait: config.worker_ack_wait,
+        max_deliveries: config.consumer_max_deliveries,
     });
     let defined = define_system_personas(&store).await?;
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
@@ -373,12 +374,14 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             aggregate_type,
         );
         spec.ack_wait = config.worker_ack_wait;
+        spec.set_aside_after = config.consumer_max_deliveries;
         spec
     };
     {
         let store = store.clone();
         let stripe = stripe.clone();
         tasks.spawn(crate::workers::run(
+            pool.clone(),
             crate::workers::settlement::NAME,
             stream.clone(),
             worker(crate::workers::settlement::NAME, "call"),
@@ -394,6 +397,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             embeddings,
         };
         tasks.spawn(crate::workers::run(
+            pool.clone(),
             crate::workers::memory::NAME,
             stream.clone(),
             worker(crate::workers::memory::NAME, "call"),
@@ -407,6 +411,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     {
         let store = store.clone();
         tasks.spawn(crate::workers::run(
+            pool.clone(),
             crate::workers::contacts_cleanup::NAME,
             stream.clone(),
             worker(crate::workers::contacts_cleanup::NAME, "persona"),
@@ -424,6 +429,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             exit_after_create: config.fault_dialer_exit_after_create,
         };
         tasks.spawn(crate::workers::run(
+            pool.clone(),
             crate::workers::dialer::NAME,
             stream.clone(),
             worker(crate::workers::dialer::NAME, "call"),

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long)]
         publish: bool,
     },
+    /// Events set aside after consumers kept failing on them (dead letters).
+    Dlq {
+        #[command(subcommand)]
+        command: crate::deadletter::DlqCommand,
+    },
     /// Benchmarks (figures as a table, then one line of JSON).
     Bench {
         #[command(subcommand)]
@@ -223,6 +228,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { range, command } => replay(config, *range, command).await,
+        Command::Dlq { command } => {
+            let b = crate::app::backbone(&config, 2).await?;
+            crate::deadletter::cli(&b.pool, command).await
+        }
         Command::Simulate {
             days,
             calls_per_day,

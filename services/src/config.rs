@@ -85,6 +85,8 @@ pub struct Config {
     pub schedule_grace: Duration,
     /// How long a worker has to acknowledge a message before JetStream redelivers it.
     pub worker_ack_wait: Duration,
+    /// Deliveries after which a consumer sets a failing event aside (a dead letter).
+    pub consumer_max_deliveries: i64,
     /// The simulators' settings (`SIM_*` variables).
     pub sim: std::collections::BTreeMap<String, String>,
     /// Fault injection for tests: the dialer exits the process right after Twilio accepted a
@@ -328,6 +330,11 @@ impl Config {
                 get("WORKER_ACK_WAIT_MS"),
                 30_000,
             )?),
+            consumer_max_deliveries: parse(
+                "CONSUMER_MAX_DELIVERIES",
+                get("CONSUMER_MAX_DELIVERIES"),
+                crate::deadletter::MAX_DELIVERIES,
+            )?,
             sim: Default::default(),
             fault_dialer_exit_after_create: get("CMB_FAULT_DIALER_EXIT_AFTER_CREATE")
                 .is_some_and(|v| v == "1" || v == "true"),

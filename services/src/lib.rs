@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod deadletter;
 pub mod http;
 pub mod lease;
 pub mod outbox;

@@ -15,6 +15,8 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::deadletter;
+
 /// Messages waiting per projection, as last measured (for `/readyz` and the metric).
 pub type LagBoard = Arc<RwLock<BTreeMap<String, u64>>>;
 
@@ -27,6 +29,8 @@ pub struct Projector {
     /// How long a delivered message may go unacknowledged (a dead instance's messages come
     /// back after this).
     pub ack_wait: Duration,
+    /// Deliveries after which an event that keeps failing is set aside.
+    pub max_deliveries: i64,
 }
 
 impl Projector {
@@ -53,6 +57,7 @@ impl Projector {
         let mut spec =
             DurableSpec::all_events(&self.settings, &self.durable_name(projection.as_ref()));
         spec.ack_wait = self.ack_wait;
+        spec.set_aside_after = self.max_deliveries;
         while !shutdown.is_cancelled() {
             if let Err(e) = self.consume(projection.as_ref(), &spec, &shutdown).await {
                 tracing::warn!(projection = name, error = %e, "projector stopped; restarting");
@@ -71,10 +76,16 @@ impl Projector {
         shutdown: &CancellationToken,
     ) -> Result<(), async_nats::Error> {
         let name = projection.name();
+        let consumer_name = format!("projection:{name}");
         let mut consumer = consume::durable(&self.stream, spec).await?;
         let mut messages = consumer.messages().await?;
         let mut last_lag_check = Instant::now() - Duration::from_secs(60);
+        let mut last_redrive = Instant::now();
         loop {
+            if last_redrive.elapsed() >= deadletter::REDRIVE_EVERY {
+                last_redrive = Instant::now();
+                self.redrive(projection, &consumer_name).await?;
+            }
             if last_lag_check.elapsed() > Duration::from_secs(2) {
                 last_lag_check = Instant::now();
                 if let Ok(lag) = consume::lag(&mut consumer).await {
@@ -96,35 +107,113 @@ impl Projector {
                 Ok(None) => return Err("message stream ended".into()),
                 Ok(Some(m)) => m?,
             };
-            let stream_sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let (stream_sequence, deliveries) = message
+                .info()
+                .map(|i| (i.stream_sequence, i.delivered))
+                .unwrap_or((0, 1));
             let event = match cmb_nats::contract::decode_body(&message.payload) {
                 Ok(e) => e,
                 Err(e) => {
-                    // Not ours to read; acknowledging it keeps the consumer moving.
-                    tracing::error!(projection = name, stream_sequence, error = %e, "undecodable message skipped");
+                    // Never acknowledged and forgotten: kept, body and all.
+                    deadletter::park(
+                        &self.pool,
+                        deadletter::Parked {
+                            consumer: &consumer_name,
+                            stream_sequence,
+                            event: None,
+                            headers: message.headers.as_ref(),
+                            body: Some(&message.payload),
+                            deliveries,
+                            error: &format!("cannot be decoded: {e}"),
+                            retry: false,
+                        },
+                    )
+                    .await?;
                     message.ack().await?;
                     continue;
                 }
             };
             match cmb_projections::apply(&self.pool, projection, &event, stream_sequence).await {
                 Ok(Outcome::Gap { expected }) => {
-                    tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
-                    message
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
-                        .await?;
+                    match deadletter::blocker(&self.pool, &consumer_name, &event).await? {
+                        // Its predecessor was set aside: it waits there too, in order.
+                        Some(blocker) => {
+                            deadletter::park(
+                                &self.pool,
+                                deadletter::Parked {
+                                    consumer: &consumer_name,
+                                    stream_sequence,
+                                    event: Some(&event),
+                                    headers: None,
+                                    body: None,
+                                    deliveries,
+                                    error: &blocker.reason,
+                                    retry: blocker.retrying,
+                                },
+                            )
+                            .await?;
+                            message.ack().await?;
+                        }
+                        None => {
+                            tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
+                            message
+                                .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                                .await?;
+                        }
+                    }
                 }
                 Ok(outcome) => {
                     message.ack().await?;
                     metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => outcome_label(outcome)).increment(1);
                 }
+                Err(e) if !deadletter::is_transient(&e) && deliveries >= spec.set_aside_after => {
+                    deadletter::park(
+                        &self.pool,
+                        deadletter::Parked {
+                            consumer: &consumer_name,
+                            stream_sequence,
+                            event: Some(&event),
+                            headers: None,
+                            body: None,
+                            deliveries,
+                            error: &e.to_string(),
+                            retry: false,
+                        },
+                    )
+                    .await?;
+                    message.ack().await?;
+                    metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => "dead_letter").increment(1);
+                }
                 Err(e) => {
-                    tracing::warn!(projection = name, event = %event.event_id(), error = %e, "apply failed; redeliver later");
-                    message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await?;
+                    let backoff = Duration::from_millis(500 * 2u64.pow((deliveries as u32).min(6)));
+                    tracing::warn!(projection = name, event = %event.event_id(), deliveries, error = %e, ?backoff, "apply failed; redeliver later");
+                    message.ack_with(AckKind::Nak(Some(backoff))).await?;
                 }
             }
         }
+    }
+
+    /// Applies what is marked for retry among this projection's dead letters.
+    async fn redrive(
+        &self,
+        projection: &dyn Projection,
+        consumer_name: &str,
+    ) -> Result<u64, async_nats::Error> {
+        deadletter::redrive(
+            &self.pool,
+            &self.stream,
+            consumer_name,
+            |seq, event| async move {
+                match cmb_projections::apply(&self.pool, projection, &event, seq).await {
+                    Ok(Outcome::Gap { expected }) => deadletter::Redriven::Failed(format!(
+                        "still waiting for sequence {expected}"
+                    )),
+                    Ok(_) => deadletter::Redriven::Done,
+                    Err(e) => deadletter::Redriven::Failed(e.to_string()),
+                }
+            },
+        )
+        .await
     }
 }
 
@@ -134,6 +223,7 @@ fn outcome_label(outcome: Outcome) -> &'static str {
         Outcome::AlreadyApplied => "duplicate",
         Outcome::Gap { .. } => "gap",
         Outcome::Ignored => "ignored",
+        Outcome::Unknown => "unknown_type",
     }
 }
 

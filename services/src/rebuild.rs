@@ -207,7 +207,7 @@ async fn apply_range(
                 "{} arrived but its sequence {expected} never did; run `callmeback events verify`",
                 r.event.event_id()
             ),
-            Outcome::AlreadyApplied | Outcome::Ignored => {}
+            Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => {}
         }
         progress.tick(1);
     }
@@ -235,7 +235,7 @@ async fn apply_range_on(
                 "{} arrived but its sequence {expected} never did; run `callmeback events verify`",
                 r.event.event_id()
             ),
-            Outcome::AlreadyApplied | Outcome::Ignored => {}
+            Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => {}
         }
     }
     Ok(applied)

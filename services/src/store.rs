@@ -53,6 +53,7 @@ impl EventStore {
 
     fn store<A: Aggregate>(&self) -> PersistedEventStore<PostgresEventRepository, A> {
         PersistedEventStore::new_event_store(PostgresEventRepository::new(self.pool.clone()))
+            .with_upcasters(vec![Box::new(cmb_domain::events::StoreUpcaster)])
     }
 
     /// The aggregate's current state and sequence, straight from the event store (consistent,

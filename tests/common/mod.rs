@@ -98,8 +98,12 @@ impl TestEnv {
             .expect("backbone")
     }
 
-    /// Removes the stream and the database.
+    /// Removes the stream and the database (both kept when `CMB_TEST_KEEP_DATABASES` is set,
+    /// e.g. to collect the events a run wrote).
     pub async fn cleanup(&self) {
+        if std::env::var_os("CMB_TEST_KEEP_DATABASES").is_some() {
+            return;
+        }
         let config = self.config();
         if let Ok(client) = async_nats::connect(&config.nats_url).await {
             let js = async_nats::jetstream::new(client);

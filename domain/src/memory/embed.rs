@@ -105,16 +105,16 @@ mod tests {
     }
 
     #[test]
-    fn ranking_a_few_hundred_facts_takes_well_under_a_millisecond_or_so() {
-        let facts: Vec<Vec<f32>> = (0..300)
-            .map(|i| embed(&format!("fact number {i} about running and friends")))
+    fn among_a_few_hundred_facts_the_closest_ones_rank_first() {
+        // How fast ranking is, is `bench voice`'s business (timed tests fail on a busy
+        // machine); here only that it ranks the right ones first among many.
+        let mut facts: Vec<Vec<f32>> = (0..300)
+            .map(|i| embed(&format!("fact number {i} about gardening and weather")))
             .collect();
-        let start = std::time::Instant::now();
+        facts.push(embed("goes running with friends on saturdays"));
         let q = embed("tell me about running with my friends today");
         let best = top_k(&q, &facts, 3, 0.1);
-        let took = start.elapsed();
         assert_eq!(best.len(), 3);
-        // Unoptimised test builds included: a few milliseconds at most.
-        assert!(took < std::time::Duration::from_millis(20), "{took:?}");
+        assert_eq!(best[0].0, 300, "{best:?}");
     }
 }

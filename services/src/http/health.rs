@@ -33,6 +33,10 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         .await
         .ok()
         .flatten();
+    // Events set aside per consumer: not a readiness condition, but someone must look.
+    let dead_letters = crate::deadletter::open_counts(&state.pool)
+        .await
+        .unwrap_or_default();
     let lag_ok = lag.values().all(|&l| l <= MAX_READY_LAG);
     let ready = postgres && nats && lag_ok;
     let status = if ready {
@@ -49,6 +53,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
                 "nats": if nats { "ok" } else { "down" },
                 "projection_lag": lag,
                 "oldest_transaction": oldest_transaction,
+                "dead_letters": dead_letters,
             }
         })),
     )
@@ -58,6 +63,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // Sets `cmb_oldest_transaction_age_seconds`.
     let _ = crate::outbox::oldest_transaction(&state.pool).await;
+    let _ = crate::deadletter::open_counts(&state.pool).await;
     (
         [("content-type", "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -9,7 +9,7 @@ pub mod settlement;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use cmb_domain::EventEnvelope;
@@ -17,8 +17,14 @@ use cmb_nats::consume::{self, DurableSpec};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// Runs `handle` for every message of `spec` until `shutdown`.
+use crate::deadletter;
+
+/// Runs `handle` for every message of `spec` until `shutdown`. A message is acknowledged
+/// after its handler succeeded, redelivered with backoff after a failure, and set aside (a
+/// dead letter, see [`crate::deadletter`]) after `spec.set_aside_after` deliveries; letters marked
+/// for retry are handled again by whichever instance claims them.
 pub async fn run<F, Fut>(
+    pool: sqlx::PgPool,
     name: &'static str,
     stream: jetstream::stream::Stream,
     spec: DurableSpec,
@@ -29,37 +35,89 @@ pub async fn run<F, Fut>(
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     let handle = Arc::new(handle);
+    let consumer_name = format!("worker:{name}");
     while !shutdown.is_cancelled() {
         let result: Result<(), async_nats::Error> = async {
             let consumer = consume::durable(&stream, &spec).await?;
             let mut messages = consumer.messages().await?;
+            let mut last_redrive = Instant::now();
             loop {
+                if last_redrive.elapsed() >= deadletter::REDRIVE_EVERY {
+                    last_redrive = Instant::now();
+                    let handle = handle.clone();
+                    deadletter::redrive(&pool, &stream, &consumer_name, |_, event| {
+                        let handle = handle.clone();
+                        async move {
+                            match handle(event).await {
+                                Ok(()) => deadletter::Redriven::Done,
+                                Err(e) => deadletter::Redriven::Failed(format!("{e:#}")),
+                            }
+                        }
+                    })
+                    .await?;
+                }
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    m = messages.next() => m,
+                    m = tokio::time::timeout(deadletter::REDRIVE_EVERY, messages.next()) => m,
                 };
                 let message = match message {
-                    None => return Err("message stream ended".into()),
-                    Some(m) => m?,
+                    Err(_) => continue, // idle: loop to look for letters to retry
+                    Ok(None) => return Err("message stream ended".into()),
+                    Ok(Some(m)) => m?,
                 };
+                let (stream_sequence, deliveries) = message
+                    .info()
+                    .map(|i| (i.stream_sequence, i.delivered))
+                    .unwrap_or((0, 1));
                 let event = match cmb_nats::contract::decode_body(&message.payload) {
                     Ok(e) => e,
                     Err(e) => {
-                        tracing::error!(worker = name, error = %e, "undecodable message skipped");
+                        // Never acknowledged and forgotten: kept, body and all.
+                        deadletter::park(
+                            &pool,
+                            deadletter::Parked {
+                                consumer: &consumer_name,
+                                stream_sequence,
+                                event: None,
+                                headers: message.headers.as_ref(),
+                                body: Some(&message.payload),
+                                deliveries,
+                                error: &format!("cannot be decoded: {e}"),
+                                retry: false,
+                            },
+                        )
+                        .await?;
                         message.ack().await?;
                         continue;
                     }
                 };
                 let id = event.event_id();
-                let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
-                match handle(event).await {
+                match handle(event.clone()).await {
                     Ok(()) => {
                         message.ack().await?;
                         metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok").increment(1);
                     }
+                    Err(e) if deliveries >= spec.set_aside_after => {
+                        metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "dead_letter").increment(1);
+                        deadletter::park(
+                            &pool,
+                            deadletter::Parked {
+                                consumer: &consumer_name,
+                                stream_sequence,
+                                event: Some(&event),
+                                headers: None,
+                                body: None,
+                                deliveries,
+                                error: &format!("{e:#}"),
+                                retry: false,
+                            },
+                        )
+                        .await?;
+                        message.ack().await?;
+                    }
                     Err(e) => {
                         let backoff = Duration::from_millis(200 * 2u64.pow((deliveries as u32).min(8)));
-                        tracing::warn!(worker = name, event = %id, deliveries, error = %e, "handler failed; redelivering");
+                        tracing::warn!(worker = name, event = %id, deliveries, error = %format!("{e:#}"), "handler failed; redelivering");
                         metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "retry").increment(1);
                         message.ack_with(AckKind::Nak(Some(backoff))).await?;
                     }
