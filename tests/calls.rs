@@ -593,11 +593,7 @@ async fn callback(
                 .join("&"),
         );
     if let Some(token) = token {
-        let sig = callmeback::providers::twilio::signature(
-            token,
-            &format!("{}{path}", api.base),
-            &params,
-        );
+        let sig = cmb_providers::twilio::signature(token, &format!("{}{path}", api.base), &params);
         req = req.header("x-twilio-signature", sig);
     }
     api.send(req).await
@@ -756,7 +752,7 @@ async fn the_simulators_duplicated_and_reordered_callbacks_settle_a_call_once() 
 
 #[tokio::test]
 async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the_call_once() {
-    use callmeback::sim::twilio::{Settings, TwilioSim};
+    use cmb_sims::twilio::{Settings, TwilioSim};
     // The Twilio simulator runs here, outside the app, so it outlives the killed process.
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
@@ -768,7 +764,7 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     settings.account_sid = "ACdeadbeefdeadbeefdeadbeefdeadbeef".into();
     settings.auth_token = "crash-test-token".into();
     let sim = TwilioSim::new(settings);
-    let url = callmeback::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks)
+    let url = cmb_sims::serve("twilio", sim.router(), shutdown.clone(), &tasks)
         .await
         .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -785,7 +781,7 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
         .set("PUBLIC_BASE_URL", &base)
         .set("WORKER_ACK_WAIT_MS", "1500");
     let backbone = env.backbone().await;
-    let store = callmeback::store::EventStore::new(backbone.pool.clone());
+    let store = callmeback::backbone::store::EventStore::new(backbone.pool.clone());
     let api = Api::new(format!("127.0.0.1:{port}").parse().unwrap());
     let up = || async {
         eventually(Duration::from_secs(20), || async {

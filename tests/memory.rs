@@ -316,7 +316,7 @@ async fn a_persona_remembers_what_it_learned_and_the_user_controls_it() {
     cmb_projections::reset(&app.state.pool, &projection)
         .await
         .unwrap();
-    callmeback::projector::rebuild(
+    callmeback::backbone::projector::rebuild(
         &app.state.pool,
         &app.state.js,
         &config.stream,

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::ProviderError;
+use crate::ProviderError;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.deepgram.com";
 

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::ProviderError;
+use crate::ProviderError;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.elevenlabs.io";
 const PROVIDER: &str = "ElevenLabs";

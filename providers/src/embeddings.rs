@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::ProviderError;
+use crate::ProviderError;
 
 pub const DEFAULT_MODEL: &str = "text-embedding-3-small";
 

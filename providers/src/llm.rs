@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::ProviderError;
+use crate::ProviderError;
 
 pub const CEREBRAS_BASE_URL: &str = "https://api.cerebras.ai";
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";

@@ -1,7 +1,7 @@
 //! Stripe: customers, card payment methods, manual-capture PaymentIntents, refunds, and webhook
 //! signatures. Speaks Stripe's wire protocol directly (form bodies with bracket notation,
 //! `Authorization: Bearer sk_…`, `Idempotency-Key`, `Stripe-Version`), so the same client talks
-//! to Stripe or to `crate::sim::stripe`.
+//! to Stripe or to `cmb_sims::stripe`.
 //!
 //! Written on reqwest rather than async-stripe 1.0-rc: that crate compiles ~240k lines of
 //! generated types whatever features are chosen, brings its own hyper client, and its retry

@@ -3,7 +3,7 @@
 //!
 //! The REST API is form-encoded with PascalCase names, answers JSON with snake_case names, and
 //! authenticates with HTTP Basic `AccountSid:AuthToken` (see PROTOCOLS.md §1). The same client
-//! talks to api.twilio.com or to `crate::sim::twilio`, which differ only in the base URL.
+//! talks to api.twilio.com or to `cmb_sims::twilio`, which differ only in the base URL.
 //!
 //! Nothing here retries a call creation on its own: a create that timed out may still have
 //! placed the call, and ringing someone twice is worse than a late retry. The caller decides,
@@ -16,7 +16,7 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha1::Sha1;
 
-use super::ProviderError;
+use crate::ProviderError;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.twilio.com";
 const PROVIDER: &str = "Twilio";

@@ -8,21 +8,21 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backbone::outbox::Publisher;
+use crate::backbone::projector::Projector;
+use crate::backbone::store::EventStore;
 use crate::config::Config;
-use crate::http::{self, AppState};
-use crate::outbox::Publisher;
-use crate::projector::Projector;
-use crate::store::EventStore;
+use crate::serve::http::{self, AppState};
 
 /// The simulators this instance started (for tests to inspect).
 #[derive(Clone, Default)]
 pub struct Simulators {
-    pub twilio: Option<crate::sim::twilio::TwilioSim>,
-    pub stripe: Option<crate::sim::stripe::StripeSim>,
-    pub deepgram: Option<crate::sim::deepgram::DeepgramSim>,
-    pub cerebras: Option<crate::sim::llm::LlmSim>,
-    pub openai: Option<crate::sim::llm::LlmSim>,
-    pub elevenlabs: Option<crate::sim::elevenlabs::ElevenLabsSim>,
+    pub twilio: Option<cmb_sims::twilio::TwilioSim>,
+    pub stripe: Option<cmb_sims::stripe::StripeSim>,
+    pub deepgram: Option<cmb_sims::deepgram::DeepgramSim>,
+    pub cerebras: Option<cmb_sims::llm::LlmSim>,
+    pub openai: Option<cmb_sims::llm::LlmSim>,
+    pub elevenlabs: Option<cmb_sims::elevenlabs::ElevenLabsSim>,
 }
 
 /// A running service.
@@ -52,10 +52,10 @@ pub struct Backbone {
 }
 
 pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbone> {
-    let pool = crate::db::connect(&config.database_url, pool_size)
+    let pool = crate::backbone::db::connect(&config.database_url, pool_size)
         .await
         .context("connecting to Postgres")?;
-    crate::db::migrate(&pool)
+    crate::backbone::db::migrate(&pool)
         .await
         .context("applying migrations")?;
     let nats = cmb_nats::connect(
@@ -80,7 +80,7 @@ pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbon
 /// of instances at once).
 pub async fn define_system_personas(
     store: &EventStore,
-) -> anyhow::Result<Vec<crate::store::Committed>> {
+) -> anyhow::Result<Vec<crate::backbone::store::Committed>> {
     use cmb_domain::persona::{Persona, PersonaCommand};
     let ctx = cmb_domain::CommandContext::system("define-system-personas");
     let mut committed = Vec::new();
@@ -123,13 +123,13 @@ async fn llm_endpoint(
     sim_suffix: &str,
     shutdown: &CancellationToken,
     tasks: &TaskTracker,
-) -> anyhow::Result<(String, String, Option<crate::sim::llm::LlmSim>)> {
+) -> anyhow::Result<(String, String, Option<cmb_sims::llm::LlmSim>)> {
     Ok(match (&p.base_url, p.simulated()) {
         (Some(url), _) => (url.clone(), p.key_or(""), None),
         (None, true) => {
-            let settings = crate::sim::llm::Settings::from_lookup(name, &|k| config.sim_var(k));
-            let sim = crate::sim::llm::LlmSim::new(settings);
-            let url = crate::sim::serve(name, sim.router(), shutdown.clone(), tasks).await?;
+            let settings = cmb_sims::llm::Settings::from_lookup(name, &|k| config.sim_var(k));
+            let sim = cmb_sims::llm::LlmSim::new(settings);
+            let url = cmb_sims::serve(name, sim.router(), shutdown.clone(), tasks).await?;
             (
                 format!("{url}{sim_suffix}"),
                 p.key_or("simulator"),
@@ -175,7 +175,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     };
     tasks.spawn(publisher.run(shutdown.clone()));
 
-    let lag = crate::projector::LagBoard::default();
+    let lag = crate::backbone::projector::LagBoard::default();
     let projector = Arc::new(Projector {
         pool: pool.clone(),
         stream: stream.clone(),
@@ -193,25 +193,25 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             .await;
     }
 
-    let http_client = crate::providers::http_client();
+    let http_client = cmb_providers::http_client();
     let mut sims = Simulators::default();
     let elevenlabs = {
         let p = &config.elevenlabs;
         let base_url = match (&p.base_url, p.simulated()) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let faults = crate::sim::Faults::from_lookup(&|k| config.sim_var(k), "ELEVENLABS");
-                let tts = crate::sim::elevenlabs::TtsSettings::from_lookup(&|k| config.sim_var(k));
-                let sim = crate::sim::elevenlabs::ElevenLabsSim::new(faults, tts);
+                let faults = cmb_sims::Faults::from_lookup(&|k| config.sim_var(k), "ELEVENLABS");
+                let tts = cmb_sims::elevenlabs::TtsSettings::from_lookup(&|k| config.sim_var(k));
+                let sim = cmb_sims::elevenlabs::ElevenLabsSim::new(faults, tts);
                 let url =
-                    crate::sim::serve("elevenlabs", sim.router(), shutdown.clone(), &tasks).await?;
+                    cmb_sims::serve("elevenlabs", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.elevenlabs = Some(sim);
                 url
             }
-            (None, false) => crate::providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
+            (None, false) => cmb_providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
         };
         let key = p.key_or("simulator");
-        crate::providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
+        cmb_providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
     };
 
     let twilio = {
@@ -219,19 +219,17 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let base_url = match (&t.base_url, t.simulated) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let mut settings =
-                    crate::sim::twilio::Settings::from_lookup(&|k| config.sim_var(k));
+                let mut settings = cmb_sims::twilio::Settings::from_lookup(&|k| config.sim_var(k));
                 settings.account_sid = t.account_sid.clone();
                 settings.auth_token = t.auth_token.expose().to_string();
-                let sim = crate::sim::twilio::TwilioSim::new(settings);
-                let url =
-                    crate::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
+                let sim = cmb_sims::twilio::TwilioSim::new(settings);
+                let url = cmb_sims::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.twilio = Some(sim);
                 url
             }
-            (None, false) => crate::providers::twilio::DEFAULT_BASE_URL.to_string(),
+            (None, false) => cmb_providers::twilio::DEFAULT_BASE_URL.to_string(),
         };
-        crate::providers::twilio::Twilio::new(
+        cmb_providers::twilio::Twilio::new(
             http_client.clone(),
             &base_url,
             &t.account_sid,
@@ -244,23 +242,17 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let base_url = match (&st.base_url, st.simulated) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let mut settings =
-                    crate::sim::stripe::Settings::from_lookup(&|k| config.sim_var(k));
+                let mut settings = cmb_sims::stripe::Settings::from_lookup(&|k| config.sim_var(k));
                 settings.webhook_secret = st.webhook_secret.expose().to_string();
-                let sim = crate::sim::stripe::StripeSim::new(settings);
+                let sim = cmb_sims::stripe::StripeSim::new(settings);
                 sim.set_webhook_url(&format!("{}/api/stripe/webhook", config.public_base_url));
-                let url =
-                    crate::sim::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
+                let url = cmb_sims::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.stripe = Some(sim);
                 url
             }
-            (None, false) => crate::providers::stripe::DEFAULT_BASE_URL.to_string(),
+            (None, false) => cmb_providers::stripe::DEFAULT_BASE_URL.to_string(),
         };
-        crate::providers::stripe::Stripe::new(
-            http_client.clone(),
-            &base_url,
-            st.secret_key.expose(),
-        )
+        cmb_providers::stripe::Stripe::new(http_client.clone(), &base_url, st.secret_key.expose())
     };
 
     let deepgram = {
@@ -268,40 +260,36 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let base_url = match (&p.base_url, p.simulated()) {
             (Some(url), _) => url.clone(),
             (None, true) => {
-                let settings = crate::sim::deepgram::Settings::from_lookup(&|k| config.sim_var(k));
-                let sim = crate::sim::deepgram::DeepgramSim::new(settings);
+                let settings = cmb_sims::deepgram::Settings::from_lookup(&|k| config.sim_var(k));
+                let sim = cmb_sims::deepgram::DeepgramSim::new(settings);
                 let url =
-                    crate::sim::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
+                    cmb_sims::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
                 sims.deepgram = Some(sim);
                 url
             }
-            (None, false) => crate::providers::deepgram::DEFAULT_BASE_URL.to_string(),
+            (None, false) => cmb_providers::deepgram::DEFAULT_BASE_URL.to_string(),
         };
         let key = p.key_or("simulator");
-        crate::providers::deepgram::Deepgram::new(&base_url, &key)
+        cmb_providers::deepgram::Deepgram::new(&base_url, &key)
     };
     let (url, key, sim) = llm_endpoint(
         &config,
         &config.cerebras,
         "CEREBRAS",
-        crate::providers::llm::CEREBRAS_BASE_URL,
+        cmb_providers::llm::CEREBRAS_BASE_URL,
         "",
         &shutdown,
         &tasks,
     )
     .await?;
     sims.cerebras = sim;
-    let cerebras = crate::providers::llm::Llm::cerebras(
-        http_client.clone(),
-        &url,
-        &key,
-        &config.cerebras_model,
-    );
+    let cerebras =
+        cmb_providers::llm::Llm::cerebras(http_client.clone(), &url, &key, &config.cerebras_model);
     let (url, key, sim) = llm_endpoint(
         &config,
         &config.openai,
         "OPENAI",
-        crate::providers::llm::OPENAI_BASE_URL,
+        cmb_providers::llm::OPENAI_BASE_URL,
         "/v1",
         &shutdown,
         &tasks,
@@ -309,15 +297,15 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     .await?;
     sims.openai = sim;
     let openai =
-        crate::providers::llm::Llm::openai(http_client.clone(), &url, &key, &config.openai_model);
+        cmb_providers::llm::Llm::openai(http_client.clone(), &url, &key, &config.openai_model);
     // Memory's embeddings use the OpenAI-compatible endpoint (or its simulator).
-    let embeddings = crate::providers::embeddings::Embeddings::new(
+    let embeddings = cmb_providers::embeddings::Embeddings::new(
         http_client.clone(),
         &url,
         &key,
         &config.embeddings_model,
     );
-    let voice = Arc::new(crate::voice::Voice {
+    let voice = Arc::new(crate::serve::voice::Voice {
         store: store.clone(),
         deepgram,
         llm: cerebras,
@@ -325,7 +313,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         elevenlabs: elevenlabs.clone(),
         twilio: twilio.clone(),
         clock: clock.clone(),
-        settings: crate::voice::VoiceSettings {
+        settings: crate::serve::voice::VoiceSettings {
             tts_model: config.elevenlabs_model.clone(),
             first_token_timeout: config.llm_first_token_timeout,
             max_reply_tokens: 150,
@@ -355,7 +343,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let stop = shutdown.clone();
         tasks.spawn(async move {
             loop {
-                if let Err(e) = crate::voice::purge_transcripts(&pool, days).await {
+                if let Err(e) = crate::serve::voice::purge_transcripts(&pool, days).await {
                     tracing::warn!(error = %e, "transcript retention failed");
                 }
                 tokio::select! {
@@ -378,25 +366,27 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     {
         let store = store.clone();
         let stripe = stripe.clone();
-        tasks.spawn(crate::workers::run(
-            crate::workers::settlement::NAME,
+        tasks.spawn(crate::serve::workers::run(
+            crate::serve::workers::settlement::NAME,
             stream.clone(),
-            worker(crate::workers::settlement::NAME, "call"),
-            move |event| crate::workers::settlement::handle(store.clone(), stripe.clone(), event),
+            worker(crate::serve::workers::settlement::NAME, "call"),
+            move |event| {
+                crate::serve::workers::settlement::handle(store.clone(), stripe.clone(), event)
+            },
             shutdown.clone(),
         ));
     }
     {
-        let memory = crate::workers::memory::MemoryWorker {
+        let memory = crate::serve::workers::memory::MemoryWorker {
             store: store.clone(),
             llm: voice.llm.clone(),
             fallback: voice.fallback.clone(),
             embeddings,
         };
-        tasks.spawn(crate::workers::run(
-            crate::workers::memory::NAME,
+        tasks.spawn(crate::serve::workers::run(
+            crate::serve::workers::memory::NAME,
             stream.clone(),
-            worker(crate::workers::memory::NAME, "call"),
+            worker(crate::serve::workers::memory::NAME, "call"),
             move |event| {
                 let memory = memory.clone();
                 async move { memory.handle(event).await }
@@ -406,16 +396,16 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     }
     {
         let store = store.clone();
-        tasks.spawn(crate::workers::run(
-            crate::workers::contacts_cleanup::NAME,
+        tasks.spawn(crate::serve::workers::run(
+            crate::serve::workers::contacts_cleanup::NAME,
             stream.clone(),
-            worker(crate::workers::contacts_cleanup::NAME, "persona"),
-            move |event| crate::workers::contacts_cleanup::handle(store.clone(), event),
+            worker(crate::serve::workers::contacts_cleanup::NAME, "persona"),
+            move |event| crate::serve::workers::contacts_cleanup::handle(store.clone(), event),
             shutdown.clone(),
         ));
     }
     {
-        let dialer = crate::workers::dialer::Dialer {
+        let dialer = crate::serve::workers::dialer::Dialer {
             store: store.clone(),
             twilio: twilio.clone(),
             from: config.twilio.phone_number.clone(),
@@ -423,10 +413,10 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             clock: clock.clone(),
             exit_after_create: config.fault_dialer_exit_after_create,
         };
-        tasks.spawn(crate::workers::run(
-            crate::workers::dialer::NAME,
+        tasks.spawn(crate::serve::workers::run(
+            crate::serve::workers::dialer::NAME,
             stream.clone(),
-            worker(crate::workers::dialer::NAME, "call"),
+            worker(crate::serve::workers::dialer::NAME, "call"),
             move |event| {
                 let dialer = dialer.clone();
                 async move { dialer.handle(event).await }
@@ -434,7 +424,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             shutdown.clone(),
         ));
     }
-    let scheduler = crate::scheduler::Scheduler {
+    let scheduler = crate::serve::scheduler::Scheduler {
         pool: pool.clone(),
         store: store.clone(),
         clock: clock.clone(),

@@ -288,7 +288,7 @@ impl Config {
                 ),
                 webhook_secret: Secret::new(
                     get("STRIPE_WEBHOOK_SECRET")
-                        .unwrap_or_else(|| crate::sim::stripe::DEV_WEBHOOK_SECRET.into()),
+                        .unwrap_or_else(|| cmb_sims::stripe::DEV_WEBHOOK_SECRET.into()),
                 ),
                 base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
@@ -298,7 +298,7 @@ impl Config {
             cerebras_model: get("CEREBRAS_MODEL").unwrap_or_else(|| "llama-3.3-70b".into()),
             openai_model: get("OPENAI_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()),
             embeddings_model: get("EMBEDDINGS_MODEL")
-                .unwrap_or_else(|| crate::providers::embeddings::DEFAULT_MODEL.into()),
+                .unwrap_or_else(|| cmb_providers::embeddings::DEFAULT_MODEL.into()),
             memory_prompt_tokens: parse("MEMORY_PROMPT_TOKENS", get("MEMORY_PROMPT_TOKENS"), 400)?,
             elevenlabs_model: get("ELEVENLABS_MODEL").unwrap_or_else(|| "eleven_flash_v2_5".into()),
             llm_first_token_timeout: Duration::from_millis(parse(

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::Faults;
-use crate::providers::stripe::{sign_webhook, API_VERSION};
+use cmb_providers::stripe::{sign_webhook, API_VERSION};
 
 pub const DEV_WEBHOOK_SECRET: &str = "whsec_callmeback_development";
 /// Events waiting for delivery; beyond this they are dropped with a warning.
@@ -620,7 +620,7 @@ fn respond(status: StatusCode, body: Value, headers: &[(&str, &str)]) -> Respons
 
 /// Delivers events one after another, a little after they happened, retrying a few times.
 async fn deliver(mut rx: mpsc::Receiver<Value>, url: Arc<Mutex<Option<String>>>, secret: String) {
-    let http = crate::providers::http_client();
+    let http = cmb_providers::http_client();
     while let Some(event) = rx.recv().await {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let Some(target) = lock(&url).clone() else {
@@ -1220,7 +1220,7 @@ async fn create_refund(State(sim): State<StripeSim>, headers: HeaderMap, body: B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::stripe::{verify_webhook, CreatePaymentIntent, Stripe, StripeError};
+    use cmb_providers::stripe::{verify_webhook, CreatePaymentIntent, Stripe, StripeError};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
@@ -1244,10 +1244,10 @@ mod tests {
             faults,
         });
         let stop = CancellationToken::new();
-        let base = crate::sim::serve("stripe", sim.router(), stop.clone(), &TaskTracker::new())
+        let base = crate::serve("stripe", sim.router(), stop.clone(), &TaskTracker::new())
             .await
             .unwrap();
-        let stripe = Stripe::new(crate::providers::http_client(), &base, "sk_test_123");
+        let stripe = Stripe::new(cmb_providers::http_client(), &base, "sk_test_123");
         Running {
             sim,
             stripe,
@@ -1308,7 +1308,7 @@ mod tests {
             ("visa", "4242")
         );
         assert!(listed[1].exp_year > 2025 && (1..=12).contains(&listed[1].exp_month));
-        let stored: Value = crate::providers::http_client()
+        let stored: Value = cmb_providers::http_client()
             .get(format!("{}/v1/customers/{customer}", t.base))
             .bearer_auth("sk_test_123")
             .send()
@@ -1504,7 +1504,7 @@ mod tests {
 
         // Raw test card numbers, as Stripe's test mode takes them.
         let raw = |number: &'static str, key: &'static str| {
-            crate::providers::http_client()
+            cmb_providers::http_client()
                 .post(format!("{}/v1/payment_intents", t.base))
                 .bearer_auth("sk_test_123")
                 .header("Idempotency-Key", key)
@@ -1542,7 +1542,7 @@ mod tests {
     async fn a_bad_key_is_refused_and_not_retryable() {
         let t = start(Faults::default()).await;
         for key in ["pk_test_123", "", "sk_"] {
-            let stripe = Stripe::new(crate::providers::http_client(), &t.base, key);
+            let stripe = Stripe::new(cmb_providers::http_client(), &t.base, key);
             let err = stripe
                 .create_customer("a@example.com", "A", "u", "k")
                 .await
@@ -1597,7 +1597,7 @@ mod tests {
                 }
             }),
         );
-        let url = crate::sim::serve("receiver", receiver, t.stop.clone(), &TaskTracker::new())
+        let url = crate::serve("receiver", receiver, t.stop.clone(), &TaskTracker::new())
             .await
             .unwrap();
         t.sim.set_webhook_url(&format!("{url}/webhooks/stripe"));
@@ -1676,7 +1676,7 @@ mod tests {
     #[tokio::test]
     async fn bad_input_is_an_error_not_a_panic() {
         let t = start(Faults::default()).await;
-        let http = crate::providers::http_client();
+        let http = cmb_providers::http_client();
         for (path, body) in [
             ("/v1/payment_intents", "amount=abc&currency=usd"),
             ("/v1/payment_intents", "amount=10&currency=usd"),

@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Faults;
-use crate::providers::twilio::signature;
+use cmb_providers::twilio::signature;
 use media::{StreamContext, StreamCounters, StreamEnd};
 
 /// Used when neither `SIM_TWILIO_ACCOUNT_SID` nor `TWILIO_ACCOUNT_SID` is set.

@@ -20,8 +20,8 @@ use cmb_nats::StreamSettings;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
+use crate::backbone::lease::Lease;
 use crate::config::PublisherSettings;
-use crate::lease::Lease;
 
 /// A place in commit order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]

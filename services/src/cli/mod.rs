@@ -210,11 +210,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Seed => {
             let b = crate::app::backbone(&config, 4).await?;
-            let store = crate::store::EventStore::new(b.pool.clone());
-            let demo = crate::seed::demo(&store).await?;
+            let store = crate::backbone::store::EventStore::new(b.pool.clone());
+            let demo = crate::ops::seed::demo(&store).await?;
             println!("system personas: brad_001, sarah_001, alex_001");
             println!("demo user:       {} ({})", demo.email, demo.user_id);
-            println!("password:        {}", crate::seed::DEMO_PASSWORD);
+            println!("password:        {}", crate::ops::seed::DEMO_PASSWORD);
             println!("credits:         {}", demo.credits);
             println!(
                 "sign in:         POST /api/auth/login {{\"email\": \"{}\", \"password\": \"…\"}}",
@@ -229,9 +229,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             seed,
             publish,
         } => {
-            let summary = crate::simulate::run(
+            let summary = crate::ops::simulate::run(
                 config,
-                crate::simulate::Options {
+                crate::ops::simulate::Options {
                     days,
                     calls_per_day,
                     seed,
@@ -243,8 +243,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let pool = crate::db::connect(&config.database_url, 2).await?;
-            crate::db::migrate(&pool).await?;
+            let pool = crate::backbone::db::connect(&config.database_url, 2).await?;
+            crate::backbone::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
@@ -252,7 +252,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             command: EventsCommand::Verify { dry_run },
         } => {
             let b = crate::app::backbone(&config, 4).await?;
-            let report = crate::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
+            let report = crate::backbone::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!(
@@ -282,7 +282,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 for id in report.unrepairable.iter().take(20) {
                     println!("  {id}");
                 }
-                eprintln!("{}", crate::outbox::UNREPAIRABLE_HINT);
+                eprintln!("{}", crate::backbone::outbox::UNREPAIRABLE_HINT);
             }
             Ok(
                 if report.missing.is_empty() || report.republished as usize == report.missing.len()
@@ -310,7 +310,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             };
             let b = crate::app::backbone(&config, 4).await?;
             use std::io::IsTerminal;
-            let applied = crate::projector::rebuild(
+            let applied = crate::backbone::projector::rebuild(
                 &b.pool,
                 &b.js,
                 &config.stream,
@@ -330,7 +330,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     aggregates,
                 },
         } => {
-            crate::bench::events(config, commands, concurrency, aggregates).await?;
+            crate::ops::bench::events(config, commands, concurrency, aggregates).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -351,8 +351,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let mut rows = Vec::new();
             let mut largest = None;
             for n in counts {
-                let f = crate::bench_voice::run(&config, n, seconds).await?;
-                if crate::bench_voice::within_targets(&f) {
+                let f = crate::ops::bench_voice::run(&config, n, seconds).await?;
+                if crate::ops::bench_voice::within_targets(&f) {
                     largest = Some(n);
                 }
                 eprintln!(
@@ -361,13 +361,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 );
                 rows.push(f);
             }
-            crate::bench_voice::print(&rows, if sweep { largest } else { None });
+            crate::ops::bench_voice::print(&rows, if sweep { largest } else { None });
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             command: BenchCommand::Replay { events },
         } => {
-            crate::bench::replay(config, events).await?;
+            crate::ops::bench::replay(config, events).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -432,7 +432,7 @@ async fn replay(
     if let ReplayCommand::Projections { names } = &command {
         return replay_projections(config, &range, names, &format).await;
     }
-    let filter = crate::replay::Filter {
+    let filter = crate::ops::reconcile::Filter {
         aggregate_type: range.aggregate_type.clone(),
         user: range.user,
         call: range.call,
@@ -448,18 +448,20 @@ async fn replay(
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
     let b = crate::app::backbone(&config, 4).await?;
-    let mut progress = crate::projector::Progress::new("replay", 0)
+    let mut progress = crate::backbone::projector::Progress::new("replay", 0)
         .force(std::io::stderr().is_terminal() && format != "json");
     let reader = match range.source.as_str() {
         "postgres" => {
             let pool = b.pool.clone();
-            tokio::spawn(async move { crate::replay::from_postgres(&pool, tx, from, to).await })
+            tokio::spawn(
+                async move { crate::ops::reconcile::from_postgres(&pool, tx, from, to).await },
+            )
         }
         "nats" => {
             let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            progress = crate::projector::Progress::new("replay", until)
+            progress = crate::backbone::projector::Progress::new("replay", until)
                 .force(std::io::stderr().is_terminal() && format != "json");
             let start = match (range.since_seq, from) {
                 (Some(seq), _) => cmb_nats::replay::Start::Sequence(seq),
@@ -494,7 +496,7 @@ async fn replay(
     let mut user_calls = std::collections::HashSet::new();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut reconciler = crate::replay::Reconciler::requested_between(calls_in_range);
+    let mut reconciler = crate::ops::reconcile::Reconciler::requested_between(calls_in_range);
     let printing = matches!(command, ReplayCommand::Events);
     while let Some(e) = rx.recv().await {
         progress.tick(1);
@@ -518,16 +520,16 @@ async fn replay(
     {
         let report = reconciler.report();
         if let Some(path) = chart {
-            std::fs::write(&path, crate::replay::chart_svg(&report))?;
+            std::fs::write(&path, crate::ops::reconcile::chart_svg(&report))?;
         }
         if billed.is_empty() {
-            crate::replay::write_report(&mut out, &report, &format)?;
+            crate::ops::reconcile::write_report(&mut out, &report, &format)?;
         } else {
             let mut rows = Vec::new();
             for path in &billed {
-                rows.extend(crate::replay::read_billed(path)?);
+                rows.extend(crate::ops::reconcile::read_billed(path)?);
             }
-            let (diffs, total) = crate::replay::compare(&report, &rows, threshold);
+            let (diffs, total) = crate::ops::reconcile::compare(&report, &rows, threshold);
             let (recorded, unchanged) = if record {
                 record_billed(&b.pool, &report, &rows).await?
             } else {
@@ -593,14 +595,16 @@ async fn replay(
 /// Returns (recorded, already recorded).
 async fn record_billed(
     pool: &sqlx::PgPool,
-    report: &crate::replay::Report,
-    rows: &[crate::replay::Billed],
+    report: &crate::ops::reconcile::Report,
+    rows: &[crate::ops::reconcile::Billed],
 ) -> anyhow::Result<(u64, u64)> {
     use cmb_domain::call::{Call, CallCommand, Cost};
-    let store = crate::store::EventStore::new(pool.clone());
+    let store = crate::backbone::store::EventStore::new(pool.clone());
     let ctx = cmb_domain::CommandContext::system("reconcile-record");
     let (mut recorded, mut unchanged) = (0, 0);
-    for ((call_id, provider, reference), micros) in crate::replay::billed_per_call(report, rows) {
+    for ((call_id, provider, reference), micros) in
+        crate::ops::reconcile::billed_per_call(report, rows)
+    {
         let cost = Cost::priced(&provider, "billed", 1, "bill", micros, 1, false);
         let committed = store
             .execute::<Call>(
@@ -650,7 +654,7 @@ async fn replay_projections(
     let b = crate::app::backbone(&config, 4).await?;
     let mut out = std::io::stdout().lock();
     for projection in projections {
-        let rebuilt = crate::rebuild::rebuild_and_swap(
+        let rebuilt = crate::ops::rebuild::rebuild_and_swap(
             &b.pool,
             &b.js,
             &config.stream,

@@ -10,9 +10,9 @@ use cmb_domain::{Actor, CommandContext};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::backbone::outbox::{LagSamples, Publisher};
+use crate::backbone::store::EventStore;
 use crate::config::Config;
-use crate::outbox::{LagSamples, Publisher};
-use crate::store::EventStore;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -249,7 +249,7 @@ pub async fn replay(config: Config, events: u64) -> anyhow::Result<()> {
         let start = chrono::Utc::now() - chrono::Duration::days(30);
         let spacing = (30 * 86_400 / (events / 11).max(1) as i64).max(1);
         let users = (events / 200).clamp(10, 50_000) as usize;
-        let mut history = crate::synthetic::History::new(42, users, start, spacing);
+        let mut history = crate::ops::synthetic::History::new(42, users, start, spacing);
         let mut left = events;
         while left > 0 {
             let n = left.min(1_000);
@@ -316,7 +316,7 @@ pub async fn replay(config: Config, events: u64) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut n = 0u64;
-            let mut reconciler = crate::replay::Reconciler::default();
+            let mut reconciler = crate::ops::reconcile::Reconciler::default();
             while let Some(item) = rx.recv().await {
                 let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
                 if reconcile {

@@ -67,7 +67,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     use sqlx::migrate::MigrateDatabase;
     let mut config = base.clone();
     let db = format!("callmeback_bench_voice_{calls}");
-    config.database_url = crate::bench::with_database(&config.database_url, &db);
+    config.database_url = crate::ops::bench::with_database(&config.database_url, &db);
     config.stream.stream = format!("CMB_BENCH_VOICE_{calls}");
     config.stream.subject_prefix = format!("cmb.bench.voice{calls}");
     config.consumer_prefix = format!("cmbbv{calls}");

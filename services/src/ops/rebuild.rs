@@ -101,7 +101,7 @@ async fn build_and_swap(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut progress =
-        crate::projector::Progress::new(&format!("rebuild {}", projection.name()), until)
+        crate::backbone::projector::Progress::new(&format!("rebuild {}", projection.name()), until)
             .force(show_progress);
     let applied = apply_range(
         &fresh,
@@ -191,7 +191,7 @@ async fn apply_range(
     projection: &dyn Projection,
     start: Start,
     until: u64,
-    progress: &mut crate::projector::Progress,
+    progress: &mut crate::backbone::projector::Progress,
 ) -> anyhow::Result<u64> {
     let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), start, until)
         .await

@@ -665,13 +665,13 @@ pub async fn from_postgres(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *db)
         .await?;
-    let mut after = crate::outbox::CommitPosition::default();
+    let mut after = crate::backbone::outbox::CommitPosition::default();
     loop {
         let rows = sqlx::query(&format!(
             "{} WHERE (xact_id, global_position) > ($1::text::xid8, $2)
               ORDER BY xact_id, global_position
               LIMIT 5000",
-            crate::outbox::SELECT_ENVELOPE
+            crate::backbone::outbox::SELECT_ENVELOPE
         ))
         .bind(after.commit_xid)
         .bind(after.global_position)
@@ -679,12 +679,12 @@ pub async fn from_postgres(
         .await?;
         let batch = rows
             .iter()
-            .map(crate::outbox::envelope_from_row)
+            .map(crate::backbone::outbox::envelope_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         let Some(last) = batch.last() else {
             return Ok(());
         };
-        after = crate::outbox::CommitPosition::of(last);
+        after = crate::backbone::outbox::CommitPosition::of(last);
         for e in batch {
             if from.is_some_and(|f| e.occurred_at < f) || to.is_some_and(|t| e.occurred_at >= t) {
                 continue;

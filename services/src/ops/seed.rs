@@ -5,7 +5,7 @@ use cmb_domain::wallet::{Wallet, WalletCommand};
 use cmb_domain::{Actor, CommandContext};
 use uuid::Uuid;
 
-use crate::store::EventStore;
+use crate::backbone::store::EventStore;
 
 pub const DEMO_EMAIL: &str = "demo@callmeback.app";
 pub const DEMO_PASSWORD: &str = "CallMeBack!2026";
@@ -22,12 +22,12 @@ pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
     crate::app::define_system_personas(store).await?;
     let email = Email::parse(DEMO_EMAIL)?;
     let pool = store.pool();
-    let user_id = match crate::api::accounts::user_by_email(pool, &email).await? {
+    let user_id = match crate::serve::api::accounts::user_by_email(pool, &email).await? {
         Some(id) => id,
         None => {
             let id = Uuid::now_v7();
             let ctx = CommandContext::system("seed");
-            crate::api::accounts::create_account(
+            crate::serve::api::accounts::create_account(
                 pool,
                 store,
                 id,

@@ -32,8 +32,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::backbone::store::{CommandError, EventStore};
 use crate::config::Config;
-use crate::store::{CommandError, EventStore};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -75,8 +75,8 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
 
     // Hold the publisher's lease while writing, so rows can be backdated before publication.
     let holder = format!("simulate-{}", Uuid::new_v4());
-    let mut lease = crate::lease::Lease::new(
-        crate::outbox::PUBLISHER,
+    let mut lease = crate::backbone::lease::Lease::new(
+        crate::backbone::outbox::PUBLISHER,
         &holder,
         config.publisher.lease_ttl,
     );
@@ -137,7 +137,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
         )
         .map_err(err("phone"))?;
         let ctx = CommandContext::system("simulate");
-        crate::api::accounts::create_account(
+        crate::serve::api::accounts::create_account(
             &pool,
             &store,
             id,
@@ -499,11 +499,11 @@ async fn one_call(
 
 /// Runs the publisher until the stream holds every committed event.
 async fn publish_all(config: &Config, b: &crate::app::Backbone) -> anyhow::Result<()> {
-    if crate::outbox::unpublished(&b.pool).await? == 0 {
+    if crate::backbone::outbox::unpublished(&b.pool).await? == 0 {
         return Ok(());
     }
     let shutdown = CancellationToken::new();
-    let publisher = crate::outbox::Publisher {
+    let publisher = crate::backbone::outbox::Publisher {
         pool: b.pool.clone(),
         js: b.js.clone(),
         stream: config.stream.clone(),
@@ -514,7 +514,7 @@ async fn publish_all(config: &Config, b: &crate::app::Backbone) -> anyhow::Resul
     let running = tokio::spawn(publisher.run(shutdown.clone()));
     let deadline = tokio::time::Instant::now() + StdDuration::from_secs(600);
     loop {
-        if crate::outbox::unpublished(&b.pool).await? == 0 {
+        if crate::backbone::outbox::unpublished(&b.pool).await? == 0 {
             break;
         }
         if tokio::time::Instant::now() > deadline {

@@ -315,7 +315,7 @@ mod tests {
             .iter()
             .rposition(|e| e.event_type == "CallSettled")
             .unwrap();
-        let mut r = crate::replay::Reconciler::default();
+        let mut r = crate::ops::reconcile::Reconciler::default();
         for e in &events[..=end] {
             r.add(e);
         }

@@ -10,9 +10,9 @@ use cmb_domain::{Actor, CommandContext};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::backbone::lease::Lease;
+use crate::backbone::store::EventStore;
 use crate::clock::Clock;
-use crate::lease::Lease;
-use crate::store::EventStore;
 
 pub const LEASE: &str = "scheduler";
 

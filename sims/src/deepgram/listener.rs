@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use crate::sim::twilio::{linear_to_mulaw, mulaw_to_linear, FRAME_BYTES};
+use crate::twilio::{linear_to_mulaw, mulaw_to_linear, FRAME_BYTES};
 
 /// 8 kHz mono μ-law: one byte is one sample.
 pub const SAMPLES_PER_MS: u64 = 8;

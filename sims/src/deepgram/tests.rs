@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::providers::deepgram::{Deepgram, SttEvent, SttOptions, SttStream};
-use crate::providers::ProviderError;
-use crate::sim::twilio::FRAME_BYTES;
+use crate::twilio::FRAME_BYTES;
+use cmb_providers::deepgram::{Deepgram, SttEvent, SttOptions, SttStream};
+use cmb_providers::ProviderError;
 
 const SCRIPT: [&str; 2] = ["Hi, is this about my order?", "Yes, tomorrow works for me."];
 
@@ -29,7 +29,7 @@ impl Drop for Running {
 async fn start(settings: Settings) -> Running {
     let sim = DeepgramSim::new(settings);
     let shutdown = CancellationToken::new();
-    let url = crate::sim::serve(
+    let url = crate::serve(
         "deepgram",
         sim.router(),
         shutdown.clone(),

@@ -6,8 +6,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::providers::elevenlabs::{billed_characters, ElevenLabs, TtsAudio};
-use crate::providers::ProviderError;
+use cmb_providers::elevenlabs::{billed_characters, ElevenLabs, TtsAudio};
+use cmb_providers::ProviderError;
 
 const RACHEL: &str = "21m00Tcm4TlvDq8ikWAM";
 const MODEL: &str = "eleven_flash_v2_5";
@@ -15,7 +15,7 @@ const MODEL: &str = "eleven_flash_v2_5";
 async fn start(tts: TtsSettings) -> (ElevenLabsSim, ElevenLabs, CancellationToken) {
     let sim = ElevenLabsSim::new(Faults::default(), tts);
     let shutdown = CancellationToken::new();
-    let url = crate::sim::serve(
+    let url = crate::serve(
         "elevenlabs",
         sim.router(),
         shutdown.clone(),
@@ -23,7 +23,7 @@ async fn start(tts: TtsSettings) -> (ElevenLabsSim, ElevenLabs, CancellationToke
     )
     .await
     .unwrap();
-    let client = ElevenLabs::new(crate::providers::http_client(), &url, "key");
+    let client = ElevenLabs::new(cmb_providers::http_client(), &url, "key");
     (sim, client, shutdown)
 }
 
@@ -137,7 +137,7 @@ async fn a_failing_socket_synthesis_is_an_error_without_audio() {
 async fn a_socket_without_a_key_is_refused() {
     let (_sim, client, _stop) = start(fast()).await;
     let url = client_base(&client);
-    let anonymous = ElevenLabs::new(crate::providers::http_client(), &url, "");
+    let anonymous = ElevenLabs::new(cmb_providers::http_client(), &url, "");
     let mut stream = anonymous.stream_tts(RACHEL, MODEL).await.unwrap();
     let (bytes, _, end) = drain(&mut stream.audio).await;
     assert_eq!(bytes, 0);
@@ -160,7 +160,7 @@ async fn http_synthesis_returns_audio_of_the_right_length() {
     // A tone, not silence: most samples are far from zero.
     let loud = audio
         .iter()
-        .filter(|&&b| crate::sim::twilio::mulaw_to_linear(b).unsigned_abs() > 1000)
+        .filter(|&&b| crate::twilio::mulaw_to_linear(b).unsigned_abs() > 1000)
         .count();
     assert!(loud > audio.len() / 2, "{loud} of {}", audio.len());
 }
@@ -194,10 +194,10 @@ async fn a_2xx_that_is_not_audio_is_an_error() {
         post(|| async { Json(json!({ "detail": { "message": "not audio" } })) }),
     );
     let shutdown = CancellationToken::new();
-    let url = crate::sim::serve("fake", router, shutdown.clone(), &TaskTracker::new())
+    let url = crate::serve("fake", router, shutdown.clone(), &TaskTracker::new())
         .await
         .unwrap();
-    let client = ElevenLabs::new(crate::providers::http_client(), &url, "key");
+    let client = ElevenLabs::new(cmb_providers::http_client(), &url, "key");
     let err = client.synthesize(RACHEL, MODEL, "Hi.").await.unwrap_err();
     assert!(err.to_string().contains("not audio"), "{err}");
 }

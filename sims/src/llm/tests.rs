@@ -6,8 +6,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
-use crate::providers::ProviderError;
+use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
+use cmb_providers::ProviderError;
 
 fn settings(name: &'static str, vars: &[(&str, &str)]) -> Settings {
     let vars: Vec<(String, String)> = vars
@@ -21,7 +21,7 @@ fn settings(name: &'static str, vars: &[(&str, &str)]) -> Settings {
 
 async fn start(sim: &LlmSim) -> (String, CancellationToken) {
     let shutdown = CancellationToken::new();
-    let url = crate::sim::serve("llm", sim.router(), shutdown.clone(), &TaskTracker::new())
+    let url = crate::serve("llm", sim.router(), shutdown.clone(), &TaskTracker::new())
         .await
         .unwrap();
     (url, shutdown)
@@ -68,12 +68,7 @@ async fn cerebras_stream_reassembles_with_usage_and_first_token_latency() {
         &[("SIM_CEREBRAS_FIRST_TOKEN_MS", "200")],
     ));
     let (url, _stop) = start(&sim).await;
-    let llm = Llm::cerebras(
-        crate::providers::http_client(),
-        &url,
-        "key",
-        "llama-3.3-70b",
-    );
+    let llm = Llm::cerebras(cmb_providers::http_client(), &url, "key", "llama-3.3-70b");
     assert_eq!(llm.provider(), "cerebras");
     let started = Instant::now();
     let mut rx = llm
@@ -119,7 +114,7 @@ async fn openai_base_url_with_v1_and_cerebras_without_both_reach_the_route() {
     ));
     let (url, _stop) = start(&sim).await;
     let openai = Llm::openai(
-        crate::providers::http_client(),
+        cmb_providers::http_client(),
         &format!("{url}/v1/"),
         "k",
         "gpt-4o-mini",
@@ -127,12 +122,7 @@ async fn openai_base_url_with_v1_and_cerebras_without_both_reach_the_route() {
     assert_eq!(openai.provider(), "openai");
     let chunks = collect(openai.stream(&request("hello")).await.unwrap()).await;
     assert_eq!(text(&chunks), "Fixed reply here.");
-    let cerebras = Llm::cerebras(
-        crate::providers::http_client(),
-        &format!("{url}/"),
-        "k",
-        "m",
-    );
+    let cerebras = Llm::cerebras(cmb_providers::http_client(), &format!("{url}/"), "k", "m");
     let chunks = collect(cerebras.stream(&request("hello")).await.unwrap()).await;
     assert_eq!(chunks.last(), Some(&LlmChunk::Done));
     assert_eq!(sim.requests(), 2);
@@ -149,7 +139,7 @@ async fn bad_key_is_401_not_retryable_and_fail_every_is_500_retryable() {
     ));
     let (url, _stop) = start(&sim).await;
     let base = format!("{url}/v1");
-    let http = crate::providers::http_client();
+    let http = cmb_providers::http_client();
     let bad = Llm::openai(http.clone(), &base, "", "gpt-4o-mini");
     match bad.stream(&request("hi")).await {
         Err(e @ ProviderError::Status { status: 401, .. }) => {
@@ -180,7 +170,7 @@ async fn dropping_the_receiver_stops_the_server_stream() {
         ],
     ));
     let (url, _stop) = start(&sim).await;
-    let llm = Llm::cerebras(crate::providers::http_client(), &url, "key", "m");
+    let llm = Llm::cerebras(cmb_providers::http_client(), &url, "key", "m");
     let long = "word ".repeat(100);
     let mut rx = llm.stream(&request(&long)).await.unwrap();
     assert!(matches!(rx.recv().await, Some(LlmChunk::Delta(_))));
@@ -202,13 +192,8 @@ async fn dropping_the_receiver_stops_the_server_stream() {
 async fn a_stall_ends_in_an_error_after_the_idle_timeout() {
     let sim = LlmSim::new(settings("OPENAI", &[("SIM_OPENAI_STALL_EVERY", "1")]));
     let (url, _stop) = start(&sim).await;
-    let llm = Llm::openai(
-        crate::providers::http_client(),
-        &format!("{url}/v1"),
-        "k",
-        "m",
-    )
-    .with_idle_timeout(Duration::from_millis(300));
+    let llm = Llm::openai(cmb_providers::http_client(), &format!("{url}/v1"), "k", "m")
+        .with_idle_timeout(Duration::from_millis(300));
     let chunks = collect(llm.stream(&request("hi")).await.unwrap()).await;
     assert!(
         matches!(chunks.as_slice(), [LlmChunk::Error(e)] if e.contains("stalled")),

@@ -304,7 +304,7 @@ pub async fn run_stream(
         }
     };
     // Twilio signs the upgrade too; the exact URL form is unknown, so sign the URL we dial.
-    let signature = crate::providers::twilio::signature(&ctx.auth_token, &stream.url, &[]);
+    let signature = cmb_providers::twilio::signature(&ctx.auth_token, &stream.url, &[]);
     if let Ok(value) = HeaderValue::from_str(&signature) {
         request.headers_mut().insert("X-Twilio-Signature", value);
     }

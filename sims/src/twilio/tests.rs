@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use super::*;
-use crate::providers::twilio::{verify_signature, CreateCall, Twilio};
-use crate::providers::ProviderError;
+use cmb_providers::twilio::{verify_signature, CreateCall, Twilio};
+use cmb_providers::ProviderError;
 
 const TOKEN: &str = "test-auth-token";
 const ACCOUNT: &str = "AC0123456789abcdef0123456789abcdef";
@@ -181,7 +181,7 @@ async fn start(settings: Settings, twiml: impl FnOnce(&str) -> String) -> Env {
     tokio::spawn(async move { axum::serve(listener, router).await });
     let sim = TwilioSim::new(settings);
     let sim_url = spawn(sim.router()).await;
-    let client = Twilio::new(crate::providers::http_client(), &sim_url, ACCOUNT, TOKEN);
+    let client = Twilio::new(cmb_providers::http_client(), &sim_url, ACCOUNT, TOKEN);
     Env {
         sim,
         client,
@@ -369,12 +369,7 @@ async fn magic_numbers_are_busy_unanswered_or_failed() {
 #[tokio::test]
 async fn wrong_credentials_are_a_401_that_is_not_retried() {
     let env = start(settings(), |_| PLAIN_TWIML.to_string()).await;
-    let impostor = Twilio::new(
-        crate::providers::http_client(),
-        &env.sim_url,
-        ACCOUNT,
-        "wrong",
-    );
+    let impostor = Twilio::new(cmb_providers::http_client(), &env.sim_url, ACCOUNT, "wrong");
     let refused = impostor
         .create_call(&env.call("+15551234567"))
         .await

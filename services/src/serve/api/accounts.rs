@@ -13,11 +13,11 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{settle, store_error};
-use crate::auth::{self, AuthUser, ClientIp};
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::Json;
-use crate::http::AppState;
-use crate::ratelimit;
+use crate::serve::http::auth::{self, AuthUser, ClientIp};
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::Json;
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
 
 /// The user as the front end shows it.
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -54,7 +54,7 @@ async fn user_after_write(state: &AppState, id: Uuid) -> ApiResult<UserView> {
 }
 
 fn context(headers: &axum::http::HeaderMap, actor: Actor) -> CommandContext {
-    CommandContext::for_request(crate::http::request_id(headers), actor)
+    CommandContext::for_request(crate::serve::http::request_id(headers), actor)
 }
 
 /// Claims `value` of `kind` ('email' or 'phone') for `user`. False if someone else has it.
@@ -124,14 +124,14 @@ async fn claim_identity(
 #[allow(clippy::too_many_arguments)]
 pub async fn create_account(
     pool: &PgPool,
-    store: &crate::store::EventStore,
+    store: &crate::backbone::store::EventStore,
     id: Uuid,
     name: String,
     email: &Email,
     phone: &PhoneNumber,
     password: &Password,
     ctx: &CommandContext,
-) -> ApiResult<crate::store::Committed> {
+) -> ApiResult<crate::backbone::store::Committed> {
     let password_hash = auth::hash_password(password.expose().to_string()).await?;
     claim_identity(pool, id, Some(email), Some(phone)).await?;
     let command = UserCommand::Register {

@@ -18,12 +18,12 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::store_error;
-use crate::auth::AuthUser;
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::Json;
-use crate::http::AppState;
-use crate::providers::stripe::{CreatePaymentIntent, StripeError};
-use crate::ratelimit;
+use crate::serve::http::auth::AuthUser;
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::Json;
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
+use cmb_providers::stripe::{CreatePaymentIntent, StripeError};
 
 /// Credit packs on sale: credits and their price in cents (1 credit = 5¢).
 pub const PACKS: &[i64] = &[100, 500, 1000];
@@ -487,7 +487,7 @@ pub async fn webhook(
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let event = crate::providers::stripe::verify_webhook(
+    let event = cmb_providers::stripe::verify_webhook(
         state.config.stripe.webhook_secret.expose(),
         &body,
         header,
@@ -521,7 +521,7 @@ pub async fn webhook(
         "metadata": object.get("metadata"),
     });
     let ctx = CommandContext::for_request(
-        crate::http::request_id(&headers),
+        crate::serve::http::request_id(&headers),
         Actor::Webhook("stripe".into()),
     );
     let command = RecordStripeEvent {

@@ -13,11 +13,11 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::store_error;
-use crate::auth::AuthUser;
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::Json;
-use crate::http::AppState;
-use crate::ratelimit;
+use crate::serve::http::auth::AuthUser;
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::Json;
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
 
 pub async fn settings(state: &AppState, user: Uuid) -> ApiResult<BudgetSettings> {
     let (budget, _) = state

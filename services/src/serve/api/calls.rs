@@ -20,11 +20,11 @@ use uuid::Uuid;
 
 use super::personas::accessible;
 use super::{settle, store_error};
-use crate::auth::AuthUser;
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::{Json, Query};
-use crate::http::AppState;
-use crate::ratelimit;
+use crate::serve::http::auth::AuthUser;
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::{Json, Query};
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
 
 /// A scheduled call is at least this far ahead, and can be cancelled until this long before.
 pub const MIN_NOTICE_MINUTES: i64 = 5;
@@ -254,7 +254,7 @@ async fn request(
                 .retrieve_payment_intent(&pi)
                 .await
                 .map_err(|e| match e {
-                    crate::providers::stripe::StripeError::InvalidRequest { .. } => ApiError::new(
+                    cmb_providers::stripe::StripeError::InvalidRequest { .. } => ApiError::new(
                         StatusCode::PAYMENT_REQUIRED,
                         "payment_intent_invalid",
                         "no such payment intent",

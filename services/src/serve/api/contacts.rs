@@ -12,11 +12,11 @@ use uuid::Uuid;
 
 use super::personas::{accessible, PersonaView, PERSONA_COLUMNS};
 use super::{settle, store_error};
-use crate::auth::AuthUser;
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::Json;
-use crate::http::AppState;
-use crate::ratelimit;
+use crate::serve::http::auth::AuthUser;
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::Json;
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
 
 #[derive(sqlx::FromRow)]
 struct ContactRow {

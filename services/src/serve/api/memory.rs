@@ -12,10 +12,10 @@ use serde_json::json;
 
 use super::personas::accessible;
 use super::{settle, store_error};
-use crate::auth::AuthUser;
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::AppState;
-use crate::ratelimit;
+use crate::serve::http::auth::AuthUser;
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
 
 #[derive(Serialize, sqlx::FromRow)]
 struct FactView {

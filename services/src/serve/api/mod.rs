@@ -14,9 +14,9 @@ pub mod twilio;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 
-use crate::http::error::ApiError;
-use crate::http::AppState;
-use crate::store::{CommandError, Committed};
+use crate::backbone::store::{CommandError, Committed};
+use crate::serve::http::error::ApiError;
+use crate::serve::http::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

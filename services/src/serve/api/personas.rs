@@ -17,11 +17,11 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{settle, store_error};
-use crate::auth::{AuthUser, ClientIp, MaybeUser};
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::{Json, Query};
-use crate::http::AppState;
-use crate::ratelimit;
+use crate::serve::http::auth::{AuthUser, ClientIp, MaybeUser};
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::{Json, Query};
+use crate::serve::http::ratelimit;
+use crate::serve::http::AppState;
 
 /// A persona as the front end shows it. Another user's prompt is theirs: it is left out.
 #[derive(Debug, Serialize, sqlx::FromRow)]

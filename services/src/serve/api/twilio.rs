@@ -13,10 +13,10 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::store_error;
-use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::Query;
-use crate::http::AppState;
-use crate::providers::twilio::verify_signature;
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::Query;
+use crate::serve::http::AppState;
+use cmb_providers::twilio::verify_signature;
 
 #[derive(Deserialize)]
 pub struct CallRef {
@@ -97,7 +97,7 @@ pub async fn status_callback(
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_else(|| state.clock.now());
     let ctx = CommandContext::for_request(
-        crate::http::request_id(&headers),
+        crate::serve::http::request_id(&headers),
         Actor::Webhook("twilio".into()),
     );
     let command = CallCommand::RecordStatus {
@@ -217,7 +217,7 @@ pub async fn stream(
 ) -> Response {
     let voice = state.voice.clone();
     ws.on_upgrade(move |socket| async move {
-        if let Err(e) = crate::voice::run(voice, socket).await {
+        if let Err(e) = crate::serve::voice::run(voice, socket).await {
             tracing::error!(error = %e, "voice session failed");
         }
     })

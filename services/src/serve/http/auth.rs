@@ -16,8 +16,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::http::error::ApiError;
-use crate::http::AppState;
+use crate::serve::http::error::ApiError;
+use crate::serve::http::AppState;
 
 /// How long a token is valid.
 pub const TOKEN_DAYS: i64 = 30;
@@ -173,7 +173,7 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<AuthUser
     Ok(Some(AuthUser {
         id: claims.sub,
         claims,
-        request_id: crate::http::request_id(&parts.headers),
+        request_id: crate::serve::http::request_id(&parts.headers),
     }))
 }
 

@@ -29,7 +29,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             .is_ok();
     let lag = state.projection_lag.read().expect("lag board").clone();
     // Not a readiness condition (publication does not wait for it), but an operator's clue.
-    let oldest_transaction = crate::outbox::oldest_transaction(&state.pool)
+    let oldest_transaction = crate::backbone::outbox::oldest_transaction(&state.pool)
         .await
         .ok()
         .flatten();
@@ -57,7 +57,7 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // Sets `cmb_oldest_transaction_age_seconds`.
-    let _ = crate::outbox::oldest_transaction(&state.pool).await;
+    let _ = crate::backbone::outbox::oldest_transaction(&state.pool).await;
     (
         [("content-type", "text/plain; version=0.0.4")],
         state.metrics.render(),

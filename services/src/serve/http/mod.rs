@@ -1,8 +1,10 @@
 //! The HTTP API: routes, shared state, middleware (request ids, tracing, body limit).
 
+pub mod auth;
 pub mod error;
 pub mod extract;
 mod health;
+pub mod ratelimit;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +19,9 @@ use sqlx::PgPool;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::backbone::projector::LagBoard;
+use crate::backbone::store::EventStore;
 use crate::config::Config;
-use crate::projector::LagBoard;
-use crate::store::EventStore;
 use error::ApiError;
 
 /// Bodies larger than this are refused with 413.
@@ -35,10 +37,10 @@ pub struct AppState {
     pub js: jetstream::Context,
     pub metrics: PrometheusHandle,
     pub projection_lag: LagBoard,
-    pub elevenlabs: crate::providers::elevenlabs::ElevenLabs,
-    pub twilio: crate::providers::twilio::Twilio,
-    pub stripe: crate::providers::stripe::Stripe,
-    pub voice: Arc<crate::voice::Voice>,
+    pub elevenlabs: cmb_providers::elevenlabs::ElevenLabs,
+    pub twilio: cmb_providers::twilio::Twilio,
+    pub stripe: cmb_providers::stripe::Stripe,
+    pub voice: Arc<crate::serve::voice::Voice>,
     pub clock: crate::clock::Clock,
 }
 
@@ -51,12 +53,12 @@ impl AppState {
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
-    let api = crate::api::routes();
+    let api = crate::serve::api::routes();
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/docs", get(crate::api::openapi::docs_page))
+        .route("/docs", get(crate::serve::api::openapi::docs_page))
         .nest("/api", api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::http::error::ApiError;
+use crate::serve::http::error::ApiError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limit {
@@ -98,7 +98,7 @@ pub async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiErro
 }
 
 /// The key a request is counted under: its user when signed in, its IP otherwise.
-pub fn subject(user: Option<&crate::auth::AuthUser>, ip: std::net::IpAddr) -> String {
+pub fn subject(user: Option<&crate::serve::http::auth::AuthUser>, ip: std::net::IpAddr) -> String {
     match user {
         Some(u) => format!("user:{}", u.id),
         None => format!("ip:{ip}"),

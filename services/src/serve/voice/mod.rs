@@ -31,12 +31,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::backbone::store::EventStore;
 use crate::clock::Clock;
-use crate::providers::deepgram::{Deepgram, SttEvent, SttOptions};
-use crate::providers::elevenlabs::{ElevenLabs, TtsAudio};
-use crate::providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
-use crate::providers::twilio::Twilio;
-use crate::store::EventStore;
+use cmb_providers::deepgram::{Deepgram, SttEvent, SttOptions};
+use cmb_providers::elevenlabs::{ElevenLabs, TtsAudio};
+use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
+use cmb_providers::twilio::Twilio;
 use outbound::{Out, Pacing, Sent};
 
 /// Milliseconds of speech per character, to turn heard audio into heard text when a reply is
@@ -982,7 +982,7 @@ impl Session {
     /// Whether the call may go on for another minute within the user's daily and monthly
     /// limits (the hold was checked against them; the limits may have changed since).
     async fn budget_allows(&self, elapsed: Duration) -> anyhow::Result<bool> {
-        use crate::api::budget::{day_start, month_start, spent_since};
+        use crate::serve::api::budget::{day_start, month_start, spent_since};
         use cmb_domain::budget::Budget;
         let (budget, _) = self
             .voice
@@ -1317,7 +1317,7 @@ async fn respond(
         let chunk = format!("{} ", sentence.trim());
         said.push_str(&chunk);
         usage.lock().expect("usage").tts_chars +=
-            crate::providers::elevenlabs::billed_characters(&chunk);
+            cmb_providers::elevenlabs::billed_characters(&chunk);
         chunk
     };
     loop {

@@ -6,7 +6,7 @@
 use cmb_domain::contacts::{Contacts, ContactsCommand, RemovalReason};
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
-use crate::store::EventStore;
+use crate::backbone::store::EventStore;
 
 pub const NAME: &str = "contacts-cleanup";
 

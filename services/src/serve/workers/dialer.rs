@@ -14,9 +14,9 @@ use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand, MAX_DIAL_ATTEMPTS};
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
+use crate::backbone::store::EventStore;
 use crate::clock::Clock;
-use crate::providers::twilio::{CallResource, CreateCall, Twilio};
-use crate::store::EventStore;
+use cmb_providers::twilio::{CallResource, CreateCall, Twilio};
 
 pub const NAME: &str = "dialer";
 

@@ -12,9 +12,9 @@ use cmb_domain::persona::preference::{preference_id, Preference};
 use cmb_domain::pricing::PriceTable;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
-use crate::providers::embeddings::Embeddings;
-use crate::providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
-use crate::store::EventStore;
+use crate::backbone::store::EventStore;
+use cmb_providers::embeddings::Embeddings;
+use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
 
 pub const NAME: &str = "memory";
 /// The longest transcript sent for extraction, in characters (the end of a long call is kept).
@@ -307,7 +307,7 @@ pub fn extraction_prompt(memory: &Memory, lines: &[(String, String)]) -> Vec<Cha
          relationship so far rewritten in at most {summary} characters. open_items: things to \
          follow up on next time (at most {items}). closed_items: ids of open items this call \
          resolved.",
-        marker = crate::sim::llm::EXTRACTION_MARKER,
+        marker = cmb_sims::llm::EXTRACTION_MARKER,
         facts = extraction::MAX_FACTS,
         chars = extraction::MAX_ITEM_CHARS,
         summary = cmb_domain::memory::SUMMARY_MAX_CHARS,
@@ -344,7 +344,7 @@ pub fn extraction_prompt(memory: &Memory, lines: &[(String, String)]) -> Vec<Cha
             &format!(
                 "{marker}\n{current}\nTranscript:\n{}",
                 transcript.join("\n"),
-                marker = crate::sim::llm::EXTRACTION_MARKER
+                marker = cmb_sims::llm::EXTRACTION_MARKER
             ),
         ),
     ]

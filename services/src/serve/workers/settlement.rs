@@ -8,8 +8,8 @@ use cmb_domain::values::Cents;
 use cmb_domain::wallet::{Wallet, WalletCommand, CENTS_PER_CREDIT};
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
-use crate::providers::stripe::{Stripe, StripeError};
-use crate::store::EventStore;
+use crate::backbone::store::EventStore;
+use cmb_providers::stripe::{Stripe, StripeError};
 
 pub const NAME: &str = "settlement";
 
@@ -90,7 +90,7 @@ async fn observe_budget(
     event: &EventEnvelope,
     ctx: &CommandContext,
 ) -> anyhow::Result<()> {
-    use crate::api::budget::{day_start, month_start, spent_since};
+    use crate::serve::api::budget::{day_start, month_start, spent_since};
     use cmb_domain::budget::{Budget, BudgetCommand};
     let (budget, _) = store
         .load::<Budget>(&user.to_string())

@@ -1,0 +1,8 @@
+//! What `callmeback serve` runs: the HTTP API, the voice session, the workers and the
+//! scheduler.
+
+pub mod api;
+pub mod http;
+pub mod scheduler;
+pub mod voice;
+pub mod workers;
