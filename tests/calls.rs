@@ -759,6 +759,8 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     let mut settings = Settings::from_lookup(&|k: &str| match k {
         "SIM_TWILIO_RING_MS" => Some("3000".to_string()),
         "SIM_TWILIO_CALL_SECONDS" => Some("2".to_string()),
+        // Twilio places the call; its answer is held until long after the process is gone.
+        "SIM_TWILIO_HOLD_CREATE_RESPONSE_MS" => Some("60000".to_string()),
         _ => None,
     });
     settings.account_sid = "ACdeadbeefdeadbeefdeadbeefdeadbeef".into();
@@ -795,7 +797,7 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
         .expect("serve is up")
     };
 
-    let mut first = env.spawn_process(&[("CMB_FAULT_DIALER_EXIT_AFTER_CREATE", "1")]);
+    let mut first = env.spawn_process(&[]);
     up().await;
     let (user, profile) = api.register(PASSWORD).await;
     store
@@ -815,18 +817,18 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     })
     .await
     .is_some());
-    // The process may die before it answers: the dialer runs in it, and exits as soon as
-    // Twilio has accepted the call.
     let _ = user
         .request(reqwest::Method::POST, "/api/call")
         .json(&json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
         .send()
         .await;
-    let exit = tokio::time::timeout(Duration::from_secs(20), first.wait())
-        .await
-        .expect("the dialer exits after Twilio accepted the call")
-        .unwrap();
-    assert_eq!(exit.code(), Some(86));
+    // Twilio has placed the call and the dialer waits for its answer: the process dies.
+    eventually(Duration::from_secs(20), || async {
+        (sim.calls().len() == 1).then_some(())
+    })
+    .await
+    .expect("Twilio placed the call");
+    first.kill().await.expect("the first instance is killed");
     assert_eq!(sim.calls().len(), 1, "Twilio placed it");
     let id: String =
         sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'CallRequested'")

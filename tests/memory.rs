@@ -95,7 +95,7 @@ fn voice_prompt(app: &Running, from: usize) -> String {
     let log = app.sims.cerebras.as_ref().unwrap().requests_log();
     log[from..]
         .iter()
-        .find(|m| !m.iter().any(|(_, c)| c.contains("MEMORY_EXTRACTION")))
+        .find(|m| !cmb_sims::llm::is_extraction(m))
         .map(|m| {
             m.iter()
                 .map(|(r, c)| format!("[{r}] {c}"))
@@ -108,7 +108,7 @@ fn voice_prompt(app: &Running, from: usize) -> String {
 fn extractions(app: &Running, from: usize) -> Vec<Vec<(String, String)>> {
     app.sims.cerebras.as_ref().unwrap().requests_log()[from..]
         .iter()
-        .filter(|m| m.iter().any(|(_, c)| c.contains("MEMORY_EXTRACTION")))
+        .filter(|m| cmb_sims::llm::is_extraction(m))
         .cloned()
         .collect()
 }

@@ -11,19 +11,10 @@ use tokio_util::task::TaskTracker;
 use crate::backbone::outbox::Publisher;
 use crate::backbone::projector::Projector;
 use crate::backbone::store::EventStore;
+use crate::backbone::Backbone;
 use crate::config::Config;
 use crate::serve::http::{self, AppState};
-
-/// The simulators this instance started (for tests to inspect).
-#[derive(Clone, Default)]
-pub struct Simulators {
-    pub twilio: Option<cmb_sims::twilio::TwilioSim>,
-    pub stripe: Option<cmb_sims::stripe::StripeSim>,
-    pub deepgram: Option<cmb_sims::deepgram::DeepgramSim>,
-    pub cerebras: Option<cmb_sims::llm::LlmSim>,
-    pub openai: Option<cmb_sims::llm::LlmSim>,
-    pub elevenlabs: Option<cmb_sims::elevenlabs::ElevenLabsSim>,
-}
+use crate::serve::providers::{Providers, Simulators};
 
 /// A running service.
 pub struct Running {
@@ -41,39 +32,6 @@ impl Running {
         self.tasks.close();
         self.tasks.wait().await;
     }
-}
-
-/// Connections and the stream, shared by `serve` and the operators' commands.
-pub struct Backbone {
-    pub pool: sqlx::PgPool,
-    pub nats: async_nats::Client,
-    pub js: async_nats::jetstream::Context,
-    pub stream: async_nats::jetstream::stream::Stream,
-}
-
-pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbone> {
-    let pool = crate::backbone::db::connect(&config.database_url, pool_size)
-        .await
-        .context("connecting to Postgres")?;
-    crate::backbone::db::migrate(&pool)
-        .await
-        .context("applying migrations")?;
-    let nats = cmb_nats::connect(
-        &config.nats_url,
-        &format!("callmeback {}", config.instance_id),
-    )
-    .await
-    .context("connecting to NATS")?;
-    let js = async_nats::jetstream::new(nats.clone());
-    let stream = cmb_nats::ensure_stream(&js, &config.stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("creating the JetStream stream: {e}"))?;
-    Ok(Backbone {
-        pool,
-        nats,
-        js,
-        stream,
-    })
 }
 
 /// Brings Brad, Sarah and Alex to their shipped definitions (idempotent; safe from any number
@@ -113,33 +71,6 @@ pub async fn define_system_personas(
     Ok(committed)
 }
 
-/// An LLM provider's base URL and key: the configured ones, or a simulator started here (its
-/// URL with `sim_suffix`, e.g. `/v1` for OpenAI's base-URL convention).
-async fn llm_endpoint(
-    config: &Config,
-    p: &crate::config::Provider,
-    name: &'static str,
-    real_url: &str,
-    sim_suffix: &str,
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-) -> anyhow::Result<(String, String, Option<cmb_sims::llm::LlmSim>)> {
-    Ok(match (&p.base_url, p.simulated()) {
-        (Some(url), _) => (url.clone(), p.key_or(""), None),
-        (None, true) => {
-            let settings = cmb_sims::llm::Settings::from_lookup(name, &|k| config.sim_var(k));
-            let sim = cmb_sims::llm::LlmSim::new(settings);
-            let url = cmb_sims::serve(name, sim.router(), shutdown.clone(), tasks).await?;
-            (
-                format!("{url}{sim_suffix}"),
-                p.key_or("simulator"),
-                Some(sim),
-            )
-        }
-        (None, false) => (real_url.to_string(), p.key_or(""), None),
-    })
-}
-
 /// Starts the API and all workers.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     start_with(config, crate::clock::Clock::system()).await
@@ -160,7 +91,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         nats,
         js,
         stream,
-    } = backbone(&config, config.database_pool_size).await?;
+    } = crate::backbone::connect(&config, config.database_pool_size).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let store = EventStore::new(pool.clone());
@@ -193,125 +124,14 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             .await;
     }
 
-    let http_client = cmb_providers::http_client();
-    let mut sims = Simulators::default();
-    let elevenlabs = {
-        let p = &config.elevenlabs;
-        let base_url = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let faults = cmb_sims::Faults::from_lookup(&|k| config.sim_var(k), "ELEVENLABS");
-                let tts = cmb_sims::elevenlabs::TtsSettings::from_lookup(&|k| config.sim_var(k));
-                let sim = cmb_sims::elevenlabs::ElevenLabsSim::new(faults, tts);
-                let url =
-                    cmb_sims::serve("elevenlabs", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.elevenlabs = Some(sim);
-                url
-            }
-            (None, false) => cmb_providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
-        };
-        let key = p.key_or("simulator");
-        cmb_providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
-    };
-
-    let twilio = {
-        let t = &config.twilio;
-        let base_url = match (&t.base_url, t.simulated) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let mut settings = cmb_sims::twilio::Settings::from_lookup(&|k| config.sim_var(k));
-                settings.account_sid = t.account_sid.clone();
-                settings.auth_token = t.auth_token.expose().to_string();
-                let sim = cmb_sims::twilio::TwilioSim::new(settings);
-                let url = cmb_sims::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.twilio = Some(sim);
-                url
-            }
-            (None, false) => cmb_providers::twilio::DEFAULT_BASE_URL.to_string(),
-        };
-        cmb_providers::twilio::Twilio::new(
-            http_client.clone(),
-            &base_url,
-            &t.account_sid,
-            t.auth_token.expose(),
-        )
-    };
-
-    let stripe = {
-        let st = &config.stripe;
-        let base_url = match (&st.base_url, st.simulated) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let mut settings = cmb_sims::stripe::Settings::from_lookup(&|k| config.sim_var(k));
-                settings.webhook_secret = st.webhook_secret.expose().to_string();
-                let sim = cmb_sims::stripe::StripeSim::new(settings);
-                sim.set_webhook_url(&format!("{}/api/stripe/webhook", config.public_base_url));
-                let url = cmb_sims::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.stripe = Some(sim);
-                url
-            }
-            (None, false) => cmb_providers::stripe::DEFAULT_BASE_URL.to_string(),
-        };
-        cmb_providers::stripe::Stripe::new(http_client.clone(), &base_url, st.secret_key.expose())
-    };
-
-    let deepgram = {
-        let p = &config.deepgram;
-        let base_url = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let settings = cmb_sims::deepgram::Settings::from_lookup(&|k| config.sim_var(k));
-                let sim = cmb_sims::deepgram::DeepgramSim::new(settings);
-                let url =
-                    cmb_sims::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.deepgram = Some(sim);
-                url
-            }
-            (None, false) => cmb_providers::deepgram::DEFAULT_BASE_URL.to_string(),
-        };
-        let key = p.key_or("simulator");
-        cmb_providers::deepgram::Deepgram::new(&base_url, &key)
-    };
-    let (url, key, sim) = llm_endpoint(
-        &config,
-        &config.cerebras,
-        "CEREBRAS",
-        cmb_providers::llm::CEREBRAS_BASE_URL,
-        "",
-        &shutdown,
-        &tasks,
-    )
-    .await?;
-    sims.cerebras = sim;
-    let cerebras =
-        cmb_providers::llm::Llm::cerebras(http_client.clone(), &url, &key, &config.cerebras_model);
-    let (url, key, sim) = llm_endpoint(
-        &config,
-        &config.openai,
-        "OPENAI",
-        cmb_providers::llm::OPENAI_BASE_URL,
-        "/v1",
-        &shutdown,
-        &tasks,
-    )
-    .await?;
-    sims.openai = sim;
-    let openai =
-        cmb_providers::llm::Llm::openai(http_client.clone(), &url, &key, &config.openai_model);
-    // Memory's embeddings use the OpenAI-compatible endpoint (or its simulator).
-    let embeddings = cmb_providers::embeddings::Embeddings::new(
-        http_client.clone(),
-        &url,
-        &key,
-        &config.embeddings_model,
-    );
+    let (providers, sims) = Providers::connect(&config, &shutdown, &tasks).await?;
     let voice = Arc::new(crate::serve::voice::Voice {
         store: store.clone(),
-        deepgram,
-        llm: cerebras,
-        fallback: Some(openai),
-        elevenlabs: elevenlabs.clone(),
-        twilio: twilio.clone(),
+        deepgram: providers.deepgram.clone(),
+        llm: providers.cerebras.clone(),
+        fallback: Some(providers.openai.clone()),
+        elevenlabs: providers.elevenlabs.clone(),
+        twilio: providers.twilio.clone(),
         clock: clock.clone(),
         settings: crate::serve::voice::VoiceSettings {
             tts_model: config.elevenlabs_model.clone(),
@@ -354,76 +174,9 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         });
     }
 
-    let worker = |name: &'static str, aggregate_type: &str| {
-        let mut spec = cmb_nats::consume::DurableSpec::of_type(
-            &config.stream,
-            &format!("{}-worker-{name}", config.consumer_prefix),
-            aggregate_type,
-        );
-        spec.ack_wait = config.worker_ack_wait;
-        spec
-    };
-    {
-        let store = store.clone();
-        let stripe = stripe.clone();
-        tasks.spawn(crate::serve::workers::run(
-            crate::serve::workers::settlement::NAME,
-            stream.clone(),
-            worker(crate::serve::workers::settlement::NAME, "call"),
-            move |event| {
-                crate::serve::workers::settlement::handle(store.clone(), stripe.clone(), event)
-            },
-            shutdown.clone(),
-        ));
-    }
-    {
-        let memory = crate::serve::workers::memory::MemoryWorker {
-            store: store.clone(),
-            llm: voice.llm.clone(),
-            fallback: voice.fallback.clone(),
-            embeddings,
-        };
-        tasks.spawn(crate::serve::workers::run(
-            crate::serve::workers::memory::NAME,
-            stream.clone(),
-            worker(crate::serve::workers::memory::NAME, "call"),
-            move |event| {
-                let memory = memory.clone();
-                async move { memory.handle(event).await }
-            },
-            shutdown.clone(),
-        ));
-    }
-    {
-        let store = store.clone();
-        tasks.spawn(crate::serve::workers::run(
-            crate::serve::workers::contacts_cleanup::NAME,
-            stream.clone(),
-            worker(crate::serve::workers::contacts_cleanup::NAME, "persona"),
-            move |event| crate::serve::workers::contacts_cleanup::handle(store.clone(), event),
-            shutdown.clone(),
-        ));
-    }
-    {
-        let dialer = crate::serve::workers::dialer::Dialer {
-            store: store.clone(),
-            twilio: twilio.clone(),
-            from: config.twilio.phone_number.clone(),
-            public_base_url: config.public_base_url.clone(),
-            clock: clock.clone(),
-            exit_after_create: config.fault_dialer_exit_after_create,
-        };
-        tasks.spawn(crate::serve::workers::run(
-            crate::serve::workers::dialer::NAME,
-            stream.clone(),
-            worker(crate::serve::workers::dialer::NAME, "call"),
-            move |event| {
-                let dialer = dialer.clone();
-                async move { dialer.handle(event).await }
-            },
-            shutdown.clone(),
-        ));
-    }
+    crate::serve::workers::spawn_all(
+        &config, &stream, &store, &providers, &clock, &shutdown, &tasks,
+    );
     let scheduler = crate::serve::scheduler::Scheduler {
         pool: pool.clone(),
         store: store.clone(),
@@ -443,9 +196,9 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         js,
         metrics: crate::telemetry::metrics(),
         projection_lag: lag,
-        elevenlabs,
-        twilio,
-        stripe,
+        elevenlabs: providers.elevenlabs.clone(),
+        twilio: providers.twilio.clone(),
+        stripe: providers.stripe.clone(),
         voice,
         clock: clock.clone(),
     };

@@ -87,9 +87,6 @@ pub struct Config {
     pub worker_ack_wait: Duration,
     /// The simulators' settings (`SIM_*` variables).
     pub sim: std::collections::BTreeMap<String, String>,
-    /// Fault injection for tests: the dialer exits the process right after Twilio accepted a
-    /// call, before recording its SID (`CMB_FAULT_DIALER_EXIT_AFTER_CREATE=1`).
-    pub fault_dialer_exit_after_create: bool,
 }
 
 /// Signs the Twilio simulator's callbacks when `TWILIO_AUTH_TOKEN` is not set; anyone can sign
@@ -101,6 +98,9 @@ pub const DEV_TWILIO_PHONE_NUMBER: &str = "+15005550006";
 
 /// Test-mode key the Stripe simulator accepts when `STRIPE_SECRET_KEY` is not set.
 pub const DEV_STRIPE_SECRET_KEY: &str = "sk_test_callmeback_simulator";
+/// Signs the Stripe simulator's webhooks when `STRIPE_WEBHOOK_SECRET` is not set (the same
+/// as the simulator's own default, `cmb_sims::stripe::DEV_WEBHOOK_SECRET`).
+pub const DEV_STRIPE_WEBHOOK_SECRET: &str = "whsec_callmeback_development";
 
 #[derive(Debug, Clone)]
 pub struct StripeSettings {
@@ -288,7 +288,7 @@ impl Config {
                 ),
                 webhook_secret: Secret::new(
                     get("STRIPE_WEBHOOK_SECRET")
-                        .unwrap_or_else(|| cmb_sims::stripe::DEV_WEBHOOK_SECRET.into()),
+                        .unwrap_or_else(|| DEV_STRIPE_WEBHOOK_SECRET.into()),
                 ),
                 base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
@@ -329,8 +329,6 @@ impl Config {
                 30_000,
             )?),
             sim: Default::default(),
-            fault_dialer_exit_after_create: get("CMB_FAULT_DIALER_EXIT_AFTER_CREATE")
-                .is_some_and(|v| v == "1" || v == "true"),
         })
     }
 }

@@ -85,8 +85,14 @@ struct Shared {
     embedding_tokens: AtomicU64,
 }
 
-/// The marker of a memory extraction prompt (the memory worker puts it in its prompt).
-pub const EXTRACTION_MARKER: &str = "MEMORY_EXTRACTION";
+/// Whether a conversation asks for a memory extraction: its instructions ask for JSON with
+/// the extraction's keys. The simulator reads the request as a model would; the product sends
+/// nothing meant only for it.
+pub fn is_extraction(messages: &[(String, String)]) -> bool {
+    messages.iter().any(|(role, content)| {
+        role == "system" && content.contains("\"closed_items\"") && content.contains("\"facts\"")
+    })
+}
 /// What an extraction request gets when nothing was scripted: nothing learned.
 const EMPTY_EXTRACTION: &str = r#"{"facts":[],"summary":"","open_items":[],"closed_items":[]}"#;
 
@@ -265,11 +271,7 @@ async fn completions(State(sim): State<LlmSim>, headers: HeaderMap, body: Bytes)
     let prompt = prompt_tokens(&messages);
     shared.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
     shared.log.lock().expect("log").push(messages.clone());
-    let extraction = messages
-        .iter()
-        .rev()
-        .find(|(role, _)| role == "user" || role == "system")
-        .is_some_and(|(_, content)| content.contains(EXTRACTION_MARKER));
+    let extraction = is_extraction(&messages);
     let reply = if extraction {
         let scripted = shared
             .extraction_replies

@@ -112,6 +112,9 @@ pub struct Settings {
     pub faults: Faults,
     /// What the callee says into the media stream.
     pub caller: CallerScript,
+    /// Places a created call but holds the answer this long: Twilio acted, and the client
+    /// learns it late or never (it times out, or dies meanwhile — the crash a test stages).
+    pub hold_create_response: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -125,7 +128,8 @@ impl Settings {
     /// `TWILIO_AUTH_TOKEN`, so the app's client and the simulator agree), `SIM_TWILIO_RING_MS`
     /// (1000), `SIM_TWILIO_CALL_SECONDS` (30), `SIM_TWILIO_OUTCOME` (answer),
     /// `SIM_TWILIO_DUPLICATE_CALLBACKS`, `SIM_TWILIO_REORDER_CALLBACKS`,
-    /// `SIM_TWILIO_LATENCY_MS`, `SIM_TWILIO_FAIL_EVERY`, `SIM_TWILIO_CALLER_TURNS`.
+    /// `SIM_TWILIO_LATENCY_MS`, `SIM_TWILIO_FAIL_EVERY`, `SIM_TWILIO_CALLER_TURNS`,
+    /// `SIM_TWILIO_HOLD_CREATE_RESPONSE_MS`.
     /// A malformed value falls back to the default with a warning.
     pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
         let text = |names: &[&str], default: &str| {
@@ -179,6 +183,8 @@ impl Settings {
             reorder_callbacks: flag("SIM_TWILIO_REORDER_CALLBACKS"),
             faults: Faults::from_lookup(get, "TWILIO"),
             caller,
+            hold_create_response: get("SIM_TWILIO_HOLD_CREATE_RESPONSE_MS")
+                .map(|_| Duration::from_millis(number("SIM_TWILIO_HOLD_CREATE_RESPONSE_MS", 0))),
         }
     }
 }
@@ -603,6 +609,9 @@ async fn create_call(
     });
     tracing::info!(call_sid = %sid, "simulated call queued");
     tokio::spawn(run_call(sim.clone(), sid));
+    if let Some(hold) = sim.inner.settings.hold_create_response {
+        tokio::time::sleep(hold).await;
+    }
     (StatusCode::CREATED, Json(body)).into_response()
 }
 

@@ -93,8 +93,8 @@ impl TestEnv {
     }
 
     /// The database, migrated, and the stream, created.
-    pub async fn backbone(&self) -> callmeback::app::Backbone {
-        callmeback::app::backbone(&self.config(), 20)
+    pub async fn backbone(&self) -> callmeback::backbone::Backbone {
+        callmeback::backbone::connect(&self.config(), 20)
             .await
             .expect("backbone")
     }

@@ -209,7 +209,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Seed => {
-            let b = crate::app::backbone(&config, 4).await?;
+            let b = crate::backbone::connect(&config, 4).await?;
             let store = crate::backbone::store::EventStore::new(b.pool.clone());
             let demo = crate::ops::seed::demo(&store).await?;
             println!("system personas: brad_001, sarah_001, alex_001");
@@ -251,7 +251,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Events {
             command: EventsCommand::Verify { dry_run },
         } => {
-            let b = crate::app::backbone(&config, 4).await?;
+            let b = crate::backbone::connect(&config, 4).await?;
             let report = crate::backbone::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -308,7 +308,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 let names: Vec<_> = cmb_projections::all().iter().map(|p| p.name()).collect();
                 anyhow::bail!("no projection {name:?}; there are: {}", names.join(", "));
             };
-            let b = crate::app::backbone(&config, 4).await?;
+            let b = crate::backbone::connect(&config, 4).await?;
             use std::io::IsTerminal;
             let applied = crate::backbone::projector::rebuild(
                 &b.pool,
@@ -447,7 +447,7 @@ async fn replay(
         (from, to)
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
-    let b = crate::app::backbone(&config, 4).await?;
+    let b = crate::backbone::connect(&config, 4).await?;
     let mut progress = crate::backbone::projector::Progress::new("replay", 0)
         .force(std::io::stderr().is_terminal() && format != "json");
     let reader = match range.source.as_str() {
@@ -651,7 +651,7 @@ async fn replay_projections(
         };
         projections.push(p);
     }
-    let b = crate::app::backbone(&config, 4).await?;
+    let b = crate::backbone::connect(&config, 4).await?;
     let mut out = std::io::stdout().lock();
     for projection in projections {
         let rebuilt = crate::ops::rebuild::rebuild_and_swap(

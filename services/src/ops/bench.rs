@@ -62,7 +62,7 @@ pub async fn events(
     config.stream.stream = "CMB_BENCH_EVENTS".into();
     config.stream.subject_prefix = "cmb.bench.events".into();
     let _ = sqlx::Postgres::drop_database(&config.database_url).await;
-    let b = crate::app::backbone(&config, (concurrency as u32 + 4).max(8)).await?;
+    let b = crate::backbone::connect(&config, (concurrency as u32 + 4).max(8)).await?;
     b.js.delete_stream(&config.stream.stream).await.ok();
     cmb_nats::ensure_stream(&b.js, &config.stream)
         .await

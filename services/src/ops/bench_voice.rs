@@ -103,7 +103,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     }
     let _ = sqlx::Postgres::drop_database(&config.database_url).await;
     {
-        let b = crate::app::backbone(&config, 4).await?;
+        let b = crate::backbone::connect(&config, 4).await?;
         b.js.delete_stream(&config.stream.stream).await.ok();
     }
     let app = crate::app::start(config.clone()).await?;

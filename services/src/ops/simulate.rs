@@ -66,7 +66,7 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> anyhow::Error + '_
 }
 
 pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
-    let b = crate::app::backbone(&config, (WORKERS as u32 + 2).max(8)).await?;
+    let b = crate::backbone::connect(&config, (WORKERS as u32 + 2).max(8)).await?;
     let pool = b.pool.clone();
     let store = EventStore::new(pool.clone());
     let events_before: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
@@ -498,7 +498,7 @@ async fn one_call(
 }
 
 /// Runs the publisher until the stream holds every committed event.
-async fn publish_all(config: &Config, b: &crate::app::Backbone) -> anyhow::Result<()> {
+async fn publish_all(config: &Config, b: &crate::backbone::Backbone) -> anyhow::Result<()> {
     if crate::backbone::outbox::unpublished(&b.pool).await? == 0 {
         return Ok(());
     }

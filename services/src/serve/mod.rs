@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod http;
+pub mod providers;
 pub mod scheduler;
 pub mod voice;
 pub mod workers;

@@ -30,6 +30,7 @@ fn settings() -> Settings {
         reorder_callbacks: false,
         faults: Faults::default(),
         caller: CallerScript::default(),
+        hold_create_response: None,
     }
 }
 

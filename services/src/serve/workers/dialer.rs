@@ -27,8 +27,6 @@ pub struct Dialer {
     pub from: String,
     pub public_base_url: String,
     pub clock: Clock,
-    /// Fault injection: exit right after Twilio accepted the call (see Config).
-    pub exit_after_create: bool,
 }
 
 fn created_at(call: &CallResource) -> Option<DateTime<Utc>> {
@@ -81,10 +79,6 @@ impl Dialer {
         };
         match self.twilio.create_call(&request).await {
             Ok(placed) => {
-                if self.exit_after_create {
-                    tracing::error!(call = %id, sid = %placed.sid, "fault injection: exiting before recording the SID");
-                    std::process::exit(86);
-                }
                 tracing::info!(call = %id, sid = %placed.sid, to = %phone.masked(), "call placed");
                 metrics::counter!("cmb_calls_placed_total").increment(1);
                 // The initiated callback may have recorded it already: same SID, no change.

@@ -293,11 +293,11 @@ async fn collect(llm: &Llm, request: &ChatRequest) -> Result<(String, i64, bool)
     }
 }
 
-/// The extraction prompt: instructions with the marker, the current memory (items with their
+/// The extraction prompt: instructions, the current memory (items with their
 /// ids, so the LLM can close them), and the transcript.
 pub fn extraction_prompt(memory: &Memory, lines: &[(String, String)]) -> Vec<ChatMessage> {
     let system = format!(
-        "{marker}\nYou maintain what a phone companion remembers about the person it calls. \
+        "You maintain what a phone companion remembers about the person it calls. \
          From the call transcript and the current memory, answer with strict JSON only, no \
          prose and no code fence, exactly of this shape:\n\
          {{\"facts\":[{{\"text\":\"…\",\"kind\":\"preference|person|goal|event|other\"}}],\
@@ -307,7 +307,6 @@ pub fn extraction_prompt(memory: &Memory, lines: &[(String, String)]) -> Vec<Cha
          relationship so far rewritten in at most {summary} characters. open_items: things to \
          follow up on next time (at most {items}). closed_items: ids of open items this call \
          resolved.",
-        marker = cmb_sims::llm::EXTRACTION_MARKER,
         facts = extraction::MAX_FACTS,
         chars = extraction::MAX_ITEM_CHARS,
         summary = cmb_domain::memory::SUMMARY_MAX_CHARS,
@@ -341,11 +340,7 @@ pub fn extraction_prompt(memory: &Memory, lines: &[(String, String)]) -> Vec<Cha
         ChatMessage::new("system", &system),
         ChatMessage::new(
             "user",
-            &format!(
-                "{marker}\n{current}\nTranscript:\n{}",
-                transcript.join("\n"),
-                marker = cmb_sims::llm::EXTRACTION_MARKER
-            ),
+            &format!("{current}\nTranscript:\n{}", transcript.join("\n"),),
         ),
     ]
 }

@@ -16,6 +16,91 @@ use cmb_domain::EventEnvelope;
 use cmb_nats::consume::{self, DurableSpec};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backbone::store::EventStore;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::serve::providers::Providers;
+
+/// Starts every worker on `stream` until `shutdown`, tracked by `tasks`.
+pub fn spawn_all(
+    config: &Config,
+    stream: &jetstream::stream::Stream,
+    store: &EventStore,
+    providers: &Providers,
+    clock: &Clock,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let spec = |name: &'static str, aggregate_type: &str| {
+        let mut spec = DurableSpec::of_type(
+            &config.stream,
+            &format!("{}-worker-{name}", config.consumer_prefix),
+            aggregate_type,
+        );
+        spec.ack_wait = config.worker_ack_wait;
+        spec
+    };
+    {
+        let store = store.clone();
+        let stripe = providers.stripe.clone();
+        tasks.spawn(run(
+            settlement::NAME,
+            stream.clone(),
+            spec(settlement::NAME, "call"),
+            move |event| settlement::handle(store.clone(), stripe.clone(), event),
+            shutdown.clone(),
+        ));
+    }
+    {
+        let memory = memory::MemoryWorker {
+            store: store.clone(),
+            llm: providers.cerebras.clone(),
+            fallback: Some(providers.openai.clone()),
+            embeddings: providers.embeddings.clone(),
+        };
+        tasks.spawn(run(
+            memory::NAME,
+            stream.clone(),
+            spec(memory::NAME, "call"),
+            move |event| {
+                let memory = memory.clone();
+                async move { memory.handle(event).await }
+            },
+            shutdown.clone(),
+        ));
+    }
+    {
+        let store = store.clone();
+        tasks.spawn(run(
+            contacts_cleanup::NAME,
+            stream.clone(),
+            spec(contacts_cleanup::NAME, "persona"),
+            move |event| contacts_cleanup::handle(store.clone(), event),
+            shutdown.clone(),
+        ));
+    }
+    {
+        let dialer = dialer::Dialer {
+            store: store.clone(),
+            twilio: providers.twilio.clone(),
+            from: config.twilio.phone_number.clone(),
+            public_base_url: config.public_base_url.clone(),
+            clock: clock.clone(),
+        };
+        tasks.spawn(run(
+            dialer::NAME,
+            stream.clone(),
+            spec(dialer::NAME, "call"),
+            move |event| {
+                let dialer = dialer.clone();
+                async move { dialer.handle(event).await }
+            },
+            shutdown.clone(),
+        ));
+    }
+}
 
 /// Runs `handle` for every message of `spec` until `shutdown`.
 pub async fn run<F, Fut>(
