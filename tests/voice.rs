@@ -162,7 +162,7 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     .execute(&app.state.pool)
     .await
     .unwrap();
-    let purged = callmeback::serve::voice::purge_transcripts(&app.state.pool, 30)
+    let purged = callmeback::serve::transcripts::purge(&app.state.pool, 30)
         .await
         .unwrap();
     assert_eq!(purged, 7);

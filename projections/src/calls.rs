@@ -8,6 +8,9 @@ use uuid::Uuid;
 
 use crate::Projection;
 
+mod queries;
+pub use queries::*;
+
 pub struct Calls;
 
 fn call_id(e: &EventEnvelope) -> Result<Uuid, sqlx::Error> {

@@ -13,7 +13,7 @@ use crate::backbone::projector::Projector;
 use crate::backbone::store::EventStore;
 use crate::backbone::Backbone;
 use crate::config::Config;
-use crate::serve::http::{self, AppState};
+use crate::serve::http::{self, state::AppState};
 use crate::serve::providers::{Providers, Simulators};
 
 /// A running service.
@@ -32,43 +32,6 @@ impl Running {
         self.tasks.close();
         self.tasks.wait().await;
     }
-}
-
-/// Brings Brad, Sarah and Alex to their shipped definitions (idempotent; safe from any number
-/// of instances at once).
-pub async fn define_system_personas(
-    store: &EventStore,
-) -> anyhow::Result<Vec<crate::backbone::store::Committed>> {
-    use cmb_domain::persona::{Persona, PersonaCommand};
-    let ctx = cmb_domain::CommandContext::system("define-system-personas");
-    let mut committed = Vec::new();
-    // The launch prices, as the first version of the price table.
-    let launch = cmb_domain::pricing::PricingCommand::Publish {
-        table: cmb_domain::pricing::PriceTable::LAUNCH,
-        effective_from: chrono::DateTime::UNIX_EPOCH,
-    };
-    let (pricing, _) = store
-        .load::<cmb_domain::pricing::Pricing>(cmb_domain::pricing::PRICING_ID)
-        .await
-        .map_err(|e| anyhow::anyhow!("loading the prices: {e}"))?;
-    if pricing.tables.is_empty() {
-        store
-            .execute::<cmb_domain::pricing::Pricing>(cmb_domain::pricing::PRICING_ID, launch, &ctx)
-            .await
-            .map_err(|e| anyhow::anyhow!("publishing the launch prices: {e}"))?;
-    }
-    for p in cmb_domain::persona::system::system_personas() {
-        let c = store
-            .execute::<Persona>(
-                p.id,
-                PersonaCommand::DefineSystemPersona { draft: p.draft },
-                &ctx,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("defining system persona {}: {e}", p.id))?;
-        committed.push(c);
-    }
-    Ok(committed)
 }
 
 /// Starts the API and all workers.
@@ -115,7 +78,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         lag: lag.clone(),
         ack_wait: config.worker_ack_wait,
     });
-    let defined = define_system_personas(&store).await?;
+    let defined = crate::usecases::personas::define_system_personas(&store).await?;
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
     // Serve once the persona list shows them (bounded: a lagging read model is not fatal).
     for c in &defined {
@@ -163,7 +126,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let stop = shutdown.clone();
         tasks.spawn(async move {
             loop {
-                if let Err(e) = crate::serve::voice::purge_transcripts(&pool, days).await {
+                if let Err(e) = crate::serve::transcripts::purge(&pool, days).await {
                     tracing::warn!(error = %e, "transcript retention failed");
                 }
                 tokio::select! {

@@ -9,3 +9,4 @@ pub mod config;
 pub mod ops;
 pub mod serve;
 pub mod telemetry;
+pub mod usecases;

@@ -19,16 +19,15 @@ pub struct Demo {
 }
 
 pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
-    crate::app::define_system_personas(store).await?;
+    crate::usecases::personas::define_system_personas(store).await?;
     let email = Email::parse(DEMO_EMAIL)?;
     let pool = store.pool();
-    let user_id = match crate::serve::api::accounts::user_by_email(pool, &email).await? {
+    let user_id = match crate::usecases::accounts::claims::user_by_email(pool, &email).await? {
         Some(id) => id,
         None => {
             let id = Uuid::now_v7();
             let ctx = CommandContext::system("seed");
-            crate::serve::api::accounts::create_account(
-                pool,
+            crate::usecases::accounts::create(
                 store,
                 id,
                 "Demo User".into(),
@@ -38,7 +37,7 @@ pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
                 &ctx,
             )
             .await
-            .map_err(|e| anyhow::anyhow!("creating the demo user: {}", e.message))?;
+            .map_err(|e| anyhow::anyhow!("creating the demo user: {e}"))?;
             id
         }
     };

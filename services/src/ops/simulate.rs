@@ -23,8 +23,8 @@ use chrono::{DateTime, Duration, Utc};
 use cmb_domain::billing::{RecordStripeEvent, StripeEvent};
 use cmb_domain::call::{Call, CallCommand, CallRequest, Cost, Outcome, Payment, Status};
 use cmb_domain::pricing::{credits_for, PriceTable};
-use cmb_domain::values::{Cents, Email, Password, PhoneNumber};
-use cmb_domain::wallet::{Wallet, WalletCommand, WalletError, CENTS_PER_CREDIT};
+use cmb_domain::values::{Email, Password, PhoneNumber};
+use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
 use cmb_domain::{Actor, CommandContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -137,8 +137,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
         )
         .map_err(err("phone"))?;
         let ctx = CommandContext::system("simulate");
-        crate::serve::api::accounts::create_account(
-            &pool,
+        crate::usecases::accounts::create(
             &store,
             id,
             format!("Simulated {i}"),
@@ -148,7 +147,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
             &ctx,
         )
         .await
-        .map_err(|e| anyhow::anyhow!("registering a simulated user: {e:?}"))?;
+        .map_err(|e| anyhow::anyhow!("registering a simulated user: {e}"))?;
         grant(&store, id, &format!("sim-grant-{id}")).await?;
         if backdate.load(Ordering::SeqCst) {
             sqlx::query(
@@ -402,33 +401,26 @@ async fn one_call(
     // Settlement, as the settlement worker does it.
     let (state, _) = store.load::<Call>(&call_id).await.map_err(err("a call"))?;
     let price = state.price_cents.unwrap_or(0);
-    let (charged, released) = match &payment {
-        Payment::Credits { credits } => {
-            let used = credits_for(Cents(price)).min(*credits);
-            let command = if used > 0 {
-                WalletCommand::Settle {
-                    hold_id: call_id.clone(),
-                    credits: used,
-                }
-            } else {
-                WalletCommand::Release {
-                    hold_id: call_id.clone(),
-                }
-            };
-            store
-                .execute::<Wallet>(&user, command, &ctx)
-                .await
-                .map_err(err("settling a hold"))?;
-            (
-                used * CENTS_PER_CREDIT,
-                (*credits - used) * CENTS_PER_CREDIT,
-            )
-        }
-        Payment::Card { .. } => (price, state.max_price_cents - price),
-    };
+    let settlement = payment.settle(price, state.max_price_cents);
+    if let Payment::Credits { .. } = &payment {
+        let command = if settlement.credits_used > 0 {
+            WalletCommand::Settle {
+                hold_id: call_id.clone(),
+                credits: settlement.credits_used,
+            }
+        } else {
+            WalletCommand::Release {
+                hold_id: call_id.clone(),
+            }
+        };
+        store
+            .execute::<Wallet>(&user, command, &ctx)
+            .await
+            .map_err(err("settling a hold"))?;
+    }
     call(CallCommand::RecordSettlement {
-        charged_cents: charged,
-        released_cents: released,
+        charged_cents: settlement.charged_cents,
+        released_cents: settlement.released_cents,
     })
     .await?;
     let mut refund_event = None;

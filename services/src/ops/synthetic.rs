@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::call::{CallEvent, Cost, Outcome, Payment, Status};
 use cmb_domain::pricing::{credits_for, PriceTable};
-use cmb_domain::values::{Cents, PhoneNumber};
-use cmb_domain::wallet::{WalletEvent, CENTS_PER_CREDIT};
+use cmb_domain::values::PhoneNumber;
+use cmb_domain::wallet::WalletEvent;
 use cmb_domain::{EventEnvelope, EventMetadata};
 use cqrs_es::DomainEvent;
 use rand::rngs::StdRng;
@@ -247,7 +247,9 @@ impl History {
                 self.push("call", &call, end, CallEvent::CostRecorded(cost));
             }
         }
-        let used = credits_for(Cents(price)).min(credits);
+        let payment = Payment::Credits { credits };
+        let settlement = payment.settle(price, max_price.0);
+        let used = settlement.credits_used;
         let settle_at = end + Duration::seconds(1);
         if used > 0 {
             self.push(
@@ -277,8 +279,8 @@ impl History {
             &call,
             settle_at,
             CallEvent::CallSettled {
-                charged_cents: used * CENTS_PER_CREDIT,
-                released_cents: (credits - used) * CENTS_PER_CREDIT,
+                charged_cents: settlement.charged_cents,
+                released_cents: settlement.released_cents,
             },
         );
     }

@@ -5,5 +5,6 @@ pub mod api;
 pub mod http;
 pub mod providers;
 pub mod scheduler;
+pub mod transcripts;
 pub mod voice;
 pub mod workers;

@@ -51,13 +51,7 @@ impl Scheduler {
     /// Fires every call whose time has come. Returns how many were fired.
     pub async fn fire_due(&self) -> anyhow::Result<usize> {
         let now = self.clock.now();
-        let due: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-            "SELECT id::text, scheduled_for FROM rm_calls WHERE status = 'scheduled' AND scheduled_for <= $1
-              ORDER BY scheduled_for LIMIT 500",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
+        let due = cmb_projections::calls::due(&self.pool, now, 500).await?;
         let ctx = CommandContext::for_request(
             uuid::Uuid::new_v4().to_string(),
             Actor::Worker(LEASE.into()),

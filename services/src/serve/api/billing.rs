@@ -1,135 +1,25 @@
-//! Money with Stripe: the user's customer and cards, payment intents that hold a call's
-//! maximum price, credit packs, and Stripe's webhooks. Every Stripe write carries an
-//! `Idempotency-Key` derived from what it is for, so a retry never charges twice.
+//! Money with Stripe: the user's cards, payment intents that hold a call's maximum price,
+//! credit packs, and Stripe's webhooks (the flows are in `usecases::billing`).
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use cmb_domain::billing::{
-    Billing, BillingCommand, BillingError, Card, RecordStripeEvent, StripeEvent,
-};
+use cmb_domain::billing::{Card, RecordStripeEvent};
 use cmb_domain::call::{MAX_MINUTES, MIN_MINUTES};
-use cmb_domain::user::User;
-use cmb_domain::wallet::{Wallet, WalletCommand, CENTS_PER_CREDIT};
+use cmb_domain::wallet::{Wallet, CENTS_PER_CREDIT};
 use cmb_domain::{Actor, CommandContext};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::store_error;
 use crate::serve::http::auth::AuthUser;
 use crate::serve::http::error::{ApiError, ApiResult};
-use crate::serve::http::extract::Json;
+use crate::serve::http::extract::{request_id, Json};
 use crate::serve::http::ratelimit;
-use crate::serve::http::AppState;
-use cmb_providers::stripe::{CreatePaymentIntent, StripeError};
-
-/// Credit packs on sale: credits and their price in cents (1 credit = 5¢).
-pub const PACKS: &[i64] = &[100, 500, 1000];
-pub const CURRENCY: &str = "usd";
-
-pub fn stripe_error(e: StripeError) -> ApiError {
-    match e {
-        StripeError::Card(card) => ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "card_declined",
-            format!(
-                "the card was declined: {}",
-                card.decline_code.as_deref().unwrap_or(&card.code)
-            ),
-        ),
-        StripeError::InvalidRequest {
-            status, message, ..
-        } if status == 404 || status == 400 => ApiError::validation("payment_method_id", message),
-        StripeError::InvalidRequest { message, .. } => ApiError::internal(message),
-        StripeError::Unreachable(detail) => {
-            tracing::warn!(%detail, "Stripe unreachable");
-            ApiError {
-                retry_after: Some(5),
-                ..ApiError::unavailable("payments are unavailable for a moment; try again")
-            }
-        }
-    }
-}
-
-fn billing_rejected(e: BillingError) -> ApiError {
-    match e {
-        BillingError::UnknownCard => ApiError::not_found("payment method"),
-        BillingError::DefaultCard => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "default_payment_method",
-            e.to_string(),
-        ),
-        BillingError::UnknownAuthorization => ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "payment_intent_invalid",
-            e.to_string(),
-        )
-        .with_field("payment_intent_id"),
-        BillingError::AuthorizationUsed | BillingError::AuthorizationTooSmall { .. } => {
-            ApiError::new(
-                StatusCode::PAYMENT_REQUIRED,
-                "payment_intent_insufficient",
-                e.to_string(),
-            )
-            .with_field("payment_intent_id")
-        }
-    }
-}
-
-pub async fn load(state: &AppState, user: Uuid) -> ApiResult<Billing> {
-    let (billing, _) = state
-        .store
-        .load::<Billing>(&user.to_string())
-        .await
-        .map_err(|e| store_error(e, billing_rejected))?;
-    Ok(billing)
-}
-
-pub async fn record(state: &AppState, user: &AuthUser, command: BillingCommand) -> ApiResult<()> {
-    state
-        .store
-        .execute::<Billing>(&user.id.to_string(), command, &user.context())
-        .await
-        .map(|_| ())
-        .map_err(|e| store_error(e, billing_rejected))
-}
-
-/// The user's Stripe customer, created (once: the key is the user id) when first needed.
-async fn customer(state: &AppState, user: &AuthUser) -> ApiResult<String> {
-    if let Some(id) = load(state, user.id).await?.customer_id {
-        return Ok(id);
-    }
-    let (me, _) = state
-        .store
-        .load::<User>(&user.id.to_string())
-        .await
-        .map_err(|e| store_error(e, ApiError::internal))?;
-    let email = me.email.map(|e| e.to_string()).unwrap_or_default();
-    let created = state
-        .stripe
-        .create_customer(
-            &email,
-            &me.name,
-            &user.id.to_string(),
-            &format!("customer-{}", user.id),
-        )
-        .await
-        .map_err(stripe_error)?;
-    record(
-        state,
-        user,
-        BillingCommand::RecordCustomer {
-            customer_id: created.id.clone(),
-        },
-    )
-    .await?;
-    Ok(load(state, user.id)
-        .await?
-        .customer_id
-        .unwrap_or(created.id))
-}
+use crate::serve::http::state::AppState;
+use crate::usecases::billing::{self, CURRENCY, PACKS};
+use crate::usecases::prices;
 
 fn card_json(card: &Card, default: Option<&str>) -> serde_json::Value {
     json!({
@@ -147,12 +37,8 @@ pub async fn billing(
     user: AuthUser,
 ) -> ApiResult<impl IntoResponse> {
     ratelimit::check(&state.pool, ratelimit::USAGE, &format!("user:{}", user.id)).await?;
-    let b = load(&state, user.id).await?;
-    let (wallet, _) = state
-        .store
-        .load::<Wallet>(&user.id.to_string())
-        .await
-        .map_err(|e| store_error(e, ApiError::internal))?;
+    let b = billing::load(&state.store, user.id).await?;
+    let (wallet, _) = state.store.load::<Wallet>(&user.id.to_string()).await?;
     let methods: Vec<_> = b
         .cards
         .iter()
@@ -191,40 +77,18 @@ pub async fn attach(
             "payment_method_id: a Stripe pm_… id",
         ));
     }
-    let customer = customer(&state, &user).await?;
-    let attached = state
-        .stripe
-        .attach_payment_method(pm, &customer)
-        .await
-        .map_err(stripe_error)?;
-    let make_default = body.set_default || load(&state, user.id).await?.default_card.is_none();
-    if make_default {
-        state
-            .stripe
-            .set_default_payment_method(&customer, &attached.id)
-            .await
-            .map_err(stripe_error)?;
-    }
-    let card = Card {
-        payment_method_id: attached.id.clone(),
-        brand: attached.brand,
-        last4: attached.last4,
-        exp_month: attached.exp_month,
-        exp_year: attached.exp_year,
-    };
-    record(
-        &state,
-        &user,
-        BillingCommand::AttachCard {
-            card: card.clone(),
-            make_default,
-        },
+    let (card, default) = billing::attach_card(
+        &state.store,
+        &state.stripe,
+        user.id,
+        pm,
+        body.set_default,
+        &user.context(),
     )
     .await?;
-    let b = load(&state, user.id).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "payment_method": card_json(&card, b.default_card.as_deref()) })),
+        axum::Json(json!({ "payment_method": card_json(&card, default.as_deref()) })),
     ))
 }
 
@@ -239,26 +103,7 @@ pub async fn detach(
         &format!("user:{}", user.id),
     )
     .await?;
-    let b = load(&state, user.id).await?;
-    if !b.cards.iter().any(|c| c.payment_method_id == id) {
-        return Err(ApiError::not_found("payment method"));
-    }
-    if b.default_card.as_deref() == Some(id.as_str()) {
-        return Err(billing_rejected(BillingError::DefaultCard));
-    }
-    state
-        .stripe
-        .detach_payment_method(&id)
-        .await
-        .map_err(stripe_error)?;
-    record(
-        &state,
-        &user,
-        BillingCommand::DetachCard {
-            payment_method_id: id,
-        },
-    )
-    .await?;
+    billing::detach_card(&state.store, &state.stripe, user.id, &id, &user.context()).await?;
     Ok(axum::Json(json!({ "message": "payment method removed" })))
 }
 
@@ -273,27 +118,7 @@ pub async fn make_default(
         &format!("user:{}", user.id),
     )
     .await?;
-    let b = load(&state, user.id).await?;
-    let customer = b
-        .customer_id
-        .clone()
-        .ok_or_else(|| ApiError::not_found("payment method"))?;
-    if !b.cards.iter().any(|c| c.payment_method_id == id) {
-        return Err(ApiError::not_found("payment method"));
-    }
-    state
-        .stripe
-        .set_default_payment_method(&customer, &id)
-        .await
-        .map_err(stripe_error)?;
-    record(
-        &state,
-        &user,
-        BillingCommand::SetDefault {
-            payment_method_id: id.clone(),
-        },
-    )
-    .await?;
+    billing::make_default(&state.store, &state.stripe, user.id, &id, &user.context()).await?;
     Ok(axum::Json(json!({ "default_payment_method": id })))
 }
 
@@ -303,19 +128,6 @@ fn idempotency_key(purpose: &str, user: &AuthUser, supplied: Option<&str>) -> St
     match supplied {
         Some(k) if !k.is_empty() && k.len() <= 100 => format!("{purpose}-{}-{k}", user.id),
         _ => format!("{purpose}-{}", Uuid::now_v7()),
-    }
-}
-
-/// Customer and default card, or 400 when there is none.
-async fn chargeable(state: &AppState, user: &AuthUser) -> ApiResult<(String, String)> {
-    let b = load(state, user.id).await?;
-    match (b.customer_id, b.default_card) {
-        (Some(c), Some(pm)) => Ok((c, pm)),
-        _ => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "no_payment_method",
-            "add a payment method first (POST /api/user/payment-method)",
-        )),
     }
 }
 
@@ -344,47 +156,17 @@ pub async fn create_payment_intent(
             format!("estimated_duration: {MIN_MINUTES} to {MAX_MINUTES} minutes"),
         ));
     }
-    let prices = super::calls::current_prices(&state).await?;
+    let prices = prices::current(&state.store, state.clock.now()).await?;
     let amount = prices.max_price(minutes).0;
-    let (customer, pm) = chargeable(&state, &user).await?;
     let key = idempotency_key("hold", &user, body.idempotency_key.as_deref());
-    let intent = state
-        .stripe
-        .create_payment_intent(
-            &CreatePaymentIntent {
-                amount,
-                currency: CURRENCY.into(),
-                customer,
-                payment_method: pm,
-                manual_capture: true,
-                metadata: vec![
-                    ("user_id".into(), user.id.to_string()),
-                    ("minutes".into(), minutes.to_string()),
-                ],
-                description: Some(format!("Call Me Back: a call of up to {minutes} minutes")),
-            },
-            &key,
-        )
-        .await
-        .map_err(stripe_error)?;
-    if intent.status != "requires_capture" {
-        let reason = intent
-            .last_payment_error
-            .map(|e| e.to_string())
-            .unwrap_or_else(|| intent.status.clone());
-        return Err(ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "card_declined",
-            format!("the card was not authorised: {reason}"),
-        ));
-    }
-    record(
-        &state,
-        &user,
-        BillingCommand::RecordAuthorization {
-            payment_intent_id: intent.id.clone(),
-            amount_cents: intent.amount,
-        },
+    let intent = billing::authorise_call(
+        &state.store,
+        &state.stripe,
+        user.id,
+        minutes,
+        amount,
+        &key,
+        &user.context(),
     )
     .await?;
     Ok((
@@ -423,56 +205,22 @@ pub async fn buy_credits(
             format!("credits: one of the packs {PACKS:?}"),
         ));
     }
-    let (customer, pm) = chargeable(&state, &user).await?;
     let key = idempotency_key("credits", &user, body.idempotency_key.as_deref());
-    let amount = body.credits * CENTS_PER_CREDIT;
-    let intent = state
-        .stripe
-        .create_payment_intent(
-            &CreatePaymentIntent {
-                amount,
-                currency: CURRENCY.into(),
-                customer,
-                payment_method: pm,
-                manual_capture: false,
-                metadata: vec![
-                    ("user_id".into(), user.id.to_string()),
-                    ("credits".into(), body.credits.to_string()),
-                ],
-                description: Some(format!("Call Me Back: {} credits", body.credits)),
-            },
-            &key,
-        )
-        .await
-        .map_err(stripe_error)?;
-    if intent.status != "succeeded" {
-        return Err(ApiError::new(
-            StatusCode::PAYMENT_REQUIRED,
-            "card_declined",
-            format!("the payment did not go through ({})", intent.status),
-        ));
-    }
-    // Once per payment intent, whatever is retried.
-    let grant = WalletCommand::Grant {
-        credits: body.credits,
-        reason: "credit pack".into(),
-        reference: intent.id.clone(),
-    };
-    let committed = state
-        .store
-        .execute::<Wallet>(&user.id.to_string(), grant, &user.context())
-        .await
-        .map_err(|e| store_error(e, ApiError::internal))?;
-    super::settle(&state, "wallets", &committed).await;
-    let (wallet, _) = state
-        .store
-        .load::<Wallet>(&user.id.to_string())
-        .await
-        .map_err(|e| store_error(e, ApiError::internal))?;
+    let bought = billing::buy_credits(
+        &state.store,
+        &state.stripe,
+        user.id,
+        body.credits,
+        &key,
+        &user.context(),
+    )
+    .await?;
+    state.read_your_writes("wallets", &bought.committed).await;
+    let (wallet, _) = state.store.load::<Wallet>(&user.id.to_string()).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(
-            json!({ "payment_intent_id": intent.id, "amount": amount, "credits": body.credits, "balance": wallet.balance }),
+            json!({ "payment_intent_id": bought.payment_intent_id, "amount": bought.amount, "credits": body.credits, "balance": wallet.balance }),
         ),
     ))
 }
@@ -520,10 +268,7 @@ pub async fn webhook(
         "payment_intent": object.get("payment_intent"),
         "metadata": object.get("metadata"),
     });
-    let ctx = CommandContext::for_request(
-        crate::serve::http::request_id(&headers),
-        Actor::Webhook("stripe".into()),
-    );
+    let ctx = CommandContext::for_request(request_id(&headers), Actor::Webhook("stripe".into()));
     let command = RecordStripeEvent {
         kind: event.kind.clone(),
         object_id: object
@@ -534,12 +279,8 @@ pub async fn webhook(
         created: event.created,
         summary,
     };
-    let committed = state
-        .store
-        .execute::<StripeEvent>(&event.id, command, &ctx)
-        .await
-        .map_err(|e| store_error(e, |e| match e {}))?;
+    let recorded = billing::record_stripe_event(&state.store, &event.id, command, &ctx).await?;
     Ok(axum::Json(
-        json!({ "received": true, "recorded": committed.events > 0 }),
+        json!({ "received": true, "recorded": recorded }),
     ))
 }

@@ -3,48 +3,21 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use chrono::{DateTime, Utc};
-use cmb_domain::contacts::{Contacts, ContactsCommand, ContactsError, RemovalReason, MAX_CONTACTS};
+use chrono::Utc;
+use cmb_domain::contacts::MAX_CONTACTS;
+use cmb_projections::accounts::ContactView;
 use serde::Deserialize;
 use serde_json::json;
-use sqlx::PgPool;
-use uuid::Uuid;
 
-use super::personas::{accessible, PersonaView, PERSONA_COLUMNS};
-use super::{settle, store_error};
 use crate::serve::http::auth::AuthUser;
 use crate::serve::http::error::{ApiError, ApiResult};
 use crate::serve::http::extract::Json;
 use crate::serve::http::ratelimit;
-use crate::serve::http::AppState;
+use crate::serve::http::state::AppState;
+use crate::usecases::contacts;
 
-#[derive(sqlx::FromRow)]
-struct ContactRow {
-    added_at: DateTime<Utc>,
-    #[sqlx(flatten)]
-    persona: PersonaView,
-}
-
-/// The user's contacts with their personas. A persona deleted a moment ago may still have a
-/// contact row until the clean-up reaches it; the join hides it meanwhile.
-async fn contacts(pool: &PgPool, user: Uuid) -> Result<Vec<serde_json::Value>, sqlx::Error> {
-    let rows: Vec<ContactRow> = sqlx::query_as(&format!(
-        "SELECT c.added_at, {PERSONA_COLUMNS}
-           FROM rm_contacts c JOIN rm_personas p ON p.id = c.persona_id
-          WHERE c.user_id = $2
-            AND (p.is_public OR p.created_by IN ('system', $1))
-          ORDER BY c.added_at DESC, p.id"
-    ))
-    .bind(user.to_string())
-    .bind(user)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |r| json!({ "persona_id": r.persona.id, "added_at": r.added_at, "persona": r.persona }),
-        )
-        .collect())
+fn contact_json(c: ContactView) -> serde_json::Value {
+    json!({ "persona_id": c.persona.id, "added_at": c.added_at, "persona": c.persona })
 }
 
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
@@ -54,7 +27,11 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<im
         &format!("user:{}", user.id),
     )
     .await?;
-    let contacts = contacts(&state.pool, user.id).await?;
+    let contacts: Vec<_> = cmb_projections::accounts::contacts(&state.pool, user.id)
+        .await?
+        .into_iter()
+        .map(contact_json)
+        .collect();
     Ok(axum::Json(
         json!({ "contacts": contacts, "max": MAX_CONTACTS }),
     ))
@@ -63,23 +40,6 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<im
 #[derive(Deserialize)]
 pub struct AddBody {
     persona_id: String,
-}
-
-fn rejected(e: ContactsError) -> ApiError {
-    match e {
-        ContactsError::AlreadyAdded => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "already_a_contact",
-            "this persona is already in your contacts",
-        )
-        .with_field("persona_id"),
-        ContactsError::Full => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "contacts_full",
-            format!("you can keep at most {MAX_CONTACTS} contacts; remove one first"),
-        ),
-        ContactsError::NotAContact => ApiError::not_found("contact"),
-    }
 }
 
 pub async fn add(
@@ -100,21 +60,20 @@ pub async fn add(
             "persona_id: must be a persona id",
         ));
     }
-    accessible(&state, &persona_id, user.id).await?;
-    let command = ContactsCommand::Add {
-        persona_id: persona_id.clone(),
-        at: Utc::now(),
-    };
-    let committed = state
-        .store
-        .execute::<Contacts>(&user.id.to_string(), command, &user.context())
-        .await
-        .map_err(|e| store_error(e, rejected))?;
-    settle(&state, "contacts", &committed).await;
-    let contacts = contacts(&state.pool, user.id).await?;
-    let contact = contacts
+    let committed = contacts::add(
+        &state.store,
+        user.id,
+        &persona_id,
+        Utc::now(),
+        &user.context(),
+    )
+    .await?;
+    state.read_your_writes("contacts", &committed).await;
+    let contact = cmb_projections::accounts::contacts(&state.pool, user.id)
+        .await?
         .into_iter()
-        .find(|c| c["persona_id"] == persona_id.as_str())
+        .find(|c| c.persona.id == persona_id)
+        .map(contact_json)
         .unwrap_or_else(|| json!({ "persona_id": persona_id }));
     Ok((
         StatusCode::CREATED,
@@ -133,16 +92,8 @@ pub async fn remove(
         &format!("user:{}", user.id),
     )
     .await?;
-    let command = ContactsCommand::Remove {
-        persona_id,
-        reason: RemovalReason::ByUser,
-    };
-    let committed = state
-        .store
-        .execute::<Contacts>(&user.id.to_string(), command, &user.context())
-        .await
-        .map_err(|e| store_error(e, rejected))?;
-    settle(&state, "contacts", &committed).await;
+    let committed = contacts::remove(&state.store, user.id, persona_id, &user.context()).await?;
+    state.read_your_writes("contacts", &committed).await;
     Ok(axum::Json(
         json!({ "message": "removed from your contacts" }),
     ))

@@ -1,11 +1,14 @@
-//! The `/api` routes the front end uses. Writes are commands through the event store; reads
-//! come from read models, after waiting (briefly) for the caller's own write to reach them.
+//! The `/api` routes the front end uses, one module per resource. Handlers extract, call a use
+//! case (`crate::usecases`) or a read-model query (`cmb_projections`), and shape JSON; every
+//! failure reaches the client through the one mapping in `errors`. A write the client reads
+//! back waits (briefly) for its read model: `AppState::read_your_writes`.
 
 pub mod accounts;
 pub mod billing;
 pub mod budget;
 pub mod calls;
 pub mod contacts;
+mod errors;
 pub mod memory;
 pub mod openapi;
 pub mod personas;
@@ -14,9 +17,7 @@ pub mod twilio;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 
-use crate::backbone::store::{CommandError, Committed};
-use crate::serve::http::error::ApiError;
-use crate::serve::http::AppState;
+use crate::serve::http::state::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -68,30 +69,4 @@ pub fn routes() -> Router<AppState> {
         .route("/twilio/answer", post(twilio::answer))
         .route("/twilio/stream", get(twilio::stream))
         .route("/openapi.json", get(openapi::document))
-}
-
-/// A store failure is ours (500); contention is worth a retry (503). Rejections are mapped
-/// by each handler, which knows what they mean to the caller.
-pub fn store_error<E: std::error::Error>(
-    e: CommandError<E>,
-    reject: impl FnOnce(E) -> ApiError,
-) -> ApiError {
-    match e {
-        CommandError::Rejected(e) => reject(e),
-        CommandError::Contended(what) => ApiError {
-            retry_after: Some(1),
-            ..ApiError::unavailable(format!("the {what} is busy; try again"))
-        },
-        CommandError::Store(detail) => ApiError::internal(detail),
-    }
-}
-
-/// Waits for `projection` to show `committed` (bounded by READ_YOUR_WRITES_MS).
-pub async fn settle(state: &AppState, projection: &str, committed: &Committed) {
-    if committed.events > 0 {
-        state
-            .store
-            .wait_projected(projection, committed, state.read_your_writes())
-            .await;
-    }
 }

@@ -7,15 +7,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Form;
 use chrono::{DateTime, Utc};
-use cmb_domain::call::{Call, CallCommand, CallError, Status};
+use cmb_domain::call::{Call, CallCommand, Status};
 use cmb_domain::{Actor, CommandContext};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::store_error;
 use crate::serve::http::error::{ApiError, ApiResult};
-use crate::serve::http::extract::Query;
-use crate::serve::http::AppState;
+use crate::serve::http::extract::{request_id, Query};
+use crate::serve::http::state::AppState;
 use cmb_providers::twilio::verify_signature;
 
 #[derive(Deserialize)]
@@ -66,11 +65,9 @@ async fn call_id(
         return Ok(id.to_string());
     }
     let sid = param(params, "CallSid").unwrap_or("");
-    let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM rm_calls WHERE call_sid = $1")
-        .bind(sid)
-        .fetch_optional(&state.pool)
-        .await?;
-    id.map(|id| id.to_string())
+    cmb_projections::calls::id_by_sid(&state.pool, sid)
+        .await?
+        .map(|id| id.to_string())
         .ok_or_else(|| ApiError::not_found("call"))
 }
 
@@ -96,10 +93,7 @@ pub async fn status_callback(
         .and_then(|t| DateTime::parse_from_rfc2822(t).ok())
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_else(|| state.clock.now());
-    let ctx = CommandContext::for_request(
-        crate::serve::http::request_id(&headers),
-        Actor::Webhook("twilio".into()),
-    );
+    let ctx = CommandContext::for_request(request_id(&headers), Actor::Webhook("twilio".into()));
     let command = CallCommand::RecordStatus {
         call_sid: sid,
         status,
@@ -107,16 +101,7 @@ pub async fn status_callback(
         duration_secs,
         at,
     };
-    state
-        .store
-        .execute::<Call>(&id, command, &ctx)
-        .await
-        .map_err(|e| {
-            store_error(e, |e| match e {
-                CallError::NotFound => ApiError::not_found("call"),
-                other => ApiError::conflict("call_conflict", other.to_string()),
-            })
-        })?;
+    state.store.execute::<Call>(&id, command, &ctx).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -138,26 +123,12 @@ pub async fn answer(
 ) -> ApiResult<Response> {
     verify(&state, &headers, &uri, &params)?;
     let id = call_id(&state, &query, &params).await?;
-    let (call, _) = state
-        .store
-        .load::<Call>(&id)
-        .await
-        .map_err(|e| store_error(e, ApiError::internal))?;
+    let (call, _) = state.store.load::<Call>(&id).await?;
     if !call.exists() {
         return Err(ApiError::not_found("call"));
     }
-    let persona_id: Option<String> =
-        sqlx::query_scalar("SELECT persona_id FROM rm_calls WHERE id = $1::uuid")
-            .bind(&id)
-            .fetch_optional(&state.pool)
-            .await?;
-    let persona: Option<(String, String)> = match persona_id {
-        Some(p) => {
-            sqlx::query_as("SELECT greeting, voice_id FROM rm_personas WHERE id = $1")
-                .bind(p)
-                .fetch_optional(&state.pool)
-                .await?
-        }
+    let persona = match &call.persona_id {
+        Some(p) => cmb_projections::personas::greeting_and_voice(&state.pool, p).await?,
         None => None,
     };
     // Warm the greeting while Twilio opens the stream (usually cached already).

@@ -1,5 +1,5 @@
-//! Passwords (argon2id), tokens (HS256 JWTs with a token id) and the extractors that turn a
-//! request's `Authorization` header into a user.
+//! Tokens (HS256 JWTs with a token id) and the extractors that turn a request's
+//! `Authorization` header into a user (passwords: `usecases::accounts::password`).
 //!
 //! Revocation: logout writes the token id to `revoked_tokens` before answering (so every
 //! instance refuses it at once, and after a restart) and records `TokenRevoked` on the user,
@@ -7,8 +7,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -17,65 +15,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::serve::http::error::ApiError;
-use crate::serve::http::AppState;
+use crate::serve::http::state::AppState;
 
 /// How long a token is valid.
 pub const TOKEN_DAYS: i64 = 30;
 
 /// The only algorithm tokens are signed with, and so the only one accepted.
 const ALGORITHM: Algorithm = Algorithm::HS256;
-
-fn hasher() -> Argon2<'static> {
-    // argon2id, 19 MiB, 2 passes, 1 lane: OWASP's recommended minimum.
-    Argon2::new(
-        argon2::Algorithm::Argon2id,
-        argon2::Version::V0x13,
-        argon2::Params::new(19 * 1024, 2, 1, None).expect("valid argon2 parameters"),
-    )
-}
-
-/// Hashes a password off the async threads (it takes tens of milliseconds on purpose).
-pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        let salt: [u8; 16] = rand::random();
-        let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
-        hasher()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)
-}
-
-/// Checks a password against a stored hash in constant time. An unknown account is checked
-/// against a dummy hash, so a miss costs the same as a wrong password.
-pub async fn verify_password(password: String, hash: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || {
-        let stored = hash.as_deref().unwrap_or(dummy_hash());
-        let Ok(parsed) = PasswordHash::new(stored) else {
-            return false;
-        };
-        let ok = hasher()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
-        ok && hash.is_some()
-    })
-    .await
-    .unwrap_or(false)
-}
-
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| {
-        let salt = SaltString::encode_b64(&[7u8; 16]).expect("salt");
-        hasher()
-            .hash_password(b"not anyone's password", &salt)
-            .expect("dummy hash")
-            .to_string()
-    })
-}
 
 /// What a token says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,18 +108,13 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<AuthUser
     };
     let unauthorized = || ApiError::unauthorized("the token is invalid, expired or revoked");
     let claims = decode_token(state.config.jwt_secret.expose(), token).ok_or_else(unauthorized)?;
-    let revoked: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $1)")
-            .bind(&claims.jti)
-            .fetch_one(&state.pool)
-            .await?;
-    if revoked {
+    if crate::usecases::accounts::revoked(&state.pool, &claims.jti).await? {
         return Err(unauthorized());
     }
     Ok(Some(AuthUser {
         id: claims.sub,
         claims,
-        request_id: crate::serve::http::request_id(&parts.headers),
+        request_id: crate::serve::http::extract::request_id(&parts.headers),
     }))
 }
 
@@ -272,14 +213,5 @@ mod tests {
         )
         .unwrap();
         assert!(decode_token("k", &token).is_none());
-    }
-
-    #[tokio::test]
-    async fn passwords_round_trip_and_unknown_accounts_never_match() {
-        let hash = hash_password(r#"Aa1!"\{}$ü"#.into()).await.unwrap();
-        assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password(r#"Aa1!"\{}$ü"#.into(), Some(hash.clone())).await);
-        assert!(!verify_password(r#"Aa1!"\{}$u"#.into(), Some(hash)).await);
-        assert!(!verify_password("not anyone's password".into(), None).await);
     }
 }

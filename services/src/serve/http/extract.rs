@@ -105,3 +105,12 @@ where
         }
     }
 }
+
+/// The request id the middleware gave this request.
+pub fn request_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}

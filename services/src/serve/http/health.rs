@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
 
-use super::AppState;
+use super::state::AppState;
 
 /// Readiness fails when a projection is this many messages behind.
 const MAX_READY_LAG: u64 = 10_000;

@@ -1,54 +1,25 @@
-//! The HTTP API: routes, shared state, middleware (request ids, tracing, body limit).
+//! The HTTP layer: the router with its middleware (request ids, tracing, body limit), the
+//! state handlers share, one error type, extractors, authentication and rate limits.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
 mod health;
 pub mod ratelimit;
+pub mod state;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use async_nats::jetstream;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request, StatusCode};
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::PgPool;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::backbone::projector::LagBoard;
-use crate::backbone::store::EventStore;
-use crate::config::Config;
 use error::ApiError;
+use state::AppState;
 
 /// Bodies larger than this are refused with 413.
 pub const BODY_LIMIT: usize = 1024 * 1024;
-
-/// Everything a handler may need.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub pool: PgPool,
-    pub store: EventStore,
-    pub nats: async_nats::Client,
-    pub js: jetstream::Context,
-    pub metrics: PrometheusHandle,
-    pub projection_lag: LagBoard,
-    pub elevenlabs: cmb_providers::elevenlabs::ElevenLabs,
-    pub twilio: cmb_providers::twilio::Twilio,
-    pub stripe: cmb_providers::stripe::Stripe,
-    pub voice: Arc<crate::serve::voice::Voice>,
-    pub clock: crate::clock::Clock,
-}
-
-impl AppState {
-    pub fn read_your_writes(&self) -> Duration {
-        self.config.read_your_writes
-    }
-}
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -78,13 +49,4 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(X_REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(X_REQUEST_ID.clone(), MakeRequestUuid))
         .with_state(state)
-}
-
-/// The request id the middleware gave this request.
-pub fn request_id(headers: &axum::http::HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }

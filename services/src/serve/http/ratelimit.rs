@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use crate::backbone::counters;
 use crate::serve::http::error::ApiError;
 
 #[derive(Debug, Clone, Copy)]
@@ -43,36 +43,10 @@ pub const CALL_CANCEL: Limit = limit("call_cancel", 20, MINUTE);
 pub const CALLS_LIST: Limit = limit("calls_list", 60, MINUTE);
 pub const USAGE: Limit = limit("usage", 60, MINUTE);
 
-fn window_start(now: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
-    let secs = window.as_secs().max(1) as i64;
-    let start = now.timestamp().div_euclid(secs) * secs;
-    DateTime::from_timestamp(start, 0).unwrap_or(now)
-}
-
-/// Counts one more occurrence of `key` in the current fixed window of `window`; returns the
-/// count so far and when the window started.
-pub async fn count(
-    pool: &PgPool,
-    key: &str,
-    window: Duration,
-) -> Result<(i32, DateTime<Utc>, DateTime<Utc>), sqlx::Error> {
-    let now = Utc::now();
-    let start = window_start(now, window);
-    let count: i32 = sqlx::query_scalar(
-        "INSERT INTO rate_limits (key, window_start, count) VALUES ($1, $2, 1)
-         ON CONFLICT (key, window_start) DO UPDATE SET count = rate_limits.count + 1
-         RETURNING count",
-    )
-    .bind(key)
-    .bind(start)
-    .fetch_one(pool)
-    .await?;
-    Ok((count, start, now))
-}
-
 /// Counts one request against `limit` for `who`; 429 with `Retry-After` once over.
 pub async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiError> {
-    let (count, start, now) = count(pool, &format!("{}:{who}", limit.name), limit.window).await?;
+    let (count, start, now) =
+        counters::count(pool, &format!("{}:{who}", limit.name), limit.window).await?;
     if count == 1 && rand::random::<u8>() < 4 {
         // Now and then, forget windows that ended long ago.
         let _ =
@@ -102,25 +76,5 @@ pub fn subject(user: Option<&crate::serve::http::auth::AuthUser>, ip: std::net::
     match user {
         Some(u) => format!("user:{}", u.id),
         None => format!("ip:{ip}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_are_aligned() {
-        let t = DateTime::parse_from_rfc3339("2026-11-29T10:17:42Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        assert_eq!(
-            window_start(t, MINUTE).to_rfc3339(),
-            "2026-11-29T10:17:00+00:00"
-        );
-        assert_eq!(
-            window_start(t, HOUR).to_rfc3339(),
-            "2026-11-29T10:00:00+00:00"
-        );
     }
 }

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use crate::backbone::store::EventStore;
 use crate::clock::Clock;
+use crate::serve::transcripts::{self, Line};
 use cmb_providers::deepgram::{Deepgram, SttEvent, SttOptions};
 use cmb_providers::elevenlabs::{ElevenLabs, TtsAudio};
 use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
@@ -124,11 +125,10 @@ async fn load_context(voice: &Voice, call_id: &str, call_sid: &str) -> anyhow::R
     let user_id = call
         .user_id
         .ok_or_else(|| anyhow::anyhow!("no call {call_id}"))?;
-    let persona_id: String =
-        sqlx::query_scalar("SELECT persona_id FROM rm_calls WHERE id = $1::uuid")
-            .bind(call_id)
-            .fetch_one(voice.store.pool())
-            .await?;
+    let persona_id = call
+        .persona_id
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("call {call_id} has no persona"))?;
     let (persona, _) = voice
         .store
         .load::<Persona>(&persona_id)
@@ -198,30 +198,11 @@ async fn load_memory(
     user_id: uuid::Uuid,
     persona_id: &str,
 ) -> anyhow::Result<LoadedMemory> {
-    let pool = voice.store.pool();
-    let summary: Option<String> = sqlx::query_scalar(
-        "SELECT summary FROM rm_memory_summary WHERE user_id = $1 AND persona_id = $2",
-    )
-    .bind(user_id)
-    .bind(persona_id)
-    .fetch_optional(pool)
-    .await?;
-    let open_items: Vec<String> = sqlx::query_scalar(
-        "SELECT text FROM rm_memory_open_items WHERE user_id = $1 AND persona_id = $2
-          ORDER BY at, id",
-    )
-    .bind(user_id)
-    .bind(persona_id)
-    .fetch_all(pool)
-    .await?;
-    let facts: Vec<(String, String)> = sqlx::query_as(
-        "SELECT id, text FROM rm_memory_facts WHERE user_id = $1 AND persona_id = $2
-          ORDER BY at, id",
-    )
-    .bind(user_id)
-    .bind(persona_id)
-    .fetch_all(pool)
-    .await?;
+    let cmb_projections::memory::ForPrompt {
+        summary,
+        open_items,
+        facts,
+    } = cmb_projections::memory::for_prompt(voice.store.pool(), user_id, persona_id).await?;
     let section = cmb_domain::memory::prompt::memory_section(
         summary.as_deref(),
         &open_items,
@@ -297,13 +278,6 @@ struct Reply {
     idle: bool,
 }
 
-struct Line {
-    speaker: &'static str,
-    text: String,
-    cut_off: bool,
-    at: chrono::DateTime<chrono::Utc>,
-}
-
 /// Words that acknowledge without taking the turn.
 fn is_backchannel(text: &str) -> bool {
     const WORDS: &[&str] = &[
@@ -365,16 +339,6 @@ fn parse(msg: &Message) -> Option<Value> {
     }
 }
 
-/// Deletes transcripts older than `days` days. Returns how many lines went.
-pub async fn purge_transcripts(pool: &sqlx::PgPool, days: u32) -> Result<u64, sqlx::Error> {
-    let done =
-        sqlx::query("DELETE FROM call_transcripts WHERE at < now() - make_interval(days => $1)")
-            .bind(days as i32)
-            .execute(pool)
-            .await?;
-    Ok(done.rows_affected())
-}
-
 /// Runs the session until Twilio stops the stream (or the socket goes).
 pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> anyhow::Result<()> {
     let (sink, mut inbound) = socket.split();
@@ -403,10 +367,9 @@ pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> anyhow::Result<()> {
     };
     let call_id = match params["call_id"].as_str() {
         Some(id) => id.to_string(),
-        None => sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM rm_calls WHERE call_sid = $1")
-            .bind(&call_sid)
-            .fetch_one(voice.store.pool())
+        None => cmb_projections::calls::id_by_sid(voice.store.pool(), &call_sid)
             .await?
+            .ok_or_else(|| anyhow::anyhow!("no call for stream of {call_sid}"))?
             .to_string(),
     };
     let ctx = load_context(&voice, &call_id, &call_sid).await?;
@@ -982,37 +945,20 @@ impl Session {
     /// Whether the call may go on for another minute within the user's daily and monthly
     /// limits (the hold was checked against them; the limits may have changed since).
     async fn budget_allows(&self, elapsed: Duration) -> anyhow::Result<bool> {
-        use crate::serve::api::budget::{day_start, month_start, spent_since};
-        use cmb_domain::budget::Budget;
-        let (budget, _) = self
-            .voice
-            .store
-            .load::<Budget>(&self.ctx.user_id.to_string())
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let s = budget.settings();
-        if s.max_daily_spend_cents.is_none() && s.max_monthly_spend_cents.is_none() {
-            return Ok(true);
-        }
         let price = self
             .ctx
             .prices
             .call_price((elapsed.as_secs() + 60) as u32)
             .0;
-        let now = self.voice.clock.now();
-        let this = uuid::Uuid::parse_str(&self.ctx.call_id).ok();
-        let pool = self.voice.store.pool();
-        for (limit, since) in [
-            (s.max_daily_spend_cents, day_start(now)),
-            (s.max_monthly_spend_cents, month_start(now)),
-        ] {
-            if let Some(limit) = limit {
-                if spent_since(pool, self.ctx.user_id, since, this).await? + price > limit {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
+        let call_id = uuid::Uuid::parse_str(&self.ctx.call_id)?;
+        Ok(crate::usecases::budget::allows(
+            &self.voice.store,
+            self.ctx.user_id,
+            call_id,
+            self.voice.clock.now(),
+            price,
+        )
+        .await?)
     }
 
     async fn hang_up(&mut self) {
@@ -1183,21 +1129,8 @@ impl Session {
             .await;
         }
         // The transcript first: the session's end event says everything is recorded.
-        let pool = store.pool();
-        for (seq, line) in self.transcript.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO call_transcripts (call_id, seq, speaker, text, cut_off, at)
-                 VALUES ($1::uuid, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            )
-            .bind(&self.ctx.call_id)
-            .bind(seq as i32)
-            .bind(line.speaker)
-            .bind(&line.text)
-            .bind(line.cut_off)
-            .bind(line.at)
-            .execute(pool)
-            .await?;
-        }
+        let call_uuid = uuid::Uuid::parse_str(&self.ctx.call_id)?;
+        transcripts::save(store.pool(), call_uuid, &self.transcript).await?;
         record(CallCommand::RecordSessionEnd {
             turns: self.turns,
             barge_ins: self.barge_ins,

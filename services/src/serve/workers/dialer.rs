@@ -155,12 +155,11 @@ impl Dialer {
             .list_calls_to(phone, since.date_naive())
             .await
             .map_err(|e| anyhow::anyhow!("listing calls at Twilio: {e}"))?;
-        let known: Vec<String> = sqlx::query_scalar(
-            "SELECT call_sid FROM rm_calls WHERE phone = $1 AND call_sid IS NOT NULL AND id <> $2::uuid",
+        let known = cmb_projections::calls::other_sids_to(
+            self.store.pool(),
+            phone,
+            uuid::Uuid::parse_str(id)?,
         )
-        .bind(phone)
-        .bind(id)
-        .fetch_all(self.store.pool())
         .await?;
         let window = since - chrono::Duration::seconds(5);
         Ok(listed

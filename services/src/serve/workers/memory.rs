@@ -66,12 +66,9 @@ impl MemoryWorker {
         if memory.digested.contains(&call_id) {
             return Ok(());
         }
-        let lines: Vec<(String, String)> = sqlx::query_as(
-            "SELECT speaker, text FROM call_transcripts WHERE call_id = $1::uuid ORDER BY seq",
-        )
-        .bind(&call_id)
-        .fetch_all(self.store.pool())
-        .await?;
+        let lines =
+            crate::serve::transcripts::lines(self.store.pool(), uuid::Uuid::parse_str(&call_id)?)
+                .await?;
         let execute = |command: MemoryCommand| async {
             self.store
                 .execute::<Memory>(&id, command, &ctx)
