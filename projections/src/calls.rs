@@ -166,7 +166,7 @@ impl Projection for Calls {
                 .bind(id)
                 .bind(e.sequence as i64)
                 .bind(&cost.service)
-                .bind(&cost.operation)
+                .bind(cmb_domain::cost::canonical_operation(&cost.operation))
                 .bind(cost.quantity)
                 .bind(&cost.unit)
                 .bind(cost.unit_cost_micros)

@@ -21,7 +21,8 @@ use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::billing::{RecordStripeEvent, StripeEvent};
-use cmb_domain::call::{Call, CallCommand, CallRequest, Cost, Outcome, Payment, Status};
+use cmb_domain::call::{Call, CallCommand, CallRequest, Outcome, Payment, Status};
+use cmb_domain::cost::{CostKind, LlmProvider};
 use cmb_domain::pricing::{credits_for, PriceTable};
 use cmb_domain::values::{Email, Password, PhoneNumber};
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
@@ -356,31 +357,15 @@ async fn one_call(
             let secs = secs.min(max_minutes * 60) as i64;
             let minutes = PriceTable::billed_minutes(secs as u32) as i64;
             let costs = [
-                Cost::priced(
-                    "deepgram",
-                    "stt-streaming",
-                    secs,
-                    "second",
-                    prices.deepgram_per_minute_micros,
-                    60,
-                    true,
-                ),
-                Cost::priced(
-                    "cerebras",
-                    "llm-tokens",
+                prices.cost(CostKind::DeepgramStreamingStt, secs, true),
+                prices.cost(
+                    CostKind::ChatTokens(LlmProvider::Cerebras),
                     rng.gen_range(800..4_000) * minutes,
-                    "token",
-                    prices.llm_per_million_tokens_micros,
-                    1_000_000,
                     true,
                 ),
-                Cost::priced(
-                    "elevenlabs",
-                    "tts-characters",
+                prices.cost(
+                    CostKind::TtsCharacters,
                     rng.gen_range(300..1_200) * minutes,
-                    "character",
-                    prices.elevenlabs_per_thousand_chars_micros,
-                    1_000,
                     true,
                 ),
             ];

@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Duration, Utc};
-use cmb_domain::call::{CallEvent, Cost, Outcome, Payment, Status};
+use cmb_domain::call::{CallEvent, Outcome, Payment, Status};
+use cmb_domain::cost::{CostKind, LlmProvider};
 use cmb_domain::pricing::{credits_for, PriceTable};
 use cmb_domain::values::PhoneNumber;
 use cmb_domain::wallet::WalletEvent;
@@ -183,7 +184,7 @@ impl History {
         );
         let minutes = PriceTable::billed_minutes(secs).min(max_minutes);
         let price = if outcome == Outcome::Completed {
-            prices.call_price(secs).0.min(max_price.0)
+            prices.price_of_call(secs, max_minutes).0
         } else {
             0
         };
@@ -201,46 +202,14 @@ impl History {
         );
         if secs > 0 {
             let m = PriceTable::billed_minutes(secs) as i64;
-            let mut costs = vec![Cost::priced(
-                "twilio",
-                "outbound-voice-minutes",
-                m,
-                "minute",
-                prices.twilio_per_minute_micros,
-                1,
-                false,
-            )];
+            let mut costs = vec![prices.cost(CostKind::TwilioVoiceMinutes, m, false)];
             let extra = self.rng.gen_range(0..=3);
             let tokens = self.rng.gen_range(500..20_000) * m;
             let chars = self.rng.gen_range(200..1_500) * m;
             let all = [
-                Cost::priced(
-                    "deepgram",
-                    "stt-streaming",
-                    secs as i64,
-                    "second",
-                    prices.deepgram_per_minute_micros,
-                    60,
-                    true,
-                ),
-                Cost::priced(
-                    "cerebras",
-                    "llm-tokens",
-                    tokens,
-                    "token",
-                    prices.llm_per_million_tokens_micros,
-                    1_000_000,
-                    true,
-                ),
-                Cost::priced(
-                    "elevenlabs",
-                    "tts-characters",
-                    chars,
-                    "character",
-                    prices.elevenlabs_per_thousand_chars_micros,
-                    1_000,
-                    true,
-                ),
+                prices.cost(CostKind::DeepgramStreamingStt, secs as i64, true),
+                prices.cost(CostKind::ChatTokens(LlmProvider::Cerebras), tokens, true),
+                prices.cost(CostKind::TtsCharacters, chars, true),
             ];
             costs.extend(all.into_iter().take(extra));
             for cost in costs {

@@ -142,13 +142,9 @@ pub async fn answer(
             match voice.phrase(&voice_id, &greeting).await {
                 // Synthesised for this call: its cost is this call's.
                 Ok((_, chars)) if chars > 0 => {
-                    let cost = cmb_domain::call::Cost::priced(
-                        "elevenlabs",
-                        "tts-characters",
+                    let cost = prices.cost(
+                        cmb_domain::cost::CostKind::TtsCharacters,
                         chars as i64,
-                        "character",
-                        prices.elevenlabs_per_thousand_chars_micros,
-                        1000,
                         false,
                     );
                     let ctx = CommandContext::for_request(

@@ -20,7 +20,8 @@ use axum::extract::ws::{Message, WebSocket};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
-use cmb_domain::call::{Call, CallCommand, Cost, TurnTimings};
+use cmb_domain::call::{Call, CallCommand, TurnTimings};
+use cmb_domain::cost::{CostKind, LlmProvider};
 use cmb_domain::persona::preference::{preference_id, Preference};
 use cmb_domain::persona::Persona;
 use cmb_domain::pricing::PriceTable;
@@ -1078,52 +1079,40 @@ impl Session {
         // Costs as used: audio seconds, tokens per provider, characters.
         let p = self.ctx.prices;
         let audio_secs = billed_secs.unwrap_or_else(|| self.started.elapsed().as_secs_f64());
-        record(CallCommand::RecordCost(Cost::priced(
-            "deepgram",
-            "streaming-stt",
+        record(CallCommand::RecordCost(p.cost(
+            CostKind::DeepgramStreamingStt,
             audio_secs.ceil() as i64,
-            "second",
-            p.deepgram_per_minute_micros,
-            60,
             billed_secs.is_none(),
         )))
         .await;
-        let mut tokens: HashMap<&'static str, (i64, bool)> = HashMap::new();
+        let mut tokens: HashMap<LlmProvider, (i64, bool)> = HashMap::new();
         let mut chars = 0i64;
         for u in &self.usage {
             chars += u.tts_chars as i64;
-            if u.provider.is_empty() {
+            let Some(llm) = LlmProvider::from_name(u.provider) else {
                 continue;
-            }
+            };
             let (n, estimated) = if u.prompt_tokens + u.completion_tokens > 0 {
                 ((u.prompt_tokens + u.completion_tokens) as i64, false)
             } else {
                 ((u.words * 4).div_ceil(3) as i64, true)
             };
-            let entry = tokens.entry(u.provider).or_default();
+            let entry = tokens.entry(llm).or_default();
             entry.0 += n;
             entry.1 |= estimated;
         }
-        for (provider, (n, estimated)) in tokens {
-            record(CallCommand::RecordCost(Cost::priced(
-                provider,
-                "chat-tokens",
+        for (llm, (n, estimated)) in tokens {
+            record(CallCommand::RecordCost(p.cost(
+                CostKind::ChatTokens(llm),
                 n,
-                "token",
-                p.llm_per_million_tokens_micros,
-                1_000_000,
                 estimated,
             )))
             .await;
         }
         if chars > 0 {
-            record(CallCommand::RecordCost(Cost::priced(
-                "elevenlabs",
-                "tts-characters",
+            record(CallCommand::RecordCost(p.cost(
+                CostKind::TtsCharacters,
                 chars,
-                "character",
-                p.elevenlabs_per_thousand_chars_micros,
-                1000,
                 true,
             )))
             .await;

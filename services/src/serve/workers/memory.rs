@@ -6,6 +6,7 @@
 //! call. A call is digested once (`CallDigested`), however often its end is delivered.
 
 use cmb_domain::call::{Call, CallCommand, Cost};
+use cmb_domain::cost::{CostKind, LlmProvider};
 use cmb_domain::memory::extraction::{self, Extraction};
 use cmb_domain::memory::{memory_id, Digest, Fact, Memory, MemoryCommand};
 use cmb_domain::persona::preference::{preference_id, Preference};
@@ -218,28 +219,13 @@ impl MemoryWorker {
         let mut costs: Vec<Cost> = spent
             .tokens
             .iter()
-            .map(|(provider, n, estimated)| {
-                Cost::priced(
-                    provider,
-                    "memory-extraction-tokens",
-                    *n,
-                    "token",
-                    p.llm_per_million_tokens_micros,
-                    1_000_000,
-                    *estimated,
-                )
+            .filter_map(|(provider, n, estimated)| {
+                let llm = LlmProvider::from_name(provider)?;
+                Some(p.cost(CostKind::MemoryExtractionTokens(llm), *n, *estimated))
             })
             .collect();
         if embedding_tokens > 0 {
-            costs.push(Cost::priced(
-                "openai",
-                "memory-embedding-tokens",
-                embedding_tokens,
-                "token",
-                p.llm_per_million_tokens_micros,
-                1_000_000,
-                false,
-            ));
+            costs.push(p.cost(CostKind::MemoryEmbeddingTokens, embedding_tokens, false));
         }
         for cost in costs {
             if let Err(e) = self
