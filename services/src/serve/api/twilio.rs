@@ -133,36 +133,15 @@ pub async fn answer(
     };
     // Warm the greeting while Twilio opens the stream (usually cached already).
     if let Some((greeting, voice_id)) = persona {
-        let voice = state.voice.clone();
-        let call_id = id.clone();
         let prices = call
             .prices
             .unwrap_or(cmb_domain::pricing::PriceTable::LAUNCH);
-        tokio::spawn(async move {
-            match voice.phrase(&voice_id, &greeting).await {
-                // Synthesised for this call: its cost is this call's.
-                Ok((_, chars)) if chars > 0 => {
-                    let cost = prices.cost(
-                        cmb_domain::cost::CostKind::TtsCharacters,
-                        chars as i64,
-                        false,
-                    );
-                    let ctx = CommandContext::for_request(
-                        uuid::Uuid::new_v4().to_string(),
-                        Actor::Worker("voice".into()),
-                    );
-                    if let Err(e) = voice
-                        .store
-                        .execute::<Call>(&call_id, CallCommand::RecordCost(cost), &ctx)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "recording the greeting's cost failed");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "greeting pre-synthesis failed"),
-            }
-        });
+        tokio::spawn(
+            state
+                .voice
+                .clone()
+                .warm_greeting(id.clone(), prices, voice_id, greeting),
+        );
     }
     let ws_base = state
         .config
