@@ -1,20 +1,19 @@
 //! Workers: react to events from JetStream through durable consumers shared by every
 //! instance. A handler must be idempotent (a message may come again after a crash); a message
-//! is acknowledged only after its handler succeeded, and redelivered with backoff otherwise.
+//! is acknowledged only after its handler succeeded, redelivered with backoff when its handler
+//! says to retry, and skipped (logged) when it says the message can never be handled
+//! (`runner::Failure`).
 
 pub mod contacts_cleanup;
 pub mod dialer;
 pub mod memory;
+mod runner;
 pub mod settlement;
 
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+pub use runner::{run, Failure};
 
-use async_nats::jetstream::{self, AckKind};
-use cmb_domain::EventEnvelope;
-use cmb_nats::consume::{self, DurableSpec};
-use futures::StreamExt;
+use async_nats::jetstream;
+use cmb_nats::consume::DurableSpec;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,7 +65,7 @@ pub fn spawn_all(
             spec(memory::NAME, "call"),
             move |event| {
                 let memory = memory.clone();
-                async move { memory.handle(event).await }
+                async move { Ok(memory.handle(event).await?) }
             },
             shutdown.clone(),
         ));
@@ -77,7 +76,10 @@ pub fn spawn_all(
             contacts_cleanup::NAME,
             stream.clone(),
             spec(contacts_cleanup::NAME, "persona"),
-            move |event| contacts_cleanup::handle(store.clone(), event),
+            move |event| {
+                let store = store.clone();
+                async move { Ok(contacts_cleanup::handle(store, event).await?) }
+            },
             shutdown.clone(),
         ));
     }
@@ -95,69 +97,9 @@ pub fn spawn_all(
             spec(dialer::NAME, "call"),
             move |event| {
                 let dialer = dialer.clone();
-                async move { dialer.handle(event).await }
+                async move { Ok(dialer.handle(event).await?) }
             },
             shutdown.clone(),
         ));
-    }
-}
-
-/// Runs `handle` for every message of `spec` until `shutdown`.
-pub async fn run<F, Fut>(
-    name: &'static str,
-    stream: jetstream::stream::Stream,
-    spec: DurableSpec,
-    handle: F,
-    shutdown: CancellationToken,
-) where
-    F: Fn(EventEnvelope) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
-{
-    let handle = Arc::new(handle);
-    while !shutdown.is_cancelled() {
-        let result: Result<(), async_nats::Error> = async {
-            let consumer = consume::durable(&stream, &spec).await?;
-            let mut messages = consumer.messages().await?;
-            loop {
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    m = messages.next() => m,
-                };
-                let message = match message {
-                    None => return Err("message stream ended".into()),
-                    Some(m) => m?,
-                };
-                let event = match cmb_nats::contract::decode_body(&message.payload) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::error!(worker = name, error = %e, "undecodable message skipped");
-                        message.ack().await?;
-                        continue;
-                    }
-                };
-                let id = event.event_id();
-                let deliveries = message.info().map(|i| i.delivered).unwrap_or(1);
-                match handle(event).await {
-                    Ok(()) => {
-                        message.ack().await?;
-                        metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok").increment(1);
-                    }
-                    Err(e) => {
-                        let backoff = Duration::from_millis(200 * 2u64.pow((deliveries as u32).min(8)));
-                        tracing::warn!(worker = name, event = %id, deliveries, error = %e, "handler failed; redelivering");
-                        metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "retry").increment(1);
-                        message.ack_with(AckKind::Nak(Some(backoff))).await?;
-                    }
-                }
-            }
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(worker = name, error = %e, "worker stopped; restarting");
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
     }
 }
