@@ -1,4 +1,4 @@
-//! Deepgram live speech-to-text (`/v1/listen` over a WebSocket, PROTOCOLS.md §2): raw 8 kHz
+//! Deepgram live speech-to-text (`/v1/listen` over a WebSocket, Deepgram's streaming API): raw 8 kHz
 //! μ-law in, transcripts out. A background task owns the socket so callers only see two
 //! channels: audio they push, events they read.
 

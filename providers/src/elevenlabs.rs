@@ -1,6 +1,6 @@
 //! ElevenLabs: voice lookup (`GET /v1/voices/{voice_id}`, header `xi-api-key`) and
 //! text-to-speech in 8 kHz μ-law, the format Twilio plays: over the stream-input WebSocket for
-//! a reply being written (PROTOCOLS.md §3.2), or one HTTP request for a whole text (§3.1).
+//! a reply being written, or one HTTP request for a whole text.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! LLM chat completions, streamed over SSE (PROTOCOLS.md §4). Cerebras and OpenAI speak the same
+//! LLM chat completions, streamed over SSE (OpenAI's chat completions API). Cerebras and OpenAI speak the same
 //! wire format, so one client serves both; only the URL and the provider name differ.
 //!
 //! `stream` returns as soon as the status is known; a background task then turns the SSE body

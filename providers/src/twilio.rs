@@ -2,7 +2,7 @@
 //! `X-Twilio-Signature` on the webhooks Twilio sends us.
 //!
 //! The REST API is form-encoded with PascalCase names, answers JSON with snake_case names, and
-//! authenticates with HTTP Basic `AccountSid:AuthToken` (see PROTOCOLS.md §1). The same client
+//! authenticates with HTTP Basic `AccountSid:AuthToken` (Twilio's REST API). The same client
 //! talks to api.twilio.com or to `cmb_sims::twilio`, which differ only in the base URL.
 //!
 //! Nothing here retries a call creation on its own: a create that timed out may still have

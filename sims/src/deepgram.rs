@@ -1,5 +1,5 @@
 //! Deepgram simulator: live transcription on `/v1/listen` over a WebSocket, with Deepgram's
-//! wire protocol (PROTOCOLS.md §2), so the real client in `providers::deepgram` cannot tell the
+//! wire protocol (Deepgram's streaming API), so the real client in `providers::deepgram` cannot tell the
 //! difference. It really listens: speech is found by frame energy in the μ-law audio (see
 //! `listener`), and each utterance is "transcribed" as the next line of a script.
 //!

@@ -1,5 +1,5 @@
 //! LLM simulator: `POST /v1/chat/completions` streamed as SSE exactly as Cerebras and OpenAI do
-//! (PROTOCOLS.md §4), one type run twice under different names. The reply is made up
+//! (OpenAI's chat completions API), one type run twice under different names. The reply is made up
 //! deterministically from the last user message and streamed a word at a time at a set pace, so
 //! latency, cancellation and token accounting can be tested without either provider.
 

@@ -1,6 +1,6 @@
 //! The media side of a simulated call: the TwiML `<Stream>` it finds, the caller's voice it
-//! makes up, and the Media Streams WebSocket session it runs against our server (PROTOCOLS.md
-//! §1.6–1.7). Kept apart from the REST side so each reads on its own.
+//! makes up, and the Media Streams WebSocket session it runs against our server (Twilio's
+//! Media Streams messages). Kept apart from the REST side so each reads on its own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,5 +1,5 @@
 //! Twilio simulator: the Calls REST resource, status callbacks, the TwiML fetch and the Media
-//! Streams WebSocket, on loopback, with the same wire protocol as Twilio (PROTOCOLS.md §1), so
+//! Streams WebSocket, on loopback, with the same wire protocol as Twilio (its REST API and Media Streams), so
 //! the real client in `providers::twilio` and our webhooks cannot tell the difference.
 //!
 //! A created call lives in a spawned task: initiated → ringing → (after `ring`) answered or
