@@ -8,6 +8,7 @@ use cmb_domain::persona::preference::{preference_id, Preference};
 use cmb_domain::persona::Persona;
 use cmb_domain::pricing::PriceTable;
 
+use super::error::SessionError;
 use super::shared::Voice;
 
 /// Who is on the call and how the persona behaves.
@@ -33,29 +34,20 @@ pub(super) async fn load_context(
     voice: &Voice,
     call_id: &str,
     call_sid: &str,
-) -> anyhow::Result<Context> {
-    let (call, _) = voice
-        .store
-        .load::<Call>(call_id)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+) -> Result<Context, SessionError> {
+    let (call, _) = voice.store.load::<Call>(call_id).await?;
     let user_id = call
         .user_id
-        .ok_or_else(|| anyhow::anyhow!("no call {call_id}"))?;
+        .ok_or_else(|| SessionError::NoCall(call_id.to_string()))?;
     let persona_id = call
         .persona_id
         .clone()
-        .ok_or_else(|| anyhow::anyhow!("call {call_id} has no persona"))?;
-    let (persona, _) = voice
-        .store
-        .load::<Persona>(&persona_id)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .ok_or_else(|| SessionError::NoPersona(call_id.to_string()))?;
+    let (persona, _) = voice.store.load::<Persona>(&persona_id).await?;
     let (pref, _) = voice
         .store
         .load::<Preference>(&preference_id(user_id, &persona_id))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .await?;
     let custom = pref.customization.unwrap_or_default();
     let mut system_prompt = format!(
         "{}\n\nYou are on a phone call. Speak naturally in short sentences, one or two at a time; \
@@ -114,7 +106,7 @@ async fn load_memory(
     voice: &Voice,
     user_id: uuid::Uuid,
     persona_id: &str,
-) -> anyhow::Result<LoadedMemory> {
+) -> Result<LoadedMemory, SessionError> {
     let cmb_projections::memory::ForPrompt {
         summary,
         open_items,

@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::error::SessionError;
 use super::session::Session;
 
 impl Session {
     /// Whether the call may go on for another minute within the user's daily and monthly
     /// limits (the hold was checked against them; the limits may have changed since).
-    pub(super) async fn budget_allows(&self, elapsed: Duration) -> anyhow::Result<bool> {
+    pub(super) async fn budget_allows(&self, elapsed: Duration) -> Result<bool, SessionError> {
         let price = self
             .ctx
             .prices

@@ -14,6 +14,7 @@
 //! `outbound` paces audio back to Twilio; `shared` is what every session of the instance uses.
 
 mod context;
+mod error;
 mod limits;
 pub mod outbound;
 mod record;
@@ -23,5 +24,6 @@ mod shared;
 mod text;
 mod turns;
 
+pub use error::SessionError;
 pub use session::run;
 pub use shared::{Voice, VoiceSettings};

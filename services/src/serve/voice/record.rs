@@ -7,6 +7,7 @@ use cmb_domain::call::{Call, CallCommand};
 use cmb_domain::cost::{CostKind, LlmProvider};
 use cmb_domain::{Actor, CommandContext};
 
+use super::error::SessionError;
 use super::outbound::Out;
 use super::session::Session;
 use crate::serve::transcripts;
@@ -17,7 +18,7 @@ impl Session {
         mut self,
         reason: String,
         billed_secs: Option<f64>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
             let heard = self.heard(&reply);

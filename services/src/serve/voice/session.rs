@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::context::{load_context, Context};
+use super::error::SessionError;
 use super::outbound::{self, Out, Sent};
 use super::reply::{ms, Pipe, Reply, Usage};
 use super::shared::Voice;
@@ -38,7 +39,7 @@ fn parse(msg: &Message) -> Option<Value> {
 }
 
 /// Runs the session until Twilio stops the stream (or the socket goes).
-pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> anyhow::Result<()> {
+pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> Result<(), SessionError> {
     let (sink, mut inbound) = socket.split();
     // `connected`, then `start` with the stream and call ids and our parameters.
     let (stream_sid, call_sid, params) = loop {
@@ -67,7 +68,7 @@ pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> anyhow::Result<()> {
         Some(id) => id.to_string(),
         None => cmb_projections::calls::id_by_sid(voice.store.pool(), &call_sid)
             .await?
-            .ok_or_else(|| anyhow::anyhow!("no call for stream of {call_sid}"))?
+            .ok_or_else(|| SessionError::NoCall(format!("for the stream of {call_sid}")))?
             .to_string(),
     };
     let ctx = load_context(&voice, &call_id, &call_sid).await?;
@@ -188,7 +189,7 @@ impl Session {
     async fn run(
         mut self,
         mut inbound: futures::stream::SplitStream<WebSocket>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionError> {
         let stt_options = SttOptions {
             model: "nova-2".into(),
             language: "en".into(),

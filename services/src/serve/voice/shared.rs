@@ -14,6 +14,7 @@ use cmb_providers::deepgram::Deepgram;
 use cmb_providers::elevenlabs::ElevenLabs;
 use cmb_providers::llm::Llm;
 use cmb_providers::twilio::Twilio;
+use cmb_providers::ProviderError;
 
 use super::outbound::Pacing;
 use crate::backbone::store::EventStore;
@@ -48,7 +49,7 @@ pub struct Voice {
 impl Voice {
     /// Audio for a fixed phrase, from the cache or synthesised once (the greeting is warmed
     /// while the phone rings), and the characters this call to it was billed (0 from cache).
-    pub async fn phrase(&self, voice_id: &str, text: &str) -> anyhow::Result<(Bytes, u64)> {
+    pub async fn phrase(&self, voice_id: &str, text: &str) -> Result<(Bytes, u64), ProviderError> {
         let key = (voice_id.to_string(), text.to_string());
         if let Some(audio) = self.tts_cache.lock().expect("cache").get(&key) {
             return Ok((audio.clone(), 0));
@@ -56,8 +57,7 @@ impl Voice {
         let audio = self
             .elevenlabs
             .synthesize(voice_id, &self.settings.tts_model, text)
-            .await
-            .map_err(|e| anyhow::anyhow!("synthesising a phrase: {e}"))?;
+            .await?;
         self.tts_cache
             .lock()
             .expect("cache")
