@@ -440,7 +440,10 @@ async fn seed_is_idempotent_and_its_demo_user_signs_in_with_100_credits() {
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains(callmeback::seed::DEMO_PASSWORD), "{stdout}");
+        assert!(
+            stdout.contains(callmeback::ops::seed::DEMO_PASSWORD),
+            "{stdout}"
+        );
         assert!(stdout.contains("credits:         100"), "{stdout}");
     }
     let app = env.spawn_app().await;
@@ -448,7 +451,7 @@ async fn seed_is_idempotent_and_its_demo_user_signs_in_with_100_credits() {
     let login = api
         .post(
             "/api/auth/login",
-            json!({ "email": callmeback::seed::DEMO_EMAIL, "password": callmeback::seed::DEMO_PASSWORD }),
+            json!({ "email": callmeback::ops::seed::DEMO_EMAIL, "password": callmeback::ops::seed::DEMO_PASSWORD }),
         )
         .await;
     assert_eq!(login.status, 200, "{login:?}");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use callmeback::store::EventStore;
+use callmeback::backbone::store::EventStore;
 use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaPatch};
 use cmb_domain::{Actor, CommandContext};
 use common::{eventually, persona_draft, read_stream, TestEnv};
@@ -69,7 +69,7 @@ async fn write_commands(store: EventStore, tasks: usize, aggregates: usize, comm
                         created.insert(id.clone());
                     }
                     // Another writer created it first: fine, the next command updates it.
-                    Err(callmeback::store::CommandError::Rejected(_)) => {}
+                    Err(callmeback::backbone::store::CommandError::Rejected(_)) => {}
                     Err(e) => panic!("command failed: {e}"),
                 }
             }
@@ -201,7 +201,7 @@ async fn verify_republishes_what_the_stream_lost() {
     .await
     .unwrap();
     let config = env.config();
-    let dry = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, false)
+    let dry = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, false)
         .await
         .unwrap();
     assert_eq!(
@@ -212,14 +212,14 @@ async fn verify_republishes_what_the_stream_lost() {
     assert_eq!(dry.republished, 0);
     assert_eq!(stream_count(&env).await, 0, "a dry run publishes nothing");
 
-    let repaired = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true)
+    let repaired = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, true)
         .await
         .unwrap();
     assert_eq!(repaired.republished as usize, stored.len());
     assert_exactly_once_in_order(&stored, &read_stream(&env).await);
 
     // Running it again finds nothing to do and publishes nothing twice.
-    let again = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true)
+    let again = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, true)
         .await
         .unwrap();
     assert!(again.missing.is_empty());
@@ -236,7 +236,7 @@ async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twic
     let stored = events_in_store(&b.pool).await;
     let publish_for = |d: Duration| {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let publisher = callmeback::outbox::Publisher {
+        let publisher = callmeback::backbone::outbox::Publisher {
             pool: b.pool.clone(),
             js: b.js.clone(),
             stream: config.stream.clone(),
@@ -278,13 +278,13 @@ async fn verify_never_repairs_an_event_behind_a_later_one_of_its_aggregate() {
     let events: Vec<cmb_domain::EventEnvelope> = {
         let rows = sqlx::query(&format!(
             "{} ORDER BY xact_id, global_position",
-            callmeback::outbox::SELECT_ENVELOPE
+            callmeback::backbone::outbox::SELECT_ENVELOPE
         ))
         .fetch_all(&b.pool)
         .await
         .unwrap();
         rows.iter()
-            .map(|r| callmeback::outbox::envelope_from_row(r).unwrap())
+            .map(|r| callmeback::backbone::outbox::envelope_from_row(r).unwrap())
             .collect()
     };
     let lost = events.iter().find(|e| e.sequence == 1).unwrap().clone();
@@ -303,7 +303,7 @@ async fn verify_never_repairs_an_event_behind_a_later_one_of_its_aggregate() {
     .execute(&b.pool)
     .await
     .unwrap();
-    let report = callmeback::outbox::verify(&b.pool, &b.js, &config.stream, true)
+    let report = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, true)
         .await
         .unwrap();
     assert_eq!(report.missing, vec![lost.event_id()]);
@@ -346,7 +346,7 @@ async fn a_transaction_open_elsewhere_does_not_stall_publication() {
 
     let config = env.config();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let publisher = callmeback::outbox::Publisher {
+    let publisher = callmeback::backbone::outbox::Publisher {
         pool: b.pool.clone(),
         js: b.js.clone(),
         stream: config.stream.clone(),

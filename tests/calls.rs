@@ -593,11 +593,7 @@ async fn callback(
                 .join("&"),
         );
     if let Some(token) = token {
-        let sig = callmeback::providers::twilio::signature(
-            token,
-            &format!("{}{path}", api.base),
-            &params,
-        );
+        let sig = cmb_providers::twilio::signature(token, &format!("{}{path}", api.base), &params);
         req = req.header("x-twilio-signature", sig);
     }
     api.send(req).await
@@ -756,19 +752,21 @@ async fn the_simulators_duplicated_and_reordered_callbacks_settle_a_call_once() 
 
 #[tokio::test]
 async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the_call_once() {
-    use callmeback::sim::twilio::{Settings, TwilioSim};
+    use cmb_sims::twilio::{Settings, TwilioSim};
     // The Twilio simulator runs here, outside the app, so it outlives the killed process.
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     let mut settings = Settings::from_lookup(&|k: &str| match k {
         "SIM_TWILIO_RING_MS" => Some("3000".to_string()),
         "SIM_TWILIO_CALL_SECONDS" => Some("2".to_string()),
+        // Twilio places the call; its answer is held until long after the process is gone.
+        "SIM_TWILIO_HOLD_CREATE_RESPONSE_MS" => Some("60000".to_string()),
         _ => None,
     });
     settings.account_sid = "ACdeadbeefdeadbeefdeadbeefdeadbeef".into();
     settings.auth_token = "crash-test-token".into();
     let sim = TwilioSim::new(settings);
-    let url = callmeback::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks)
+    let url = cmb_sims::serve("twilio", sim.router(), shutdown.clone(), &tasks)
         .await
         .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -785,7 +783,7 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
         .set("PUBLIC_BASE_URL", &base)
         .set("WORKER_ACK_WAIT_MS", "1500");
     let backbone = env.backbone().await;
-    let store = callmeback::store::EventStore::new(backbone.pool.clone());
+    let store = callmeback::backbone::store::EventStore::new(backbone.pool.clone());
     let api = Api::new(format!("127.0.0.1:{port}").parse().unwrap());
     let up = || async {
         eventually(Duration::from_secs(20), || async {
@@ -799,7 +797,7 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
         .expect("serve is up")
     };
 
-    let mut first = env.spawn_process(&[("CMB_FAULT_DIALER_EXIT_AFTER_CREATE", "1")]);
+    let mut first = env.spawn_process(&[]);
     up().await;
     let (user, profile) = api.register(PASSWORD).await;
     store
@@ -819,18 +817,18 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     })
     .await
     .is_some());
-    // The process may die before it answers: the dialer runs in it, and exits as soon as
-    // Twilio has accepted the call.
     let _ = user
         .request(reqwest::Method::POST, "/api/call")
         .json(&json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }))
         .send()
         .await;
-    let exit = tokio::time::timeout(Duration::from_secs(20), first.wait())
-        .await
-        .expect("the dialer exits after Twilio accepted the call")
-        .unwrap();
-    assert_eq!(exit.code(), Some(86));
+    // Twilio has placed the call and the dialer waits for its answer: the process dies.
+    eventually(Duration::from_secs(20), || async {
+        (sim.calls().len() == 1).then_some(())
+    })
+    .await
+    .expect("Twilio placed the call");
+    first.kill().await.expect("the first instance is killed");
     assert_eq!(sim.calls().len(), 1, "Twilio placed it");
     let id: String =
         sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'CallRequested'")

@@ -95,7 +95,7 @@ fn voice_prompt(app: &Running, from: usize) -> String {
     let log = app.sims.cerebras.as_ref().unwrap().requests_log();
     log[from..]
         .iter()
-        .find(|m| !m.iter().any(|(_, c)| c.contains("MEMORY_EXTRACTION")))
+        .find(|m| !cmb_sims::llm::is_extraction(m))
         .map(|m| {
             m.iter()
                 .map(|(r, c)| format!("[{r}] {c}"))
@@ -108,7 +108,7 @@ fn voice_prompt(app: &Running, from: usize) -> String {
 fn extractions(app: &Running, from: usize) -> Vec<Vec<(String, String)>> {
     app.sims.cerebras.as_ref().unwrap().requests_log()[from..]
         .iter()
-        .filter(|m| m.iter().any(|(_, c)| c.contains("MEMORY_EXTRACTION")))
+        .filter(|m| cmb_sims::llm::is_extraction(m))
         .cloned()
         .collect()
 }
@@ -316,7 +316,7 @@ async fn a_persona_remembers_what_it_learned_and_the_user_controls_it() {
     cmb_projections::reset(&app.state.pool, &projection)
         .await
         .unwrap();
-    callmeback::projector::rebuild(
+    callmeback::backbone::projector::rebuild(
         &app.state.pool,
         &app.state.js,
         &config.stream,

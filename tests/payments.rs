@@ -302,7 +302,7 @@ async fn payment_methods_credit_packs_and_webhook_signatures() {
     );
 
     // Webhooks: ours verify; forged and stale ones are refused and record nothing.
-    let secret = callmeback::sim::stripe::DEV_WEBHOOK_SECRET;
+    let secret = callmeback::config::DEV_STRIPE_WEBHOOK_SECRET;
     let payload = json!({
         "id": "evt_test_1", "object": "event", "type": "charge.refunded", "created": chrono::Utc::now().timestamp(),
         "data": { "object": { "id": "ch_1", "object": "charge", "amount_refunded": 65, "payment_intent": "pi_1" } }
@@ -317,14 +317,14 @@ async fn payment_methods_credit_packs_and_webhook_signatures() {
         )
     };
     let now = chrono::Utc::now().timestamp();
-    let forged = post(callmeback::providers::stripe::sign_webhook(
+    let forged = post(cmb_providers::stripe::sign_webhook(
         "whsec_other",
         payload.as_bytes(),
         now,
     ))
     .await;
     assert_eq!(forged.status, 400, "{forged:?}");
-    let stale = post(callmeback::providers::stripe::sign_webhook(
+    let stale = post(cmb_providers::stripe::sign_webhook(
         secret,
         payload.as_bytes(),
         now - 600,
@@ -332,7 +332,7 @@ async fn payment_methods_credit_packs_and_webhook_signatures() {
     .await;
     assert_eq!(stale.status, 400, "{stale:?}");
     assert_eq!(post(String::new()).await.status, 400);
-    let first = post(callmeback::providers::stripe::sign_webhook(
+    let first = post(cmb_providers::stripe::sign_webhook(
         secret,
         payload.as_bytes(),
         now,
@@ -340,7 +340,7 @@ async fn payment_methods_credit_packs_and_webhook_signatures() {
     .await;
     assert_eq!(first.status, 200, "{first:?}");
     assert_eq!(first.body["recorded"], true);
-    let repeat = post(callmeback::providers::stripe::sign_webhook(
+    let repeat = post(cmb_providers::stripe::sign_webhook(
         secret,
         payload.as_bytes(),
         now,

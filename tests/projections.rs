@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use callmeback::store::EventStore;
+use callmeback::backbone::store::EventStore;
 use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaPatch};
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::Outcome;
@@ -120,7 +120,7 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
     // Rebuild from scratch, with the live projectors still running: same read models.
     let config = env.config();
     for projection in cmb_projections::all() {
-        callmeback::projector::rebuild(
+        callmeback::backbone::projector::rebuild(
             &pool,
             &app.state.js,
             &config.stream,

@@ -162,7 +162,7 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     .execute(&app.state.pool)
     .await
     .unwrap();
-    let purged = callmeback::voice::purge_transcripts(&app.state.pool, 30)
+    let purged = callmeback::serve::transcripts::purge(&app.state.pool, 30)
         .await
         .unwrap();
     assert_eq!(purged, 7);
@@ -220,7 +220,9 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
 async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
     let env = TestEnv::new()
         .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "12")
+        // The last reply (about 5 s of audio) must end before the call does, even on a busy
+        // machine: 16 s leaves it 4 s beyond its expected end.
+        .set("SIM_TWILIO_CALL_SECONDS", "16")
         // Speak, let the persona start its long reply, then a 200 ms "mm-hmm", then talk over it.
         .set("SIM_TWILIO_CALLER_TURNS", "1000:1500,200:1200,1200:6000")
         .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story|no wait stop");

@@ -3,11 +3,24 @@
 //! a limit is refused before any hold; crossing the warning threshold is recorded once per
 //! period.
 
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::values::Invalid;
+
+/// The start (UTC midnight) of the day of `now`: daily limits count from here.
+pub fn day_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.from_utc_datetime(&now.date_naive().and_time(chrono::NaiveTime::MIN))
+}
+
+/// The start (UTC midnight of the first) of the month of `now`: monthly limits count from here.
+pub fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    // Day 1 exists in every month.
+    let first = now.date_naive().with_day(1).unwrap_or(now.date_naive());
+    Utc.from_utc_datetime(&first.and_time(chrono::NaiveTime::MIN))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BudgetSettings {
@@ -194,6 +207,16 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     use super::*;
+
+    #[test]
+    fn days_and_months_start_at_utc_midnight() {
+        let t = DateTime::parse_from_rfc3339("2026-11-29T23:59:59-05:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(day_start(t).to_rfc3339(), "2026-11-30T00:00:00+00:00");
+        assert_eq!(month_start(t).to_rfc3339(), "2026-11-01T00:00:00+00:00");
+        assert_eq!(month_start(day_start(t)), month_start(t));
+    }
 
     #[test]
     fn the_first_limit_broken_is_named() {

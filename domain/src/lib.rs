@@ -8,6 +8,7 @@ pub mod billing;
 pub mod budget;
 pub mod call;
 pub mod contacts;
+pub mod cost;
 pub mod envelope;
 pub mod events;
 pub mod memory;

@@ -14,6 +14,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::cost::{Cost, CostKind};
 use crate::values::Cents;
 
 /// One dollar in micro-dollars.
@@ -69,6 +70,43 @@ impl PriceTable {
     /// The most a call of at most `minutes` can cost: what is held before dialling.
     pub fn max_price(&self, minutes: u32) -> Cents {
         Cents(self.connection_fee_cents + self.per_minute_cents * minutes as i64)
+    }
+
+    /// What a call answered for `seconds`, paid for at most `max_minutes`, costs the user:
+    /// never more than what was held.
+    pub fn price_of_call(&self, seconds: u32, max_minutes: u32) -> Cents {
+        Cents(
+            self.call_price(seconds)
+                .0
+                .min(self.max_price(max_minutes).0),
+        )
+    }
+
+    /// The rate of `kind`: micro-dollars per so many units.
+    pub fn rate(&self, kind: CostKind) -> (i64, i64) {
+        match kind {
+            CostKind::TwilioVoiceMinutes => (self.twilio_per_minute_micros, 1),
+            CostKind::DeepgramStreamingStt => (self.deepgram_per_minute_micros, 60),
+            CostKind::ChatTokens(_)
+            | CostKind::MemoryExtractionTokens(_)
+            | CostKind::MemoryEmbeddingTokens => (self.llm_per_million_tokens_micros, 1_000_000),
+            CostKind::TtsCharacters => (self.elevenlabs_per_thousand_chars_micros, 1000),
+        }
+    }
+
+    /// A cost line: `quantity` units of `kind` at this table's rate; `estimated` when we
+    /// counted them rather than the provider.
+    pub fn cost(&self, kind: CostKind, quantity: i64, estimated: bool) -> Cost {
+        let (micros, per) = self.rate(kind);
+        Cost::priced(
+            kind.service(),
+            kind.operation(),
+            quantity,
+            kind.unit(),
+            micros,
+            per,
+            estimated,
+        )
     }
 }
 
@@ -191,8 +229,43 @@ mod tests {
         assert_eq!(p.call_price(60), Cents(65));
         assert_eq!(p.call_price(61), Cents(105));
         assert_eq!(p.max_price(5), Cents(225));
+        assert_eq!(p.price_of_call(61, 5), Cents(105));
+        assert_eq!(
+            p.price_of_call(3600, 5),
+            Cents(225),
+            "never more than the hold"
+        );
         assert_eq!(credits_for(Cents(225)), 45);
         assert_eq!(credits_for(Cents(226)), 46);
+    }
+
+    #[test]
+    fn costs_are_priced_at_the_tables_rates_rounded_once() {
+        let p = PriceTable::LAUNCH;
+        let stt = p.cost(CostKind::DeepgramStreamingStt, 90, false);
+        assert_eq!(
+            (stt.service.as_str(), stt.operation.as_str()),
+            ("deepgram", "streaming-stt")
+        );
+        assert_eq!(stt.total_micros, 8_850, "90 s at 5,900 µ$ a minute");
+        let tokens = p.cost(
+            CostKind::ChatTokens(crate::cost::LlmProvider::Cerebras),
+            1_234,
+            true,
+        );
+        assert_eq!(
+            tokens.total_micros, 123,
+            "1,234 tokens at 0.1 $ a million, half up"
+        );
+        assert!(tokens.estimated);
+        assert_eq!(
+            p.cost(CostKind::TtsCharacters, 1_000, false).total_micros,
+            150_000
+        );
+        assert_eq!(
+            p.cost(CostKind::TwilioVoiceMinutes, 2, false).total_micros,
+            28_000
+        );
     }
 
     #[test]

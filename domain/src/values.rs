@@ -217,6 +217,32 @@ impl fmt::Display for Cents {
     }
 }
 
+/// A time bound given as a time with an offset (ISO 8601), or as a date (`2026-11-29`, the
+/// whole day in UTC: its start, or with `end` the start of the next day, so an end bound is
+/// exclusive).
+pub fn parse_time_bound(
+    field: &'static str,
+    raw: &str,
+    end: bool,
+) -> Result<chrono::DateTime<chrono::Utc>, Invalid> {
+    use chrono::{NaiveDate, NaiveTime, TimeZone, Utc};
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let day = NaiveDate::parse_from_str(raw, "%Y-%m-%d").map_err(|_| {
+        Invalid::new(
+            field,
+            format!("{field}: a date (YYYY-MM-DD) or an ISO 8601 time"),
+        )
+    })?;
+    let day = if end {
+        day.succ_opt().unwrap_or(day)
+    } else {
+        day
+    };
+    Ok(Utc.from_utc_datetime(&day.and_time(NaiveTime::MIN)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

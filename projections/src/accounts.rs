@@ -11,6 +11,9 @@ use uuid::Uuid;
 
 use crate::Projection;
 
+mod queries;
+pub use queries::*;
+
 fn decode<E: serde::de::DeserializeOwned>(e: &EventEnvelope) -> Result<E, sqlx::Error> {
     e.decode().map_err(|err| sqlx::Error::Decode(Box::new(err)))
 }

@@ -8,6 +8,9 @@ use uuid::Uuid;
 
 use crate::Projection;
 
+mod queries;
+pub use queries::*;
+
 pub struct Calls;
 
 fn call_id(e: &EventEnvelope) -> Result<Uuid, sqlx::Error> {
@@ -163,7 +166,7 @@ impl Projection for Calls {
                 .bind(id)
                 .bind(e.sequence as i64)
                 .bind(&cost.service)
-                .bind(&cost.operation)
+                .bind(cmb_domain::cost::canonical_operation(&cost.operation))
                 .bind(cost.quantity)
                 .bind(&cost.unit)
                 .bind(cost.unit_cost_micros)

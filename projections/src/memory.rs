@@ -9,6 +9,9 @@ use sqlx::PgConnection;
 
 use crate::Projection;
 
+mod queries;
+pub use queries::*;
+
 pub struct MemoryProjection;
 
 #[async_trait]

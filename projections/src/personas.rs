@@ -8,6 +8,9 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::Projection;
 
+mod queries;
+pub use queries::*;
+
 pub struct Personas;
 
 #[async_trait]

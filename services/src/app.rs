@@ -8,22 +8,13 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backbone::outbox::Publisher;
+use crate::backbone::projector::Projector;
+use crate::backbone::store::EventStore;
+use crate::backbone::Backbone;
 use crate::config::Config;
-use crate::http::{self, AppState};
-use crate::outbox::Publisher;
-use crate::projector::Projector;
-use crate::store::EventStore;
-
-/// The simulators this instance started (for tests to inspect).
-#[derive(Clone, Default)]
-pub struct Simulators {
-    pub twilio: Option<crate::sim::twilio::TwilioSim>,
-    pub stripe: Option<crate::sim::stripe::StripeSim>,
-    pub deepgram: Option<crate::sim::deepgram::DeepgramSim>,
-    pub cerebras: Option<crate::sim::llm::LlmSim>,
-    pub openai: Option<crate::sim::llm::LlmSim>,
-    pub elevenlabs: Option<crate::sim::elevenlabs::ElevenLabsSim>,
-}
+use crate::serve::http::{self, state::AppState};
+use crate::serve::providers::{Providers, Simulators};
 
 /// A running service.
 pub struct Running {
@@ -41,103 +32,6 @@ impl Running {
         self.tasks.close();
         self.tasks.wait().await;
     }
-}
-
-/// Connections and the stream, shared by `serve` and the operators' commands.
-pub struct Backbone {
-    pub pool: sqlx::PgPool,
-    pub nats: async_nats::Client,
-    pub js: async_nats::jetstream::Context,
-    pub stream: async_nats::jetstream::stream::Stream,
-}
-
-pub async fn backbone(config: &Config, pool_size: u32) -> anyhow::Result<Backbone> {
-    let pool = crate::db::connect(&config.database_url, pool_size)
-        .await
-        .context("connecting to Postgres")?;
-    crate::db::migrate(&pool)
-        .await
-        .context("applying migrations")?;
-    let nats = cmb_nats::connect(
-        &config.nats_url,
-        &format!("callmeback {}", config.instance_id),
-    )
-    .await
-    .context("connecting to NATS")?;
-    let js = async_nats::jetstream::new(nats.clone());
-    let stream = cmb_nats::ensure_stream(&js, &config.stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("creating the JetStream stream: {e}"))?;
-    Ok(Backbone {
-        pool,
-        nats,
-        js,
-        stream,
-    })
-}
-
-/// Brings Brad, Sarah and Alex to their shipped definitions (idempotent; safe from any number
-/// of instances at once).
-pub async fn define_system_personas(
-    store: &EventStore,
-) -> anyhow::Result<Vec<crate::store::Committed>> {
-    use cmb_domain::persona::{Persona, PersonaCommand};
-    let ctx = cmb_domain::CommandContext::system("define-system-personas");
-    let mut committed = Vec::new();
-    // The launch prices, as the first version of the price table.
-    let launch = cmb_domain::pricing::PricingCommand::Publish {
-        table: cmb_domain::pricing::PriceTable::LAUNCH,
-        effective_from: chrono::DateTime::UNIX_EPOCH,
-    };
-    let (pricing, _) = store
-        .load::<cmb_domain::pricing::Pricing>(cmb_domain::pricing::PRICING_ID)
-        .await
-        .map_err(|e| anyhow::anyhow!("loading the prices: {e}"))?;
-    if pricing.tables.is_empty() {
-        store
-            .execute::<cmb_domain::pricing::Pricing>(cmb_domain::pricing::PRICING_ID, launch, &ctx)
-            .await
-            .map_err(|e| anyhow::anyhow!("publishing the launch prices: {e}"))?;
-    }
-    for p in cmb_domain::persona::system::system_personas() {
-        let c = store
-            .execute::<Persona>(
-                p.id,
-                PersonaCommand::DefineSystemPersona { draft: p.draft },
-                &ctx,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("defining system persona {}: {e}", p.id))?;
-        committed.push(c);
-    }
-    Ok(committed)
-}
-
-/// An LLM provider's base URL and key: the configured ones, or a simulator started here (its
-/// URL with `sim_suffix`, e.g. `/v1` for OpenAI's base-URL convention).
-async fn llm_endpoint(
-    config: &Config,
-    p: &crate::config::Provider,
-    name: &'static str,
-    real_url: &str,
-    sim_suffix: &str,
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-) -> anyhow::Result<(String, String, Option<crate::sim::llm::LlmSim>)> {
-    Ok(match (&p.base_url, p.simulated()) {
-        (Some(url), _) => (url.clone(), p.key_or(""), None),
-        (None, true) => {
-            let settings = crate::sim::llm::Settings::from_lookup(name, &|k| config.sim_var(k));
-            let sim = crate::sim::llm::LlmSim::new(settings);
-            let url = crate::sim::serve(name, sim.router(), shutdown.clone(), tasks).await?;
-            (
-                format!("{url}{sim_suffix}"),
-                p.key_or("simulator"),
-                Some(sim),
-            )
-        }
-        (None, false) => (real_url.to_string(), p.key_or(""), None),
-    })
 }
 
 /// Starts the API and all workers.
@@ -160,7 +54,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         nats,
         js,
         stream,
-    } = backbone(&config, config.database_pool_size).await?;
+    } = crate::backbone::connect(&config, config.database_pool_size).await?;
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let store = EventStore::new(pool.clone());
@@ -175,7 +69,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     };
     tasks.spawn(publisher.run(shutdown.clone()));
 
-    let lag = crate::projector::LagBoard::default();
+    let lag = crate::backbone::projector::LagBoard::default();
     let projector = Arc::new(Projector {
         pool: pool.clone(),
         stream: stream.clone(),
@@ -185,7 +79,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         ack_wait: config.worker_ack_wait,
         max_deliveries: config.consumer_max_deliveries,
     });
-    let defined = define_system_personas(&store).await?;
+    let defined = crate::usecases::personas::define_system_personas(&store).await?;
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
     // Serve once the persona list shows them (bounded: a lagging read model is not fatal).
     for c in &defined {
@@ -194,139 +88,16 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             .await;
     }
 
-    let http_client = crate::providers::http_client();
-    let mut sims = Simulators::default();
-    let elevenlabs = {
-        let p = &config.elevenlabs;
-        let base_url = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let faults = crate::sim::Faults::from_lookup(&|k| config.sim_var(k), "ELEVENLABS");
-                let tts = crate::sim::elevenlabs::TtsSettings::from_lookup(&|k| config.sim_var(k));
-                let sim = crate::sim::elevenlabs::ElevenLabsSim::new(faults, tts);
-                let url =
-                    crate::sim::serve("elevenlabs", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.elevenlabs = Some(sim);
-                url
-            }
-            (None, false) => crate::providers::elevenlabs::DEFAULT_BASE_URL.to_string(),
-        };
-        let key = p.key_or("simulator");
-        crate::providers::elevenlabs::ElevenLabs::new(http_client.clone(), &base_url, &key)
-    };
-
-    let twilio = {
-        let t = &config.twilio;
-        let base_url = match (&t.base_url, t.simulated) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let mut settings =
-                    crate::sim::twilio::Settings::from_lookup(&|k| config.sim_var(k));
-                settings.account_sid = t.account_sid.clone();
-                settings.auth_token = t.auth_token.expose().to_string();
-                let sim = crate::sim::twilio::TwilioSim::new(settings);
-                let url =
-                    crate::sim::serve("twilio", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.twilio = Some(sim);
-                url
-            }
-            (None, false) => crate::providers::twilio::DEFAULT_BASE_URL.to_string(),
-        };
-        crate::providers::twilio::Twilio::new(
-            http_client.clone(),
-            &base_url,
-            &t.account_sid,
-            t.auth_token.expose(),
-        )
-    };
-
-    let stripe = {
-        let st = &config.stripe;
-        let base_url = match (&st.base_url, st.simulated) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let mut settings =
-                    crate::sim::stripe::Settings::from_lookup(&|k| config.sim_var(k));
-                settings.webhook_secret = st.webhook_secret.expose().to_string();
-                let sim = crate::sim::stripe::StripeSim::new(settings);
-                sim.set_webhook_url(&format!("{}/api/stripe/webhook", config.public_base_url));
-                let url =
-                    crate::sim::serve("stripe", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.stripe = Some(sim);
-                url
-            }
-            (None, false) => crate::providers::stripe::DEFAULT_BASE_URL.to_string(),
-        };
-        crate::providers::stripe::Stripe::new(
-            http_client.clone(),
-            &base_url,
-            st.secret_key.expose(),
-        )
-    };
-
-    let deepgram = {
-        let p = &config.deepgram;
-        let base_url = match (&p.base_url, p.simulated()) {
-            (Some(url), _) => url.clone(),
-            (None, true) => {
-                let settings = crate::sim::deepgram::Settings::from_lookup(&|k| config.sim_var(k));
-                let sim = crate::sim::deepgram::DeepgramSim::new(settings);
-                let url =
-                    crate::sim::serve("deepgram", sim.router(), shutdown.clone(), &tasks).await?;
-                sims.deepgram = Some(sim);
-                url
-            }
-            (None, false) => crate::providers::deepgram::DEFAULT_BASE_URL.to_string(),
-        };
-        let key = p.key_or("simulator");
-        crate::providers::deepgram::Deepgram::new(&base_url, &key)
-    };
-    let (url, key, sim) = llm_endpoint(
-        &config,
-        &config.cerebras,
-        "CEREBRAS",
-        crate::providers::llm::CEREBRAS_BASE_URL,
-        "",
-        &shutdown,
-        &tasks,
-    )
-    .await?;
-    sims.cerebras = sim;
-    let cerebras = crate::providers::llm::Llm::cerebras(
-        http_client.clone(),
-        &url,
-        &key,
-        &config.cerebras_model,
-    );
-    let (url, key, sim) = llm_endpoint(
-        &config,
-        &config.openai,
-        "OPENAI",
-        crate::providers::llm::OPENAI_BASE_URL,
-        "/v1",
-        &shutdown,
-        &tasks,
-    )
-    .await?;
-    sims.openai = sim;
-    let openai =
-        crate::providers::llm::Llm::openai(http_client.clone(), &url, &key, &config.openai_model);
-    // Memory's embeddings use the OpenAI-compatible endpoint (or its simulator).
-    let embeddings = crate::providers::embeddings::Embeddings::new(
-        http_client.clone(),
-        &url,
-        &key,
-        &config.embeddings_model,
-    );
-    let voice = Arc::new(crate::voice::Voice {
+    let (providers, sims) = Providers::connect(&config, &shutdown, &tasks).await?;
+    let voice = Arc::new(crate::serve::voice::Voice {
         store: store.clone(),
-        deepgram,
-        llm: cerebras,
-        fallback: Some(openai),
-        elevenlabs: elevenlabs.clone(),
-        twilio: twilio.clone(),
+        deepgram: providers.deepgram.clone(),
+        llm: providers.cerebras.clone(),
+        fallback: Some(providers.openai.clone()),
+        elevenlabs: providers.elevenlabs.clone(),
+        twilio: providers.twilio.clone(),
         clock: clock.clone(),
-        settings: crate::voice::VoiceSettings {
+        settings: crate::serve::voice::VoiceSettings {
             tts_model: config.elevenlabs_model.clone(),
             first_token_timeout: config.llm_first_token_timeout,
             max_reply_tokens: 150,
@@ -356,7 +127,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let stop = shutdown.clone();
         tasks.spawn(async move {
             loop {
-                if let Err(e) = crate::voice::purge_transcripts(&pool, days).await {
+                if let Err(e) = crate::serve::transcripts::purge(&pool, days).await {
                     tracing::warn!(error = %e, "transcript retention failed");
                 }
                 tokio::select! {
@@ -367,80 +138,10 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         });
     }
 
-    let worker = |name: &'static str, aggregate_type: &str| {
-        let mut spec = cmb_nats::consume::DurableSpec::of_type(
-            &config.stream,
-            &format!("{}-worker-{name}", config.consumer_prefix),
-            aggregate_type,
-        );
-        spec.ack_wait = config.worker_ack_wait;
-        spec.set_aside_after = config.consumer_max_deliveries;
-        spec
-    };
-    {
-        let store = store.clone();
-        let stripe = stripe.clone();
-        tasks.spawn(crate::workers::run(
-            pool.clone(),
-            crate::workers::settlement::NAME,
-            stream.clone(),
-            worker(crate::workers::settlement::NAME, "call"),
-            move |event| crate::workers::settlement::handle(store.clone(), stripe.clone(), event),
-            shutdown.clone(),
-        ));
-    }
-    {
-        let memory = crate::workers::memory::MemoryWorker {
-            store: store.clone(),
-            llm: voice.llm.clone(),
-            fallback: voice.fallback.clone(),
-            embeddings,
-        };
-        tasks.spawn(crate::workers::run(
-            pool.clone(),
-            crate::workers::memory::NAME,
-            stream.clone(),
-            worker(crate::workers::memory::NAME, "call"),
-            move |event| {
-                let memory = memory.clone();
-                async move { memory.handle(event).await }
-            },
-            shutdown.clone(),
-        ));
-    }
-    {
-        let store = store.clone();
-        tasks.spawn(crate::workers::run(
-            pool.clone(),
-            crate::workers::contacts_cleanup::NAME,
-            stream.clone(),
-            worker(crate::workers::contacts_cleanup::NAME, "persona"),
-            move |event| crate::workers::contacts_cleanup::handle(store.clone(), event),
-            shutdown.clone(),
-        ));
-    }
-    {
-        let dialer = crate::workers::dialer::Dialer {
-            store: store.clone(),
-            twilio: twilio.clone(),
-            from: config.twilio.phone_number.clone(),
-            public_base_url: config.public_base_url.clone(),
-            clock: clock.clone(),
-            exit_after_create: config.fault_dialer_exit_after_create,
-        };
-        tasks.spawn(crate::workers::run(
-            pool.clone(),
-            crate::workers::dialer::NAME,
-            stream.clone(),
-            worker(crate::workers::dialer::NAME, "call"),
-            move |event| {
-                let dialer = dialer.clone();
-                async move { dialer.handle(event).await }
-            },
-            shutdown.clone(),
-        ));
-    }
-    let scheduler = crate::scheduler::Scheduler {
+    crate::serve::workers::spawn_all(
+        &config, &stream, &store, &providers, &clock, &shutdown, &tasks,
+    );
+    let scheduler = crate::serve::scheduler::Scheduler {
         pool: pool.clone(),
         store: store.clone(),
         clock: clock.clone(),
@@ -459,9 +160,9 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         js,
         metrics: crate::telemetry::metrics(),
         projection_lag: lag,
-        elevenlabs,
-        twilio,
-        stripe,
+        elevenlabs: providers.elevenlabs.clone(),
+        twilio: providers.twilio.clone(),
+        stripe: providers.stripe.clone(),
         voice,
         clock: clock.clone(),
     };

@@ -89,9 +89,6 @@ pub struct Config {
     pub consumer_max_deliveries: i64,
     /// The simulators' settings (`SIM_*` variables).
     pub sim: std::collections::BTreeMap<String, String>,
-    /// Fault injection for tests: the dialer exits the process right after Twilio accepted a
-    /// call, before recording its SID (`CMB_FAULT_DIALER_EXIT_AFTER_CREATE=1`).
-    pub fault_dialer_exit_after_create: bool,
 }
 
 /// Signs the Twilio simulator's callbacks when `TWILIO_AUTH_TOKEN` is not set; anyone can sign
@@ -103,6 +100,9 @@ pub const DEV_TWILIO_PHONE_NUMBER: &str = "+15005550006";
 
 /// Test-mode key the Stripe simulator accepts when `STRIPE_SECRET_KEY` is not set.
 pub const DEV_STRIPE_SECRET_KEY: &str = "sk_test_callmeback_simulator";
+/// Signs the Stripe simulator's webhooks when `STRIPE_WEBHOOK_SECRET` is not set (the same
+/// as the simulator's own default, `cmb_sims::stripe::DEV_WEBHOOK_SECRET`).
+pub const DEV_STRIPE_WEBHOOK_SECRET: &str = "whsec_callmeback_development";
 
 #[derive(Debug, Clone)]
 pub struct StripeSettings {
@@ -290,7 +290,7 @@ impl Config {
                 ),
                 webhook_secret: Secret::new(
                     get("STRIPE_WEBHOOK_SECRET")
-                        .unwrap_or_else(|| crate::sim::stripe::DEV_WEBHOOK_SECRET.into()),
+                        .unwrap_or_else(|| DEV_STRIPE_WEBHOOK_SECRET.into()),
                 ),
                 base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
@@ -300,7 +300,7 @@ impl Config {
             cerebras_model: get("CEREBRAS_MODEL").unwrap_or_else(|| "llama-3.3-70b".into()),
             openai_model: get("OPENAI_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()),
             embeddings_model: get("EMBEDDINGS_MODEL")
-                .unwrap_or_else(|| crate::providers::embeddings::DEFAULT_MODEL.into()),
+                .unwrap_or_else(|| cmb_providers::embeddings::DEFAULT_MODEL.into()),
             memory_prompt_tokens: parse("MEMORY_PROMPT_TOKENS", get("MEMORY_PROMPT_TOKENS"), 400)?,
             elevenlabs_model: get("ELEVENLABS_MODEL").unwrap_or_else(|| "eleven_flash_v2_5".into()),
             llm_first_token_timeout: Duration::from_millis(parse(
@@ -333,11 +333,9 @@ impl Config {
             consumer_max_deliveries: parse(
                 "CONSUMER_MAX_DELIVERIES",
                 get("CONSUMER_MAX_DELIVERIES"),
-                crate::deadletter::MAX_DELIVERIES,
+                crate::backbone::deadletter::MAX_DELIVERIES,
             )?,
             sim: Default::default(),
-            fault_dialer_exit_after_create: get("CMB_FAULT_DIALER_EXIT_AFTER_CREATE")
-                .is_some_and(|v| v == "1" || v == "true"),
         })
     }
 }

@@ -23,7 +23,8 @@ pub fn base_database_url() -> String {
 impl TestEnv {
     pub fn new() -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let db = callmeback::bench::with_database(&base_database_url(), &format!("cmb_test_{id}"));
+        let db =
+            callmeback::ops::bench::with_database(&base_database_url(), &format!("cmb_test_{id}"));
         let vars = HashMap::from([
             ("DATABASE_URL".to_string(), db),
             (
@@ -92,8 +93,8 @@ impl TestEnv {
     }
 
     /// The database, migrated, and the stream, created.
-    pub async fn backbone(&self) -> callmeback::app::Backbone {
-        callmeback::app::backbone(&self.config(), 20)
+    pub async fn backbone(&self) -> callmeback::backbone::Backbone {
+        callmeback::backbone::connect(&self.config(), 20)
             .await
             .expect("backbone")
     }

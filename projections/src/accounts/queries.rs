@@ -1,0 +1,95 @@
+//! What the API asks of the users, wallets and contacts read models.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The user as the front end shows it.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct UserView {
+    pub id: Uuid,
+    pub name: String,
+    pub email: String,
+    pub phone: String,
+    /// Neither is verified yet: there is no verification flow.
+    pub email_verified: bool,
+    pub phone_verified: bool,
+    pub credits: i64,
+    pub last_sign_in: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub async fn user_view(pool: &PgPool, id: Uuid) -> Result<Option<UserView>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT u.id, u.name, u.email, u.phone, false AS email_verified, false AS phone_verified,
+                COALESCE(w.balance, 0) AS credits, u.last_sign_in, u.created_at, u.updated_at
+           FROM rm_users u LEFT JOIN rm_wallets w ON w.user_id = u.id
+          WHERE u.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A contact: a persona the user keeps at hand.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ContactView {
+    pub added_at: DateTime<Utc>,
+    #[sqlx(flatten)]
+    pub persona: crate::personas::PersonaView,
+}
+
+/// The user's contacts with their personas, newest first. A persona deleted a moment ago may
+/// still have a contact row until the clean-up reaches it; the join hides it meanwhile.
+pub async fn contacts(pool: &PgPool, user: Uuid) -> Result<Vec<ContactView>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT c.added_at, {}
+           FROM rm_contacts c JOIN rm_personas p ON p.id = c.persona_id
+          WHERE c.user_id = $2
+            AND (p.is_public OR p.created_by IN ('system', $1))
+          ORDER BY c.added_at DESC, p.id",
+        crate::personas::PERSONA_COLUMNS
+    ))
+    .bind(user.to_string())
+    .bind(user)
+    .fetch_all(pool)
+    .await
+}
+
+/// A user's customisation of a persona, as the front end shows it.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct CustomizationView {
+    pub persona_id: String,
+    pub custom_prompt: Option<String>,
+    pub voice_override: Option<String>,
+    pub favorite: bool,
+    pub memory_enabled: bool,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// `user`'s customisation of persona `persona_id` (the defaults when there is none).
+pub async fn customization(
+    pool: &PgPool,
+    user: Uuid,
+    persona_id: &str,
+) -> Result<CustomizationView, sqlx::Error> {
+    let row: Option<CustomizationView> = sqlx::query_as(
+        "SELECT persona_id, custom_prompt, voice_override, favorite, memory_enabled, updated_at
+           FROM rm_persona_preferences WHERE user_id = $1 AND persona_id = $2",
+    )
+    .bind(user)
+    .bind(persona_id)
+    .fetch_optional(pool)
+    .await?;
+    let none = cmb_domain::persona::preference::Customization::default();
+    Ok(row.unwrap_or(CustomizationView {
+        persona_id: persona_id.to_string(),
+        custom_prompt: none.custom_prompt,
+        voice_override: none.voice_override,
+        favorite: none.favorite,
+        memory_enabled: none.memory_enabled,
+        updated_at: None,
+    }))
+}

@@ -1,0 +1,261 @@
+//! What the API, the workers and the use cases ask of the calls read model (`rm_calls`). A
+//! read model may lag: decisions load the `call` aggregate; these answer queries, and the
+//! few checks that are made under a lock of their own (scheduled calls per user).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+/// A call as the front end shows it.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct CallView {
+    pub id: Uuid,
+    pub persona_id: String,
+    pub persona_name: String,
+    pub phone_number: String,
+    pub status: String,
+    pub duration_minutes: i32,
+    pub max_price_cents: i64,
+    pub payment_method: String,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub timezone: Option<String>,
+    pub call_sid: Option<String>,
+    pub answered_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub duration_secs: i32,
+    pub billed_minutes: i32,
+    /// What the call costs the user.
+    pub cost_cents: i64,
+    pub charged_cents: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const CALL_COLUMNS: &str = "id, persona_id, persona_name, phone AS phone_number, status,
+    max_minutes AS duration_minutes, max_price_cents, payment_method, scheduled_for, timezone,
+    call_sid, answered_at, ended_at, duration_secs, billed_minutes, price_cents AS cost_cents,
+    charged_cents, created_at, updated_at";
+
+/// Call `id` of `user`.
+pub async fn view(pool: &PgPool, id: Uuid, user: Uuid) -> Result<Option<CallView>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {CALL_COLUMNS} FROM rm_calls WHERE id = $1 AND user_id = $2"
+    ))
+    .bind(id)
+    .bind(user)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The statuses a call can show.
+pub const STATUSES: &[&str] = &[
+    "scheduled",
+    "initiated",
+    "ringing",
+    "in-progress",
+    "completed",
+    "busy",
+    "no-answer",
+    "failed",
+    "canceled",
+];
+
+/// The order of a history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sort {
+    Newest,
+    Oldest,
+    Longest,
+    Costliest,
+}
+
+impl Sort {
+    fn order_by(self) -> &'static str {
+        match self {
+            Sort::Newest => "created_at DESC, id DESC",
+            Sort::Oldest => "created_at ASC, id ASC",
+            Sort::Longest => "duration_secs DESC, created_at DESC",
+            Sort::Costliest => "price_cents DESC, created_at DESC",
+        }
+    }
+}
+
+/// Which of a user's calls, in what order, which page.
+#[derive(Debug, Clone)]
+pub struct ListFilter {
+    pub user: Uuid,
+    /// One of [`STATUSES`].
+    pub status: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub sort: Sort,
+    pub page: i64,
+    pub per_page: i64,
+}
+
+/// One page of a user's calls, and how many match in all.
+pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<CallView>, i64), sqlx::Error> {
+    let build = |select: &str| {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(select);
+        q.push(" FROM rm_calls WHERE user_id = ").push_bind(f.user);
+        if let Some(s) = f.status.clone() {
+            q.push(" AND status = ").push_bind(s);
+        }
+        if let Some(from) = f.from {
+            q.push(" AND created_at >= ").push_bind(from);
+        }
+        if let Some(to) = f.to {
+            q.push(" AND created_at < ").push_bind(to);
+        }
+        q
+    };
+    let total: i64 = build("SELECT count(*)")
+        .build_query_scalar()
+        .fetch_one(pool)
+        .await?;
+    let mut rows = build(&format!("SELECT {CALL_COLUMNS}"));
+    rows.push(format!(
+        " ORDER BY {} LIMIT {} OFFSET {}",
+        f.sort.order_by(),
+        f.per_page,
+        (f.page - 1) * f.per_page
+    ));
+    let calls = rows.build_query_as().fetch_all(pool).await?;
+    Ok((calls, total))
+}
+
+/// A user's scheduled (or cancelled scheduled) calls by time.
+pub async fn scheduled(
+    pool: &PgPool,
+    user: Uuid,
+    cancelled: bool,
+    ascending: bool,
+) -> Result<Vec<CallView>, sqlx::Error> {
+    let status = if cancelled { "canceled" } else { "scheduled" };
+    let order = if ascending { "ASC" } else { "DESC" };
+    sqlx::query_as(&format!(
+        "SELECT {CALL_COLUMNS} FROM rm_calls
+          WHERE user_id = $1 AND status = $2 AND scheduled_for IS NOT NULL
+          ORDER BY scheduled_for {order}, id"
+    ))
+    .bind(user)
+    .bind(status)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many scheduled calls `user` has waiting (on the caller's connection, which may hold a
+/// lock that makes count-then-request atomic).
+pub async fn scheduled_count(db: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE user_id = $1 AND status = 'scheduled'")
+        .bind(user)
+        .fetch_one(db)
+        .await
+}
+
+/// How many of anyone's calls with persona `persona_id` are scheduled still.
+pub async fn scheduled_with_persona(pool: &PgPool, persona_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM rm_calls WHERE persona_id = $1 AND status = 'scheduled'",
+    )
+    .bind(persona_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// One month of a user's usage.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Month {
+    pub month: String,
+    pub calls: i64,
+    pub minutes: i64,
+    pub spent_cents: i64,
+}
+
+/// The user's completed calls by the month (UTC) they were made: the `months` months up to
+/// the one of `now`, newest first, months without calls included.
+pub async fn usage(
+    pool: &PgPool,
+    user: Uuid,
+    now: DateTime<Utc>,
+    months: i64,
+) -> Result<Vec<Month>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH months AS (
+             SELECT generate_series(date_trunc('month', $2::timestamptz) - make_interval(months => ($3 - 1)::int),
+                                    date_trunc('month', $2::timestamptz), interval '1 month') AS m)
+         SELECT to_char(m, 'YYYY-MM') AS month,
+                count(c.id) AS calls,
+                COALESCE(sum(c.billed_minutes), 0)::bigint AS minutes,
+                COALESCE(sum(COALESCE(c.charged_cents, c.price_cents)), 0)::bigint AS spent_cents
+           FROM months
+           LEFT JOIN rm_calls c ON c.user_id = $1 AND c.status = 'completed'
+                AND c.created_at >= m AND c.created_at < m + interval '1 month'
+          GROUP BY m ORDER BY m DESC",
+    )
+    .bind(user)
+    .bind(now)
+    .bind(months)
+    .fetch_all(pool)
+    .await
+}
+
+/// What `user` spent (or holds) since `since`, leaving out call `except`: completed calls at
+/// their price, open ones (scheduled or under way) at their held maximum.
+pub async fn spent_since(
+    pool: &PgPool,
+    user: Uuid,
+    since: DateTime<Utc>,
+    except: Option<Uuid>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(CASE WHEN status IN ('scheduled', 'initiated', 'ringing', 'in-progress')
+                                  THEN max_price_cents ELSE price_cents END), 0)::bigint
+           FROM rm_calls WHERE user_id = $1 AND created_at >= $2 AND id IS DISTINCT FROM $3",
+    )
+    .bind(user)
+    .bind(since)
+    .bind(except)
+    .fetch_one(pool)
+    .await
+}
+
+/// The call Twilio knows as `call_sid`.
+pub async fn id_by_sid(pool: &PgPool, call_sid: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM rm_calls WHERE call_sid = $1")
+        .bind(call_sid)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The CallSids of other calls to `phone` (the dialer tells its own lost call from them).
+pub async fn other_sids_to(
+    pool: &PgPool,
+    phone: &str,
+    except: Uuid,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT call_sid FROM rm_calls WHERE phone = $1 AND call_sid IS NOT NULL AND id <> $2",
+    )
+    .bind(phone)
+    .bind(except)
+    .fetch_all(pool)
+    .await
+}
+
+/// Scheduled calls whose time has come by `now`, earliest first, at most `limit`.
+pub async fn due(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id::text, scheduled_for FROM rm_calls WHERE status = 'scheduled' AND scheduled_for <= $1
+          ORDER BY scheduled_for LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

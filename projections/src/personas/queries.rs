@@ -1,0 +1,169 @@
+//! What the API and the voice session ask of the personas read model (`rm_personas`).
+
+use chrono::{DateTime, Utc};
+use cmb_domain::persona::TurnTaking;
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+/// A persona as the front end shows it. Another user's prompt is theirs: it is left out.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct PersonaView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub voice_id: String,
+    pub system_prompt: Option<String>,
+    pub greeting: String,
+    pub is_public: bool,
+    pub is_system: bool,
+    pub created_by: String,
+    pub tags: Vec<String>,
+    pub use_count: i64,
+    pub turn_taking: sqlx::types::Json<TurnTaking>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Columns of `PersonaView` from `rm_personas p`, for a viewer bound as `$1` (text, may be '').
+pub(crate) const PERSONA_COLUMNS: &str = "p.id, p.name, p.description, p.voice_id,
+    CASE WHEN p.created_by IN ('system', $1) THEN p.system_prompt END AS system_prompt,
+    p.greeting, p.is_public, p.created_by = 'system' AS is_system, p.created_by, p.tags,
+    p.use_count, p.turn_taking, p.created_at, p.updated_at";
+
+/// Persona `id`, if `viewer` may see it (public, system, or theirs).
+pub async fn view(
+    pool: &PgPool,
+    id: &str,
+    viewer: Option<Uuid>,
+) -> Result<Option<PersonaView>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {PERSONA_COLUMNS} FROM rm_personas p
+          WHERE p.id = $2 AND (p.is_public OR p.created_by IN ('system', $1))"
+    ))
+    .bind(viewer.map(|v| v.to_string()).unwrap_or_default())
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Whose personas a list shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreatedBy {
+    System,
+    User(Uuid),
+}
+
+/// The order of a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sort {
+    Popular,
+    Newest,
+    Oldest,
+    Name,
+}
+
+impl Sort {
+    fn order_by(self) -> &'static str {
+        match self {
+            Sort::Popular => {
+                "p.use_count DESC, (p.created_by = 'system') DESC, lower(p.name), p.id"
+            }
+            Sort::Newest => "p.created_at DESC, p.id",
+            Sort::Oldest => "p.created_at ASC, p.id",
+            Sort::Name => "lower(p.name) ASC, p.id",
+        }
+    }
+}
+
+/// Which personas a viewer sees, in what order, which page.
+#[derive(Debug, Clone)]
+pub struct ListFilter {
+    pub viewer: Option<Uuid>,
+    /// In the name or the description (at least 2 characters).
+    pub search: Option<String>,
+    /// Any of these tags (lower case).
+    pub tags: Vec<String>,
+    pub is_public: Option<bool>,
+    pub created_by: Option<CreatedBy>,
+    pub sort: Sort,
+    pub page: i64,
+    pub per_page: i64,
+}
+
+/// `SELECT <persona columns> FROM rm_personas p WHERE <visible to viewer and filters>`, or
+/// the count of the same rows. Built afresh for each query (a builder's binds are consumed).
+fn filtered<'a>(count: bool, viewer: &'a str, f: &'a ListFilter) -> QueryBuilder<'a, Postgres> {
+    let mut q = QueryBuilder::new("SELECT ");
+    if count {
+        q.push("count(*)");
+    } else {
+        q.push("p.id, p.name, p.description, p.voice_id, CASE WHEN p.created_by IN ('system', ")
+            .push_bind(viewer)
+            .push(
+                ") THEN p.system_prompt END AS system_prompt, p.greeting, p.is_public,
+                 p.created_by = 'system' AS is_system, p.created_by, p.tags, p.use_count,
+                 p.turn_taking, p.created_at, p.updated_at",
+            );
+    }
+    q.push(" FROM rm_personas p WHERE (p.is_public OR p.created_by IN ('system', ")
+        .push_bind(viewer)
+        .push("))");
+    if let Some(search) = f.search.as_deref() {
+        let escaped = search
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let pattern = format!("%{escaped}%");
+        q.push(" AND (p.name ILIKE ")
+            .push_bind(pattern.clone())
+            .push(" OR p.description ILIKE ")
+            .push_bind(pattern)
+            .push(")");
+    }
+    if !f.tags.is_empty() {
+        q.push(" AND p.tags && ").push_bind(f.tags.clone());
+    }
+    if let Some(is_public) = f.is_public {
+        q.push(" AND p.is_public = ").push_bind(is_public);
+    }
+    match &f.created_by {
+        None => {}
+        Some(CreatedBy::System) => {
+            q.push(" AND p.created_by = 'system'");
+        }
+        Some(CreatedBy::User(id)) => {
+            q.push(" AND p.created_by = ").push_bind(id.to_string());
+        }
+    }
+    q
+}
+
+/// One page of the personas `f.viewer` sees, and how many match in all.
+pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<PersonaView>, i64), sqlx::Error> {
+    let viewer = f.viewer.map(|v| v.to_string()).unwrap_or_default();
+    let total: i64 = filtered(true, &viewer, f)
+        .build_query_scalar()
+        .fetch_one(pool)
+        .await?;
+    let mut rows = filtered(false, &viewer, f);
+    rows.push(format!(
+        " ORDER BY {} LIMIT {} OFFSET {}",
+        f.sort.order_by(),
+        f.per_page,
+        (f.page - 1) * f.per_page
+    ));
+    let personas = rows.build_query_as().fetch_all(pool).await?;
+    Ok((personas, total))
+}
+
+/// Persona `id`'s greeting and voice, to warm its greeting before it is needed.
+pub async fn greeting_and_voice(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT greeting, voice_id FROM rm_personas WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}

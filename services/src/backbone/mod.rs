@@ -1,0 +1,47 @@
+//! The event backbone: the command path into the Postgres event store, the publisher to
+//! JetStream, the projectors that feed the read models, and the leases singletons hold.
+
+pub mod counters;
+pub mod db;
+pub mod deadletter;
+pub mod lease;
+pub mod outbox;
+pub mod projector;
+pub mod store;
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+
+/// Connections and the stream, shared by `serve` and the operators' commands.
+pub struct Backbone {
+    pub pool: sqlx::PgPool,
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub stream: async_nats::jetstream::stream::Stream,
+}
+
+/// Connects to Postgres (creating the database and applying migrations) and NATS, and
+/// ensures the stream.
+pub async fn connect(config: &Config, pool_size: u32) -> anyhow::Result<Backbone> {
+    let pool = db::connect(&config.database_url, pool_size)
+        .await
+        .context("connecting to Postgres")?;
+    db::migrate(&pool).await.context("applying migrations")?;
+    let nats = cmb_nats::connect(
+        &config.nats_url,
+        &format!("callmeback {}", config.instance_id),
+    )
+    .await
+    .context("connecting to NATS")?;
+    let js = async_nats::jetstream::new(nats.clone());
+    let stream = cmb_nats::ensure_stream(&js, &config.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the JetStream stream: {e}"))?;
+    Ok(Backbone {
+        pool,
+        nats,
+        js,
+        stream,
+    })
+}

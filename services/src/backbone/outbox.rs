@@ -1,0 +1,523 @@
+//! Publication of committed events to JetStream, exactly once and in per-aggregate order.
+//!
+//! The event table is the outbox. The publisher (a singleton under the `publisher` lease)
+//! reads it in commit order — `(xact_id, global_position)` — but only below the oldest
+//! transaction still in flight (`pg_snapshot_xmin(pg_current_snapshot())`), so a transaction
+//! that commits late can never land behind the reader. It publishes each event with a
+//! `Nats-Msg-Id` stable per event and records its checkpoint after JetStream acknowledges.
+//! A crash between the acknowledgement and the checkpoint republishes a few events, which
+//! JetStream drops inside its duplicate window; on taking the lease the publisher also moves
+//! its checkpoint up to the stream's last message, so even a restart after the window cannot
+//! duplicate. `callmeback events verify` repairs what a lost JetStream write left missing.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::Utc;
+use cmb_domain::{EventEnvelope, EventMetadata};
+use cmb_nats::StreamSettings;
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::backbone::lease::Lease;
+use crate::config::PublisherSettings;
+
+/// A place in commit order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct CommitPosition {
+    pub commit_xid: i64,
+    pub global_position: i64,
+}
+
+impl CommitPosition {
+    pub fn of(event: &EventEnvelope) -> Self {
+        CommitPosition {
+            commit_xid: event.commit_xid,
+            global_position: event.global_position,
+        }
+    }
+}
+
+pub const SELECT_ENVELOPE: &str =
+    "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
+        payload, metadata, global_position, xact_id::text::bigint AS commit_xid, recorded_at
+   FROM events";
+
+/// Decodes a row of [`SELECT_ENVELOPE`].
+pub fn envelope_from_row(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, sqlx::Error> {
+    let metadata: serde_json::Value = row.try_get("metadata")?;
+    Ok(EventEnvelope {
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get::<i64, _>("sequence")? as u64,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        occurred_at: row.try_get("recorded_at")?,
+        global_position: row.try_get("global_position")?,
+        commit_xid: row.try_get("commit_xid")?,
+        payload: row.try_get("payload")?,
+        metadata: serde_json::from_value::<EventMetadata>(metadata).unwrap_or_default(),
+    })
+}
+
+/// Where publication stands: every event of a transaction visible in `done` is on the stream;
+/// of those visible in `pending` but not in `done`, the ones up to `at` (commit order) are too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// A `pg_snapshot` in its text form (`xmin:xmax:xip,…`).
+    pub done: String,
+    pub pending: Option<String>,
+    pub at: CommitPosition,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Checkpoint {
+            // Nothing is visible in it: every event is still to publish.
+            done: "1:1:".into(),
+            pending: None,
+            at: CommitPosition::default(),
+        }
+    }
+}
+
+/// The SQL condition "this event is on the stream according to the checkpoint `c`".
+const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
+     OR (c.pending IS NOT NULL AND pg_visible_in_snapshot(e.xact_id, c.pending)
+         AND (e.xact_id, e.global_position) <= (c.commit_xid::text::xid8, c.global_position)))";
+
+/// The next events to publish after `checkpoint`, in commit order, and the snapshot they were
+/// read against (the checkpoint's `pending` one, or a fresh one when none was pending).
+///
+/// An event is due when its transaction is visible in the pending snapshot and was not in the
+/// done one: in `done`'s in-progress list, or at or above its `xmax`. Two ordered index scans
+/// (one per case) merged, so a batch costs its own size even behind a long backlog. Nothing
+/// here waits for the cluster's oldest transaction: a transaction still open is simply not
+/// visible yet, and only its own events wait for it.
+pub async fn read_due(
+    pool: &PgPool,
+    checkpoint: &Checkpoint,
+    limit: i64,
+) -> Result<(Option<String>, Vec<EventEnvelope>), sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH s AS MATERIALIZED (
+              SELECT $1::pg_snapshot AS done,
+                     COALESCE($2::pg_snapshot, pg_current_snapshot()) AS pending)
+         SELECT (SELECT pending::text FROM s) AS snapshot, u.* FROM (
+           (SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                   metadata, global_position, xact_id, xact_id::text::bigint AS commit_xid,
+                   recorded_at
+              FROM events, s
+             WHERE xact_id = ANY(ARRAY(SELECT pg_snapshot_xip(s.done)))
+               AND pg_visible_in_snapshot(xact_id, s.pending)
+               AND (xact_id, global_position) > ($3::text::xid8, $4)
+             ORDER BY xact_id, global_position LIMIT $5)
+           UNION ALL
+           (SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                   metadata, global_position, xact_id, xact_id::text::bigint AS commit_xid,
+                   recorded_at
+              FROM events, s
+             WHERE xact_id >= pg_snapshot_xmax(s.done)
+               AND xact_id < pg_snapshot_xmax(s.pending)
+               AND pg_visible_in_snapshot(xact_id, s.pending)
+               AND (xact_id, global_position) > ($3::text::xid8, $4)
+             ORDER BY xact_id, global_position LIMIT $5)
+         ) u
+         ORDER BY u.xact_id, u.global_position
+         LIMIT $5",
+    )
+    .bind(&checkpoint.done)
+    .bind(checkpoint.pending.as_deref())
+    .bind(checkpoint.at.commit_xid)
+    .bind(checkpoint.at.global_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let snapshot = rows
+        .first()
+        .map(|r| r.try_get::<String, _>("snapshot"))
+        .transpose()?;
+    let events = rows
+        .iter()
+        .map(envelope_from_row)
+        .collect::<Result<_, _>>()?;
+    Ok((snapshot, events))
+}
+
+/// The publisher's confirmed position.
+pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sqlx::Error> {
+    let row: Option<(String, Option<String>, i64, i64)> = sqlx::query_as(
+        "SELECT snapshot::text, pending::text, commit_xid, global_position
+           FROM publisher_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .map(|(done, pending, commit_xid, global_position)| Checkpoint {
+            done,
+            pending,
+            at: CommitPosition {
+                commit_xid,
+                global_position,
+            },
+        })
+        .unwrap_or_default())
+}
+
+async fn save_checkpoint(pool: &PgPool, name: &str, at: &Checkpoint) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO publisher_checkpoints
+                (name, snapshot, pending, commit_xid, global_position, updated_at)
+         VALUES ($1, $2::pg_snapshot, $3::pg_snapshot, $4, $5, now())
+         ON CONFLICT (name) DO UPDATE
+            SET snapshot = EXCLUDED.snapshot, pending = EXCLUDED.pending,
+                commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,
+                updated_at = now()",
+    )
+    .bind(name)
+    .bind(&at.done)
+    .bind(at.pending.as_deref())
+    .bind(at.at.commit_xid)
+    .bind(at.at.global_position)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// How many committed events the publisher's checkpoint does not cover yet.
+pub async fn unpublished(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "WITH c AS (SELECT * FROM publisher_checkpoints WHERE name = $1
+                    UNION ALL
+                    SELECT $1, 0, 0, now(), '1:1:'::pg_snapshot, NULL
+                     WHERE NOT EXISTS (SELECT 1 FROM publisher_checkpoints WHERE name = $1))
+         SELECT count(*) FROM events e, c
+          WHERE e.xact_id >= pg_snapshot_xmin(c.snapshot) AND NOT {COVERED}"
+    ))
+    .bind(PUBLISHER)
+    .fetch_one(pool)
+    .await
+}
+
+/// The oldest transaction open anywhere on the Postgres server: it does not hold publication
+/// back (see [`read_due`]), but it holds back vacuum and is worth an operator's look.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OldestTransaction {
+    pub age_seconds: f64,
+    pub database: Option<String>,
+    pub pid: i32,
+    pub state: Option<String>,
+}
+
+pub async fn oldest_transaction(pool: &PgPool) -> Result<Option<OldestTransaction>, sqlx::Error> {
+    let row: Option<(f64, Option<String>, i32, Option<String>)> = sqlx::query_as(
+        "SELECT extract(epoch FROM now() - xact_start)::float8, datname, pid, state
+           FROM pg_stat_activity
+          WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()
+            AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+          ORDER BY xact_start LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let oldest = row.map(|(age_seconds, database, pid, state)| OldestTransaction {
+        age_seconds,
+        database,
+        pid,
+        state,
+    });
+    metrics::gauge!("cmb_oldest_transaction_age_seconds")
+        .set(oldest.as_ref().map_or(0.0, |o| o.age_seconds));
+    Ok(oldest)
+}
+
+/// Drops the events the stream already holds, judged by the last message on each
+/// aggregate's subject: per-aggregate order means every earlier event of that aggregate is in
+/// too. Used on taking over (after a crash or a lost lease), so that what a predecessor
+/// published but did not checkpoint is not published again, even long after JetStream's
+/// duplicate window has passed.
+async fn drop_already_published(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    batch: Vec<EventEnvelope>,
+) -> Result<Vec<EventEnvelope>, async_nats::Error> {
+    use std::collections::HashMap;
+    let stream = js.get_stream(&settings.stream).await?;
+    let mut published: HashMap<(String, String), u64> = HashMap::new();
+    for e in &batch {
+        let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+        if published.contains_key(&key) {
+            continue;
+        }
+        let subject = settings.subject(&e.aggregate_type, &e.aggregate_id);
+        let last = match stream.direct_get_last_for_subject(&subject).await {
+            Ok(message) => {
+                let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
+                // Only trust a message that names this very aggregate.
+                if header(cmb_nats::contract::AGGREGATE_ID).as_deref()
+                    == Some(e.aggregate_id.as_str())
+                    && header(cmb_nats::contract::AGGREGATE_TYPE).as_deref()
+                        == Some(e.aggregate_type.as_str())
+                {
+                    header(cmb_nats::contract::SEQUENCE)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0)
+                } else {
+                    0
+                }
+            }
+            Err(err) if matches!(err.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => 0,
+            Err(err) => return Err(err.into()),
+        };
+        published.insert(key, last);
+    }
+    Ok(batch
+        .into_iter()
+        .filter(|e| e.sequence > published[&(e.aggregate_type.clone(), e.aggregate_id.clone())])
+        .collect())
+}
+
+/// Publication lags (commit to acknowledgement), kept for benchmarks.
+pub type LagSamples = Arc<Mutex<Vec<Duration>>>;
+
+pub struct Publisher {
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub stream: StreamSettings,
+    pub settings: PublisherSettings,
+    pub instance_id: String,
+    pub lag_samples: Option<LagSamples>,
+}
+
+/// The publisher's checkpoint and lease name.
+pub const PUBLISHER: &str = "publisher";
+
+impl Publisher {
+    /// Runs until `shutdown`: holds (or waits for) the lease and publishes.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut lease = Lease::new(PUBLISHER, &self.instance_id, self.settings.lease_ttl);
+        let mut position: Option<Checkpoint> = None;
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            match self.step(&mut lease, &mut position).await {
+                Ok(true) => failures = 0,
+                Ok(false) => {
+                    let pause = if lease.is_held() {
+                        self.settings.idle_poll
+                    } else {
+                        self.settings.lease_ttl / 4
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Re-read the checkpoint after a failure: part of the batch may be out.
+                    position = None;
+                    let backoff = Duration::from_millis(50 * 2u64.pow(failures.min(6)));
+                    tracing::warn!(error = %e, ?backoff, "publication failed; retrying");
+                    metrics::counter!("cmb_publish_failures_total").increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        lease.release(&self.pool).await;
+        tracing::info!("publisher stopped");
+    }
+
+    /// One round: returns Ok(true) when it published something (or finished a snapshot).
+    async fn step(
+        &self,
+        lease: &mut Lease,
+        position: &mut Option<Checkpoint>,
+    ) -> Result<bool, async_nats::Error> {
+        let was_held = lease.is_held();
+        if !lease.ensure(&self.pool).await? {
+            *position = None;
+            return Ok(false);
+        }
+        let (mut at, taking_over) = match position.take() {
+            Some(at) if was_held => (at, false),
+            _ => (checkpoint(&self.pool, PUBLISHER).await?, true),
+        };
+        let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch).await?;
+        let Some(last) = batch.last() else {
+            return match at.pending.take() {
+                // Nothing new visible: the done snapshot stays (its scan costs nothing).
+                None => {
+                    *position = Some(at);
+                    Ok(false)
+                }
+                // The pending snapshot is fully out.
+                Some(pending) => {
+                    at.done = pending;
+                    at.at = CommitPosition::default();
+                    save_checkpoint(&self.pool, PUBLISHER, &at).await?;
+                    *position = Some(at);
+                    Ok(true)
+                }
+            };
+        };
+        let last = CommitPosition::of(last);
+        let full = batch.len() as i64 >= self.settings.batch;
+        if at.pending.is_none() {
+            at.pending = snapshot;
+        }
+        if taking_over {
+            // Only the first batch after taking over can hold what a predecessor published.
+            batch = drop_already_published(&self.js, &self.stream, batch).await?;
+        }
+        let mut acks = Vec::with_capacity(batch.len());
+        for wave in cmb_nats::publish::waves(&batch) {
+            // A publisher that lost its lease stops within one wave.
+            if !lease.ensure(&self.pool).await? {
+                return Err("the publisher lease was lost mid-batch".into());
+            }
+            acks.extend(
+                cmb_nats::publish::publish_wave(&self.js, &self.stream, &batch, &wave).await?,
+            );
+        }
+        if full {
+            at.at = last;
+        } else {
+            // Fewer than a batch: that was the pending snapshot's last page.
+            at.done = at.pending.take().unwrap_or(at.done);
+            at.at = CommitPosition::default();
+        }
+        save_checkpoint(&self.pool, PUBLISHER, &at).await?;
+        *position = Some(at);
+        let now = Utc::now();
+        let fresh = acks.iter().filter(|a| !a.duplicate).count() as u64;
+        metrics::counter!("cmb_events_published_total").increment(fresh);
+        metrics::counter!("cmb_events_republished_duplicates_total")
+            .increment(batch.len() as u64 - fresh);
+        let lags: Vec<Duration> = batch
+            .iter()
+            .map(|e| (now - e.occurred_at).to_std().unwrap_or_default())
+            .collect();
+        for lag in &lags {
+            metrics::histogram!("cmb_publication_lag_seconds").record(lag.as_secs_f64());
+        }
+        if let Some(samples) = &self.lag_samples {
+            samples.lock().expect("lag samples lock").extend(lags);
+        }
+        Ok(true)
+    }
+}
+
+/// What `events verify` found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub in_store: u64,
+    pub in_stream: u64,
+    pub missing: Vec<String>,
+    pub republished: u64,
+    pub unknown_in_stream: u64,
+    /// Missing events whose aggregate already has a later event on the stream: republishing
+    /// them would put them after it, so they are left alone (see [`UNREPAIRABLE_HINT`]).
+    pub unrepairable: Vec<String>,
+}
+
+/// What to do when `verify` finds a loss it cannot repair in order.
+pub const UNREPAIRABLE_HINT: &str = "the stream holds later events of these aggregates, so \
+republishing the lost ones would break their order. Rebuild the stream from the store: stop \
+every instance, delete the stream (nats stream rm), DELETE FROM publisher_checkpoints, start \
+one `callmeback serve` (the publisher republishes the whole log in commit order), then \
+`callmeback projections rebuild NAME` for each projection.";
+
+/// Events the checkpoint says are on the stream, after `after` in commit order.
+async fn read_covered(
+    pool: &PgPool,
+    after: CommitPosition,
+    limit: i64,
+) -> Result<Vec<EventEnvelope>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                e.payload, e.metadata, e.global_position, e.xact_id::text::bigint AS commit_xid,
+                e.recorded_at
+           FROM events e, publisher_checkpoints c
+          WHERE c.name = $1 AND {COVERED}
+            AND (e.xact_id, e.global_position) > ($2::text::xid8, $3)
+          ORDER BY e.xact_id, e.global_position
+          LIMIT $4"
+    ))
+    .bind(PUBLISHER)
+    .bind(after.commit_xid)
+    .bind(after.global_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(envelope_from_row).collect()
+}
+
+/// Compares the stream with the event store up to the publisher's checkpoint (what the
+/// publisher has not reached yet is its job, not a loss) and, with `repair`, republishes what
+/// is missing, in commit order — but never an event whose aggregate already has a later one
+/// on the stream (that would break the aggregate's order: it is reported as unrepairable).
+pub async fn verify(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    repair: bool,
+) -> Result<VerifyReport, async_nats::Error> {
+    use std::collections::{HashMap, HashSet};
+    let until = cmb_nats::replay::last_sequence(js, settings).await?;
+    let mut seen: HashSet<String> = HashSet::new();
+    // Per aggregate, the highest sequence the stream holds.
+    let mut highest: HashMap<(String, String), u64> = HashMap::new();
+    let mut rx = cmb_nats::replay::open(
+        js,
+        settings,
+        &settings.all_subjects(),
+        cmb_nats::replay::Start::Beginning,
+        until,
+    )
+    .await?;
+    while let Some(item) = rx.recv().await {
+        let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;
+        let top = highest
+            .entry((r.event.aggregate_type.clone(), r.event.aggregate_id.clone()))
+            .or_default();
+        *top = (*top).max(r.event.sequence);
+        seen.insert(r.event.event_id());
+    }
+    let mut report = VerifyReport {
+        in_stream: seen.len() as u64,
+        ..Default::default()
+    };
+    let mut after = CommitPosition::default();
+    // Aggregates with an unrepairable loss: none of their later events is republished either.
+    let mut broken: HashSet<(String, String)> = HashSet::new();
+    loop {
+        let batch = read_covered(pool, after, 5_000).await?;
+        let Some(last) = batch.last() else { break };
+        after = CommitPosition::of(last);
+        let mut missing = Vec::new();
+        for e in batch {
+            report.in_store += 1;
+            if seen.remove(&e.event_id()) {
+                continue;
+            }
+            report.missing.push(e.event_id());
+            let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+            if broken.contains(&key) || highest.get(&key).is_some_and(|&top| top > e.sequence) {
+                report.unrepairable.push(e.event_id());
+                broken.insert(key);
+            } else {
+                missing.push(e);
+            }
+        }
+        if repair && !missing.is_empty() {
+            let acks = cmb_nats::publish::publish_in_order(js, settings, &missing).await?;
+            report.republished += acks.iter().filter(|a| !a.duplicate).count() as u64;
+        }
+    }
+    report.unknown_in_stream = seen.len() as u64;
+    Ok(report)
+}

@@ -1,0 +1,348 @@
+//! Runs projections from the stream: a durable consumer per projection, shared by every
+//! instance, each message applied with its offset in one transaction (see
+//! `cmb_projections::apply`) and acknowledged after the commit.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use cmb_nats::consume::{self, DurableSpec};
+use cmb_nats::StreamSettings;
+use cmb_projections::{Outcome, Projection};
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::backbone::deadletter;
+
+/// Messages waiting per projection, as last measured (for `/readyz` and the metric).
+pub type LagBoard = Arc<RwLock<BTreeMap<String, u64>>>;
+
+pub struct Projector {
+    pub pool: PgPool,
+    pub stream: jetstream::stream::Stream,
+    pub settings: StreamSettings,
+    pub consumer_prefix: String,
+    pub lag: LagBoard,
+    /// How long a delivered message may go unacknowledged (a dead instance's messages come
+    /// back after this).
+    pub ack_wait: Duration,
+    /// Deliveries after which an event that keeps failing is set aside.
+    pub max_deliveries: i64,
+}
+
+impl Projector {
+    fn durable_name(&self, projection: &dyn Projection) -> String {
+        format!("{}-proj-{}", self.consumer_prefix, projection.name())
+    }
+
+    /// Spawns one consumer loop per projection, plus a lag monitor.
+    pub fn spawn_all(
+        self: Arc<Self>,
+        projections: Vec<Arc<dyn Projection>>,
+        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
+        for projection in projections {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { me.run(projection, shutdown).await });
+        }
+    }
+
+    async fn run(self: Arc<Self>, projection: Arc<dyn Projection>, shutdown: CancellationToken) {
+        let name = projection.name();
+        let mut spec =
+            DurableSpec::all_events(&self.settings, &self.durable_name(projection.as_ref()));
+        spec.ack_wait = self.ack_wait;
+        spec.set_aside_after = self.max_deliveries;
+        while !shutdown.is_cancelled() {
+            if let Err(e) = self.consume(projection.as_ref(), &spec, &shutdown).await {
+                tracing::warn!(projection = name, error = %e, "projector stopped; restarting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        projection: &dyn Projection,
+        spec: &DurableSpec,
+        shutdown: &CancellationToken,
+    ) -> Result<(), async_nats::Error> {
+        let name = projection.name();
+        let consumer_name = format!("projection:{name}");
+        let mut consumer = consume::durable(&self.stream, spec).await?;
+        let mut messages = consumer.messages().await?;
+        let mut last_lag_check = Instant::now() - Duration::from_secs(60);
+        let mut last_redrive = Instant::now();
+        loop {
+            if last_redrive.elapsed() >= deadletter::REDRIVE_EVERY {
+                last_redrive = Instant::now();
+                self.redrive(projection, &consumer_name).await?;
+            }
+            if last_lag_check.elapsed() > Duration::from_secs(2) {
+                last_lag_check = Instant::now();
+                if let Ok(lag) = consume::lag(&mut consumer).await {
+                    self.lag
+                        .write()
+                        .expect("lag board")
+                        .insert(name.to_string(), lag);
+                    metrics::gauge!("cmb_projection_lag_messages", "projection" => name)
+                        .set(lag as f64);
+                }
+            }
+            let message = tokio::select! {
+                // Stop taking messages; what was applied has been acknowledged already.
+                _ = shutdown.cancelled() => return Ok(()),
+                m = tokio::time::timeout(Duration::from_secs(2), messages.next()) => m,
+            };
+            let message = match message {
+                Err(_) => continue, // idle: loop to refresh the lag
+                Ok(None) => return Err("message stream ended".into()),
+                Ok(Some(m)) => m?,
+            };
+            let (stream_sequence, deliveries) = message
+                .info()
+                .map(|i| (i.stream_sequence, i.delivered))
+                .unwrap_or((0, 1));
+            let event = match cmb_nats::contract::decode_body(&message.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Never acknowledged and forgotten: kept, body and all.
+                    deadletter::park(
+                        &self.pool,
+                        deadletter::Parked {
+                            consumer: &consumer_name,
+                            stream_sequence,
+                            event: None,
+                            headers: message.headers.as_ref(),
+                            body: Some(&message.payload),
+                            deliveries,
+                            error: &format!("cannot be decoded: {e}"),
+                            retry: false,
+                        },
+                    )
+                    .await?;
+                    message.ack().await?;
+                    continue;
+                }
+            };
+            match cmb_projections::apply(&self.pool, projection, &event, stream_sequence).await {
+                Ok(Outcome::Gap { expected }) => {
+                    match deadletter::blocker(&self.pool, &consumer_name, &event).await? {
+                        // Its predecessor was set aside: it waits there too, in order.
+                        Some(blocker) => {
+                            deadletter::park(
+                                &self.pool,
+                                deadletter::Parked {
+                                    consumer: &consumer_name,
+                                    stream_sequence,
+                                    event: Some(&event),
+                                    headers: None,
+                                    body: None,
+                                    deliveries,
+                                    error: &blocker.reason,
+                                    retry: blocker.retrying,
+                                },
+                            )
+                            .await?;
+                            message.ack().await?;
+                        }
+                        None => {
+                            tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
+                            message
+                                .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                                .await?;
+                        }
+                    }
+                }
+                Ok(outcome) => {
+                    message.ack().await?;
+                    metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => outcome_label(outcome)).increment(1);
+                }
+                Err(e) if !deadletter::is_transient(&e) && deliveries >= spec.set_aside_after => {
+                    deadletter::park(
+                        &self.pool,
+                        deadletter::Parked {
+                            consumer: &consumer_name,
+                            stream_sequence,
+                            event: Some(&event),
+                            headers: None,
+                            body: None,
+                            deliveries,
+                            error: &e.to_string(),
+                            retry: false,
+                        },
+                    )
+                    .await?;
+                    message.ack().await?;
+                    metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => "dead_letter").increment(1);
+                }
+                Err(e) => {
+                    let backoff = Duration::from_millis(500 * 2u64.pow((deliveries as u32).min(6)));
+                    tracing::warn!(projection = name, event = %event.event_id(), deliveries, error = %e, ?backoff, "apply failed; redeliver later");
+                    message.ack_with(AckKind::Nak(Some(backoff))).await?;
+                }
+            }
+        }
+    }
+
+    /// Applies what is marked for retry among this projection's dead letters.
+    async fn redrive(
+        &self,
+        projection: &dyn Projection,
+        consumer_name: &str,
+    ) -> Result<u64, async_nats::Error> {
+        deadletter::redrive(
+            &self.pool,
+            &self.stream,
+            consumer_name,
+            |seq, event| async move {
+                match cmb_projections::apply(&self.pool, projection, &event, seq).await {
+                    Ok(Outcome::Gap { expected }) => deadletter::Redriven::Failed(format!(
+                        "still waiting for sequence {expected}"
+                    )),
+                    Ok(_) => deadletter::Redriven::Done,
+                    Err(e) => deadletter::Redriven::Failed(e.to_string()),
+                }
+            },
+        )
+        .await
+    }
+}
+
+fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Applied => "applied",
+        Outcome::AlreadyApplied => "duplicate",
+        Outcome::Gap { .. } => "gap",
+        Outcome::Ignored => "ignored",
+        Outcome::Unknown => "unknown_type",
+    }
+}
+
+/// Progress on a terminal: `n/total, events/s, ETA`, at most a few times a second.
+pub struct Progress {
+    total: u64,
+    done: u64,
+    started: Instant,
+    last_print: Instant,
+    enabled: bool,
+    label: String,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: u64) -> Self {
+        use std::io::IsTerminal;
+        Progress {
+            total,
+            done: 0,
+            started: Instant::now(),
+            last_print: Instant::now(),
+            enabled: std::io::stderr().is_terminal(),
+            label: label.to_string(),
+        }
+    }
+
+    pub fn force(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    pub fn tick(&mut self, n: u64) {
+        self.done += n;
+        if self.enabled && self.last_print.elapsed() > Duration::from_millis(250) {
+            self.last_print = Instant::now();
+            self.print(false);
+        }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.done as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn print(&self, last: bool) {
+        let rate = self.rate();
+        let left = self.total.saturating_sub(self.done);
+        let eta = if rate > 0.0 { left as f64 / rate } else { 0.0 };
+        let mut err = std::io::stderr();
+        let _ = write!(
+            err,
+            "\r{}: {}/{} events, {:.0} events/s, ETA {:.0}s   {}",
+            self.label,
+            self.done,
+            self.total,
+            rate,
+            eta,
+            if last { "\n" } else { "" }
+        );
+        let _ = err.flush();
+    }
+
+    pub fn finish(&self) {
+        if self.enabled {
+            self.print(true);
+        }
+    }
+}
+
+/// Rebuilds `projection` from scratch: empties its tables and offsets, then applies the
+/// stream from the first event up to the last one now. A live projector keeps running; the
+/// per-aggregate offsets make the two agree (whichever applies an event first wins, the
+/// other sees it applied).
+pub async fn rebuild(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    projection: &dyn Projection,
+    show_progress: bool,
+) -> Result<u64, async_nats::Error> {
+    cmb_projections::reset(pool, projection).await?;
+    let until = cmb_nats::replay::last_sequence(js, settings).await?;
+    let mut progress =
+        Progress::new(&format!("rebuild {}", projection.name()), until).force(show_progress);
+    let mut rx = cmb_nats::replay::open(
+        js,
+        settings,
+        &settings.all_subjects(),
+        cmb_nats::replay::Start::Beginning,
+        until,
+    )
+    .await?;
+    let mut applied = 0;
+    while let Some(item) = rx.recv().await {
+        let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;
+        // A gap here means the live projector holds the predecessor's transaction: retry a
+        // while. One that lasts means the stream lost an event: `events verify` repairs it.
+        let mut waited = 0;
+        loop {
+            match cmb_projections::apply(pool, projection, &r.event, r.stream_sequence).await? {
+                Outcome::Gap { expected } if waited >= 250 => {
+                    return Err(format!(
+                        "{} arrived but its sequence {expected} never did; run `callmeback events verify`",
+                        r.event.event_id()
+                    )
+                    .into())
+                }
+                Outcome::Gap { .. } => {
+                    waited += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Outcome::Applied => {
+                    applied += 1;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        progress.tick(1);
+    }
+    progress.finish();
+    Ok(applied)
+}

@@ -1,0 +1,342 @@
+//! The command line: `serve`, `migrate`, `seed`, `events verify`, `projections …`,
+//! `simulate`, `bench …`; the analysts' `replay …` is in `replay`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+mod replay;
+
+#[derive(Parser)]
+#[command(
+    name = "callmeback",
+    version,
+    about = "Call Me Back: AI personas that call you back"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API and every worker (creates the database and applies migrations first).
+    Serve,
+    /// Create the database if missing and apply pending migrations, then exit.
+    Migrate,
+    /// Create (idempotently) the system personas and a demo user with 100 credits; print its
+    /// sign-in.
+    Seed,
+    /// Analysts: read the event log (JetStream or Postgres), print it or reconcile costs.
+    Replay {
+        #[command(flatten)]
+        range: Box<replay::ReplayRange>,
+        #[command(subcommand)]
+        command: replay::ReplayCommand,
+    },
+    /// Operate on the event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Operate on read models.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// A realistic history through the real command path, fast: users, credits, calls of
+    /// varied lengths with holds, failures, costs, settlements and refunds. Backdated over
+    /// the days when no other instance is publishing (see the README).
+    Simulate {
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        #[arg(long, default_value_t = 20)]
+        calls_per_day: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Then run the publisher until every event is on the stream (without it, `serve`
+        /// publishes them when it runs).
+        #[arg(long)]
+        publish: bool,
+    },
+    /// Events set aside after consumers kept failing on them (dead letters).
+    Dlq {
+        #[command(subcommand)]
+        command: crate::backbone::deadletter::DlqCommand,
+    },
+    /// Benchmarks (figures as a table, then one line of JSON).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Compare the JetStream stream with the event store and republish what is missing.
+    Verify {
+        /// Only report; republish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectionsCommand {
+    /// List the projections.
+    List,
+    /// Rebuild a projection from the first event of the stream.
+    Rebuild { name: String },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Concurrent commands through the real command path: committed and published per
+    /// second, and publication lag. Uses its own database (`<name>_bench`) and stream.
+    Events {
+        #[arg(long, default_value_t = 20_000)]
+        commands: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: u64,
+        #[arg(long, default_value_t = 2_000)]
+        aggregates: u64,
+    },
+    /// Concurrent simulated calls with barge-ins: our overhead per turn, frame jitter, CPU and
+    /// memory per call. `--sweep` doubles the calls up to `--calls` and reports the largest
+    /// number within the targets (overhead p99 ≤ 5 ms, jitter p99 ≤ 20 ms).
+    Voice {
+        #[arg(long, default_value_t = 4)]
+        calls: u32,
+        #[arg(long)]
+        sweep: bool,
+        /// How long each simulated call lasts.
+        #[arg(long, default_value_t = 14)]
+        seconds: u32,
+    },
+    /// Fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with N events of the
+    /// real shapes, then replays them with the ordered reader, with and without reconciling:
+    /// events per second.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init_logs(config.log_format);
+    match run(cli.command, config).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve => {
+            if config.jwt_secret.expose() == crate::config::DEVELOPMENT_JWT_SECRET {
+                tracing::warn!(
+                    "JWT_SECRET is not set: tokens are signed with the development secret"
+                );
+            }
+            let running = crate::app::start(config).await?;
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            running.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seed => {
+            let b = crate::backbone::connect(&config, 4).await?;
+            let store = crate::backbone::store::EventStore::new(b.pool.clone());
+            let demo = crate::ops::seed::demo(&store).await?;
+            println!("system personas: brad_001, sarah_001, alex_001");
+            println!("demo user:       {} ({})", demo.email, demo.user_id);
+            println!("password:        {}", crate::ops::seed::DEMO_PASSWORD);
+            println!("credits:         {}", demo.credits);
+            println!(
+                "sign in:         POST /api/auth/login {{\"email\": \"{}\", \"password\": \"…\"}}",
+                demo.email
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay { range, command } => replay::run(config, *range, command).await,
+        Command::Dlq { command } => {
+            let b = crate::backbone::connect(&config, 2).await?;
+            crate::backbone::deadletter::cli(&b.pool, command).await
+        }
+        Command::Simulate {
+            days,
+            calls_per_day,
+            seed,
+            publish,
+        } => {
+            let summary = crate::ops::simulate::run(
+                config,
+                crate::ops::simulate::Options {
+                    days,
+                    calls_per_day,
+                    seed,
+                    publish,
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let pool = crate::backbone::db::connect(&config.database_url, 2).await?;
+            crate::backbone::db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events {
+            command: EventsCommand::Verify { dry_run },
+        } => {
+            let b = crate::backbone::connect(&config, 4).await?;
+            let report = crate::backbone::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "events in the store (published so far): {}",
+                report.in_store
+            );
+            println!(
+                "events in the stream:                   {}",
+                report.in_stream
+            );
+            println!(
+                "missing from the stream:                {}",
+                report.missing.len()
+            );
+            for id in report.missing.iter().take(20) {
+                println!("  {id}");
+            }
+            println!(
+                "republished:                            {}",
+                report.republished
+            );
+            if !report.unrepairable.is_empty() {
+                println!(
+                    "not repairable in order:                {}",
+                    report.unrepairable.len()
+                );
+                for id in report.unrepairable.iter().take(20) {
+                    println!("  {id}");
+                }
+                eprintln!("{}", crate::backbone::outbox::UNREPAIRABLE_HINT);
+            }
+            Ok(
+                if report.missing.is_empty() || report.republished as usize == report.missing.len()
+                {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
+        }
+        Command::Projections {
+            command: ProjectionsCommand::List,
+        } => {
+            for p in cmb_projections::all() {
+                println!("{}\t{}", p.name(), p.tables().join(","));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild { name },
+        } => {
+            let Some(projection) = cmb_projections::by_name(&name) else {
+                let names: Vec<_> = cmb_projections::all().iter().map(|p| p.name()).collect();
+                anyhow::bail!("no projection {name:?}; there are: {}", names.join(", "));
+            };
+            let b = crate::backbone::connect(&config, 4).await?;
+            use std::io::IsTerminal;
+            let applied = crate::backbone::projector::rebuild(
+                &b.pool,
+                &b.js,
+                &config.stream,
+                projection.as_ref(),
+                std::io::stderr().is_terminal(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("rebuilt {name}: {applied} events applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Events {
+                    commands,
+                    concurrency,
+                    aggregates,
+                },
+        } => {
+            crate::ops::bench::events(config, commands, concurrency, aggregates).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Voice {
+                    calls,
+                    sweep,
+                    seconds,
+                },
+        } => {
+            let counts: Vec<u32> = if sweep {
+                std::iter::successors(Some(1u32), |n| Some(n * 2))
+                    .take_while(|n| *n <= calls)
+                    .collect()
+            } else {
+                vec![calls]
+            };
+            let mut rows = Vec::new();
+            let mut largest = None;
+            for n in counts {
+                let f = crate::ops::bench_voice::run(&config, n, seconds).await?;
+                if crate::ops::bench_voice::within_targets(&f) {
+                    largest = Some(n);
+                }
+                eprintln!(
+                    "{n} calls: overhead p99 {:.1} ms, jitter p99 {:.1} ms",
+                    f.overhead_p99_ms, f.jitter_p99_ms
+                );
+                rows.push(f);
+            }
+            crate::ops::bench_voice::print(&rows, if sweep { largest } else { None });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Replay { events },
+        } => {
+            crate::ops::bench::replay(config, events).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,353 @@
+//! `callmeback replay`: the analysts' reader of the event log (JetStream or Postgres): print
+//! it, reconcile revenue and costs (against providers' bills, recording them with `--record`),
+//! or rebuild read models from it and swap them in.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+
+#[derive(clap::Args)]
+pub struct ReplayRange {
+    /// Where to read: `nats` (the JetStream stream, with an ordered consumer) or `postgres`.
+    #[arg(long, default_value = "nats", global = true)]
+    source: String,
+    /// From this time (ISO 8601) or date (YYYY-MM-DD, UTC), inclusive.
+    #[arg(long, global = true)]
+    from: Option<String>,
+    /// Up to this time or date (a date means its whole day), exclusive.
+    #[arg(long, global = true)]
+    to: Option<String>,
+    /// Start at this stream sequence (NATS only).
+    #[arg(long, global = true)]
+    since_seq: Option<u64>,
+    /// Only this aggregate type (call, wallet, user, …).
+    #[arg(long = "type", global = true)]
+    aggregate_type: Option<String>,
+    /// Only this user's events (and their calls').
+    #[arg(long, global = true)]
+    user: Option<uuid::Uuid>,
+    /// Only this call's events.
+    #[arg(long, global = true)]
+    call: Option<uuid::Uuid>,
+    /// table (default on a terminal), csv or json.
+    #[arg(long, global = true)]
+    format: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ReplayCommand {
+    /// Print the events as JSON lines.
+    Events,
+    /// Rebuild read models into fresh tables from the whole stream and swap them in without
+    /// downtime for the API (see `rebuild.rs`). Always from the first event: a read model
+    /// folds every event of its aggregates, so `--from`/`--to` do not apply.
+    Projections {
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
+    /// Revenue, cost and margin per call, user, provider and day, with anomalies; with
+    /// `--billed`, differences from what providers billed.
+    Reconcile {
+        /// Draw cost (stacked by provider) and revenue per day into this SVG file.
+        #[arg(long)]
+        chart: Option<std::path::PathBuf>,
+        /// Providers' bills: the generic CSV or Twilio's call export.
+        #[arg(long, num_args = 1..)]
+        billed: Vec<std::path::PathBuf>,
+        /// Differences larger than this many cents are listed.
+        #[arg(long, default_value_t = 1)]
+        threshold: i64,
+        /// Record the billed figures of rows that match a call as cost events
+        /// (`estimated = false`), once per call, provider and reference.
+        #[arg(long, requires = "billed")]
+        record: bool,
+    },
+}
+
+fn parse_time(field: &str, raw: &str, end: bool) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    // The field name is only for the API's message; the command line says its own.
+    cmb_domain::values::parse_time_bound("time", raw, end).map_err(|_| {
+        anyhow::anyhow!("--{field}: expected YYYY-MM-DD or an ISO 8601 time, got {raw:?}")
+    })
+}
+
+/// `replay …`: read the log and print it, reconcile it, or rebuild read models from it.
+pub async fn run(
+    config: Config,
+    range: ReplayRange,
+    command: ReplayCommand,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let from = range
+        .from
+        .as_deref()
+        .map(|f| parse_time("from", f, false))
+        .transpose()?;
+    let to = range
+        .to
+        .as_deref()
+        .map(|t| parse_time("to", t, true))
+        .transpose()?;
+    let format = range.format.clone().unwrap_or_else(|| {
+        if std::io::stdout().is_terminal() {
+            "table".into()
+        } else {
+            "json".into()
+        }
+    });
+    if !["table", "csv", "json"].contains(&format.as_str()) {
+        anyhow::bail!("--format: table, csv or json");
+    }
+    if let ReplayCommand::Projections { names } = &command {
+        return replay_projections(config, &range, names, &format).await;
+    }
+    let filter = crate::ops::reconcile::Filter {
+        aggregate_type: range.aggregate_type.clone(),
+        user: range.user,
+        call: range.call,
+    };
+    // A reconcile covers the calls requested in the range with everything that belongs to
+    // them, however late (settlements, refunds, bills recorded afterwards), so it reads the
+    // whole log and places each call by its request.
+    let calls_in_range = (from, to);
+    let (from, to) = if matches!(command, ReplayCommand::Reconcile { .. }) {
+        (None, None)
+    } else {
+        (from, to)
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+    let b = crate::backbone::connect(&config, 4).await?;
+    let mut progress = crate::backbone::projector::Progress::new("replay", 0)
+        .force(std::io::stderr().is_terminal() && format != "json");
+    let reader = match range.source.as_str() {
+        "postgres" => {
+            let pool = b.pool.clone();
+            tokio::spawn(
+                async move { crate::ops::reconcile::from_postgres(&pool, tx, from, to).await },
+            )
+        }
+        "nats" => {
+            let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            progress = crate::backbone::projector::Progress::new("replay", until)
+                .force(std::io::stderr().is_terminal() && format != "json");
+            let start = match (range.since_seq, from) {
+                (Some(seq), _) => cmb_nats::replay::Start::Sequence(seq),
+                (None, Some(t)) => cmb_nats::replay::Start::Time(t),
+                (None, None) => cmb_nats::replay::Start::Beginning,
+            };
+            let filter_subject = match &range.aggregate_type {
+                Some(t) => config.stream.type_subjects(t),
+                None => config.stream.all_subjects(),
+            };
+            let mut events =
+                cmb_nats::replay::open(&b.js, &config.stream, &filter_subject, start, until)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tokio::spawn(async move {
+                while let Some(item) = events.recv().await {
+                    let e = item.map_err(|e| anyhow::anyhow!("{e}"))?.event;
+                    if to.is_some_and(|t| e.occurred_at >= t)
+                        || from.is_some_and(|f| e.occurred_at < f)
+                    {
+                        continue;
+                    }
+                    if tx.send(e).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+        }
+        other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
+    };
+    let mut user_calls = std::collections::HashSet::new();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut reconciler = crate::ops::reconcile::Reconciler::requested_between(calls_in_range);
+    let printing = matches!(command, ReplayCommand::Events);
+    while let Some(e) = rx.recv().await {
+        progress.tick(1);
+        if !filter.keep(&e, &mut user_calls) {
+            continue;
+        }
+        if printing {
+            serde_json::to_writer(&mut out, &e)?;
+            writeln!(out)?;
+        } else {
+            reconciler.add(&e);
+        }
+    }
+    reader.await??;
+    if let ReplayCommand::Reconcile {
+        chart,
+        billed,
+        threshold,
+        record,
+    } = command
+    {
+        let report = reconciler.report();
+        if let Some(path) = chart {
+            std::fs::write(&path, crate::ops::reconcile::output::chart_svg(&report))?;
+        }
+        if billed.is_empty() {
+            crate::ops::reconcile::output::write_report(&mut out, &report, &format)?;
+        } else {
+            let mut rows = Vec::new();
+            for path in &billed {
+                rows.extend(crate::ops::reconcile::billed::read_billed(path)?);
+            }
+            let (diffs, total) = crate::ops::reconcile::billed::compare(&report, &rows, threshold);
+            let (recorded, unchanged) = if record {
+                record_billed(&b.pool, &report, &rows).await?
+            } else {
+                (0, 0)
+            };
+            if record && format != "json" {
+                eprintln!("recorded {recorded} billed figures ({unchanged} were already recorded)");
+            }
+            match format.as_str() {
+                "json" => {
+                    let mut body = serde_json::json!({ "differences": diffs, "total_difference_cents": total });
+                    if record {
+                        body["recorded"] = recorded.into();
+                        body["already_recorded"] = unchanged.into();
+                    }
+                    serde_json::to_writer(&mut out, &body)?;
+                    writeln!(out)?;
+                }
+                "csv" => {
+                    writeln!(out, "kind,call_id,provider,reference,estimated_cents,billed_cents,difference_cents")?;
+                    for d in &diffs {
+                        writeln!(
+                            out,
+                            "{},{},{},{},{},{},{}",
+                            d.kind,
+                            d.call_id.clone().unwrap_or_default(),
+                            d.provider,
+                            d.reference,
+                            d.estimated_cents.map(|c| c.to_string()).unwrap_or_default(),
+                            d.billed_cents.map(|c| c.to_string()).unwrap_or_default(),
+                            d.difference_cents
+                        )?;
+                    }
+                }
+                _ => {
+                    for d in &diffs {
+                        writeln!(
+                            out,
+                            "{:<24} {:<36} {:<10} estimated {:>6} billed {:>6} difference {:>6}",
+                            d.kind,
+                            d.call_id.clone().unwrap_or_else(|| d.reference.clone()),
+                            d.provider,
+                            d.estimated_cents
+                                .map(|c| c.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            d.billed_cents
+                                .map(|c| c.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            d.difference_cents
+                        )?;
+                    }
+                    writeln!(out, "total difference: {total} cents")?;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `reconcile --record`: each billed figure matched to a call becomes a cost event with
+/// `estimated = false`, once per call, provider and reference (the aggregate drops repeats).
+/// Returns (recorded, already recorded).
+async fn record_billed(
+    pool: &sqlx::PgPool,
+    report: &crate::ops::reconcile::Report,
+    rows: &[crate::ops::reconcile::billed::Billed],
+) -> anyhow::Result<(u64, u64)> {
+    use cmb_domain::call::{Call, CallCommand, Cost};
+    let store = crate::backbone::store::EventStore::new(pool.clone());
+    let ctx = cmb_domain::CommandContext::system("reconcile-record");
+    let (mut recorded, mut unchanged) = (0, 0);
+    for ((call_id, provider, reference), micros) in
+        crate::ops::reconcile::billed::billed_per_call(report, rows)
+    {
+        let cost = Cost::priced(&provider, "billed", 1, "bill", micros, 1, false);
+        let committed = store
+            .execute::<Call>(
+                &call_id,
+                CallCommand::RecordBilledCost { reference, cost },
+                &ctx,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("recording a bill on {call_id}: {e}"))?;
+        if committed.events > 0 {
+            recorded += 1;
+        } else {
+            unchanged += 1;
+        }
+    }
+    Ok((recorded, unchanged))
+}
+
+/// `replay projections NAME…`: each rebuilt into fresh tables and swapped in.
+async fn replay_projections(
+    config: Config,
+    range: &ReplayRange,
+    names: &[String],
+    format: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    if range.from.is_some()
+        || range.to.is_some()
+        || range.since_seq.is_some()
+        || range.aggregate_type.is_some()
+        || range.user.is_some()
+        || range.call.is_some()
+    {
+        anyhow::bail!("replay projections rebuilds from the first event: a read model folds every event of its aggregates, so --from, --to, --since-seq and the filters do not apply");
+    }
+    if range.source != "nats" {
+        anyhow::bail!("replay projections reads the stream (--source nats): the stream sequence is what the live projectors resume from");
+    }
+    let mut projections = Vec::new();
+    for name in names {
+        let Some(p) = cmb_projections::by_name(name) else {
+            let all: Vec<_> = cmb_projections::all().iter().map(|p| p.name()).collect();
+            anyhow::bail!("no projection {name:?}; there are: {}", all.join(", "));
+        };
+        projections.push(p);
+    }
+    let b = crate::backbone::connect(&config, 4).await?;
+    let mut out = std::io::stdout().lock();
+    for projection in projections {
+        let rebuilt = crate::ops::rebuild::rebuild_and_swap(
+            &b.pool,
+            &b.js,
+            &config.stream,
+            projection.as_ref(),
+            std::io::stderr().is_terminal() && format != "json",
+        )
+        .await?;
+        if format == "json" {
+            serde_json::to_writer(&mut out, &rebuilt)?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "rebuilt {}: {} events applied ({} caught up at the swap), {} rows, {:.1}s",
+                rebuilt.projection,
+                rebuilt.events_applied,
+                rebuilt.caught_up,
+                rebuilt.rows,
+                rebuilt.seconds
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

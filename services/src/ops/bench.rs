@@ -1,0 +1,382 @@
+//! Benchmarks. Each prints a table and, last, one line of JSON with the same figures.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaDraft, PersonaPatch, TurnTaking};
+use cmb_domain::{Actor, CommandContext};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::backbone::outbox::{LagSamples, Publisher};
+use crate::backbone::store::EventStore;
+use crate::config::Config;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// A database URL with its database name replaced.
+pub fn with_database(url: &str, name: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((base, rest)) => {
+            let query = rest
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{base}/{name}{query}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn database_name(url: &str) -> String {
+    url.rsplit('/')
+        .next()
+        .unwrap_or("callmeback")
+        .split('?')
+        .next()
+        .unwrap_or("callmeback")
+        .to_string()
+}
+
+/// `bench events`: `commands` persona commands from `concurrency` tasks over `aggregates`
+/// personas, each producing one event, through the real command path, with the real
+/// publisher running; measures commit and publication throughput and publication lag.
+pub async fn events(
+    mut config: Config,
+    commands: u64,
+    concurrency: u64,
+    aggregates: u64,
+) -> anyhow::Result<()> {
+    use sqlx::migrate::MigrateDatabase;
+    let aggregates = aggregates.clamp(1, commands.max(1));
+    let bench_db = format!("{}_bench", database_name(&config.database_url));
+    config.database_url = with_database(&config.database_url, &bench_db);
+    config.stream.stream = "CMB_BENCH_EVENTS".into();
+    config.stream.subject_prefix = "cmb.bench.events".into();
+    let _ = sqlx::Postgres::drop_database(&config.database_url).await;
+    let b = crate::backbone::connect(&config, (concurrency as u32 + 4).max(8)).await?;
+    b.js.delete_stream(&config.stream.stream).await.ok();
+    cmb_nats::ensure_stream(&b.js, &config.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let samples: LagSamples = Default::default();
+    let shutdown = CancellationToken::new();
+    let publisher = Publisher {
+        pool: b.pool.clone(),
+        js: b.js.clone(),
+        stream: config.stream.clone(),
+        settings: config.publisher.clone(),
+        instance_id: config.instance_id.clone(),
+        lag_samples: Some(samples.clone()),
+    };
+    let publishing = tokio::spawn(publisher.run(shutdown.clone()));
+
+    let store = EventStore::new(b.pool.clone());
+    let owner = uuid::Uuid::now_v7();
+    let ids: Arc<Vec<String>> = Arc::new(
+        (0..aggregates)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect(),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    // Worker w owns aggregates w, w + concurrency, …: commands on one aggregate stay in order.
+    for w in 0..concurrency.min(aggregates) {
+        let store = store.clone();
+        let ids = ids.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mine: Vec<&String> = ids
+                .iter()
+                .skip(w as usize)
+                .step_by(concurrency as usize)
+                .collect();
+            let mut done = 0u64;
+            let mut round = 0usize;
+            loop {
+                for id in &mine {
+                    if next.fetch_add(1, Ordering::Relaxed) >= commands {
+                        return Ok::<u64, anyhow::Error>(done);
+                    }
+                    let ctx = CommandContext::for_request(
+                        format!("bench-{w}-{done}"),
+                        Actor::User(owner),
+                    );
+                    let command = if round == 0 {
+                        PersonaCommand::Create {
+                            owner: Owner::User(owner),
+                            draft: PersonaDraft::parse(
+                                &format!("Bench {id}")[..20],
+                                "A persona made by the events benchmark.",
+                                "pNInz6obpgDQGcFmaJgB",
+                                "You exist to be benchmarked. Say little.",
+                                None,
+                                false,
+                                &[],
+                                TurnTaking::default(),
+                            )?,
+                        }
+                    } else {
+                        PersonaCommand::Update {
+                            by: owner,
+                            patch: PersonaPatch {
+                                description: Some(format!("Benchmark revision number {round}.")),
+                                ..Default::default()
+                            },
+                        }
+                    };
+                    store
+                        .execute::<Persona>(id, command, &ctx)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    done += 1;
+                }
+                round += 1;
+            }
+        }));
+    }
+    let mut committed = 0;
+    for w in workers {
+        committed += w.await.context("bench worker")??;
+    }
+    let commit_elapsed = started.elapsed();
+
+    // Wait until the publisher has published everything committed.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let published = samples.lock().expect("samples").len() as u64;
+        if published >= committed || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let publish_elapsed = started.elapsed();
+    shutdown.cancel();
+    let _ = publishing.await;
+
+    let mut lags = samples.lock().expect("samples").clone();
+    lags.sort();
+    let published = lags.len() as u64;
+    let committed_per_s = committed as f64 / commit_elapsed.as_secs_f64();
+    let published_per_s = published as f64 / publish_elapsed.as_secs_f64();
+    let p50 = percentile(&lags, 0.50);
+    let p99 = percentile(&lags, 0.99);
+    let stream_messages = {
+        let mut s =
+            b.js.get_stream(&config.stream.stream)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        s.info()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .state
+            .messages
+    };
+
+    println!(
+        "bench events: {commands} commands, {concurrency} concurrent, {aggregates} aggregates"
+    );
+    println!("| figure                     | value        |");
+    println!("|----------------------------|--------------|");
+    println!("| commands committed         | {committed:>12} |");
+    println!("| events published           | {published:>12} |");
+    println!("| messages in the stream     | {stream_messages:>12} |");
+    println!("| committed per second       | {committed_per_s:>12.0} |");
+    println!("| committed+published per s  | {published_per_s:>12.0} |");
+    println!(
+        "| publication lag p50 (ms)   | {:>12.1} |",
+        p50.as_secs_f64() * 1e3
+    );
+    println!(
+        "| publication lag p99 (ms)   | {:>12.1} |",
+        p99.as_secs_f64() * 1e3
+    );
+    println!(
+        "{}",
+        json!({
+            "bench": "events",
+            "commands": commands,
+            "concurrency": concurrency,
+            "aggregates": aggregates,
+            "committed": committed,
+            "published": published,
+            "stream_messages": stream_messages,
+            "committed_per_sec": committed_per_s.round(),
+            "published_per_sec": published_per_s.round(),
+            "publication_lag_p50_ms": (p50.as_secs_f64() * 1e4).round() / 10.0,
+            "publication_lag_p99_ms": (p99.as_secs_f64() * 1e4).round() / 10.0,
+        })
+    );
+    b.js.delete_stream(&config.stream.stream).await.ok();
+    Ok(())
+}
+
+/// `bench replay`: fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with
+/// `events` events of the real shapes, published directly with bounded in-flight acks; then
+/// replays them with the ordered reader, once only decoding and once reconciling every call.
+pub async fn replay(config: Config, events: u64) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::future::IntoFuture;
+    let mut settings = config.stream.clone();
+    settings.stream = format!("{}_BENCH_REPLAY", config.stream.stream);
+    settings.subject_prefix = format!("{}_bench_replay", config.stream.subject_prefix);
+    let nats = cmb_nats::connect(&config.nats_url, "callmeback bench replay")
+        .await
+        .context("connecting to NATS")?;
+    let js = async_nats::jetstream::new(nats);
+    js.delete_stream(&settings.stream).await.ok();
+    cmb_nats::ensure_stream(&js, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Encoding on a thread of its own, publishing here: at most MAX_IN_FLIGHT unacknowledged.
+    const MAX_IN_FLIGHT: usize = 8_192;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Vec<(String, async_nats::HeaderMap, bytes::Bytes)>>(64);
+    let prefix = settings.clone();
+    let generator = tokio::task::spawn_blocking(move || {
+        // Thirty days of calls.
+        let start = chrono::Utc::now() - chrono::Duration::days(30);
+        let spacing = (30 * 86_400 / (events / 11).max(1) as i64).max(1);
+        let users = (events / 200).clamp(10, 50_000) as usize;
+        let mut history = crate::ops::synthetic::History::new(42, users, start, spacing);
+        let mut left = events;
+        while left > 0 {
+            let n = left.min(1_000);
+            let batch = (&mut history)
+                .take(n as usize)
+                .map(|e| {
+                    let (headers, body) = cmb_nats::contract::encode(&e);
+                    (
+                        prefix.subject(&e.aggregate_type, &e.aggregate_id),
+                        headers,
+                        body,
+                    )
+                })
+                .collect();
+            if tx.blocking_send(batch).is_err() {
+                break;
+            }
+            left -= n;
+        }
+    });
+    let started = Instant::now();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut published = 0u64;
+    while let Some(batch) = rx.recv().await {
+        for (subject, headers, body) in batch {
+            while in_flight.len() >= MAX_IN_FLIGHT {
+                // The set is full, so it yields an ack.
+                if let Some(ack) = in_flight.next().await {
+                    let ack: Result<_, async_nats::jetstream::context::PublishError> = ack;
+                    ack.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+                    published += 1;
+                }
+            }
+            in_flight.push(
+                js.publish_with_headers(subject, headers, body)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("publish: {e}"))?
+                    .into_future(),
+            );
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+        published += 1;
+    }
+    generator.await.context("generator")?;
+    let publish_elapsed = started.elapsed();
+
+    let until = cmb_nats::replay::last_sequence(&js, &settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let read = |reconcile: bool| {
+        let js = js.clone();
+        let settings = settings.clone();
+        async move {
+            let started = Instant::now();
+            let mut rx = cmb_nats::replay::open(
+                &js,
+                &settings,
+                &settings.all_subjects(),
+                cmb_nats::replay::Start::Beginning,
+                until,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut n = 0u64;
+            let mut reconciler = crate::ops::reconcile::Reconciler::default();
+            while let Some(item) = rx.recv().await {
+                let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
+                if reconcile {
+                    reconciler.add(&r.event);
+                }
+                n += 1;
+            }
+            let report = reconcile.then(|| reconciler.report());
+            Ok::<_, anyhow::Error>((n, started.elapsed(), report))
+        }
+    };
+    let (replayed, replay_elapsed, _) = read(false).await?;
+    let (reconciled, reconcile_elapsed, report) = read(true).await?;
+    let report = report.expect("reconciled");
+    js.delete_stream(&settings.stream).await.ok();
+
+    let per_s = |n: u64, d: Duration| (n as f64 / d.as_secs_f64().max(1e-9)).round();
+    let published_per_s = per_s(published, publish_elapsed);
+    let replayed_per_s = per_s(replayed, replay_elapsed);
+    let reconciled_per_s = per_s(reconciled, reconcile_elapsed);
+    println!("bench replay: {events} events of the real shapes");
+    println!("| figure                        | value        |");
+    println!("|-------------------------------|--------------|");
+    println!("| events published              | {published:>12} |");
+    println!("| published per second          | {published_per_s:>12.0} |");
+    println!("| events replayed               | {replayed:>12} |");
+    println!("| replayed per second           | {replayed_per_s:>12.0} |");
+    println!("| replayed+reconciled per second| {reconciled_per_s:>12.0} |");
+    println!(
+        "| calls reconciled              | {:>12} |",
+        report.totals.calls
+    );
+    println!(
+        "| revenue (cents)               | {:>12} |",
+        report.totals.revenue_cents
+    );
+    println!(
+        "| provider cost (cents)         | {:>12} |",
+        report.totals.cost_cents
+    );
+    println!(
+        "| anomalies                     | {:>12} |",
+        report.anomalies.len()
+    );
+    println!(
+        "{}",
+        json!({
+            "bench": "replay",
+            "events": events,
+            "published": published,
+            "published_per_sec": published_per_s,
+            "replayed": replayed,
+            "replayed_per_sec": replayed_per_s,
+            "reconciled": reconciled,
+            "replayed_reconciled_per_sec": reconciled_per_s,
+            "calls": report.totals.calls,
+            "revenue_cents": report.totals.revenue_cents,
+            "cost_cents": report.totals.cost_cents,
+            "anomalies": report.anomalies.len(),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Operators' and analysts' tools: reconciliation, read-model rebuilds, simulated and
+//! synthetic histories, benchmarks and the demo seed.
+
+pub mod bench;
+pub mod bench_voice;
+pub mod rebuild;
+pub mod reconcile;
+pub mod seed;
+pub mod simulate;
+pub mod synthetic;

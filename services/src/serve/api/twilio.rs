@@ -1,0 +1,170 @@
+//! Twilio's webhooks: status callbacks and the answer URL. Both are signed by Twilio
+//! (`X-Twilio-Signature` over the full URL we gave it and the POST parameters); anything
+//! unsigned or forged is refused with 403 and records nothing.
+
+use axum::extract::{OriginalUri, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Form;
+use chrono::{DateTime, Utc};
+use cmb_domain::call::{Call, CallCommand, Status};
+use cmb_domain::{Actor, CommandContext};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::extract::{request_id, Query};
+use crate::serve::http::state::AppState;
+use cmb_providers::twilio::verify_signature;
+
+#[derive(Deserialize)]
+pub struct CallRef {
+    call_id: Option<String>,
+}
+
+/// Checks the signature over `PUBLIC_BASE_URL` + the path and query Twilio called.
+fn verify(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    params: &[(String, String)],
+) -> ApiResult<()> {
+    let signature = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{}{path}", state.config.public_base_url);
+    let token = state.config.twilio.auth_token.expose();
+    if signature.is_empty() || !verify_signature(token, &url, params, signature) {
+        metrics::counter!("cmb_webhooks_refused_total", "source" => "twilio").increment(1);
+        tracing::warn!(%url, "Twilio webhook with a missing or wrong signature refused");
+        return Err(ApiError::forbidden("invalid Twilio signature"));
+    }
+    Ok(())
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The call a webhook is about: our id from the URL, or the CallSid.
+async fn call_id(
+    state: &AppState,
+    query: &CallRef,
+    params: &[(String, String)],
+) -> ApiResult<String> {
+    if let Some(id) = query
+        .call_id
+        .as_deref()
+        .and_then(|id| Uuid::parse_str(id).ok())
+    {
+        return Ok(id.to_string());
+    }
+    let sid = param(params, "CallSid").unwrap_or("");
+    cmb_projections::calls::id_by_sid(&state.pool, sid)
+        .await?
+        .map(|id| id.to_string())
+        .ok_or_else(|| ApiError::not_found("call"))
+}
+
+pub async fn status_callback(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(query): Query<CallRef>,
+    headers: HeaderMap,
+    Form(params): Form<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    verify(&state, &headers, &uri, &params)?;
+    let id = call_id(&state, &query, &params).await?;
+    let sid = param(&params, "CallSid")
+        .ok_or_else(|| ApiError::validation("CallSid", "CallSid: missing"))?
+        .to_string();
+    let raw_status = param(&params, "CallStatus").unwrap_or("");
+    let status = Status::from_twilio(raw_status).ok_or_else(|| {
+        ApiError::validation("CallStatus", format!("CallStatus: unknown {raw_status:?}"))
+    })?;
+    let sequence = param(&params, "SequenceNumber").and_then(|s| s.parse().ok());
+    let duration_secs = param(&params, "CallDuration").and_then(|s| s.parse().ok());
+    let at = param(&params, "Timestamp")
+        .and_then(|t| DateTime::parse_from_rfc2822(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|| state.clock.now());
+    let ctx = CommandContext::for_request(request_id(&headers), Actor::Webhook("twilio".into()));
+    let command = CallCommand::RecordStatus {
+        call_sid: sid,
+        status,
+        sequence,
+        duration_secs,
+        at,
+    };
+    state.store.execute::<Call>(&id, command, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+/// The answer URL: what Twilio does when the callee picks up.
+pub async fn answer(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    Query(query): Query<CallRef>,
+    headers: HeaderMap,
+    Form(params): Form<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    verify(&state, &headers, &uri, &params)?;
+    let id = call_id(&state, &query, &params).await?;
+    let (call, _) = state.store.load::<Call>(&id).await?;
+    if !call.exists() {
+        return Err(ApiError::not_found("call"));
+    }
+    let persona = match &call.persona_id {
+        Some(p) => cmb_projections::personas::greeting_and_voice(&state.pool, p).await?,
+        None => None,
+    };
+    // Warm the greeting while Twilio opens the stream (usually cached already).
+    if let Some((greeting, voice_id)) = persona {
+        let prices = call
+            .prices
+            .unwrap_or(cmb_domain::pricing::PriceTable::LAUNCH);
+        tokio::spawn(
+            state
+                .voice
+                .clone()
+                .warm_greeting(id.clone(), prices, voice_id, greeting),
+        );
+    }
+    let ws_base = state
+        .config
+        .public_base_url
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
+    let twiml = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/></Stream></Connect></Response>"#,
+        xml_escape(&ws_base),
+        xml_escape(&id)
+    );
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
+}
+
+/// The Media Streams WebSocket: Twilio connects here when the call is answered.
+pub async fn stream(
+    State(state): State<AppState>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let voice = state.voice.clone();
+    ws.on_upgrade(move |socket| async move {
+        if let Err(e) = crate::serve::voice::run(voice, socket).await {
+            tracing::error!(error = %e, "voice session failed");
+        }
+    })
+}

@@ -1,0 +1,217 @@
+//! Tokens (HS256 JWTs with a token id) and the extractors that turn a request's
+//! `Authorization` header into a user (passwords: `usecases::accounts::password`).
+//!
+//! Revocation: logout writes the token id to `revoked_tokens` before answering (so every
+//! instance refuses it at once, and after a restart) and records `TokenRevoked` on the user,
+//! from which the users projection can rebuild the table.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::serve::http::error::ApiError;
+use crate::serve::http::state::AppState;
+
+/// How long a token is valid.
+pub const TOKEN_DAYS: i64 = 30;
+
+/// The only algorithm tokens are signed with, and so the only one accepted.
+const ALGORITHM: Algorithm = Algorithm::HS256;
+
+/// What a token says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: Uuid,
+    pub iat: i64,
+    pub exp: i64,
+    /// The token id, the handle for revocation.
+    pub jti: String,
+}
+
+impl Claims {
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        Utc.timestamp_opt(self.exp, 0)
+            .single()
+            .unwrap_or_else(Utc::now)
+    }
+}
+
+pub fn issue_token(secret: &str, user_id: Uuid) -> Result<(String, Claims), ApiError> {
+    let now = Utc::now();
+    let claims = Claims {
+        sub: user_id,
+        iat: now.timestamp(),
+        exp: (now + Duration::days(TOKEN_DAYS)).timestamp(),
+        jti: Uuid::new_v4().simple().to_string(),
+    };
+    let token = jsonwebtoken::encode(
+        &Header::new(ALGORITHM),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(ApiError::internal)?;
+    Ok((token, claims))
+}
+
+/// Checks signature, algorithm and expiry (no leeway). Revocation is checked by the caller.
+pub fn decode_token(secret: &str, token: &str) -> Option<Claims> {
+    let mut validation = Validation::new(ALGORITHM);
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp", "sub", "iat"]);
+    jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(secret.as_bytes()),
+        &validation,
+    )
+    .ok()
+    .map(|data| data.claims)
+}
+
+/// A signed-in user: the token was valid, unexpired and not revoked.
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub claims: Claims,
+    pub request_id: String,
+}
+
+impl AuthUser {
+    pub fn actor(&self) -> cmb_domain::Actor {
+        cmb_domain::Actor::User(self.id)
+    }
+    pub fn context(&self) -> cmb_domain::CommandContext {
+        cmb_domain::CommandContext::for_request(self.request_id.clone(), self.actor())
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<AuthUser>, ApiError> {
+    let Some(token) = bearer(parts) else {
+        return Ok(None);
+    };
+    let unauthorized = || ApiError::unauthorized("the token is invalid, expired or revoked");
+    let claims = decode_token(state.config.jwt_secret.expose(), token).ok_or_else(unauthorized)?;
+    if crate::usecases::accounts::revoked(&state.pool, &claims.jti).await? {
+        return Err(unauthorized());
+    }
+    Ok(Some(AuthUser {
+        id: claims.sub,
+        claims,
+        request_id: crate::serve::http::extract::request_id(&parts.headers),
+    }))
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state).await?.ok_or_else(|| {
+            ApiError::unauthorized("sign in first: send Authorization: Bearer <token>")
+        })
+    }
+}
+
+/// A user if the request carries a token; anonymous otherwise. A bad token is still a 401:
+/// a client that sends one expects to be signed in.
+#[derive(Debug, Clone)]
+pub struct MaybeUser(pub Option<AuthUser>);
+
+impl FromRequestParts<AppState> for MaybeUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state).await.map(MaybeUser)
+    }
+}
+
+/// The client's address: the peer, or the first `X-Forwarded-For` hop when the deployment
+/// says a trusted proxy sets it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.config.trust_proxy_headers {
+            let forwarded = parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|ip| ip.trim().parse().ok());
+            if let Some(ip) = forwarded {
+                return Ok(ClientIp(ip));
+            }
+        }
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        Ok(ClientIp(peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_algorithm_and_secret_are_accepted() {
+        let (token, claims) = issue_token("s3cret", Uuid::now_v7()).unwrap();
+        assert_eq!(decode_token("s3cret", &token).unwrap().jti, claims.jti);
+        assert!(decode_token("other", &token).is_none());
+        // The same claims signed with HS512 are refused although the secret is right.
+        let other_alg = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert!(decode_token("s3cret", &other_alg).is_none());
+        // An unsigned token ("alg": "none") is refused.
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let none = format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        assert!(decode_token("s3cret", &none).is_none());
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let claims = Claims {
+            sub: Uuid::now_v7(),
+            iat: Utc::now().timestamp() - 100,
+            exp: Utc::now().timestamp() - 1,
+            jti: "x".into(),
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(ALGORITHM),
+            &claims,
+            &EncodingKey::from_secret(b"k"),
+        )
+        .unwrap();
+        assert!(decode_token("k", &token).is_none());
+    }
+}

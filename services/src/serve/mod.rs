@@ -1,0 +1,10 @@
+//! What `callmeback serve` runs: the HTTP API, the voice session, the workers and the
+//! scheduler.
+
+pub mod api;
+pub mod http;
+pub mod providers;
+pub mod scheduler;
+pub mod transcripts;
+pub mod voice;
+pub mod workers;

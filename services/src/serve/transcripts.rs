@@ -1,0 +1,73 @@
+//! Call transcripts (`call_transcripts`, beside the event log: personal data kept for
+//! `TRANSCRIPT_RETENTION_DAYS`, deletable, so not in events). Written once when a voice
+//! session ends, before the event that says everything is recorded.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// One line of a call, as said (or, cut off, as heard).
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub speaker: &'static str,
+    pub text: String,
+    pub cut_off: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// A line read back.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SavedLine {
+    pub speaker: String,
+    pub text: String,
+    pub cut_off: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// Saves a call's lines (again: nothing changes).
+pub async fn save(pool: &PgPool, call_id: Uuid, lines: &[Line]) -> Result<(), sqlx::Error> {
+    for (seq, line) in lines.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO call_transcripts (call_id, seq, speaker, text, cut_off, at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(call_id)
+        .bind(seq as i32)
+        .bind(line.speaker)
+        .bind(&line.text)
+        .bind(line.cut_off)
+        .bind(line.at)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// A call's transcript, in order.
+pub async fn of(pool: &PgPool, call_id: Uuid) -> Result<Vec<SavedLine>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT speaker, text, cut_off, at FROM call_transcripts WHERE call_id = $1 ORDER BY seq",
+    )
+    .bind(call_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// A call's lines as (speaker, text), for the memory worker.
+pub async fn lines(pool: &PgPool, call_id: Uuid) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT speaker, text FROM call_transcripts WHERE call_id = $1 ORDER BY seq")
+        .bind(call_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// Deletes transcripts older than `days` days. Returns how many lines went.
+pub async fn purge(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
+    let done =
+        sqlx::query("DELETE FROM call_transcripts WHERE at < now() - make_interval(days => $1)")
+            .bind(days as i32)
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,121 @@
+//! The end of a session: every turn's timings, the costs as used and the transcript are
+//! recorded, then the event that says the session ended.
+
+use std::collections::HashMap;
+
+use cmb_domain::call::{Call, CallCommand};
+use cmb_domain::cost::{CostKind, LlmProvider};
+use cmb_domain::{Actor, CommandContext};
+
+use super::error::SessionError;
+use super::outbound::Out;
+use super::session::Session;
+use crate::serve::transcripts;
+
+impl Session {
+    /// Records turns, costs and the transcript; closes the writer.
+    pub(super) async fn finish(
+        mut self,
+        reason: String,
+        billed_secs: Option<f64>,
+    ) -> Result<(), SessionError> {
+        if let Some(reply) = self.reply.take() {
+            reply.task.abort();
+            let heard = self.heard(&reply);
+            let whole = heard.len() >= reply.text.len();
+            self.close_reply(reply, heard, !whole);
+        }
+        let _ = self.out.send(Out::Close).await;
+        let _ = (&mut self.writer).await;
+        let store = &self.voice.store;
+        let ctx_cmd = CommandContext::for_request(
+            uuid::Uuid::new_v4().to_string(),
+            Actor::Worker("voice".into()),
+        );
+        let id = self.ctx.call_id.clone();
+        let record = |command: CallCommand| {
+            let ctx = ctx_cmd.clone();
+            let id = id.clone();
+            async move {
+                if let Err(e) = store.execute::<Call>(&id, command, &ctx).await {
+                    tracing::error!(call = %id, error = %e, "recording the voice session failed");
+                }
+            }
+        };
+        for (turn, timings, interrupted, provider, fell_back) in self.timings.clone() {
+            record(CallCommand::RecordTurn {
+                turn,
+                timings,
+                interrupted,
+                llm_provider: provider.to_string(),
+                fell_back,
+            })
+            .await;
+        }
+        // Costs as used: audio seconds, tokens per provider, characters.
+        let p = self.ctx.prices;
+        let audio_secs = billed_secs.unwrap_or_else(|| self.started.elapsed().as_secs_f64());
+        record(CallCommand::RecordCost(p.cost(
+            CostKind::DeepgramStreamingStt,
+            audio_secs.ceil() as i64,
+            billed_secs.is_none(),
+        )))
+        .await;
+        let mut tokens: HashMap<LlmProvider, (i64, bool)> = HashMap::new();
+        let mut chars = 0i64;
+        for u in &self.usage {
+            chars += u.tts_chars as i64;
+            let Some(llm) = LlmProvider::from_name(u.provider) else {
+                continue;
+            };
+            let (n, estimated) = if u.prompt_tokens + u.completion_tokens > 0 {
+                ((u.prompt_tokens + u.completion_tokens) as i64, false)
+            } else {
+                ((u.words * 4).div_ceil(3) as i64, true)
+            };
+            let entry = tokens.entry(llm).or_default();
+            entry.0 += n;
+            entry.1 |= estimated;
+        }
+        for (llm, (n, estimated)) in tokens {
+            record(CallCommand::RecordCost(p.cost(
+                CostKind::ChatTokens(llm),
+                n,
+                estimated,
+            )))
+            .await;
+        }
+        if chars > 0 {
+            record(CallCommand::RecordCost(p.cost(
+                CostKind::TtsCharacters,
+                chars,
+                true,
+            )))
+            .await;
+        }
+        // The transcript first: the session's end event says everything is recorded.
+        let call_uuid = uuid::Uuid::parse_str(&self.ctx.call_id)?;
+        transcripts::save(store.pool(), call_uuid, &self.transcript).await?;
+        record(CallCommand::RecordSessionEnd {
+            turns: self.turns,
+            barge_ins: self.barge_ins,
+            early_replies: self.early_replies,
+            reason: reason.clone(),
+            greeting_ms: self.greeting_ms,
+            barge_in_stop_ms: self.barge_in_stop_ms,
+            first_audio_ms: {
+                let mut e2e: Vec<u32> = self
+                    .timings
+                    .iter()
+                    .filter_map(|t| t.1.first_audio_ms)
+                    .collect();
+                e2e.sort_unstable();
+                let at = |p: f64| e2e[((e2e.len() - 1) as f64 * p).round() as usize];
+                (!e2e.is_empty()).then(|| [at(0.5), at(0.9), at(0.99)])
+            },
+        })
+        .await;
+        tracing::info!(call = %self.ctx.call_id, turns = self.turns, barge_ins = self.barge_ins, %reason, "voice session ended");
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! One persona reply: the LLM (with fallback) streamed sentence by sentence into TTS, its audio
+//! to the outbound writer, its progress reported to the session on a channel.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cmb_domain::call::TurnTimings;
+use cmb_providers::elevenlabs::TtsAudio;
+use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::outbound::Out;
+use super::shared::Voice;
+use super::text::take_sentences;
+
+/// Usage of one reply, kept outside its task so a cancelled reply is still billed.
+#[derive(Default, Debug, Clone)]
+pub(super) struct Usage {
+    pub(super) provider: &'static str,
+    pub(super) prompt_tokens: u64,
+    pub(super) completion_tokens: u64,
+    /// Counted from the deltas when the provider's usage never came (a cancelled stream).
+    pub(super) words: u64,
+    pub(super) tts_chars: u64,
+}
+
+pub(super) enum Pipe {
+    FirstToken {
+        turn: u64,
+        at: Instant,
+        provider: &'static str,
+        fell_back: bool,
+    },
+    TtsFirstByte {
+        turn: u64,
+        at: Instant,
+    },
+    Text {
+        turn: u64,
+        text: String,
+    },
+    Done {
+        turn: u64,
+    },
+    Failed {
+        turn: u64,
+        reason: String,
+    },
+}
+
+pub(super) struct Reply {
+    pub(super) turn: u64,
+    pub(super) task: JoinHandle<()>,
+    pub(super) text: String,
+    pub(super) endpoint_at: Instant,
+    pub(super) timings: TurnTimings,
+    pub(super) provider: &'static str,
+    pub(super) fell_back: bool,
+    pub(super) usage: Arc<Mutex<Usage>>,
+    /// A fixed phrase (greeting, reminder), not an LLM reply.
+    pub(super) phrase: bool,
+    /// Its task has sent everything it will send.
+    pub(super) done: bool,
+    /// The writer has played everything it was given so far.
+    pub(super) idle: bool,
+}
+
+/// Milliseconds from `from` to `to`.
+pub(super) fn ms(from: Instant, to: Instant) -> u32 {
+    to.saturating_duration_since(from)
+        .as_millis()
+        .min(u32::MAX as u128) as u32
+}
+
+/// One reply: LLM (with fallback) streamed sentence by sentence into TTS, audio to the writer.
+pub(super) async fn respond(
+    voice: Arc<Voice>,
+    turn: u64,
+    messages: Vec<ChatMessage>,
+    voice_id: String,
+    out: mpsc::Sender<Out>,
+    pipe: mpsc::Sender<Pipe>,
+    usage: Arc<Mutex<Usage>>,
+) {
+    let request = ChatRequest {
+        messages,
+        max_tokens: voice.settings.max_reply_tokens,
+        temperature: 0.7,
+    };
+    // Open TTS while the LLM thinks.
+    let tts = voice
+        .elevenlabs
+        .stream_tts(&voice_id, &voice.settings.tts_model);
+    let llm = first_token(&voice, &request);
+    let (tts, llm) = tokio::join!(tts, llm);
+    let (provider, mut rx, first, fell_back) = match llm {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = pipe.send(Pipe::Failed { turn, reason: e }).await;
+            let _ = pipe.send(Pipe::Done { turn }).await;
+            return;
+        }
+    };
+    usage.lock().expect("usage").provider = provider;
+    let _ = pipe
+        .send(Pipe::FirstToken {
+            turn,
+            at: Instant::now(),
+            provider,
+            fell_back,
+        })
+        .await;
+    let tts = match tts {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = pipe
+                .send(Pipe::Failed {
+                    turn,
+                    reason: format!("text-to-speech: {e}"),
+                })
+                .await;
+            let _ = pipe.send(Pipe::Done { turn }).await;
+            return;
+        }
+    };
+    let text_tx = tts.text;
+    let mut audio_rx = tts.audio;
+    // Audio pump: TTS audio → the writer, a mark after each chunk.
+    let pump_out = out.clone();
+    let pump_pipe = pipe.clone();
+    let pump = tokio::spawn(async move {
+        let mut first = true;
+        while let Some(a) = audio_rx.recv().await {
+            match a {
+                TtsAudio::Chunk(audio) => {
+                    if first {
+                        first = false;
+                        let _ = pump_pipe
+                            .send(Pipe::TtsFirstByte {
+                                turn,
+                                at: Instant::now(),
+                            })
+                            .await;
+                    }
+                    let _ = pump_out.send(Out::Audio { turn, audio }).await;
+                    let _ = pump_out.send(Out::Mark { turn }).await;
+                }
+                TtsAudio::Final => break,
+                TtsAudio::Error(e) => {
+                    // Never voice an error: stop this reply's audio here.
+                    let _ = pump_pipe
+                        .send(Pipe::Failed {
+                            turn,
+                            reason: format!("text-to-speech: {e}"),
+                        })
+                        .await;
+                    break;
+                }
+            }
+        }
+    });
+    let mut said = String::new();
+    let mut buffer = first;
+    let mut words = buffer.split_whitespace().count() as u64;
+    // What goes to TTS, counted as ElevenLabs bills it.
+    let send_text = |said: &mut String, sentence: &str| {
+        let chunk = format!("{} ", sentence.trim());
+        said.push_str(&chunk);
+        usage.lock().expect("usage").tts_chars +=
+            cmb_providers::elevenlabs::billed_characters(&chunk);
+        chunk
+    };
+    loop {
+        while let Some(sentence) = take_sentences(&mut buffer) {
+            let chunk = send_text(&mut said, &sentence);
+            let _ = pipe
+                .send(Pipe::Text {
+                    turn,
+                    text: said.trim().to_string(),
+                })
+                .await;
+            if text_tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        match rx.recv().await {
+            Some(LlmChunk::Delta(d)) => {
+                words += d.split_whitespace().count() as u64;
+                usage.lock().expect("usage").words = words;
+                buffer.push_str(&d);
+            }
+            Some(LlmChunk::Usage {
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let mut u = usage.lock().expect("usage");
+                u.prompt_tokens = prompt_tokens as u64;
+                u.completion_tokens = completion_tokens as u64;
+            }
+            Some(LlmChunk::Error(e)) => {
+                let _ = pipe.send(Pipe::Failed { turn, reason: e }).await;
+                break;
+            }
+            Some(LlmChunk::Done) | None => break,
+        }
+    }
+    let rest = buffer.trim().to_string();
+    if !rest.is_empty() {
+        let chunk = send_text(&mut said, &rest);
+        let _ = pipe
+            .send(Pipe::Text {
+                turn,
+                text: said.trim().to_string(),
+            })
+            .await;
+        let _ = text_tx.send(chunk).await;
+    }
+    drop(text_tx);
+    let _ = pump.await;
+    let _ = pipe.send(Pipe::Done { turn }).await;
+}
+
+/// The primary LLM's stream up to its first token, or the fallback's when the primary fails
+/// or is later than the bound. Returns (provider, stream, first text, fell back).
+async fn first_token(
+    voice: &Voice,
+    request: &ChatRequest,
+) -> Result<(&'static str, mpsc::Receiver<LlmChunk>, String, bool), String> {
+    async fn attempt(
+        llm: &Llm,
+        request: &ChatRequest,
+        bound: Duration,
+    ) -> Result<(mpsc::Receiver<LlmChunk>, String), String> {
+        let deadline = Instant::now() + bound;
+        let mut rx = tokio::time::timeout_at(deadline, llm.stream(request))
+            .await
+            .map_err(|_| format!("{}: no answer within {bound:?}", llm.provider()))?
+            .map_err(|e| format!("{}: {e}", llm.provider()))?;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "{}: no first token within {bound:?}",
+                        llm.provider()
+                    ))
+                }
+                Ok(Some(LlmChunk::Delta(d))) if !d.is_empty() => return Ok((rx, d)),
+                Ok(Some(LlmChunk::Delta(_))) | Ok(Some(LlmChunk::Usage { .. })) => continue,
+                Ok(Some(LlmChunk::Error(e))) => return Err(format!("{}: {e}", llm.provider())),
+                Ok(Some(LlmChunk::Done)) | Ok(None) => {
+                    return Err(format!("{}: empty reply", llm.provider()))
+                }
+            }
+        }
+    }
+    let bound = voice.settings.first_token_timeout;
+    match attempt(&voice.llm, request, bound).await {
+        Ok((rx, first)) => Ok((voice.llm.provider(), rx, first, false)),
+        Err(primary) => {
+            metrics::counter!("cmb_voice_llm_fallbacks_total").increment(1);
+            let Some(fallback) = &voice.fallback else {
+                return Err(primary);
+            };
+            tracing::warn!(error = %primary, "LLM fallback for this turn");
+            attempt(fallback, request, Duration::from_secs(10))
+                .await
+                .map(|(rx, first)| (fallback.provider(), rx, first, true))
+                .map_err(|e| format!("{primary}; then {e}"))
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! The voice session: one Twilio media stream, from `start` to `stop` — its state and the
+//! loop that reacts to the caller's audio, speech-to-text, the reply in flight and the writer.
+//! The turns, the call's limits and the final record are in `turns`, `limits` and `record`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::Bytes;
+use cmb_domain::call::TurnTimings;
+use cmb_providers::deepgram::{SttEvent, SttOptions};
+use cmb_providers::llm::ChatMessage;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::context::{load_context, Context};
+use super::error::SessionError;
+use super::outbound::{self, Out, Sent};
+use super::reply::{ms, Pipe, Reply, Usage};
+use super::shared::Voice;
+use super::text::{heard_prefix, is_backchannel, MS_PER_CHAR};
+use crate::serve::transcripts::Line;
+
+/// The longest a follow-up greeting may take to synthesise before the cached greeting is used.
+const FOLLOW_UP_GREETING_WAIT: Duration = Duration::from_millis(1500);
+
+fn parse(msg: &Message) -> Option<Value> {
+    match msg {
+        Message::Text(t) => serde_json::from_str(t).ok(),
+        _ => None,
+    }
+}
+
+/// Runs the session until Twilio stops the stream (or the socket goes).
+pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> Result<(), SessionError> {
+    let (sink, mut inbound) = socket.split();
+    // `connected`, then `start` with the stream and call ids and our parameters.
+    let (stream_sid, call_sid, params) = loop {
+        let Some(msg) = inbound.next().await else {
+            return Ok(());
+        };
+        let Some(v) = parse(&msg?) else { continue };
+        match v["event"].as_str() {
+            Some("start") => {
+                let start = &v["start"];
+                break (
+                    start["streamSid"]
+                        .as_str()
+                        .or(v["streamSid"].as_str())
+                        .unwrap_or("")
+                        .to_string(),
+                    start["callSid"].as_str().unwrap_or("").to_string(),
+                    start["customParameters"].clone(),
+                );
+            }
+            Some("stop") => return Ok(()),
+            _ => continue,
+        }
+    };
+    let call_id = match params["call_id"].as_str() {
+        Some(id) => id.to_string(),
+        None => cmb_projections::calls::id_by_sid(voice.store.pool(), &call_sid)
+            .await?
+            .ok_or_else(|| SessionError::NoCall(format!("for the stream of {call_sid}")))?
+            .to_string(),
+    };
+    let ctx = load_context(&voice, &call_id, &call_sid).await?;
+    tracing::info!(call = %call_id, %stream_sid, "voice session started");
+    Session::new(voice, ctx, sink, stream_sid)
+        .run(inbound)
+        .await
+}
+
+pub(super) struct Session {
+    pub(super) voice: Arc<Voice>,
+    pub(super) ctx: Context,
+    pub(super) out: mpsc::Sender<Out>,
+    pub(super) sent_rx: mpsc::Receiver<Sent>,
+    pub(super) pipe_tx: mpsc::Sender<Pipe>,
+    pub(super) pipe_rx: mpsc::Receiver<Pipe>,
+    pub(super) current_turn: Arc<AtomicU64>,
+    pub(super) next_turn: u64,
+    pub(super) reply: Option<Reply>,
+    /// Frames of each turn Twilio has played (from echoed marks).
+    pub(super) heard_frames: HashMap<u64, u64>,
+    pub(super) history: Vec<ChatMessage>,
+    pub(super) transcript: Vec<Line>,
+    pub(super) pending: String,
+    pub(super) pending_started: Option<Instant>,
+    pub(super) last_activity: Instant,
+    pub(super) reminded: bool,
+    pub(super) warned: bool,
+    pub(super) ending: Option<String>,
+    pub(super) goodbye_turn: Option<u64>,
+    pub(super) hung_up: bool,
+    pub(super) started: Instant,
+    pub(super) next_budget_check: Instant,
+    pub(super) turns: u32,
+    pub(super) barge_ins: u32,
+    pub(super) early_replies: u32,
+    pub(super) greeting_ms: Option<u32>,
+    pub(super) barge_in_stop_ms: Option<u32>,
+    pub(super) usage: Vec<Usage>,
+    pub(super) timings: Vec<(u32, TurnTimings, bool, &'static str, bool)>,
+    pub(super) writer: JoinHandle<()>,
+}
+
+impl Session {
+    pub(super) fn new(
+        voice: Arc<Voice>,
+        ctx: Context,
+        sink: futures::stream::SplitSink<WebSocket, Message>,
+        stream_sid: String,
+    ) -> Self {
+        let (out, out_rx) = mpsc::channel(4096);
+        let (sent_tx, sent_rx) = mpsc::channel(256);
+        let (pipe_tx, pipe_rx) = mpsc::channel(256);
+        let current_turn = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn(outbound::run(
+            sink,
+            stream_sid,
+            out_rx,
+            sent_tx,
+            current_turn.clone(),
+            voice.pacing.clone(),
+        ));
+        let history = vec![ChatMessage {
+            role: "system".into(),
+            content: ctx.system_prompt.clone(),
+        }];
+        Session {
+            voice,
+            ctx,
+            out,
+            sent_rx,
+            pipe_tx,
+            pipe_rx,
+            current_turn,
+            next_turn: 1,
+            reply: None,
+            heard_frames: HashMap::new(),
+            history,
+            transcript: Vec::new(),
+            pending: String::new(),
+            pending_started: None,
+            last_activity: Instant::now(),
+            reminded: false,
+            warned: false,
+            ending: None,
+            goodbye_turn: None,
+            hung_up: false,
+            started: Instant::now(),
+            next_budget_check: Instant::now() + Duration::from_secs(15),
+            turns: 0,
+            barge_ins: 0,
+            early_replies: 0,
+            greeting_ms: None,
+            barge_in_stop_ms: None,
+            usage: Vec::new(),
+            timings: Vec::new(),
+            writer,
+        }
+    }
+
+    /// What the caller heard of `reply`: the frames Twilio acknowledged with marks, as text.
+    pub(super) fn heard(&self, reply: &Reply) -> String {
+        let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
+        heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize)
+    }
+
+    pub(super) fn new_turn(&mut self) -> u64 {
+        let turn = self.next_turn;
+        self.next_turn += 1;
+        self.current_turn.store(turn, Ordering::Release);
+        turn
+    }
+
+    pub(super) fn speaking(&self) -> bool {
+        self.reply.is_some()
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: futures::stream::SplitStream<WebSocket>,
+    ) -> Result<(), SessionError> {
+        let stt_options = SttOptions {
+            model: "nova-2".into(),
+            language: "en".into(),
+            endpointing_ms: self.ctx.endpointing_ms,
+            utterance_end_ms: (self.ctx.endpointing_ms + 700).max(1000),
+        };
+        // A follow-up greeting is synthesised while speech-to-text connects.
+        let greeting_ready = Instant::now() + FOLLOW_UP_GREETING_WAIT;
+        let follow_up = self.ctx.follow_up.clone().map(|text| {
+            let voice = self.voice.clone();
+            let voice_id = self.ctx.voice_id.clone();
+            let spoken = text.clone();
+            let task = tokio::spawn(async move {
+                voice
+                    .elevenlabs
+                    .synthesize(&voice_id, &voice.settings.tts_model, &spoken)
+                    .await
+            });
+            (text, task)
+        });
+        let stt = self.voice.deepgram.connect(&stt_options).await;
+        let (stt_audio, mut stt_events) = match stt {
+            Ok(s) => (Some(s.audio), s.events),
+            Err(e) => {
+                tracing::error!(call = %self.ctx.call_id, error = %e, "speech-to-text unavailable");
+                let (_tx, rx) = mpsc::channel(1);
+                (None, rx)
+            }
+        };
+        let mut stt_audio = stt_audio;
+        let greeting = self.ctx.greeting.clone();
+        match follow_up {
+            Some((text, task)) => match tokio::time::timeout_at(greeting_ready, task).await {
+                Ok(Ok(Ok(audio))) => {
+                    self.speak(&text, Some(audio)).await;
+                }
+                outcome => {
+                    let why = match outcome {
+                        Err(_) => "not ready in time".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(Err(e))) => e.to_string(),
+                        Ok(Ok(Ok(_))) => unreachable!("matched above"),
+                    };
+                    tracing::warn!(call = %self.ctx.call_id, reason = %why, "follow-up greeting unavailable; using the usual one");
+                    self.speak_phrase(&greeting).await;
+                }
+            },
+            None => {
+                self.speak_phrase(&greeting).await;
+            }
+        }
+
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut billed_secs = None;
+        let reason = loop {
+            tokio::select! {
+                msg = inbound.next() => {
+                    let Some(Ok(msg)) = msg else { break "stream closed".to_string() };
+                    let Some(v) = parse(&msg) else { continue };
+                    match v["event"].as_str() {
+                        Some("media") => {
+                            if let (Some(tx), Some(payload)) = (&stt_audio, v["media"]["payload"].as_str()) {
+                                if let Ok(audio) = BASE64.decode(payload) {
+                                    let _ = tx.try_send(Bytes::from(audio));
+                                }
+                            }
+                        }
+                        Some("mark") => {
+                            if let Some((turn, frames)) = v["mark"]["name"].as_str().and_then(|n| n.split_once(':')) {
+                                if let (Ok(turn), Ok(frames)) = (turn.parse::<u64>(), frames.parse::<u64>()) {
+                                    let heard = self.heard_frames.entry(turn).or_default();
+                                    *heard = (*heard).max(frames);
+                                }
+                            }
+                        }
+                        Some("stop") => break self.ending.clone().unwrap_or_else(|| "caller hung up".into()),
+                        _ => {}
+                    }
+                }
+                Some(event) = stt_events.recv() => {
+                    if let SttEvent::Closed { billed_secs: secs } = event {
+                        billed_secs = Some(secs);
+                        continue;
+                    }
+                    self.on_stt(event).await;
+                }
+                Some(p) = self.pipe_rx.recv() => self.on_pipe(p).await,
+                Some(s) = self.sent_rx.recv() => self.on_sent(s).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+        };
+        // Close speech-to-text and learn what it billed.
+        stt_audio.take();
+        if billed_secs.is_none() {
+            let deadline = tokio::time::sleep(Duration::from_secs(3));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    e = stt_events.recv() => match e {
+                        Some(SttEvent::Closed { billed_secs: s }) => { billed_secs = Some(s); break }
+                        Some(_) => continue,
+                        None => break,
+                    }
+                }
+            }
+        }
+        self.finish(reason, billed_secs).await
+    }
+
+    pub(super) async fn on_stt(&mut self, event: SttEvent) {
+        match event {
+            SttEvent::SpeechStarted { .. } => {
+                if self.pending_started.is_none() {
+                    self.pending_started = Some(Instant::now());
+                }
+            }
+            SttEvent::Transcript {
+                text,
+                is_final,
+                speech_final,
+                ..
+            } => {
+                let text = text.trim().to_string();
+                if text.is_empty() {
+                    return;
+                }
+                if self.pending_started.is_none() {
+                    self.pending_started = Some(Instant::now());
+                }
+                self.last_activity = Instant::now();
+                self.reminded = false;
+                if self.speaking() {
+                    if is_backchannel(&text) {
+                        return; // "mm-hmm" while the persona talks: let it talk.
+                    }
+                    self.barge_in().await;
+                }
+                if is_final {
+                    if !self.pending.is_empty() {
+                        self.pending.push(' ');
+                    }
+                    self.pending.push_str(&text);
+                    if speech_final {
+                        self.end_of_caller_turn().await;
+                    }
+                }
+            }
+            SttEvent::UtteranceEnd { .. } => {
+                if !self.pending.is_empty() {
+                    self.end_of_caller_turn().await;
+                }
+            }
+            SttEvent::Error(e) => {
+                tracing::warn!(call = %self.ctx.call_id, error = %e, "speech-to-text error")
+            }
+            SttEvent::Closed { .. } => {}
+        }
+    }
+
+    pub(super) async fn on_pipe(&mut self, p: Pipe) {
+        let Some(reply) = self.reply.as_mut() else {
+            return;
+        };
+        match p {
+            Pipe::FirstToken {
+                turn,
+                at,
+                provider,
+                fell_back,
+            } if turn == reply.turn => {
+                reply.timings.llm_first_token_ms = Some(ms(reply.endpoint_at, at));
+                reply.provider = provider;
+                reply.fell_back = fell_back;
+            }
+            Pipe::TtsFirstByte { turn, at } if turn == reply.turn => {
+                reply.timings.tts_first_byte_ms = Some(ms(reply.endpoint_at, at));
+            }
+            Pipe::Text { turn, text } if turn == reply.turn => reply.text = text,
+            Pipe::Failed { turn, reason } if turn == reply.turn => {
+                tracing::warn!(call = %self.ctx.call_id, turn, %reason, "reply failed");
+            }
+            Pipe::Done { turn } if turn == reply.turn => {
+                // The audio is queued; the reply is over once it has played.
+                reply.done = true;
+                if reply.idle || reply.timings.tts_first_byte_ms.is_none() {
+                    self.reply_over().await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The current reply has been said in full.
+    pub(super) async fn reply_over(&mut self) {
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
+        let turn = reply.turn;
+        self.close_reply(reply, String::new(), false);
+        self.last_activity = Instant::now();
+        if self.goodbye_turn == Some(turn) {
+            self.hang_up().await;
+        }
+    }
+
+    pub(super) async fn on_sent(&mut self, s: Sent) {
+        match s {
+            Sent::Playing { turn } => {
+                if let Some(reply) = self.reply.as_mut().filter(|r| r.turn == turn) {
+                    reply.idle = false;
+                }
+            }
+            Sent::FirstFrame { turn, at } => {
+                if turn == 1 && self.greeting_ms.is_none() {
+                    self.greeting_ms = Some(ms(self.started, at));
+                    metrics::histogram!("cmb_voice_greeting_ms")
+                        .record(ms(self.started, at) as f64);
+                }
+                if let Some(reply) = self.reply.as_mut().filter(|r| r.turn == turn) {
+                    reply.idle = false;
+                    reply.timings.first_audio_ms = Some(ms(reply.endpoint_at, at));
+                    if !reply.phrase {
+                        metrics::histogram!("cmb_voice_first_audio_ms").record(ms(
+                            reply.endpoint_at,
+                            at,
+                        )
+                            as f64);
+                    }
+                }
+            }
+            Sent::Drained { turn, .. } => {
+                if let Some(reply) = self.reply.as_mut().filter(|r| r.turn == turn) {
+                    reply.idle = true;
+                    if reply.done {
+                        self.reply_over().await;
+                    }
+                }
+            }
+        }
+    }
+}

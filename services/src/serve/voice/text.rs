@@ -1,0 +1,91 @@
+//! Text rules of a conversation: what counts as a backchannel, what of a cut reply was heard,
+//! where a reply can be voiced sentence by sentence.
+
+/// Milliseconds of speech per character, to turn heard audio into heard text when a reply is
+/// cut (ElevenLabs speaks about 15 characters a second).
+pub(super) const MS_PER_CHAR: u64 = 65;
+
+/// Words that acknowledge without taking the turn.
+pub(super) fn is_backchannel(text: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "mm-hmm", "mhm", "mm", "hmm", "uh-huh", "uh", "um", "yeah", "yep", "yes", "ok", "okay",
+        "right", "sure", "cough",
+    ];
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric() && c != '-')
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect();
+    !words.is_empty() && words.len() <= 2 && words.iter().all(|w| WORDS.contains(&w.as_str()))
+}
+
+/// The first `chars` characters of `text`, cut back to a word boundary.
+pub(super) fn heard_prefix(text: &str, chars: usize) -> String {
+    if chars >= text.chars().count() {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(chars).collect();
+    match cut.rfind(char::is_whitespace) {
+        Some(i) => cut[..i].trim_end().to_string(),
+        None => String::new(),
+    }
+}
+
+/// Splits complete sentences off the front of `buffer`.
+pub(super) fn take_sentences(buffer: &mut String) -> Option<String> {
+    let mut end = None;
+    let chars: Vec<(usize, char)> = buffer.char_indices().collect();
+    for (i, (at, c)) in chars.iter().enumerate() {
+        if matches!(c, '.' | '!' | '?') {
+            let next = chars.get(i + 1).map(|(_, n)| *n);
+            if next.is_none_or(char::is_whitespace) && next.is_some() {
+                end = Some(at + c.len_utf8());
+            }
+        }
+    }
+    end.map(|e| {
+        let sentence = buffer[..e].to_string();
+        buffer.replace_range(..e, "");
+        sentence
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backchannels_do_not_take_the_turn() {
+        for b in ["mm-hmm", "Uh-huh.", "yeah", "okay right", "Mm."] {
+            assert!(is_backchannel(b), "{b}");
+        }
+        for t in ["wait, stop", "yeah but no", "tell me more", ""] {
+            assert!(!is_backchannel(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn heard_text_is_cut_at_a_word() {
+        assert_eq!(heard_prefix("Hello there, my friend.", 9), "Hello");
+        assert_eq!(
+            heard_prefix("Hello there, my friend.", 100),
+            "Hello there, my friend."
+        );
+        assert_eq!(heard_prefix("Hello", 2), "");
+    }
+
+    #[test]
+    fn sentences_split_where_a_reply_can_be_voiced() {
+        let mut b = "Sure. Let me think! What about".to_string();
+        assert_eq!(
+            take_sentences(&mut b).as_deref(),
+            Some("Sure. Let me think!")
+        );
+        assert_eq!(b, " What about");
+        let mut b = "3.5 miles".to_string();
+        assert_eq!(take_sentences(&mut b), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! Turns: the caller's turn ends and a reply starts; the caller barges in and the reply is cut
+//! to what was heard; fixed phrases (greeting, reminder, goodbye) are said as turns of their own;
+//! remembered facts are recalled for a reply.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use cmb_domain::call::TurnTimings;
+use cmb_providers::llm::ChatMessage;
+use tokio::time::Instant;
+
+use super::outbound::Out;
+use super::reply::{ms, respond, Pipe, Reply, Usage};
+use super::session::Session;
+use crate::serve::transcripts::Line;
+
+/// Facts pulled into a turn, at most, and how similar to the caller's words they must be.
+const RECALL_FACTS: usize = 3;
+const RECALL_FLOOR: f32 = 0.15;
+
+impl Session {
+    /// The caller spoke over the persona: stop the audio at once, cancel the reply, keep what
+    /// was heard.
+    pub(super) async fn barge_in(&mut self) {
+        let heard_at = Instant::now();
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
+        let _ = self.out.send(Out::Clear).await;
+        let stop = ms(heard_at, Instant::now());
+        self.barge_in_stop_ms = Some(self.barge_in_stop_ms.unwrap_or(0).max(stop));
+        metrics::histogram!("cmb_voice_barge_in_stop_ms").record(stop as f64);
+        // Late audio of the old turn is now dropped by the writer.
+        self.current_turn.store(self.next_turn, Ordering::Release);
+        reply.task.abort();
+        metrics::counter!("cmb_voice_barge_ins_total").increment(1);
+        self.barge_ins += 1;
+        let heard = self.heard(&reply);
+        tracing::debug!(call = %self.ctx.call_id, turn = reply.turn, heard = %heard, "barge-in");
+        self.close_reply(reply, heard, true);
+    }
+
+    /// Records a reply (whole or cut) in the conversation, transcript and timings.
+    pub(super) fn close_reply(&mut self, reply: Reply, heard: String, interrupted: bool) {
+        if !heard.is_empty() || !interrupted {
+            let text = if interrupted {
+                format!("{heard}—")
+            } else {
+                reply.text.clone()
+            };
+            self.history.push(ChatMessage {
+                role: "assistant".into(),
+                content: text,
+            });
+        }
+        self.transcript.push(Line {
+            speaker: "persona",
+            text: if interrupted {
+                heard
+            } else {
+                reply.text.clone()
+            },
+            cut_off: interrupted,
+            at: chrono::Utc::now(),
+        });
+        self.usage.push(reply.usage.lock().expect("usage").clone());
+        if !reply.phrase {
+            self.turns += 1;
+            self.timings.push((
+                self.turns,
+                reply.timings,
+                interrupted,
+                reply.provider,
+                reply.fell_back,
+            ));
+        }
+    }
+
+    pub(super) async fn end_of_caller_turn(&mut self) {
+        let text = std::mem::take(&mut self.pending);
+        let started = self.pending_started.take();
+        if text.is_empty() || self.ending.is_some() {
+            return;
+        }
+        let endpoint_at = Instant::now();
+        self.transcript.push(Line {
+            speaker: "caller",
+            text: text.clone(),
+            cut_off: false,
+            at: chrono::Utc::now(),
+        });
+        // The caller went on after we had started answering: that answer was early.
+        if let Some(reply) = self.reply.take() {
+            self.early_replies += 1;
+            let _ = self.out.send(Out::Clear).await;
+            reply.task.abort();
+            let heard = self.heard(&reply);
+            self.close_reply(reply, heard, true);
+        }
+        let recalled = self.recall(&text);
+        self.history.push(ChatMessage {
+            role: "user".into(),
+            content: text,
+        });
+        let mut messages = self.history.clone();
+        if let Some(note) = recalled {
+            // For this reply only, just before what the caller said.
+            messages.insert(messages.len() - 1, ChatMessage::new("system", &note));
+        }
+        let turn = self.new_turn();
+        let usage = Arc::new(Mutex::new(Usage::default()));
+        let task = tokio::spawn(respond(
+            self.voice.clone(),
+            turn,
+            messages,
+            self.ctx.voice_id.clone(),
+            self.out.clone(),
+            self.pipe_tx.clone(),
+            usage.clone(),
+        ));
+        self.reply = Some(Reply {
+            turn,
+            task,
+            text: String::new(),
+            endpoint_at,
+            timings: TurnTimings {
+                stt_final_ms: started.map(|s| ms(s, endpoint_at)),
+                ..Default::default()
+            },
+            provider: self.voice.llm.provider(),
+            fell_back: false,
+            usage,
+            phrase: false,
+            done: false,
+            idle: true,
+        });
+    }
+
+    /// The remembered facts most relevant to what the caller just said, as a note for the
+    /// reply; measured, since it sits on the turn's latency path.
+    pub(super) fn recall(&self, text: &str) -> Option<String> {
+        if self.ctx.recall.is_empty() {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let query = cmb_domain::memory::embed::embed(text);
+        let vectors: Vec<Vec<f32>> = self.ctx.recall.iter().map(|(_, v)| v.clone()).collect();
+        let best = cmb_domain::memory::embed::top_k(&query, &vectors, RECALL_FACTS, RECALL_FLOOR);
+        let took = started.elapsed();
+        metrics::histogram!("cmb_memory_recall_us").record(took.as_micros() as f64);
+        tracing::debug!(call = %self.ctx.call_id, us = took.as_micros() as u64, found = best.len(), "memory recall");
+        if best.is_empty() {
+            return None;
+        }
+        let facts: Vec<String> = best
+            .iter()
+            .map(|(i, _)| format!("- {}", self.ctx.recall[*i].0))
+            .collect();
+        Some(format!(
+            "You may remember, if it fits what they just said:\n{}",
+            facts.join("\n")
+        ))
+    }
+
+    /// Says a fixed phrase (greeting, reminder, warning, goodbye) as its own turn.
+    pub(super) async fn speak_phrase(&mut self, text: &str) -> u64 {
+        self.speak(text, None).await
+    }
+
+    /// Says `text` as its own turn: `audio` when it was synthesised for this call already,
+    /// else the cached (or once synthesised) phrase.
+    pub(super) async fn speak(&mut self, text: &str, audio: Option<Bytes>) -> u64 {
+        if let Some(reply) = self.reply.take() {
+            reply.task.abort();
+            let _ = self.out.send(Out::Clear).await;
+            let heard = self.heard(&reply);
+            self.close_reply(reply, heard, true);
+        }
+        let turn = self.new_turn();
+        let voice = self.voice.clone();
+        let voice_id = self.ctx.voice_id.clone();
+        let out = self.out.clone();
+        let pipe = self.pipe_tx.clone();
+        let phrase = text.to_string();
+        let usage = Arc::new(Mutex::new(Usage::default()));
+        let billed = usage.clone();
+        let task = tokio::spawn(async move {
+            let spoken = match audio {
+                Some(audio) => Ok((audio, phrase.chars().count() as u64)),
+                None => voice.phrase(&voice_id, &phrase).await,
+            };
+            match spoken {
+                Ok((audio, chars)) => {
+                    billed.lock().expect("usage").tts_chars += chars;
+                    let _ = pipe
+                        .send(Pipe::TtsFirstByte {
+                            turn,
+                            at: Instant::now(),
+                        })
+                        .await;
+                    let _ = out.send(Out::Audio { turn, audio }).await;
+                    let _ = out.send(Out::Mark { turn }).await;
+                }
+                Err(e) => {
+                    let _ = pipe
+                        .send(Pipe::Failed {
+                            turn,
+                            reason: e.to_string(),
+                        })
+                        .await;
+                }
+            }
+            let _ = pipe.send(Pipe::Done { turn }).await;
+        });
+        self.reply = Some(Reply {
+            turn,
+            task,
+            text: text.to_string(),
+            endpoint_at: Instant::now(),
+            timings: TurnTimings::default(),
+            provider: "",
+            fell_back: false,
+            usage,
+            phrase: true,
+            done: false,
+            idle: true,
+        });
+        turn
+    }
+}

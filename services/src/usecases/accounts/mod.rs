@@ -1,0 +1,213 @@
+//! Accounts: register, sign in (with lockout), sign out (revocation), update the profile.
+//! Emails and phone numbers are claimed beside the event log before the `user` aggregate
+//! records them ([`claims`]); passwords are hashed with argon2id ([`password`]).
+
+pub mod claims;
+pub mod password;
+
+use chrono::{DateTime, Duration, Utc};
+use cmb_domain::user::{User, UserCommand, UserError, LOCKOUT_MINUTES, LOCKOUT_THRESHOLD};
+use cmb_domain::values::{Email, Password, PhoneNumber};
+use cmb_domain::CommandContext;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::backbone::counters;
+use crate::backbone::store::{CommandError, Committed, EventStore};
+use claims::ClaimError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error(transparent)]
+    Hash(#[from] password::HashError),
+    #[error("this account is already registered")]
+    AlreadyRegistered(CommandError<UserError>),
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    /// Too many failed sign-ins: locked until then.
+    #[error("too many failed sign-ins: the account is locked for {LOCKOUT_MINUTES} minutes")]
+    Locked(DateTime<Utc>),
+    #[error("no such account")]
+    NoAccount,
+    #[error(transparent)]
+    Store(#[from] CommandError<UserError>),
+    #[error("accounts: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Hashes the password, claims the email and phone, and registers user `id`.
+#[allow(clippy::too_many_arguments)]
+pub async fn create(
+    store: &EventStore,
+    id: Uuid,
+    name: String,
+    email: &Email,
+    phone: &PhoneNumber,
+    password: &Password,
+    ctx: &CommandContext,
+) -> Result<Committed, Error> {
+    let pool = store.pool();
+    let password_hash = password::hash(password.expose().to_string()).await?;
+    claims::claim_identity(pool, id, Some(email), Some(phone)).await?;
+    let command = UserCommand::Register {
+        name,
+        email: email.clone(),
+        phone: phone.clone(),
+        password_hash,
+    };
+    match store.execute::<User>(&id.to_string(), command, ctx).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            claims::release(pool, "email", email.as_str(), id).await;
+            claims::release(pool, "phone", phone.as_str(), id).await;
+            Err(Error::AlreadyRegistered(e))
+        }
+    }
+}
+
+/// Checks `password` for `email` and records the attempt; the user's id when it matched.
+/// `ctx_for` gives the command context of the user found.
+pub async fn sign_in(
+    store: &EventStore,
+    email: &Email,
+    password: String,
+    now: DateTime<Utc>,
+    ctx_for: impl FnOnce(Uuid) -> CommandContext,
+) -> Result<(Uuid, Committed), Error> {
+    let pool = store.pool();
+    let user_id = claims::user_by_email(pool, email).await?;
+    let user = match user_id {
+        Some(id) => {
+            let (user, _) = store.load::<User>(&id.to_string()).await?;
+            user.registered.then_some((id, user))
+        }
+        None => None,
+    };
+    // Hash check first, always: an unknown email costs what a wrong password costs.
+    let matches = password::verify(
+        password,
+        user.as_ref().map(|(_, u)| u.password_hash.clone()),
+    )
+    .await;
+    let Some((id, _)) = user else {
+        // Unknown emails "lock" like real ones, so the lockout reveals nothing either.
+        let key = format!("unknown:{}", email.as_str());
+        let window = Duration::minutes(LOCKOUT_MINUTES);
+        let window_std = window.to_std().unwrap_or_default();
+        let (failures, _, _) = counters::count(pool, &key, window_std).await?;
+        if failures > LOCKOUT_THRESHOLD as i32 {
+            return Err(Error::Locked(now + window));
+        }
+        return Err(Error::InvalidCredentials);
+    };
+    let command = UserCommand::RecordSignIn {
+        succeeded: matches,
+        at: now,
+    };
+    let committed = store
+        .execute::<User>(&id.to_string(), command, &ctx_for(id))
+        .await
+        .map_err(|e| match e {
+            CommandError::Rejected(UserError::Locked { until }) => Error::Locked(until),
+            other => Error::Store(other),
+        })?;
+    if !matches {
+        return Err(Error::InvalidCredentials);
+    }
+    Ok((id, committed))
+}
+
+/// Revokes token `token_id` of `user` everywhere from now on, and records it.
+pub async fn sign_out(
+    store: &EventStore,
+    user: Uuid,
+    token_id: &str,
+    expires_at: DateTime<Utc>,
+    ctx: &CommandContext,
+) -> Result<(), Error> {
+    revoke(store.pool(), user, token_id, expires_at).await?;
+    let command = UserCommand::RevokeToken {
+        token_id: token_id.to_string(),
+        expires_at,
+    };
+    store
+        .execute::<User>(&user.to_string(), command, ctx)
+        .await
+        .map_err(|_| Error::NoAccount)?;
+    Ok(())
+}
+
+/// Adds a token to `revoked_tokens` (beside the event log), which authentication checks.
+async fn revoke(
+    pool: &PgPool,
+    user: Uuid,
+    token_id: &str,
+    expires_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO revoked_tokens (token_id, user_id, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(token_id)
+    .bind(user)
+    .bind(expires_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether token `token_id` was revoked.
+pub async fn revoked(pool: &PgPool, token_id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $1)")
+        .bind(token_id)
+        .fetch_one(pool)
+        .await
+}
+
+/// A profile change; `None` keeps a value.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileChange {
+    pub name: Option<String>,
+    pub email: Option<Email>,
+    pub phone: Option<PhoneNumber>,
+}
+
+/// Changes the profile; a new email or phone is claimed first, and whichever side loses gives
+/// its claims back (the old ones on success, the new ones on failure).
+pub async fn update_profile(
+    store: &EventStore,
+    user: Uuid,
+    change: ProfileChange,
+    ctx: &CommandContext,
+) -> Result<Committed, Error> {
+    let pool = store.pool();
+    let (current, _) = store.load::<User>(&user.to_string()).await?;
+    if !current.registered {
+        return Err(Error::NoAccount);
+    }
+    let new_email = change.email.filter(|e| Some(e) != current.email.as_ref());
+    let new_phone = change.phone.filter(|p| Some(p) != current.phone.as_ref());
+    claims::claim_identity(pool, user, new_email.as_ref(), new_phone.as_ref()).await?;
+    let command = UserCommand::UpdateProfile {
+        name: change.name,
+        email: new_email.clone(),
+        phone: new_phone.clone(),
+    };
+    let result = store.execute::<User>(&user.to_string(), command, ctx).await;
+    let (drop_email, drop_phone) = match &result {
+        Ok(_) => (
+            new_email.as_ref().and(current.email.as_ref()),
+            new_phone.as_ref().and(current.phone.as_ref()),
+        ),
+        Err(_) => (new_email.as_ref(), new_phone.as_ref()),
+    };
+    if let Some(e) = drop_email {
+        claims::release(pool, "email", e.as_str(), user).await;
+    }
+    if let Some(p) = drop_phone {
+        claims::release(pool, "phone", p.as_str(), user).await;
+    }
+    result.map_err(|_| Error::NoAccount)
+}

@@ -1,0 +1,320 @@
+//! Money with Stripe: the user's customer and cards, payment intents that hold a call's
+//! maximum price, credit packs, and Stripe's webhook events recorded once each. Every Stripe
+//! write carries an `Idempotency-Key` derived from what it is for, so a retry never charges
+//! twice.
+
+use cmb_domain::billing::{
+    Billing, BillingCommand, BillingError, Card, RecordStripeEvent, StripeEvent, StripeEventError,
+};
+use cmb_domain::user::{User, UserError};
+use cmb_domain::wallet::{Wallet, WalletCommand, WalletError, CENTS_PER_CREDIT};
+use cmb_domain::CommandContext;
+use cmb_providers::stripe::{CreatePaymentIntent, PaymentIntent, Stripe, StripeError};
+use uuid::Uuid;
+
+use crate::backbone::store::{CommandError, Committed, EventStore};
+
+/// Credit packs on sale: credits and their price in cents (1 credit = 5¢).
+pub const PACKS: &[i64] = &[100, 500, 1000];
+pub const CURRENCY: &str = "usd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Rejected(#[from] CommandError<BillingError>),
+    #[error(transparent)]
+    Stripe(#[from] StripeError),
+    #[error("add a payment method first (POST /api/user/payment-method)")]
+    NoPaymentMethod,
+    #[error("the card was not authorised: {0}")]
+    NotAuthorised(String),
+    #[error("the payment did not go through ({0})")]
+    NotPaid(String),
+    #[error(transparent)]
+    User(#[from] CommandError<UserError>),
+    #[error(transparent)]
+    Wallet(#[from] CommandError<WalletError>),
+}
+
+pub async fn load(store: &EventStore, user: Uuid) -> Result<Billing, Error> {
+    let (billing, _) = store.load::<Billing>(&user.to_string()).await?;
+    Ok(billing)
+}
+
+/// Records a billing event on the user's billing aggregate.
+pub async fn record(
+    store: &EventStore,
+    user: Uuid,
+    command: BillingCommand,
+    ctx: &CommandContext,
+) -> Result<(), Error> {
+    store
+        .execute::<Billing>(&user.to_string(), command, ctx)
+        .await
+        .map(|_| ())
+        .map_err(Error::from)
+}
+
+/// The user's Stripe customer, created (once: the key is the user id) when first needed.
+async fn customer(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    ctx: &CommandContext,
+) -> Result<String, Error> {
+    if let Some(id) = load(store, user).await?.customer_id {
+        return Ok(id);
+    }
+    let (me, _) = store.load::<User>(&user.to_string()).await?;
+    let email = me.email.map(|e| e.to_string()).unwrap_or_default();
+    let created = stripe
+        .create_customer(
+            &email,
+            &me.name,
+            &user.to_string(),
+            &format!("customer-{user}"),
+        )
+        .await?;
+    record(
+        store,
+        user,
+        BillingCommand::RecordCustomer {
+            customer_id: created.id.clone(),
+        },
+        ctx,
+    )
+    .await?;
+    Ok(load(store, user).await?.customer_id.unwrap_or(created.id))
+}
+
+/// Attaches card `payment_method_id` to the user's customer (the default when asked, or when
+/// it is the first); returns it and the default card.
+pub async fn attach_card(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    payment_method_id: &str,
+    set_default: bool,
+    ctx: &CommandContext,
+) -> Result<(Card, Option<String>), Error> {
+    let customer = customer(store, stripe, user, ctx).await?;
+    let attached = stripe
+        .attach_payment_method(payment_method_id, &customer)
+        .await?;
+    let make_default = set_default || load(store, user).await?.default_card.is_none();
+    if make_default {
+        stripe
+            .set_default_payment_method(&customer, &attached.id)
+            .await?;
+    }
+    let card = Card {
+        payment_method_id: attached.id.clone(),
+        brand: attached.brand,
+        last4: attached.last4,
+        exp_month: attached.exp_month,
+        exp_year: attached.exp_year,
+    };
+    record(
+        store,
+        user,
+        BillingCommand::AttachCard {
+            card: card.clone(),
+            make_default,
+        },
+        ctx,
+    )
+    .await?;
+    Ok((card, load(store, user).await?.default_card))
+}
+
+/// Detaches one of the user's cards (not the default one).
+pub async fn detach_card(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    payment_method_id: &str,
+    ctx: &CommandContext,
+) -> Result<(), Error> {
+    let b = load(store, user).await?;
+    if !b
+        .cards
+        .iter()
+        .any(|c| c.payment_method_id == payment_method_id)
+    {
+        return Err(CommandError::Rejected(BillingError::UnknownCard).into());
+    }
+    if b.default_card.as_deref() == Some(payment_method_id) {
+        return Err(CommandError::Rejected(BillingError::DefaultCard).into());
+    }
+    stripe.detach_payment_method(payment_method_id).await?;
+    record(
+        store,
+        user,
+        BillingCommand::DetachCard {
+            payment_method_id: payment_method_id.to_string(),
+        },
+        ctx,
+    )
+    .await
+}
+
+/// Makes one of the user's cards the default.
+pub async fn make_default(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    payment_method_id: &str,
+    ctx: &CommandContext,
+) -> Result<(), Error> {
+    let b = load(store, user).await?;
+    let customer = b
+        .customer_id
+        .clone()
+        .ok_or(Error::Rejected(CommandError::Rejected(
+            BillingError::UnknownCard,
+        )))?;
+    if !b
+        .cards
+        .iter()
+        .any(|c| c.payment_method_id == payment_method_id)
+    {
+        return Err(CommandError::Rejected(BillingError::UnknownCard).into());
+    }
+    stripe
+        .set_default_payment_method(&customer, payment_method_id)
+        .await?;
+    record(
+        store,
+        user,
+        BillingCommand::SetDefault {
+            payment_method_id: payment_method_id.to_string(),
+        },
+        ctx,
+    )
+    .await
+}
+
+/// Customer and default card, or [`Error::NoPaymentMethod`].
+async fn chargeable(store: &EventStore, user: Uuid) -> Result<(String, String), Error> {
+    let b = load(store, user).await?;
+    match (b.customer_id, b.default_card) {
+        (Some(c), Some(pm)) => Ok((c, pm)),
+        _ => Err(Error::NoPaymentMethod),
+    }
+}
+
+/// Authorises (manual capture) `amount` cents on the default card for a call of up to
+/// `minutes` minutes, and records the authorisation for a call to use.
+pub async fn authorise_call(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    minutes: u32,
+    amount: i64,
+    idempotency_key: &str,
+    ctx: &CommandContext,
+) -> Result<PaymentIntent, Error> {
+    let (customer, pm) = chargeable(store, user).await?;
+    let intent = stripe
+        .create_payment_intent(
+            &CreatePaymentIntent {
+                amount,
+                currency: CURRENCY.into(),
+                customer,
+                payment_method: pm,
+                manual_capture: true,
+                metadata: vec![
+                    ("user_id".into(), user.to_string()),
+                    ("minutes".into(), minutes.to_string()),
+                ],
+                description: Some(format!("Call Me Back: a call of up to {minutes} minutes")),
+            },
+            idempotency_key,
+        )
+        .await?;
+    if intent.status != "requires_capture" {
+        let reason = intent
+            .last_payment_error
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| intent.status.clone());
+        return Err(Error::NotAuthorised(reason));
+    }
+    record(
+        store,
+        user,
+        BillingCommand::RecordAuthorization {
+            payment_intent_id: intent.id.clone(),
+            amount_cents: intent.amount,
+        },
+        ctx,
+    )
+    .await?;
+    Ok(intent)
+}
+
+/// A credit pack bought.
+#[derive(Debug, Clone)]
+pub struct Bought {
+    pub payment_intent_id: String,
+    pub amount: i64,
+    pub committed: Committed,
+}
+
+/// Buys `credits` (one of [`PACKS`]) at once with the default card; grants them once per
+/// payment intent, whatever is retried.
+pub async fn buy_credits(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    credits: i64,
+    idempotency_key: &str,
+    ctx: &CommandContext,
+) -> Result<Bought, Error> {
+    let (customer, pm) = chargeable(store, user).await?;
+    let amount = credits * CENTS_PER_CREDIT;
+    let intent = stripe
+        .create_payment_intent(
+            &CreatePaymentIntent {
+                amount,
+                currency: CURRENCY.into(),
+                customer,
+                payment_method: pm,
+                manual_capture: false,
+                metadata: vec![
+                    ("user_id".into(), user.to_string()),
+                    ("credits".into(), credits.to_string()),
+                ],
+                description: Some(format!("Call Me Back: {credits} credits")),
+            },
+            idempotency_key,
+        )
+        .await?;
+    if intent.status != "succeeded" {
+        return Err(Error::NotPaid(intent.status));
+    }
+    let grant = WalletCommand::Grant {
+        credits,
+        reason: "credit pack".into(),
+        reference: intent.id.clone(),
+    };
+    let committed = store
+        .execute::<Wallet>(&user.to_string(), grant, ctx)
+        .await?;
+    Ok(Bought {
+        payment_intent_id: intent.id,
+        amount,
+        committed,
+    })
+}
+
+/// Records Stripe's event `event_id` (once per id); whether it was new.
+pub async fn record_stripe_event(
+    store: &EventStore,
+    event_id: &str,
+    event: RecordStripeEvent,
+    ctx: &CommandContext,
+) -> Result<bool, CommandError<StripeEventError>> {
+    let committed = store.execute::<StripeEvent>(event_id, event, ctx).await?;
+    Ok(committed.events > 0)
+}

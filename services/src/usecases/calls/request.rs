@@ -1,0 +1,285 @@
+//! Request a call: validate, hold its maximum price, and record the request — the saga every
+//! call starts with, now or scheduled. The hold comes first (credits reserved on the wallet,
+//! or a Stripe authorisation of the user's that covers the maximum price); if anything after
+//! it fails, the hold and the active-call claim are given back at once.
+
+use chrono::{DateTime, Utc};
+use cmb_domain::billing::BillingCommand;
+use cmb_domain::budget::Breach;
+use cmb_domain::call::{
+    Call, CallCommand, CallError, CallRequest, Payment, DEFAULT_MINUTES, MAX_MINUTES, MIN_MINUTES,
+};
+use cmb_domain::pricing::{credits_for, PricingError};
+use cmb_domain::user::User;
+use cmb_domain::values::{Cents, Invalid, PhoneNumber};
+use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
+use cmb_domain::CommandContext;
+use cmb_providers::stripe::{Stripe, StripeError};
+use uuid::Uuid;
+
+use super::active;
+use crate::backbone::store::{CommandError, Committed, EventStore};
+use crate::usecases::{billing, budget, personas, prices};
+
+/// How the user pays for the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayWith {
+    /// Reserve credits on the wallet.
+    Credits,
+    /// A Stripe PaymentIntent (manual capture) the user authorised for at least the maximum.
+    Card { payment_intent_id: String },
+}
+
+/// A call as the user asks for it, parsed at the edge.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub user_id: Uuid,
+    /// `None`: the account's phone number.
+    pub phone: Option<PhoneNumber>,
+    pub persona_id: String,
+    pub minutes: Option<u32>,
+    pub pay_with: PayWith,
+    /// A scheduled call's UTC time and the user's IANA zone.
+    pub scheduled: Option<(DateTime<Utc>, Option<String>)>,
+}
+
+/// What holds the call's maximum price.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    Credits(i64),
+    Card(String),
+}
+
+/// A requested call.
+#[derive(Debug, Clone)]
+pub struct Requested {
+    pub call_id: Uuid,
+    pub hold: Hold,
+    pub committed: Committed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Bad input, naming its field.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("no such account")]
+    NoAccount,
+    #[error(transparent)]
+    Persona(#[from] personas::Error),
+    #[error(transparent)]
+    Budget(#[from] budget::CheckError),
+    #[error("no such payment intent")]
+    UnknownIntent,
+    #[error(
+        "the payment intent is {status} with {capturable} cents capturable; the call can cost \
+         up to {needed} cents"
+    )]
+    IntentTooSmall {
+        status: String,
+        capturable: i64,
+        needed: i64,
+    },
+    #[error(transparent)]
+    Stripe(StripeError),
+    #[error("you already have a call in progress; one at a time")]
+    CallInProgress,
+    #[error(
+        "this call can cost up to {max_price} ({needed} credits); you have {available} credits \
+         available"
+    )]
+    InsufficientCredits {
+        max_price: Cents,
+        needed: i64,
+        available: i64,
+    },
+    #[error(transparent)]
+    Wallet(CommandError<WalletError>),
+    #[error(transparent)]
+    Billing(#[from] billing::Error),
+    #[error(transparent)]
+    Call(#[from] CommandError<CallError>),
+    #[error(transparent)]
+    User(#[from] CommandError<cmb_domain::user::UserError>),
+    #[error(transparent)]
+    Prices(#[from] CommandError<PricingError>),
+    #[error("the active-call claim: {0}")]
+    Claim(#[from] sqlx::Error),
+}
+
+impl RequestError {
+    /// The breach, when a budget limit refused the call.
+    pub fn budget_breach(&self) -> Option<&Breach> {
+        match self {
+            RequestError::Budget(budget::CheckError::Exceeded { breach, .. }) => Some(breach),
+            _ => None,
+        }
+    }
+}
+
+/// Validates, holds the maximum price, and requests the call.
+pub async fn request(
+    store: &EventStore,
+    stripe: &Stripe,
+    now: DateTime<Utc>,
+    request: Request,
+    ctx: &CommandContext,
+) -> Result<Requested, RequestError> {
+    let user = request.user_id;
+    let minutes = request.minutes.unwrap_or(DEFAULT_MINUTES);
+    if !(MIN_MINUTES..=MAX_MINUTES).contains(&minutes) {
+        return Err(Invalid::new(
+            "duration",
+            format!("duration: {MIN_MINUTES} to {MAX_MINUTES} minutes"),
+        )
+        .into());
+    }
+    let phone = match request.phone {
+        Some(p) => p,
+        None => {
+            let (me, _) = store.load::<User>(&user.to_string()).await?;
+            me.phone.ok_or(RequestError::NoAccount)?
+        }
+    };
+    let persona_id = request.persona_id.trim().to_string();
+    let persona = personas::accessible(store, &persona_id, user).await?;
+    let prices = prices::current(store, now).await?;
+    let max_price = prices.max_price(minutes);
+    budget::check(store, user, now, max_price.0).await?;
+    let payment = match request.pay_with {
+        PayWith::Credits => Payment::Credits {
+            credits: credits_for(max_price),
+        },
+        PayWith::Card { payment_intent_id } => {
+            let pi = payment_intent_id.trim().to_string();
+            // The intent must be ours, authorised, and cover the call's maximum price.
+            let intent = stripe
+                .retrieve_payment_intent(&pi)
+                .await
+                .map_err(|e| match e {
+                    StripeError::InvalidRequest { .. } => RequestError::UnknownIntent,
+                    other => RequestError::Stripe(other),
+                })?;
+            if intent.status != "requires_capture" || intent.amount_capturable < max_price.0 {
+                return Err(RequestError::IntentTooSmall {
+                    status: intent.status,
+                    capturable: intent.amount_capturable,
+                    needed: max_price.0,
+                });
+            }
+            Payment::Card {
+                payment_intent_id: pi,
+            }
+        }
+    };
+
+    let call_id = Uuid::now_v7();
+    if request.scheduled.is_none() && !active::claim(store.pool(), user, call_id).await? {
+        return Err(RequestError::CallInProgress);
+    }
+    let hold = match &payment {
+        Payment::Credits { credits } => {
+            let reserve = WalletCommand::Reserve {
+                hold_id: call_id.to_string(),
+                credits: *credits,
+            };
+            if let Err(e) = store
+                .execute::<Wallet>(&user.to_string(), reserve, ctx)
+                .await
+            {
+                active::release_logged(store.pool(), call_id).await;
+                return Err(match e {
+                    CommandError::Rejected(WalletError::Insufficient { needed, available }) => {
+                        RequestError::InsufficientCredits {
+                            max_price,
+                            needed,
+                            available,
+                        }
+                    }
+                    other => RequestError::Wallet(other),
+                });
+            }
+            Hold::Credits(*credits)
+        }
+        Payment::Card { payment_intent_id } => {
+            let used = billing::record(
+                store,
+                user,
+                BillingCommand::UseAuthorization {
+                    payment_intent_id: payment_intent_id.clone(),
+                    call_id: call_id.to_string(),
+                    needed_cents: max_price.0,
+                },
+                ctx,
+            )
+            .await;
+            if let Err(e) = used {
+                active::release_logged(store.pool(), call_id).await;
+                return Err(e.into());
+            }
+            Hold::Card(payment_intent_id.clone())
+        }
+    };
+    let (scheduled_for, timezone) = match request.scheduled {
+        Some((at, tz)) => (Some(at), tz),
+        None => (None, None),
+    };
+    let command = CallCommand::Request(CallRequest {
+        user_id: user,
+        persona_id,
+        persona_name: persona.name.clone(),
+        phone,
+        max_minutes: minutes,
+        payment,
+        prices,
+        scheduled_for,
+        timezone,
+    });
+    match store
+        .execute::<Call>(&call_id.to_string(), command, ctx)
+        .await
+    {
+        Ok(committed) => Ok(Requested {
+            call_id,
+            hold,
+            committed,
+        }),
+        Err(e) => {
+            release_hold(store, stripe, user, call_id, &hold, ctx).await;
+            active::release_logged(store.pool(), call_id).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// The call never existed: give the money back at once.
+async fn release_hold(
+    store: &EventStore,
+    stripe: &Stripe,
+    user: Uuid,
+    call_id: Uuid,
+    hold: &Hold,
+    ctx: &CommandContext,
+) {
+    match hold {
+        Hold::Card(pi) => {
+            if let Err(e) = stripe
+                .cancel_payment_intent(pi, &format!("release-{call_id}"))
+                .await
+            {
+                tracing::error!(call = %call_id, error = %e, "could not cancel a payment intent");
+            }
+        }
+        Hold::Credits(_) => {
+            let release = WalletCommand::Release {
+                hold_id: call_id.to_string(),
+            };
+            if let Err(e) = store
+                .execute::<Wallet>(&user.to_string(), release, ctx)
+                .await
+            {
+                tracing::error!(call = %call_id, error = %e, "could not release a hold");
+            }
+        }
+    }
+}

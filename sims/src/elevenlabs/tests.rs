@@ -1,0 +1,234 @@
+//! The ElevenLabs TTS client against the simulator on loopback.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+use cmb_providers::elevenlabs::{billed_characters, ElevenLabs, TtsAudio};
+use cmb_providers::ProviderError;
+
+const RACHEL: &str = "21m00Tcm4TlvDq8ikWAM";
+const MODEL: &str = "eleven_flash_v2_5";
+
+async fn start(tts: TtsSettings) -> (ElevenLabsSim, ElevenLabs, CancellationToken) {
+    let sim = ElevenLabsSim::new(Faults::default(), tts);
+    let shutdown = CancellationToken::new();
+    let url = crate::serve(
+        "elevenlabs",
+        sim.router(),
+        shutdown.clone(),
+        &TaskTracker::new(),
+    )
+    .await
+    .unwrap();
+    let client = ElevenLabs::new(cmb_providers::http_client(), &url, "key");
+    (sim, client, shutdown)
+}
+
+fn fast() -> TtsSettings {
+    TtsSettings {
+        first_byte: Duration::from_millis(20),
+        realtime_factor: 50.0,
+        fail_every: 0,
+    }
+}
+
+fn expected_bytes(chars: u64) -> f64 {
+    8000.0 * 0.065 * chars as f64
+}
+
+/// Audio bytes, and whether `Final` came, until the stream ends.
+async fn drain(audio: &mut mpsc::Receiver<TtsAudio>) -> (usize, usize, Option<TtsAudio>) {
+    let (mut bytes, mut chunks) = (0, 0);
+    while let Some(a) = audio.recv().await {
+        match a {
+            TtsAudio::Chunk(b) => {
+                bytes += b.len();
+                chunks += 1;
+            }
+            end => return (bytes, chunks, Some(end)),
+        }
+    }
+    (bytes, chunks, None)
+}
+
+#[tokio::test]
+async fn two_sentences_over_the_socket_give_audio_of_their_length_and_final() {
+    let (sim, client, _stop) = start(fast()).await;
+    let mut stream = client.stream_tts(RACHEL, MODEL).await.unwrap();
+    let sentences = ["Hello there, it is good to hear you.", "How was your day"];
+    for s in sentences {
+        stream.text.send(s.to_string()).await.unwrap();
+    }
+    drop(stream.text);
+    let (bytes, chunks, end) = drain(&mut stream.audio).await;
+    assert_eq!(end, Some(TtsAudio::Final));
+    let billed: u64 = sentences.iter().map(|s| billed_characters(s)).sum();
+    assert_eq!(billed, 37 + 17, "a space is added to each chunk");
+    assert_eq!(sim.characters_total(), billed);
+    let expected = expected_bytes(billed);
+    assert!(
+        (bytes as f64 - expected).abs() <= expected * 0.1,
+        "{bytes} vs {expected}"
+    );
+    assert!(chunks > 2, "{chunks} chunks");
+    assert_eq!(sim.syntheses(), 1);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sim.open_sockets() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sim.open_sockets(), 0);
+}
+
+#[tokio::test]
+async fn dropping_the_stream_closes_the_server_socket() {
+    // Slow synthesis, so that the drop lands mid-audio.
+    let (sim, client, _stop) = start(TtsSettings {
+        first_byte: Duration::from_millis(10),
+        realtime_factor: 1.0,
+        fail_every: 0,
+    })
+    .await;
+    let mut stream = client.stream_tts(RACHEL, MODEL).await.unwrap();
+    stream
+        .text
+        .send("This is a long sentence that would take a few seconds to say.".into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        stream.audio.recv().await,
+        Some(TtsAudio::Chunk(_))
+    ));
+    assert_eq!(sim.open_sockets(), 1);
+    let dropped = Instant::now();
+    drop(stream);
+    while sim.open_sockets() > 0 && dropped.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sim.open_sockets(), 0, "the server socket stayed open");
+    assert!(
+        dropped.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        dropped.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_failing_socket_synthesis_is_an_error_without_audio() {
+    let (sim, client, _stop) = start(TtsSettings {
+        fail_every: 1,
+        ..fast()
+    })
+    .await;
+    let mut stream = client.stream_tts(RACHEL, MODEL).await.unwrap();
+    stream.text.send("Hello.".into()).await.unwrap();
+    let (bytes, _, end) = drain(&mut stream.audio).await;
+    assert_eq!(bytes, 0);
+    assert!(
+        matches!(end, Some(TtsAudio::Error(ref e)) if e.contains("injected failure")),
+        "{end:?}"
+    );
+    assert_eq!(sim.characters_total(), 0);
+}
+
+#[tokio::test]
+async fn a_socket_without_a_key_is_refused() {
+    let (_sim, client, _stop) = start(fast()).await;
+    let url = client_base(&client);
+    let anonymous = ElevenLabs::new(cmb_providers::http_client(), &url, "");
+    let mut stream = anonymous.stream_tts(RACHEL, MODEL).await.unwrap();
+    let (bytes, _, end) = drain(&mut stream.audio).await;
+    assert_eq!(bytes, 0);
+    assert!(matches!(end, Some(TtsAudio::Error(_))), "{end:?}");
+}
+
+fn client_base(client: &ElevenLabs) -> String {
+    client.base_url().to_string()
+}
+
+#[tokio::test]
+async fn http_synthesis_returns_audio_of_the_right_length() {
+    let (sim, client, _stop) = start(fast()).await;
+    let text = "Good evening, it's me again.";
+    let audio = client.synthesize(RACHEL, MODEL, text).await.unwrap();
+    let chars = text.chars().count() as u64;
+    assert_eq!(audio.len(), SAMPLES_PER_CHAR * chars as usize);
+    assert!((audio.len() as f64 - expected_bytes(chars)).abs() < 1.0);
+    assert_eq!(sim.characters_total(), chars);
+    // A tone, not silence: most samples are far from zero.
+    let loud = audio
+        .iter()
+        .filter(|&&b| crate::twilio::mulaw_to_linear(b).unsigned_abs() > 1000)
+        .count();
+    assert!(loud > audio.len() / 2, "{loud} of {}", audio.len());
+}
+
+#[tokio::test]
+async fn a_failing_http_synthesis_is_an_error_never_audio() {
+    let (sim, client, _stop) = start(TtsSettings {
+        fail_every: 2,
+        ..fast()
+    })
+    .await;
+    assert!(client.synthesize(RACHEL, MODEL, "One.").await.is_ok());
+    match client.synthesize(RACHEL, MODEL, "Two.").await {
+        Err(e @ ProviderError::Status { status: 500, .. }) => {
+            assert!(e.retryable());
+            assert!(e.to_string().contains("injected failure"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.syntheses(), 2);
+    match client.synthesize("no-such-voice", MODEL, "Three.").await {
+        Err(e @ ProviderError::Status { status: 400, .. }) => assert!(!e.retryable()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_2xx_that_is_not_audio_is_an_error() {
+    let router = Router::new().route(
+        "/v1/text-to-speech/{voice_id}",
+        post(|| async { Json(json!({ "detail": { "message": "not audio" } })) }),
+    );
+    let shutdown = CancellationToken::new();
+    let url = crate::serve("fake", router, shutdown.clone(), &TaskTracker::new())
+        .await
+        .unwrap();
+    let client = ElevenLabs::new(cmb_providers::http_client(), &url, "key");
+    let err = client.synthesize(RACHEL, MODEL, "Hi.").await.unwrap_err();
+    assert!(err.to_string().contains("not audio"), "{err}");
+}
+
+#[test]
+fn speech_is_cut_in_100_ms_chunks_with_alignment() {
+    let mut sample = 0;
+    let chunks = speak("Hi there", &mut sample);
+    // 8 chars × 520 samples = 4160 → 5 full chunks and one of 160.
+    assert_eq!(chunks.len(), 6);
+    assert_eq!(chunks[5].audio.len(), 160);
+    assert_eq!(chunks[0].chars, vec!["H", "i"]);
+    assert_eq!(chunks[0].starts, vec![0, 65]);
+    let aligned: usize = chunks.iter().map(|c| c.chars.len()).sum();
+    assert_eq!(aligned, 8);
+    assert_eq!(billed_characters(" "), 0);
+    assert_eq!(billed_characters("Hi."), 4);
+}
+
+#[test]
+fn tts_settings_from_variables() {
+    let s = TtsSettings::from_lookup(&|k| match k {
+        "SIM_ELEVENLABS_TTS_FIRST_BYTE_MS" => Some("50".into()),
+        "SIM_ELEVENLABS_TTS_SPEED" => Some("2.5".into()),
+        "SIM_ELEVENLABS_TTS_FAIL_EVERY" => Some("3".into()),
+        _ => None,
+    });
+    assert_eq!(s.first_byte, Duration::from_millis(50));
+    assert_eq!(s.realtime_factor, 2.5);
+    assert_eq!(s.fail_every, 3);
+    let d = TtsSettings::from_lookup(&|_| None);
+    assert_eq!(d.first_byte, Duration::from_millis(120));
+    assert_eq!(d.realtime_factor, 4.0);
+}

@@ -1,0 +1,578 @@
+//! The media side of a simulated call: the TwiML `<Stream>` it finds, the caller's voice it
+//! makes up, and the Media Streams WebSocket session it runs against our server (Twilio's
+//! Media Streams messages). Kept apart from the REST side so each reads on its own.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// One 20 ms frame of 8 kHz μ-law, the unit Twilio streams in.
+pub const FRAME_BYTES: usize = 160;
+const FRAME: Duration = Duration::from_millis(20);
+/// μ-law of a zero sample.
+const MULAW_SILENCE: u8 = 0xFF;
+
+/// What the simulated callee says: some silence first (people pause after picking up), then
+/// turns of speech each followed by silence, so a voice-activity detector on our side has clear
+/// turn ends to find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerScript {
+    /// Silence before the first turn.
+    pub lead_silence_ms: u32,
+    /// `(speech_ms, silence_ms)` per turn.
+    pub turns: Vec<(u32, u32)>,
+}
+
+impl Default for CallerScript {
+    fn default() -> Self {
+        CallerScript {
+            lead_silence_ms: 1200,
+            turns: vec![(1500, 1500); 3],
+        }
+    }
+}
+
+impl CallerScript {
+    /// Parses `SIM_TWILIO_CALLER_TURNS`, e.g. `1500:1500,1200:2000`, keeping the default lead
+    /// silence. `None` on anything malformed, so a typo does not silently become a mute caller.
+    pub fn parse_turns(spec: &str) -> Option<Self> {
+        let turns = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|turn| {
+                let (speech, silence) = turn.split_once(':')?;
+                Some((speech.trim().parse().ok()?, silence.trim().parse().ok()?))
+            })
+            .collect::<Option<Vec<(u32, u32)>>>()?;
+        (!turns.is_empty()).then(|| CallerScript {
+            turns,
+            ..CallerScript::default()
+        })
+    }
+}
+
+/// The caller's audio as 20 ms μ-law frames: the script, then silence for ever (the callee
+/// stays on the line, quiet, until someone hangs up). Speech is a voiced, syllable-modulated
+/// tone mix with a little noise, far louder than the silence frames.
+pub fn caller_audio(script: &CallerScript) -> impl Iterator<Item = [u8; FRAME_BYTES]> {
+    let frames_of = |ms: u32| ms.div_ceil(20) as usize;
+    let mut plan: Vec<bool> = vec![false; frames_of(script.lead_silence_ms)];
+    for &(speech, silence) in &script.turns {
+        plan.extend(std::iter::repeat_n(true, frames_of(speech)));
+        plan.extend(std::iter::repeat_n(false, frames_of(silence)));
+    }
+    let mut sample_index: u64 = 0;
+    let mut noise: u32 = 0x1234_5678;
+    plan.into_iter()
+        .map(Some)
+        .chain(std::iter::repeat(None))
+        .map(move |voiced| {
+            let mut frame = [MULAW_SILENCE; FRAME_BYTES];
+            if voiced == Some(true) {
+                for byte in frame.iter_mut() {
+                    let t = sample_index as f64 / 8000.0;
+                    // xorshift: cheap deterministic noise, no RNG needed.
+                    noise ^= noise << 13;
+                    noise ^= noise >> 17;
+                    noise ^= noise << 5;
+                    let hiss = (noise as f64 / u32::MAX as f64 - 0.5) * 0.1;
+                    let syllables = 0.6 + 0.4 * (2.0 * std::f64::consts::PI * 4.0 * t).sin();
+                    let voice = [(140.0, 0.5), (280.0, 0.3), (420.0, 0.15), (900.0, 0.1)]
+                        .iter()
+                        .map(|(hz, amp)| amp * (2.0 * std::f64::consts::PI * hz * t).sin())
+                        .sum::<f64>();
+                    let sample = (voice * syllables + hiss) * 12000.0;
+                    *byte = linear_to_mulaw(sample.clamp(-32768.0, 32767.0) as i16);
+                    sample_index += 1;
+                }
+            }
+            frame
+        })
+}
+
+/// G.711 μ-law encoding of one 16-bit sample.
+pub fn linear_to_mulaw(sample: i16) -> u8 {
+    const BIAS: i32 = 0x84;
+    const CLIP: i32 = 32635;
+    let mut s = i32::from(sample);
+    let sign = if s < 0 {
+        s = -s;
+        0x80
+    } else {
+        0
+    };
+    s = s.min(CLIP) + BIAS;
+    let mut exponent = 7;
+    let mut mask = 0x4000;
+    while s & mask == 0 && exponent > 0 {
+        exponent -= 1;
+        mask >>= 1;
+    }
+    let mantissa = (s >> (exponent + 3)) & 0x0F;
+    !((sign | (exponent << 4) | mantissa) as u8)
+}
+
+/// G.711 μ-law decoding of one byte.
+pub fn mulaw_to_linear(byte: u8) -> i16 {
+    let b = !byte;
+    let sign = b & 0x80;
+    let exponent = (b >> 4) & 0x07;
+    let mantissa = i32::from(b & 0x0F);
+    let magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
+    (if sign != 0 { -magnitude } else { magnitude }) as i16
+}
+
+/// A `<Stream>` found in the TwiML of an answered call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRequest {
+    pub url: String,
+    /// `<Connect><Stream>` (two-way, the call waits on the socket) rather than `<Start><Stream>`.
+    pub bidirectional: bool,
+    /// `<Parameter name value/>` children, handed back in `start.customParameters`.
+    pub parameters: Vec<(String, String)>,
+}
+
+/// Finds the first `<Stream>` under `<Connect>` or `<Start>`. A small tolerant scan rather than
+/// an XML parser: TwiML is flat and we need one element and its children.
+pub fn parse_stream(twiml: &str) -> Option<StreamRequest> {
+    let start = twiml.find("<Stream")?;
+    let before = &twiml[..start];
+    let connect = before.rfind("<Connect");
+    let start_verb = before.rfind("<Start");
+    let bidirectional = match (connect, start_verb) {
+        (Some(c), Some(s)) => c > s,
+        (Some(_), None) => true,
+        (None, Some(_)) => false,
+        (None, None) => return None,
+    };
+    let tag_end = start + twiml[start..].find('>')?;
+    let tag = &twiml[start..=tag_end];
+    let url = attribute(tag, "url")?;
+    let mut parameters = Vec::new();
+    if !tag.ends_with("/>") {
+        let body_end = twiml[tag_end..]
+            .find("</Stream")
+            .map_or(twiml.len(), |i| tag_end + i);
+        let mut rest = &twiml[tag_end..body_end];
+        while let Some(p) = rest.find("<Parameter") {
+            let Some(close) = rest[p..].find('>') else {
+                break;
+            };
+            let end = p + close;
+            let element = &rest[p..=end];
+            if let (Some(name), Some(value)) =
+                (attribute(element, "name"), attribute(element, "value"))
+            {
+                parameters.push((name, value));
+            }
+            rest = &rest[end + 1..];
+        }
+    }
+    Some(StreamRequest {
+        url,
+        bidirectional,
+        parameters,
+    })
+}
+
+/// The value of `name="…"` (or `'…'`) in a tag, XML entities decoded.
+fn attribute(tag: &str, name: &str) -> Option<String> {
+    let mut search = tag;
+    loop {
+        let at = search.find(name)?;
+        let preceded_by_space = search[..at].chars().last().is_some_and(char::is_whitespace);
+        let after = search[at + name.len()..].trim_start();
+        if preceded_by_space {
+            if let Some(after_eq) = after.strip_prefix('=') {
+                let after_eq = after_eq.trim_start();
+                let quote = after_eq
+                    .chars()
+                    .next()
+                    .filter(|c| *c == '"' || *c == '\'')?;
+                let value = &after_eq[1..];
+                let end = value.find(quote)?;
+                return Some(unescape(&value[..end]));
+            }
+        }
+        search = &search[at + name.len()..];
+    }
+}
+
+fn unescape(value: &str) -> String {
+    value
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+/// What the simulator saw of our server's side of one stream, read by `TwilioSim::calls`.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    pub opened: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub marks_received: AtomicU64,
+    pub marks_echoed: AtomicU64,
+    pub clears_received: AtomicU64,
+    pub invalid_messages: AtomicU64,
+}
+
+/// Who the stream belongs to.
+pub struct StreamContext {
+    pub account_sid: String,
+    pub call_sid: String,
+    pub auth_token: String,
+    pub script: CallerScript,
+    pub counters: Arc<StreamCounters>,
+}
+
+/// How a stream session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The call ended (`stop` was sent).
+    Stopped,
+    /// Our server closed the socket, or it broke, or it never opened.
+    Closed,
+}
+
+/// The audio our server queued and has not "played" yet, at 8000 bytes a second, and the marks
+/// waiting for it to finish — the way Twilio echoes a mark only once the audio before it played.
+#[derive(Default)]
+struct Playback {
+    until: Option<Instant>,
+    pending: VecDeque<(String, Instant)>,
+}
+
+impl Playback {
+    fn queue_audio(&mut self, bytes: usize) {
+        let now = Instant::now();
+        let from = self.until.filter(|u| *u > now).unwrap_or(now);
+        self.until = Some(from + Duration::from_micros(bytes as u64 * 125));
+    }
+
+    fn queue_mark(&mut self, name: String) {
+        let now = Instant::now();
+        let due = self.until.filter(|u| *u > now).unwrap_or(now);
+        self.pending.push_back((name, due));
+    }
+
+    /// `clear`: the queued audio is dropped, so every pending mark is due now.
+    fn clear(&mut self) -> Vec<String> {
+        self.until = None;
+        self.pending.drain(..).map(|(name, _)| name).collect()
+    }
+
+    fn due(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        while self.pending.front().is_some_and(|(_, at)| *at <= now) {
+            if let Some((name, _)) = self.pending.pop_front() {
+                due.push(name);
+            }
+        }
+        due
+    }
+}
+
+/// Opens the stream's WebSocket, as Twilio does after fetching the TwiML, and plays the
+/// caller's audio into it every 20 ms until `stop` is cancelled (the call ended: send `stop`)
+/// or our server closes it.
+pub async fn run_stream(
+    ctx: StreamContext,
+    stream: StreamRequest,
+    stop: CancellationToken,
+) -> StreamEnd {
+    let call_sid = ctx.call_sid.as_str();
+    let mut request = match stream.url.as_str().into_client_request() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%call_sid, url = %stream.url, error = %e, "TwiML stream URL is not a WebSocket URL");
+            return StreamEnd::Closed;
+        }
+    };
+    // Twilio signs the upgrade too; the exact URL form is unknown, so sign the URL we dial.
+    let signature = cmb_providers::twilio::signature(&ctx.auth_token, &stream.url, &[]);
+    if let Ok(value) = HeaderValue::from_str(&signature) {
+        request.headers_mut().insert("X-Twilio-Signature", value);
+    }
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(request),
+    )
+    .await;
+    let ws = match connected {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
+            tracing::warn!(%call_sid, url = %stream.url, error = %e, "media stream connection failed");
+            return StreamEnd::Closed;
+        }
+        Err(_) => {
+            tracing::warn!(%call_sid, url = %stream.url, "media stream connection timed out");
+            return StreamEnd::Closed;
+        }
+    };
+    ctx.counters.opened.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut source) = ws.split();
+    let stream_sid = format!("MZ{:032x}", rand::random::<u128>());
+    let custom: serde_json::Map<String, Value> = stream
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let opening = [
+        json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+        json!({
+            "event": "start",
+            "sequenceNumber": "1",
+            "start": {
+                "accountSid": ctx.account_sid,
+                "streamSid": stream_sid,
+                "callSid": call_sid,
+                "tracks": ["inbound"],
+                "customParameters": custom,
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            },
+            "streamSid": stream_sid,
+        }),
+    ];
+    for message in opening {
+        if sink.send(Message::text(message.to_string())).await.is_err() {
+            return StreamEnd::Closed;
+        }
+    }
+    tracing::debug!(%call_sid, %stream_sid, "media stream started");
+
+    let mut sequence: u64 = 2;
+    let mut chunk: u64 = 1;
+    let mut audio = caller_audio(&ctx.script);
+    let mut ticker = tokio::time::interval(FRAME);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut playback = Playback::default();
+    loop {
+        let next_mark = playback.pending.front().map(|(_, at)| *at);
+        let mut outgoing: Vec<Value> = Vec::new();
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let message = json!({
+                    "event": "stop",
+                    "sequenceNumber": sequence.to_string(),
+                    "streamSid": stream_sid,
+                    "stop": {"accountSid": ctx.account_sid, "callSid": call_sid},
+                });
+                let _ = sink.send(Message::text(message.to_string())).await;
+                let _ = sink.close().await;
+                tracing::debug!(%call_sid, %stream_sid, "media stream stopped");
+                return StreamEnd::Stopped;
+            }
+            _ = ticker.tick() => {
+                let frame = audio.next().unwrap_or([MULAW_SILENCE; FRAME_BYTES]);
+                outgoing.push(json!({
+                    "event": "media",
+                    "sequenceNumber": sequence.to_string(),
+                    "media": {
+                        "track": "inbound",
+                        "chunk": chunk.to_string(),
+                        "timestamp": ((chunk - 1) * 20).to_string(),
+                        "payload": BASE64.encode(frame),
+                    },
+                    "streamSid": stream_sid,
+                }));
+                chunk += 1;
+                ctx.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            received = source.next() => match received {
+                Some(Ok(Message::Text(text))) => {
+                    for name in handle_server_message(&ctx, &stream, &stream_sid, &text, &mut playback) {
+                        outgoing.push(mark_echo(&mut sequence, &stream_sid, name));
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    tracing::debug!(%call_sid, "our server closed the media stream");
+                    return StreamEnd::Closed;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(%call_sid, error = %e, "media stream broke");
+                    return StreamEnd::Closed;
+                }
+            },
+            _ = tokio::time::sleep_until(next_mark.unwrap_or_else(Instant::now)), if next_mark.is_some() => {
+                for name in playback.due(Instant::now()) {
+                    outgoing.push(mark_echo(&mut sequence, &stream_sid, name));
+                }
+            }
+        }
+        for message in outgoing {
+            if message["event"] == "media" {
+                sequence += 1;
+            } else {
+                ctx.counters.marks_echoed.fetch_add(1, Ordering::Relaxed);
+            }
+            if sink.send(Message::text(message.to_string())).await.is_err() {
+                return StreamEnd::Closed;
+            }
+        }
+    }
+}
+
+fn mark_echo(sequence: &mut u64, stream_sid: &str, name: String) -> Value {
+    let message = json!({
+        "event": "mark",
+        "sequenceNumber": sequence.to_string(),
+        "streamSid": stream_sid,
+        "mark": {"name": name},
+    });
+    *sequence += 1;
+    message
+}
+
+/// Counts one message from our server and updates the playback queue; returns the marks that
+/// are due right away (after a `clear`). Twilio rejects a wrong `streamSid`, an unknown event or
+/// outbound messages on a one-way stream (error 31951); the simulator logs and counts them.
+fn handle_server_message(
+    ctx: &StreamContext,
+    stream: &StreamRequest,
+    stream_sid: &str,
+    text: &str,
+    playback: &mut Playback,
+) -> Vec<String> {
+    let counters = &ctx.counters;
+    let invalid = |why: &str| {
+        counters.invalid_messages.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(call_sid = %ctx.call_sid, why, "invalid media stream message (Twilio error 31951)");
+        Vec::new()
+    };
+    let Ok(message) = serde_json::from_str::<Value>(text) else {
+        return invalid("not JSON");
+    };
+    if message["streamSid"].as_str() != Some(stream_sid) {
+        return invalid("wrong or missing streamSid");
+    }
+    if !stream.bidirectional {
+        return invalid("outbound message on a one-way <Start><Stream>");
+    }
+    match message["event"].as_str() {
+        Some("media") => {
+            let payload = message["media"]["payload"].as_str().unwrap_or_default();
+            match BASE64.decode(payload) {
+                Ok(audio) => {
+                    counters.frames_received.fetch_add(1, Ordering::Relaxed);
+                    playback.queue_audio(audio.len());
+                    Vec::new()
+                }
+                Err(_) => invalid("media payload is not base64"),
+            }
+        }
+        Some("mark") => match message["mark"]["name"].as_str() {
+            Some(name) => {
+                counters.marks_received.fetch_add(1, Ordering::Relaxed);
+                playback.queue_mark(name.to_string());
+                Vec::new()
+            }
+            None => invalid("mark without a name"),
+        },
+        Some("clear") => {
+            counters.clears_received.fetch_add(1, Ordering::Relaxed);
+            playback.clear()
+        }
+        _ => invalid("unknown event"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn energy(frame: &[u8; FRAME_BYTES]) -> f64 {
+        frame
+            .iter()
+            .map(|b| f64::from(mulaw_to_linear(*b)).powi(2))
+            .sum::<f64>()
+            / FRAME_BYTES as f64
+    }
+
+    #[test]
+    fn mulaw_round_trips_and_zero_is_0xff() {
+        assert_eq!(linear_to_mulaw(0), 0xFF);
+        assert_eq!(mulaw_to_linear(0xFF), 0);
+        for s in [-32000i16, -1000, -100, 100, 1000, 8000, 32000] {
+            let back = mulaw_to_linear(linear_to_mulaw(s));
+            assert!(
+                (i32::from(back) - i32::from(s)).abs() <= i32::from(s).abs() / 16 + 8,
+                "{s} -> {back}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_caller_speaks_three_loud_turns_after_a_pause() {
+        let frames: Vec<[u8; FRAME_BYTES]> =
+            caller_audio(&CallerScript::default()).take(400).collect();
+        // 1.2 s lead silence = 60 frames, then 75 voiced, 75 silent, three times: 510 frames.
+        let voiced: Vec<bool> = frames.iter().map(|f| energy(f) > 1_000_000.0).collect();
+        assert!(voiced[..60].iter().all(|v| !v));
+        assert!(voiced[60..135].iter().all(|v| *v));
+        assert!(voiced[135..210].iter().all(|v| !v));
+        assert!(voiced[210..285].iter().all(|v| *v));
+        assert!(frames[..60].iter().all(|f| f.iter().all(|b| *b == 0xFF)));
+        // After the script: silence for ever.
+        let after = caller_audio(&CallerScript::default()).nth(600);
+        assert_eq!(after, Some([0xFF; FRAME_BYTES]));
+    }
+
+    #[test]
+    fn caller_turns_parse() {
+        assert_eq!(
+            CallerScript::parse_turns("1500:1500, 1200:2000"),
+            Some(CallerScript {
+                lead_silence_ms: 1200,
+                turns: vec![(1500, 1500), (1200, 2000)],
+            })
+        );
+        assert_eq!(CallerScript::parse_turns("1500"), None);
+        assert_eq!(CallerScript::parse_turns("a:b"), None);
+        assert_eq!(CallerScript::parse_turns(""), None);
+    }
+
+    #[test]
+    fn finds_connect_and_start_streams() {
+        let twiml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<Response><Connect><Stream url="ws://127.0.0.1:9/media?x=1&amp;y=2" name="s">
+  <Parameter name="callId" value="abc"/><Parameter name='n' value='1 &lt; 2'/>
+</Stream></Connect></Response>"#;
+        assert_eq!(
+            parse_stream(twiml),
+            Some(StreamRequest {
+                url: "ws://127.0.0.1:9/media?x=1&y=2".into(),
+                bidirectional: true,
+                parameters: vec![
+                    ("callId".into(), "abc".into()),
+                    ("n".into(), "1 < 2".into())
+                ],
+            })
+        );
+        let one_way =
+            r#"<Response><Start><Stream url="wss://h/p"/></Start><Pause length="60"/></Response>"#;
+        let found = parse_stream(one_way).expect("a stream");
+        assert!(!found.bidirectional);
+        assert_eq!(found.url, "wss://h/p");
+        assert!(found.parameters.is_empty());
+        assert_eq!(parse_stream("<Response><Say>hi</Say></Response>"), None);
+        assert_eq!(parse_stream("<Stream"), None);
+        assert_eq!(parse_stream("<Connect><Stream name=\"x\"/>"), None);
+        assert_eq!(parse_stream("<Connect><Stream url=\"unterminated"), None);
+    }
+}
