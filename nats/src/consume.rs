@@ -17,6 +17,9 @@ pub struct DurableSpec {
     /// Deliveries after which the consumer's owner sets a message it keeps failing on aside
     /// (JetStream itself never drops one: `max_deliver` is unlimited).
     pub set_aside_after: i64,
+    /// Copies of the consumer's state in the cluster: the stream's (`NATS_REPLICAS`), so a
+    /// consumer survives the loss of any node its stream survives.
+    pub replicas: usize,
 }
 
 impl DurableSpec {
@@ -28,6 +31,7 @@ impl DurableSpec {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 1_000,
             set_aside_after: 6,
+            replicas: settings.replicas,
         }
     }
 
@@ -53,6 +57,7 @@ pub async fn durable(
         ack_wait: spec.ack_wait,
         max_ack_pending: spec.max_ack_pending,
         max_deliver: -1,
+        num_replicas: spec.replicas,
         ..Default::default()
     };
     Ok(stream.get_or_create_consumer(&spec.name, config).await?)

@@ -75,7 +75,10 @@ pub async fn ensure_stream(
     if current.duplicate_window != config.duplicate_window
         || current.subjects != config.subjects
         || !current.allow_direct
+        || current.num_replicas != config.num_replicas
     {
+        // A changed replica count is applied in place: JetStream adds (or removes) peers and
+        // catches them up from the others.
         js.update_stream(config).await?;
     }
     Ok(js.get_stream(&settings.stream).await?)

@@ -208,6 +208,11 @@ impl Config {
                 .parse()
                 .expect("the default address parses"),
         )?;
+        let nats_url = get("NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.into());
+        cmb_nats::server_addrs(&nats_url).map_err(|message| ConfigError {
+            name: "NATS_URL",
+            message,
+        })?;
         let defaults = StreamSettings::default();
         let stream = StreamSettings {
             stream: get("NATS_STREAM").unwrap_or(defaults.stream),
@@ -219,6 +224,12 @@ impl Config {
                 defaults.duplicate_window.as_secs(),
             )?),
         };
+        if !(1..=5).contains(&stream.replicas) {
+            return Err(ConfigError {
+                name: "NATS_REPLICAS",
+                message: format!("{} replicas: JetStream keeps 1 to 5", stream.replicas),
+            });
+        }
         let log_format = match get("LOG_FORMAT").as_deref() {
             None | Some("pretty") => LogFormat::Pretty,
             Some("json") => LogFormat::Json,
@@ -239,7 +250,7 @@ impl Config {
         });
         Ok(Config {
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
-            nats_url: get("NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.into()),
+            nats_url,
             public_base_url: get("PUBLIC_BASE_URL")
                 .unwrap_or_else(|| format!("http://{http_addr}"))
                 .trim_end_matches('/')
@@ -360,5 +371,25 @@ mod tests {
         let env = HashMap::from([("HTTP_ADDR", "nowhere")]);
         let err = Config::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap_err();
         assert_eq!(err.name, "HTTP_ADDR");
+    }
+
+    #[test]
+    fn nats_url_is_one_server_or_a_list() {
+        let env = HashMap::from([(
+            "NATS_URL",
+            "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224",
+        )]);
+        let c = Config::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(cmb_nats::server_addrs(&c.nats_url).unwrap().len(), 3);
+        for (name, value) in [
+            ("NATS_URL", "nats://127.0.0.1:4222,http://[::1"),
+            ("NATS_URL", " , "),
+            ("NATS_REPLICAS", "0"),
+            ("NATS_REPLICAS", "7"),
+        ] {
+            let env = HashMap::from([(name, value)]);
+            let err = Config::from_lookup(|k| env.get(k).map(|v| v.to_string())).unwrap_err();
+            assert_eq!(err.name, name, "{value}");
+        }
     }
 }

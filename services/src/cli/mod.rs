@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `seed`, `events verify`, `projections …`,
-//! `simulate`, `bench …`; the analysts' `replay …` is in `replay`.
+//! `simulate`, `sim`, `bench …`; the analysts' `replay …` is in `replay`.
 
 use std::process::ExitCode;
 
@@ -65,6 +65,22 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: crate::backbone::deadletter::DlqCommand,
+    },
+    /// Run the providers' simulators as one shared service, for several `serve` instances
+    /// (each simulator keeps state — Stripe's payment intents, Twilio's calls — that every
+    /// instance must see). Prints the `*_BASE_URL` settings that point an instance at them.
+    Sim {
+        /// `all`, or some of: twilio, stripe, deepgram, cerebras, openai, elevenlabs.
+        #[arg(default_value = "all", value_delimiter = ',')]
+        which: Vec<String>,
+        /// The first simulator's address; the others take the next ports (twilio, stripe,
+        /// deepgram, cerebras, openai, elevenlabs). Port 0: each a free port.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        addr: std::net::SocketAddr,
+        /// Where Stripe's webhooks go (the instances' load balancer); default
+        /// `$PUBLIC_BASE_URL/api/stripe/webhook`.
+        #[arg(long)]
+        stripe_webhook_url: Option<String>,
     },
     /// Benchmarks (figures as a table, then one line of JSON).
     Bench {
@@ -172,6 +188,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { range, command } => replay::run(config, *range, command).await,
+        Command::Sim {
+            which,
+            addr,
+            stripe_webhook_url,
+        } => sim(&config, which, addr, stripe_webhook_url).await,
         Command::Dlq { command } => {
             let b = crate::backbone::connect(&config, 2).await?;
             crate::backbone::deadletter::cli(&b.pool, command).await
@@ -324,6 +345,56 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+#[cfg(feature = "sims")]
+async fn sim(
+    config: &Config,
+    which: Vec<String>,
+    addr: std::net::SocketAddr,
+    stripe_webhook_url: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use crate::serve::simulators;
+    let mut chosen = Vec::new();
+    for name in &which {
+        match simulators::ALL.iter().find(|n| **n == name.as_str()) {
+            Some(n) => chosen.push(*n),
+            None if name == "all" => chosen.extend(simulators::ALL),
+            None => anyhow::bail!(
+                "unknown simulator {name:?}: all, or some of {}",
+                simulators::ALL.join(", ")
+            ),
+        }
+    }
+    let webhook = stripe_webhook_url
+        .unwrap_or_else(|| format!("{}/api/stripe/webhook", config.public_base_url));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let served =
+        simulators::serve_shared(config, &chosen, addr, &webhook, &shutdown, &tasks).await?;
+    for s in &served {
+        tracing::info!(simulator = s.name, url = %s.url, "simulator listening");
+        println!("{}={}", s.variable, s.url);
+    }
+    // Whoever started us reads the settings above, then waits for this line.
+    println!("# simulators ready; Stripe webhooks to {webhook}");
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    wait_for_signal().await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "sims"))]
+async fn sim(
+    _: &Config,
+    _: Vec<String>,
+    _: std::net::SocketAddr,
+    _: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("this build has no simulators (build with the `sims` feature)")
 }
 
 async fn wait_for_signal() {

@@ -5,6 +5,8 @@ pub mod api;
 pub mod http;
 pub mod providers;
 pub mod scheduler;
+#[cfg(feature = "sims")]
+pub mod simulators;
 pub mod transcripts;
 pub mod voice;
 pub mod workers;

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+#[cfg(feature = "sims")]
+use crate::serve::simulators;
 
 /// The connected clients.
 #[derive(Clone)]
@@ -95,7 +97,6 @@ impl Providers {
         let http = cmb_providers::http_client();
         #[cfg_attr(not(feature = "sims"), allow(unused_mut))]
         let mut sims = Simulators::default();
-        let sim_var = |k: &str| config.sim_var(k);
 
         let p = &config.elevenlabs;
         let base_url = match endpoint(
@@ -106,9 +107,7 @@ impl Providers {
             Endpoint::Url(url) => url,
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
-                let faults = cmb_sims::Faults::from_lookup(&sim_var, "ELEVENLABS");
-                let tts = cmb_sims::elevenlabs::TtsSettings::from_lookup(&sim_var);
-                let sim = cmb_sims::elevenlabs::ElevenLabsSim::new(faults, tts);
+                let sim = simulators::elevenlabs(config);
                 let url = serve_sim("elevenlabs", sim.router(), shutdown, tasks).await?;
                 sims.elevenlabs = Some(sim);
                 url
@@ -127,10 +126,7 @@ impl Providers {
             Endpoint::Url(url) => url,
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
-                let mut settings = cmb_sims::twilio::Settings::from_lookup(&sim_var);
-                settings.account_sid = t.account_sid.clone();
-                settings.auth_token = t.auth_token.expose().to_string();
-                let sim = cmb_sims::twilio::TwilioSim::new(settings);
+                let sim = simulators::twilio(config);
                 let url = serve_sim("twilio", sim.router(), shutdown, tasks).await?;
                 sims.twilio = Some(sim);
                 url
@@ -154,10 +150,10 @@ impl Providers {
             Endpoint::Url(url) => url,
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
-                let mut settings = cmb_sims::stripe::Settings::from_lookup(&sim_var);
-                settings.webhook_secret = st.webhook_secret.expose().to_string();
-                let sim = cmb_sims::stripe::StripeSim::new(settings);
-                sim.set_webhook_url(&format!("{}/api/stripe/webhook", config.public_base_url));
+                let sim = simulators::stripe(
+                    config,
+                    &format!("{}/api/stripe/webhook", config.public_base_url),
+                );
                 let url = serve_sim("stripe", sim.router(), shutdown, tasks).await?;
                 sims.stripe = Some(sim);
                 url
@@ -176,8 +172,7 @@ impl Providers {
             Endpoint::Url(url) => url,
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
-                let settings = cmb_sims::deepgram::Settings::from_lookup(&sim_var);
-                let sim = cmb_sims::deepgram::DeepgramSim::new(settings);
+                let sim = simulators::deepgram(config);
                 let url = serve_sim("deepgram", sim.router(), shutdown, tasks).await?;
                 sims.deepgram = Some(sim);
                 url
@@ -198,8 +193,7 @@ impl Providers {
             Endpoint::Url(url) => (url, p.key_or("")),
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
-                let settings = cmb_sims::llm::Settings::from_lookup("CEREBRAS", &sim_var);
-                let sim = cmb_sims::llm::LlmSim::new(settings);
+                let sim = simulators::llm(config, "CEREBRAS");
                 let url = serve_sim("CEREBRAS", sim.router(), shutdown, tasks).await?;
                 sims.cerebras = Some(sim);
                 (url, p.key_or("simulator"))
@@ -218,8 +212,7 @@ impl Providers {
             Endpoint::Url(url) => (url, p.key_or("")),
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
-                let settings = cmb_sims::llm::Settings::from_lookup("OPENAI", &sim_var);
-                let sim = cmb_sims::llm::LlmSim::new(settings);
+                let sim = simulators::llm(config, "OPENAI");
                 let url = serve_sim("OPENAI", sim.router(), shutdown, tasks).await?;
                 sims.openai = Some(sim);
                 (format!("{url}/v1"), p.key_or("simulator"))
