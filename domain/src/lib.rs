@@ -9,6 +9,7 @@ pub mod budget;
 pub mod call;
 pub mod contacts;
 pub mod cost;
+pub mod destination;
 pub mod envelope;
 pub mod events;
 pub mod memory;

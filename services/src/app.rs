@@ -41,6 +41,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 /// Starts the API and all workers on `clock` (tests pass a manual one).
 pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyhow::Result<Running> {
+    // Production without what it needs never starts (`cli` prints the same lines and exits 2).
+    config.check_run_mode()?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding {}", config.http_addr))?;
@@ -58,6 +60,21 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let store = EventStore::new(pool.clone());
+    config.log_run_mode();
+    if config.mode == crate::config::RunMode::Development || !config.simulate.is_empty() {
+        // The banner again every few minutes, so nobody mistakes this for production.
+        let config = config.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(crate::config::mode::BANNER_EVERY) => {}
+                }
+                config.log_run_mode();
+            }
+        });
+    }
 
     let publisher = Publisher {
         pool: pool.clone(),

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use cmb_nats::StreamSettings;
 
+pub mod mode;
+pub use mode::RunMode;
+
 /// A secret that never prints.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -89,6 +92,10 @@ pub struct Config {
     pub consumer_max_deliveries: i64,
     /// The simulators' settings (`SIM_*` variables).
     pub sim: std::collections::BTreeMap<String, String>,
+    /// Development (no real key) or production (`config::mode`).
+    pub mode: RunMode,
+    /// `SIMULATE`: providers run as simulators in production on purpose.
+    pub simulate: std::collections::BTreeSet<String>,
 }
 
 /// Signs the Twilio simulator's callbacks when `TWILIO_AUTH_TOKEN` is not set; anyone can sign
@@ -129,13 +136,21 @@ pub struct TwilioSettings {
 pub struct Provider {
     pub api_key: Option<Secret>,
     pub base_url: Option<String>,
+    /// Named in `SIMULATE`: simulated whatever is set.
+    pub forced_simulator: bool,
 }
 
 impl Provider {
-    fn from(get: &impl Fn(&str) -> Option<String>, key: &str, url: &str) -> Provider {
+    fn from(
+        get: &impl Fn(&str) -> Option<String>,
+        key: &str,
+        url: &str,
+        forced_simulator: bool,
+    ) -> Provider {
         Provider {
             api_key: get(key).map(Secret::new),
             base_url: get(url).map(|u| u.trim_end_matches('/').to_string()),
+            forced_simulator,
         }
     }
 
@@ -149,7 +164,7 @@ impl Provider {
 
     /// Whether `serve` must run a simulator for this provider.
     pub fn simulated(&self) -> bool {
-        self.api_key.is_none() && self.base_url.is_none()
+        self.forced_simulator || (self.api_key.is_none() && self.base_url.is_none())
     }
 }
 
@@ -248,7 +263,10 @@ impl Config {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             )
         });
-        Ok(Config {
+        let simulate = mode::parse_simulate(get("SIMULATE"))?;
+        let production = mode::parse_env(get("CMB_ENV"))?;
+        let sim = |name: &str| simulate.contains(name);
+        let mut config = Config {
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             nats_url,
             public_base_url: get("PUBLIC_BASE_URL")
@@ -282,9 +300,15 @@ impl Config {
                 2_000,
             )?),
             trust_proxy_headers: parse("TRUST_PROXY_HEADERS", get("TRUST_PROXY_HEADERS"), false)?,
-            elevenlabs: Provider::from(&get, "ELEVENLABS_API_KEY", "ELEVENLABS_BASE_URL"),
+            elevenlabs: Provider::from(
+                &get,
+                "ELEVENLABS_API_KEY",
+                "ELEVENLABS_BASE_URL",
+                sim("elevenlabs"),
+            ),
             twilio: TwilioSettings {
-                simulated: get("TWILIO_ACCOUNT_SID").is_none() && get("TWILIO_BASE_URL").is_none(),
+                simulated: sim("twilio")
+                    || (get("TWILIO_ACCOUNT_SID").is_none() && get("TWILIO_BASE_URL").is_none()),
                 account_sid: get("TWILIO_ACCOUNT_SID")
                     .unwrap_or_else(|| DEV_TWILIO_ACCOUNT_SID.into()),
                 auth_token: Secret::new(
@@ -295,7 +319,8 @@ impl Config {
                 base_url: get("TWILIO_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
             stripe: StripeSettings {
-                simulated: get("STRIPE_SECRET_KEY").is_none() && get("STRIPE_BASE_URL").is_none(),
+                simulated: sim("stripe")
+                    || (get("STRIPE_SECRET_KEY").is_none() && get("STRIPE_BASE_URL").is_none()),
                 secret_key: Secret::new(
                     get("STRIPE_SECRET_KEY").unwrap_or_else(|| DEV_STRIPE_SECRET_KEY.into()),
                 ),
@@ -305,9 +330,19 @@ impl Config {
                 ),
                 base_url: get("STRIPE_BASE_URL").map(|u| u.trim_end_matches('/').to_string()),
             },
-            deepgram: Provider::from(&get, "DEEPGRAM_API_KEY", "DEEPGRAM_BASE_URL"),
-            cerebras: Provider::from(&get, "CEREBRAS_API_KEY", "CEREBRAS_BASE_URL"),
-            openai: Provider::from(&get, "OPENAI_API_KEY", "OPENAI_BASE_URL"),
+            deepgram: Provider::from(
+                &get,
+                "DEEPGRAM_API_KEY",
+                "DEEPGRAM_BASE_URL",
+                sim("deepgram"),
+            ),
+            cerebras: Provider::from(
+                &get,
+                "CEREBRAS_API_KEY",
+                "CEREBRAS_BASE_URL",
+                sim("cerebras"),
+            ),
+            openai: Provider::from(&get, "OPENAI_API_KEY", "OPENAI_BASE_URL", sim("openai")),
             cerebras_model: get("CEREBRAS_MODEL").unwrap_or_else(|| "llama-3.3-70b".into()),
             openai_model: get("OPENAI_MODEL").unwrap_or_else(|| "gpt-4o-mini".into()),
             embeddings_model: get("EMBEDDINGS_MODEL")
@@ -347,7 +382,13 @@ impl Config {
                 crate::backbone::deadletter::MAX_DELIVERIES,
             )?,
             sim: Default::default(),
-        })
+            mode: RunMode::Development,
+            simulate: simulate.clone(),
+        };
+        if production || !config.real_keys().is_empty() {
+            config.mode = RunMode::Production;
+        }
+        Ok(config)
     }
 }
 

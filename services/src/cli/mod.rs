@@ -162,10 +162,15 @@ pub async fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => {
-            if config.jwt_secret.expose() == crate::config::DEVELOPMENT_JWT_SECRET {
-                tracing::warn!(
-                    "JWT_SECRET is not set: tokens are signed with the development secret"
+            if let Err(missing) = config.check_run_mode() {
+                eprintln!(
+                    "callmeback serve: production mode (a real provider key or \
+                     CMB_ENV=production) refuses to start without:"
                 );
+                for line in missing.0 {
+                    eprintln!("configuration error: {line}");
+                }
+                return Ok(ExitCode::from(2));
             }
             let running = crate::app::start(config).await?;
             wait_for_signal().await;

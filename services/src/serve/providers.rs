@@ -67,9 +67,10 @@ enum Endpoint {
 }
 
 fn endpoint(base_url: &Option<String>, simulated: bool, real_url: &str) -> Endpoint {
+    // `simulated` is true without a key and base URL, or when `SIMULATE` names the provider.
     match (base_url, simulated) {
-        (Some(url), _) => Endpoint::Url(url.clone()),
-        (None, true) => Endpoint::Simulated,
+        (_, true) => Endpoint::Simulated,
+        (Some(url), false) => Endpoint::Url(url.clone()),
         (None, false) => Endpoint::Url(real_url.to_string()),
     }
 }
@@ -161,7 +162,13 @@ impl Providers {
             #[cfg(not(feature = "sims"))]
             Endpoint::Simulated => return Err(ConnectError::NotConfigured("Stripe")),
         };
-        let stripe = Stripe::new(http.clone(), &base_url, st.secret_key.expose());
+        // The simulator takes test-mode keys only (`SIMULATE=stripe` beside a live key).
+        let key = if st.simulated {
+            crate::config::DEV_STRIPE_SECRET_KEY
+        } else {
+            st.secret_key.expose()
+        };
+        let stripe = Stripe::new(http.clone(), &base_url, key);
 
         let p = &config.deepgram;
         let base_url = match endpoint(
