@@ -166,6 +166,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         lease_ttl: config.publisher.lease_ttl,
         tick: config.scheduler_tick,
         grace: config.schedule_grace,
+        twilio: providers.twilio.clone(),
     };
     tasks.spawn(scheduler.run(shutdown.clone()));
 

@@ -106,7 +106,7 @@ impl TestEnv {
             return;
         }
         let config = self.config();
-        if let Ok(client) = async_nats::connect(&config.nats_url).await {
+        if let Ok(client) = cmb_nats::connect(&config.nats_url, "callmeback tests").await {
             let js = async_nats::jetstream::new(client);
             let _ = js.delete_stream(&config.stream.stream).await;
         }
@@ -145,7 +145,9 @@ where
 /// Every message of the test's stream, in stream order.
 pub async fn read_stream(env: &TestEnv) -> Vec<cmb_domain::EventEnvelope> {
     let config = env.config();
-    let client = async_nats::connect(&config.nats_url).await.expect("nats");
+    let client = cmb_nats::connect(&config.nats_url, "callmeback tests")
+        .await
+        .expect("nats");
     let js = async_nats::jetstream::new(client);
     let until = cmb_nats::replay::last_sequence(&js, &config.stream)
         .await

@@ -244,6 +244,25 @@ pub async fn other_sids_to(
     .await
 }
 
+/// Placed calls not yet ended whose last change is older than `quiet_since`, longest quiet
+/// first, at most `limit`: (call id, Twilio's CallSid).
+pub async fn unfinished(
+    pool: &PgPool,
+    quiet_since: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id::text, call_sid FROM rm_calls
+          WHERE status IN ('initiated', 'queued', 'ringing', 'in-progress')
+            AND call_sid IS NOT NULL AND updated_at < $1
+          ORDER BY updated_at LIMIT $2",
+    )
+    .bind(quiet_since)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// Scheduled calls whose time has come by `now`, earliest first, at most `limit`.
 pub async fn due(
     pool: &PgPool,
