@@ -380,9 +380,6 @@ async fn sim(
     for s in &served {
         tracing::info!(simulator = s.name, url = %s.url, "simulator listening");
         println!("{}={}", s.variable, s.url);
-        if let Some((variable, key)) = s.key {
-            println!("{variable}={key}");
-        }
     }
     // Whoever started us reads the settings above, then waits for this line.
     println!("# simulators ready; Stripe webhooks to {webhook}");

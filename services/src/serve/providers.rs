@@ -197,7 +197,10 @@ impl Providers {
             p.simulated(),
             cmb_providers::llm::CEREBRAS_BASE_URL,
         ) {
-            Endpoint::Url(url) => (url, p.key_or("")),
+            // A base URL without a key (a simulator shared by several instances, a local
+            // gateway): a placeholder key, as Deepgram and ElevenLabs get, since an
+            // OpenAI-style API refuses a request with none.
+            Endpoint::Url(url) => (url, p.key_or("simulator")),
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
                 let sim = simulators::llm(config, "CEREBRAS");
@@ -216,7 +219,7 @@ impl Providers {
             p.simulated(),
             cmb_providers::llm::OPENAI_BASE_URL,
         ) {
-            Endpoint::Url(url) => (url, p.key_or("")),
+            Endpoint::Url(url) => (url, p.key_or("simulator")),
             #[cfg(feature = "sims")]
             Endpoint::Simulated => {
                 let sim = simulators::llm(config, "OPENAI");

@@ -67,10 +67,6 @@ pub struct Served {
     /// `TWILIO_BASE_URL`, …
     pub variable: &'static str,
     pub url: String,
-    /// A key setting the instance needs too: with a base URL and no key, the LLM clients would
-    /// send none, and the simulator, like the real API, refuses a request without one (any
-    /// other key it accepts).
-    pub key: Option<(&'static str, &'static str)>,
 }
 
 /// Serves the simulators in `which` (names of [`ALL`]) until `shutdown`: the first on `addr`,
@@ -117,16 +113,10 @@ pub async fn serve_shared(
                 tracing::error!(simulator = name, error = %e, "simulator stopped");
             }
         });
-        let key = match *name {
-            "cerebras" => Some(("CEREBRAS_API_KEY", "simulator")),
-            "openai" => Some(("OPENAI_API_KEY", "simulator")),
-            _ => None,
-        };
         served.push(Served {
             name,
             variable,
             url: format!("http://{local}{suffix}"),
-            key,
         });
     }
     Ok(served)
