@@ -30,8 +30,31 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
     let owner = uuid::Uuid::now_v7();
     let ctx = CommandContext::for_request("projection-test", Actor::User(owner));
 
-    // A history with creations, updates and deletions, after the three system personas.
-    let mut total = 3u64;
+    // A history with creations, updates and deletions, after the three system personas and
+    // their libraries (once the knowledge worker has indexed them).
+    let documents: usize = cmb_domain::persona::system::system_personas()
+        .iter()
+        .map(|p| cmb_domain::knowledge::library::library(p.id).len())
+        .sum();
+    let system_events = eventually(Duration::from_secs(60), || async {
+        let indexed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_type = 'persona'
+               AND event_type = 'KnowledgeDocumentIndexed'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if indexed < documents as i64 {
+            return None;
+        }
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE aggregate_type = 'persona'")
+            .fetch_one(&pool)
+            .await
+            .ok()
+    })
+    .await
+    .expect("the system libraries are indexed");
+    let mut total = system_events as u64;
     for i in 0..30 {
         let id = format!("p{i:02}");
         store

@@ -101,6 +101,9 @@ pub enum CostKind {
     MemoryExtractionTokens(LlmProvider),
     /// Memory's embeddings (on the OpenAI-compatible endpoint).
     MemoryEmbeddingTokens,
+    /// Persona knowledge: documents' passages embedded when indexed (billed to the persona's
+    /// owner) and callers' words embedded during a call (billed on the call).
+    KnowledgeEmbeddingTokens,
 }
 
 impl CostKind {
@@ -111,7 +114,7 @@ impl CostKind {
             CostKind::DeepgramStreamingStt => "deepgram",
             CostKind::ChatTokens(llm) | CostKind::MemoryExtractionTokens(llm) => llm.as_str(),
             CostKind::TtsCharacters => "elevenlabs",
-            CostKind::MemoryEmbeddingTokens => "openai",
+            CostKind::MemoryEmbeddingTokens | CostKind::KnowledgeEmbeddingTokens => "openai",
         }
     }
 
@@ -123,6 +126,7 @@ impl CostKind {
             CostKind::TtsCharacters => "tts-characters",
             CostKind::MemoryExtractionTokens(_) => "memory-extraction-tokens",
             CostKind::MemoryEmbeddingTokens => "memory-embedding-tokens",
+            CostKind::KnowledgeEmbeddingTokens => "knowledge-embedding-tokens",
         }
     }
 
@@ -132,7 +136,8 @@ impl CostKind {
             CostKind::DeepgramStreamingStt => "second",
             CostKind::ChatTokens(_)
             | CostKind::MemoryExtractionTokens(_)
-            | CostKind::MemoryEmbeddingTokens => "token",
+            | CostKind::MemoryEmbeddingTokens
+            | CostKind::KnowledgeEmbeddingTokens => "token",
             CostKind::TtsCharacters => "character",
         }
     }

@@ -51,7 +51,15 @@ pub const KNOWN: &[(&str, &[&str])] = &[
     ("budget", &["BudgetSet", "BudgetAlertRaised"]),
     (
         "persona",
-        &["PersonaCreated", "PersonaUpdated", "PersonaDeleted"],
+        &[
+            "PersonaCreated",
+            "PersonaUpdated",
+            "PersonaDeleted",
+            "KnowledgeDocumentAdded",
+            "KnowledgeDocumentIndexed",
+            "KnowledgeDocumentIndexingFailed",
+            "KnowledgeDocumentRemoved",
+        ],
     ),
     ("persona_preference", &["PersonaCustomized"]),
     (

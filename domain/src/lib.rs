@@ -12,6 +12,7 @@ pub mod cost;
 pub mod destination;
 pub mod envelope;
 pub mod events;
+pub mod knowledge;
 pub mod memory;
 pub mod persona;
 pub mod pricing;

@@ -89,7 +89,8 @@ impl PriceTable {
             CostKind::DeepgramStreamingStt => (self.deepgram_per_minute_micros, 60),
             CostKind::ChatTokens(_)
             | CostKind::MemoryExtractionTokens(_)
-            | CostKind::MemoryEmbeddingTokens => (self.llm_per_million_tokens_micros, 1_000_000),
+            | CostKind::MemoryEmbeddingTokens
+            | CostKind::KnowledgeEmbeddingTokens => (self.llm_per_million_tokens_micros, 1_000_000),
             CostKind::TtsCharacters => (self.elevenlabs_per_thousand_chars_micros, 1000),
         }
     }

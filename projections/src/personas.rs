@@ -19,7 +19,7 @@ impl Projection for Personas {
         "personas"
     }
     fn tables(&self) -> &'static [&'static str] {
-        &["rm_personas"]
+        &["rm_personas", "rm_persona_knowledge"]
     }
     fn aggregate_types(&self) -> &'static [&'static str] {
         &["persona"]
@@ -101,8 +101,72 @@ impl Projection for Personas {
             PersonaEvent::PersonaDeleted => {
                 sqlx::query("DELETE FROM rm_personas WHERE id = $1")
                     .bind(&e.aggregate_id)
+                    .execute(&mut *db)
+                    .await?;
+                sqlx::query("DELETE FROM rm_persona_knowledge WHERE persona_id = $1")
+                    .bind(&e.aggregate_id)
                     .execute(db)
                     .await?;
+            }
+            PersonaEvent::KnowledgeDocumentAdded { document, at } => {
+                sqlx::query(
+                    "INSERT INTO rm_persona_knowledge (persona_id, document_id, title, format, chars,
+                                                       status, added_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, 'indexing', $6, $7)
+                     ON CONFLICT (persona_id, document_id) DO NOTHING",
+                )
+                .bind(&e.aggregate_id)
+                .bind(&document.document_id)
+                .bind(&document.title)
+                .bind(document.format.as_str())
+                .bind(document.chars as i32)
+                .bind(at)
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            PersonaEvent::KnowledgeDocumentIndexed {
+                document_id,
+                passages,
+                embedded,
+                ..
+            } => {
+                sqlx::query(
+                    "UPDATE rm_persona_knowledge SET status = 'indexed', passages = $3,
+                            embedded = $4, reason = NULL, updated_at = $5
+                      WHERE persona_id = $1 AND document_id = $2",
+                )
+                .bind(&e.aggregate_id)
+                .bind(document_id)
+                .bind(passages as i32)
+                .bind(embedded)
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            PersonaEvent::KnowledgeDocumentIndexingFailed {
+                document_id,
+                reason,
+            } => {
+                sqlx::query(
+                    "UPDATE rm_persona_knowledge SET status = 'failed', reason = $3, updated_at = $4
+                      WHERE persona_id = $1 AND document_id = $2",
+                )
+                .bind(&e.aggregate_id)
+                .bind(document_id)
+                .bind(reason)
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            PersonaEvent::KnowledgeDocumentRemoved { document_id } => {
+                sqlx::query(
+                    "DELETE FROM rm_persona_knowledge WHERE persona_id = $1 AND document_id = $2",
+                )
+                .bind(&e.aggregate_id)
+                .bind(document_id)
+                .execute(db)
+                .await?;
             }
         }
         Ok(())

@@ -96,7 +96,8 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         ack_wait: config.worker_ack_wait,
         max_deliveries: config.consumer_max_deliveries,
     });
-    let defined = crate::usecases::personas::define_system_personas(&store).await?;
+    let mut defined = crate::usecases::personas::define_system_personas(&store).await?;
+    defined.extend(crate::usecases::knowledge::define_system_libraries(&store).await?);
     projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
     // Serve once the persona list shows them (bounded: a lagging read model is not fatal).
     for c in &defined {

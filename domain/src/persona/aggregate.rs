@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::command::{PersonaCommand, PersonaDraft};
 use super::event::PersonaEvent;
 use super::rules::{Owner, TurnTaking};
+use crate::knowledge::{DocumentStatus, KnowledgeDocument, NewDocument, MAX_DOCUMENTS};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PersonaError {
@@ -17,6 +18,12 @@ pub enum PersonaError {
     /// Someone else's persona; `visible` says whether the caller may see it (public).
     #[error("this persona belongs to someone else")]
     NotOwner { visible: bool },
+    #[error("a persona holds at most {max} documents; remove one first")]
+    TooManyDocuments { max: usize },
+    #[error("this text is already in the persona's knowledge as \"{title}\"")]
+    DuplicateDocument { title: String },
+    #[error("no such document")]
+    DocumentNotFound,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -32,9 +39,42 @@ pub struct Persona {
     pub is_public: bool,
     pub tags: Vec<String>,
     pub turn_taking: TurnTaking,
+    /// The documents it draws on in calls, in the order they were added.
+    #[serde(default)]
+    pub knowledge: Vec<KnowledgeDocument>,
 }
 
 impl Persona {
+    pub fn document(&self, id: &str) -> Option<&KnowledgeDocument> {
+        self.knowledge.iter().find(|d| d.document.document_id == id)
+    }
+
+    fn add_document(
+        &self,
+        document: NewDocument,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<PersonaEvent, PersonaError> {
+        if self.knowledge.len() >= MAX_DOCUMENTS {
+            return Err(PersonaError::TooManyDocuments { max: MAX_DOCUMENTS });
+        }
+        if let Some(d) = self.knowledge.iter().find(|d| {
+            d.document.sha256 == document.sha256 || d.document.document_id == document.document_id
+        }) {
+            return Err(PersonaError::DuplicateDocument {
+                title: d.document.title.clone(),
+            });
+        }
+        Ok(PersonaEvent::KnowledgeDocumentAdded { document, at })
+    }
+
+    /// Whether document `id` is there and still waiting for its indexing outcome.
+    fn indexing(&self, id: &str) -> bool {
+        self.exists()
+            && self
+                .document(id)
+                .is_some_and(|d| d.status == DocumentStatus::Indexing)
+    }
+
     pub fn exists(&self) -> bool {
         self.created && !self.deleted
     }
@@ -159,6 +199,69 @@ impl Aggregate for Persona {
                 self.check_owner(by)?;
                 sink.write(PersonaEvent::PersonaDeleted, self).await;
             }
+            PersonaCommand::AddKnowledge { by, document, at } => {
+                self.check_owner(by)?;
+                let event = self.add_document(document, at)?;
+                sink.write(event, self).await;
+            }
+            PersonaCommand::MarkKnowledgeIndexed {
+                document_id,
+                passages,
+                embedded,
+                costs,
+            } => {
+                if self.indexing(&document_id) {
+                    let event = PersonaEvent::KnowledgeDocumentIndexed {
+                        document_id,
+                        passages,
+                        embedded,
+                        costs,
+                    };
+                    sink.write(event, self).await;
+                }
+            }
+            PersonaCommand::MarkKnowledgeFailed {
+                document_id,
+                reason,
+            } => {
+                if self.indexing(&document_id) {
+                    let event = PersonaEvent::KnowledgeDocumentIndexingFailed {
+                        document_id,
+                        reason,
+                    };
+                    sink.write(event, self).await;
+                }
+            }
+            PersonaCommand::RemoveKnowledge { by, document_id } => {
+                self.check_owner(by)?;
+                if self.document(&document_id).is_none() {
+                    return Err(PersonaError::DocumentNotFound);
+                }
+                sink.write(PersonaEvent::KnowledgeDocumentRemoved { document_id }, self)
+                    .await;
+            }
+            PersonaCommand::DefineSystemKnowledge { documents, at } => {
+                if self.owner != Some(Owner::System) || !self.exists() {
+                    return Err(PersonaError::NotFound);
+                }
+                let shipped: Vec<&str> = documents.iter().map(|d| d.document_id.as_str()).collect();
+                let gone: Vec<String> = self
+                    .knowledge
+                    .iter()
+                    .map(|d| d.document.document_id.clone())
+                    .filter(|id| !shipped.contains(&id.as_str()))
+                    .collect();
+                for document_id in gone {
+                    sink.write(PersonaEvent::KnowledgeDocumentRemoved { document_id }, self)
+                        .await;
+                }
+                for document in documents {
+                    if self.document(&document.document_id).is_none() {
+                        let event = self.add_document(document, at)?;
+                        sink.write(event, self).await;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -188,6 +291,7 @@ impl Aggregate for Persona {
                     is_public,
                     tags,
                     turn_taking,
+                    knowledge: Vec::new(),
                 }
             }
             PersonaEvent::PersonaUpdated {
@@ -226,6 +330,44 @@ impl Aggregate for Persona {
                 }
             }
             PersonaEvent::PersonaDeleted => self.deleted = true,
+            PersonaEvent::KnowledgeDocumentAdded { document, at } => {
+                self.knowledge.push(KnowledgeDocument {
+                    document,
+                    status: DocumentStatus::Indexing,
+                    added_at: at,
+                    costs: Vec::new(),
+                })
+            }
+            PersonaEvent::KnowledgeDocumentIndexed {
+                document_id,
+                passages,
+                embedded,
+                costs,
+            } => {
+                if let Some(d) = self
+                    .knowledge
+                    .iter_mut()
+                    .find(|d| d.document.document_id == document_id)
+                {
+                    d.status = DocumentStatus::Indexed { passages, embedded };
+                    d.costs = costs;
+                }
+            }
+            PersonaEvent::KnowledgeDocumentIndexingFailed {
+                document_id,
+                reason,
+            } => {
+                if let Some(d) = self
+                    .knowledge
+                    .iter_mut()
+                    .find(|d| d.document.document_id == document_id)
+                {
+                    d.status = DocumentStatus::Failed { reason };
+                }
+            }
+            PersonaEvent::KnowledgeDocumentRemoved { document_id } => self
+                .knowledge
+                .retain(|d| d.document.document_id != document_id),
         }
     }
 }
@@ -337,5 +479,158 @@ mod tests {
             ])
             .when(PersonaCommand::Delete { by: owner })
             .then_expect_error(PersonaError::NotFound);
+    }
+
+    fn doc(id: &str, sha: &str) -> crate::knowledge::NewDocument {
+        crate::knowledge::NewDocument {
+            document_id: id.into(),
+            title: format!("Doc {id}"),
+            format: crate::knowledge::DocumentFormat::Markdown,
+            chars: 100,
+            sha256: sha.into(),
+        }
+    }
+
+    fn at() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn only_the_owner_adds_knowledge_and_the_same_text_is_not_added_twice() {
+        let owner = Uuid::now_v7();
+        let added = PersonaEvent::KnowledgeDocumentAdded {
+            document: doc("d1", "aa"),
+            at: at(),
+        };
+        Given::with(())
+            .given(vec![created(Owner::User(owner), "Coach")])
+            .when(PersonaCommand::AddKnowledge {
+                by: owner,
+                document: doc("d1", "aa"),
+                at: at(),
+            })
+            .then_expect_events(vec![added.clone()]);
+        Given::with(())
+            .given(vec![created(Owner::User(owner), "Coach")])
+            .when(PersonaCommand::AddKnowledge {
+                by: Uuid::now_v7(),
+                document: doc("d1", "aa"),
+                at: at(),
+            })
+            .then_expect_error(PersonaError::NotOwner { visible: true });
+        Given::with(())
+            .given(vec![created(Owner::User(owner), "Coach"), added])
+            .when(PersonaCommand::AddKnowledge {
+                by: owner,
+                document: doc("d2", "aa"),
+                at: at(),
+            })
+            .then_expect_error(PersonaError::DuplicateDocument {
+                title: "Doc d1".into(),
+            });
+    }
+
+    #[test]
+    fn a_persona_holds_a_bounded_number_of_documents() {
+        let owner = Uuid::now_v7();
+        let mut given = vec![created(Owner::User(owner), "Coach")];
+        for i in 0..crate::knowledge::MAX_DOCUMENTS {
+            given.push(PersonaEvent::KnowledgeDocumentAdded {
+                document: doc(&format!("d{i}"), &format!("sha{i}")),
+                at: at(),
+            });
+        }
+        Given::with(())
+            .given(given)
+            .when(PersonaCommand::AddKnowledge {
+                by: owner,
+                document: doc("new", "new"),
+                at: at(),
+            })
+            .then_expect_error(PersonaError::TooManyDocuments {
+                max: crate::knowledge::MAX_DOCUMENTS,
+            });
+    }
+
+    #[test]
+    fn indexing_is_recorded_once_and_never_for_a_removed_document() {
+        let owner = Uuid::now_v7();
+        let added = PersonaEvent::KnowledgeDocumentAdded {
+            document: doc("d1", "aa"),
+            at: at(),
+        };
+        let indexed = PersonaEvent::KnowledgeDocumentIndexed {
+            document_id: "d1".into(),
+            passages: 3,
+            embedded: true,
+            costs: vec![],
+        };
+        let mark = || PersonaCommand::MarkKnowledgeIndexed {
+            document_id: "d1".into(),
+            passages: 3,
+            embedded: true,
+            costs: vec![],
+        };
+        Given::with(())
+            .given(vec![created(Owner::User(owner), "Coach"), added.clone()])
+            .when(mark())
+            .then_expect_events(vec![indexed.clone()]);
+        Given::with(())
+            .given(vec![
+                created(Owner::User(owner), "Coach"),
+                added.clone(),
+                indexed,
+            ])
+            .when(mark())
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(vec![
+                created(Owner::User(owner), "Coach"),
+                added,
+                PersonaEvent::KnowledgeDocumentRemoved {
+                    document_id: "d1".into(),
+                },
+            ])
+            .when(mark())
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn removing_needs_the_owner_and_an_existing_document() {
+        let owner = Uuid::now_v7();
+        Given::with(())
+            .given(vec![created(Owner::User(owner), "Coach")])
+            .when(PersonaCommand::RemoveKnowledge {
+                by: owner,
+                document_id: "nope".into(),
+            })
+            .then_expect_error(PersonaError::DocumentNotFound);
+    }
+
+    #[test]
+    fn a_system_library_is_brought_to_its_shipped_documents() {
+        let old = PersonaEvent::KnowledgeDocumentAdded {
+            document: doc("old", "o"),
+            at: at(),
+        };
+        let keep = PersonaEvent::KnowledgeDocumentAdded {
+            document: doc("keep", "k"),
+            at: at(),
+        };
+        Given::with(())
+            .given(vec![created(Owner::System, "Brad"), old, keep])
+            .when(PersonaCommand::DefineSystemKnowledge {
+                documents: vec![doc("keep", "k"), doc("new", "n")],
+                at: at(),
+            })
+            .then_expect_events(vec![
+                PersonaEvent::KnowledgeDocumentRemoved {
+                    document_id: "old".into(),
+                },
+                PersonaEvent::KnowledgeDocumentAdded {
+                    document: doc("new", "n"),
+                    at: at(),
+                },
+            ]);
     }
 }

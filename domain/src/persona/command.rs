@@ -1,6 +1,8 @@
 use uuid::Uuid;
 
 use super::rules::{Owner, TurnTaking};
+use crate::cost::Cost;
+use crate::knowledge::NewDocument;
 use crate::values::{parse_name, parse_text, Invalid};
 
 /// A persona's full definition, validated.
@@ -86,5 +88,33 @@ pub enum PersonaCommand {
     },
     Delete {
         by: Uuid,
+    },
+    /// The owner adds a document (its text already stored).
+    AddKnowledge {
+        by: Uuid,
+        document: NewDocument,
+        at: chrono::DateTime<chrono::Utc>,
+    },
+    /// The indexing worker's outcome; nothing happens for a document removed or already
+    /// settled (a redelivered message).
+    MarkKnowledgeIndexed {
+        document_id: String,
+        passages: u32,
+        embedded: bool,
+        costs: Vec<Cost>,
+    },
+    MarkKnowledgeFailed {
+        document_id: String,
+        reason: String,
+    },
+    RemoveKnowledge {
+        by: Uuid,
+        document_id: String,
+    },
+    /// Brings a system persona's built-in library to `documents`: adds what is missing,
+    /// removes what is no longer shipped.
+    DefineSystemKnowledge {
+        documents: Vec<NewDocument>,
+        at: chrono::DateTime<chrono::Utc>,
     },
 }

@@ -2,6 +2,8 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{Owner, TurnTaking};
+use crate::cost::Cost;
+use crate::knowledge::NewDocument;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum PersonaEvent {
@@ -35,6 +37,29 @@ pub enum PersonaEvent {
         turn_taking: Option<TurnTaking>,
     },
     PersonaDeleted,
+    /// A document the persona draws on in calls; its text is in `knowledge_documents`.
+    KnowledgeDocumentAdded {
+        #[serde(flatten)]
+        document: NewDocument,
+        at: chrono::DateTime<chrono::Utc>,
+    },
+    /// Its passages are searchable (`knowledge_passages`); embedding them cost `costs`,
+    /// billed to the persona's owner.
+    KnowledgeDocumentIndexed {
+        document_id: String,
+        passages: u32,
+        embedded: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        costs: Vec<Cost>,
+    },
+    /// It could not be indexed, and why.
+    KnowledgeDocumentIndexingFailed {
+        document_id: String,
+        reason: String,
+    },
+    KnowledgeDocumentRemoved {
+        document_id: String,
+    },
 }
 
 impl DomainEvent for PersonaEvent {
@@ -43,6 +68,12 @@ impl DomainEvent for PersonaEvent {
             PersonaEvent::PersonaCreated { .. } => "PersonaCreated",
             PersonaEvent::PersonaUpdated { .. } => "PersonaUpdated",
             PersonaEvent::PersonaDeleted => "PersonaDeleted",
+            PersonaEvent::KnowledgeDocumentAdded { .. } => "KnowledgeDocumentAdded",
+            PersonaEvent::KnowledgeDocumentIndexed { .. } => "KnowledgeDocumentIndexed",
+            PersonaEvent::KnowledgeDocumentIndexingFailed { .. } => {
+                "KnowledgeDocumentIndexingFailed"
+            }
+            PersonaEvent::KnowledgeDocumentRemoved { .. } => "KnowledgeDocumentRemoved",
         }
         .to_string()
     }

@@ -167,3 +167,31 @@ pub async fn greeting_and_voice(
         .fetch_optional(pool)
         .await
 }
+
+/// A document of a persona's knowledge, as its owner sees it (others see titles only).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct KnowledgeDocumentView {
+    pub id: String,
+    pub title: String,
+    pub format: String,
+    pub chars: i32,
+    pub status: String,
+    pub passages: Option<i32>,
+    pub embedded: Option<bool>,
+    /// Why indexing failed.
+    pub reason: Option<String>,
+    pub added_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The documents of persona `id` (`rm_persona_knowledge`), oldest first.
+pub async fn knowledge(pool: &PgPool, id: &str) -> Result<Vec<KnowledgeDocumentView>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT document_id AS id, title, format, chars, status, passages, embedded, reason,
+                added_at, updated_at
+           FROM rm_persona_knowledge WHERE persona_id = $1 ORDER BY added_at, document_id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}

@@ -20,6 +20,7 @@ pub struct Demo {
 
 pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
     crate::usecases::personas::define_system_personas(store).await?;
+    crate::usecases::knowledge::define_system_libraries(store).await?;
     let email = Email::parse(DEMO_EMAIL)?;
     let pool = store.pool();
     let user_id = match crate::usecases::accounts::claims::user_by_email(pool, &email).await? {

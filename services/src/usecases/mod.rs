@@ -9,6 +9,7 @@ pub mod billing;
 pub mod budget;
 pub mod calls;
 pub mod contacts;
+pub mod knowledge;
 pub mod memory;
 pub mod personas;
 pub mod prices;

@@ -19,7 +19,7 @@ use crate::serve::http::error::ApiError;
 use crate::usecases::calls::request::RequestError;
 use crate::usecases::calls::schedule::ScheduleError;
 use crate::usecases::personas::names::NameError;
-use crate::usecases::{accounts, billing, budget, contacts, memory, personas};
+use crate::usecases::{accounts, billing, budget, contacts, knowledge, memory, personas};
 
 /// A store failure is ours (500); contention is worth a retry (503); a rejection says what
 /// the aggregate refused.
@@ -89,6 +89,13 @@ impl From<PersonaError> for ApiError {
             }
             PersonaError::NotOwner { visible: false } => ApiError::not_found("persona"),
             PersonaError::AlreadyExists => ApiError::conflict("persona_exists", e.to_string()),
+            PersonaError::TooManyDocuments { .. } => {
+                ApiError::conflict("too_many_documents", e.to_string())
+            }
+            PersonaError::DuplicateDocument { .. } => {
+                ApiError::conflict("duplicate_document", e.to_string())
+            }
+            PersonaError::DocumentNotFound => ApiError::not_found("document"),
         }
     }
 }
@@ -316,6 +323,23 @@ impl From<contacts::Error> for ApiError {
         match e {
             contacts::Error::Persona(e) => e.into(),
             contacts::Error::Rejected(e) => e.into(),
+        }
+    }
+}
+
+impl From<knowledge::Error> for ApiError {
+    fn from(e: knowledge::Error) -> Self {
+        match e {
+            knowledge::Error::Invalid(e) => e.into(),
+            knowledge::Error::Persona(e) => e.into(),
+            knowledge::Error::Rejected(e) => e.into(),
+            knowledge::Error::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            )
+            .with_field("file"),
+            knowledge::Error::Db(e) => e.into(),
         }
     }
 }

@@ -9,11 +9,13 @@ pub mod budget;
 pub mod calls;
 pub mod contacts;
 mod errors;
+pub mod knowledge;
 pub mod memory;
 pub mod openapi;
 pub mod personas;
 pub mod twilio;
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 
@@ -42,6 +44,13 @@ pub fn routes() -> Router<AppState> {
             get(memory::get).delete(memory::clear),
         )
         .route("/personas/{id}/memory/{item_id}", delete(memory::forget))
+        .route(
+            "/personas/{id}/knowledge",
+            get(knowledge::list)
+                .post(knowledge::add)
+                .layer(DefaultBodyLimit::max(knowledge::BODY_LIMIT)),
+        )
+        .route("/personas/{id}/knowledge/{doc}", delete(knowledge::remove))
         .route("/contacts", get(contacts::list).post(contacts::add))
         .route("/contacts/{persona_id}", delete(contacts::remove))
         .route("/call", post(calls::trigger))

@@ -6,6 +6,7 @@
 
 pub mod contacts_cleanup;
 pub mod dialer;
+pub mod knowledge;
 pub mod memory;
 mod runner;
 pub mod settlement;
@@ -69,6 +70,23 @@ pub fn spawn_all(
             move |event| {
                 let memory = memory.clone();
                 async move { Ok(memory.handle(event).await?) }
+            },
+            shutdown.clone(),
+        ));
+    }
+    {
+        let worker = knowledge::KnowledgeWorker {
+            store: store.clone(),
+            embeddings: providers.embeddings.clone(),
+        };
+        tasks.spawn(run(
+            store.pool().clone(),
+            knowledge::NAME,
+            stream.clone(),
+            spec(knowledge::NAME, "persona"),
+            move |event| {
+                let worker = worker.clone();
+                async move { Ok(worker.handle(event).await?) }
             },
             shutdown.clone(),
         ));

@@ -61,7 +61,7 @@ pub async fn accessible(store: &EventStore, id: &str, user: Uuid) -> Result<Pers
 }
 
 /// The persona, if `user` may change it (owner, not system).
-async fn owned(store: &EventStore, id: &str, user: Uuid) -> Result<Persona, Error> {
+pub async fn owned(store: &EventStore, id: &str, user: Uuid) -> Result<Persona, Error> {
     let (persona, _) = store.load::<Persona>(id).await?;
     match persona.owner {
         _ if !persona.exists() => Err(Error::rejected(PersonaError::NotFound)),

@@ -1,0 +1,375 @@
+//! Persona knowledge, end to end through the simulators: the owner uploads documents (JSON
+//! Markdown, multipart PDF and HTML), the indexing worker splits, embeds (the LLM simulator's
+//! `/embeddings`) and indexes them in Postgres, the embeddings are billed to the persona's
+//! owner; strangers see titles of public personas only and change nothing; bad input gets a
+//! clear 4xx; removal takes the passages away; the system personas ship libraries.
+
+mod common;
+
+use std::time::Duration;
+
+use callmeback::app::Running;
+use common::{eventually, persona_body, Api, TestEnv, PASSWORD};
+use serde_json::{json, Value};
+
+async fn persona(user: &Api, name: &str, public: bool) -> String {
+    let reply = user.post("/api/personas", persona_body(name, public)).await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    reply.body["persona"]["id"].as_str().unwrap().to_string()
+}
+
+/// The document `doc` of the list, once its status is no longer `indexing`.
+async fn settled(user: &Api, persona_id: &str, doc: &str) -> Value {
+    eventually(Duration::from_secs(60), || async {
+        let list = user
+            .get(&format!("/api/personas/{persona_id}/knowledge"))
+            .await;
+        assert_eq!(list.status, 200, "{list:?}");
+        list.body["documents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == doc && d["status"] != "indexing")
+            .cloned()
+    })
+    .await
+    .unwrap_or_else(|| panic!("document {doc} was never indexed"))
+}
+
+/// A one-page PDF whose page shows `lines` in Helvetica.
+pub fn pdf(lines: &[&str]) -> Vec<u8> {
+    let mut content = String::from("BT /F1 12 Tf 72 720 Td 14 TL\n");
+    for line in lines {
+        content.push_str(&format!("({line}) Tj T*\n"));
+    }
+    content.push_str("ET");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>".to_string(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for o in offsets {
+        out.extend(format!("{o:010} 00000 n \n").as_bytes());
+    }
+    out.extend(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+/// Posts a multipart form with a `file` part (and a `title` part when given).
+pub async fn upload(
+    user: &Api,
+    persona_id: &str,
+    file_name: &str,
+    media: &str,
+    bytes: &[u8],
+    title: Option<&str>,
+) -> common::Reply {
+    let boundary = "----cmbtestboundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    if let Some(t) = title {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n{t}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\nContent-Type: {media}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend(bytes);
+    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    user.send(
+        user.request(
+            reqwest::Method::POST,
+            &format!("/api/personas/{persona_id}/knowledge"),
+        )
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body),
+    )
+    .await
+}
+
+async fn passages(app: &Running, persona_id: &str, doc: &str) -> Vec<(String, i32)> {
+    sqlx::query_as(
+        "SELECT text, cardinality(embedding) FROM knowledge_passages
+          WHERE persona_id = $1 AND document_id = $2 ORDER BY ord",
+    )
+    .bind(persona_id)
+    .bind(doc)
+    .fetch_all(&app.state.pool)
+    .await
+    .unwrap()
+}
+
+const PHILOSOPHY: &str = "# My coaching philosophy\n\nI believe in small daily wins.\n\n\
+## The marmalade rule\n\nEvery Sunday my clients eat one spoonful of quince marmalade as a \
+reward for a week of training. It is called the marmalade rule.\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_adds_lists_and_removes_documents_that_are_indexed_and_billed() {
+    let env = TestEnv::new();
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (owner, _) = api.register(PASSWORD).await;
+    let (stranger, _) = api.register(PASSWORD).await;
+    let public = persona(&owner, "Know Coach", true).await;
+    let private = persona(&owner, "Secret Coach", false).await;
+    let path = format!("/api/personas/{public}/knowledge");
+
+    // JSON Markdown.
+    let added = owner
+        .post(
+            &path,
+            json!({ "title": "Philosophy", "content": PHILOSOPHY }),
+        )
+        .await;
+    assert_eq!(added.status, 202, "{added:?}");
+    assert_eq!(added.body["document"]["status"], "indexing");
+    let md = added.body["document"]["id"].as_str().unwrap().to_string();
+    let doc = settled(&owner, &public, &md).await;
+    assert_eq!(doc["status"], "indexed", "{doc}");
+    assert_eq!(doc["title"], "Philosophy");
+    assert_eq!(doc["format"], "markdown");
+    assert_eq!(doc["embedded"], true);
+    let stored = passages(&app, &public, &md).await;
+    assert_eq!(doc["passages"], stored.len() as i64);
+    assert!(stored.iter().any(|(t, _)| t.contains("quince marmalade")));
+    assert!(stored.iter().all(|(_, dims)| *dims == 256), "{stored:?}");
+    // Full-text indexed in Postgres, stemmed.
+    let found: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM knowledge_passages
+          WHERE persona_id = $1 AND tsv @@ plainto_tsquery('english', 'marmalades rules')",
+    )
+    .bind(&public)
+    .fetch_one(&app.state.pool)
+    .await
+    .unwrap();
+    assert_eq!(found, 1);
+    // The text is not in any event; the embeddings are billed to the persona's owner.
+    let payloads: Vec<Value> = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE aggregate_type = 'persona' AND aggregate_id = $1",
+    )
+    .bind(&public)
+    .fetch_all(&app.state.pool)
+    .await
+    .unwrap();
+    assert!(payloads.iter().all(|p| !p.to_string().contains("quince")));
+    let indexed = payloads
+        .iter()
+        .find_map(|p| p.get("KnowledgeDocumentIndexed"))
+        .expect("an indexed event");
+    assert_eq!(
+        indexed["costs"][0]["operation"],
+        "knowledge-embedding-tokens"
+    );
+    assert_eq!(indexed["costs"][0]["service"], "openai");
+    assert!(indexed["costs"][0]["quantity"].as_i64().unwrap() > 0);
+
+    // Multipart PDF, its text extracted; HTML with its headings.
+    let pdf_doc = upload(
+        &owner,
+        &public,
+        "faq.pdf",
+        "application/pdf",
+        &pdf(&["Frequently asked questions", "The gym opens at six thirty."]),
+        None,
+    )
+    .await;
+    assert_eq!(pdf_doc.status, 202, "{pdf_doc:?}");
+    assert_eq!(pdf_doc.body["document"]["title"], "faq");
+    assert_eq!(pdf_doc.body["document"]["format"], "pdf");
+    let pdf_id = pdf_doc.body["document"]["id"].as_str().unwrap().to_string();
+    assert_eq!(settled(&owner, &public, &pdf_id).await["status"], "indexed");
+    let text = passages(&app, &public, &pdf_id).await;
+    assert!(text[0].0.contains("gym opens at six thirty"), "{text:?}");
+    let html = upload(
+        &owner,
+        &public,
+        "examples.html",
+        "text/html",
+        b"<html><body><h1>Examples</h1><p>Caller: I skipped leg day.</p><script>x()</script></body></html>",
+        Some("Conversation examples"),
+    )
+    .await;
+    assert_eq!(html.status, 202, "{html:?}");
+    let html_id = html.body["document"]["id"].as_str().unwrap().to_string();
+    settled(&owner, &public, &html_id).await;
+    let text = passages(&app, &public, &html_id).await;
+    assert_eq!(text[0].0, "Caller: I skipped leg day.");
+
+    // Bad input: a clear 4xx, nothing stored.
+    let cases = [
+        (json!({ "content": "   " }), 400, "file"),
+        (json!({ "format": "docx", "content": "x" }), 400, "format"),
+        (json!({ "title": "No body" }), 400, "content"),
+        (
+            json!({ "format": "pdf", "content_base64": "aGVsbG8=" }),
+            400,
+            "file",
+        ),
+        (json!({ "content": PHILOSOPHY }), 409, ""),
+    ];
+    for (body, status, field) in cases {
+        let r = owner.post(&path, body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {r:?}");
+        if !field.is_empty() {
+            assert_eq!(r.field(), field, "{body}: {r:?}");
+        }
+    }
+    let big = "word ".repeat(2 * 1024 * 1024);
+    let r = upload(
+        &owner,
+        &public,
+        "big.txt",
+        "text/plain",
+        big.as_bytes(),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 413, "{r:?}");
+    let r = upload(
+        &owner,
+        &public,
+        "sheet.xlsx",
+        "application/vnd.ms-excel",
+        b"x",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 415, "{r:?}");
+    let r = upload(
+        &owner,
+        &public,
+        "broken.pdf",
+        "application/pdf",
+        b"%PDF-1.4 garbage",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+
+    // Strangers: titles of a public persona's indexed documents; nothing of a private one;
+    // no changes anywhere.
+    let seen = stranger.get(&path).await;
+    assert_eq!(seen.status, 200);
+    let docs = seen.body["documents"].as_array().unwrap();
+    assert_eq!(docs.len(), 3);
+    assert!(
+        docs.iter().all(|d| d.as_object().unwrap().len() == 2),
+        "{docs:?}"
+    );
+    let r = stranger
+        .get(&format!("/api/personas/{private}/knowledge"))
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = stranger
+        .post(&path, json!({ "content": "Stranger's text here" }))
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = stranger
+        .post(
+            &format!("/api/personas/{private}/knowledge"),
+            json!({ "content": "Stranger's text here" }),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = stranger.delete(&format!("{path}/{md}")).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = owner.delete(&format!("{path}/no-such-doc")).await;
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // Removal: gone from the list, its passages and text deleted.
+    let r = owner.delete(&format!("{path}/{md}")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let list = owner.get(&path).await;
+    assert!(list.body["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["id"] != md.as_str()));
+    assert!(passages(&app, &public, &md).await.is_empty());
+    // Then the same text may come back.
+    let again = owner
+        .post(
+            &path,
+            json!({ "title": "Philosophy", "content": PHILOSOPHY }),
+        )
+        .await;
+    assert_eq!(again.status, 202, "{again:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_personas_ship_a_library_in_their_voice_and_it_is_read_only() {
+    let env = TestEnv::new();
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, _) = api.register(PASSWORD).await;
+    let docs = eventually(Duration::from_secs(60), || async {
+        let r = user.get("/api/personas/brad_001/knowledge").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let docs = r.body["documents"].as_array().unwrap().clone();
+        (docs.len() >= 2).then_some(docs)
+    })
+    .await
+    .expect("Brad's library is indexed");
+    assert!(docs
+        .iter()
+        .any(|d| d["title"] == "Brad's accountability playbook"));
+    let r = user
+        .post(
+            "/api/personas/brad_001/knowledge",
+            json!({ "content": "Brad likes cats." }),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = user
+        .delete(&format!(
+            "/api/personas/brad_001/knowledge/{}",
+            docs[0]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    // Defining the libraries again (another instance starting) changes nothing.
+    let before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'persona' AND event_type NOT LIKE 'KnowledgeDocumentIndex%'")
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+    callmeback::usecases::personas::define_system_personas(&app.state.store)
+        .await
+        .unwrap();
+    callmeback::usecases::knowledge::define_system_libraries(&app.state.store)
+        .await
+        .unwrap();
+    let after: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'persona' AND event_type NOT LIKE 'KnowledgeDocumentIndex%'")
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+    assert_eq!(before, after);
+    env.cleanup().await;
+}
