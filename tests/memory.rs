@@ -226,9 +226,11 @@ async fn a_persona_remembers_what_it_learned_and_the_user_controls_it() {
     assert_eq!(costs.len(), 2, "{costs:?}");
     assert_eq!(costs[0].0, "openai");
     assert_eq!(costs[0].1, "memory-embedding-tokens");
+    // The simulator also embedded the knowledge passages (billed apart, to their owners).
     assert_eq!(
         costs[0].2,
         app.sims.openai.as_ref().unwrap().embedding_tokens_total() as i64
+            - common::knowledge_embedding_tokens(&app).await
     );
     assert_eq!(costs[1].0, "cerebras");
     assert_eq!(costs[1].1, "memory-extraction-tokens");

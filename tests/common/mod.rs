@@ -330,3 +330,27 @@ pub async fn grant(app: &Running, user: &serde_json::Value, credits: i64) {
         .await
         .expect("credits granted");
 }
+
+/// Embedding tokens billed for persona knowledge (the system personas' libraries, indexed at
+/// startup, and any document since), once the system libraries are indexed: what the
+/// embeddings simulator counted beside memory's.
+pub async fn knowledge_embedding_tokens(app: &Running) -> i64 {
+    let documents: usize = cmb_domain::persona::system::system_personas()
+        .iter()
+        .map(|p| cmb_domain::knowledge::library::library(p.id).len())
+        .sum();
+    eventually(Duration::from_secs(60), || async {
+        let (indexed, tokens): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), COALESCE(sum((c->>'quantity')::bigint), 0)::bigint
+               FROM events e
+               LEFT JOIN LATERAL json_array_elements(e.payload->'KnowledgeDocumentIndexed'->'costs') c ON true
+              WHERE e.aggregate_type = 'persona' AND e.event_type = 'KnowledgeDocumentIndexed'",
+        )
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+        (indexed >= documents as i64).then_some(tokens)
+    })
+    .await
+    .expect("the system personas' libraries are indexed")
+}
