@@ -170,6 +170,14 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         twilio: providers.twilio.clone(),
     };
     tasks.spawn(scheduler.run(shutdown.clone()));
+    let sweeper = crate::serve::sweeper::Sweeper {
+        store: store.clone(),
+        stripe: providers.stripe.clone(),
+        instance_id: config.instance_id.clone(),
+        lease_ttl: config.publisher.lease_ttl,
+        grace: config.call_request_grace,
+    };
+    tasks.spawn(sweeper.run(shutdown.clone()));
 
     let state = AppState {
         config: config.clone(),

@@ -86,6 +86,9 @@ pub struct Config {
     pub scheduler_tick: Duration,
     /// A scheduled call found due later than this (the service was down) expires instead.
     pub schedule_grace: Duration,
+    /// A call request still unfinished this long after it started died midway: the sweeper
+    /// gives back its hold and active-call slot.
+    pub call_request_grace: Duration,
     /// How long a worker has to acknowledge a message before JetStream redelivers it.
     pub worker_ack_wait: Duration,
     /// Deliveries after which a consumer sets a failing event aside (a dead letter).
@@ -370,6 +373,11 @@ impl Config {
                 "SCHEDULE_GRACE_SECS",
                 get("SCHEDULE_GRACE_SECS"),
                 900,
+            )?),
+            call_request_grace: Duration::from_secs(parse(
+                "CALL_REQUEST_GRACE_SECS",
+                get("CALL_REQUEST_GRACE_SECS"),
+                120,
             )?),
             worker_ack_wait: Duration::from_millis(parse(
                 "WORKER_ACK_WAIT_MS",

@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod faults;
 pub mod ops;
 pub mod serve;
 pub mod telemetry;

@@ -40,6 +40,10 @@ pub struct Call {
     pub fired: bool,
     pub dial_attempts: u32,
     pub last_attempt_at: Option<DateTime<Utc>>,
+    /// The last attempt's outcome is known (it failed, or Twilio's CallSid was recorded); when
+    /// not, Twilio may have placed the call for it.
+    #[serde(default)]
+    pub last_attempt_settled: bool,
     pub call_sid: Option<String>,
     pub answered_at: Option<DateTime<Utc>>,
     pub price_cents: Option<i64>,
@@ -194,12 +198,9 @@ impl Aggregate for Call {
                     ]
                 }
             }
-            CallCommand::StartDial { at } => {
-                if self.due_for_dialing() {
-                    vec![CallEvent::DialAttempted {
-                        attempt: self.dial_attempts + 1,
-                        at,
-                    }]
+            CallCommand::StartDial { attempt, at } => {
+                if self.due_for_dialing() && attempt == self.dial_attempts + 1 {
+                    vec![CallEvent::DialAttempted { attempt, at }]
                 } else {
                     vec![]
                 }
@@ -382,8 +383,9 @@ impl Aggregate for Call {
             CallEvent::DialAttempted { attempt, at } => {
                 self.dial_attempts = attempt;
                 self.last_attempt_at = Some(at);
+                self.last_attempt_settled = false;
             }
-            CallEvent::DialFailed { .. } => {}
+            CallEvent::DialFailed { .. } => self.last_attempt_settled = true,
             CallEvent::CallPlaced { call_sid } => self.call_sid = Some(call_sid),
             CallEvent::CallStatusChanged { status, at, .. } => {
                 if status == Status::InProgress {

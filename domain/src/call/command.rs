@@ -37,8 +37,11 @@ pub enum CallCommand {
         at: DateTime<Utc>,
         min_notice: chrono::Duration,
     },
-    /// The dialer is about to ask Twilio.
+    /// The dialer is about to ask Twilio for dial attempt `attempt` (the call's attempts so
+    /// far + 1, as the dialer read them). Records nothing when another handler took that
+    /// attempt first: only the handler that recorded an attempt asks Twilio.
     StartDial {
+        attempt: u32,
         at: DateTime<Utc>,
     },
     DialFailed {

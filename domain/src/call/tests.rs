@@ -226,3 +226,32 @@ fn a_billed_figure_is_recorded_once_per_provider_and_reference() {
         })
         .then_expect_events(vec![]);
 }
+
+#[test]
+fn a_dial_attempt_is_recorded_only_by_the_handler_that_expected_it() {
+    let t = Utc::now();
+    TestFramework::<Call>::with(())
+        .given(vec![requested(None)])
+        .when(CallCommand::StartDial { attempt: 1, at: t })
+        .then_expect_events(vec![CallEvent::DialAttempted { attempt: 1, at: t }]);
+    // A second handler that also read "no attempt yet" records nothing, so it never dials.
+    TestFramework::<Call>::with(())
+        .given(vec![
+            requested(None),
+            CallEvent::DialAttempted { attempt: 1, at: t },
+        ])
+        .when(CallCommand::StartDial { attempt: 1, at: t })
+        .then_expect_events(vec![]);
+    // After a failed attempt, the next one is 2.
+    TestFramework::<Call>::with(())
+        .given(vec![
+            requested(None),
+            CallEvent::DialAttempted { attempt: 1, at: t },
+            CallEvent::DialFailed {
+                attempt: 1,
+                reason: "503".into(),
+            },
+        ])
+        .when(CallCommand::StartDial { attempt: 2, at: t })
+        .then_expect_events(vec![CallEvent::DialAttempted { attempt: 2, at: t }]);
+}

@@ -85,6 +85,10 @@ pub enum WalletError {
     Insufficient { needed: i64, available: i64 },
     #[error("no hold {0}")]
     UnknownHold(String),
+    /// Settling a hold that was already settled or released: an error, never a silent
+    /// success (a caller repeating its own settlement can tell it is its own by `settled`).
+    #[error("hold {0} is already closed")]
+    HoldClosed(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -94,6 +98,9 @@ pub struct Wallet {
     /// Open holds: hold id → credits.
     #[serde(default)]
     pub holds: BTreeMap<String, i64>,
+    /// Credits each closed hold used (0 when released).
+    #[serde(default)]
+    pub settled: BTreeMap<String, i64>,
     /// Holds already settled or released (so a repeat does nothing).
     #[serde(default)]
     pub closed_holds: Vec<String>,
@@ -165,7 +172,7 @@ impl Aggregate for Wallet {
             }
             WalletCommand::Settle { hold_id, credits } => {
                 if self.closed_holds.contains(&hold_id) {
-                    return Ok(());
+                    return Err(WalletError::HoldClosed(hold_id));
                 }
                 let Some(&held) = self.holds.get(&hold_id) else {
                     return Err(WalletError::UnknownHold(hold_id));
@@ -206,15 +213,18 @@ impl Aggregate for Wallet {
             }
             WalletEvent::CreditsSettled {
                 hold_id,
+                used,
                 balance_after,
                 ..
             } => {
                 self.holds.remove(&hold_id);
+                self.settled.insert(hold_id.clone(), used);
                 self.closed_holds.push(hold_id);
                 self.balance = balance_after;
             }
             WalletEvent::CreditsReleased { hold_id, .. } => {
                 self.holds.remove(&hold_id);
+                self.settled.insert(hold_id.clone(), 0);
                 self.closed_holds.push(hold_id);
             }
         }
@@ -286,13 +296,14 @@ mod tests {
             released: 32,
             balance_after: 87,
         });
+        // Settling it again is an error, not a silent success.
         TestFramework::<Wallet>::with(())
             .given(settled.clone())
             .when(WalletCommand::Settle {
                 hold_id: "c1".into(),
                 credits: 13,
             })
-            .then_expect_events(vec![]);
+            .then_expect_error(WalletError::HoldClosed("c1".into()));
         TestFramework::<Wallet>::with(())
             .given(settled)
             .when(WalletCommand::Reserve {

@@ -3,6 +3,7 @@
 //! few checks that are made under a lock of their own (scheduled calls per user).
 
 use chrono::{DateTime, Utc};
+use cmb_domain::call::{CallRequest, Payment, Status};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -30,6 +31,43 @@ pub struct CallView {
     pub charged_cents: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl CallView {
+    /// The call as the projection will show it once it applies `CallRequested`: what a
+    /// handler answers when the read model has not caught up yet.
+    pub fn requested(id: Uuid, request: &CallRequest, at: DateTime<Utc>) -> CallView {
+        let status = if request.scheduled_for.is_some() {
+            Status::Scheduled
+        } else {
+            Status::Initiated
+        };
+        let method = match request.payment {
+            Payment::Credits { .. } => "credits",
+            Payment::Card { .. } => "card",
+        };
+        CallView {
+            id,
+            persona_id: request.persona_id.clone(),
+            persona_name: request.persona_name.clone(),
+            phone_number: request.phone.as_str().to_string(),
+            status: status.as_str().to_string(),
+            duration_minutes: request.max_minutes as i32,
+            max_price_cents: request.prices.max_price(request.max_minutes).0,
+            payment_method: method.to_string(),
+            scheduled_for: request.scheduled_for,
+            timezone: request.timezone.clone(),
+            call_sid: None,
+            answered_at: None,
+            ended_at: None,
+            duration_secs: 0,
+            billed_minutes: 0,
+            cost_cents: 0,
+            charged_cents: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
 }
 
 const CALL_COLUMNS: &str = "id, persona_id, persona_name, phone AS phone_number, status,
@@ -218,29 +256,6 @@ pub async fn spent_since(
     .bind(since)
     .bind(except)
     .fetch_one(pool)
-    .await
-}
-
-/// The call Twilio knows as `call_sid`.
-pub async fn id_by_sid(pool: &PgPool, call_sid: &str) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM rm_calls WHERE call_sid = $1")
-        .bind(call_sid)
-        .fetch_optional(pool)
-        .await
-}
-
-/// The CallSids of other calls to `phone` (the dialer tells its own lost call from them).
-pub async fn other_sids_to(
-    pool: &PgPool,
-    phone: &str,
-    except: Uuid,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT call_sid FROM rm_calls WHERE phone = $1 AND call_sid IS NOT NULL AND id <> $2",
-    )
-    .bind(phone)
-    .bind(except)
-    .fetch_all(pool)
     .await
 }
 

@@ -1,7 +1,7 @@
 //! What the API and the voice session ask of the personas read model (`rm_personas`).
 
 use chrono::{DateTime, Utc};
-use cmb_domain::persona::TurnTaking;
+use cmb_domain::persona::{PersonaDraft, TurnTaking};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -23,6 +23,29 @@ pub struct PersonaView {
     pub turn_taking: sqlx::types::Json<TurnTaking>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl PersonaView {
+    /// `owner`'s new persona as the projection will show it to them once it applies
+    /// `PersonaCreated`: what a handler answers when the read model has not caught up yet.
+    pub fn created(id: &str, owner: Uuid, draft: &PersonaDraft, at: DateTime<Utc>) -> Self {
+        PersonaView {
+            id: id.to_string(),
+            name: draft.name.clone(),
+            description: draft.description.clone(),
+            voice_id: draft.voice_id.clone(),
+            system_prompt: Some(draft.system_prompt.clone()),
+            greeting: draft.greeting.clone(),
+            is_public: draft.is_public,
+            is_system: false,
+            created_by: owner.to_string(),
+            tags: draft.tags.clone(),
+            use_count: 0,
+            turn_taking: sqlx::types::Json(draft.turn_taking),
+            created_at: at,
+            updated_at: at,
+        }
+    }
 }
 
 /// Columns of `PersonaView` from `rm_personas p`, for a viewer bound as `$1` (text, may be '').
@@ -155,17 +178,6 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<PersonaView>, i6
     ));
     let personas = rows.build_query_as().fetch_all(pool).await?;
     Ok((personas, total))
-}
-
-/// Persona `id`'s greeting and voice, to warm its greeting before it is needed.
-pub async fn greeting_and_voice(
-    pool: &PgPool,
-    id: &str,
-) -> Result<Option<(String, String)>, sqlx::Error> {
-    sqlx::query_as("SELECT greeting, voice_id FROM rm_personas WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
 }
 
 /// A document of a persona's knowledge, as its owner sees it (others see titles only).

@@ -131,6 +131,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 14)]
         seconds: u32,
     },
+    /// N concurrent calls through the real HTTP API against the simulators, measured from
+    /// outside: this process plays Twilio (REST, webhooks, media streams) and the users,
+    /// `callmeback serve` runs as a child. Calls placed, answered, sessions started/failed,
+    /// 5xx answers, projection lag p50/p99.
+    #[cfg(feature = "sims")]
+    Calls {
+        #[arg(long, default_value_t = 200)]
+        calls: u32,
+        /// How long each answered call lasts.
+        #[arg(long, default_value_t = 12)]
+        seconds: u32,
+    },
     /// Fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with N events of the
     /// real shapes, then replays them with the ordered reader, with and without reconciling:
     /// events per second.
@@ -341,6 +353,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 rows.push(f);
             }
             crate::ops::bench_voice::print(&rows, if sweep { largest } else { None });
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "sims")]
+        Command::Bench {
+            command: BenchCommand::Calls { calls, seconds },
+        } => {
+            let figures = crate::ops::bench_calls::run(&config, calls, seconds).await?;
+            crate::ops::bench_calls::print(&figures);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

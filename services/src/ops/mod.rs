@@ -2,6 +2,8 @@
 //! synthetic histories, benchmarks and the demo seed.
 
 pub mod bench;
+#[cfg(feature = "sims")]
+pub mod bench_calls;
 pub mod bench_voice;
 pub mod rebuild;
 pub mod reconcile;

@@ -309,7 +309,7 @@ async fn one_call(
         timezone: None,
     }))
     .await?;
-    call(CallCommand::StartDial { at: t }).await?;
+    call(CallCommand::StartDial { attempt: 1, at: t }).await?;
     summary.calls += 1;
     let roll = rng.gen_range(0..100);
     let mut end = t + Duration::seconds(30);

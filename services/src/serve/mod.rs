@@ -7,6 +7,7 @@ pub mod providers;
 pub mod scheduler;
 #[cfg(feature = "sims")]
 pub mod simulators;
+pub mod sweeper;
 pub mod transcripts;
 pub mod voice;
 pub mod workers;

@@ -4,7 +4,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use cmb_domain::user::User;
+use cmb_domain::wallet::Wallet;
 use cmb_domain::values::{parse_name, Email, Password, PhoneNumber};
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::accounts::UserView;
@@ -19,10 +21,41 @@ use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
 use crate::usecases::accounts::{self, ProfileChange};
 
-async fn user_after_write(state: &AppState, id: Uuid) -> ApiResult<UserView> {
-    cmb_projections::accounts::user_view(&state.pool, id)
-        .await?
-        .ok_or_else(|| ApiError::unavailable("your account is being set up; try again in a moment"))
+/// The user right after a command of theirs committed: from the read model, or, when it has
+/// not caught up in time, from the `user` and `wallet` aggregates (never an error for a
+/// command that went through).
+async fn user_after_write(
+    state: &AppState,
+    id: Uuid,
+    signed_in: Option<DateTime<Utc>>,
+    caught_up: bool,
+) -> ApiResult<UserView> {
+    if caught_up {
+        match cmb_projections::accounts::user_view(&state.pool, id).await {
+            Ok(Some(view)) => return Ok(view),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(user = %id, error = %e, "reading the user back"),
+        }
+    }
+    let (user, _) = state.store.load::<User>(&id.to_string()).await?;
+    if !user.registered {
+        return Err(ApiError::unauthorized("no such account"));
+    }
+    metrics::counter!("cmb_answered_before_read_model_total", "resource" => "user").increment(1);
+    let (wallet, _) = state.store.load::<Wallet>(&id.to_string()).await?;
+    let since = user.registered_at.unwrap_or_else(|| state.clock.now());
+    Ok(UserView {
+        id,
+        name: user.name,
+        email: user.email.map(|e| e.as_str().to_string()).unwrap_or_default(),
+        phone: user.phone.map(|p| p.as_str().to_string()).unwrap_or_default(),
+        email_verified: false,
+        phone_verified: false,
+        credits: wallet.balance,
+        last_sign_in: signed_in,
+        created_at: since,
+        updated_at: signed_in.unwrap_or(since),
+    })
 }
 
 fn context(headers: &axum::http::HeaderMap, actor: Actor) -> CommandContext {
@@ -59,8 +92,8 @@ pub async fn register(
         accounts::create(&state.store, id, name, &email, &phone, &password, &ctx).await?;
     tracing::info!(user = %id, email = %email.masked(), phone = %phone.masked(), "registered");
     let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id)?;
-    state.read_your_writes("users", &committed).await;
-    let user = user_after_write(&state, id).await?;
+    let caught_up = state.read_your_writes("users", &committed).await;
+    let user = user_after_write(&state, id, None, caught_up).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(token_response(user, token, &claims)),
@@ -90,8 +123,8 @@ pub async fn login(
         })
         .await?;
     let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id)?;
-    state.read_your_writes("users", &committed).await;
-    let user = user_after_write(&state, id).await?;
+    let caught_up = state.read_your_writes("users", &committed).await;
+    let user = user_after_write(&state, id, Some(state.clock.now()), caught_up).await?;
     Ok(axum::Json(token_response(user, token, &claims)))
 }
 
@@ -113,9 +146,8 @@ pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<
 
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
     ratelimit::check(&state.pool, ratelimit::ME, &format!("user:{}", user.id)).await?;
-    let view = cmb_projections::accounts::user_view(&state.pool, user.id)
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("no such account"))?;
+    // Right after registering, the read model may not have the account yet.
+    let view = user_after_write(&state, user.id, None, true).await?;
     Ok(axum::Json(json!({ "user": view })))
 }
 
@@ -152,7 +184,7 @@ pub async fn update_profile(
     };
     let committed =
         accounts::update_profile(&state.store, user.id, change, &user.context()).await?;
-    state.read_your_writes("users", &committed).await;
-    let view = user_after_write(&state, user.id).await?;
+    let caught_up = state.read_your_writes("users", &committed).await;
+    let view = user_after_write(&state, user.id, None, caught_up).await?;
     Ok(axum::Json(json!({ "user": view })))
 }

@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use cmb_domain::call::Payment;
 use cmb_domain::values::{Invalid, PhoneNumber};
-use cmb_projections::calls::{ListFilter, Sort, STATUSES};
+use cmb_projections::calls::{CallView, ListFilter, Sort, STATUSES};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -116,24 +116,40 @@ pub fn parse_scheduled_time(raw: &str, timezone: Option<&str>) -> ApiResult<Date
     }
 }
 
-/// 201 with the call and its hold.
+/// 201 with the call, its hold and its `Location`. The command has committed: if the read
+/// model is not there in time, the answer is the call as the command recorded it, never an
+/// error.
 async fn created(
     state: &AppState,
     user: &AuthUser,
     requested: Requested,
 ) -> ApiResult<impl IntoResponse> {
-    state.read_your_writes("calls", &requested.committed).await;
-    let view = cmb_projections::calls::view(&state.pool, requested.call_id, user.id)
-        .await?
-        .ok_or_else(|| ApiError::unavailable("the call is being set up; look it up in a moment"))?;
+    let caught_up = state.read_your_writes("calls", &requested.committed).await;
+    let found = match caught_up {
+        true => cmb_projections::calls::view(&state.pool, requested.call_id, user.id).await,
+        false => Ok(None),
+    };
+    let view = match found {
+        Ok(Some(view)) => view,
+        found => {
+            if let Err(e) = found {
+                tracing::warn!(call = %requested.call_id, error = %e, "reading the call back");
+            }
+            metrics::counter!("cmb_answered_before_read_model_total", "resource" => "call")
+                .increment(1);
+            CallView::requested(requested.call_id, &requested.request, requested.at)
+        }
+    };
     let hold = match requested.hold {
         Hold::Credits(credits) => json!({ "method": "credits", "credits": credits }),
         Hold::Card(pi) => {
             json!({ "method": "card", "payment_intent_id": pi, "amount_cents": view.max_price_cents })
         }
     };
+    let location = format!("/api/calls/{}", requested.call_id);
     Ok((
         StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
         axum::Json(json!({ "call": view, "hold": hold })),
     ))
 }

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use cmb_domain::persona::preference::Customization;
 use cmb_domain::persona::{parse_tags, parse_voice_id, PersonaDraft, PersonaPatch, TurnTaking};
 use cmb_domain::values::{parse_name, parse_text, Invalid};
-use cmb_projections::personas::{CreatedBy, ListFilter, Sort};
+use cmb_projections::personas::{CreatedBy, ListFilter, PersonaView, Sort};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -173,22 +173,36 @@ pub async fn create(
         &body.tags,
         body.turn_taking.unwrap_or_default(),
     )?;
+    let at = state.clock.now();
     let (id, committed) = personas::create(
         &state.store,
         &state.elevenlabs,
         user.id,
-        draft,
+        draft.clone(),
         &user.context(),
     )
     .await?;
-    state.read_your_writes("personas", &committed).await;
-    let persona = cmb_projections::personas::view(&state.pool, &id, Some(user.id))
-        .await?
-        .ok_or_else(|| {
-            ApiError::unavailable("the persona is being saved; try again in a moment")
-        })?;
+    // The command committed: answer with what it recorded if the read model is not there yet.
+    let caught_up = state.read_your_writes("personas", &committed).await;
+    let found = match caught_up {
+        true => cmb_projections::personas::view(&state.pool, &id, Some(user.id)).await,
+        false => Ok(None),
+    };
+    let persona = match found {
+        Ok(Some(view)) => view,
+        found => {
+            if let Err(e) = found {
+                tracing::warn!(persona = %id, error = %e, "reading the persona back");
+            }
+            metrics::counter!("cmb_answered_before_read_model_total", "resource" => "persona")
+                .increment(1);
+            PersonaView::created(&id, user.id, &draft, at)
+        }
+    };
+    let location = format!("/api/personas/{id}");
     Ok((
         StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
         axum::Json(json!({ "persona": persona })),
     ))
 }

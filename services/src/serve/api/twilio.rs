@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Form;
 use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand, Status};
+use cmb_domain::persona::Persona;
 use cmb_domain::{Actor, CommandContext};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -65,7 +66,7 @@ async fn call_id(
         return Ok(id.to_string());
     }
     let sid = param(params, "CallSid").unwrap_or("");
-    cmb_projections::calls::id_by_sid(&state.pool, sid)
+    crate::usecases::calls::sids::call_of(&state.pool, sid)
         .await?
         .map(|id| id.to_string())
         .ok_or_else(|| ApiError::not_found("call"))
@@ -128,7 +129,12 @@ pub async fn answer(
         return Err(ApiError::not_found("call"));
     }
     let persona = match &call.persona_id {
-        Some(p) => cmb_projections::personas::greeting_and_voice(&state.pool, p).await?,
+        Some(p) => {
+            let (persona, _) = state.store.load::<Persona>(p).await?;
+            persona
+                .created
+                .then_some((persona.greeting, persona.voice_id))
+        }
         None => None,
     };
     // Warm the greeting while Twilio opens the stream (usually cached already).
@@ -163,8 +169,12 @@ pub async fn stream(
 ) -> Response {
     let voice = state.voice.clone();
     ws.on_upgrade(move |socket| async move {
-        if let Err(e) = crate::serve::voice::run(voice, socket).await {
-            tracing::error!(error = %e, "voice session failed");
+        match crate::serve::voice::run(voice, socket).await {
+            Ok(()) => metrics::counter!("cmb_voice_sessions_total", "outcome" => "ok").increment(1),
+            Err(e) => {
+                metrics::counter!("cmb_voice_sessions_total", "outcome" => "failed").increment(1);
+                tracing::error!(error = %e, "voice session failed");
+            }
         }
     })
 }

@@ -23,6 +23,18 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Counts answers by class (`cmb_http_responses_total{class="5xx"}`: what a load test and an
+/// alert watch).
+async fn count_response(response: axum::response::Response) -> axum::response::Response {
+    let class = match response.status().as_u16() {
+        500..=599 => "5xx",
+        400..=499 => "4xx",
+        _ => "ok",
+    };
+    metrics::counter!("cmb_http_responses_total", "class" => class).increment(1);
+    response
+}
+
 pub fn router(state: AppState) -> Router {
     let api = crate::serve::api::routes();
     Router::new()
@@ -36,6 +48,7 @@ pub fn router(state: AppState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(count_response))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let request_id = req

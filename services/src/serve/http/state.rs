@@ -31,13 +31,15 @@ pub struct AppState {
 
 impl AppState {
     /// Waits for `projection` to show `committed` (bounded by `READ_YOUR_WRITES_MS`), so a
-    /// client that reads right after writing sees its write.
-    pub async fn read_your_writes(&self, projection: &str, committed: &Committed) {
-        if committed.events > 0 {
-            let bound: Duration = self.config.read_your_writes;
-            self.store
-                .wait_projected(projection, committed, bound)
-                .await;
+    /// client that reads right after writing sees its write. Returns whether it did: when it
+    /// did not, a handler answers with what the command itself produced.
+    pub async fn read_your_writes(&self, projection: &str, committed: &Committed) -> bool {
+        if committed.events == 0 {
+            return true;
         }
+        let bound: Duration = self.config.read_your_writes;
+        self.store
+            .wait_projected(projection, committed, bound)
+            .await
     }
 }

@@ -66,7 +66,7 @@ pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> Result<(), SessionErro
     };
     let call_id = match params["call_id"].as_str() {
         Some(id) => id.to_string(),
-        None => cmb_projections::calls::id_by_sid(voice.store.pool(), &call_sid)
+        None => crate::usecases::calls::sids::call_of(voice.store.pool(), &call_sid)
             .await?
             .ok_or_else(|| SessionError::NoCall(format!("for the stream of {call_sid}")))?
             .to_string(),

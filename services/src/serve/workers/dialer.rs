@@ -1,11 +1,15 @@
 //! Places calls through Twilio when they are requested (or when a scheduled one fires).
 //!
-//! Never the same call twice: before asking Twilio, the dialer records `DialAttempted`; if it
-//! finds an attempt without a CallSid (it died between Twilio's answer and recording the SID,
-//! or the request timed out after Twilio acted), it first looks for that call at Twilio (calls
-//! to the number since the attempt) and records it instead of dialling again. Twilio's own
-//! `initiated` callback, which carries our call id, records the SID too.
-//! Retries 5xx and timeouts with backoff (by redelivery); after `MAX_DIAL_ATTEMPTS`, or on a
+//! Never the same call twice: the dialer records the attempt it expects to make
+//! (`StartDial { attempt }` → `DialAttempted`), and only the handler whose command recorded it
+//! asks Twilio (a second delivery handled at the same time records nothing and does not dial).
+//! An attempt whose outcome is unknown (its handler is still waiting for Twilio, died between
+//! Twilio's answer and recording the SID, or lost the connection after Twilio acted) is waited
+//! for while it may be in flight ([`IN_FLIGHT`]), then looked for at Twilio (calls to the
+//! number since the attempt) and recorded instead of dialling again. Twilio's own `initiated`
+//! callback, which carries our call id, records the SID too. The worker's runner extends the
+//! message's ack deadline while the handler works.
+//! Retries 5xx and unreachable with backoff (by redelivery); after `MAX_DIAL_ATTEMPTS`, or on a
 //! refusal, the call fails and the settlement worker releases its hold.
 
 use std::time::Duration;
@@ -16,7 +20,21 @@ use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
 use crate::backbone::store::EventStore;
 use crate::clock::Clock;
+use crate::usecases::calls::sids;
 use cmb_providers::twilio::{CallResource, CreateCall, Twilio};
+use cmb_providers::ProviderError;
+
+/// What became of an attempt whose outcome was unknown.
+enum Open {
+    /// Twilio placed the call: its CallSid.
+    Placed(String),
+    /// The call needs no dialling any more (placed, ended).
+    Done,
+    /// Another handler recorded an outcome or a new attempt: decide again.
+    Changed,
+    /// Twilio has no such call: dial again.
+    NotAtTwilio,
+}
 
 pub const NAME: &str = "dialer";
 
@@ -36,7 +54,16 @@ fn created_at(call: &CallResource) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
+/// How long a dial attempt may be in flight at Twilio (the HTTP client's timeout and a
+/// margin): before that, an attempt whose outcome is unknown may belong to a handler still
+/// waiting for Twilio's answer, so nobody else dials.
+pub const IN_FLIGHT: Duration = Duration::from_secs(20);
+
 impl Dialer {
+    /// Places the call at Twilio at most once: only the handler that recorded attempt N
+    /// (`StartDial { attempt: N }`) asks Twilio for it; a handler that finds an attempt whose
+    /// outcome is unknown waits for it (up to [`IN_FLIGHT`]) and then looks for it at Twilio
+    /// before dialling again.
     pub async fn handle(&self, event: EventEnvelope) -> anyhow::Result<()> {
         if !matches!(
             event.event_type.as_str(),
@@ -46,32 +73,62 @@ impl Dialer {
         }
         let id = event.aggregate_id.clone();
         let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
-        let (call, _) = self.load(&id).await?;
-        if !call.due_for_dialing() {
-            return Ok(());
-        }
-        let phone = call
-            .phone
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("call {id} has no phone"))?;
-
-        if call.dial_attempts > 0 {
-            if let Some(sid) = self
-                .find_earlier_attempt(&id, &call, phone.as_str())
-                .await?
-            {
-                tracing::info!(call = %id, %sid, "found the call placed before a crash");
-                self.record(&id, CallCommand::RecordPlaced { call_sid: sid }, &ctx)
-                    .await?;
+        // Another handler may take the attempt between our read and our write: read again.
+        for _ in 0..3 {
+            let (call, _) = self.load(&id).await?;
+            if !call.due_for_dialing() {
                 return Ok(());
             }
+            let phone = call
+                .phone
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("call {id} has no phone"))?;
+            if call.dial_attempts > 0 && !call.last_attempt_settled {
+                match self.open_attempt(&id, &call, phone.as_str()).await? {
+                    Open::Placed(sid) => {
+                        tracing::info!(call = %id, %sid, "found the call an earlier attempt placed");
+                        return self
+                            .record(&id, CallCommand::RecordPlaced { call_sid: sid }, &ctx)
+                            .await;
+                    }
+                    Open::Done => return Ok(()),
+                    Open::Changed => continue,
+                    Open::NotAtTwilio => {}
+                }
+            }
+            let attempt = call.dial_attempts + 1;
+            let started = self
+                .store
+                .execute::<Call>(
+                    &id,
+                    CallCommand::StartDial {
+                        attempt,
+                        at: self.clock.now(),
+                    },
+                    &ctx,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("recording on call {id}: {e}"))?;
+            if started.events == 0 {
+                continue; // another handler recorded this attempt: it dials, not us
+            }
+            crate::faults::crash_point("dialer.after_attempt");
+            return self.dial(&id, &call, attempt, phone.as_str(), &ctx).await;
         }
-        let now = self.clock.now();
-        self.record(&id, CallCommand::StartDial { at: now }, &ctx)
-            .await?;
-        let attempt = call.dial_attempts + 1;
+        Err(anyhow::anyhow!("call {id}: other handlers keep taking the dial attempt"))
+    }
+
+    /// Asks Twilio for the call of `attempt`, which this handler recorded.
+    async fn dial(
+        &self,
+        id: &str,
+        call: &Call,
+        attempt: u32,
+        phone: &str,
+        ctx: &CommandContext,
+    ) -> anyhow::Result<()> {
         let request = CreateCall {
-            to: phone.as_str().to_string(),
+            to: phone.to_string(),
             from: self.from.clone(),
             url: format!("{}/api/twilio/answer?call_id={id}", self.public_base_url),
             status_callback: format!("{}/api/twilio/callback?call_id={id}", self.public_base_url),
@@ -79,29 +136,36 @@ impl Dialer {
         };
         match self.twilio.create_call(&request).await {
             Ok(placed) => {
-                tracing::info!(call = %id, sid = %placed.sid, to = %phone.masked(), "call placed");
+                crate::faults::crash_point("dialer.after_twilio");
+                tracing::info!(call = %id, sid = %placed.sid, attempt, "call placed");
                 metrics::counter!("cmb_calls_placed_total").increment(1);
                 // The initiated callback may have recorded it already: same SID, no change.
                 self.record(
-                    &id,
+                    id,
                     CallCommand::RecordPlaced {
                         call_sid: placed.sid,
                     },
-                    &ctx,
+                    ctx,
                 )
                 .await
+            }
+            Err(e @ ProviderError::Unreachable { .. }) => {
+                // Twilio may have placed it before the connection failed: the attempt stays
+                // open, and the redelivery looks for it at Twilio before dialling again.
+                tracing::warn!(call = %id, attempt, error = %e, "dialling: no answer from Twilio");
+                Err(anyhow::anyhow!("attempt {attempt}: no answer from Twilio: {e}"))
             }
             Err(e) => {
                 let give_up = !e.retryable() || attempt >= MAX_DIAL_ATTEMPTS;
                 tracing::warn!(call = %id, attempt, give_up, error = %e, "dialling failed");
                 self.record(
-                    &id,
+                    id,
                     CallCommand::DialFailed {
                         reason: e.to_string(),
                         give_up,
                         at: self.clock.now(),
                     },
-                    &ctx,
+                    ctx,
                 )
                 .await?;
                 if give_up {
@@ -111,6 +175,32 @@ impl Dialer {
                     Err(anyhow::anyhow!("attempt {attempt} failed: {e}"))
                 }
             }
+        }
+    }
+
+    /// An attempt whose outcome is unknown: its handler may still be waiting for Twilio (its
+    /// `initiated` callback may be on the way), or it died after asking. Waits for the outcome
+    /// while the attempt may be in flight, then looks for the call at Twilio.
+    async fn open_attempt(&self, id: &str, call: &Call, phone: &str) -> anyhow::Result<Open> {
+        let since = call.last_attempt_at.unwrap_or_else(|| self.clock.now());
+        let age = (self.clock.now() - since).to_std().unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + IN_FLIGHT.saturating_sub(age);
+        loop {
+            let (now, _) = self.load(id).await?;
+            if !now.due_for_dialing() {
+                return Ok(Open::Done);
+            }
+            if now.dial_attempts != call.dial_attempts || now.last_attempt_settled {
+                return Ok(Open::Changed);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        match self.find_earlier_attempt(id, since, phone).await? {
+            Some(sid) => Ok(Open::Placed(sid)),
+            None => Ok(Open::NotAtTwilio),
         }
     }
 
@@ -134,33 +224,22 @@ impl Dialer {
             .map_err(|e| anyhow::anyhow!("recording on call {id}: {e}"))
     }
 
-    /// A call Twilio placed for an earlier attempt whose answer we never recorded.
+    /// A call Twilio placed for an earlier attempt (made at `since`) whose answer we never
+    /// recorded: the newest call to `phone` since then that no other call of ours knows.
     async fn find_earlier_attempt(
         &self,
         id: &str,
-        call: &Call,
+        since: DateTime<Utc>,
         phone: &str,
     ) -> anyhow::Result<Option<String>> {
-        // Its `initiated` callback may be on the way: give it a moment.
-        for _ in 0..10 {
-            let (now, _) = self.load(id).await?;
-            if now.call_sid.is_some() || !now.due_for_dialing() {
-                return Ok(now.call_sid);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let since = call.last_attempt_at.unwrap_or_else(|| self.clock.now());
         let listed = self
             .twilio
             .list_calls_to(phone, since.date_naive())
             .await
             .map_err(|e| anyhow::anyhow!("listing calls at Twilio: {e}"))?;
-        let known = cmb_projections::calls::other_sids_to(
-            self.store.pool(),
-            phone,
-            uuid::Uuid::parse_str(id)?,
-        )
-        .await?;
+        let sids: Vec<String> = listed.iter().map(|c| c.sid.clone()).collect();
+        let known =
+            sids::taken_by_others(self.store.pool(), &sids, uuid::Uuid::parse_str(id)?).await?;
         let window = since - chrono::Duration::seconds(5);
         Ok(listed
             .into_iter()

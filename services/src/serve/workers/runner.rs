@@ -117,7 +117,7 @@ pub async fn run<F, Fut>(
                     }
                 };
                 let id = event.event_id();
-                match handle(event.clone()).await {
+                match with_progress(&message, spec.ack_wait, handle(event.clone())).await {
                     Ok(()) => {
                         message.ack().await?;
                         metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok").increment(1);
@@ -160,6 +160,29 @@ pub async fn run<F, Fut>(
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+/// Runs `work`, telling JetStream the message is still being worked on (`+WPI`) every third of
+/// its ack wait, so a slow handler (a provider taking its time) is not redelivered to another
+/// handler while it still runs.
+async fn with_progress<T>(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticks.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(error = %e, "could not extend a message's ack deadline");
+                }
             }
         }
     }

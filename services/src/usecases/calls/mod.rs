@@ -3,7 +3,9 @@
 //! user.
 
 pub mod active;
+pub mod journal;
 pub mod cancel;
 pub mod request;
 pub mod schedule;
 pub mod settle;
+pub mod sids;

@@ -18,6 +18,8 @@ use cmb_providers::stripe::{Stripe, StripeError};
 use uuid::Uuid;
 
 use super::active;
+use super::journal::{self, HeldBy};
+use crate::faults::crash_point;
 use crate::backbone::store::{CommandError, Committed, EventStore};
 use crate::usecases::{billing, budget, personas, prices};
 
@@ -55,6 +57,9 @@ pub enum Hold {
 pub struct Requested {
     pub call_id: Uuid,
     pub hold: Hold,
+    /// What was recorded, so the caller can answer with it before the read model has it.
+    pub request: CallRequest,
+    pub at: DateTime<Utc>,
     pub committed: Committed,
 }
 
@@ -174,9 +179,20 @@ pub async fn request(
     };
 
     let call_id = Uuid::now_v7();
-    if request.scheduled.is_none() && !active::claim(store.pool(), user, call_id).await? {
+    let pool = store.pool();
+    // One recoverable unit: the journal row first, so a crash after any step below is found
+    // and given back by the sweeper (`journal::sweep`).
+    let held_by = match &payment {
+        Payment::Credits { .. } => HeldBy::Credits,
+        Payment::Card { payment_intent_id } => HeldBy::Card(payment_intent_id.clone()),
+    };
+    journal::open(pool, call_id, user, &held_by, request.scheduled.is_some()).await?;
+    crash_point("request.after_journal");
+    if request.scheduled.is_none() && !active::claim(pool, user, call_id).await? {
+        journal::close_logged(pool, call_id, "failed: another call in progress").await;
         return Err(RequestError::CallInProgress);
     }
+    crash_point("request.after_claim");
     let hold = match &payment {
         Payment::Credits { credits } => {
             let reserve = WalletCommand::Reserve {
@@ -187,7 +203,8 @@ pub async fn request(
                 .execute::<Wallet>(&user.to_string(), reserve, ctx)
                 .await
             {
-                active::release_logged(store.pool(), call_id).await;
+                active::release_logged(pool, call_id).await;
+                journal::close_logged(pool, call_id, &format!("failed: {e}")).await;
                 return Err(match e {
                     CommandError::Rejected(WalletError::Insufficient { needed, available }) => {
                         RequestError::InsufficientCredits {
@@ -214,7 +231,8 @@ pub async fn request(
             )
             .await;
             if let Err(e) = used {
-                active::release_logged(store.pool(), call_id).await;
+                active::release_logged(pool, call_id).await;
+                journal::close_logged(pool, call_id, &format!("failed: {e}")).await;
                 return Err(e.into());
             }
             Hold::Card(payment_intent_id.clone())
@@ -224,7 +242,7 @@ pub async fn request(
         Some((at, tz)) => (Some(at), tz),
         None => (None, None),
     };
-    let command = CallCommand::Request(CallRequest {
+    let recorded = CallRequest {
         user_id: user,
         persona_id,
         persona_name: persona.name.clone(),
@@ -234,19 +252,28 @@ pub async fn request(
         prices,
         scheduled_for,
         timezone,
-    });
+    };
+    crash_point("request.after_hold");
+    let command = CallCommand::Request(recorded.clone());
     match store
         .execute::<Call>(&call_id.to_string(), command, ctx)
         .await
     {
-        Ok(committed) => Ok(Requested {
+        Ok(committed) => {
+            crash_point("request.after_call");
+            journal::close_logged(pool, call_id, "requested").await;
+            Ok(Requested {
             call_id,
             hold,
-            committed,
-        }),
+            request: recorded,
+                at: now,
+                committed,
+            })
+        }
         Err(e) => {
             release_hold(store, stripe, user, call_id, &hold, ctx).await;
-            active::release_logged(store.pool(), call_id).await;
+            active::release_logged(pool, call_id).await;
+            journal::close_logged(pool, call_id, &format!("failed: {e}")).await;
             Err(e.into())
         }
     }

@@ -32,6 +32,16 @@ pub enum SettleError {
         message: String,
         status: String,
     },
+    /// The hold was closed by something other than this settlement: left for an operator.
+    #[error(
+        "the hold of call {call} is already closed, having used {used:?} credits where this \
+         settlement takes {wanted}"
+    )]
+    HoldClosedElsewhere {
+        call: Uuid,
+        used: Option<i64>,
+        wanted: i64,
+    },
     #[error("the budget: {0}")]
     Budget(#[from] budget::ReadError),
     #[error("freeing the active-call slot: {0}")]
@@ -41,7 +51,10 @@ pub enum SettleError {
 impl SettleError {
     /// Whether trying again later may succeed; otherwise the call is left for an operator.
     pub fn retryable(&self) -> bool {
-        !matches!(self, SettleError::NothingToSettle(_))
+        !matches!(
+            self,
+            SettleError::NothingToSettle(_) | SettleError::HoldClosedElsewhere { .. }
+        )
     }
 }
 
@@ -76,10 +89,29 @@ pub async fn settle(
                         hold_id: id.clone(),
                     }
                 };
-                store
+                match store
                     .execute::<Wallet>(&user.to_string(), command, ctx)
                     .await
-                    .map_err(|e| SettleError::Wallet(call_id, e))?;
+                {
+                    Ok(_) => {}
+                    // Closed by an earlier delivery of this settlement that died before
+                    // recording it on the call: its own step, if it used the same credits.
+                    Err(CommandError::Rejected(WalletError::HoldClosed(hold))) => {
+                        let (wallet, _) = store
+                            .load::<Wallet>(&user.to_string())
+                            .await
+                            .map_err(|e| SettleError::Wallet(call_id, e))?;
+                        let used = wallet.settled.get(&hold).copied();
+                        if used != Some(settlement.credits_used) {
+                            return Err(SettleError::HoldClosedElsewhere {
+                                call: call_id,
+                                used,
+                                wanted: settlement.credits_used,
+                            });
+                        }
+                    }
+                    Err(e) => return Err(SettleError::Wallet(call_id, e)),
+                }
             }
             Payment::Card { payment_intent_id } => {
                 settle_card(stripe, &id, payment_intent_id, settlement.charged_cents).await?;

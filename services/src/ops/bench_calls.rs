@@ -1,0 +1,383 @@
+//! `bench calls --calls N`: N concurrent calls through the real HTTP API, measured from outside.
+//! This process plays Twilio (the simulator's REST API, signed status callbacks and Media
+//! Streams with a scripted caller) and the users (registration, a persona, `POST /api/call`
+//! all at once); `callmeback serve` runs as a child process on a database and stream of its own,
+//! placing every call itself, with its own simulators for Deepgram, the LLM and ElevenLabs.
+//! Reports calls requested and placed, answered, voice sessions started and failed, 5xx
+//! answers, and projection lag p50/p99 during the calls (from serve's
+//! `cmb_projection_lag_seconds` histogram), as a table and, last, one line of JSON.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cmb_domain::wallet::{Wallet, WalletCommand};
+use cmb_domain::{Actor, CommandContext};
+use cmb_sims::twilio::{Settings, TwilioSim};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+
+const ACCOUNT_SID: &str = "ACbe0c4be0c4be0c4be0c4be0c4be0c4b";
+const AUTH_TOKEN: &str = "bench-calls-token";
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Figures {
+    pub calls: u32,
+    /// `POST /api/call` answered 201.
+    pub requested: u64,
+    /// Calls created at (simulated) Twilio.
+    pub placed: u64,
+    pub answered: u64,
+    /// Answered calls whose media stream opened and carried the persona's audio.
+    pub sessions_started: u64,
+    pub sessions_failed: u64,
+    /// 5xx answers: to this process's requests and, per serve's own count, to anyone.
+    pub http_5xx: u64,
+    pub projection_lag_p50_ms: f64,
+    pub projection_lag_p99_ms: f64,
+    pub projected_events: u64,
+    pub seconds: f64,
+    pub load_average: [f64; 3],
+}
+
+fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse().unwrap_or(0.0));
+    [
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+    ]
+}
+
+/// `name{labels} value` lines of a Prometheus text exposition.
+fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let rest = &key[name.len()..];
+            (rest.is_empty() || rest.starts_with('{'))
+                .then(|| (rest.to_string(), value.parse().ok()))
+                .and_then(|(k, v)| Some((k, v?)))
+        })
+        .collect()
+}
+
+/// The lag histogram summed over projections: upper bound (seconds) → cumulative count.
+fn lag_buckets(text: &str) -> BTreeMap<String, f64> {
+    let mut by_le = BTreeMap::new();
+    for (labels, v) in samples(text, "cmb_projection_lag_seconds_bucket") {
+        if let Some(le) = labels
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        {
+            *by_le.entry(le.to_string()).or_insert(0.0) += v;
+        }
+    }
+    by_le
+}
+
+/// The bucket bound (ms) under which a fraction `q` of the events in `after − before` fall.
+fn quantile_ms(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, q: f64) -> f64 {
+    let mut bounds: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            (bound, n - before.get(le).copied().unwrap_or(0.0))
+        })
+        .collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = bounds.last().map(|b| b.1).unwrap_or(0.0);
+    if total <= 0.0 {
+        return 0.0;
+    }
+    bounds
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(b, _)| b * 1000.0)
+        .unwrap_or(f64::INFINITY)
+}
+
+fn counter(text: &str, name: &str, label: &str) -> f64 {
+    samples(text, name)
+        .into_iter()
+        .filter(|(l, _)| l.contains(label))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Runs the benchmark with `calls` concurrent calls of about `seconds` each.
+pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figures> {
+    use sqlx::migrate::MigrateDatabase;
+    let mut config = base.clone();
+    config.database_url =
+        crate::ops::bench::with_database(&config.database_url, &format!("callmeback_bench_calls_{calls}"));
+    config.stream.stream = format!("CMB_BENCH_CALLS_{calls}");
+    config.stream.subject_prefix = format!("cmb.bench.calls{calls}");
+    config.consumer_prefix = format!("cmbbc{calls}");
+    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
+    if let Ok(client) = async_nats::connect(&config.nats_url).await {
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(&config.stream.stream)
+            .await;
+    }
+
+    // Twilio, here: the REST API, signed callbacks and media streams with a caller who talks.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut settings = Settings::from_lookup(&|k: &str| match k {
+        "SIM_TWILIO_RING_MS" => Some("300".to_string()),
+        "SIM_TWILIO_CALL_SECONDS" => Some(seconds.to_string()),
+        _ => None,
+    });
+    settings.account_sid = ACCOUNT_SID.into();
+    settings.auth_token = AUTH_TOKEN.into();
+    let twilio = TwilioSim::new(settings);
+    let twilio_url = cmb_sims::serve("twilio", twilio.router(), shutdown.clone(), &tasks).await?;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let base_url = format!("http://127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("callmeback-bench-calls-{calls}.log"));
+    let mut serve = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .env("DATABASE_URL", &config.database_url)
+        .env("NATS_URL", &config.nats_url)
+        .env("NATS_STREAM", &config.stream.stream)
+        .env("NATS_SUBJECT_PREFIX", &config.stream.subject_prefix)
+        .env("NATS_CONSUMER_PREFIX", &config.consumer_prefix)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("PUBLIC_BASE_URL", &base_url)
+        .env("TWILIO_BASE_URL", &twilio_url)
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        // The users register from addresses of their own.
+        .env("TRUST_PROXY_HEADERS", "true")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env("LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    eprintln!("serve (pid {:?}) logs to {}", serve.id(), log.display());
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let up = Instant::now();
+    loop {
+        let ready = http.get(format!("{base_url}/healthz")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if up.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("serve did not come up in 120 s (see {})", log.display());
+        }
+        if let Some(status) = serve.try_wait()? {
+            anyhow::bail!("serve exited ({status}); see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let backbone = crate::backbone::connect(&config, 4).await?;
+    let store = crate::backbone::store::EventStore::new(backbone.pool.clone());
+    let five_xx = Arc::new(AtomicU64::new(0));
+
+    // The users, each with credits.
+    eprintln!("registering {calls} users…");
+    let registered: Vec<anyhow::Result<String>> = futures::stream::iter(0..calls)
+        .map(|i| {
+            let (http, base_url, store, five_xx) =
+                (http.clone(), base_url.clone(), store.clone(), five_xx.clone());
+            async move {
+                let response = http
+                    .post(format!("{base_url}/api/auth/register"))
+                    .header("x-forwarded-for", format!("10.8.{}.{}", i / 250, i % 250 + 1))
+                    .json(&json!({ "name": "Bench", "email": format!("calls{i}@example.com"),
+                                   "password": "Bench!pass1", "phone": format!("+1555{:06}7", i) }))
+                    .send()
+                    .await?;
+                if response.status().is_server_error() {
+                    five_xx.fetch_add(1, Ordering::Relaxed);
+                }
+                let reply: Value = response.json().await?;
+                let token = reply["token"]
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("register: {reply}"))?
+                    .to_string();
+                let id = reply["user"]["id"].as_str().unwrap_or_default().to_string();
+                store
+                    .execute::<Wallet>(
+                        &id,
+                        WalletCommand::Grant {
+                            credits: 1000,
+                            reason: "bench".into(),
+                            reference: "bench-calls".into(),
+                        },
+                        &CommandContext::for_request("bench-calls", Actor::System),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(token)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let tokens: Vec<String> = registered.into_iter().collect::<anyhow::Result<_>>()?;
+    let persona: Value = http
+        .post(format!("{base_url}/api/personas"))
+        .bearer_auth(&tokens[0])
+        .json(&json!({ "name": "Bench Caller", "description": "A persona for the calls benchmark.",
+                       "voice": "21m00Tcm4TlvDq8ikWAM", "system_prompt": "You are a benchmark persona. Be brief.",
+                       "greeting": "Hi there.", "is_public": true }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let persona_id = persona["persona"]["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("persona: {persona}"))?
+        .to_string();
+
+    let metrics = |http: reqwest::Client| {
+        let url = format!("{base_url}/metrics");
+        async move { http.get(url).send().await?.text().await }
+    };
+    let before = metrics(http.clone()).await?;
+    let lag_before = lag_buckets(&before);
+    let started = Instant::now();
+    eprintln!("placing {calls} calls at once…");
+    let answers: Vec<u16> = futures::future::join_all(tokens.iter().map(|token| {
+        let request = http
+            .post(format!("{base_url}/api/call"))
+            .bearer_auth(token)
+            .json(&json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }));
+        async move {
+            match request.send().await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    }))
+    .await;
+    let requested = answers.iter().filter(|s| **s == 201).count() as u64;
+    five_xx.fetch_add(
+        answers.iter().filter(|s| **s >= 500).count() as u64,
+        Ordering::Relaxed,
+    );
+    let refused: BTreeMap<u16, usize> = answers
+        .iter()
+        .filter(|s| **s != 201)
+        .fold(BTreeMap::new(), |mut m, s| {
+            *m.entry(*s).or_default() += 1;
+            m
+        });
+    if !refused.is_empty() {
+        eprintln!("answers other than 201 (0 = no answer): {refused:?}");
+    }
+
+    // Until every requested call has ended at Twilio (or a generous bound).
+    let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 300);
+    loop {
+        let sims = twilio.calls();
+        let ended = sims
+            .iter()
+            .filter(|c| c.ended_at.is_some())
+            .count() as u64;
+        if (ended >= requested && sims.len() as u64 >= requested) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seconds_taken = started.elapsed().as_secs_f64();
+    let load = load_average();
+    // The last projections and session records settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = metrics(http.clone()).await?;
+    let lag_after = lag_buckets(&after);
+    let sims = twilio.calls();
+    let answered = sims.iter().filter(|c| c.answered_at.is_some()).count() as u64;
+    let sessions_started = sims
+        .iter()
+        .filter(|c| c.answered_at.is_some() && c.stream_opened && c.frames_received > 0)
+        .count() as u64;
+    let failed_inside =
+        counter(&after, "cmb_voice_sessions_total", "outcome=\"failed\"") as u64;
+    let serve_5xx = counter(&after, "cmb_http_responses_total", "class=\"5xx\"") as u64;
+    let projected = lag_after.get("+Inf").copied().unwrap_or(0.0)
+        - lag_before.get("+Inf").copied().unwrap_or(0.0);
+    let figures = Figures {
+        calls,
+        requested,
+        placed: sims.len() as u64,
+        answered,
+        sessions_started,
+        sessions_failed: (answered - sessions_started.min(answered)).max(failed_inside),
+        http_5xx: five_xx.load(Ordering::Relaxed).max(serve_5xx),
+        projection_lag_p50_ms: quantile_ms(&lag_before, &lag_after, 0.50),
+        projection_lag_p99_ms: quantile_ms(&lag_before, &lag_after, 0.99),
+        projected_events: projected as u64,
+        seconds: seconds_taken,
+        load_average: load,
+    };
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
+    shutdown.cancel();
+    tasks.close();
+    backbone.pool.close().await;
+    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
+    if let Ok(client) = async_nats::connect(&config.nats_url).await {
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(&config.stream.stream)
+            .await;
+    }
+    Ok(figures)
+}
+
+pub fn print(f: &Figures) {
+    println!(
+        "{:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>5} {:>12} {:>12} {:>10} {:>8} {:>16}",
+        "calls",
+        "requested",
+        "placed",
+        "answered",
+        "sessions",
+        "failed",
+        "5xx",
+        "lag p50 ≤",
+        "lag p99 ≤",
+        "projected",
+        "seconds",
+        "load avg"
+    );
+    println!(
+        "{:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>5} {:>9.0} ms {:>9.0} ms {:>10} {:>8.1} {:>16}",
+        f.calls,
+        f.requested,
+        f.placed,
+        f.answered,
+        f.sessions_started,
+        f.sessions_failed,
+        f.http_5xx,
+        f.projection_lag_p50_ms,
+        f.projection_lag_p99_ms,
+        f.projected_events,
+        f.seconds,
+        format!(
+            "{:.2} {:.2} {:.2}",
+            f.load_average[0], f.load_average[1], f.load_average[2]
+        )
+    );
+    println!("{}", json!({ "bench": "calls", "figures": f }));
+}

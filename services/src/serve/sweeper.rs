@@ -1,0 +1,57 @@
+//! Gives back what a call request that died midway left held: a singleton under the
+//! `request-sweeper` lease, on any instance, running `usecases::calls::journal::sweep` over
+//! requests left open past the grace period.
+
+use std::time::Duration;
+
+use cmb_domain::{Actor, CommandContext};
+use cmb_providers::stripe::Stripe;
+use tokio_util::sync::CancellationToken;
+
+use crate::backbone::lease::Lease;
+use crate::backbone::store::EventStore;
+use crate::usecases::calls::journal;
+
+pub const LEASE: &str = "request-sweeper";
+
+pub struct Sweeper {
+    pub store: EventStore,
+    pub stripe: Stripe,
+    pub instance_id: String,
+    pub lease_ttl: Duration,
+    /// A request still open this long after it started died midway.
+    pub grace: Duration,
+}
+
+impl Sweeper {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let pool = self.store.pool().clone();
+        let mut lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
+        // Often enough that nothing stays held much past the grace period.
+        let every = (self.grace / 4).clamp(Duration::from_millis(500), Duration::from_secs(30));
+        while !shutdown.is_cancelled() {
+            match lease.ensure(&pool).await {
+                Ok(true) => {
+                    let ctx = CommandContext::for_request(
+                        uuid::Uuid::new_v4().to_string(),
+                        Actor::Worker(LEASE.into()),
+                    );
+                    match journal::sweep(&self.store, &self.stripe, self.grace, &ctx).await {
+                        Ok(s) if s.released > 0 || s.completed > 0 => {
+                            tracing::info!(released = s.released, completed = s.completed, "requests swept")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "request sweep failed"),
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "request sweeper lease check failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        lease.release(&pool).await;
+    }
+}
