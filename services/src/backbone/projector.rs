@@ -166,8 +166,11 @@ impl Projector {
                     message.ack().await?;
                     if outcome == Outcome::Applied {
                         // Commit to read model: what a reader waits for after a write.
-                        let lag = (chrono::Utc::now() - event.occurred_at).to_std().unwrap_or_default();
-                        metrics::histogram!(crate::telemetry::PROJECTION_LAG, "projection" => name).record(lag.as_secs_f64());
+                        let lag = (chrono::Utc::now() - event.occurred_at)
+                            .to_std()
+                            .unwrap_or_default();
+                        metrics::histogram!(crate::telemetry::PROJECTION_LAG, "projection" => name)
+                            .record(lag.as_secs_f64());
                     }
                     metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => outcome_label(outcome)).increment(1);
                 }

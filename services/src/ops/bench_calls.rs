@@ -120,8 +120,10 @@ fn counter(text: &str, name: &str, label: &str) -> f64 {
 pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figures> {
     use sqlx::migrate::MigrateDatabase;
     let mut config = base.clone();
-    config.database_url =
-        crate::ops::bench::with_database(&config.database_url, &format!("callmeback_bench_calls_{calls}"));
+    config.database_url = crate::ops::bench::with_database(
+        &config.database_url,
+        &format!("callmeback_bench_calls_{calls}"),
+    );
     config.stream.stream = format!("CMB_BENCH_CALLS_{calls}");
     config.stream.subject_prefix = format!("cmb.bench.calls{calls}");
     config.consumer_prefix = format!("cmbbc{calls}");
@@ -145,7 +147,9 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let twilio = TwilioSim::new(settings);
     let twilio_url = cmb_sims::serve("twilio", twilio.router(), shutdown.clone(), &tasks).await?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let base_url = format!("http://127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("callmeback-bench-calls-{calls}.log"));
     let mut serve = tokio::process::Command::new(std::env::current_exe()?)
@@ -162,7 +166,10 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
         // The users register from addresses of their own.
         .env("TRUST_PROXY_HEADERS", "true")
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env("LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -197,14 +204,23 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     eprintln!("registering {calls} users…");
     let registered: Vec<anyhow::Result<String>> = futures::stream::iter(0..calls)
         .map(|i| {
-            let (http, base_url, store, five_xx) =
-                (http.clone(), base_url.clone(), store.clone(), five_xx.clone());
+            let (http, base_url, store, five_xx) = (
+                http.clone(),
+                base_url.clone(),
+                store.clone(),
+                five_xx.clone(),
+            );
             async move {
                 let response = http
                     .post(format!("{base_url}/api/auth/register"))
-                    .header("x-forwarded-for", format!("10.8.{}.{}", i / 250, i % 250 + 1))
-                    .json(&json!({ "name": "Bench", "email": format!("calls{i}@example.com"),
-                                   "password": "Bench!pass1", "phone": format!("+1555{:06}7", i) }))
+                    .header(
+                        "x-forwarded-for",
+                        format!("10.8.{}.{}", i / 250, i % 250 + 1),
+                    )
+                    .json(
+                        &json!({ "name": "Bench", "email": format!("calls{i}@example.com"),
+                                   "password": "Bench!pass1", "phone": format!("+1555{:06}7", i) }),
+                    )
                     .send()
                     .await?;
                 if response.status().is_server_error() {
@@ -276,13 +292,14 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         answers.iter().filter(|s| **s >= 500).count() as u64,
         Ordering::Relaxed,
     );
-    let refused: BTreeMap<u16, usize> = answers
-        .iter()
-        .filter(|s| **s != 201)
-        .fold(BTreeMap::new(), |mut m, s| {
-            *m.entry(*s).or_default() += 1;
-            m
-        });
+    let refused: BTreeMap<u16, usize> =
+        answers
+            .iter()
+            .filter(|s| **s != 201)
+            .fold(BTreeMap::new(), |mut m, s| {
+                *m.entry(*s).or_default() += 1;
+                m
+            });
     if !refused.is_empty() {
         eprintln!("answers other than 201 (0 = no answer): {refused:?}");
     }
@@ -291,10 +308,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 300);
     loop {
         let sims = twilio.calls();
-        let ended = sims
-            .iter()
-            .filter(|c| c.ended_at.is_some())
-            .count() as u64;
+        let ended = sims.iter().filter(|c| c.ended_at.is_some()).count() as u64;
         if (ended >= requested && sims.len() as u64 >= requested) || Instant::now() > deadline {
             break;
         }
@@ -312,8 +326,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         .iter()
         .filter(|c| c.answered_at.is_some() && c.stream_opened && c.frames_received > 0)
         .count() as u64;
-    let failed_inside =
-        counter(&after, "cmb_voice_sessions_total", "outcome=\"failed\"") as u64;
+    let failed_inside = counter(&after, "cmb_voice_sessions_total", "outcome=\"failed\"") as u64;
     let serve_5xx = counter(&after, "cmb_http_responses_total", "class=\"5xx\"") as u64;
     let projected = lag_after.get("+Inf").copied().unwrap_or(0.0)
         - lag_before.get("+Inf").copied().unwrap_or(0.0);

@@ -38,7 +38,11 @@ impl Sweeper {
                     );
                     match journal::sweep(&self.store, &self.stripe, self.grace, &ctx).await {
                         Ok(s) if s.released > 0 || s.completed > 0 => {
-                            tracing::info!(released = s.released, completed = s.completed, "requests swept")
+                            tracing::info!(
+                                released = s.released,
+                                completed = s.completed,
+                                "requests swept"
+                            )
                         }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "request sweep failed"),

@@ -6,8 +6,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use cmb_domain::user::User;
-use cmb_domain::wallet::Wallet;
 use cmb_domain::values::{parse_name, Email, Password, PhoneNumber};
+use cmb_domain::wallet::Wallet;
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::accounts::UserView;
 use serde::Deserialize;
@@ -47,8 +47,14 @@ async fn user_after_write(
     Ok(UserView {
         id,
         name: user.name,
-        email: user.email.map(|e| e.as_str().to_string()).unwrap_or_default(),
-        phone: user.phone.map(|p| p.as_str().to_string()).unwrap_or_default(),
+        email: user
+            .email
+            .map(|e| e.as_str().to_string())
+            .unwrap_or_default(),
+        phone: user
+            .phone
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
         email_verified: false,
         phone_verified: false,
         credits: wallet.balance,

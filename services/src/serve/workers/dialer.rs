@@ -115,7 +115,9 @@ impl Dialer {
             crate::faults::crash_point("dialer.after_attempt");
             return self.dial(&id, &call, attempt, phone.as_str(), &ctx).await;
         }
-        Err(anyhow::anyhow!("call {id}: other handlers keep taking the dial attempt"))
+        Err(anyhow::anyhow!(
+            "call {id}: other handlers keep taking the dial attempt"
+        ))
     }
 
     /// Asks Twilio for the call of `attempt`, which this handler recorded.
@@ -153,7 +155,9 @@ impl Dialer {
                 // Twilio may have placed it before the connection failed: the attempt stays
                 // open, and the redelivery looks for it at Twilio before dialling again.
                 tracing::warn!(call = %id, attempt, error = %e, "dialling: no answer from Twilio");
-                Err(anyhow::anyhow!("attempt {attempt}: no answer from Twilio: {e}"))
+                Err(anyhow::anyhow!(
+                    "attempt {attempt}: no answer from Twilio: {e}"
+                ))
             }
             Err(e) => {
                 let give_up = !e.retryable() || attempt >= MAX_DIAL_ATTEMPTS;

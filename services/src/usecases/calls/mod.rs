@@ -3,8 +3,8 @@
 //! user.
 
 pub mod active;
-pub mod journal;
 pub mod cancel;
+pub mod journal;
 pub mod request;
 pub mod schedule;
 pub mod settle;

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::active;
 use super::journal::{self, HeldBy};
-use crate::faults::crash_point;
 use crate::backbone::store::{CommandError, Committed, EventStore};
+use crate::faults::crash_point;
 use crate::usecases::{billing, budget, personas, prices};
 
 /// How the user pays for the call.
@@ -263,9 +263,9 @@ pub async fn request(
             crash_point("request.after_call");
             journal::close_logged(pool, call_id, "requested").await;
             Ok(Requested {
-            call_id,
-            hold,
-            request: recorded,
+                call_id,
+                hold,
+                request: recorded,
                 at: now,
                 committed,
             })
