@@ -1,0 +1,282 @@
+//! Load and crashes made boring (issue 14): a committed command is answered with what it
+//! produced when its read model is late; the dialer places a call once when two deliveries are
+//! handled at the same time; a call request killed between any two of its steps leaves nothing
+//! held (the sweeper gives the hold and the slot back, and says why).
+
+mod common;
+
+use std::time::Duration;
+
+use callmeback::backbone::store::EventStore;
+use cmb_domain::wallet::{Wallet, WalletCommand};
+use cmb_domain::{Actor, CommandContext};
+use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use serde_json::json;
+
+fn env() -> TestEnv {
+    TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "200")
+        .set("SIM_TWILIO_CALL_SECONDS", "2")
+}
+
+#[tokio::test]
+async fn a_committed_command_is_answered_with_what_it_produced_when_the_read_model_is_late() {
+    // No wait for the read models at all: every answer is built from the command's result.
+    let env = env().set("READ_YOUR_WRITES_MS", "0");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    assert!(profile["id"].as_str().is_some(), "{profile}");
+    grant(&app, &profile, 100).await;
+
+    let persona = user
+        .post("/api/personas", common::persona_body("Late Reader", false))
+        .await;
+    assert_eq!(persona.status, 201, "{persona:?}");
+    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        persona.headers["location"].to_str().unwrap(),
+        format!("/api/personas/{persona_id}")
+    );
+    assert_eq!(persona.body["persona"]["name"], "Late Reader");
+
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5 }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let call = &reply.body["call"];
+    let id = call["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        reply.headers["location"].to_str().unwrap(),
+        format!("/api/calls/{id}")
+    );
+    assert_eq!(call["persona_id"], "brad_001");
+    assert_eq!(call["duration_minutes"], 5);
+    assert_eq!(call["payment_method"], "credits");
+    assert!(call["max_price_cents"].as_i64().unwrap() > 0, "{reply:?}");
+    assert!(reply.body["hold"]["credits"].as_i64().unwrap() > 0);
+    // And the read model catches up to the same call.
+    let shown = eventually(Duration::from_secs(30), || async {
+        let r = user.get(&format!("/api/calls/{id}")).await;
+        (r.status == 200).then_some(r)
+    })
+    .await
+    .expect("the call shows up");
+    assert_eq!(shown.body["call"]["max_price_cents"], call["max_price_cents"]);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_deliveries_handled_at_once_place_the_call_at_twilio_once() {
+    use callmeback::serve::workers::dialer::Dialer;
+    use cmb_sims::twilio::{Settings, TwilioSim};
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    // Twilio takes its time to answer, so both handlers are at work together.
+    let mut settings = Settings::from_lookup(&|k: &str| match k {
+        "SIM_TWILIO_RING_MS" => Some("300".to_string()),
+        "SIM_TWILIO_CALL_SECONDS" => Some("2".to_string()),
+        "SIM_TWILIO_LATENCY_MS" => Some("1500".to_string()),
+        _ => None,
+    });
+    settings.account_sid = "ACfeedfacefeedfacefeedfacefeedface".into();
+    settings.auth_token = "twice-token".into();
+    let sim = TwilioSim::new(settings);
+    let url = cmb_sims::serve("twilio", sim.router(), shutdown.clone(), &tasks)
+        .await
+        .unwrap();
+    let env = env()
+        .set("TWILIO_BASE_URL", &url)
+        .set("TWILIO_ACCOUNT_SID", "ACfeedfacefeedfacefeedfacefeedface")
+        .set("TWILIO_AUTH_TOKEN", "twice-token");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    // The same delivery, handled a second time while the app's dialer works on it.
+    let requested = eventually(Duration::from_secs(30), || async {
+        common::read_stream(&env)
+            .await
+            .into_iter()
+            .find(|e| e.aggregate_id == id && e.event_type == "CallRequested")
+    })
+    .await
+    .expect("CallRequested on the stream");
+    let second = Dialer {
+        store: app.state.store.clone(),
+        twilio: cmb_providers::twilio::Twilio::new(
+            reqwest::Client::new(),
+            &url,
+            "ACfeedfacefeedfacefeedfacefeedface",
+            "twice-token",
+        ),
+        from: app.state.config.twilio.phone_number.clone(),
+        public_base_url: app.state.config.public_base_url.clone(),
+        clock: app.state.clock.clone(),
+    };
+    let (a, b) = tokio::join!(second.handle(requested.clone()), second.handle(requested));
+    a.expect("the first extra delivery is handled");
+    b.expect("the second extra delivery is handled");
+    let placed = eventually(Duration::from_secs(30), || async {
+        let sid: Option<String> = sqlx::query_scalar(
+            "SELECT payload -> 'CallPlaced' ->> 'call_sid' FROM events
+              WHERE aggregate_id = $1 AND event_type = 'CallPlaced'",
+        )
+        .bind(&id)
+        .fetch_optional(&app.state.pool)
+        .await
+        .unwrap();
+        sid
+    })
+    .await
+    .expect("the call is placed");
+    // Let any handler that would dial again do so before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sim.calls().len(), 1, "Twilio was asked once");
+    assert_eq!(sim.calls()[0].sid, placed);
+    let attempts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'DialAttempted'",
+    )
+    .bind(&id)
+    .fetch_one(&app.state.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1);
+    app.stop().await;
+    shutdown.cancel();
+    env.cleanup().await;
+}
+
+/// A call request killed at `step`: after a restart, nothing stays held (or, once the call
+/// exists, the request is simply complete).
+async fn killed_at(step: &str) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let env = env()
+        .set("HTTP_ADDR", &format!("127.0.0.1:{port}"))
+        .set("PUBLIC_BASE_URL", &base)
+        .set("CALL_REQUEST_GRACE_SECS", "2");
+    let backbone = env.backbone().await;
+    let pool = backbone.pool.clone();
+    let store = EventStore::new(pool.clone());
+    let api = Api::new(format!("127.0.0.1:{port}").parse().unwrap());
+    let up = || async {
+        eventually(Duration::from_secs(30), || async {
+            reqwest::get(format!("{base}/healthz"))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        })
+        .await
+        .expect("serve is up")
+    };
+
+    let mut first = env.spawn_process(&[("CMB_CRASH_AT", step)]);
+    up().await;
+    let (user, profile) = api.register(PASSWORD).await;
+    let user_id = profile["id"].as_str().unwrap().to_string();
+    store
+        .execute::<Wallet>(
+            &user_id,
+            WalletCommand::Grant {
+                credits: 100,
+                reason: "test".into(),
+                reference: "crash".into(),
+            },
+            &CommandContext::for_request("test", Actor::System),
+        )
+        .await
+        .unwrap();
+    let answer = user
+        .request(reqwest::Method::POST, "/api/call")
+        .json(&json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5 }))
+        .send()
+        .await;
+    assert!(answer.is_err(), "the process died before answering");
+    let status = first.wait().await.unwrap();
+    assert_eq!(status.code(), Some(86), "it died at the crash point {step}");
+    let (call_id, opened): (uuid::Uuid, bool) = sqlx::query_as(
+        "SELECT call_id, closed_at IS NULL FROM call_requests WHERE user_id = $1::uuid",
+    )
+    .bind(&user_id)
+    .fetch_one(&pool)
+    .await
+    .expect("the request's journal row");
+    assert!(opened, "left open by the crash");
+
+    let mut second = env.spawn_process(&[]);
+    up().await;
+    let outcome = eventually(Duration::from_secs(60), || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT outcome FROM call_requests WHERE call_id = $1",
+        )
+        .bind(call_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    })
+    .await
+    .expect("the sweeper closes the request");
+    let (wallet, _) = store.load::<Wallet>(&user_id).await.unwrap();
+    let slot: i64 = sqlx::query_scalar("SELECT count(*) FROM active_calls WHERE call_id = $1")
+        .bind(call_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    if step == "request.after_call" {
+        // The call exists: the request is complete, and its hold and slot are the call's.
+        assert_eq!(outcome, "requested");
+    } else {
+        assert!(outcome.starts_with("swept:"), "{outcome}");
+        assert!(wallet.holds.is_empty(), "no credits held: {wallet:?}");
+        assert_eq!(wallet.balance, 100);
+        assert_eq!(slot, 0, "the active-call slot is free");
+        // And the user can call again at once.
+        let again = user
+            .post(
+                "/api/call",
+                json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
+            )
+            .await;
+        assert_eq!(again.status, 201, "{again:?}");
+    }
+    second.kill().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_call_request_killed_after_its_journal_row_leaves_nothing_held() {
+    killed_at("request.after_journal").await;
+}
+
+#[tokio::test]
+async fn a_call_request_killed_after_claiming_the_slot_leaves_nothing_held() {
+    killed_at("request.after_claim").await;
+}
+
+#[tokio::test]
+async fn a_call_request_killed_after_holding_the_credits_leaves_nothing_held() {
+    killed_at("request.after_hold").await;
+}
+
+#[tokio::test]
+async fn a_call_request_killed_after_the_call_was_requested_completes() {
+    killed_at("request.after_call").await;
+}
