@@ -65,7 +65,10 @@ async fn a_committed_command_is_answered_with_what_it_produced_when_the_read_mod
     })
     .await
     .expect("the call shows up");
-    assert_eq!(shown.body["call"]["max_price_cents"], call["max_price_cents"]);
+    assert_eq!(
+        shown.body["call"]["max_price_cents"],
+        call["max_price_cents"]
+    );
     app.stop().await;
     env.cleanup().await;
 }
