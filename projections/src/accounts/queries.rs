@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// The user as the front end shows it.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct UserView {
     pub id: Uuid,
     pub name: String,
@@ -34,7 +34,7 @@ pub async fn user_view(pool: &PgPool, id: Uuid) -> Result<Option<UserView>, sqlx
 }
 
 /// A contact: a persona the user keeps at hand.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct ContactView {
     pub added_at: DateTime<Utc>,
     #[sqlx(flatten)]
@@ -59,7 +59,7 @@ pub async fn contacts(pool: &PgPool, user: Uuid) -> Result<Vec<ContactView>, sql
 }
 
 /// A user's customisation of a persona, as the front end shows it.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct CustomizationView {
     pub persona_id: String,
     pub custom_prompt: Option<String>,

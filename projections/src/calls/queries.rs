@@ -9,7 +9,7 @@ use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 /// A call as the front end shows it.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct CallView {
     pub id: Uuid,
     pub persona_id: String,
@@ -163,6 +163,34 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<CallView>, i64),
     Ok((calls, total))
 }
 
+/// A provider's usage on a call, as its owner sees it: what and how much, not what it cost us.
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
+pub struct UsageLine {
+    /// `twilio`, `deepgram`, `cerebras`, `openai`, `elevenlabs`.
+    pub service: String,
+    pub operation: String,
+    pub quantity: i64,
+    pub unit: String,
+    /// Counted by us rather than reported by the provider.
+    pub estimated: bool,
+}
+
+/// The usage lines of call `id` of `user` (the ones a provider's bill replaced left out).
+pub async fn usage_lines(
+    pool: &PgPool,
+    id: Uuid,
+    user: Uuid,
+) -> Result<Vec<UsageLine>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT service, operation, quantity, unit, estimated FROM rm_call_costs
+          WHERE call_id = $1 AND user_id = $2 AND NOT superseded ORDER BY sequence",
+    )
+    .bind(id)
+    .bind(user)
+    .fetch_all(pool)
+    .await
+}
+
 /// A user's scheduled (or cancelled scheduled) calls by time.
 pub async fn scheduled(
     pool: &PgPool,
@@ -203,7 +231,7 @@ pub async fn scheduled_with_persona(pool: &PgPool, persona_id: &str) -> Result<i
 }
 
 /// One month of a user's usage.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct Month {
     pub month: String,
     pub calls: i64,

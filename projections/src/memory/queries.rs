@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct FactView {
     pub id: String,
     pub text: String,
@@ -15,7 +15,7 @@ pub struct FactView {
     pub at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct OpenItemView {
     pub id: String,
     pub text: String,
@@ -23,7 +23,7 @@ pub struct OpenItemView {
     pub at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct SummaryView {
     pub summary: String,
     pub call_id: String,
@@ -31,7 +31,7 @@ pub struct SummaryView {
 }
 
 /// What persona `persona_id` remembers of `user`, as the user sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MemoryView {
     pub summary: Option<SummaryView>,
     pub facts: Vec<FactView>,

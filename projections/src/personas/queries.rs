@@ -7,7 +7,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 /// A persona as the front end shows it. Another user's prompt is theirs: it is left out.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct PersonaView {
     pub id: String,
     pub name: String,
@@ -17,9 +17,13 @@ pub struct PersonaView {
     pub greeting: String,
     pub is_public: bool,
     pub is_system: bool,
-    pub created_by: String,
+    /// `system`, or your user id on your own personas; left out on other users' personas.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
     pub tags: Vec<String>,
     pub use_count: i64,
+    /// How the persona takes turns on a call (endpointing and silence, in milliseconds).
+    #[schema(value_type = Object)]
     pub turn_taking: sqlx::types::Json<TurnTaking>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -38,7 +42,7 @@ impl PersonaView {
             greeting: draft.greeting.clone(),
             is_public: draft.is_public,
             is_system: false,
-            created_by: owner.to_string(),
+            created_by: Some(owner.to_string()),
             tags: draft.tags.clone(),
             use_count: 0,
             turn_taking: sqlx::types::Json(draft.turn_taking),
@@ -51,7 +55,8 @@ impl PersonaView {
 /// Columns of `PersonaView` from `rm_personas p`, for a viewer bound as `$1` (text, may be '').
 pub(crate) const PERSONA_COLUMNS: &str = "p.id, p.name, p.description, p.voice_id,
     CASE WHEN p.created_by IN ('system', $1) THEN p.system_prompt END AS system_prompt,
-    p.greeting, p.is_public, p.created_by = 'system' AS is_system, p.created_by, p.tags,
+    p.greeting, p.is_public, p.created_by = 'system' AS is_system,
+    CASE WHEN p.created_by IN ('system', $1) THEN p.created_by END AS created_by, p.tags,
     p.use_count, p.turn_taking, p.created_at, p.updated_at";
 
 /// Persona `id`, if `viewer` may see it (public, system, or theirs).
@@ -125,7 +130,12 @@ fn filtered<'a>(count: bool, viewer: &'a str, f: &'a ListFilter) -> QueryBuilder
             .push_bind(viewer)
             .push(
                 ") THEN p.system_prompt END AS system_prompt, p.greeting, p.is_public,
-                 p.created_by = 'system' AS is_system, p.created_by, p.tags, p.use_count,
+                 p.created_by = 'system' AS is_system,
+                 CASE WHEN p.created_by IN ('system', ",
+            )
+            .push_bind(viewer)
+            .push(
+                ") THEN p.created_by END AS created_by, p.tags, p.use_count,
                  p.turn_taking, p.created_at, p.updated_at",
             );
     }

@@ -17,7 +17,7 @@ pub struct Line {
 }
 
 /// A line read back.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct SavedLine {
     pub speaker: String,
     pub text: String,

@@ -10,14 +10,14 @@ use cmb_domain::values::{parse_name, Email, Password, PhoneNumber};
 use cmb_domain::wallet::Wallet;
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::accounts::UserView;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::serve::http::auth::{self, AuthUser, ClientIp};
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::answer::Done;
+use crate::serve::http::auth::{self, AuthUser};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{request_id, Json};
-use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
 use crate::usecases::accounts::{self, ProfileChange};
 
@@ -68,25 +68,56 @@ fn context(headers: &axum::http::HeaderMap, actor: Actor) -> CommandContext {
     CommandContext::for_request(request_id(headers), actor)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"name": "Ada Lovelace", "email": "ada@example.com", "password": "Correct-horse-1", "phone": "+14155550123"}))]
 pub struct RegisterBody {
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
+    /// Stored lower-case; unique.
+    #[schema(format = "email", max_length = 254)]
     email: String,
+    /// 8 to 128 characters with an upper-case letter, a lower-case letter, a digit and a symbol.
+    #[schema(min_length = 8, max_length = 128)]
     password: String,
+    /// E.164.
+    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$", example = "+14155550123")]
     phone: String,
 }
 
-fn token_response(user: UserView, token: String, claims: &auth::Claims) -> serde_json::Value {
-    json!({ "user": user, "token": token, "expires_at": claims.expires_at() })
+/// A signed-in user and their token.
+#[derive(Serialize, ToSchema)]
+pub struct TokenAnswer {
+    user: UserView,
+    /// Send as `Authorization: Bearer <token>`.
+    token: String,
+    expires_at: DateTime<Utc>,
 }
 
+/// The user.
+#[derive(Serialize, ToSchema)]
+pub struct UserAnswer {
+    user: UserView,
+}
+
+fn token_response(user: UserView, token: String, claims: &auth::Claims) -> TokenAnswer {
+    TokenAnswer {
+        user,
+        token,
+        expires_at: claims.expires_at(),
+    }
+}
+
+/// Create an account; answers the user and a token.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterBody,
+    responses(
+        (status = 201, description = "Registered and signed in", body = TokenAnswer),
+        (status = 409, description = "The email or phone is already registered", body = ErrorBody),
+    ))]
 pub async fn register(
     State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
     headers: axum::http::HeaderMap,
     Json(body): Json<RegisterBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::REGISTER, &format!("ip:{ip}")).await?;
     let name = parse_name("name", &body.name, 1, 100)?;
     let email = Email::parse(&body.email)?;
     let password = Password::parse(&body.password)?;
@@ -106,19 +137,27 @@ pub async fn register(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"email": "ada@example.com", "password": "Correct-horse-1"}))]
 pub struct LoginBody {
+    #[schema(format = "email")]
     email: String,
+    #[schema(min_length = 1)]
     password: String,
 }
 
+/// Sign in. Ten failures in a row lock the account for 30 minutes: a 429 with
+/// `account_locked` and `Retry-After`.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginBody,
+    responses(
+        (status = 200, description = "Signed in", body = TokenAnswer),
+        (status = 401, description = "Wrong email or password", body = ErrorBody),
+    ))]
 pub async fn login(
     State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
     headers: axum::http::HeaderMap,
     Json(body): Json<LoginBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::LOGIN, &format!("ip:{ip}")).await?;
     let email = Email::parse(&body.email)?;
     if body.password.is_empty() {
         return Err(ApiError::validation("password", "password: is required"));
@@ -134,8 +173,10 @@ pub async fn login(
     Ok(axum::Json(token_response(user, token, &claims)))
 }
 
+/// Revoke the token used, at once and on every instance.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "Signed out", body = Done)))]
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::LOGOUT, &format!("user:{}", user.id)).await?;
     // Refused everywhere from this moment; the event makes it part of the user's history.
     accounts::sign_out(
         &state.store,
@@ -145,36 +186,44 @@ pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<
         &user.context(),
     )
     .await?;
-    Ok(axum::Json(
-        json!({ "message": "signed out; this token no longer works" }),
-    ))
+    Ok(axum::Json(Done::new(
+        "signed out; this token no longer works",
+    )))
 }
 
+/// The signed-in user.
+#[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "The user", body = UserAnswer)))]
 pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::ME, &format!("user:{}", user.id)).await?;
     // Right after registering, the read model may not have the account yet.
     let view = user_after_write(&state, user.id, None, true).await?;
-    Ok(axum::Json(json!({ "user": view })))
+    Ok(axum::Json(UserAnswer { user: view }))
 }
 
-#[derive(Deserialize)]
+/// Fields left out keep their value.
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"name": "Ada King"}))]
 pub struct ProfileBody {
+    #[schema(min_length = 1, max_length = 100)]
     name: Option<String>,
+    #[schema(format = "email", max_length = 254)]
     email: Option<String>,
+    /// E.164.
+    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$")]
     phone: Option<String>,
 }
 
+/// Change name, email or phone.
+#[utoipa::path(put, path = "/user/profile", tag = "auth", security(("bearer" = [])), request_body = ProfileBody,
+    responses(
+        (status = 200, description = "The changed user", body = UserAnswer),
+        (status = 409, description = "The email or phone belongs to another account", body = ErrorBody),
+    ))]
 pub async fn update_profile(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<ProfileBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PROFILE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let change = ProfileChange {
         name: body
             .name
@@ -192,5 +241,5 @@ pub async fn update_profile(
         accounts::update_profile(&state.store, user.id, change, &user.context()).await?;
     let caught_up = state.read_your_writes("users", &committed).await;
     let view = user_after_write(&state, user.id, None, caught_up).await?;
-    Ok(axum::Json(json!({ "user": view })))
+    Ok(axum::Json(UserAnswer { user: view }))
 }

@@ -9,34 +9,77 @@ use cmb_domain::billing::{Card, RecordStripeEvent};
 use cmb_domain::call::{MAX_MINUTES, MIN_MINUTES};
 use cmb_domain::wallet::{Wallet, CENTS_PER_CREDIT};
 use cmb_domain::{Actor, CommandContext};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::serve::http::answer::Done;
 use crate::serve::http::auth::AuthUser;
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{request_id, Json};
-use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
 use crate::usecases::billing::{self, CURRENCY, PACKS};
 use crate::usecases::prices;
 
-fn card_json(card: &Card, default: Option<&str>) -> serde_json::Value {
-    json!({
-        "id": card.payment_method_id,
-        "brand": card.brand,
-        "last4": card.last4,
-        "exp_month": card.exp_month,
-        "exp_year": card.exp_year,
-        "is_default": Some(card.payment_method_id.as_str()) == default,
-    })
+/// A saved card.
+#[derive(Serialize, ToSchema)]
+pub struct PaymentMethod {
+    /// Stripe's `pm_…` id.
+    id: String,
+    brand: String,
+    last4: String,
+    exp_month: u32,
+    exp_year: u32,
+    is_default: bool,
 }
 
+fn card_json(card: &Card, default: Option<&str>) -> PaymentMethod {
+    PaymentMethod {
+        id: card.payment_method_id.clone(),
+        brand: card.brand.clone(),
+        last4: card.last4.clone(),
+        exp_month: card.exp_month,
+        exp_year: card.exp_year,
+        is_default: Some(card.payment_method_id.as_str()) == default,
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Credits {
+    /// Credits owned.
+    balance: i64,
+    /// Credits not held for a call.
+    available: i64,
+    cents_per_credit: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Billing {
+    payment_methods: Vec<PaymentMethod>,
+    default_payment_method: Option<String>,
+    credits: Credits,
+    #[schema(example = "usd")]
+    currency: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PaymentMethodAnswer {
+    payment_method: PaymentMethod,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DefaultAnswer {
+    default_payment_method: String,
+}
+
+/// Your cards, the default one, and your credits.
+#[utoipa::path(get, path = "/user/billing", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, description = "Your billing", body = Billing)))]
 pub async fn billing(
     State(state): State<AppState>,
     user: AuthUser,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::USAGE, &format!("user:{}", user.id)).await?;
     let b = billing::load(&state.store, user.id).await?;
     let (wallet, _) = state.store.load::<Wallet>(&user.id.to_string()).await?;
     let methods: Vec<_> = b
@@ -44,32 +87,38 @@ pub async fn billing(
         .iter()
         .map(|c| card_json(c, b.default_card.as_deref()))
         .collect();
-    Ok(axum::Json(json!({
-        "payment_methods": methods,
-        "default_payment_method": b.default_card,
-        "credits": { "balance": wallet.balance, "available": wallet.available(), "cents_per_credit": CENTS_PER_CREDIT },
-        "currency": CURRENCY,
-    })))
+    Ok(axum::Json(Billing {
+        payment_methods: methods,
+        default_payment_method: b.default_card,
+        credits: Credits {
+            balance: wallet.balance,
+            available: wallet.available(),
+            cents_per_credit: CENTS_PER_CREDIT,
+        },
+        currency: CURRENCY.into(),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct AttachBody {
+    /// A Stripe PaymentMethod made by Stripe.js.
+    #[schema(pattern = "^pm_", max_length = 100, example = "pm_card_visa")]
     payment_method_id: String,
     #[serde(default)]
     set_default: bool,
 }
 
+/// Save a card (made with Stripe.js) for calls and credits.
+#[utoipa::path(post, path = "/user/payment-method", tag = "billing", security(("bearer" = [])), request_body = AttachBody,
+    responses(
+        (status = 201, description = "The saved card", body = PaymentMethodAnswer),
+        (status = 402, description = "The card was declined", body = ErrorBody),
+    ))]
 pub async fn attach(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<AttachBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PROFILE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let pm = body.payment_method_id.trim();
     if !pm.starts_with("pm_") || pm.len() > 100 {
         return Err(ApiError::validation(
@@ -88,38 +137,45 @@ pub async fn attach(
     .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "payment_method": card_json(&card, default.as_deref()) })),
+        axum::Json(PaymentMethodAnswer {
+            payment_method: card_json(&card, default.as_deref()),
+        }),
     ))
 }
 
+/// Remove a card.
+#[utoipa::path(delete, path = "/user/payment-method/{id}", tag = "billing", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The card's `pm_…` id")),
+    responses(
+        (status = 200, description = "Removed", body = Done),
+        (status = 400, description = "The default card cannot be removed while others remain", body = ErrorBody),
+        (status = 404, description = "Not one of your cards", body = ErrorBody),
+    ))]
 pub async fn detach(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PROFILE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     billing::detach_card(&state.store, &state.stripe, user.id, &id, &user.context()).await?;
-    Ok(axum::Json(json!({ "message": "payment method removed" })))
+    Ok(axum::Json(Done::new("payment method removed")))
 }
 
+/// Make a card the default.
+#[utoipa::path(put, path = "/user/payment-method/{id}/default", tag = "billing", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The card's `pm_…` id")),
+    responses(
+        (status = 200, description = "The default card", body = DefaultAnswer),
+        (status = 404, description = "Not one of your cards", body = ErrorBody),
+    ))]
 pub async fn make_default(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PROFILE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     billing::make_default(&state.store, &state.stripe, user.id, &id, &user.context()).await?;
-    Ok(axum::Json(json!({ "default_payment_method": id })))
+    Ok(axum::Json(DefaultAnswer {
+        default_payment_method: id,
+    }))
 }
 
 /// The Stripe idempotency key of a client request: the client's own key (so its retry returns
@@ -131,24 +187,43 @@ fn idempotency_key(purpose: &str, user: &AuthUser, supplied: Option<&str>) -> St
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"estimated_duration": 5}))]
 pub struct IntentBody {
+    /// The call's length in minutes; the hold is the price of this many.
+    #[schema(minimum = 1, maximum = 30)]
     estimated_duration: u32,
     /// Makes a retried request return the same intent (defaults to a new one each time).
+    #[schema(max_length = 100)]
     idempotency_key: Option<String>,
 }
 
+/// A hold on your default card: an authorisation for the price of a call.
+#[derive(Serialize, ToSchema)]
+pub struct IntentAnswer {
+    #[schema(example = "pi_3Nxyz")]
+    payment_intent_id: String,
+    /// In cents.
+    amount: i64,
+    currency: String,
+    /// Stripe's status: `requires_capture` once held.
+    status: String,
+    /// The minutes it pays for: a call with this intent and no `duration_minutes` lasts this long.
+    max_duration_minutes: u32,
+}
+
+/// Hold the price of a call of `estimated_duration` minutes on your default card; pass its
+/// `payment_intent_id` to `POST /api/call` or `/api/calls/schedule`.
+#[utoipa::path(post, path = "/user/create-payment-intent", tag = "billing", security(("bearer" = [])), request_body = IntentBody,
+    responses(
+        (status = 201, description = "The hold", body = IntentAnswer),
+        (status = 402, description = "The card was declined", body = ErrorBody),
+    ))]
 pub async fn create_payment_intent(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<IntentBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PROFILE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let minutes = body.estimated_duration;
     if !(MIN_MINUTES..=MAX_MINUTES).contains(&minutes) {
         return Err(ApiError::validation(
@@ -171,34 +246,47 @@ pub async fn create_payment_intent(
     .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({
-            "payment_intent_id": intent.id,
-            "amount": intent.amount,
-            "currency": CURRENCY,
-            "status": intent.status,
-            "max_duration_minutes": minutes,
-        })),
+        axum::Json(IntentAnswer {
+            payment_intent_id: intent.id,
+            amount: intent.amount,
+            currency: CURRENCY.into(),
+            status: intent.status,
+            max_duration_minutes: minutes,
+        }),
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"credits": 100}))]
 pub struct CreditsBody {
+    /// A pack: 100, 500 or 1000.
+    #[schema(example = 100)]
     credits: i64,
+    #[schema(max_length = 100)]
     idempotency_key: Option<String>,
 }
 
-/// Buys a credit pack at once with the default card.
+#[derive(Serialize, ToSchema)]
+pub struct CreditsAnswer {
+    payment_intent_id: String,
+    /// Charged, in cents.
+    amount: i64,
+    credits: i64,
+    /// Your credits now.
+    balance: i64,
+}
+
+/// Buy a credit pack at once with the default card.
+#[utoipa::path(post, path = "/user/credits", tag = "billing", security(("bearer" = [])), request_body = CreditsBody,
+    responses(
+        (status = 201, description = "Bought", body = CreditsAnswer),
+        (status = 402, description = "The card was declined", body = ErrorBody),
+    ))]
 pub async fn buy_credits(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<CreditsBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PROFILE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     if !PACKS.contains(&body.credits) {
         return Err(ApiError::validation(
             "credits",
@@ -219,13 +307,31 @@ pub async fn buy_credits(
     let (wallet, _) = state.store.load::<Wallet>(&user.id.to_string()).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(
-            json!({ "payment_intent_id": bought.payment_intent_id, "amount": bought.amount, "credits": body.credits, "balance": wallet.balance }),
-        ),
+        axum::Json(CreditsAnswer {
+            payment_intent_id: bought.payment_intent_id,
+            amount: bought.amount,
+            credits: body.credits,
+            balance: wallet.balance,
+        }),
     ))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct WebhookAnswer {
+    received: bool,
+    /// False for an event kind we do not use, or one already recorded.
+    recorded: bool,
+}
+
 /// Stripe's webhooks: verified (signature, 300 s tolerance), then recorded once per event id.
+/// Called by Stripe only.
+#[utoipa::path(post, path = "/stripe/webhook", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256 of \"t.body\" with the endpoint secret>`")),
+    request_body(content = Object, content_type = "application/json", description = "A Stripe Event"),
+    responses(
+        (status = 200, description = "Received", body = WebhookAnswer),
+        (status = 400, description = "The signature is missing, wrong or too old", body = ErrorBody),
+    ))]
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -256,7 +362,10 @@ pub async fn webhook(
         "charge.refunded",
     ];
     if !KINDS.contains(&event.kind.as_str()) {
-        return Ok(axum::Json(json!({ "received": true, "recorded": false })));
+        return Ok(axum::Json(WebhookAnswer {
+            received: true,
+            recorded: false,
+        }));
     }
     let object = &event.object;
     let summary = json!({
@@ -280,7 +389,8 @@ pub async fn webhook(
         summary,
     };
     let recorded = billing::record_stripe_event(&state.store, &event.id, command, &ctx).await?;
-    Ok(axum::Json(
-        json!({ "received": true, "recorded": recorded }),
-    ))
+    Ok(axum::Json(WebhookAnswer {
+        received: true,
+        recorded,
+    }))
 }

@@ -8,28 +8,42 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use cmb_domain::call::Payment;
 use cmb_domain::values::{Invalid, PhoneNumber};
-use cmb_projections::calls::{CallView, ListFilter, Sort, STATUSES};
-use serde::Deserialize;
-use serde_json::json;
+use cmb_projections::calls::{CallView, ListFilter, Month, Sort, UsageLine, STATUSES};
+use cmb_projections::timeline::Entry;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::serve::http::answer::Pagination;
 use crate::serve::http::auth::AuthUser;
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{Json, Query};
-use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
+use crate::serve::transcripts::SavedLine;
 use crate::usecases::calls::request::{Hold, PayWith, Request, Requested};
 use crate::usecases::calls::{cancel, request, schedule};
 
-#[derive(Deserialize)]
+/// Pay with a `payment_intent_id` (a hold from `POST /api/user/create-payment-intent`) or
+/// with credits (`use_credits: true`).
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"phone_number": "+14155550123", "persona_id": "brad_001", "payment_intent_id": "pi_3Nxyz"}))]
 pub struct CallBody {
+    /// E.164 (also accepted as `phone`); your account's number when left out.
     #[serde(alias = "phone")]
+    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$")]
     phone_number: Option<String>,
+    /// A persona you can see.
+    #[schema(min_length = 1, max_length = 100)]
     persona_id: String,
+    #[schema(pattern = "^pi_")]
     payment_intent_id: Option<String>,
     #[serde(default)]
     use_credits: bool,
+    /// The most the call may last, in minutes (also accepted as `duration_minutes`). Left out:
+    /// the minutes the payment intent was created for, or 5 with credits. A duration the hold
+    /// does not cover is a 402 that says how much is missing.
     #[serde(alias = "duration_minutes", alias = "max_duration_minutes")]
+    #[schema(minimum = 1, maximum = 30)]
     duration: Option<u32>,
 }
 
@@ -69,12 +83,36 @@ impl CallBody {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"persona_id": "sarah_001", "payment_intent_id": "pi_3Nxyz", "scheduled_time": "2026-12-01T09:00", "timezone": "Europe/Paris"}))]
 pub struct ScheduleBody {
     #[serde(flatten)]
     call: CallBody,
+    /// An ISO 8601 time with an offset, or a local time (`YYYY-MM-DDTHH:MM`) with `timezone`;
+    /// at least a minute ahead, at most 30 days.
+    #[schema(example = "2026-12-01T09:00:00-05:00")]
     scheduled_time: String,
+    /// An IANA zone such as `Europe/Paris`.
     timezone: Option<String>,
+}
+
+/// What holds the call's maximum price until it is settled.
+#[derive(Serialize, ToSchema)]
+pub struct HoldView {
+    /// `credits` or `card`.
+    method: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payment_intent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount_cents: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CallCreated {
+    call: CallView,
+    hold: HoldView,
 }
 
 /// `scheduled_time` with an offset (`2026-12-01T09:00:00-05:00`), or a local time with an
@@ -141,25 +179,40 @@ async fn created(
         }
     };
     let hold = match requested.hold {
-        Hold::Credits(credits) => json!({ "method": "credits", "credits": credits }),
-        Hold::Card(pi) => {
-            json!({ "method": "card", "payment_intent_id": pi, "amount_cents": view.max_price_cents })
-        }
+        Hold::Credits(credits) => HoldView {
+            method: "credits",
+            credits: Some(credits),
+            payment_intent_id: None,
+            amount_cents: None,
+        },
+        Hold::Card(pi) => HoldView {
+            method: "card",
+            credits: None,
+            payment_intent_id: Some(pi),
+            amount_cents: Some(view.max_price_cents),
+        },
     };
     let location = format!("/api/calls/{}", requested.call_id);
     Ok((
         StatusCode::CREATED,
         [(axum::http::header::LOCATION, location)],
-        axum::Json(json!({ "call": view, "hold": hold })),
+        axum::Json(CallCreated { call: view, hold }),
     ))
 }
 
+/// Call me now: holds the call's maximum price, then dials.
+#[utoipa::path(post, path = "/call", tag = "calls", security(("bearer" = [])), request_body = CallBody,
+    responses(
+        (status = 201, description = "Requested; the phone rings shortly", body = CallCreated),
+        (status = 402, description = "The payment intent is unknown or too small (the message says how much is missing), not enough credits, or a budget limit", body = ErrorBody),
+        (status = 403, description = "The persona is not yours to call", body = ErrorBody),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn trigger(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<CallBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::CALL, &format!("user:{}", user.id)).await?;
     let call = body.parse(&user)?;
     let requested = request::request(
         &state.store,
@@ -172,17 +225,19 @@ pub async fn trigger(
     created(&state, &user, requested).await
 }
 
+/// Call me later: holds the maximum price now, dials at `scheduled_time`.
+#[utoipa::path(post, path = "/calls/schedule", tag = "calls", security(("bearer" = [])), request_body = ScheduleBody,
+    responses(
+        (status = 201, description = "Scheduled", body = CallCreated),
+        (status = 402, description = "The payment intent is unknown or too small, not enough credits, or a budget limit", body = ErrorBody),
+        (status = 403, description = "The persona is not yours to call", body = ErrorBody),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn schedule(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<ScheduleBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CALL_SCHEDULE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let at = parse_scheduled_time(&body.scheduled_time, body.timezone.as_deref())?;
     let call = body.call.parse(&user)?;
     let requested = schedule::schedule(
@@ -198,23 +253,31 @@ pub async fn schedule(
     created(&state, &user, requested).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ScheduledParams {
+    /// `scheduled` (default) or `cancelled`.
+    #[param(pattern = "^(scheduled|cancelled|canceled)$")]
     status: Option<String>,
+    /// `time_asc` (default) or `time_desc`.
+    #[param(pattern = "^(time_asc|time_desc)$")]
     sort: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct ScheduledList {
+    calls: Vec<CallView>,
+    total: usize,
+}
+
+/// Your scheduled (or cancelled) calls, by time.
+#[utoipa::path(get, path = "/calls/scheduled", tag = "calls", security(("bearer" = [])), params(ScheduledParams),
+    responses((status = 200, description = "Your scheduled calls", body = ScheduledList)))]
 pub async fn scheduled(
     State(state): State<AppState>,
     user: AuthUser,
     Query(params): Query<ScheduledParams>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CALLS_LIST,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let cancelled = match params.status.as_deref().unwrap_or("scheduled") {
         "scheduled" => false,
         "cancelled" | "canceled" => true,
@@ -232,24 +295,50 @@ pub async fn scheduled(
     };
     let calls =
         cmb_projections::calls::scheduled(&state.pool, user.id, cancelled, ascending).await?;
-    Ok(axum::Json(json!({ "calls": calls })))
+    Ok(axum::Json(ScheduledList {
+        total: calls.len(),
+        calls,
+    }))
 }
 
 fn parse_call_id(raw: &str) -> ApiResult<Uuid> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found("call"))
 }
 
+/// The hold given back when a scheduled call is cancelled.
+#[derive(Serialize, ToSchema)]
+pub struct Refund {
+    /// `credits` or `card`.
+    method: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits_released: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payment_intent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    amount_cents: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Cancelled {
+    message: String,
+    refund: Option<Refund>,
+}
+
+/// Cancel a scheduled call; its hold is released in full.
+#[utoipa::path(delete, path = "/calls/schedule/{id}", tag = "calls", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The call's id")),
+    responses(
+        (status = 200, description = "Cancelled", body = Cancelled),
+        (status = 400, description = "Not a scheduled call, or too late to cancel", body = ErrorBody),
+        (status = 403, description = "Someone else's call", body = ErrorBody),
+        (status = 404, description = "No such call", body = ErrorBody),
+        (status = 409, description = "The call changed meanwhile", body = ErrorBody),
+    ))]
 pub async fn cancel(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CALL_CANCEL,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let id = parse_call_id(&id)?;
     let cancelled = cancel::cancel(
         &state.store,
@@ -260,44 +349,62 @@ pub async fn cancel(
     )
     .await?;
     state.read_your_writes("calls", &cancelled.committed).await;
-    let refund = match cancelled.payment {
-        Some(Payment::Credits { credits }) => {
-            json!({ "method": "credits", "credits_released": credits })
-        }
-        Some(Payment::Card { payment_intent_id }) => {
-            json!({ "method": "card", "payment_intent_id": payment_intent_id, "amount_cents": cancelled.max_price_cents })
-        }
-        None => json!(null),
-    };
-    Ok(axum::Json(json!({
-        "message": "the scheduled call is cancelled; its hold is released in full",
-        "refund": refund,
-    })))
+    let refund = cancelled.payment.map(|payment| match payment {
+        Payment::Credits { credits } => Refund {
+            method: "credits",
+            credits_released: Some(credits),
+            payment_intent_id: None,
+            amount_cents: None,
+        },
+        Payment::Card { payment_intent_id } => Refund {
+            method: "card",
+            credits_released: None,
+            payment_intent_id: Some(payment_intent_id),
+            amount_cents: Some(cancelled.max_price_cents),
+        },
+    });
+    Ok(axum::Json(Cancelled {
+        message: "the scheduled call is cancelled; its hold is released in full".into(),
+        refund,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// 1 or more (default 1).
+    #[param(minimum = 1)]
     page: Option<i64>,
+    /// Calls per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
+    /// A call status: `scheduled`, `initiated`, `ringing`, `in-progress`, `completed`, …
     status: Option<String>,
+    /// `newest` (default), `oldest`, `longest` or `costliest`.
+    #[param(pattern = "^(newest|oldest|longest|costliest)$")]
     sort: Option<String>,
-    #[serde(alias = "from_date")]
-    from: Option<String>,
-    #[serde(alias = "to_date")]
-    to: Option<String>,
+    /// Calls made from this date or time (ISO 8601; also accepted as `from`).
+    #[serde(alias = "from")]
+    from_date: Option<String>,
+    /// Calls made up to this date (inclusive) or time (also accepted as `to`).
+    #[serde(alias = "to")]
+    to_date: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct CallList {
+    calls: Vec<CallView>,
+    pagination: Pagination,
+}
+
+/// Your calls, a page at a time.
+#[utoipa::path(get, path = "/calls", tag = "calls", security(("bearer" = [])), params(ListParams),
+    responses((status = 200, description = "A page of calls", body = CallList)))]
 pub async fn list(
     State(state): State<AppState>,
     user: AuthUser,
     Query(params): Query<ListParams>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CALLS_LIST,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let page = params.page.unwrap_or(1);
     if page < 1 {
         return Err(ApiError::validation("page", "page: must be 1 or more"));
@@ -333,60 +440,124 @@ pub async fn list(
     let filter = ListFilter {
         user: user.id,
         status: params.status.clone(),
-        from: bound("from", params.from.as_deref(), false)?,
-        to: bound("to", params.to.as_deref(), true)?,
+        from: bound("from_date", params.from_date.as_deref(), false)?,
+        to: bound("to_date", params.to_date.as_deref(), true)?,
         sort,
         page,
         per_page,
     };
     let (calls, total) = cmb_projections::calls::list(&state.pool, &filter).await?;
-    Ok(axum::Json(json!({
-        "calls": calls,
-        "pagination": { "page": page, "limit": per_page, "total": total,
-                        "total_pages": (total + per_page - 1) / per_page }
-    })))
+    Ok(axum::Json(CallList {
+        calls,
+        pagination: Pagination::new(page, per_page, total),
+    }))
 }
 
+/// Where the call's money is.
+#[derive(Serialize, ToSchema)]
+pub struct PaymentView {
+    /// `credits` or `card`.
+    method: String,
+    /// `held` (until the call is settled), `captured` (charged; the rest released) or
+    /// `released` (nothing charged).
+    state: &'static str,
+    held_cents: i64,
+    captured_cents: i64,
+    released_cents: i64,
+}
+
+impl PaymentView {
+    fn of(call: &CallView) -> Self {
+        let held = call.max_price_cents;
+        let (state, captured) = match call.charged_cents {
+            Some(0) => ("released", 0),
+            Some(charged) => ("captured", charged),
+            None if call.status == "canceled" => ("released", 0),
+            None => ("held", 0),
+        };
+        PaymentView {
+            method: call.payment_method.clone(),
+            state,
+            held_cents: held,
+            captured_cents: captured,
+            released_cents: if state == "held" { 0 } else { held - captured },
+        }
+    }
+}
+
+/// A call's story.
+#[derive(Serialize, ToSchema)]
+pub struct CallDetail {
+    call: CallView,
+    payment: PaymentView,
+    /// What each provider did for the call (quantity and unit).
+    usage: Vec<UsageLine>,
+    /// Every event of the call in order, each with what it did.
+    timeline: Vec<Entry>,
+    transcript: Vec<SavedLine>,
+}
+
+/// One of your calls with its story: the timeline, the payment, each provider's usage, the
+/// transcript.
+#[utoipa::path(get, path = "/calls/{id}", tag = "calls", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The call's id")),
+    responses(
+        (status = 200, description = "The call", body = CallDetail),
+        (status = 404, description = "None of your calls has this id", body = ErrorBody),
+    ))]
 pub async fn get_one(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CALLS_LIST,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let id = parse_call_id(&id)?;
     let call = cmb_projections::calls::view(&state.pool, id, user.id)
         .await?
         .ok_or_else(|| ApiError::not_found("call"))?;
-    let timeline: Vec<_> = cmb_projections::timeline::of(&state.pool, "call", &id.to_string())
-        .await?
-        .into_iter()
-        .map(|e| {
-            json!({ "sequence": e.sequence, "event_type": e.event_type,
-                    "occurred_at": e.occurred_at, "actor": e.actor })
-        })
-        .collect();
+    let timeline = cmb_projections::timeline::of(&state.pool, "call", &id.to_string()).await?;
+    let usage = cmb_projections::calls::usage_lines(&state.pool, id, user.id).await?;
     let transcript = crate::serve::transcripts::of(&state.pool, id).await?;
-    Ok(axum::Json(
-        json!({ "call": call, "timeline": timeline, "transcript": transcript }),
-    ))
+    Ok(axum::Json(CallDetail {
+        payment: PaymentView::of(&call),
+        call,
+        usage,
+        timeline,
+        transcript,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageParams {
+    /// How many months back, 1 to 24 (default 3).
+    #[param(minimum = 1, maximum = 24)]
     months: Option<i64>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Totals {
+    calls: i64,
+    minutes: i64,
+    spent_cents: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Usage {
+    months: i64,
+    total: Totals,
+    current_month: Option<Month>,
+    /// Newest first; months without calls included.
+    monthly: Vec<Month>,
+}
+
+/// Your completed calls, minutes and spend by month.
+#[utoipa::path(get, path = "/user/usage", tag = "calls", security(("bearer" = [])), params(UsageParams),
+    responses((status = 200, description = "Your usage", body = Usage)))]
 pub async fn usage(
     State(state): State<AppState>,
     user: AuthUser,
     Query(params): Query<UsageParams>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(&state.pool, ratelimit::USAGE, &format!("user:{}", user.id)).await?;
     let months = params.months.unwrap_or(3);
     if !(1..=24).contains(&months) {
         return Err(ApiError::validation("months", "months: 1 to 24"));
@@ -394,13 +565,16 @@ pub async fn usage(
     let breakdown =
         cmb_projections::calls::usage(&state.pool, user.id, state.clock.now(), months).await?;
     let total = |f: fn(&cmb_projections::calls::Month) -> i64| breakdown.iter().map(f).sum::<i64>();
-    let current = breakdown.first();
-    Ok(axum::Json(json!({
-        "months": months,
-        "total": { "calls": total(|m| m.calls), "minutes": total(|m| m.minutes), "spent_cents": total(|m| m.spent_cents) },
-        "current_month": current,
-        "monthly": breakdown,
-    })))
+    Ok(axum::Json(Usage {
+        months,
+        total: Totals {
+            calls: total(|m| m.calls),
+            minutes: total(|m| m.minutes),
+            spent_cents: total(|m| m.spent_cents),
+        },
+        current_month: breakdown.first().cloned(),
+        monthly: breakdown,
+    }))
 }
 
 #[cfg(test)]

@@ -6,53 +6,78 @@ use axum::response::IntoResponse;
 use chrono::Utc;
 use cmb_domain::contacts::MAX_CONTACTS;
 use cmb_projections::accounts::ContactView;
-use serde::Deserialize;
-use serde_json::json;
+use cmb_projections::personas::PersonaView;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+use crate::serve::http::answer::Done;
 use crate::serve::http::auth::AuthUser;
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::Json;
-use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
 use crate::usecases::contacts;
 
-fn contact_json(c: ContactView) -> serde_json::Value {
-    json!({ "persona_id": c.persona.id, "added_at": c.added_at, "persona": c.persona })
+/// A persona you keep at hand.
+#[derive(Serialize, ToSchema)]
+pub struct Contact {
+    persona_id: String,
+    added_at: chrono::DateTime<Utc>,
+    persona: PersonaView,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct ContactList {
+    contacts: Vec<Contact>,
+    /// How many contacts you may keep.
+    max: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ContactAnswer {
+    contact: Contact,
+}
+
+fn contact_json(c: ContactView) -> Contact {
+    Contact {
+        persona_id: c.persona.id.clone(),
+        added_at: c.added_at,
+        persona: c.persona,
+    }
+}
+
+/// Your contacts, newest first, with their personas.
+#[utoipa::path(get, path = "/contacts", tag = "contacts", security(("bearer" = [])),
+    responses((status = 200, description = "Your contacts", body = ContactList)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CONTACTS_LIST,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let contacts: Vec<_> = cmb_projections::accounts::contacts(&state.pool, user.id)
         .await?
         .into_iter()
         .map(contact_json)
         .collect();
-    Ok(axum::Json(
-        json!({ "contacts": contacts, "max": MAX_CONTACTS }),
-    ))
+    Ok(axum::Json(ContactList {
+        contacts,
+        max: MAX_CONTACTS,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct AddBody {
+    /// A persona you can see.
+    #[schema(min_length = 1, max_length = 100, example = "brad")]
     persona_id: String,
 }
 
+/// Add a persona you can see (at most 50 contacts).
+#[utoipa::path(post, path = "/contacts", tag = "contacts", security(("bearer" = [])), request_body = AddBody,
+    responses(
+        (status = 201, description = "Added", body = ContactAnswer),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn add(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<AddBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CONTACTS_ADD,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let persona_id = body.persona_id.trim().to_string();
     if persona_id.is_empty() || persona_id.len() > 100 {
         return Err(ApiError::validation(
@@ -74,27 +99,25 @@ pub async fn add(
         .into_iter()
         .find(|c| c.persona.id == persona_id)
         .map(contact_json)
-        .unwrap_or_else(|| json!({ "persona_id": persona_id }));
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({ "contact": contact })),
-    ))
+        .ok_or_else(|| {
+            ApiError::unavailable("the contact is being added; look again in a moment")
+        })?;
+    Ok((StatusCode::CREATED, axum::Json(ContactAnswer { contact })))
 }
 
+/// Remove a contact.
+#[utoipa::path(delete, path = "/contacts/{persona_id}", tag = "contacts", security(("bearer" = [])),
+    params(("persona_id" = String, Path, description = "The contact's persona id")),
+    responses(
+        (status = 200, description = "Removed", body = Done),
+        (status = 404, description = "Not one of your contacts", body = ErrorBody),
+    ))]
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
     Path(persona_id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::CONTACTS_REMOVE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let committed = contacts::remove(&state.store, user.id, persona_id, &user.context()).await?;
     state.read_your_writes("contacts", &committed).await;
-    Ok(axum::Json(
-        json!({ "message": "removed from your contacts" }),
-    ))
+    Ok(axum::Json(Done::new("removed from your contacts")))
 }

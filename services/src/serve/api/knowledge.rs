@@ -12,18 +12,20 @@ use cmb_domain::persona::Owner;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::serve::http::answer::Done;
 use crate::serve::http::auth::AuthUser;
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::Json;
-use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
 use crate::usecases::{knowledge, personas};
 
 /// The request body limit of an upload: the largest document and the multipart framing.
 pub const BODY_LIMIT: usize = MAX_UPLOAD_BYTES * 4 / 3 + 64 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"title": "Training plan", "format": "markdown", "content": "# Week 1\nRun 3 km twice."}))]
 pub struct JsonUpload {
+    #[schema(max_length = 120)]
     title: Option<String>,
     /// `text`, `markdown` (the default), `html` or `pdf`.
     format: Option<String>,
@@ -134,20 +136,25 @@ async fn from_multipart(state: &AppState, req: Request) -> ApiResult<knowledge::
     })
 }
 
-/// `POST /api/personas/{id}/knowledge`: JSON `{title?, format?, content | content_base64}` or
-/// multipart (`file`, optional `title` and `format`).
+/// Add a document your persona draws on in calls: JSON `{title?, format?, content |
+/// content_base64}` or multipart (`file`: text, Markdown, HTML, PDF; optional `title` and
+/// `format`); 5 MiB, 20 per persona. Indexed in the background.
+#[utoipa::path(post, path = "/personas/{id}/knowledge", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Your persona's id")),
+    request_body(content = JsonUpload, content_type = "application/json",
+        description = "Or `multipart/form-data` with a `file` part (and optional `title`, `format`)"),
+    responses(
+        (status = 202, description = "Accepted; `status` is `indexing`", body = Object),
+        (status = 403, description = "Not your persona", body = ErrorBody),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+        (status = 409, description = "The persona has its 20 documents", body = ErrorBody),
+    ))]
 pub async fn add(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_UPDATE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     // The owner is checked before the body is read, so a stranger learns nothing from it.
     personas::owned(&state.store, &id, user.id).await?;
     let multipart = req
@@ -177,19 +184,19 @@ pub async fn add(
     ))
 }
 
-/// `GET /api/personas/{id}/knowledge`: the owner sees every document with its status; anyone
-/// else who may see the persona (public or system), the titles only.
+/// A persona's documents: the owner sees every document with its indexing status; anyone else
+/// who may see the persona (public or system), the titles only.
+#[utoipa::path(get, path = "/personas/{id}/knowledge", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")),
+    responses(
+        (status = 200, description = "The documents and the limits", body = Object),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONAS_LIST,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let persona = personas::accessible(&state.store, &id, user.id).await?;
     let documents = cmb_projections::personas::knowledge(&state.pool, &id).await?;
     let owner = persona.owner == Some(Owner::User(user.id));
@@ -213,20 +220,21 @@ pub async fn list(
     })))
 }
 
-/// `DELETE /api/personas/{id}/knowledge/{doc}`: the owner removes a document; the next call no
-/// longer has it.
+/// Remove a document from your persona; the next call no longer has it.
+#[utoipa::path(delete, path = "/personas/{id}/knowledge/{doc}", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Your persona's id"),
+           ("doc" = String, Path, description = "The document's id")),
+    responses(
+        (status = 200, description = "Removed", body = Done),
+        (status = 403, description = "Not your persona", body = ErrorBody),
+        (status = 404, description = "No such persona or document", body = ErrorBody),
+    ))]
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
     Path((id, doc)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_UPDATE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let committed = knowledge::remove(&state.store, user.id, &id, &doc, &user.context()).await?;
     state.read_your_writes("personas", &committed).await;
-    Ok(axum::Json(json!({ "message": "document removed" })))
+    Ok(axum::Json(Done::new("document removed")))
 }

@@ -5,67 +5,94 @@
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use cmb_domain::persona::preference::{preference_id, Preference};
-use serde_json::json;
+use cmb_projections::memory::{FactView, OpenItemView, SummaryView};
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use crate::serve::http::answer::Done;
 use crate::serve::http::auth::AuthUser;
-use crate::serve::http::error::ApiResult;
-use crate::serve::http::ratelimit;
+use crate::serve::http::error::{ApiResult, ErrorBody};
 use crate::serve::http::state::AppState;
 use crate::usecases::{memory, personas};
 
-async fn limit(state: &AppState, user: &AuthUser) -> ApiResult<()> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_CUSTOMIZE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
-    Ok(())
+#[derive(Serialize, ToSchema)]
+pub struct Memory {
+    persona_id: String,
+    /// Whether the persona remembers your calls (the customisation's `memory_enabled`).
+    enabled: bool,
+    summary: Option<SummaryView>,
+    /// What it learned, each with the call it came from.
+    facts: Vec<FactView>,
+    /// Things to follow up on.
+    open_items: Vec<OpenItemView>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct MemoryAnswer {
+    memory: Memory,
+}
+
+/// What this persona remembers about you: summary, facts (with their source call and date),
+/// open items.
+#[utoipa::path(get, path = "/personas/{id}/memory", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")),
+    responses(
+        (status = 200, description = "What it remembers", body = MemoryAnswer),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn get(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    limit(&state, &user).await?;
     personas::accessible(&state.store, &id, user.id).await?;
     let (pref, _) = state
         .store
         .load::<Preference>(&preference_id(user.id, &id))
         .await?;
     let m = cmb_projections::memory::view(&state.pool, user.id, &id).await?;
-    Ok(axum::Json(json!({
-        "memory": {
-            "persona_id": id,
-            "enabled": pref.customization.unwrap_or_default().memory_enabled,
-            "summary": m.summary,
-            "facts": m.facts,
-            "open_items": m.open_items,
-        }
-    })))
+    Ok(axum::Json(MemoryAnswer {
+        memory: Memory {
+            persona_id: id,
+            enabled: pref.customization.unwrap_or_default().memory_enabled,
+            summary: m.summary,
+            facts: m.facts,
+            open_items: m.open_items,
+        },
+    }))
 }
 
-/// Forgets one fact or open item (or the summary, as item `summary`).
+/// Forget one fact or open item (or the summary, as item `summary`).
+#[utoipa::path(delete, path = "/personas/{id}/memory/{item_id}", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id"),
+           ("item_id" = String, Path, description = "A fact's or open item's id, or `summary`")),
+    responses(
+        (status = 200, description = "Forgotten", body = Done),
+        (status = 404, description = "No such persona or item", body = ErrorBody),
+    ))]
 pub async fn forget(
     State(state): State<AppState>,
     user: AuthUser,
     Path((id, item)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    limit(&state, &user).await?;
     let committed = memory::forget(&state.store, user.id, &id, item, &user.context()).await?;
     state.read_your_writes("memory", &committed).await;
-    Ok(axum::Json(json!({ "message": "forgotten" })))
+    Ok(axum::Json(Done::new("forgotten")))
 }
 
-/// Forgets everything this persona remembers about the user.
+/// Forget everything this persona remembers about you.
+#[utoipa::path(delete, path = "/personas/{id}/memory", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")),
+    responses(
+        (status = 200, description = "Everything forgotten", body = Done),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn clear(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    limit(&state, &user).await?;
     let committed = memory::clear(&state.store, user.id, &id, &user.context()).await?;
     state.read_your_writes("memory", &committed).await;
-    Ok(axum::Json(json!({ "message": "everything forgotten" })))
+    Ok(axum::Json(Done::new("everything forgotten")))
 }

@@ -2,6 +2,9 @@
 //! case (`crate::usecases`) or a read-model query (`cmb_projections`), and shape JSON; every
 //! failure reaches the client through the one mapping in `errors`. A write the client reads
 //! back waits (briefly) for its read model: `AppState::read_your_writes`.
+//!
+//! A route is one entry here: `routes!(handler)` takes its method and path from the handler's
+//! `#[utoipa::path]`, and `limited` puts its rate limit in front of it and in the document.
 
 pub mod accounts;
 pub mod billing;
@@ -16,66 +19,78 @@ pub mod personas;
 pub mod twilio;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post, put};
-use axum::Router;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
+use crate::serve::http::ratelimit::{self as limit, limited, Limits};
 use crate::serve::http::state::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/auth/register", post(accounts::register))
-        .route("/auth/login", post(accounts::login))
-        .route("/auth/logout", post(accounts::logout))
-        .route("/auth/me", get(accounts::me))
-        .route("/user/profile", put(accounts::update_profile))
-        .route("/personas", get(personas::list).post(personas::create))
-        .route(
-            "/personas/{id}",
-            get(personas::get_one)
-                .put(personas::update)
-                .delete(personas::remove),
-        )
-        .route(
-            "/personas/{id}/customization",
-            get(personas::get_customization).put(personas::customize),
-        )
-        .route(
-            "/personas/{id}/memory",
-            get(memory::get).delete(memory::clear),
-        )
-        .route("/personas/{id}/memory/{item_id}", delete(memory::forget))
-        .route(
-            "/personas/{id}/knowledge",
-            get(knowledge::list)
-                .post(knowledge::add)
+/// Handlers of one path (`routes!` registers every handler it is given on every path it
+/// names) behind a rate limit.
+fn at(
+    handlers: UtoipaMethodRouter<AppState>,
+    limits: impl Into<Limits>,
+) -> OpenApiRouter<AppState> {
+    limited(OpenApiRouter::new().routes(handlers), limits)
+}
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    let browse = Limits {
+        signed_in: limit::PERSONAS_LIST,
+        anonymous: limit::PERSONAS_LIST_ANON,
+    };
+    OpenApiRouter::new()
+        // Accounts.
+        .merge(at(routes!(accounts::register), limit::REGISTER))
+        .merge(at(routes!(accounts::login), limit::LOGIN))
+        .merge(at(routes!(accounts::logout), limit::LOGOUT))
+        .merge(at(routes!(accounts::me), limit::ME))
+        .merge(at(routes!(accounts::update_profile), limit::PROFILE))
+        // Personas, customisation and memory.
+        .merge(at(routes!(personas::list), browse))
+        .merge(at(routes!(personas::get_one), browse))
+        .merge(at(routes!(personas::create), limit::PERSONA_CREATE))
+        .merge(at(routes!(personas::update), limit::PERSONA_UPDATE))
+        .merge(at(routes!(personas::remove), limit::PERSONA_DELETE))
+        .merge(at(
+            routes!(personas::get_customization, personas::customize),
+            limit::PERSONA_CUSTOMIZE,
+        ))
+        .merge(at(
+            routes!(memory::get, memory::clear),
+            limit::PERSONA_CUSTOMIZE,
+        ))
+        .merge(at(routes!(memory::forget), limit::PERSONA_CUSTOMIZE))
+        .merge(at(routes!(knowledge::list), limit::PERSONAS_LIST))
+        .merge(
+            at(routes!(knowledge::add), limit::PERSONA_UPDATE)
                 .layer(DefaultBodyLimit::max(knowledge::BODY_LIMIT)),
         )
-        .route("/personas/{id}/knowledge/{doc}", delete(knowledge::remove))
-        .route("/contacts", get(contacts::list).post(contacts::add))
-        .route("/contacts/{persona_id}", delete(contacts::remove))
-        .route("/call", post(calls::trigger))
-        .route("/calls", get(calls::list))
-        .route("/calls/schedule", post(calls::schedule))
-        .route("/calls/scheduled", get(calls::scheduled))
-        .route("/calls/schedule/{id}", delete(calls::cancel))
-        .route("/calls/{id}", get(calls::get_one))
-        .route("/user/usage", get(calls::usage))
-        .route("/user/budget", get(budget::get).put(budget::put))
-        .route("/user/billing", get(billing::billing))
-        .route("/user/payment-method", post(billing::attach))
-        .route("/user/payment-method/{id}", delete(billing::detach))
-        .route(
-            "/user/payment-method/{id}/default",
-            put(billing::make_default),
-        )
-        .route(
-            "/user/create-payment-intent",
-            post(billing::create_payment_intent),
-        )
-        .route("/user/credits", post(billing::buy_credits))
-        .route("/stripe/webhook", post(billing::webhook))
-        .route("/twilio/callback", post(twilio::status_callback))
-        .route("/twilio/answer", post(twilio::answer))
-        .route("/twilio/stream", get(twilio::stream))
-        .route("/openapi.json", get(openapi::document))
+        .merge(at(routes!(knowledge::remove), limit::PERSONA_UPDATE))
+        // Contacts.
+        .merge(at(routes!(contacts::list), limit::CONTACTS_LIST))
+        .merge(at(routes!(contacts::add), limit::CONTACTS_ADD))
+        .merge(at(routes!(contacts::remove), limit::CONTACTS_REMOVE))
+        // Calls.
+        .merge(at(routes!(calls::trigger), limit::CALL))
+        .merge(at(routes!(calls::schedule), limit::CALL_SCHEDULE))
+        .merge(at(routes!(calls::cancel), limit::CALL_CANCEL))
+        .merge(at(routes!(calls::list), limit::CALLS_LIST))
+        .merge(at(routes!(calls::scheduled), limit::CALLS_LIST))
+        .merge(at(routes!(calls::get_one), limit::CALLS_LIST))
+        .merge(at(routes!(calls::usage), limit::USAGE))
+        // Money.
+        .merge(at(routes!(budget::get), limit::USAGE))
+        .merge(at(routes!(budget::put), limit::PROFILE))
+        .merge(at(routes!(billing::billing), limit::USAGE))
+        .merge(at(routes!(billing::attach), limit::PROFILE))
+        .merge(at(routes!(billing::detach), limit::PROFILE))
+        .merge(at(routes!(billing::make_default), limit::PROFILE))
+        .merge(at(routes!(billing::create_payment_intent), limit::PROFILE))
+        .merge(at(routes!(billing::buy_credits), limit::PROFILE))
+        // Webhooks: signed by their senders, not rate limited.
+        .routes(routes!(billing::webhook))
+        .routes(routes!(twilio::status_callback))
+        .routes(routes!(twilio::answer))
+        .routes(routes!(twilio::stream))
 }

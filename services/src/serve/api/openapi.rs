@@ -1,449 +1,177 @@
-//! The OpenAPI 3.1 document of every endpoint (`/api/openapi.json`) and an interactive page
-//! (`/docs`) that reads it and sends requests, with no assets from elsewhere.
+//! The OpenAPI 3.1 document (`/api/openapi.json`) and an interactive page (`/docs`) that reads
+//! it and sends requests, with no assets from elsewhere.
+//!
+//! The document is generated: every route is registered with `utoipa_axum::routes!` from a
+//! handler's `#[utoipa::path]` (method, path, parameters, body and answers from its Rust types),
+//! so a route and its description are one entry; rate limits are written in by the layer that
+//! enforces them (`http::ratelimit::limited`). `finish` adds what follows from the operation's
+//! shape, the same for all: a JSON body can be refused with 400/413/415, query parameters with
+//! 400, a bearer token with 401. The test in `serve::http::tests` compares the router with the
+//! document.
+
+use std::sync::Arc;
 
 use axum::response::{Html, IntoResponse};
+use axum::Extension;
 use serde_json::{json, Value};
+use utoipa::OpenApi;
 
-struct Op {
-    method: &'static str,
-    path: &'static str,
-    summary: &'static str,
-    auth: Auth,
-    body: Option<Value>,
-    params: &'static [(&'static str, &'static str, &'static str)],
-    ok: u16,
-    errors: &'static [u16],
-    limit: &'static str,
-}
+use crate::serve::http::error::{ErrorBody, ErrorDetail};
 
-#[derive(PartialEq)]
-enum Auth {
-    None,
-    Optional,
-    Required,
-}
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Call Me Back API",
+        description = "AI personas that call you back, now or when you choose.\n\n\
+            Sign in with `POST /api/auth/login` (or register) and send the token as \
+            `Authorization: Bearer <token>`. Every error is `{\"error\": {\"code\", \"message\", \"field\"?}}` \
+            with the 4xx that fits; a 429 carries `Retry-After` (seconds). Money is in integer cents (USD).",
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    tags(
+        (name = "auth", description = "Accounts and tokens"),
+        (name = "personas", description = "Personas, your customisation of them, and what they remember"),
+        (name = "contacts", description = "The personas you keep at hand"),
+        (name = "calls", description = "Calls now or later, their history and usage"),
+        (name = "billing", description = "Cards, payment intents (holds), credits and budgets"),
+        (name = "webhooks", description = "Called by Twilio and Stripe, signed by them; not for the front end"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+struct Base;
 
-fn schema(props: &[(&str, Value)], required: &[&str]) -> Value {
-    let properties: serde_json::Map<String, Value> = props
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    json!({ "type": "object", "properties": properties, "required": required })
-}
+/// The finished document, shared with the handler that serves it.
+#[derive(Clone)]
+pub struct Document(pub Arc<Value>);
 
-fn s(description: &str) -> Value {
-    json!({ "type": "string", "description": description })
-}
+/// Error answers every operation of a given shape can give, by status.
+const SHARED: &[(&str, &str, &str)] = &[
+    (
+        "400",
+        "BadRequest",
+        "The body, a query parameter or a path segment is invalid; `field` names it",
+    ),
+    (
+        "401",
+        "Unauthorized",
+        "No token, or a token that is invalid, expired or revoked",
+    ),
+    ("413", "PayloadTooLarge", "The body is larger than 1 MiB"),
+    (
+        "415",
+        "UnsupportedMediaType",
+        "The body is not sent as `application/json`",
+    ),
+    (
+        "429",
+        "TooManyRequests",
+        "Over the rate limit; `Retry-After` says when to try again",
+    ),
+    (
+        "503",
+        "Unavailable",
+        "Busy for a moment (a concurrent change, a provider, a read model catching up); try again",
+    ),
+];
 
-fn operations() -> Vec<Op> {
-    let persona_fields = || {
-        vec![
-            ("name", s("3–50 characters, unique among your personas")),
-            ("description", s("10–500 characters")),
-            ("voice", s("an ElevenLabs voice id (alias: voice_id)")),
-            ("system_prompt", s("20–2000 characters")),
-            (
-                "greeting",
-                s("1–300 characters; what the persona says first"),
-            ),
-            ("is_public", json!({ "type": "boolean" })),
-            (
-                "tags",
-                json!({ "type": "array", "items": { "type": "string" }, "maxItems": 10 }),
-            ),
-            (
-                "turn_taking",
-                schema(
-                    &[
-                        ("endpointing_ms", json!({ "type": "integer" })),
-                        ("silence_reminder_ms", json!({ "type": "integer" })),
-                        ("silence_hangup_ms", json!({ "type": "integer" })),
-                    ],
-                    &["endpointing_ms", "silence_reminder_ms", "silence_hangup_ms"],
-                ),
-            ),
-        ]
-    };
-    vec![
-        Op {
-            method: "post",
-            path: "/api/auth/register",
-            summary: "Create an account; answers the user and a token",
-            auth: Auth::None,
-            body: Some(schema(
-                &[
-                    ("name", s("1–100 characters")),
-                    ("email", s("an email address; stored lower-case")),
-                    (
-                        "password",
-                        s("8–128 characters with upper, lower, digit and symbol; any Unicode"),
-                    ),
-                    ("phone", s("E.164, e.g. +14155550123")),
-                ],
-                &["name", "email", "password", "phone"],
-            )),
-            params: &[],
-            ok: 201,
-            errors: &[400, 409, 413, 415, 429],
-            limit: "3/hour per IP",
-        },
-        Op {
-            method: "post",
-            path: "/api/auth/login",
-            summary: "Sign in; 10 failures in a row lock the account for 30 minutes",
-            auth: Auth::None,
-            body: Some(schema(
-                &[("email", s("")), ("password", s(""))],
-                &["email", "password"],
-            )),
-            params: &[],
-            ok: 200,
-            errors: &[400, 401, 429],
-            limit: "5/min per IP",
-        },
-        Op {
-            method: "post",
-            path: "/api/auth/logout",
-            summary: "Revoke the token used",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 429],
-            limit: "10/min per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/auth/me",
-            summary: "The signed-in user",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "put",
-            path: "/api/user/profile",
-            summary: "Change name, email or phone",
-            auth: Auth::Required,
-            body: Some(schema(
-                &[("name", s("")), ("email", s("")), ("phone", s("E.164"))],
-                &[],
-            )),
-            params: &[],
-            ok: 200,
-            errors: &[400, 401, 409, 429],
-            limit: "10/min per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/personas",
-            summary: "Public personas and your own, paginated",
-            auth: Auth::Optional,
-            body: None,
-            params: &[
-                ("page", "integer", "1 or more (default 1)"),
-                ("limit", "integer", "1–100 (default 20)"),
-                (
-                    "search",
-                    "string",
-                    "at least 2 characters; name and description",
-                ),
-                ("tags", "string", "comma-separated; any of them"),
-                ("is_public", "boolean", ""),
-                ("created_by", "string", "system, me, or a user id"),
-                ("sort", "string", "popular (default), newest, oldest, name"),
-            ],
-            ok: 200,
-            errors: &[400, 401, 429],
-            limit: "60/min anonymous, 120/min signed in",
-        },
-        Op {
-            method: "post",
-            path: "/api/personas",
-            summary: "Create a persona (10 per free account)",
-            auth: Auth::Required,
-            body: Some(schema(
-                &persona_fields(),
-                &["name", "description", "voice", "system_prompt"],
-            )),
-            params: &[],
-            ok: 201,
-            errors: &[400, 401, 409, 429, 503],
-            limit: "20/hour per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/personas/{id}",
-            summary: "One persona you can see",
-            auth: Auth::Optional,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[404, 429],
-            limit: "as the list",
-        },
-        Op {
-            method: "put",
-            path: "/api/personas/{id}",
-            summary: "Change your persona (all fields optional); system personas are read-only",
-            auth: Auth::Required,
-            body: Some(schema(&persona_fields(), &[])),
-            params: &[],
-            ok: 200,
-            errors: &[400, 401, 403, 404, 409, 429],
-            limit: "30/hour per user",
-        },
-        Op {
-            method: "delete",
-            path: "/api/personas/{id}",
-            summary: "Delete your persona; it leaves every contact list",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 403, 404, 429],
-            limit: "20/hour per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/personas/{id}/customization",
-            summary: "Your customisation of a persona you can see",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "put",
-            path: "/api/personas/{id}/customization",
-            summary: "Set your custom prompt, voice, favourite mark and memory switch",
-            auth: Auth::Required,
-            body: Some(schema(
-                &[
-                    ("custom_prompt", s("up to 1000 characters; empty clears")),
-                    ("voice_override", s("ElevenLabs voice id; empty clears")),
-                    ("favorite", json!({ "type": "boolean" })),
-                    ("memory_enabled", json!({ "type": "boolean" })),
-                ],
-                &[],
-            )),
-            params: &[],
-            ok: 200,
-            errors: &[400, 401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/personas/{id}/memory",
-            summary: "What this persona remembers about you: summary, facts (with their source call and date), open items",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "delete",
-            path: "/api/personas/{id}/memory",
-            summary: "Forget everything this persona remembers about you",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "delete",
-            path: "/api/personas/{id}/memory/{item_id}",
-            summary: "Forget one fact or open item (or the summary, as item `summary`)",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "post",
-            path: "/api/personas/{id}/knowledge",
-            summary: "Add a document your persona draws on in calls (JSON, or multipart with `file`: text, Markdown, HTML, PDF; 5 MiB, 20 per persona)",
-            auth: Auth::Required,
-            body: Some(schema(
-                &[
-                    ("title", s("up to 120 characters; default: the file name or first words")),
-                    ("format", s("text, markdown (default), html or pdf")),
-                    ("content", s("the text")),
-                    ("content_base64", s("the file's bytes, base64")),
-                ],
-                &[],
-            )),
-            params: &[],
-            ok: 202,
-            errors: &[400, 401, 403, 404, 409, 413, 415, 429],
-            limit: "30/hour per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/personas/{id}/knowledge",
-            summary: "A persona's documents: yours with their indexing status, a public or system persona's titles",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 404, 429],
-            limit: "120/min per user",
-        },
-        Op {
-            method: "delete",
-            path: "/api/personas/{id}/knowledge/{doc}",
-            summary: "Remove a document from your persona; the next call no longer has it",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 403, 404, 429],
-            limit: "30/hour per user",
-        },
-        Op {
-            method: "get",
-            path: "/api/contacts",
-            summary: "Your contacts, newest first, with their personas",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 429],
-            limit: "60/min per user",
-        },
-        Op {
-            method: "post",
-            path: "/api/contacts",
-            summary: "Add a persona you can see (at most 50)",
-            auth: Auth::Required,
-            body: Some(schema(&[("persona_id", s(""))], &["persona_id"])),
-            params: &[],
-            ok: 201,
-            errors: &[400, 401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "delete",
-            path: "/api/contacts/{persona_id}",
-            summary: "Remove a contact",
-            auth: Auth::Required,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[401, 404, 429],
-            limit: "30/min per user",
-        },
-        Op {
-            method: "get",
-            path: "/healthz",
-            summary: "Liveness",
-            auth: Auth::None,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[],
-            limit: "none",
-        },
-        Op {
-            method: "get",
-            path: "/readyz",
-            summary: "Readiness: Postgres, NATS, publisher and projection lag",
-            auth: Auth::None,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[503],
-            limit: "none",
-        },
-        Op {
-            method: "get",
-            path: "/metrics",
-            summary: "Prometheus metrics",
-            auth: Auth::None,
-            body: None,
-            params: &[],
-            ok: 200,
-            errors: &[],
-            limit: "none",
-        },
-    ]
-}
-
-pub fn spec() -> Value {
-    let mut paths = serde_json::Map::new();
-    for op in operations() {
-        let mut parameters: Vec<Value> = op
-            .params
-            .iter()
-            .map(|(name, ty, description)| {
-                json!({ "name": name, "in": "query", "description": description, "schema": { "type": ty } })
-            })
-            .collect();
-        for segment in op.path.split('/') {
-            if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                parameters.push(json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }));
+/// The generated paths with the shared parts: info, components, the bearer scheme, and the
+/// answers that follow from each operation's shape.
+pub fn finish(paths: utoipa::openapi::OpenApi) -> Value {
+    let mut doc = serde_json::to_value(Base::openapi()).expect("the base document");
+    let generated = serde_json::to_value(paths).expect("the generated document");
+    doc["paths"] = generated["paths"].clone();
+    let schemas = doc["components"]["schemas"]
+        .as_object_mut()
+        .expect("schemas");
+    if let Some(more) = generated["components"]["schemas"].as_object() {
+        for (name, schema) in more {
+            schemas.insert(name.clone(), schema.clone());
+        }
+    }
+    doc["components"]["securitySchemes"] = json!({
+        "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                    "description": "The token from register or login; valid 30 days unless you sign out" }
+    });
+    let mut responses = serde_json::Map::new();
+    for (_, name, description) in SHARED {
+        let mut response = json!({ "description": description,
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } } });
+        if *name == "TooManyRequests" {
+            response["headers"] = json!({ "Retry-After": { "description": "seconds until the window ends",
+                "required": true, "schema": { "type": "integer", "minimum": 1 } } });
+        }
+        responses.insert(name.to_string(), response);
+    }
+    doc["components"]["responses"] = Value::Object(responses);
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for item in paths.values_mut() {
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, op) in item.iter_mut() {
+                if let Some(op) = op.as_object_mut() {
+                    shared_answers(method, op);
+                }
             }
         }
-        let mut responses = serde_json::Map::new();
-        responses.insert(op.ok.to_string(), json!({ "description": "success" }));
-        for code in op.errors {
+    }
+    doc
+}
+
+fn shared_answers(method: &str, op: &mut serde_json::Map<String, Value>) {
+    let webhook = op
+        .get("tags")
+        .and_then(Value::as_array)
+        .is_some_and(|t| t.iter().any(|t| t == "webhooks"));
+    if webhook {
+        // Called by their providers: the answers they can get are the ones they declare.
+        return;
+    }
+    let body = op
+        .get("requestBody")
+        .and_then(|b| b["content"].get("application/json"))
+        .is_some();
+    let query = op
+        .get("parameters")
+        .and_then(Value::as_array)
+        .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"));
+    let signed_in = op
+        .get("security")
+        .and_then(Value::as_array)
+        .is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()));
+    let responses = op
+        .entry("responses")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .expect("responses");
+    for (status, name, _) in SHARED {
+        let applies = match *status {
+            "400" => body || query,
+            "401" => signed_in,
+            "413" | "415" => body,
+            // A write may meet a concurrent one, a provider, or a read model catching up.
+            "503" => signed_in && method != "get",
+            _ => false,
+        };
+        if applies && !responses.contains_key(*status) {
             responses.insert(
-                code.to_string(),
-                json!({ "$ref": "#/components/responses/Error" }),
+                status.to_string(),
+                json!({ "$ref": format!("#/components/responses/{name}") }),
             );
         }
-        let mut operation = json!({
-            "summary": op.summary,
-            "description": format!("Rate limit: {}.", op.limit),
-            "parameters": parameters,
-            "responses": responses,
-        });
-        match op.auth {
-            Auth::Required => operation["security"] = json!([{ "bearer": [] }]),
-            Auth::Optional => operation["security"] = json!([{}, { "bearer": [] }]),
-            Auth::None => {}
-        }
-        if let Some(body) = op.body {
-            operation["requestBody"] =
-                json!({ "required": true, "content": { "application/json": { "schema": body } } });
-        }
-        paths
-            .entry(op.path.to_string())
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .expect("a path item")
-            .insert(op.method.to_string(), operation);
     }
-    json!({
-        "openapi": "3.1.0",
-        "info": { "title": "Call Me Back API", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "AI personas that call you back. Errors are {\"error\": {\"code\", \"message\", \"field\"?}}." },
-        "paths": paths,
-        "components": {
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
-            "responses": { "Error": { "description": "an error", "content": { "application/json": { "schema": {
-                "type": "object", "properties": { "error": { "type": "object", "properties": {
-                    "code": { "type": "string" }, "message": { "type": "string" }, "field": { "type": "string" } },
-                    "required": ["code", "message"] } } } } } } }
-        }
-    })
 }
 
-pub async fn document() -> impl IntoResponse {
-    axum::Json(spec())
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of every endpoint", body = Object)))]
+pub async fn document(Extension(doc): Extension<Document>) -> impl IntoResponse {
+    axum::Json(doc.0.as_ref().clone())
 }
 
+/// An interactive page that reads the document and sends requests.
+#[utoipa::path(get, path = "/docs", tag = "operations",
+    responses((status = 200, description = "An HTML page", content_type = "text/html", body = String)))]
 pub async fn docs_page() -> impl IntoResponse {
     Html(include_str!("docs.html"))
 }

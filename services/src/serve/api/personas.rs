@@ -7,43 +7,64 @@ use axum::response::IntoResponse;
 use cmb_domain::persona::preference::Customization;
 use cmb_domain::persona::{parse_tags, parse_voice_id, PersonaDraft, PersonaPatch, TurnTaking};
 use cmb_domain::values::{parse_name, parse_text, Invalid};
-use cmb_projections::personas::{CreatedBy, ListFilter, PersonaView, Sort};
-use serde::Deserialize;
-use serde_json::json;
+use cmb_projections::accounts::CustomizationView;
+use cmb_projections::personas::PersonaView;
+use cmb_projections::personas::{CreatedBy, ListFilter, Sort};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::serve::http::auth::{AuthUser, ClientIp, MaybeUser};
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::answer::{Done, Pagination};
+use crate::serve::http::auth::{AuthUser, MaybeUser};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{Json, Query};
-use crate::serve::http::ratelimit;
 use crate::serve::http::state::AppState;
 use crate::usecases::personas::{self, CustomizationChange};
 
 // ---- list ---------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// 1 or more (default 1).
+    #[param(minimum = 1)]
     page: Option<i64>,
+    /// Personas per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
+    /// In the name and description; at least 2 characters.
+    #[param(min_length = 2)]
     search: Option<String>,
+    /// Comma-separated; personas with any of them.
     tags: Option<String>,
     is_public: Option<bool>,
+    /// `system`, `me` (signed in) or a user id.
     created_by: Option<String>,
+    /// `popular` (default), `newest`, `oldest` or `name`.
+    #[param(pattern = "^(popular|newest|oldest|name)$")]
     sort: Option<String>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct PersonaList {
+    personas: Vec<PersonaView>,
+    pagination: Pagination,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PersonaAnswer {
+    persona: PersonaView,
+}
+
+/// Public personas, the system's and your own, a page at a time.
+#[utoipa::path(get, path = "/personas", tag = "personas", params(ListParams),
+    security((), ("bearer" = [])),
+    responses((status = 200, description = "A page of personas", body = PersonaList)))]
 pub async fn list(
     State(state): State<AppState>,
     MaybeUser(user): MaybeUser,
-    ClientIp(ip): ClientIp,
     Query(params): Query<ListParams>,
 ) -> ApiResult<impl IntoResponse> {
-    let limit = if user.is_some() {
-        ratelimit::PERSONAS_LIST
-    } else {
-        ratelimit::PERSONAS_LIST_ANON
-    };
-    ratelimit::check(&state.pool, limit, &ratelimit::subject(user.as_ref(), ip)).await?;
     let page = params.page.unwrap_or(1);
     if page < 1 {
         return Err(ApiError::validation("page", "page: must be 1 or more"));
@@ -106,63 +127,83 @@ pub async fn list(
         per_page,
     };
     let (personas, total) = cmb_projections::personas::list(&state.pool, &filter).await?;
-    Ok(axum::Json(json!({
-        "personas": personas,
-        "pagination": {
-            "page": page,
-            "limit": per_page,
-            "total": total,
-            "total_pages": (total + per_page - 1) / per_page,
-        }
-    })))
+    Ok(axum::Json(PersonaList {
+        personas,
+        pagination: Pagination::new(page, per_page, total),
+    }))
 }
 
+/// One persona you can see.
+#[utoipa::path(get, path = "/personas/{id}", tag = "personas",
+    params(("id" = String, Path, description = "The persona's id")),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The persona", body = PersonaAnswer),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn get_one(
     State(state): State<AppState>,
     MaybeUser(user): MaybeUser,
-    ClientIp(ip): ClientIp,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let limit = if user.is_some() {
-        ratelimit::PERSONAS_LIST
-    } else {
-        ratelimit::PERSONAS_LIST_ANON
-    };
-    ratelimit::check(&state.pool, limit, &ratelimit::subject(user.as_ref(), ip)).await?;
     let persona = cmb_projections::personas::view(&state.pool, &id, user.map(|u| u.id))
         .await?
         .ok_or_else(|| ApiError::not_found("persona"))?;
-    Ok(axum::Json(json!({ "persona": persona })))
+    Ok(axum::Json(PersonaAnswer { persona }))
 }
 
 // ---- create, update, delete -----------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"name": "Coach Kim", "description": "A calm running coach who keeps you honest", "voice": "21m00Tcm4TlvDq8ikWAM", "system_prompt": "You are Kim, a calm and encouraging running coach.", "tags": ["fitness"]}))]
 pub struct CreateBody {
+    /// 3 to 50 characters, unique among your personas.
+    #[schema(min_length = 3, max_length = 50)]
     name: String,
+    #[schema(min_length = 10, max_length = 500)]
     description: String,
+    /// An ElevenLabs voice id (also accepted as `voice_id`).
     #[serde(alias = "voice_id")]
+    #[schema(min_length = 1, max_length = 64)]
     voice: String,
+    #[schema(min_length = 20, max_length = 2000)]
     system_prompt: String,
+    /// What the persona says first.
+    #[schema(min_length = 1, max_length = 300)]
     greeting: Option<String>,
     #[serde(default)]
     is_public: bool,
+    /// At most 10 tags.
     #[serde(default)]
+    #[schema(max_items = 10)]
     tags: Vec<String>,
+    #[schema(value_type = Option<TurnTakingSchema>)]
     turn_taking: Option<TurnTaking>,
 }
 
+/// How the persona takes turns on a call, in milliseconds.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TurnTakingSchema {
+    /// Silence that ends the caller's turn.
+    endpointing_ms: u32,
+    /// Silence after which the persona checks in.
+    silence_reminder_ms: u32,
+    /// Silence after which the persona hangs up.
+    silence_hangup_ms: u32,
+}
+
+/// Create a persona (10 per free account).
+#[utoipa::path(post, path = "/personas", tag = "personas", security(("bearer" = [])), request_body = CreateBody,
+    responses(
+        (status = 201, description = "The new persona", body = PersonaAnswer),
+        (status = 409, description = "You already have a persona of this name", body = ErrorBody),
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     user: AuthUser,
     Json(body): Json<CreateBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_CREATE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let draft = PersonaDraft::parse(
         &body.name,
         &body.description,
@@ -203,20 +244,31 @@ pub async fn create(
     Ok((
         StatusCode::CREATED,
         [(axum::http::header::LOCATION, location)],
-        axum::Json(json!({ "persona": persona })),
+        axum::Json(PersonaAnswer { persona }),
     ))
 }
 
-#[derive(Deserialize)]
+/// Fields left out keep their value.
+#[derive(Deserialize, ToSchema)]
 pub struct UpdateBody {
+    /// 3 to 50 characters, unique among your personas.
+    #[schema(min_length = 3, max_length = 50)]
     name: Option<String>,
+    #[schema(min_length = 10, max_length = 500)]
     description: Option<String>,
+    /// An ElevenLabs voice id (also accepted as `voice_id`).
     #[serde(alias = "voice_id")]
+    #[schema(min_length = 1, max_length = 64)]
     voice: Option<String>,
+    #[schema(min_length = 20, max_length = 2000)]
     system_prompt: Option<String>,
+    /// What the persona says first.
+    #[schema(min_length = 1, max_length = 300)]
     greeting: Option<String>,
     is_public: Option<bool>,
+    #[schema(max_items = 10)]
     tags: Option<Vec<String>>,
+    #[schema(value_type = Option<TurnTakingSchema>)]
     turn_taking: Option<TurnTaking>,
 }
 
@@ -251,18 +303,21 @@ impl UpdateBody {
     }
 }
 
+/// Change your persona; system personas are read-only.
+#[utoipa::path(put, path = "/personas/{id}", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")), request_body = UpdateBody,
+    responses(
+        (status = 200, description = "The changed persona", body = PersonaAnswer),
+        (status = 403, description = "A system persona, or another user's public persona", body = ErrorBody),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+        (status = 409, description = "You already have a persona of this name", body = ErrorBody),
+    ))]
 pub async fn update(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
     Json(body): Json<UpdateBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_UPDATE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let committed = personas::update(
         &state.store,
         &state.elevenlabs,
@@ -276,51 +331,66 @@ pub async fn update(
     let persona = cmb_projections::personas::view(&state.pool, &id, Some(user.id))
         .await?
         .ok_or_else(|| ApiError::not_found("persona"))?;
-    Ok(axum::Json(json!({ "persona": persona })))
+    Ok(axum::Json(PersonaAnswer { persona }))
 }
 
+/// Delete your persona; it leaves every contact list.
+#[utoipa::path(delete, path = "/personas/{id}", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")),
+    responses(
+        (status = 200, description = "Deleted", body = Done),
+        (status = 403, description = "A system persona, or another user's public persona", body = ErrorBody),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+        (status = 409, description = "A scheduled call is waiting for this persona", body = ErrorBody),
+    ))]
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_DELETE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let committed = personas::remove(&state.store, user.id, &id, &user.context()).await?;
     state.read_your_writes("personas", &committed).await;
-    Ok(axum::Json(json!({
-        "message": "persona deleted; it is being removed from every contact list"
-    })))
+    Ok(axum::Json(Done::new(
+        "persona deleted; it is being removed from every contact list",
+    )))
 }
 
 // ---- customisation ---------------------------------------------------------------------------
 
+#[derive(Serialize, ToSchema)]
+pub struct CustomizationAnswer {
+    customization: CustomizationView,
+}
+
+/// Your customisation of a persona you can see (the defaults when you have none).
+#[utoipa::path(get, path = "/personas/{id}/customization", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")),
+    responses(
+        (status = 200, description = "Your customisation", body = CustomizationAnswer),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn get_customization(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_CUSTOMIZE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     personas::accessible(&state.store, &id, user.id).await?;
     let c = cmb_projections::accounts::customization(&state.pool, user.id, &id).await?;
-    Ok(axum::Json(json!({ "customization": c })))
+    Ok(axum::Json(CustomizationAnswer { customization: c }))
 }
 
 /// Fields left out keep their value; an empty `custom_prompt` or `voice_override` clears it.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"custom_prompt": "Call me Ada and keep it short.", "favorite": true}))]
 pub struct CustomizeBody {
+    /// Added to the persona's prompt for your calls; up to 1000 characters.
+    #[schema(max_length = 1000)]
     custom_prompt: Option<String>,
+    /// An ElevenLabs voice id for your calls.
+    #[schema(max_length = 64)]
     voice_override: Option<String>,
     favorite: Option<bool>,
+    /// Whether the persona remembers your calls.
     memory_enabled: Option<bool>,
 }
 
@@ -351,18 +421,19 @@ impl CustomizeBody {
     }
 }
 
+/// Set your custom prompt, voice, favourite mark and memory switch.
+#[utoipa::path(put, path = "/personas/{id}/customization", tag = "personas", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The persona's id")), request_body = CustomizeBody,
+    responses(
+        (status = 200, description = "Your customisation", body = CustomizationAnswer),
+        (status = 404, description = "No persona you can see has this id", body = ErrorBody),
+    ))]
 pub async fn customize(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
     Json(body): Json<CustomizeBody>,
 ) -> ApiResult<impl IntoResponse> {
-    ratelimit::check(
-        &state.pool,
-        ratelimit::PERSONA_CUSTOMIZE,
-        &format!("user:{}", user.id),
-    )
-    .await?;
     let committed = personas::customize(
         &state.store,
         &state.elevenlabs,
@@ -376,5 +447,5 @@ pub async fn customize(
         .read_your_writes("persona_preferences", &committed)
         .await;
     let c = cmb_projections::accounts::customization(&state.pool, user.id, &id).await?;
-    Ok(axum::Json(json!({ "customization": c })))
+    Ok(axum::Json(CustomizationAnswer { customization: c }))
 }

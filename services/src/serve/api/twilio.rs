@@ -13,13 +13,15 @@ use cmb_domain::{Actor, CommandContext};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{request_id, Query};
 use crate::serve::http::state::AppState;
 use cmb_providers::twilio::verify_signature;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CallRef {
+    /// Our call id, in the URL we gave Twilio.
     call_id: Option<String>,
 }
 
@@ -72,6 +74,18 @@ async fn call_id(
         .ok_or_else(|| ApiError::not_found("call"))
 }
 
+/// Twilio's status callbacks (`initiated`, `ringing`, `in-progress`, `completed`, …), signed
+/// with `X-Twilio-Signature`. Called by Twilio only.
+#[utoipa::path(post, path = "/twilio/callback", tag = "webhooks", params(CallRef,
+        ("X-Twilio-Signature" = String, Header, description = "Base64 HMAC-SHA1, with the auth token, of the full URL followed by the sorted POST parameters (name then value)")),
+    request_body(content = Object, content_type = "application/x-www-form-urlencoded",
+        description = "Twilio's parameters: `CallSid`, `CallStatus`, `SequenceNumber`, `CallDuration`, `Timestamp`, …"),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "A parameter is missing or unknown", body = ErrorBody),
+        (status = 403, description = "The signature is missing or wrong; nothing is recorded", body = ErrorBody),
+        (status = 404, description = "No such call", body = ErrorBody),
+    ))]
 pub async fn status_callback(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
@@ -114,7 +128,17 @@ fn xml_escape(s: &str) -> String {
         .replace('\'', "&apos;")
 }
 
-/// The answer URL: what Twilio does when the callee picks up.
+/// The answer URL: what Twilio does when the callee picks up (TwiML that connects the media
+/// stream). Signed like the callbacks. Called by Twilio only.
+#[utoipa::path(post, path = "/twilio/answer", tag = "webhooks", params(CallRef,
+        ("X-Twilio-Signature" = String, Header, description = "As for the status callback")),
+    request_body(content = Object, content_type = "application/x-www-form-urlencoded", description = "Twilio's parameters"),
+    responses(
+        (status = 200, description = "TwiML: `<Connect><Stream url=\"wss://…/api/twilio/stream\">`", content_type = "text/xml", body = String),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody),
+        (status = 403, description = "The signature is missing or wrong", body = ErrorBody),
+        (status = 404, description = "No such call", body = ErrorBody),
+    ))]
 pub async fn answer(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
@@ -162,7 +186,18 @@ pub async fn answer(
     Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
 }
 
-/// The Media Streams WebSocket: Twilio connects here when the call is answered.
+/// The Media Streams WebSocket: Twilio connects here when the call is answered (`GET` with
+/// `Upgrade: websocket`). Twilio sends JSON text frames `connected`, `start` (with the
+/// `call_id` custom parameter), `media` (base64 μ-law 8 kHz audio, 20 ms frames), `mark`,
+/// `dtmf` and `stop`; we send `media`, `mark` and `clear` (barge-in) back. A call that is not
+/// ours or not answered is closed.
+#[utoipa::path(get, path = "/twilio/stream", tag = "webhooks",
+    params(("Upgrade" = String, Header, description = "`websocket`")),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket upgrade request"),
+        (status = 426, description = "Upgrade required: the request is not a WebSocket handshake"),
+    ))]
 pub async fn stream(
     State(state): State<AppState>,
     ws: axum::extract::ws::WebSocketUpgrade,

@@ -91,8 +91,12 @@ impl AuthUser {
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts
-        .headers
+    bearer_token(&parts.headers)
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
@@ -150,23 +154,31 @@ impl FromRequestParts<AppState> for ClientIp {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Ok(ClientIp::of(state, &parts.headers, &parts.extensions))
+    }
+}
+
+impl ClientIp {
+    pub fn of(
+        state: &AppState,
+        headers: &axum::http::HeaderMap,
+        extensions: &axum::http::Extensions,
+    ) -> ClientIp {
         if state.config.trust_proxy_headers {
-            let forwarded = parts
-                .headers
+            let forwarded = headers
                 .get("x-forwarded-for")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.split(',').next())
                 .and_then(|ip| ip.trim().parse().ok());
             if let Some(ip) = forwarded {
-                return Ok(ClientIp(ip));
+                return ClientIp(ip);
             }
         }
-        let peer = parts
-            .extensions
+        let peer = extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip())
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        Ok(ClientIp(peer))
+        ClientIp(peer)
     }
 }
 

@@ -97,3 +97,22 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The body of every error answer, as the document describes it (`IntoResponse` above writes
+/// exactly this shape).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": {"code": "validation_failed", "message": "name: 1 to 100 characters", "field": "name"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code (`validation_failed`, `not_found`, `rate_limited`, …).
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// The request field (body, query or path) at fault, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}

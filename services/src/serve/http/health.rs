@@ -11,11 +11,18 @@ use super::state::AppState;
 const MAX_READY_LAG: u64 = 10_000;
 
 /// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = Object, example = json!({"status": "ok"}))))]
 pub async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
 /// Postgres and NATS answer, and the read models are not far behind.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready: Postgres and NATS answer, read models within 10 000 events", body = Object),
+        (status = 503, description = "Not ready; `checks` says what is down", body = Object),
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let postgres = sqlx::query_scalar::<_, i32>("SELECT 1")
         .fetch_one(&state.pool)
@@ -126,6 +133,8 @@ async fn cluster(state: &AppState) -> serde_json::Value {
 
 /// Prometheus text format, every sample labelled with this instance's `instance_id` (so the
 /// instances behind one load balancer can be told apart even when scraped through it).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // Sets `cmb_oldest_transaction_age_seconds`.
     let _ = crate::backbone::outbox::oldest_transaction(&state.pool).await;

@@ -1,19 +1,28 @@
 //! The HTTP layer: the router with its middleware (request ids, tracing, body limit), the
 //! state handlers share, one error type, extractors, authentication and rate limits.
+//!
+//! Every route is registered through `utoipa_axum` (`routes`), so the router and the OpenAPI
+//! document are built together; `tests` checks that neither has what the other lacks.
 
+pub mod answer;
 pub mod auth;
 pub mod error;
 pub mod extract;
 mod health;
 pub mod ratelimit;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use axum::extract::DefaultBodyLimit;
+use std::sync::Arc;
+
 use axum::http::{HeaderName, Request, StatusCode};
-use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use error::ApiError;
 use state::AppState;
@@ -35,20 +44,38 @@ async fn count_response(response: axum::response::Response) -> axum::response::R
     response
 }
 
+/// Every route with its description.
+pub fn routes() -> OpenApiRouter<AppState> {
+    use crate::serve::api::openapi;
+    OpenApiRouter::new()
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi::docs_page))
+        .nest(
+            "/api",
+            crate::serve::api::routes().routes(routes!(openapi::document)),
+        )
+}
+
+/// The OpenAPI document of every route.
+pub fn document() -> serde_json::Value {
+    crate::serve::api::openapi::finish(routes().into_openapi())
+}
+
 pub fn router(state: AppState) -> Router {
-    let api = crate::serve::api::routes();
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/docs", get(crate::serve::api::openapi::docs_page))
-        .nest("/api", api)
+    let (routes, doc) = routes().split_for_parts();
+    let doc =
+        crate::serve::api::openapi::Document(Arc::new(crate::serve::api::openapi::finish(doc)));
+    routes
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(count_response))
+        .layer(Extension(doc))
+        .layer(Extension(state.clone()))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let request_id = req

@@ -3,10 +3,16 @@
 
 use std::time::Duration;
 
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::backbone::counters;
+use crate::serve::http::auth::{self, ClientIp};
 use crate::serve::http::error::ApiError;
+use crate::serve::http::state::AppState;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limit {
@@ -44,7 +50,7 @@ pub const CALLS_LIST: Limit = limit("calls_list", 60, MINUTE);
 pub const USAGE: Limit = limit("usage", 60, MINUTE);
 
 /// Counts one request against `limit` for `who`; 429 with `Retry-After` once over.
-pub async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiError> {
+async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiError> {
     let (count, start, now) =
         counters::count(pool, &format!("{}:{who}", limit.name), limit.window).await?;
     if count == 1 && rand::random::<u8>() < 4 {
@@ -71,10 +77,108 @@ pub async fn check(pool: &PgPool, limit: Limit, who: &str) -> Result<(), ApiErro
     Ok(())
 }
 
-/// The key a request is counted under: its user when signed in, its IP otherwise.
-pub fn subject(user: Option<&crate::serve::http::auth::AuthUser>, ip: std::net::IpAddr) -> String {
-    match user {
-        Some(u) => format!("user:{}", u.id),
-        None => format!("ip:{ip}"),
+/// The limits of a route: one for signed-in callers (counted per user), one for anonymous
+/// callers (counted per client IP).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub signed_in: Limit,
+    pub anonymous: Limit,
+}
+
+impl From<Limit> for Limits {
+    fn from(limit: Limit) -> Self {
+        Limits {
+            signed_in: limit,
+            anonymous: limit,
+        }
+    }
+}
+
+impl Limit {
+    fn describe(&self) -> String {
+        let window = match self.window.as_secs() {
+            60 => "minute".to_string(),
+            3600 => "hour".to_string(),
+            s => format!("{s} s"),
+        };
+        format!("{} per {window}", self.max)
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name, "max": self.max, "window_seconds": self.window.as_secs() })
+    }
+}
+
+/// `routes` behind `limits`: the layer that counts every request (before anything else of the
+/// route runs) and, in the document, a 429 answer and the limits on each operation, from the
+/// same values.
+pub fn limited(
+    routes: OpenApiRouter<AppState>,
+    limits: impl Into<Limits>,
+) -> OpenApiRouter<AppState> {
+    let limits = limits.into();
+    let mut routes = routes.route_layer(axum::middleware::from_fn(move |req, next| {
+        enforce(limits, req, next)
+    }));
+    let text = if limits.signed_in.name == limits.anonymous.name {
+        format!(
+            "Rate limit: {} per user (per IP when anonymous).",
+            limits.signed_in.describe()
+        )
+    } else {
+        format!(
+            "Rate limit: {} per user signed in, {} per IP anonymous.",
+            limits.signed_in.describe(),
+            limits.anonymous.describe()
+        )
+    };
+    let extension = utoipa::openapi::extensions::ExtensionsBuilder::new()
+        .add(
+            "x-rate-limit",
+            serde_json::json!({ "signed_in": limits.signed_in.json(), "anonymous": limits.anonymous.json() }),
+        )
+        .build();
+    for item in routes.get_openapi_mut().paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            op.description = Some(match op.description.take() {
+                Some(d) => format!("{d}\n\n{text}"),
+                None => text.clone(),
+            });
+            op.responses.responses.insert(
+                "429".into(),
+                utoipa::openapi::Ref::from_response_name("TooManyRequests").into(),
+            );
+            op.extensions
+                .get_or_insert_with(Default::default)
+                .merge(extension.clone());
+        }
+    }
+    routes
+}
+
+/// Counts the request against its limit: per user when it carries a valid token, per IP
+/// otherwise (revocation is the handler's business; a revoked token still names its user).
+async fn enforce(limits: Limits, req: Request, next: Next) -> Response {
+    let Some(state) = req.extensions().get::<AppState>().cloned() else {
+        return ApiError::internal("the rate limit layer found no state").into_response();
+    };
+    let user = auth::bearer_token(req.headers())
+        .and_then(|t| auth::decode_token(state.config.jwt_secret.expose(), t));
+    let (limit, who) = match user {
+        Some(claims) => (limits.signed_in, format!("user:{}", claims.sub)),
+        None => {
+            let ClientIp(ip) = ClientIp::of(&state, req.headers(), req.extensions());
+            (limits.anonymous, format!("ip:{ip}"))
+        }
+    };
+    match check(&state.pool, limit, &who).await {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }

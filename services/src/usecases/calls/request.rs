@@ -9,12 +9,12 @@ use cmb_domain::budget::Breach;
 use cmb_domain::call::{
     Call, CallCommand, CallError, CallRequest, Payment, DEFAULT_MINUTES, MAX_MINUTES, MIN_MINUTES,
 };
-use cmb_domain::pricing::{credits_for, PricingError};
+use cmb_domain::pricing::{credits_for, PriceTable, PricingError};
 use cmb_domain::user::User;
 use cmb_domain::values::{Cents, Invalid, PhoneNumber};
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
 use cmb_domain::CommandContext;
-use cmb_providers::stripe::{Stripe, StripeError};
+use cmb_providers::stripe::{PaymentIntent, Stripe, StripeError};
 use uuid::Uuid;
 
 use super::active;
@@ -39,6 +39,7 @@ pub struct Request {
     /// `None`: the account's phone number.
     pub phone: Option<PhoneNumber>,
     pub persona_id: String,
+    /// `None`: the minutes the payment intent was created for, or `DEFAULT_MINUTES` on credits.
     pub minutes: Option<u32>,
     pub pay_with: PayWith,
     /// A scheduled call's UTC time and the user's IANA zone.
@@ -77,13 +78,15 @@ pub enum RequestError {
     #[error("no such payment intent")]
     UnknownIntent,
     #[error(
-        "the payment intent is {status} with {capturable} cents capturable; the call can cost \
-         up to {needed} cents"
+        "the payment intent holds {capturable} cents ({status}); a call of {minutes} minutes can \
+         cost up to {needed} cents: {} cents missing. Ask for fewer minutes, or create an intent \
+         for {minutes}", needed - capturable
     )]
     IntentTooSmall {
         status: String,
         capturable: i64,
         needed: i64,
+        minutes: u32,
     },
     #[error(transparent)]
     Stripe(StripeError),
@@ -122,6 +125,20 @@ impl RequestError {
     }
 }
 
+/// The minutes an intent pays for: the ones it was created for (`POST
+/// /api/user/create-payment-intent` writes them in its metadata), else as many as its amount
+/// covers at today's prices.
+fn intent_minutes(intent: &PaymentIntent, prices: &PriceTable) -> u32 {
+    if let Some(minutes) = intent.metadata.get("minutes").and_then(|m| m.parse().ok()) {
+        return minutes;
+    }
+    let held = intent.amount_capturable.max(intent.amount);
+    (MIN_MINUTES..=MAX_MINUTES)
+        .rev()
+        .find(|&m| prices.max_price(m).0 <= held)
+        .unwrap_or(MIN_MINUTES)
+}
+
 /// Validates, holds the maximum price, and requests the call.
 pub async fn request(
     store: &EventStore,
@@ -131,14 +148,30 @@ pub async fn request(
     ctx: &CommandContext,
 ) -> Result<Requested, RequestError> {
     let user = request.user_id;
-    let minutes = request.minutes.unwrap_or(DEFAULT_MINUTES);
-    if !(MIN_MINUTES..=MAX_MINUTES).contains(&minutes) {
-        return Err(Invalid::new(
-            "duration",
-            format!("duration: {MIN_MINUTES} to {MAX_MINUTES} minutes"),
-        )
-        .into());
-    }
+    let valid = |minutes: u32| {
+        if (MIN_MINUTES..=MAX_MINUTES).contains(&minutes) {
+            Ok(minutes)
+        } else {
+            Err(Invalid::new(
+                "duration",
+                format!("duration: {MIN_MINUTES} to {MAX_MINUTES} minutes"),
+            ))
+        }
+    };
+    request.minutes.map(valid).transpose()?;
+    // The intent must be ours, authorised, and cover the call's maximum price.
+    let intent = match &request.pay_with {
+        PayWith::Credits => None,
+        PayWith::Card { payment_intent_id } => Some(
+            stripe
+                .retrieve_payment_intent(payment_intent_id.trim())
+                .await
+                .map_err(|e| match e {
+                    StripeError::InvalidRequest { .. } => RequestError::UnknownIntent,
+                    other => RequestError::Stripe(other),
+                })?,
+        ),
+    };
     let phone = match request.phone {
         Some(p) => p,
         None => {
@@ -149,33 +182,30 @@ pub async fn request(
     let persona_id = request.persona_id.trim().to_string();
     let persona = personas::accessible(store, &persona_id, user).await?;
     let prices = prices::current(store, now).await?;
+    let minutes = match (request.minutes, &intent) {
+        (Some(minutes), _) => minutes,
+        (None, Some(intent)) => valid(intent_minutes(intent, &prices))?,
+        (None, None) => DEFAULT_MINUTES,
+    };
     let max_price = prices.max_price(minutes);
     budget::check(store, user, now, max_price.0).await?;
-    let payment = match request.pay_with {
-        PayWith::Credits => Payment::Credits {
-            credits: credits_for(max_price),
-        },
-        PayWith::Card { payment_intent_id } => {
-            let pi = payment_intent_id.trim().to_string();
-            // The intent must be ours, authorised, and cover the call's maximum price.
-            let intent = stripe
-                .retrieve_payment_intent(&pi)
-                .await
-                .map_err(|e| match e {
-                    StripeError::InvalidRequest { .. } => RequestError::UnknownIntent,
-                    other => RequestError::Stripe(other),
-                })?;
+    let payment = match (request.pay_with, intent) {
+        (PayWith::Card { .. }, Some(intent)) => {
             if intent.status != "requires_capture" || intent.amount_capturable < max_price.0 {
                 return Err(RequestError::IntentTooSmall {
                     status: intent.status,
                     capturable: intent.amount_capturable,
                     needed: max_price.0,
+                    minutes,
                 });
             }
             Payment::Card {
-                payment_intent_id: pi,
+                payment_intent_id: intent.id,
             }
         }
+        _ => Payment::Credits {
+            credits: credits_for(max_price),
+        },
     };
 
     let call_id = Uuid::now_v7();
