@@ -48,6 +48,7 @@ pub const KNOWN: &[(&str, &[&str])] = &[
         ],
     ),
     ("stripe_event", &["StripeEventReceived"]),
+    ("system_cost", &["SystemCostRecorded"]),
     ("budget", &["BudgetSet", "BudgetAlertRaised"]),
     (
         "persona",

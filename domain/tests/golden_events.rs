@@ -36,6 +36,7 @@ fn decode(aggregate: &str, payload: Value) -> Result<(String, String, Value), St
         "contacts" => round_trip::<contacts::ContactsEvent>(payload),
         "billing" => round_trip::<billing::BillingEvent>(payload),
         "stripe_event" => round_trip::<billing::StripeEventEvent>(payload),
+        "system_cost" => round_trip::<system_cost::SystemCostEvent>(payload),
         "budget" => round_trip::<budget::BudgetEvent>(payload),
         "persona" => round_trip::<persona::PersonaEvent>(payload),
         "persona_preference" => round_trip::<persona::preference::PreferenceEvent>(payload),

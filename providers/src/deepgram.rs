@@ -146,10 +146,17 @@ impl Deepgram {
             .map_err(|_| unreachable("the API key is not a valid header value".into()))?;
         request.headers_mut().insert("Authorization", auth);
 
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
-                .await
-                .map_err(|_| unreachable("timed out opening the WebSocket".into()))?;
+        let connected = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            // Small buffers, bounded messages, no Nagle delay on 20 ms frames.
+            tokio_tungstenite::connect_async_with_config(
+                request,
+                Some(crate::ws_config(64 * 1024)),
+                true,
+            ),
+        )
+        .await
+        .map_err(|_| unreachable("timed out opening the WebSocket".into()))?;
         let (socket, _) = connected.map_err(|e| match e {
             WsError::Http(response) => {
                 let header = response
@@ -192,6 +199,10 @@ async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sen
     let mut last_sent = Instant::now();
     let mut close_deadline: Option<Instant> = None;
     let text = |s: &'static str| Message::Text(s.into());
+    // One timer, armed once per KeepAlive period rather than per audio frame: when it fires
+    // and audio went out since, it is pushed back to `last_sent + KEEPALIVE_AFTER`.
+    let keepalive = tokio::time::sleep(KEEPALIVE_AFTER);
+    tokio::pin!(keepalive);
 
     // Ok(Some(secs)): Metadata arrived; Ok(None): closed cleanly after CloseStream.
     let outcome: Result<Option<f64>, String> = loop {
@@ -214,11 +225,17 @@ async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sen
                     }
                 }
             },
-            _ = tokio::time::sleep_until(last_sent + KEEPALIVE_AFTER), if audio_open => {
+            _ = &mut keepalive, if audio_open => {
+                let due = last_sent + KEEPALIVE_AFTER;
+                if Instant::now() < due {
+                    keepalive.as_mut().reset(due);
+                    continue;
+                }
                 if let Err(e) = sink.send(text(r#"{"type":"KeepAlive"}"#)).await {
                     break Err(format!("sending KeepAlive failed: {e}"));
                 }
                 last_sent = Instant::now();
+                keepalive.as_mut().reset(last_sent + KEEPALIVE_AFTER);
             }
             _ = tokio::time::sleep_until(close_deadline.unwrap_or(last_sent)), if close_deadline.is_some() => {
                 break Err("no Metadata after CloseStream".into());

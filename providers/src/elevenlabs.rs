@@ -187,10 +187,17 @@ impl ElevenLabs {
         let key = HeaderValue::from_str(&self.api_key)
             .map_err(|_| unreachable("the API key is not a valid header value".into()))?;
         request.headers_mut().insert("xi-api-key", key);
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
-                .await
-                .map_err(|_| unreachable("TTS WebSocket connect timed out".into()))?;
+        let connected = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            // Small buffers, bounded messages, no Nagle delay on 20 ms frames.
+            tokio_tungstenite::connect_async_with_config(
+                request,
+                Some(crate::ws_config(1 << 20)),
+                true,
+            ),
+        )
+        .await
+        .map_err(|_| unreachable("TTS WebSocket connect timed out".into()))?;
         let (mut socket, _) = connected.map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(response) => {
                 let body = response

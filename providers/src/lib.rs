@@ -45,3 +45,18 @@ pub fn http_client() -> reqwest::Client {
         .build()
         .expect("an HTTP client with default TLS roots")
 }
+
+/// WebSocket settings for a long-lived provider stream (Deepgram, ElevenLabs, and our side of
+/// Twilio's media stream): tungstenite's defaults are a 128 KiB read buffer that is zero-filled
+/// before every read (snapview/tungstenite-rs#547) and a 128 KiB write buffer, per socket. These
+/// streams carry small messages, so 4 KiB buffers; messages are bounded by `max_message`.
+pub fn ws_config(max_message: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+/// Read and write buffer of a provider WebSocket (see [`ws_config`]).
+pub const WS_BUFFER: usize = 4096;

@@ -18,6 +18,8 @@ use sha1::Sha1;
 
 use crate::ProviderError;
 
+pub mod stream;
+
 pub const DEFAULT_BASE_URL: &str = "https://api.twilio.com";
 const PROVIDER: &str = "Twilio";
 const API_VERSION: &str = "2010-04-01";

@@ -130,9 +130,22 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         let voice = voice.clone();
         tasks.spawn(async move {
             for p in cmb_domain::persona::system::system_personas() {
-                // Warmed for every call to come; billed to no call (see the README).
-                if let Err(e) = voice.phrase(&p.draft.voice_id, &p.draft.greeting).await {
-                    tracing::warn!(persona = p.id, error = %e, "greeting pre-synthesis failed");
+                // Warmed for every call to come, so no call pays for it: a system cost.
+                match voice.phrase(&p.draft.voice_id, &p.draft.greeting).await {
+                    Ok((_, chars)) if chars > 0 => {
+                        voice
+                            .record_system_cost(
+                                "greeting-cache",
+                                p.id,
+                                cmb_domain::cost::CostKind::TtsCharacters,
+                                chars as i64,
+                            )
+                            .await
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(persona = p.id, error = %e, "greeting pre-synthesis failed")
+                    }
                 }
             }
         });
@@ -196,6 +209,13 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     let router = http::router(state.clone());
     let stop = shutdown.clone();
     tasks.spawn(async move {
+        use axum::serve::ListenerExt as _;
+        // No Nagle delay: the media stream sends a 20 ms frame at a time.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use cmb_providers::twilio::stream::{Mark, Media, MediaFormat, Start, Stop, StreamMessage};
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -327,29 +327,30 @@ pub async fn run_stream(
     ctx.counters.opened.fetch_add(1, Ordering::Relaxed);
     let (mut sink, mut source) = ws.split();
     let stream_sid = format!("MZ{:032x}", rand::random::<u128>());
-    let custom: serde_json::Map<String, Value> = stream
-        .parameters
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
     let opening = [
-        json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
-        json!({
-            "event": "start",
-            "sequenceNumber": "1",
-            "start": {
-                "accountSid": ctx.account_sid,
-                "streamSid": stream_sid,
-                "callSid": call_sid,
-                "tracks": ["inbound"],
-                "customParameters": custom,
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        StreamMessage::Connected {
+            protocol: "Call".into(),
+            version: "1.0.0".into(),
+        },
+        StreamMessage::Start {
+            sequence_number: Some("1".into()),
+            stream_sid: Some(stream_sid.as_str().into()),
+            start: Start {
+                account_sid: ctx.account_sid.clone(),
+                stream_sid: stream_sid.clone(),
+                call_sid: call_sid.to_string(),
+                tracks: vec!["inbound".into()],
+                custom_parameters: stream.parameters.iter().cloned().collect(),
+                media_format: Some(MediaFormat {
+                    encoding: "audio/x-mulaw".into(),
+                    sample_rate: 8000,
+                    channels: 1,
+                }),
             },
-            "streamSid": stream_sid,
-        }),
+        },
     ];
     for message in opening {
-        if sink.send(Message::text(message.to_string())).await.is_err() {
+        if sink.send(Message::text(message.to_text())).await.is_err() {
             return StreamEnd::Closed;
         }
     }
@@ -363,40 +364,43 @@ pub async fn run_stream(
     let mut playback = Playback::default();
     loop {
         let next_mark = playback.pending.front().map(|(_, at)| *at);
-        let mut outgoing: Vec<Value> = Vec::new();
+        let mut outgoing: Vec<String> = Vec::new();
         tokio::select! {
             _ = stop.cancelled() => {
-                let message = json!({
-                    "event": "stop",
-                    "sequenceNumber": sequence.to_string(),
-                    "streamSid": stream_sid,
-                    "stop": {"accountSid": ctx.account_sid, "callSid": call_sid},
-                });
-                let _ = sink.send(Message::text(message.to_string())).await;
+                let message = StreamMessage::Stop {
+                    sequence_number: Some(sequence.to_string().into()),
+                    stream_sid: stream_sid.as_str().into(),
+                    stop: Some(Stop {
+                        account_sid: ctx.account_sid.clone(),
+                        call_sid: call_sid.to_string(),
+                    }),
+                };
+                let _ = sink.send(Message::text(message.to_text())).await;
                 let _ = sink.close().await;
                 tracing::debug!(%call_sid, %stream_sid, "media stream stopped");
                 return StreamEnd::Stopped;
             }
             _ = ticker.tick() => {
                 let frame = audio.next().unwrap_or([MULAW_SILENCE; FRAME_BYTES]);
-                outgoing.push(json!({
-                    "event": "media",
-                    "sequenceNumber": sequence.to_string(),
-                    "media": {
-                        "track": "inbound",
-                        "chunk": chunk.to_string(),
-                        "timestamp": ((chunk - 1) * 20).to_string(),
-                        "payload": BASE64.encode(frame),
+                let message = StreamMessage::Media {
+                    sequence_number: Some(sequence.to_string().into()),
+                    stream_sid: stream_sid.as_str().into(),
+                    media: Media {
+                        track: Some("inbound".into()),
+                        chunk: Some(chunk.to_string().into()),
+                        timestamp: Some(((chunk - 1) * 20).to_string().into()),
+                        payload: BASE64.encode(frame).into(),
                     },
-                    "streamSid": stream_sid,
-                }));
+                };
+                outgoing.push(message.to_text());
+                sequence += 1;
                 chunk += 1;
                 ctx.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
             }
             received = source.next() => match received {
                 Some(Ok(Message::Text(text))) => {
                     for name in handle_server_message(&ctx, &stream, &stream_sid, &text, &mut playback) {
-                        outgoing.push(mark_echo(&mut sequence, &stream_sid, name));
+                        outgoing.push(mark_echo(&ctx, &mut sequence, &stream_sid, name));
                     }
                 }
                 Some(Ok(Message::Close(_))) | None => {
@@ -411,32 +415,35 @@ pub async fn run_stream(
             },
             _ = tokio::time::sleep_until(next_mark.unwrap_or_else(Instant::now)), if next_mark.is_some() => {
                 for name in playback.due(Instant::now()) {
-                    outgoing.push(mark_echo(&mut sequence, &stream_sid, name));
+                    outgoing.push(mark_echo(&ctx, &mut sequence, &stream_sid, name));
                 }
             }
         }
-        for message in outgoing {
-            if message["event"] == "media" {
-                sequence += 1;
+        let last = outgoing.len();
+        for (i, message) in outgoing.into_iter().enumerate() {
+            let message = Message::text(message);
+            // One write for what this moment produced.
+            let sent = if i + 1 == last {
+                sink.send(message).await
             } else {
-                ctx.counters.marks_echoed.fetch_add(1, Ordering::Relaxed);
-            }
-            if sink.send(Message::text(message.to_string())).await.is_err() {
+                sink.feed(message).await
+            };
+            if sent.is_err() {
                 return StreamEnd::Closed;
             }
         }
     }
 }
 
-fn mark_echo(sequence: &mut u64, stream_sid: &str, name: String) -> Value {
-    let message = json!({
-        "event": "mark",
-        "sequenceNumber": sequence.to_string(),
-        "streamSid": stream_sid,
-        "mark": {"name": name},
-    });
+fn mark_echo(ctx: &StreamContext, sequence: &mut u64, stream_sid: &str, name: String) -> String {
+    let message = StreamMessage::Mark {
+        sequence_number: Some(sequence.to_string().into()),
+        stream_sid: stream_sid.into(),
+        mark: Mark { name: name.into() },
+    };
     *sequence += 1;
-    message
+    ctx.counters.marks_echoed.fetch_add(1, Ordering::Relaxed);
+    message.to_text()
 }
 
 /// Counts one message from our server and updates the playback queue; returns the marks that
@@ -455,36 +462,30 @@ fn handle_server_message(
         tracing::warn!(call_sid = %ctx.call_sid, why, "invalid media stream message (Twilio error 31951)");
         Vec::new()
     };
-    let Ok(message) = serde_json::from_str::<Value>(text) else {
-        return invalid("not JSON");
+    let Some(message) = StreamMessage::parse(text) else {
+        return invalid("not a media stream message");
     };
-    if message["streamSid"].as_str() != Some(stream_sid) {
+    if message.stream_sid() != Some(stream_sid) {
         return invalid("wrong or missing streamSid");
     }
     if !stream.bidirectional {
         return invalid("outbound message on a one-way <Start><Stream>");
     }
-    match message["event"].as_str() {
-        Some("media") => {
-            let payload = message["media"]["payload"].as_str().unwrap_or_default();
-            match BASE64.decode(payload) {
-                Ok(audio) => {
-                    counters.frames_received.fetch_add(1, Ordering::Relaxed);
-                    playback.queue_audio(audio.len());
-                    Vec::new()
-                }
-                Err(_) => invalid("media payload is not base64"),
-            }
-        }
-        Some("mark") => match message["mark"]["name"].as_str() {
-            Some(name) => {
-                counters.marks_received.fetch_add(1, Ordering::Relaxed);
-                playback.queue_mark(name.to_string());
+    match message {
+        StreamMessage::Media { media, .. } => match BASE64.decode(media.payload.as_bytes()) {
+            Ok(audio) => {
+                counters.frames_received.fetch_add(1, Ordering::Relaxed);
+                playback.queue_audio(audio.len());
                 Vec::new()
             }
-            None => invalid("mark without a name"),
+            Err(_) => invalid("media payload is not base64"),
         },
-        Some("clear") => {
+        StreamMessage::Mark { mark, .. } => {
+            counters.marks_received.fetch_add(1, Ordering::Relaxed);
+            playback.queue_mark(mark.name.into_owned());
+            Vec::new()
+        }
+        StreamMessage::Clear { .. } => {
             counters.clears_received.fetch_add(1, Ordering::Relaxed);
             playback.clear()
         }

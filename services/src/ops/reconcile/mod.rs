@@ -141,6 +141,10 @@ pub struct Report {
     pub calls: Vec<CallLine>,
     pub per_user: BTreeMap<String, Totals>,
     pub per_provider: BTreeMap<String, i64>,
+    /// Per provider, cents of usage that belongs to no call (`system_cost`: greetings
+    /// synthesised for the cache, voice checks), recorded in the range: with `per_provider`,
+    /// what the provider's bill should say.
+    pub system_cost_cents: BTreeMap<String, i64>,
     pub per_day: BTreeMap<NaiveDate, DayLine>,
     pub totals: Totals,
     pub anomalies: Vec<Anomaly>,
@@ -158,6 +162,8 @@ pub struct Reconciler {
     calls: BTreeMap<String, CallLine>,
     by_intent: HashMap<String, String>,
     orphan_refunds: Vec<(String, i64)>,
+    /// Per provider, micro-dollars of system costs in the range.
+    system_micros: BTreeMap<String, i64>,
     /// Only calls requested in this range (from inclusive, to exclusive) are reported.
     range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
 }
@@ -174,6 +180,18 @@ impl Reconciler {
     pub fn add(&mut self, e: &EventEnvelope) {
         match e.aggregate_type.as_str() {
             "call" => self.add_call(e),
+            "system_cost" => {
+                let (from, to) = self.range;
+                let at = e.occurred_at;
+                if from.is_none_or(|f| at >= f) && to.is_none_or(|t| at < t) {
+                    let cost = &e.payload["SystemCostRecorded"]["cost"];
+                    if let (Some(service), Some(micros)) =
+                        (cost["service"].as_str(), cost["total_micros"].as_i64())
+                    {
+                        *self.system_micros.entry(service.to_string()).or_default() += micros;
+                    }
+                }
+            }
             "stripe_event" => {
                 let p = &e.payload["StripeEventReceived"];
                 if p["kind"] == "charge.refunded" {
@@ -326,6 +344,11 @@ impl Reconciler {
             report.totals.cost_cents += line.total_cost_cents;
             report.totals.margin_cents += line.margin_cents;
             report.calls.push(line);
+        }
+        for (provider, micros) in &self.system_micros {
+            report
+                .system_cost_cents
+                .insert(provider.clone(), micros_to_cents(*micros));
         }
         for (pi, cents) in self.orphan_refunds {
             report.anomalies.push(Anomaly {

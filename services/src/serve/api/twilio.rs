@@ -203,6 +203,13 @@ pub async fn stream(
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
     let voice = state.voice.clone();
+    // Small buffers (tungstenite's 128 KiB read buffer is zero-filled before every read) and
+    // bounded messages: Twilio's largest is a `start` with our few parameters.
+    let ws = ws
+        .read_buffer_size(cmb_providers::WS_BUFFER)
+        .write_buffer_size(cmb_providers::WS_BUFFER)
+        .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024);
     ws.on_upgrade(move |socket| async move {
         match crate::serve::voice::run(voice, socket).await {
             Ok(()) => metrics::counter!("cmb_voice_sessions_total", "outcome" => "ok").increment(1),

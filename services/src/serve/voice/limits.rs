@@ -8,6 +8,10 @@ use tokio::time::Instant;
 use super::error::SessionError;
 use super::session::Session;
 
+/// Once the goodbye starts, the call is hung up this long after at the latest, whatever the
+/// caller says over it or however long the goodbye takes to play.
+const GOODBYE_WATCHDOG: Duration = Duration::from_secs(12);
+
 impl Session {
     /// Whether the call may go on for another minute within the user's daily and monthly
     /// limits (the hold was checked against them; the limits may have changed since).
@@ -44,14 +48,81 @@ impl Session {
         }
         tracing::info!(call = %self.ctx.call_id, reason, "ending the call");
         self.ending = Some(reason.to_string());
+        self.ending_at = Some(Instant::now());
         let turn = self.speak_phrase(text).await;
         self.goodbye_turn = Some(turn);
+    }
+
+    /// The next moment `on_tick` could have something to do: the cap, the budget check, the
+    /// warning, silence, a reply whose final mark never came back, a pause that found no words.
+    /// Each is left out while it cannot act, so the timer does not fire for nothing.
+    pub(super) fn next_check(&self) -> Instant {
+        let far = self.started + Duration::from_secs(366 * 86_400);
+        if self.hung_up {
+            return far;
+        }
+        let cap = Duration::from_secs(self.ctx.max_minutes as u64 * 60);
+        let mut next = self.next_budget_check;
+        if self.ending.is_none() {
+            next = next.min(
+                (self.started + cap)
+                    .checked_sub(Duration::from_secs(4))
+                    .unwrap_or(self.started),
+            );
+        }
+        if let Some(at) = self.ending_at {
+            next = next.min(at + GOODBYE_WATCHDOG);
+        }
+        if let Some(at) = self.paused_at {
+            next = next.min(at + super::turns::PAUSE_WITHOUT_WORDS);
+        }
+        if let Some(reply) = self.reply.as_ref().filter(|r| r.done && r.idle) {
+            if let Some(at) = reply.drained_at {
+                next = next.min(at + super::session::MARK_WAIT);
+            }
+        }
+        if !self.speaking() && self.ending.is_none() {
+            if !self.warned {
+                let warn_at = (self.started + cap)
+                    .checked_sub(self.voice.settings.warning_before_end)
+                    .unwrap_or(self.started);
+                next = next.min(warn_at);
+            }
+            if self.pending.is_empty() {
+                let wait = if self.reminded {
+                    self.ctx.silence_hangup
+                } else {
+                    self.ctx.silence_reminder.min(self.ctx.silence_hangup)
+                };
+                next = next.min(self.last_activity + wait);
+            }
+        }
+        next
     }
 
     pub(super) async fn on_tick(&mut self) {
         let now = Instant::now();
         if self.hung_up {
             return;
+        }
+        // Talking over the goodbye does not keep the call open.
+        if self
+            .ending_at
+            .is_some_and(|at| now >= at + GOODBYE_WATCHDOG)
+        {
+            tracing::info!(call = %self.ctx.call_id, "goodbye watchdog: hanging up");
+            self.hang_up().await;
+            return;
+        }
+        if self
+            .paused_at
+            .is_some_and(|at| now >= at + super::turns::PAUSE_WITHOUT_WORDS)
+        {
+            // Speech onset with no words after it (a cough, noise): go on where we stopped.
+            self.resume().await;
+        }
+        if self.played_out() {
+            self.reply_over().await;
         }
         // The paid duration is a hard cap: a warning a minute before, then goodbye.
         let cap = Duration::from_secs(self.ctx.max_minutes as u64 * 60);

@@ -65,13 +65,22 @@ impl Session {
         let mut chars = 0i64;
         for u in &self.usage {
             chars += u.tts_chars as i64;
+            // The slower request of a hedge read the prompt too.
+            for (provider, prompt) in &u.abandoned {
+                if let Some(llm) = LlmProvider::from_name(provider) {
+                    let entry = tokens.entry(llm).or_default();
+                    entry.0 += *prompt as i64;
+                    entry.1 = true;
+                }
+            }
             let Some(llm) = LlmProvider::from_name(u.provider) else {
                 continue;
             };
             let (n, estimated) = if u.prompt_tokens + u.completion_tokens > 0 {
                 ((u.prompt_tokens + u.completion_tokens) as i64, false)
             } else {
-                ((u.words * 4).div_ceil(3) as i64, true)
+                // Cut off before the provider said: the prompt it read and the words it wrote.
+                ((u.prompt_estimate + (u.words * 4).div_ceil(3)) as i64, true)
             };
             let entry = tokens.entry(llm).or_default();
             entry.0 += n;

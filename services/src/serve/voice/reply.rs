@@ -23,7 +23,20 @@ pub(super) struct Usage {
     pub(super) completion_tokens: u64,
     /// Counted from the deltas when the provider's usage never came (a cancelled stream).
     pub(super) words: u64,
+    /// The prompt's tokens as estimated before sending: billed even when the provider's usage
+    /// never comes (a reply cut off by a barge-in).
+    pub(super) prompt_estimate: u64,
     pub(super) tts_chars: u64,
+    /// Prompt tokens (estimated) of LLM requests this reply abandoned: the slower of a hedge.
+    pub(super) abandoned: Vec<(&'static str, u64)>,
+}
+
+/// About four characters a token, and a few tokens of framing per message.
+pub(super) fn estimate_prompt_tokens(messages: &[ChatMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| (m.content.chars().count() as u64).div_ceil(4) + 4)
+        .sum()
 }
 
 pub(super) enum Pipe {
@@ -63,8 +76,11 @@ pub(super) struct Reply {
     pub(super) phrase: bool,
     /// Its task has sent everything it will send.
     pub(super) done: bool,
-    /// The writer has played everything it was given so far.
+    /// The writer has sent everything it was given so far.
     pub(super) idle: bool,
+    /// Frames of this reply sent to Twilio when the writer last ran dry, and when.
+    pub(super) sent_frames: u64,
+    pub(super) drained_at: Option<Instant>,
 }
 
 /// Milliseconds from `from` to `to`.
@@ -84,6 +100,13 @@ pub(super) async fn respond(
     pipe: mpsc::Sender<Pipe>,
     usage: Arc<Mutex<Usage>>,
 ) {
+    {
+        // Billed to the primary until another provider answers first, so a reply cut off
+        // before its first token still counts the prompt that was read.
+        let mut u = usage.lock().expect("usage");
+        u.prompt_estimate = estimate_prompt_tokens(&messages);
+        u.provider = voice.llm.provider();
+    }
     let request = ChatRequest {
         messages,
         max_tokens: voice.settings.max_reply_tokens,
@@ -93,7 +116,7 @@ pub(super) async fn respond(
     let tts = voice
         .elevenlabs
         .stream_tts(&voice_id, &voice.settings.tts_model);
-    let llm = first_token(&voice, &request);
+    let llm = first_token(&voice, &request, &usage);
     let (tts, llm) = tokio::join!(tts, llm);
     let (provider, mut rx, first, fell_back) = match llm {
         Ok(v) => v,
@@ -222,52 +245,113 @@ pub(super) async fn respond(
     let _ = pipe.send(Pipe::Done { turn }).await;
 }
 
-/// The primary LLM's stream up to its first token, or the fallback's when the primary fails
-/// or is later than the bound. Returns (provider, stream, first text, fell back).
-async fn first_token(
-    voice: &Voice,
+/// Without a first token from the primary by then, the fallback is asked too (a hedge).
+const HEDGE_AFTER: Duration = Duration::from_millis(400);
+
+type FirstToken = (&'static str, mpsc::Receiver<LlmChunk>, String, bool);
+
+/// One LLM's stream up to its first token, within `bound`.
+async fn attempt(
+    llm: &Llm,
     request: &ChatRequest,
-) -> Result<(&'static str, mpsc::Receiver<LlmChunk>, String, bool), String> {
-    async fn attempt(
-        llm: &Llm,
-        request: &ChatRequest,
-        bound: Duration,
-    ) -> Result<(mpsc::Receiver<LlmChunk>, String), String> {
-        let deadline = Instant::now() + bound;
-        let mut rx = tokio::time::timeout_at(deadline, llm.stream(request))
-            .await
-            .map_err(|_| format!("{}: no answer within {bound:?}", llm.provider()))?
-            .map_err(|e| format!("{}: {e}", llm.provider()))?;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) => {
-                    return Err(format!(
-                        "{}: no first token within {bound:?}",
-                        llm.provider()
-                    ))
-                }
-                Ok(Some(LlmChunk::Delta(d))) if !d.is_empty() => return Ok((rx, d)),
-                Ok(Some(LlmChunk::Delta(_))) | Ok(Some(LlmChunk::Usage { .. })) => continue,
-                Ok(Some(LlmChunk::Error(e))) => return Err(format!("{}: {e}", llm.provider())),
-                Ok(Some(LlmChunk::Done)) | Ok(None) => {
-                    return Err(format!("{}: empty reply", llm.provider()))
-                }
+    bound: Duration,
+) -> Result<(mpsc::Receiver<LlmChunk>, String), String> {
+    let deadline = Instant::now() + bound;
+    let mut rx = tokio::time::timeout_at(deadline, llm.stream(request))
+        .await
+        .map_err(|_| format!("{}: no answer within {bound:?}", llm.provider()))?
+        .map_err(|e| format!("{}: {e}", llm.provider()))?;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "{}: no first token within {bound:?}",
+                    llm.provider()
+                ))
+            }
+            Ok(Some(LlmChunk::Delta(d))) if !d.is_empty() => return Ok((rx, d)),
+            Ok(Some(LlmChunk::Delta(_))) | Ok(Some(LlmChunk::Usage { .. })) => continue,
+            Ok(Some(LlmChunk::Error(e))) => return Err(format!("{}: {e}", llm.provider())),
+            Ok(Some(LlmChunk::Done)) | Ok(None) => {
+                return Err(format!("{}: empty reply", llm.provider()))
             }
         }
     }
-    let bound = voice.settings.first_token_timeout;
-    match attempt(&voice.llm, request, bound).await {
-        Ok((rx, first)) => Ok((voice.llm.provider(), rx, first, false)),
-        Err(primary) => {
-            metrics::counter!("cmb_voice_llm_fallbacks_total").increment(1);
-            let Some(fallback) = &voice.fallback else {
-                return Err(primary);
-            };
-            tracing::warn!(error = %primary, "LLM fallback for this turn");
-            attempt(fallback, request, Duration::from_secs(10))
-                .await
-                .map(|(rx, first)| (fallback.provider(), rx, first, true))
-                .map_err(|e| format!("{primary}; then {e}"))
+}
+
+/// The first LLM stream to give a first token: the primary's, or, when the primary fails or
+/// has not answered within [`HEDGE_AFTER`], whichever of it and the fallback answers first (the
+/// other is cancelled, its prompt billed as abandoned). Returns (provider, stream, first
+/// text, fell back).
+async fn first_token(
+    voice: &Voice,
+    request: &ChatRequest,
+    usage: &Arc<Mutex<Usage>>,
+) -> Result<FirstToken, String> {
+    let primary_name = voice.llm.provider();
+    let primary = attempt(&voice.llm, request, voice.settings.first_token_timeout);
+    tokio::pin!(primary);
+    let Some(fallback) = &voice.fallback else {
+        return primary
+            .await
+            .map(|(rx, first)| (primary_name, rx, first, false));
+    };
+    let early = tokio::select! {
+        r = &mut primary => Some(r),
+        _ = tokio::time::sleep(HEDGE_AFTER) => None,
+    };
+    let abandon = |provider: &'static str| {
+        let mut u = usage.lock().expect("usage");
+        let tokens = u.prompt_estimate;
+        u.abandoned.push((provider, tokens));
+    };
+    let fallback_alone = |primary_error: String| async move {
+        metrics::counter!("cmb_voice_llm_fallbacks_total").increment(1);
+        tracing::warn!(error = %primary_error, "LLM fallback for this turn");
+        attempt(fallback, request, Duration::from_secs(10))
+            .await
+            .map(|(rx, first)| (fallback.provider(), rx, first, true))
+            .map_err(|e| format!("{primary_error}; then {e}"))
+    };
+    match early {
+        Some(Ok((rx, first))) => Ok((primary_name, rx, first, false)),
+        Some(Err(e)) => fallback_alone(e).await,
+        None => {
+            metrics::counter!("cmb_voice_llm_hedges_total").increment(1);
+            let second = attempt(fallback, request, Duration::from_secs(10));
+            tokio::pin!(second);
+            tokio::select! {
+                r = &mut primary => match r {
+                    Ok((rx, first)) => {
+                        abandon(fallback.provider());
+                        Ok((primary_name, rx, first, false))
+                    }
+                    Err(e) => fallback_wins(fallback.provider(), second.await, e),
+                },
+                r = &mut second => match r {
+                    Ok((rx, first)) => {
+                        // The primary had the prompt too: billed, though cut off.
+                        abandon(primary_name);
+                        metrics::counter!("cmb_voice_llm_fallbacks_total").increment(1);
+                        Ok((fallback.provider(), rx, first, true))
+                    }
+                    Err(e) => primary
+                        .await
+                        .map(|(rx, first)| (primary_name, rx, first, false))
+                        .map_err(|p| format!("{p}; and {e}")),
+                },
+            }
         }
     }
+}
+
+fn fallback_wins(
+    provider: &'static str,
+    second: Result<(mpsc::Receiver<LlmChunk>, String), String>,
+    primary_error: String,
+) -> Result<FirstToken, String> {
+    metrics::counter!("cmb_voice_llm_fallbacks_total").increment(1);
+    second
+        .map(|(rx, first)| (provider, rx, first, true))
+        .map_err(|e| format!("{primary_error}; then {e}"))
 }

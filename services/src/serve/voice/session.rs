@@ -10,19 +10,19 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::BytesMut;
 use cmb_domain::call::TurnTimings;
 use cmb_providers::deepgram::{SttEvent, SttOptions};
 use cmb_providers::llm::ChatMessage;
+use cmb_providers::twilio::stream::StreamMessage;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::context::{load_context, Context};
 use super::error::SessionError;
-use super::outbound::{self, Out, Sent};
+use super::outbound::{self, Out, Sent, FRAME_BYTES};
 use super::reply::{ms, Pipe, Reply, Usage};
 use super::shared::Voice;
 use super::text::{heard_prefix, is_backchannel, MS_PER_CHAR};
@@ -30,42 +30,34 @@ use crate::serve::transcripts::Line;
 
 /// The longest a follow-up greeting may take to synthesise before the cached greeting is used.
 const FOLLOW_UP_GREETING_WAIT: Duration = Duration::from_millis(1500);
-
-fn parse(msg: &Message) -> Option<Value> {
-    match msg {
-        Message::Text(t) => serde_json::from_str(t).ok(),
-        _ => None,
-    }
-}
+/// How long after its last frame was sent a reply counts as played when Twilio echoes no mark.
+pub(super) const MARK_WAIT: Duration = Duration::from_millis(1500);
 
 /// Runs the session until Twilio stops the stream (or the socket goes).
 pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> Result<(), SessionError> {
     let (sink, mut inbound) = socket.split();
     // `connected`, then `start` with the stream and call ids and our parameters.
-    let (stream_sid, call_sid, params) = loop {
+    let (stream_sid, call_sid, mut params) = loop {
         let Some(msg) = inbound.next().await else {
             return Ok(());
         };
-        let Some(v) = parse(&msg?) else { continue };
-        match v["event"].as_str() {
-            Some("start") => {
-                let start = &v["start"];
-                break (
-                    start["streamSid"]
-                        .as_str()
-                        .or(v["streamSid"].as_str())
-                        .unwrap_or("")
-                        .to_string(),
-                    start["callSid"].as_str().unwrap_or("").to_string(),
-                    start["customParameters"].clone(),
-                );
+        let Message::Text(text) = msg? else { continue };
+        match StreamMessage::parse(&text) {
+            Some(StreamMessage::Start {
+                stream_sid, start, ..
+            }) => {
+                let sid = match stream_sid {
+                    Some(sid) if start.stream_sid.is_empty() => sid.into_owned(),
+                    _ => start.stream_sid,
+                };
+                break (sid, start.call_sid, start.custom_parameters);
             }
-            Some("stop") => return Ok(()),
+            Some(StreamMessage::Stop { .. }) => return Ok(()),
             _ => continue,
         }
     };
-    let call_id = match params["call_id"].as_str() {
-        Some(id) => id.to_string(),
+    let call_id = match params.remove("call_id") {
+        Some(id) => id,
         None => crate::usecases::calls::sids::call_of(voice.store.pool(), &call_sid)
             .await?
             .ok_or_else(|| SessionError::NoCall(format!("for the stream of {call_sid}")))?
@@ -98,6 +90,7 @@ pub(super) struct Session {
     pub(super) reminded: bool,
     pub(super) warned: bool,
     pub(super) ending: Option<String>,
+    pub(super) ending_at: Option<Instant>,
     pub(super) goodbye_turn: Option<u64>,
     pub(super) hung_up: bool,
     pub(super) started: Instant,
@@ -107,6 +100,9 @@ pub(super) struct Session {
     pub(super) early_replies: u32,
     pub(super) greeting_ms: Option<u32>,
     pub(super) barge_in_stop_ms: Option<u32>,
+    /// Outbound audio paused for caller speech: the turn and its frames heard at the pause.
+    pub(super) paused: Option<(u64, u64)>,
+    pub(super) paused_at: Option<Instant>,
     pub(super) usage: Vec<Usage>,
     pub(super) timings: Vec<(u32, TurnTimings, bool, &'static str, bool)>,
     pub(super) writer: JoinHandle<()>,
@@ -154,6 +150,7 @@ impl Session {
             reminded: false,
             warned: false,
             ending: None,
+            ending_at: None,
             goodbye_turn: None,
             hung_up: false,
             started: Instant::now(),
@@ -163,6 +160,8 @@ impl Session {
             early_replies: 0,
             greeting_ms: None,
             barge_in_stop_ms: None,
+            paused: None,
+            paused_at: None,
             usage: Vec::new(),
             timings: Vec::new(),
             writer,
@@ -242,30 +241,47 @@ impl Session {
             }
         }
 
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut billed_secs = None;
+        let mut audio_buf = BytesMut::with_capacity(FRAME_BYTES * 64);
+        // One timer for the call's limits, armed for the next moment one of them could act;
+        // nothing ticks while the call is idle.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         let reason = loop {
+            let next = Some(self.next_check());
+            if next != armed {
+                timer.as_mut().reset(next.expect("a deadline"));
+                armed = next;
+            }
             tokio::select! {
                 msg = inbound.next() => {
                     let Some(Ok(msg)) = msg else { break "stream closed".to_string() };
-                    let Some(v) = parse(&msg) else { continue };
-                    match v["event"].as_str() {
-                        Some("media") => {
-                            if let (Some(tx), Some(payload)) = (&stt_audio, v["media"]["payload"].as_str()) {
-                                if let Ok(audio) = BASE64.decode(payload) {
-                                    let _ = tx.try_send(Bytes::from(audio));
+                    let Message::Text(text) = msg else { continue };
+                    match StreamMessage::parse(&text) {
+                        Some(StreamMessage::Media { media, .. }) => {
+                            if let Some(tx) = &stt_audio {
+                                // One 20 ms frame (160 bytes) decodes in place, no copy after.
+                                audio_buf.reserve(FRAME_BYTES * 4);
+                                let start = audio_buf.len();
+                                audio_buf.resize(start + media.payload.len().div_ceil(4) * 3, 0);
+                                match BASE64.decode_slice(media.payload.as_bytes(), &mut audio_buf[start..]) {
+                                    Ok(n) => {
+                                        audio_buf.truncate(start + n);
+                                        let _ = tx.try_send(audio_buf.split().freeze());
+                                    }
+                                    Err(_) => audio_buf.truncate(start),
                                 }
                             }
                         }
-                        Some("mark") => {
-                            if let Some((turn, frames)) = v["mark"]["name"].as_str().and_then(|n| n.split_once(':')) {
+                        Some(StreamMessage::Mark { mark, .. }) => {
+                            if let Some((turn, frames)) = mark.name.split_once(':') {
                                 if let (Ok(turn), Ok(frames)) = (turn.parse::<u64>(), frames.parse::<u64>()) {
-                                    let heard = self.heard_frames.entry(turn).or_default();
-                                    *heard = (*heard).max(frames);
+                                    self.on_mark(turn, frames).await;
                                 }
                             }
                         }
-                        Some("stop") => break self.ending.clone().unwrap_or_else(|| "caller hung up".into()),
+                        Some(StreamMessage::Stop { .. }) => break self.ending.clone().unwrap_or_else(|| "caller hung up".into()),
                         _ => {}
                     }
                 }
@@ -278,7 +294,10 @@ impl Session {
                 }
                 Some(p) = self.pipe_rx.recv() => self.on_pipe(p).await,
                 Some(s) = self.sent_rx.recv() => self.on_sent(s).await,
-                _ = tick.tick() => self.on_tick().await,
+                _ = &mut timer => {
+                    armed = None;
+                    self.on_tick().await
+                }
             }
         };
         // Close speech-to-text and learn what it billed.
@@ -306,6 +325,10 @@ impl Session {
                 if self.pending_started.is_none() {
                     self.pending_started = Some(Instant::now());
                 }
+                // Speech onset over the persona: stop its audio now, decide on the words.
+                if self.speaking() {
+                    self.pause().await;
+                }
             }
             SttEvent::Transcript {
                 text,
@@ -317,6 +340,10 @@ impl Session {
                 if text.is_empty() {
                     return;
                 }
+                if self.ending.is_some() {
+                    // Talking over the goodbye does not keep the call open.
+                    return;
+                }
                 if self.pending_started.is_none() {
                     self.pending_started = Some(Instant::now());
                 }
@@ -324,7 +351,13 @@ impl Session {
                 self.reminded = false;
                 if self.speaking() {
                     if is_backchannel(&text) {
-                        return; // "mm-hmm" while the persona talks: let it talk.
+                        // "mm-hmm" while the persona talks: a short pause, then on it goes.
+                        if is_final {
+                            self.resume().await;
+                        } else {
+                            self.pause().await;
+                        }
+                        return;
                     }
                     self.barge_in().await;
                 }
@@ -339,6 +372,9 @@ impl Session {
                 }
             }
             SttEvent::UtteranceEnd { .. } => {
+                if self.paused.is_some() && self.pending.is_empty() {
+                    self.resume().await;
+                }
                 if !self.pending.is_empty() {
                     self.end_of_caller_turn().await;
                 }
@@ -375,12 +411,42 @@ impl Session {
             Pipe::Done { turn } if turn == reply.turn => {
                 // The audio is queued; the reply is over once it has played.
                 reply.done = true;
-                if reply.idle || reply.timings.tts_first_byte_ms.is_none() {
+                if reply.timings.tts_first_byte_ms.is_none() || self.played_out() {
                     self.reply_over().await;
                 }
             }
             _ => {}
         }
+    }
+
+    /// Twilio echoed a mark: `frames` of `turn` have played.
+    pub(super) async fn on_mark(&mut self, turn: u64, frames: u64) {
+        if self.paused.is_some_and(|(t, _)| t == turn) {
+            // Twilio echoes every pending mark on a clear: not played.
+            return;
+        }
+        let heard = self.heard_frames.entry(turn).or_default();
+        *heard = (*heard).max(frames);
+        let _ = self.out.try_send(Out::Played { turn, frames });
+        if self.played_out() {
+            self.reply_over().await;
+        }
+    }
+
+    /// Whether the current reply's task is done and its last frame has played (its final
+    /// mark echoed, or, should Twilio not echo it, well after it was sent).
+    pub(super) fn played_out(&self) -> bool {
+        let Some(reply) = &self.reply else {
+            return false;
+        };
+        if !reply.done || !reply.idle || self.paused.is_some() {
+            return false;
+        }
+        let heard = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
+        heard >= reply.sent_frames
+            || reply
+                .drained_at
+                .is_some_and(|at| Instant::now() >= at + MARK_WAIT)
     }
 
     /// The current reply has been said in full.
@@ -421,10 +487,12 @@ impl Session {
                     }
                 }
             }
-            Sent::Drained { turn, .. } => {
+            Sent::Drained { turn, frames, at } => {
                 if let Some(reply) = self.reply.as_mut().filter(|r| r.turn == turn) {
                     reply.idle = true;
-                    if reply.done {
+                    reply.sent_frames = frames;
+                    reply.drained_at = Some(at);
+                    if self.played_out() {
                         self.reply_over().await;
                     }
                 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use cmb_domain::call::{Call, CallCommand};
 use cmb_domain::cost::CostKind;
 use cmb_domain::pricing::PriceTable;
+use cmb_domain::system_cost::{RecordSystemCost, SystemCost};
 use cmb_domain::{Actor, CommandContext};
 use cmb_providers::deepgram::Deepgram;
 use cmb_providers::elevenlabs::ElevenLabs;
@@ -63,6 +64,40 @@ impl Voice {
             .expect("cache")
             .insert(key, audio.clone());
         Ok((audio, text.chars().count() as u64))
+    }
+
+    /// Records provider usage that no call pays for (a start-up greeting for the cache, a
+    /// voice check): a `system_cost` of its own, priced by the table in force.
+    pub async fn record_system_cost(
+        &self,
+        purpose: &str,
+        subject: &str,
+        kind: CostKind,
+        quantity: i64,
+    ) {
+        let prices = match crate::usecases::prices::current(&self.store, self.clock.now()).await {
+            Ok(prices) => prices,
+            Err(e) => {
+                tracing::warn!(error = %e, "no price table; the launch prices are used");
+                PriceTable::LAUNCH
+            }
+        };
+        let ctx = CommandContext::for_request(
+            uuid::Uuid::new_v4().to_string(),
+            Actor::Worker("voice".into()),
+        );
+        let command = RecordSystemCost {
+            purpose: purpose.into(),
+            subject: subject.into(),
+            cost: prices.cost(kind, quantity, false),
+        };
+        if let Err(e) = self
+            .store
+            .execute::<SystemCost>(&uuid::Uuid::new_v4().to_string(), command, &ctx)
+            .await
+        {
+            tracing::warn!(error = %e, purpose, "recording a system cost failed");
+        }
     }
 
     /// Synthesises persona's greeting for call `call_id` (usually cached already); when it

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cmb_domain::call::TurnTimings;
@@ -19,18 +20,59 @@ use crate::serve::transcripts::Line;
 const RECALL_FACTS: usize = 3;
 const RECALL_FLOOR: f32 = 0.15;
 
+/// A pause for caller speech that brings no words (a cough, a noise) ends after this.
+pub(super) const PAUSE_WITHOUT_WORDS: Duration = Duration::from_millis(1500);
+
 impl Session {
+    /// The caller started speaking while the persona speaks (or is about to): stop the audio
+    /// at once and have Twilio drop what it buffered, keeping the rest of the reply until the
+    /// words tell a backchannel (resume) from an interruption (barge in).
+    pub(super) async fn pause(&mut self) {
+        if self.paused.is_some() || self.ending.is_some() {
+            return;
+        }
+        let Some(reply) = &self.reply else {
+            return;
+        };
+        let heard_at = Instant::now();
+        let from = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
+        self.paused = Some((reply.turn, from));
+        self.paused_at = Some(heard_at);
+        let _ = self.out.send(Out::Pause).await;
+        let stop = ms(heard_at, Instant::now());
+        self.barge_in_stop_ms = Some(self.barge_in_stop_ms.unwrap_or(0).max(stop));
+        metrics::histogram!("cmb_voice_barge_in_stop_ms").record(stop as f64);
+    }
+
+    /// The caller's speech was a backchannel (or no words at all): go on from the last mark
+    /// Twilio played.
+    pub(super) async fn resume(&mut self) {
+        self.paused_at = None;
+        let Some((turn, from)) = self.paused.take() else {
+            return;
+        };
+        metrics::counter!("cmb_voice_resumes_total").increment(1);
+        let _ = self.out.send(Out::Resume { turn, from }).await;
+        if self.played_out() {
+            self.reply_over().await;
+        }
+    }
+
     /// The caller spoke over the persona: stop the audio at once, cancel the reply, keep what
     /// was heard.
     pub(super) async fn barge_in(&mut self) {
         let heard_at = Instant::now();
+        let was_paused = self.paused.take().is_some();
+        self.paused_at = None;
         let Some(reply) = self.reply.take() else {
             return;
         };
         let _ = self.out.send(Out::Clear).await;
-        let stop = ms(heard_at, Instant::now());
-        self.barge_in_stop_ms = Some(self.barge_in_stop_ms.unwrap_or(0).max(stop));
-        metrics::histogram!("cmb_voice_barge_in_stop_ms").record(stop as f64);
+        if !was_paused {
+            let stop = ms(heard_at, Instant::now());
+            self.barge_in_stop_ms = Some(self.barge_in_stop_ms.unwrap_or(0).max(stop));
+            metrics::histogram!("cmb_voice_barge_in_stop_ms").record(stop as f64);
+        }
         // Late audio of the old turn is now dropped by the writer.
         self.current_turn.store(self.next_turn, Ordering::Release);
         reply.task.abort();
@@ -91,6 +133,8 @@ impl Session {
             at: chrono::Utc::now(),
         });
         // The caller went on after we had started answering: that answer was early.
+        self.paused = None;
+        self.paused_at = None;
         if let Some(reply) = self.reply.take() {
             self.early_replies += 1;
             let _ = self.out.send(Out::Clear).await;
@@ -134,6 +178,8 @@ impl Session {
             phrase: false,
             done: false,
             idle: true,
+            sent_frames: 0,
+            drained_at: None,
         });
     }
 
@@ -171,6 +217,8 @@ impl Session {
     /// Says `text` as its own turn: `audio` when it was synthesised for this call already,
     /// else the cached (or once synthesised) phrase.
     pub(super) async fn speak(&mut self, text: &str, audio: Option<Bytes>) -> u64 {
+        self.paused = None;
+        self.paused_at = None;
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
             let _ = self.out.send(Out::Clear).await;
@@ -225,6 +273,8 @@ impl Session {
             phrase: true,
             done: false,
             idle: true,
+            sent_frames: 0,
+            drained_at: None,
         });
         turn
     }
