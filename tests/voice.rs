@@ -262,6 +262,46 @@ async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backchannel_pauses_the_reply_which_then_resumes_whole() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "16")
+        // Speak, let the persona start its long reply, a 200 ms "mm-hmm", then quiet.
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:1500,200:12000")
+        .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    let (id, call) = converse(&app, &user, &persona_id).await;
+    let transcript = lines(&call);
+    let full =
+        "Got it: \"tell me a long story\". That sounds important to you. Tell me more about it.";
+    assert!(
+        transcript
+            .iter()
+            .any(|l| l.0 == "persona" && l.1 == full && !l.2),
+        "the reply was said whole: {transcript:?}"
+    );
+    assert!(
+        !transcript.iter().any(|l| l.2),
+        "nothing cut: {transcript:?}"
+    );
+    assert!(
+        !transcript.iter().any(|l| l.1 == "mm-hmm"),
+        "the backchannel is not a turn: {transcript:?}"
+    );
+    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    assert_eq!(end[0]["VoiceSessionEnded"]["barge_ins"], 0, "{end:?}");
+    // The speech onset paused the audio: Twilio was told to drop its buffer.
+    let sim = app.sims.twilio.as_ref().unwrap();
+    assert!(sim.calls()[0].clears_received >= 1);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_slow_llm_falls_back_for_that_turn() {
     let env = TestEnv::new()
         .set("SIM_TWILIO_RING_MS", "100")

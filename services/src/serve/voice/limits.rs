@@ -76,7 +76,11 @@ impl Session {
         if let Some(at) = self.paused_at {
             next = next.min(at + super::turns::PAUSE_WITHOUT_WORDS);
         }
-        if let Some(reply) = self.reply.as_ref().filter(|r| r.done && r.idle) {
+        if let Some(reply) = self
+            .reply
+            .as_ref()
+            .filter(|r| r.done && r.idle && self.paused.is_none())
+        {
             if let Some(at) = reply.drained_at {
                 next = next.min(at + super::session::MARK_WAIT);
             }

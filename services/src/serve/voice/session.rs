@@ -454,6 +454,11 @@ impl Session {
         let Some(reply) = self.reply.take() else {
             return;
         };
+        if self.paused.take().is_some() {
+            // Paused before it had any audio: the writer must not stay paused.
+            self.paused_at = None;
+            let _ = self.out.send(Out::Clear).await;
+        }
         let turn = reply.turn;
         self.close_reply(reply, String::new(), false);
         self.last_activity = Instant::now();
