@@ -249,10 +249,10 @@ impl Session {
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
         let reason = loop {
-            let next = Some(self.next_check());
-            if next != armed {
-                timer.as_mut().reset(next.expect("a deadline"));
-                armed = next;
+            let next = self.next_check();
+            if armed != Some(next) {
+                timer.as_mut().reset(next);
+                armed = Some(next);
             }
             tokio::select! {
                 msg = inbound.next() => {
