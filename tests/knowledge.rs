@@ -373,3 +373,150 @@ async fn system_personas_ship_a_library_in_their_voice_and_it_is_read_only() {
     assert_eq!(before, after);
     env.cleanup().await;
 }
+
+/// Calls `persona_id`; returns the call once its voice session ended (transcript saved).
+async fn call(app: &Running, user: &Api, persona_id: &str) -> Value {
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let ended = eventually(Duration::from_secs(60), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'VoiceSessionEnded'",
+        )
+        .bind(&id)
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(ended.is_some(), "the voice session of {id} never ended");
+    user.get(&format!("/api/calls/{id}")).await.body
+}
+
+/// The voice requests (not memory extractions) the LLM simulator received since `from`, each
+/// as its messages joined.
+fn voice_requests(app: &Running, from: usize) -> Vec<String> {
+    app.sims.cerebras.as_ref().unwrap().requests_log()[from..]
+        .iter()
+        .filter(|m| !cmb_sims::llm::is_extraction(m))
+        .map(|m| {
+            m.iter()
+                .map(|(r, c)| format!("[{r}] {c}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_draws_on_the_personas_documents_and_only_its_own() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "7")
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:2500,1000:2500")
+        .set(
+            "SIM_DEEPGRAM_SCRIPT",
+            "what is the secret ingredient of the Sunday training|and how many bananas go in the zebra pudding",
+        )
+        .set("SIM_ELEVENLABS_TTS_SPEED", "20");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (owner, profile) = api.register(PASSWORD).await;
+    common::grant(&app, &profile, 300).await;
+    let (stranger, _) = api.register(PASSWORD).await;
+    let mine = persona(&owner, "Marmalade Coach", true).await;
+    let theirs = persona(&stranger, "Pudding Chef", true).await;
+    let add = |user: &Api, id: &str, content: &str| {
+        let (user, path, content) = (
+            user.clone(),
+            format!("/api/personas/{id}/knowledge"),
+            content.to_string(),
+        );
+        async move {
+            let r = user.post(&path, json!({ "content": content })).await;
+            assert_eq!(r.status, 202, "{r:?}");
+            r.body["document"]["id"].as_str().unwrap().to_string()
+        }
+    };
+    let doc = add(
+        &owner,
+        &mine,
+        "# Sunday training\n\nThe secret ingredient of the Sunday training is a spoonful of quince marmalade.\n\n# Other\n\nStretch after every run.",
+    )
+    .await;
+    let other = add(
+        &stranger,
+        &theirs,
+        "The zebra pudding takes exactly seven bananas and a pinch of cardamom.",
+    )
+    .await;
+    assert_eq!(settled(&owner, &mine, &doc).await["status"], "indexed");
+    assert_eq!(
+        settled(&stranger, &theirs, &other).await["status"],
+        "indexed"
+    );
+
+    // The caller's question → that turn's LLM request carries the passage, the reply uses it,
+    // and the transcript names the passage; the other persona's document never appears.
+    let call1 = call(&app, &owner, &mine).await;
+    let requests = voice_requests(&app, 0);
+    let asked = requests
+        .iter()
+        .find(|r| r.contains("[user] what is the secret ingredient"))
+        .expect("the question reached the LLM");
+    assert!(asked.contains("quince marmalade"), "{asked}");
+    assert!(requests.iter().all(|r| !r.contains("cardamom")));
+    let lines = call1["transcript"].as_array().unwrap();
+    let question = lines
+        .iter()
+        .position(|l| {
+            l["speaker"] == "caller" && l["text"].as_str().unwrap().contains("secret ingredient")
+        })
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(
+        lines[question]["passages"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|id| id.as_str().unwrap().starts_with(&doc))),
+        "{:?}",
+        lines[question]
+    );
+    let answer = &lines[question + 1];
+    assert_eq!(answer["speaker"], "persona");
+    assert!(
+        answer["text"]
+            .as_str()
+            .unwrap()
+            .contains("quince marmalade"),
+        "{answer}"
+    );
+
+    // Removed → the next call no longer has it.
+    let r = owner
+        .delete(&format!("/api/personas/{mine}/knowledge/{doc}"))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let from = app.sims.cerebras.as_ref().unwrap().requests_log().len();
+    let call2 = call(&app, &owner, &mine).await;
+    let requests = voice_requests(&app, from);
+    assert!(requests
+        .iter()
+        .any(|r| r.contains("[user] what is the secret ingredient")));
+    assert!(
+        requests
+            .iter()
+            .all(|r| !r.contains("marmalade") && !r.contains("cardamom")),
+        "{requests:?}"
+    );
+    assert!(call2["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.get("passages").is_none()));
+    env.cleanup().await;
+}

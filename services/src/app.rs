@@ -124,6 +124,11 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         tts_cache: Default::default(),
         pacing: Default::default(),
         memory_prompt_tokens: config.memory_prompt_tokens,
+        knowledge: crate::serve::voice::KnowledgeSettings {
+            embeddings: providers.embeddings.clone(),
+            prompt_tokens: config.knowledge_prompt_tokens,
+            session_passages: config.knowledge_session_passages,
+        },
     });
     // Greetings of the system personas are ready before anyone calls.
     {

@@ -73,6 +73,10 @@ pub struct Config {
     pub embeddings_model: String,
     /// `MEMORY_PROMPT_TOKENS`: how much of a call's prompt memory may take.
     pub memory_prompt_tokens: usize,
+    /// `KNOWLEDGE_PROMPT_TOKENS`: how much of a reply's context persona knowledge may take.
+    pub knowledge_prompt_tokens: usize,
+    /// `KNOWLEDGE_SESSION_PASSAGES`: the most passages a call loads.
+    pub knowledge_session_passages: usize,
     pub elevenlabs_model: String,
     /// A reply whose first LLM token is later than this goes to the fallback LLM.
     pub llm_first_token_timeout: Duration,
@@ -351,6 +355,16 @@ impl Config {
             embeddings_model: get("EMBEDDINGS_MODEL")
                 .unwrap_or_else(|| cmb_providers::embeddings::DEFAULT_MODEL.into()),
             memory_prompt_tokens: parse("MEMORY_PROMPT_TOKENS", get("MEMORY_PROMPT_TOKENS"), 400)?,
+            knowledge_prompt_tokens: parse(
+                "KNOWLEDGE_PROMPT_TOKENS",
+                get("KNOWLEDGE_PROMPT_TOKENS"),
+                600,
+            )?,
+            knowledge_session_passages: parse(
+                "KNOWLEDGE_SESSION_PASSAGES",
+                get("KNOWLEDGE_SESSION_PASSAGES"),
+                500,
+            )?,
             elevenlabs_model: get("ELEVENLABS_MODEL").unwrap_or_else(|| "eleven_flash_v2_5".into()),
             llm_first_token_timeout: Duration::from_millis(parse(
                 "LLM_FIRST_TOKEN_TIMEOUT_MS",

@@ -155,6 +155,9 @@ impl LlmSim {
 }
 
 /// The reply the simulator gives to these messages (without a `SIM_<NAME>_REPLY` override).
+/// Like a model, it answers from the context it was given for the turn: when a system message
+/// after the first (the instructions) holds a sentence sharing at least two meaningful words
+/// with the caller's last message, the reply says that sentence.
 pub fn reply_for(messages: &[(String, String)]) -> String {
     let last_user = messages
         .iter()
@@ -165,7 +168,57 @@ pub fn reply_for(messages: &[(String, String)]) -> String {
     if last_user.is_empty() {
         return "Hi, it's me. I was just thinking about you. How has your day been?".into();
     }
+    if let Some(sentence) = from_context(messages, &last_user) {
+        return format!("Good question. {sentence} Does that help?");
+    }
     format!("Got it: \"{last_user}\". That sounds important to you. Tell me more about it.")
+}
+
+/// Words of three letters or more, lower-cased, a final "s" dropped, but for a few that carry
+/// no subject.
+fn meaningful(text: &str) -> Vec<String> {
+    const EMPTY: &[&str] = &[
+        "about", "and", "are", "but", "can", "could", "did", "doe", "for", "from", "had", "ha",
+        "have", "her", "hi", "how", "it", "not", "our", "should", "than", "that", "the", "them",
+        "then", "there", "they", "thi", "this", "wa", "was", "were", "what", "when", "which",
+        "who", "why", "will", "with", "would", "you", "your",
+    ];
+    text.split(|c: char| !c.is_alphanumeric())
+        .map(|w| {
+            let w = w.to_lowercase();
+            match w.strip_suffix('s') {
+                Some(stem) if stem.len() >= 3 && !stem.ends_with('s') => stem.to_string(),
+                _ => w,
+            }
+        })
+        .filter(|w| w.chars().count() >= 3 && !EMPTY.contains(&w.as_str()))
+        .collect()
+}
+
+/// The context sentence sharing the most meaningful words (two at least) with `question`.
+fn from_context(messages: &[(String, String)], question: &str) -> Option<String> {
+    let asked = meaningful(question);
+    let first_system = messages.iter().position(|(role, _)| role == "system");
+    let mut best: Option<(usize, String)> = None;
+    for (i, (role, content)) in messages.iter().enumerate() {
+        if role != "system" || Some(i) == first_system {
+            continue;
+        }
+        for sentence in content.split_inclusive(['.', '!', '?', '\n']) {
+            let sentence = sentence.trim();
+            let sentence = sentence.rsplit("] ").next().unwrap_or(sentence).trim();
+            let mut shared: Vec<String> = meaningful(sentence)
+                .into_iter()
+                .filter(|w| asked.contains(w))
+                .collect();
+            shared.sort();
+            shared.dedup();
+            if shared.len() >= 2 && best.as_ref().is_none_or(|(n, _)| shared.len() > *n) {
+                best = Some((shared.len(), sentence.to_string()));
+            }
+        }
+    }
+    best.map(|(_, s)| s)
 }
 
 /// Words in all messages × 4/3, rounded: a rough tokenizer.

@@ -143,6 +143,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 12)]
         seconds: u32,
     },
+    /// Persona knowledge's retrieval per caller turn, in process over synthetic passages:
+    /// p50/p99 and CPU time per retrieval (also printed at the end of `bench voice`).
+    Knowledge {
+        /// Passage counts, comma-separated.
+        #[arg(long, default_value = "100,5000", value_delimiter = ',')]
+        passages: Vec<usize>,
+        #[arg(long, default_value_t = 2_000)]
+        retrievals: usize,
+    },
     /// Fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with N events of the
     /// real shapes, then replays them with the ordered reader, with and without reconciling:
     /// events per second.
@@ -353,6 +362,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 rows.push(f);
             }
             crate::ops::bench_voice::print(&rows, if sweep { largest } else { None });
+            knowledge_bench(&[100, 5_000], 2_000);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Knowledge {
+                    passages,
+                    retrievals,
+                },
+        } => {
+            knowledge_bench(&passages, retrievals);
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "sims")]
@@ -370,6 +390,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn knowledge_bench(passages: &[usize], retrievals: usize) {
+    let rows: Vec<_> = passages
+        .iter()
+        .map(|n| crate::ops::bench_knowledge::measure(*n, retrievals))
+        .collect();
+    crate::ops::bench_knowledge::print(&rows);
 }
 
 #[cfg(feature = "sims")]

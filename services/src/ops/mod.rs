@@ -4,6 +4,7 @@
 pub mod bench;
 #[cfg(feature = "sims")]
 pub mod bench_calls;
+pub mod bench_knowledge;
 pub mod bench_voice;
 pub mod rebuild;
 pub mod reconcile;

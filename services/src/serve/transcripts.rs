@@ -14,6 +14,8 @@ pub struct Line {
     pub text: String,
     pub cut_off: bool,
     pub at: DateTime<Utc>,
+    /// On a caller's line: the knowledge passages (`<document id>:<ord>`) added to the reply.
+    pub passages: Vec<String>,
 }
 
 /// A line read back.
@@ -23,14 +25,16 @@ pub struct SavedLine {
     pub text: String,
     pub cut_off: bool,
     pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passages: Vec<String>,
 }
 
 /// Saves a call's lines (again: nothing changes).
 pub async fn save(pool: &PgPool, call_id: Uuid, lines: &[Line]) -> Result<(), sqlx::Error> {
     for (seq, line) in lines.iter().enumerate() {
         sqlx::query(
-            "INSERT INTO call_transcripts (call_id, seq, speaker, text, cut_off, at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO call_transcripts (call_id, seq, speaker, text, cut_off, at, passages)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
         .bind(call_id)
         .bind(seq as i32)
@@ -38,6 +42,7 @@ pub async fn save(pool: &PgPool, call_id: Uuid, lines: &[Line]) -> Result<(), sq
         .bind(&line.text)
         .bind(line.cut_off)
         .bind(line.at)
+        .bind(&line.passages)
         .execute(pool)
         .await?;
     }
@@ -47,7 +52,8 @@ pub async fn save(pool: &PgPool, call_id: Uuid, lines: &[Line]) -> Result<(), sq
 /// A call's transcript, in order.
 pub async fn of(pool: &PgPool, call_id: Uuid) -> Result<Vec<SavedLine>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT speaker, text, cut_off, at FROM call_transcripts WHERE call_id = $1 ORDER BY seq",
+        "SELECT speaker, text, cut_off, at, passages FROM call_transcripts
+          WHERE call_id = $1 ORDER BY seq",
     )
     .bind(call_id)
     .fetch_all(pool)

@@ -207,3 +207,30 @@ fn max_tokens_and_empty_messages() {
     assert!(parse_messages(&json!({ "messages": [] })).is_none());
     assert!(parse_messages(&json!({})).is_none());
 }
+
+#[test]
+fn a_reply_draws_on_the_turns_context_but_not_on_the_instructions() {
+    let messages = |context: &str| {
+        vec![
+            (
+                "system".to_string(),
+                "You are a coach. The gym closes at ten.".to_string(),
+            ),
+            ("system".to_string(), context.to_string()),
+            (
+                "user".to_string(),
+                "When does the gym open on Sundays?".to_string(),
+            ),
+        ]
+    };
+    let reply = reply_for(&messages(
+        "Notes:\n[FAQ] We sell water. On Sundays the gym opens at nine.",
+    ));
+    assert_eq!(
+        reply,
+        "Good question. On Sundays the gym opens at nine. Does that help?"
+    );
+    // One shared word is not enough, and the instructions are not context.
+    let reply = reply_for(&messages("Notes:\n[FAQ] The pool is heated."));
+    assert!(reply.starts_with("Got it:"), "{reply}");
+}

@@ -25,6 +25,8 @@ pub(super) struct Context {
     pub(super) follow_up: Option<String>,
     /// Remembered facts not already in the prompt, with their local vectors, for each turn.
     pub(super) recall: Vec<(String, Vec<f32>)>,
+    /// The persona's knowledge passages, for each turn.
+    pub(super) knowledge: Option<super::knowledge::CallKnowledge>,
     pub(super) endpointing_ms: u32,
     pub(super) silence_reminder: Duration,
     pub(super) silence_hangup: Duration,
@@ -76,6 +78,7 @@ pub(super) async fn load_context(
     } else {
         (None, Vec::new())
     };
+    let knowledge = super::knowledge::load(voice, &persona_id, &persona).await?;
     let tt = persona.turn_taking;
     Ok(Context {
         call_id: call_id.to_string(),
@@ -88,6 +91,7 @@ pub(super) async fn load_context(
         greeting: persona.greeting,
         follow_up,
         recall,
+        knowledge,
         endpointing_ms: tt.endpointing_ms,
         silence_reminder: Duration::from_millis(tt.silence_reminder_ms as u64),
         silence_hangup: Duration::from_millis(tt.silence_hangup_ms as u64),

@@ -11,10 +11,12 @@
 //!
 //! `session` holds a stream's state and loop; `context` loads who is on the call; `turns`,
 //! `reply` and `text` make the conversation; `limits` ends it; `record` writes it down;
-//! `outbound` paces audio back to Twilio; `shared` is what every session of the instance uses.
+//! `outbound` paces audio back to Twilio; `shared` is what every session of the instance uses;
+//! `knowledge` adds the persona's documents to each reply.
 
 mod context;
 mod error;
+mod knowledge;
 mod limits;
 pub mod outbound;
 mod record;
@@ -26,4 +28,4 @@ mod turns;
 
 pub use error::SessionError;
 pub use session::run;
-pub use shared::{Voice, VoiceSettings};
+pub use shared::{KnowledgeSettings, Voice, VoiceSettings};

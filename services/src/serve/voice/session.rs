@@ -361,6 +361,7 @@ impl Session {
                     }
                     self.barge_in().await;
                 }
+                self.prefetch_knowledge(&text, is_final);
                 if is_final {
                     if !self.pending.is_empty() {
                         self.pending.push(' ');

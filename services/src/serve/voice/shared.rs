@@ -45,6 +45,18 @@ pub struct Voice {
     pub pacing: Arc<Pacing>,
     /// How much of the prompt memory may take, in tokens (`MEMORY_PROMPT_TOKENS`).
     pub memory_prompt_tokens: usize,
+    pub knowledge: KnowledgeSettings,
+}
+
+/// Persona knowledge in calls (see `super::knowledge`).
+#[derive(Clone)]
+pub struct KnowledgeSettings {
+    /// Embeds the caller's words, off the reply's path.
+    pub embeddings: cmb_providers::embeddings::Embeddings,
+    /// How much of a reply's context passages may take (`KNOWLEDGE_PROMPT_TOKENS`).
+    pub prompt_tokens: usize,
+    /// The most passages a call loads (`KNOWLEDGE_SESSION_PASSAGES`).
+    pub session_passages: usize,
 }
 
 impl Voice {

@@ -105,6 +105,7 @@ impl Session {
             },
             cut_off: interrupted,
             at: chrono::Utc::now(),
+            passages: Vec::new(),
         });
         self.usage.push(reply.usage.lock().expect("usage").clone());
         if !reply.phrase {
@@ -126,11 +127,16 @@ impl Session {
             return;
         }
         let endpoint_at = Instant::now();
+        let knowledge = self.knowledge_for(&text);
         self.transcript.push(Line {
             speaker: "caller",
             text: text.clone(),
             cut_off: false,
             at: chrono::Utc::now(),
+            passages: knowledge
+                .as_ref()
+                .map(|(_, ids)| ids.clone())
+                .unwrap_or_default(),
         });
         // The caller went on after we had started answering: that answer was early.
         self.paused = None;
@@ -148,8 +154,11 @@ impl Session {
             content: text,
         });
         let mut messages = self.history.clone();
-        if let Some(note) = recalled {
-            // For this reply only, just before what the caller said.
+        // For this reply only, just before what the caller said.
+        for note in [recalled, knowledge.map(|(note, _)| note)]
+            .into_iter()
+            .flatten()
+        {
             messages.insert(messages.len() - 1, ChatMessage::new("system", &note));
         }
         let turn = self.new_turn();

@@ -1,0 +1,175 @@
+//! `bench knowledge` (and the closing table of `bench voice`): what persona knowledge adds to a
+//! caller's turn. Builds a call's in-process index over N synthetic passages (about 200 words
+//! each, 1536-dimension vectors like OpenAI's `text-embedding-3-small`) and times retrievals of
+//! caller-like utterances with their vectors, one at a time on one thread: p50/p99 per
+//! retrieval, and the process CPU time per retrieval (the load-independent figure), from which
+//! the CPU share at 500 concurrent calls follows.
+
+use std::time::Instant;
+
+use cmb_domain::knowledge::rank::{KnowledgeIndex, PassageIn};
+
+/// Figures for one passage count.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Figures {
+    pub passages: usize,
+    pub retrievals: usize,
+    pub build_ms: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    pub cpu_us_per_retrieval: f64,
+    /// CPU share of one core at 500 calls, each with a caller turn every 4 s.
+    pub cores_at_500_calls: f64,
+}
+
+const DIMS: usize = 1536;
+const VOCABULARY: usize = 6_000;
+const STOP: &[&str] = &[
+    "the", "and", "what", "how", "is", "my", "do", "you", "about", "a",
+];
+
+/// A deterministic generator (xorshift64*), so runs are comparable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Zipf-like: small indexes much more often, as words in text.
+    fn word(&mut self) -> String {
+        let u = (self.next() % 1_000_000) as f64 / 1_000_000.0;
+        let i = ((VOCABULARY as f64).powf(u) as usize).min(VOCABULARY - 1);
+        format!("w{i}x")
+    }
+    fn vector(&mut self) -> Vec<f32> {
+        (0..DIMS)
+            .map(|_| (self.next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+}
+
+fn passages(n: usize, rng: &mut Rng) -> Vec<PassageIn> {
+    (0..n)
+        .map(|i| {
+            let words: Vec<String> = (0..200)
+                .map(|j| {
+                    if j % 5 == 0 {
+                        STOP[(rng.next() % STOP.len() as u64) as usize].to_string()
+                    } else {
+                        rng.word()
+                    }
+                })
+                .collect();
+            PassageIn {
+                id: format!("doc{}:{}", i / 20, i % 20),
+                document_title: format!("Document {}", i / 20),
+                heading: Some(format!("Section {}", i % 20)),
+                text: words.join(" "),
+                tokens: 267,
+                embedding: rng.vector(),
+            }
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// User + system CPU time of this process, in microseconds (Linux; 10 ms ticks).
+fn cpu_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) * 10_000.0
+}
+
+/// Times `retrievals` retrievals over `n` passages.
+pub fn measure(n: usize, retrievals: usize) -> Figures {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+    let corpus = passages(n, &mut rng);
+    let started = Instant::now();
+    let index = KnowledgeIndex::new(corpus);
+    let build_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let queries: Vec<(String, Vec<f32>)> = (0..retrievals)
+        .map(|_| {
+            let words: Vec<String> = (0..12)
+                .map(|j| {
+                    if j % 3 == 0 {
+                        STOP[(rng.next() % STOP.len() as u64) as usize].to_string()
+                    } else {
+                        rng.word()
+                    }
+                })
+                .collect();
+            (words.join(" "), rng.vector())
+        })
+        .collect();
+    let mut times = Vec::with_capacity(retrievals);
+    let mut found = 0usize;
+    let cpu_before = cpu_us();
+    for (text, vector) in &queries {
+        let t = Instant::now();
+        let hits = index.search(text, Some(vector), 3, 600);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        found += hits.len();
+    }
+    let cpu = cpu_us() - cpu_before;
+    std::hint::black_box(found);
+    times.sort_by(f64::total_cmp);
+    let cpu_per = cpu / retrievals.max(1) as f64;
+    Figures {
+        passages: n,
+        retrievals,
+        build_ms,
+        p50_us: percentile(&times, 0.5),
+        p99_us: percentile(&times, 0.99),
+        max_us: times.last().copied().unwrap_or(0.0),
+        cpu_us_per_retrieval: cpu_per,
+        cores_at_500_calls: cpu_per * (500.0 / 4.0) / 1e6,
+    }
+}
+
+pub fn print(rows: &[Figures]) {
+    println!("knowledge retrieval per caller turn (in process, one thread):");
+    println!(
+        "{:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>13} {:>14}",
+        "passages",
+        "retrievals",
+        "build ms",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "CPU µs/turn",
+        "cores@500calls"
+    );
+    for f in rows {
+        println!(
+            "{:>9} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>13.1} {:>14.4}",
+            f.passages,
+            f.retrievals,
+            f.build_ms,
+            f.p50_us,
+            f.p99_us,
+            f.max_us,
+            f.cpu_us_per_retrieval,
+            f.cores_at_500_calls
+        );
+    }
+    println!("{}", serde_json::json!({ "knowledge_retrieval": rows }));
+}
