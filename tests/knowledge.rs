@@ -486,14 +486,28 @@ async fn a_call_draws_on_the_personas_documents_and_only_its_own() {
         "{:?}",
         lines[question]
     );
+    // The reply drew on it (the simulator answers from the turn's context); the transcript
+    // holds what the caller heard of it, which may be cut short by their next turn.
+    let request = app
+        .sims
+        .cerebras
+        .as_ref()
+        .unwrap()
+        .requests_log()
+        .into_iter()
+        .find(|m| {
+            m.iter()
+                .any(|(r, c)| r == "user" && c.contains("secret ingredient"))
+        })
+        .unwrap();
+    let said = cmb_sims::llm::reply_for(&request);
+    assert!(said.contains("quince marmalade"), "{said}");
     let answer = &lines[question + 1];
     assert_eq!(answer["speaker"], "persona");
+    let heard = answer["text"].as_str().unwrap();
     assert!(
-        answer["text"]
-            .as_str()
-            .unwrap()
-            .contains("quince marmalade"),
-        "{answer}"
+        said.starts_with(heard.trim_end_matches('—')),
+        "{said} / {heard}"
     );
 
     // Removed → the next call no longer has it.
