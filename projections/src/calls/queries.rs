@@ -163,6 +163,40 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<CallView>, i64),
     Ok((calls, total))
 }
 
+/// Where the call's money is.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PaymentView {
+    /// `credits` or `card`.
+    pub method: String,
+    /// `held` (until the call is settled), `captured` (charged; the rest released) or
+    /// `released` (nothing charged).
+    pub state: &'static str,
+    pub held_cents: i64,
+    pub captured_cents: i64,
+    pub released_cents: i64,
+}
+
+impl CallView {
+    /// Where the call's money is.
+    pub fn payment(&self) -> PaymentView {
+        let call = self;
+        let held = call.max_price_cents;
+        let (state, captured) = match call.charged_cents {
+            Some(0) => ("released", 0),
+            Some(charged) => ("captured", charged),
+            None if call.status == "canceled" => ("released", 0),
+            None => ("held", 0),
+        };
+        PaymentView {
+            method: call.payment_method.clone(),
+            state,
+            held_cents: held,
+            captured_cents: captured,
+            released_cents: if state == "held" { 0 } else { held - captured },
+        }
+    }
+}
+
 /// A provider's usage on a call, as its owner sees it: what and how much, not what it cost us.
 #[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct UsageLine {

@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use cmb_domain::call::Payment;
 use cmb_domain::values::{Invalid, PhoneNumber};
-use cmb_projections::calls::{CallView, ListFilter, Month, Sort, UsageLine, STATUSES};
+use cmb_projections::calls::{CallView, ListFilter, Month, PaymentView, Sort, UsageLine, STATUSES};
 use cmb_projections::timeline::Entry;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -453,38 +453,6 @@ pub async fn list(
     }))
 }
 
-/// Where the call's money is.
-#[derive(Serialize, ToSchema)]
-pub struct PaymentView {
-    /// `credits` or `card`.
-    method: String,
-    /// `held` (until the call is settled), `captured` (charged; the rest released) or
-    /// `released` (nothing charged).
-    state: &'static str,
-    held_cents: i64,
-    captured_cents: i64,
-    released_cents: i64,
-}
-
-impl PaymentView {
-    fn of(call: &CallView) -> Self {
-        let held = call.max_price_cents;
-        let (state, captured) = match call.charged_cents {
-            Some(0) => ("released", 0),
-            Some(charged) => ("captured", charged),
-            None if call.status == "canceled" => ("released", 0),
-            None => ("held", 0),
-        };
-        PaymentView {
-            method: call.payment_method.clone(),
-            state,
-            held_cents: held,
-            captured_cents: captured,
-            released_cents: if state == "held" { 0 } else { held - captured },
-        }
-    }
-}
-
 /// A call's story.
 #[derive(Serialize, ToSchema)]
 pub struct CallDetail {
@@ -518,7 +486,7 @@ pub async fn get_one(
     let usage = cmb_projections::calls::usage_lines(&state.pool, id, user.id).await?;
     let transcript = crate::serve::transcripts::of(&state.pool, id).await?;
     Ok(axum::Json(CallDetail {
-        payment: PaymentView::of(&call),
+        payment: call.payment(),
         call,
         usage,
         timeline,
