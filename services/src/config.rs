@@ -7,7 +7,6 @@ use std::time::Duration;
 use cmb_nats::StreamSettings;
 
 pub mod mode;
-pub use mode::RunMode;
 
 /// A secret that never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -270,8 +269,8 @@ impl Config {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             )
         });
-        let simulate = mode::parse_simulate(get("SIMULATE"))?;
-        let production = mode::parse_env(get("CMB_ENV"))?;
+        let simulate = parse_simulate(get("SIMULATE"))?;
+        let production = parse_env(get("CMB_ENV"))?;
         let sim = |name: &str| simulate.contains(name);
         let mut config = Config {
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
@@ -411,6 +410,59 @@ impl Config {
             config.mode = RunMode::Production;
         }
         Ok(config)
+    }
+}
+
+/// Development (no real key) or production (`config::mode` checks what production needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    Development,
+    Production,
+}
+
+/// The providers `SIMULATE` may name.
+pub const PROVIDERS: [&str; 6] = [
+    "twilio",
+    "stripe",
+    "deepgram",
+    "cerebras",
+    "openai",
+    "elevenlabs",
+];
+
+/// `SIMULATE=twilio,stripe,…`: the providers production runs as simulators on purpose.
+fn parse_simulate(
+    value: Option<String>,
+) -> Result<std::collections::BTreeSet<String>, ConfigError> {
+    let mut names = std::collections::BTreeSet::new();
+    for name in value.iter().flat_map(|v| v.split(',')) {
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            continue;
+        }
+        if !PROVIDERS.contains(&name.as_str()) {
+            return Err(ConfigError {
+                name: "SIMULATE",
+                message: format!(
+                    "{name:?} is not a provider (one of {})",
+                    PROVIDERS.join(", ")
+                ),
+            });
+        }
+        names.insert(name);
+    }
+    Ok(names)
+}
+
+/// `CMB_ENV`: unset, `development` or `production`.
+fn parse_env(value: Option<String>) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("development") => Ok(false),
+        Some("production") => Ok(true),
+        Some(other) => Err(ConfigError {
+            name: "CMB_ENV",
+            message: format!("{other:?} is neither development nor production"),
+        }),
     }
 }
 

@@ -7,28 +7,10 @@
 //!   `SIMULATE` (then logged loudly), and the settings a public deployment needs must be set:
 //!   `serve` refuses to start otherwise, with one line per missing setting.
 
-use std::collections::BTreeSet;
-
 use super::{
-    Config, ConfigError, Provider, DEVELOPMENT_JWT_SECRET, DEV_STRIPE_SECRET_KEY,
+    Config, Provider, RunMode, DEVELOPMENT_JWT_SECRET, DEV_STRIPE_SECRET_KEY,
     DEV_STRIPE_WEBHOOK_SECRET, DEV_TWILIO_ACCOUNT_SID, DEV_TWILIO_AUTH_TOKEN,
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunMode {
-    Development,
-    Production,
-}
-
-/// The providers `SIMULATE` may name.
-pub const PROVIDERS: [&str; 6] = [
-    "twilio",
-    "stripe",
-    "deepgram",
-    "cerebras",
-    "openai",
-    "elevenlabs",
-];
 
 /// Shortest `JWT_SECRET` production accepts (HS256 wants at least the hash's 32 bytes).
 pub const MIN_JWT_SECRET_BYTES: usize = 32;
@@ -51,40 +33,6 @@ pub const BANNER_EVERY: std::time::Duration = std::time::Duration::from_secs(300
 pub const DEVELOPMENT_BANNER: &str = "DEVELOPMENT MODE: no provider key is set, so every provider \
      is simulated and secrets may be development values; do not expose this instance (any real \
      key or CMB_ENV=production switches to production mode)";
-
-/// `SIMULATE=twilio,stripe,…`: the providers production runs as simulators on purpose.
-pub(super) fn parse_simulate(value: Option<String>) -> Result<BTreeSet<String>, ConfigError> {
-    let mut names = BTreeSet::new();
-    for name in value.iter().flat_map(|v| v.split(',')) {
-        let name = name.trim().to_ascii_lowercase();
-        if name.is_empty() {
-            continue;
-        }
-        if !PROVIDERS.contains(&name.as_str()) {
-            return Err(ConfigError {
-                name: "SIMULATE",
-                message: format!(
-                    "{name:?} is not a provider (one of {})",
-                    PROVIDERS.join(", ")
-                ),
-            });
-        }
-        names.insert(name);
-    }
-    Ok(names)
-}
-
-/// `CMB_ENV`: unset, `development` or `production`.
-pub(super) fn parse_env(value: Option<String>) -> Result<bool, ConfigError> {
-    match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None | Some("development") => Ok(false),
-        Some("production") => Ok(true),
-        Some(other) => Err(ConfigError {
-            name: "CMB_ENV",
-            message: format!("{other:?} is neither development nor production"),
-        }),
-    }
-}
 
 /// Whether a base URL points at this machine (a simulator or a test double, never the
 /// provider itself).
