@@ -3,6 +3,9 @@
 
 mod common;
 
+#[path = "account_lifecycle.rs"]
+mod lifecycle;
+
 use std::time::Duration;
 
 use common::{Api, TestEnv, PASSWORD};

@@ -23,6 +23,8 @@ pub const KNOWN: &[(&str, &[&str])] = &[
             "AccountLocked",
             "SignedIn",
             "TokenRevoked",
+            "PasswordChanged",
+            "SessionsRevoked",
         ],
     ),
     ("pricing", &["PricesPublished"]),

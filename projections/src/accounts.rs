@@ -95,7 +95,19 @@ impl Projection for Users {
                 .execute(db)
                 .await?;
             }
-            UserEvent::SignInFailed { .. } => {}
+            UserEvent::SessionsRevoked { epoch, .. } => {
+                // Like revoked_tokens: beside the read model, only ever raised.
+                sqlx::query(
+                    "INSERT INTO session_epochs (user_id, epoch) VALUES ($1, $2)
+                     ON CONFLICT (user_id) DO UPDATE
+                        SET epoch = GREATEST(session_epochs.epoch, EXCLUDED.epoch)",
+                )
+                .bind(id)
+                .bind(epoch as i32)
+                .execute(db)
+                .await?;
+            }
+            UserEvent::SignInFailed { .. } | UserEvent::PasswordChanged { .. } => {}
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 pub mod deepgram;
 pub mod elevenlabs;
+pub mod email;
 pub mod embeddings;
 pub mod llm;
 pub mod stripe;

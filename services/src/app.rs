@@ -208,6 +208,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         elevenlabs: providers.elevenlabs.clone(),
         twilio: providers.twilio.clone(),
         stripe: providers.stripe.clone(),
+        mailer: providers.mailer.clone(),
         voice,
         clock: clock.clone(),
     };

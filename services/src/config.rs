@@ -96,6 +96,11 @@ pub struct Config {
     pub worker_ack_wait: Duration,
     /// Deliveries after which a consumer sets a failing event aside (a dead letter).
     pub consumer_max_deliveries: i64,
+    /// `SMTP_URL`: the mail server (password reset links); unset, the SMTP simulator (the
+    /// development mailbox) receives them.
+    pub smtp_url: Option<Secret>,
+    /// `EMAIL_FROM`: the sender of our email.
+    pub email_from: String,
     /// The simulators' settings (`SIM_*` variables).
     pub sim: std::collections::BTreeMap<String, String>,
     /// Development (no real key) or production (`config::mode`).
@@ -402,6 +407,9 @@ impl Config {
                 get("CONSUMER_MAX_DELIVERIES"),
                 crate::backbone::deadletter::MAX_DELIVERIES,
             )?,
+            smtp_url: get("SMTP_URL").map(Secret::new),
+            email_from: get("EMAIL_FROM")
+                .unwrap_or_else(|| "Call Me Back <no-reply@callmeback.local>".into()),
             sim: Default::default(),
             mode: RunMode::Development,
             simulate: simulate.clone(),

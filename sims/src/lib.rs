@@ -6,8 +6,10 @@
 pub mod deepgram;
 pub mod elevenlabs;
 pub mod llm;
+pub mod smtp;
 pub mod stripe;
 pub mod twilio;
+pub mod workos;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,4 +1,5 @@
-//! Users: registration, profile, sign-in attempts (with lockout) and revoked tokens.
+//! Users: registration, profile, sign-in attempts (with lockout), passwords, revoked tokens
+//! and sessions revoked all at once (a session epoch: tokens of an older epoch are refused).
 //!
 //! Uniqueness of email and phone spans users, so it is not this aggregate's to decide: the
 //! service reserves them (a unique index) before sending `Register` or a profile change.
@@ -34,6 +35,15 @@ pub enum UserCommand {
         token_id: String,
         expires_at: DateTime<Utc>,
     },
+    /// A new password (already hashed; the service checked the current one or a reset token).
+    /// Every session is revoked with it: the caller gets a token of the new epoch.
+    ChangePassword {
+        password_hash: String,
+        at: DateTime<Utc>,
+        reset: bool,
+    },
+    /// Sign out everywhere: every token issued so far stops working.
+    RevokeAllSessions { at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,6 +76,17 @@ pub enum UserEvent {
         token_id: String,
         expires_at: DateTime<Utc>,
     },
+    /// The password was changed (`reset`: through an emailed reset link). Unlocks the account.
+    PasswordChanged {
+        password_hash: String,
+        at: DateTime<Utc>,
+        reset: bool,
+    },
+    /// Every token of an epoch below `epoch` is refused from now on.
+    SessionsRevoked {
+        epoch: u32,
+        at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for UserEvent {
@@ -77,6 +98,8 @@ impl DomainEvent for UserEvent {
             UserEvent::AccountLocked { .. } => "AccountLocked",
             UserEvent::SignedIn { .. } => "SignedIn",
             UserEvent::TokenRevoked { .. } => "TokenRevoked",
+            UserEvent::PasswordChanged { .. } => "PasswordChanged",
+            UserEvent::SessionsRevoked { .. } => "SessionsRevoked",
         }
         .to_string()
     }
@@ -105,6 +128,9 @@ pub struct User {
     pub failed_sign_ins: u32,
     pub locked_until: Option<DateTime<Utc>>,
     pub registered_at: Option<DateTime<Utc>>,
+    /// Tokens carry the epoch they were issued in; those below this one are refused.
+    #[serde(default)]
+    pub session_epoch: u32,
 }
 
 impl User {
@@ -191,6 +217,35 @@ impl Aggregate for User {
                 )
                 .await;
             }
+            UserCommand::ChangePassword {
+                password_hash,
+                at,
+                reset,
+            } => {
+                if !self.registered {
+                    return Err(UserError::NotFound);
+                }
+                sink.write(
+                    UserEvent::PasswordChanged {
+                        password_hash,
+                        at,
+                        reset,
+                    },
+                    self,
+                )
+                .await;
+                let epoch = self.session_epoch + 1;
+                sink.write(UserEvent::SessionsRevoked { epoch, at }, self)
+                    .await;
+            }
+            UserCommand::RevokeAllSessions { at } => {
+                if !self.registered {
+                    return Err(UserError::NotFound);
+                }
+                let epoch = self.session_epoch + 1;
+                sink.write(UserEvent::SessionsRevoked { epoch, at }, self)
+                    .await;
+            }
         }
         Ok(())
     }
@@ -227,6 +282,12 @@ impl Aggregate for User {
             }
             UserEvent::SignedIn { .. } => self.failed_sign_ins = 0,
             UserEvent::TokenRevoked { .. } => {}
+            UserEvent::PasswordChanged { password_hash, .. } => {
+                self.password_hash = password_hash;
+                self.failed_sign_ins = 0;
+                self.locked_until = None;
+            }
+            UserEvent::SessionsRevoked { epoch, .. } => self.session_epoch = epoch,
         }
     }
 }
@@ -305,6 +366,62 @@ mod tests {
                 at,
             })
             .then_expect_events(vec![UserEvent::SignInFailed { at, consecutive: 1 }]);
+    }
+
+    #[test]
+    fn a_new_password_revokes_every_session_and_unlocks() {
+        let at = Utc::now();
+        let mut user = User::default();
+        for e in [
+            registered(),
+            UserEvent::SessionsRevoked { epoch: 1, at },
+            UserEvent::AccountLocked {
+                until: at + Duration::minutes(30),
+            },
+        ] {
+            user.apply(e);
+        }
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(),
+                UserEvent::SessionsRevoked { epoch: 1, at },
+                UserEvent::AccountLocked {
+                    until: at + Duration::minutes(30),
+                },
+            ])
+            .when(UserCommand::ChangePassword {
+                password_hash: "$argon2id$new".into(),
+                at,
+                reset: true,
+            })
+            .then_expect_events(vec![
+                UserEvent::PasswordChanged {
+                    password_hash: "$argon2id$new".into(),
+                    at,
+                    reset: true,
+                },
+                UserEvent::SessionsRevoked { epoch: 2, at },
+            ]);
+        user.apply(UserEvent::PasswordChanged {
+            password_hash: "$argon2id$new".into(),
+            at,
+            reset: true,
+        });
+        assert_eq!(user.is_locked(at), None);
+        assert_eq!(user.password_hash, "$argon2id$new");
+    }
+
+    #[test]
+    fn signing_out_everywhere_moves_to_the_next_epoch() {
+        let at = Utc::now();
+        TestFramework::<User>::with(())
+            .given(vec![registered()])
+            .when(UserCommand::RevokeAllSessions { at })
+            .then_expect_events(vec![UserEvent::SessionsRevoked { epoch: 1, at }]);
+        TestFramework::<User>::with(())
+            .given_no_previous_events()
+            .when(UserCommand::RevokeAllSessions { at })
+            .then_expect_error(UserError::NotFound);
     }
 
     #[test]

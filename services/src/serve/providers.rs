@@ -5,6 +5,7 @@
 
 use cmb_providers::deepgram::Deepgram;
 use cmb_providers::elevenlabs::ElevenLabs;
+use cmb_providers::email::Mailer;
 use cmb_providers::embeddings::Embeddings;
 use cmb_providers::llm::Llm;
 use cmb_providers::stripe::Stripe;
@@ -27,6 +28,8 @@ pub struct Providers {
     /// Memory's embeddings, on the OpenAI-compatible endpoint (or its simulator).
     pub embeddings: Embeddings,
     pub elevenlabs: ElevenLabs,
+    /// Email (password reset links), over SMTP.
+    pub mailer: Mailer,
 }
 
 /// The simulators this instance started (for tests to inspect).
@@ -44,6 +47,9 @@ pub struct Simulators {
     pub openai: Option<cmb_sims::llm::LlmSim>,
     #[cfg(feature = "sims")]
     pub elevenlabs: Option<cmb_sims::elevenlabs::ElevenLabsSim>,
+    /// The development mailbox.
+    #[cfg(feature = "sims")]
+    pub smtp: Option<cmb_sims::smtp::SmtpSim>,
 }
 
 /// A provider has no key and no base URL, and this build cannot simulate it.
@@ -56,6 +62,8 @@ pub enum ConnectError {
     NotConfigured(&'static str),
     #[error("starting the {0} simulator: {1}")]
     Simulator(&'static str, std::io::Error),
+    #[error(transparent)]
+    Email(#[from] cmb_providers::email::EmailError),
 }
 
 /// Where a provider's client points.
@@ -233,6 +241,23 @@ impl Providers {
         let openai = Llm::openai(http.clone(), &url, &key, &config.openai_model);
         let embeddings = Embeddings::new(http.clone(), &url, &key, &config.embeddings_model);
 
+        let smtp_url = match &config.smtp_url {
+            Some(url) => url.expose().to_string(),
+            #[cfg(feature = "sims")]
+            None => {
+                let sim = simulators::smtp(config);
+                let url = sim
+                    .serve(shutdown.clone(), tasks)
+                    .await
+                    .map_err(|e| ConnectError::Simulator("smtp", e))?;
+                sims.smtp = Some(sim);
+                url
+            }
+            #[cfg(not(feature = "sims"))]
+            None => return Err(ConnectError::NotConfigured("SMTP")),
+        };
+        let mailer = Mailer::new(&smtp_url, &config.email_from)?;
+
         Ok((
             Providers {
                 twilio,
@@ -242,6 +267,7 @@ impl Providers {
                 openai,
                 embeddings,
                 elevenlabs,
+                mailer,
             },
             sims,
         ))

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use cmb_sims::{deepgram, elevenlabs, llm, stripe, twilio, Faults};
+use cmb_sims::{deepgram, elevenlabs, llm, smtp, stripe, twilio, Faults};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +21,11 @@ pub fn elevenlabs(config: &Config) -> elevenlabs::ElevenLabsSim {
 
 /// Accepts the account and token the instances use (`TWILIO_ACCOUNT_SID`,
 /// `TWILIO_AUTH_TOKEN`, or the development ones) and signs its callbacks with the token.
+/// The development mailbox (`SIM_SMTP_*`).
+pub fn smtp(config: &Config) -> smtp::SmtpSim {
+    smtp::SmtpSim::new(Faults::from_lookup(&|k: &str| config.sim_var(k), "SMTP"))
+}
+
 pub fn twilio(config: &Config) -> twilio::TwilioSim {
     let mut settings = twilio::Settings::from_lookup(&|k: &str| config.sim_var(k));
     settings.account_sid = config.twilio.account_sid.clone();

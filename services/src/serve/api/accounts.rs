@@ -1,5 +1,5 @@
-//! Registration, sign-in (with lockout), sign-out (revocation), the current user and profile
-//! (the rules are in `usecases::accounts`).
+//! Registration, sign-in (with lockout), sign-out (one session or everywhere), password change
+//! and reset, the current user and profile (the rules are in `usecases::accounts`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,6 +11,7 @@ use cmb_domain::wallet::Wallet;
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::accounts::UserView;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -128,7 +129,7 @@ pub async fn register(
     let committed =
         accounts::create(&state.store, id, name, &email, &phone, &password, &ctx).await?;
     tracing::info!(user = %id, email = %email.masked(), phone = %phone.masked(), "registered");
-    let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id)?;
+    let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id, 0)?;
     let caught_up = state.read_your_writes("users", &committed).await;
     let user = user_after_write(&state, id, None, caught_up).await?;
     Ok((
@@ -167,7 +168,8 @@ pub async fn login(
             context(&headers, Actor::User(id))
         })
         .await?;
-    let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id)?;
+    let epoch = accounts::sessions::epoch(&state.pool, id).await?;
+    let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id, epoch)?;
     let caught_up = state.read_your_writes("users", &committed).await;
     let user = user_after_write(&state, id, Some(state.clock.now()), caught_up).await?;
     Ok(axum::Json(token_response(user, token, &claims)))
@@ -242,4 +244,136 @@ pub async fn update_profile(
     let caught_up = state.read_your_writes("users", &committed).await;
     let view = user_after_write(&state, user.id, None, caught_up).await?;
     Ok(axum::Json(UserAnswer { user: view }))
+}
+
+/// Sign out of every session: every token of the account, this one included, stops working.
+#[utoipa::path(post, path = "/auth/logout-all", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, description = "Signed out everywhere", body = Done)))]
+pub async fn logout_all(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> ApiResult<impl IntoResponse> {
+    accounts::sign_out_everywhere(&state.store, user.id, Utc::now(), &user.context()).await?;
+    Ok(axum::Json(json!({
+        "message": "signed out everywhere: every token of this account, this one included, no longer works"
+    })))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct ChangePasswordBody {
+    current_password: String,
+    new_password: String,
+}
+
+/// A new password; every session ends, and this one continues with the token returned.
+#[utoipa::path(post, path = "/auth/password", tag = "auth", security(("bearer" = [])),
+    request_body = ChangePasswordBody,
+    responses(
+        (status = 200, description = "Changed; `{message, token, expires_at}`"),
+        (status = 403, description = "The current password is wrong", body = ErrorBody),
+    ))]
+pub async fn change_password(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Json(body): Json<ChangePasswordBody>,
+) -> ApiResult<impl IntoResponse> {
+    let new = Password::parse(&body.new_password).map_err(|e| {
+        ApiError::validation("new_password", format!("new_password: {}", e.message))
+    })?;
+    if body.current_password.is_empty() {
+        return Err(ApiError::validation(
+            "current_password",
+            "current_password: is required",
+        ));
+    }
+    if body.current_password == body.new_password {
+        return Err(ApiError::validation(
+            "new_password",
+            "new_password: must differ from the current password",
+        ));
+    }
+    let epoch = accounts::change_password(
+        &state.store,
+        user.id,
+        body.current_password,
+        &new,
+        Utc::now(),
+        &user.context(),
+    )
+    .await?;
+    tracing::info!(user = %user.id, "password changed; every session revoked");
+    let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), user.id, epoch)?;
+    Ok(axum::Json(json!({
+        "message": "password changed; every other session is signed out, this one continues with the new token",
+        "token": token,
+        "expires_at": claims.expires_at(),
+    })))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct ForgotBody {
+    email: String,
+}
+
+/// Emails a reset link if the address has an account; answers the same, at once, either way.
+#[utoipa::path(post, path = "/auth/password/forgot", tag = "auth", request_body = ForgotBody,
+    responses((status = 202, description = "A link is on its way if the email has an account", body = Done)))]
+pub async fn forgot_password(
+    State(state): State<AppState>,
+    Json(body): Json<ForgotBody>,
+) -> ApiResult<impl IntoResponse> {
+    let email = Email::parse(&body.email)?;
+    // Off the request: how long it takes must not tell whether the account exists.
+    let (store, mailer) = (state.store.clone(), state.mailer.clone());
+    let base = state.config.public_base_url.clone();
+    tokio::spawn(async move {
+        let sent =
+            accounts::recovery::send_reset_link(&store, &mailer, &base, &email, Utc::now()).await;
+        if let Err(e) = sent {
+            tracing::error!(error = %e, "password reset link");
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({
+            "message": "if an account uses this email, a reset link is on its way; it works once, for 30 minutes"
+        })),
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct ResetBody {
+    token: String,
+    new_password: String,
+}
+
+/// Sets a new password with an emailed token; every session ends. Sign in afterwards.
+#[utoipa::path(post, path = "/auth/password/reset", tag = "auth", request_body = ResetBody,
+    responses(
+        (status = 200, description = "Reset; sign in with the new password", body = Done),
+        (status = 400, description = "The token is invalid, used or expired", body = ErrorBody),
+    ))]
+pub async fn reset_password(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<ResetBody>,
+) -> ApiResult<impl IntoResponse> {
+    let token = body.token.trim();
+    if token.is_empty() || token.len() > 128 {
+        return Err(ApiError::validation(
+            "token",
+            "token: the code from the email is required",
+        ));
+    }
+    let new = Password::parse(&body.new_password).map_err(|e| {
+        ApiError::validation("new_password", format!("new_password: {}", e.message))
+    })?;
+    let user = accounts::recovery::reset_password(&state.store, token, &new, Utc::now(), |id| {
+        context(&headers, Actor::User(id))
+    })
+    .await?;
+    tracing::info!(user = %user, "password reset; every session revoked");
+    Ok(axum::Json(json!({
+        "message": "password reset: sign in with the new password; every session was signed out"
+    })))
 }

@@ -235,8 +235,35 @@ impl From<accounts::Error> for ApiError {
             ),
             Error::Locked(until) => locked(until),
             Error::NoAccount => ApiError::unauthorized("no such account"),
+            Error::WrongPassword => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "wrong_password",
+                "the current password is wrong",
+            )
+            .with_field("current_password"),
+            Error::NoPassword => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "no_password",
+                "this account has no password yet: set one with a reset link",
+            )
+            .with_field("current_password"),
             Error::Store(e) => e.into(),
             Error::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<accounts::recovery::ResetError> for ApiError {
+    fn from(e: accounts::recovery::ResetError) -> Self {
+        use accounts::recovery::ResetError;
+        match e {
+            ResetError::InvalidToken => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_reset_token",
+                e.to_string(),
+            )
+            .with_field("token"),
+            ResetError::Accounts(e) => e.into(),
         }
     }
 }

@@ -44,6 +44,16 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(at(routes!(accounts::register), limit::REGISTER))
         .merge(at(routes!(accounts::login), limit::LOGIN))
         .merge(at(routes!(accounts::logout), limit::LOGOUT))
+        .merge(at(routes!(accounts::logout_all), limit::LOGOUT_ALL))
+        .merge(at(
+            routes!(accounts::change_password),
+            limit::PASSWORD_CHANGE,
+        ))
+        .merge(at(
+            routes!(accounts::forgot_password),
+            limit::PASSWORD_FORGOT,
+        ))
+        .merge(at(routes!(accounts::reset_password), limit::PASSWORD_RESET))
         .merge(at(routes!(accounts::me), limit::ME))
         .merge(at(routes!(accounts::update_profile), limit::PROFILE))
         // Personas, customisation and memory.

@@ -3,7 +3,9 @@
 //!
 //! Revocation: logout writes the token id to `revoked_tokens` before answering (so every
 //! instance refuses it at once, and after a restart) and records `TokenRevoked` on the user,
-//! from which the users projection can rebuild the table.
+//! from which the users projection can rebuild the table. Signing out everywhere (and a
+//! password change or reset) moves the user to a new session epoch: tokens carry the epoch
+//! they were issued in, and older ones are refused (`usecases::accounts::sessions`).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -32,6 +34,10 @@ pub struct Claims {
     pub exp: i64,
     /// The token id, the handle for revocation.
     pub jti: String,
+    /// The user's session epoch when the token was issued (tokens issued before epochs
+    /// existed read as 0).
+    #[serde(default)]
+    pub epoch: u32,
 }
 
 impl Claims {
@@ -42,13 +48,15 @@ impl Claims {
     }
 }
 
-pub fn issue_token(secret: &str, user_id: Uuid) -> Result<(String, Claims), ApiError> {
+/// A token for `user_id` in session epoch `epoch` (`usecases::accounts::sessions::epoch`).
+pub fn issue_token(secret: &str, user_id: Uuid, epoch: u32) -> Result<(String, Claims), ApiError> {
     let now = Utc::now();
     let claims = Claims {
         sub: user_id,
         iat: now.timestamp(),
         exp: (now + Duration::days(TOKEN_DAYS)).timestamp(),
         jti: Uuid::new_v4().simple().to_string(),
+        epoch,
     };
     let token = jsonwebtoken::encode(
         &Header::new(ALGORITHM),
@@ -112,7 +120,9 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Option<AuthUser
     };
     let unauthorized = || ApiError::unauthorized("the token is invalid, expired or revoked");
     let claims = decode_token(state.config.jwt_secret.expose(), token).ok_or_else(unauthorized)?;
-    if crate::usecases::accounts::revoked(&state.pool, &claims.jti).await? {
+    if crate::usecases::accounts::revoked(&state.pool, &claims.jti, claims.sub, claims.epoch)
+        .await?
+    {
         return Err(unauthorized());
     }
     Ok(Some(AuthUser {
@@ -188,7 +198,7 @@ mod tests {
 
     #[test]
     fn only_our_algorithm_and_secret_are_accepted() {
-        let (token, claims) = issue_token("s3cret", Uuid::now_v7()).unwrap();
+        let (token, claims) = issue_token("s3cret", Uuid::now_v7(), 0).unwrap();
         assert_eq!(decode_token("s3cret", &token).unwrap().jti, claims.jti);
         assert!(decode_token("other", &token).is_none());
         // The same claims signed with HS512 are refused although the secret is right.
@@ -217,6 +227,7 @@ mod tests {
             iat: Utc::now().timestamp() - 100,
             exp: Utc::now().timestamp() - 1,
             jti: "x".into(),
+            epoch: 0,
         };
         let token = jsonwebtoken::encode(
             &Header::new(ALGORITHM),

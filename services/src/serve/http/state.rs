@@ -25,6 +25,7 @@ pub struct AppState {
     pub elevenlabs: cmb_providers::elevenlabs::ElevenLabs,
     pub twilio: cmb_providers::twilio::Twilio,
     pub stripe: cmb_providers::stripe::Stripe,
+    pub mailer: cmb_providers::email::Mailer,
     pub voice: Arc<crate::serve::voice::Voice>,
     pub clock: crate::clock::Clock,
 }

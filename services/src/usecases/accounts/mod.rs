@@ -1,9 +1,13 @@
-//! Accounts: register, sign in (with lockout), sign out (revocation), update the profile.
-//! Emails and phone numbers are claimed beside the event log before the `user` aggregate
-//! records them ([`claims`]); passwords are hashed with argon2id ([`password`]).
+//! Accounts: register, sign in (with lockout), sign out (one session or all of them), change
+//! or reset the password, update the profile. Emails and phone numbers are claimed beside the
+//! event log before the `user` aggregate records them ([`claims`]); passwords are hashed with
+//! argon2id ([`password`]); which tokens still work is [`sessions`]' to say; reset links are
+//! [`recovery`]'s.
 
 pub mod claims;
 pub mod password;
+pub mod recovery;
+pub mod sessions;
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::user::{User, UserCommand, UserError, LOCKOUT_MINUTES, LOCKOUT_THRESHOLD};
@@ -31,6 +35,10 @@ pub enum Error {
     Locked(DateTime<Utc>),
     #[error("no such account")]
     NoAccount,
+    #[error("the current password is wrong")]
+    WrongPassword,
+    #[error("this account has no password yet: set one with a reset link (forgot password)")]
+    NoPassword,
     #[error(transparent)]
     Store(#[from] CommandError<UserError>),
     #[error("accounts: {0}")]
@@ -127,7 +135,7 @@ pub async fn sign_out(
     expires_at: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<(), Error> {
-    revoke(store.pool(), user, token_id, expires_at).await?;
+    sessions::revoke(store.pool(), user, token_id, expires_at).await?;
     let command = UserCommand::RevokeToken {
         token_id: token_id.to_string(),
         expires_at,
@@ -139,31 +147,57 @@ pub async fn sign_out(
     Ok(())
 }
 
-/// Adds a token to `revoked_tokens` (beside the event log), which authentication checks.
-async fn revoke(
+/// Whether a token is refused (see [`sessions`]).
+pub async fn revoked(
     pool: &PgPool,
-    user: Uuid,
     token_id: &str,
-    expires_at: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO revoked_tokens (token_id, user_id, expires_at) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(token_id)
-    .bind(user)
-    .bind(expires_at)
-    .execute(pool)
-    .await?;
-    Ok(())
+    user: Uuid,
+    epoch: u32,
+) -> Result<bool, sqlx::Error> {
+    sessions::refused(pool, token_id, user, epoch).await
 }
 
-/// Whether token `token_id` was revoked.
-pub async fn revoked(pool: &PgPool, token_id: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $1)")
-        .bind(token_id)
-        .fetch_one(pool)
+/// Signs `user` out of every session: every token issued so far is refused from now on.
+/// Returns the epoch new tokens carry.
+pub async fn sign_out_everywhere(
+    store: &EventStore,
+    user: Uuid,
+    now: DateTime<Utc>,
+    ctx: &CommandContext,
+) -> Result<u32, Error> {
+    let command = UserCommand::RevokeAllSessions { at: now };
+    sessions::run_revoking(store, user, command, ctx)
         .await
+        .map_err(|_| Error::NoAccount)
+}
+
+/// Changes the password after checking the current one; every session is revoked. Returns
+/// the epoch of the token the caller gets instead of theirs.
+pub async fn change_password(
+    store: &EventStore,
+    user: Uuid,
+    current: String,
+    new: &Password,
+    now: DateTime<Utc>,
+    ctx: &CommandContext,
+) -> Result<u32, Error> {
+    let (account, _) = store.load::<User>(&user.to_string()).await?;
+    if !account.registered {
+        return Err(Error::NoAccount);
+    }
+    if account.password_hash.is_empty() {
+        return Err(Error::NoPassword);
+    }
+    if !password::verify(current, Some(account.password_hash.clone())).await {
+        return Err(Error::WrongPassword);
+    }
+    let password_hash = password::hash(new.expose().to_string()).await?;
+    let command = UserCommand::ChangePassword {
+        password_hash,
+        at: now,
+        reset: false,
+    };
+    Ok(sessions::run_revoking(store, user, command, ctx).await?)
 }
 
 /// A profile change; `None` keeps a value.
