@@ -9,13 +9,12 @@
 use std::sync::{Arc, Mutex};
 
 use cmb_domain::call::{Call, CallCommand};
-use cmb_domain::cost::CostKind;
+use cmb_domain::cost::{CostKind, PriceTable};
 use cmb_domain::knowledge::rank::KnowledgeIndex;
 use cmb_domain::persona::Persona;
 use cmb_domain::{Actor, CommandContext};
 
 use super::error::SessionError;
-use super::session::Session;
 use super::shared::Voice;
 
 /// Passages added to one reply, at most.
@@ -62,17 +61,18 @@ pub(super) async fn load(
     }))
 }
 
-impl Session {
-    /// Embeds the caller's words so far when they are stable, in the background.
-    pub(super) fn prefetch_knowledge(&self, segment: &str, is_final: bool) {
-        let Some(k) = &self.ctx.knowledge else {
-            return;
-        };
-        let text = if self.pending.is_empty() {
-            segment.to_string()
-        } else {
-            format!("{} {segment}", self.pending)
-        };
+/// Where a call's knowledge work is billed and logged.
+pub(super) struct ForCall<'a> {
+    pub voice: &'a Voice,
+    pub call_id: &'a str,
+    pub prices: PriceTable,
+}
+
+impl CallKnowledge {
+    /// Embeds the caller's words so far (`text`: what is pending of the turn and the new
+    /// segment) when they are stable, in the background.
+    pub(super) fn prefetch(&self, text: String, is_final: bool, call: ForCall<'_>) {
+        let k = self;
         {
             let mut state = k.state.lock().expect("knowledge state");
             let stable = is_final || state.last_interim == text;
@@ -85,9 +85,9 @@ impl Session {
             state.requested = text.clone();
         }
         let state = k.state.clone();
-        let voice = self.voice.clone();
-        let call_id = self.ctx.call_id.clone();
-        let prices = self.ctx.prices;
+        let voice = call.voice.clone();
+        let call_id = call.call_id.to_string();
+        let prices = call.prices;
         tokio::spawn(async move {
             match voice
                 .knowledge
@@ -127,8 +127,8 @@ impl Session {
 
     /// The passages for the reply to `text`, as a note for the LLM, and their ids for the
     /// transcript. Measured (`cmb_knowledge_retrieval_us`): it sits on the turn's path.
-    pub(super) fn knowledge_for(&self, text: &str) -> Option<(String, Vec<String>)> {
-        let k = self.ctx.knowledge.as_ref()?;
+    pub(super) fn for_turn(&self, text: &str, call: ForCall<'_>) -> Option<(String, Vec<String>)> {
+        let k = self;
         let started = std::time::Instant::now();
         let vector = {
             let mut state = k.state.lock().expect("knowledge state");
@@ -143,11 +143,11 @@ impl Session {
             text,
             vector.as_deref(),
             PASSAGES_PER_TURN,
-            self.voice.knowledge.prompt_tokens,
+            call.voice.knowledge.prompt_tokens,
         );
         let took = started.elapsed();
         metrics::histogram!("cmb_knowledge_retrieval_us").record(took.as_micros() as f64);
-        tracing::debug!(call = %self.ctx.call_id, us = took.as_micros() as u64, found = hits.len(), with_vector = vector.is_some(), "knowledge retrieval");
+        tracing::debug!(call = %call.call_id, us = took.as_micros() as u64, found = hits.len(), with_vector = vector.is_some(), "knowledge retrieval");
         if hits.is_empty() {
             return None;
         }

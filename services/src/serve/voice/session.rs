@@ -361,7 +361,14 @@ impl Session {
                     }
                     self.barge_in().await;
                 }
-                self.prefetch_knowledge(&text, is_final);
+                if let Some(k) = &self.ctx.knowledge {
+                    let so_far = if self.pending.is_empty() {
+                        text.clone()
+                    } else {
+                        format!("{} {text}", self.pending)
+                    };
+                    k.prefetch(so_far, is_final, self.for_call());
+                }
                 if is_final {
                     if !self.pending.is_empty() {
                         self.pending.push(' ');

@@ -11,6 +11,7 @@ use cmb_domain::call::TurnTimings;
 use cmb_providers::llm::ChatMessage;
 use tokio::time::Instant;
 
+use super::knowledge::ForCall;
 use super::outbound::Out;
 use super::reply::{ms, respond, Pipe, Reply, Usage};
 use super::session::Session;
@@ -24,6 +25,15 @@ const RECALL_FLOOR: f32 = 0.15;
 pub(super) const PAUSE_WITHOUT_WORDS: Duration = Duration::from_millis(1500);
 
 impl Session {
+    /// This call, for the knowledge work billed and logged on it.
+    pub(super) fn for_call(&self) -> ForCall<'_> {
+        ForCall {
+            voice: &self.voice,
+            call_id: &self.ctx.call_id,
+            prices: self.ctx.prices,
+        }
+    }
+
     /// The caller started speaking while the persona speaks (or is about to): stop the audio
     /// at once and have Twilio drop what it buffered, keeping the rest of the reply until the
     /// words tell a backchannel (resume) from an interruption (barge in).
@@ -127,7 +137,11 @@ impl Session {
             return;
         }
         let endpoint_at = Instant::now();
-        let knowledge = self.knowledge_for(&text);
+        let knowledge = self
+            .ctx
+            .knowledge
+            .as_ref()
+            .and_then(|k| k.for_turn(&text, self.for_call()));
         self.transcript.push(Line {
             speaker: "caller",
             text: text.clone(),
