@@ -9,9 +9,10 @@
 use std::sync::{Arc, Mutex};
 
 use cmb_domain::call::{Call, CallCommand};
-use cmb_domain::cost::{CostKind, PriceTable};
+use cmb_domain::cost::CostKind;
 use cmb_domain::knowledge::rank::KnowledgeIndex;
 use cmb_domain::persona::Persona;
+use cmb_domain::pricing::PriceTable;
 use cmb_domain::{Actor, CommandContext};
 
 use super::error::SessionError;
@@ -63,7 +64,7 @@ pub(super) async fn load(
 
 /// Where a call's knowledge work is billed and logged.
 pub(super) struct ForCall<'a> {
-    pub voice: &'a Voice,
+    pub voice: &'a Arc<Voice>,
     pub call_id: &'a str,
     pub prices: PriceTable,
 }
