@@ -99,7 +99,21 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
         .fetch_all(&pool)
         .await
         .unwrap();
-        (applied.len() == 2 && applied.iter().all(|&n| n as u64 == total)).then_some(())
+        // And the greetings the instance pre-synthesised at start-up, one system cost each.
+        let greetings: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'system_cost'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let in_timeline: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_timeline")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (applied.len() == 2
+            && applied.iter().all(|&n| n as u64 == total)
+            && greetings == 3
+            && in_timeline as u64 == total + 1 + 3)
+            .then_some(())
     })
     .await;
     assert!(caught_up.is_some(), "the live projections never caught up");
@@ -108,8 +122,8 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
     assert_eq!(personas.len(), 27, "3 system, 30 created, 6 deleted");
     assert_eq!(
         timeline.len() as u64,
-        total + 1,
-        "and the launch price table"
+        total + 1 + 3,
+        "and the launch price table and the three greetings' system costs"
     );
 
     // Redeliver every message to every projection: all are recognised as applied.
