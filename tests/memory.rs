@@ -127,8 +127,10 @@ const EXTRACTED: &str = r#"{"facts":[{"text":"Is training for a 10k race in May"
 async fn a_persona_remembers_what_it_learned_and_the_user_controls_it() {
     let env = TestEnv::new()
         .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "7")
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:2500,1000:2500")
+        // The caller lets the greeting finish (a follow-up greeting lasts about 5 s) before
+        // speaking: a first "turn" of no speech lengthens the silence after picking up.
+        .set("SIM_TWILIO_CALL_SECONDS", "13")
+        .set("SIM_TWILIO_CALLER_TURNS", "0:5500,1000:2500,1000:2500")
         .set(
             "SIM_DEEPGRAM_SCRIPT",
             "I am training for a 10k race in May|my sister Anna says hi and I have a job interview on Friday",
