@@ -381,3 +381,36 @@ async fn a_transaction_open_elsewhere_does_not_stall_publication() {
     other.cleanup().await;
     env.cleanup().await;
 }
+
+/// A durable consumer made under other settings follows the configured ones at start (the
+/// same path applies a raised `NATS_REPLICAS` to consumers made before the cluster grew; a
+/// single local server can only show it with the settings a one-node stream allows).
+#[tokio::test]
+async fn an_existing_durable_consumer_follows_changed_settings() {
+    let env = TestEnv::new();
+    let config = env.config();
+    let client = async_nats::connect(&config.nats_url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = cmb_nats::stream::ensure_stream(&js, &config.stream)
+        .await
+        .unwrap();
+    let mut spec = cmb_nats::consume::DurableSpec::all_events(&config.stream, "follows-settings");
+    spec.ack_wait = Duration::from_secs(30);
+    spec.max_ack_pending = 1_000;
+    cmb_nats::consume::durable(&stream, &spec).await.unwrap();
+
+    spec.ack_wait = Duration::from_secs(7);
+    spec.max_ack_pending = 250;
+    let mut consumer = cmb_nats::consume::durable(&stream, &spec).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+    assert_eq!(info.config.max_ack_pending, 250);
+    // And what the server keeps, read afresh.
+    let mut again: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("follows-settings").await.unwrap();
+    assert_eq!(
+        again.info().await.unwrap().config.ack_wait,
+        Duration::from_secs(7)
+    );
+    env.cleanup().await;
+}

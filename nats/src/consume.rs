@@ -60,7 +60,27 @@ pub async fn durable(
         num_replicas: spec.replicas,
         ..Default::default()
     };
-    Ok(stream.get_or_create_consumer(&spec.name, config).await?)
+    let mut consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(&spec.name, config.clone())
+        .await?;
+    // A consumer made under other settings (fewer replicas before the cluster grew, another
+    // ack wait) follows the configured ones: JetStream updates these in place.
+    let current = consumer.info().await?.config.clone();
+    if current.num_replicas.max(1) != config.num_replicas.max(1)
+        || current.ack_wait != config.ack_wait
+        || current.max_ack_pending != config.max_ack_pending
+    {
+        tracing::info!(
+            consumer = %spec.name,
+            replicas = config.num_replicas,
+            was = current.num_replicas,
+            "updating the durable consumer to the configured settings"
+        );
+        // NATS 2.9 has no separate update call: creating a durable that exists with editable
+        // fields changed updates it.
+        consumer = stream.create_consumer(config).await?;
+    }
+    Ok(consumer)
 }
 
 /// Messages a durable consumer has not yet had acknowledged (pending plus in flight).
