@@ -207,7 +207,8 @@ impl Projection for Wallets {
     }
     async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
         let id = user_id(e)?;
-        // (kind, credits moved, reason, reference, balance after, reserved change)
+        // (kind, credits moved, reason, reference, balance change, reserved change); debt change
+        let mut debt_delta = 0;
         let (kind, credits, reason, reference, balance_delta, reserved_delta) =
             match decode::<WalletEvent>(e)? {
                 WalletEvent::CreditsGranted {
@@ -240,17 +241,47 @@ impl Projection for Wallets {
                     0,
                     -credits,
                 ),
+                WalletEvent::CreditsRevoked {
+                    grant,
+                    cause,
+                    credits,
+                    from_balance,
+                    to_debt,
+                    ..
+                } => {
+                    debt_delta = to_debt;
+                    (
+                        "revoke",
+                        credits,
+                        format!("purchase {cause}: taken back"),
+                        grant,
+                        -from_balance,
+                        0,
+                    )
+                }
+                WalletEvent::DebtPaid { credits, .. } => {
+                    debt_delta = -credits;
+                    (
+                        "debt_paid",
+                        credits,
+                        "debt paid".into(),
+                        String::new(),
+                        -credits,
+                        0,
+                    )
+                }
             };
         let balance_after: i64 = sqlx::query_scalar(
-            "INSERT INTO rm_wallets (user_id, balance, reserved, updated_at) VALUES ($1, $2, $3, $4)
+            "INSERT INTO rm_wallets (user_id, balance, reserved, debt, updated_at) VALUES ($1, $2, $3, $5, $4)
              ON CONFLICT (user_id) DO UPDATE SET balance = rm_wallets.balance + $2,
-                 reserved = rm_wallets.reserved + $3, updated_at = $4
+                 reserved = rm_wallets.reserved + $3, debt = rm_wallets.debt + $5, updated_at = $4
              RETURNING balance",
         )
         .bind(id)
         .bind(balance_delta)
         .bind(reserved_delta)
         .bind(e.occurred_at)
+        .bind(debt_delta)
         .fetch_one(&mut *db)
         .await?;
         sqlx::query(

@@ -196,6 +196,17 @@ impl Projection for Calls {
                 .execute(db)
                 .await?;
             }
+            CallEvent::PaymentReversed { amount_cents, .. } => {
+                sqlx::query(
+                    "UPDATE rm_calls SET reversed_cents = reversed_cents + $2, updated_at = $3
+                      WHERE id = $1",
+                )
+                .bind(id)
+                .bind(amount_cents)
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
             CallEvent::CallSettled { charged_cents, .. } => {
                 sqlx::query(
                     "UPDATE rm_calls SET charged_cents = $2, updated_at = $3 WHERE id = $1",

@@ -163,6 +163,16 @@ fn call_story(event: &CallEvent) -> (Option<String>, Option<String>) {
                 cents(*released_cents)
             )),
         ),
+        CallEvent::PaymentReversed {
+            kind, amount_cents, ..
+        } => (
+            None,
+            Some(format!(
+                "{} of the captured payment: {} given back",
+                kind.as_str(),
+                cents(*amount_cents)
+            )),
+        ),
         // Usage only: what a provider charges us is internal (it would tell the margin).
         CallEvent::CostRecorded(cost) => (
             None,

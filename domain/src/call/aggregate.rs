@@ -59,6 +59,9 @@ pub struct Call {
     /// `provider:reference` of every billed figure recorded.
     #[serde(default)]
     pub billed: Vec<String>,
+    /// Cents of the capture given back (refunds and disputes), per reversal reference.
+    #[serde(default)]
+    pub reversed: std::collections::BTreeMap<String, i64>,
 }
 
 impl Call {
@@ -328,6 +331,26 @@ impl Aggregate for Call {
                     }]
                 }
             }
+            CallCommand::RecordPaymentReversal {
+                kind,
+                reference,
+                amount_cents,
+                at,
+            } => {
+                let claimed = amount_cents - self.reversed.get(&reference).unwrap_or(&0);
+                let left = self.max_price_cents - self.reversed.values().sum::<i64>();
+                let amount_cents = claimed.min(left);
+                if amount_cents > 0 {
+                    vec![CallEvent::PaymentReversed {
+                        kind,
+                        reference,
+                        amount_cents,
+                        at,
+                    }]
+                } else {
+                    vec![]
+                }
+            }
             CallCommand::RecordSettlement {
                 charged_cents,
                 released_cents,
@@ -408,6 +431,11 @@ impl Aggregate for Call {
                 }
             }
             CallEvent::CallSettled { .. } => self.settled = true,
+            CallEvent::PaymentReversed {
+                reference,
+                amount_cents,
+                ..
+            } => *self.reversed.entry(reference).or_default() += amount_cents,
             CallEvent::TurnCompleted { turn, .. } => self.turns_recorded.push(turn),
             CallEvent::VoiceSessionEnded { .. } => self.session_ended = true,
         }

@@ -71,6 +71,16 @@ pub enum CallCommand {
         charged_cents: i64,
         released_cents: i64,
     },
+    /// Stripe reports money of the call's capture given back: a refund (`amount_cents` is the
+    /// charge's refunded total so far) or a dispute (its amount). Recorded once per
+    /// `reference` (`refund:<charge>`, `dispute:<dispute>`) for what it claims beyond what was
+    /// already recorded under it, never more than the hold in all.
+    RecordPaymentReversal {
+        kind: super::Reversal,
+        reference: String,
+        amount_cents: i64,
+        at: DateTime<Utc>,
+    },
     RecordTurn {
         turn: u32,
         timings: TurnTimings,

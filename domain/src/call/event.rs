@@ -72,6 +72,14 @@ pub enum CallEvent {
         charged_cents: i64,
         released_cents: i64,
     },
+    /// Money of the call's capture given back at Stripe (`amount_cents` more under
+    /// `reference`).
+    PaymentReversed {
+        kind: super::Reversal,
+        reference: String,
+        amount_cents: i64,
+        at: DateTime<Utc>,
+    },
     TurnCompleted {
         turn: u32,
         timings: TurnTimings,
@@ -112,6 +120,7 @@ impl DomainEvent for CallEvent {
             CallEvent::CallEnded { .. } => "CallEnded",
             CallEvent::CostRecorded(_) => "CostRecorded",
             CallEvent::CallSettled { .. } => "CallSettled",
+            CallEvent::PaymentReversed { .. } => "PaymentReversed",
             CallEvent::TurnCompleted { .. } => "TurnCompleted",
             CallEvent::VoiceSessionEnded { .. } => "VoiceSessionEnded",
         }

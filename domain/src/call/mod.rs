@@ -17,7 +17,7 @@ pub use crate::cost::Cost;
 pub use aggregate::{Call, CallError};
 pub use command::{CallCommand, CallRequest};
 pub use event::{CallEvent, TurnTimings};
-pub use payment::{Payment, Settlement};
+pub use payment::{Payment, Reversal, Settlement};
 pub use status::{Outcome, Status};
 
 /// Paid duration bounds, in minutes.

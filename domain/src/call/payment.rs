@@ -12,6 +12,25 @@ pub enum Payment {
     Card { payment_intent_id: String },
 }
 
+/// How money captured for a call came back to the payer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reversal {
+    /// We (or Stripe's dashboard) refunded it.
+    Refund,
+    /// The cardholder disputed it with their bank (a chargeback).
+    Dispute,
+}
+
+impl Reversal {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reversal::Refund => "refund",
+            Reversal::Dispute => "dispute",
+        }
+    }
+}
+
 /// What settling a call's hold comes to: what the user is charged and what goes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settlement {

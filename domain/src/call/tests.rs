@@ -255,3 +255,48 @@ fn a_dial_attempt_is_recorded_only_by_the_handler_that_expected_it() {
         .when(CallCommand::StartDial { attempt: 2, at: t })
         .then_expect_events(vec![CallEvent::DialAttempted { attempt: 2, at: t }]);
 }
+
+#[test]
+fn a_refund_or_dispute_of_the_capture_is_recorded_once_and_never_beyond_the_hold() {
+    let t = Utc::now();
+    let reverse = |kind, reference: &str, amount_cents| CallCommand::RecordPaymentReversal {
+        kind,
+        reference: reference.into(),
+        amount_cents,
+        at: t,
+    };
+    let refunded = CallEvent::PaymentReversed {
+        kind: Reversal::Refund,
+        reference: "refund:ch_1".into(),
+        amount_cents: 65,
+        at: t,
+    };
+    TestFramework::<Call>::with(())
+        .given(vec![requested(None)])
+        .when(reverse(Reversal::Refund, "refund:ch_1", 65))
+        .then_expect_events(vec![refunded.clone()]);
+    // Redelivered: nothing more. The charge refunded further (cumulative 105): 40 more.
+    TestFramework::<Call>::with(())
+        .given(vec![requested(None), refunded.clone()])
+        .when(reverse(Reversal::Refund, "refund:ch_1", 65))
+        .then_expect_events(vec![]);
+    TestFramework::<Call>::with(())
+        .given(vec![requested(None), refunded.clone()])
+        .when(reverse(Reversal::Refund, "refund:ch_1", 105))
+        .then_expect_events(vec![CallEvent::PaymentReversed {
+            kind: Reversal::Refund,
+            reference: "refund:ch_1".into(),
+            amount_cents: 40,
+            at: t,
+        }]);
+    // A dispute for more than is left of the 225¢ hold: only what is left.
+    TestFramework::<Call>::with(())
+        .given(vec![requested(None), refunded])
+        .when(reverse(Reversal::Dispute, "dispute:dp_1", 225))
+        .then_expect_events(vec![CallEvent::PaymentReversed {
+            kind: Reversal::Dispute,
+            reference: "dispute:dp_1".into(),
+            amount_cents: 160,
+            at: t,
+        }]);
+}

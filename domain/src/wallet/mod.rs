@@ -6,6 +6,13 @@
 //! maximum price (a hold, named by the call id), then settles what it cost and releases the
 //! rest; holds count against the balance, so the balance never goes negative, however many
 //! calls run at once. Every hold command is idempotent per hold id.
+//!
+//! A purchase refunded or disputed at Stripe takes its credits back (`Revoke`), never more
+//! than the grant gave and never below zero: what the wallet cannot cover (credits already
+//! spent or held for a call) becomes debt. While there is debt no hold is reserved (no new
+//! call); credits that come in later (a new pack, a hold settled or released) pay it first.
+//! Each reversal is named (`refund:<charge>`, `dispute:<dispute>`) and takes at most what it
+//! claims in total, so a redelivered webhook takes nothing twice.
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -35,6 +42,14 @@ pub enum WalletCommand {
     Release {
         hold_id: String,
     },
+    /// Takes back the credits of grant `grant` (a purchase's reference) that reversal
+    /// `reversal` claims in total (`credits`: a refund's cumulative amount, or a dispute's).
+    Revoke {
+        grant: String,
+        reversal: String,
+        credits: i64,
+        cause: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +75,23 @@ pub enum WalletEvent {
         hold_id: String,
         credits: i64,
     },
+    /// Credits of grant `grant` taken back: `from_balance` from the balance, `to_debt` owed.
+    CreditsRevoked {
+        grant: String,
+        reversal: String,
+        cause: String,
+        credits: i64,
+        from_balance: i64,
+        to_debt: i64,
+        balance_after: i64,
+        debt_after: i64,
+    },
+    /// Credits that came in paid (part of) the debt.
+    DebtPaid {
+        credits: i64,
+        balance_after: i64,
+        debt_after: i64,
+    },
 }
 
 impl DomainEvent for WalletEvent {
@@ -69,6 +101,8 @@ impl DomainEvent for WalletEvent {
             WalletEvent::CreditsReserved { .. } => "CreditsReserved",
             WalletEvent::CreditsSettled { .. } => "CreditsSettled",
             WalletEvent::CreditsReleased { .. } => "CreditsReleased",
+            WalletEvent::CreditsRevoked { .. } => "CreditsRevoked",
+            WalletEvent::DebtPaid { .. } => "DebtPaid",
         }
         .to_string()
     }
@@ -89,6 +123,11 @@ pub enum WalletError {
     /// success (a caller repeating its own settlement can tell it is its own by `settled`).
     #[error("hold {0} is already closed")]
     HoldClosed(String),
+    #[error("no credits were granted under {0}")]
+    UnknownGrant(String),
+    /// A refunded or disputed purchase left the wallet owing credits: no new call until paid.
+    #[error("you owe {debt} credits (a refunded or disputed credit purchase); buy credits to settle it before a new call")]
+    InDebt { debt: i64 },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -104,6 +143,17 @@ pub struct Wallet {
     /// Holds already settled or released (so a repeat does nothing).
     #[serde(default)]
     pub closed_holds: Vec<String>,
+    /// Credits owed: taken back by a reversal when the wallet could not cover them.
+    #[serde(default)]
+    pub debt: i64,
+    /// Credits granted under each reference.
+    #[serde(default)]
+    pub grants: BTreeMap<String, i64>,
+    /// Credits taken back from each grant, and under each reversal.
+    #[serde(default)]
+    pub revoked_from_grant: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub revoked_by_reversal: BTreeMap<String, i64>,
 }
 
 impl Wallet {
@@ -112,6 +162,20 @@ impl Wallet {
     }
     pub fn available(&self) -> i64 {
         self.balance - self.reserved()
+    }
+
+    /// After `events`, credits that are free while there is debt pay it.
+    fn pay_debt(&self, events: &[WalletEvent]) -> Option<WalletEvent> {
+        let mut after = self.clone();
+        for e in events {
+            after.apply(e.clone());
+        }
+        let credits = after.debt.min(after.available());
+        (credits > 0).then(|| WalletEvent::DebtPaid {
+            credits,
+            balance_after: after.balance - credits,
+            debt_after: after.debt - credits,
+        })
     }
 }
 
@@ -128,6 +192,7 @@ impl Aggregate for Wallet {
         _: &(),
         sink: &EventSink<Self>,
     ) -> Result<(), WalletError> {
+        let mut events = vec![];
         match command {
             WalletCommand::Grant {
                 credits,
@@ -141,13 +206,12 @@ impl Aggregate for Wallet {
                     return Ok(());
                 }
                 let balance_after = self.balance + credits;
-                let event = WalletEvent::CreditsGranted {
+                events.push(WalletEvent::CreditsGranted {
                     credits,
                     reason,
                     reference,
                     balance_after,
-                };
-                sink.write(event, self).await;
+                });
             }
             WalletCommand::Reserve { hold_id, credits } => {
                 if credits <= 0 {
@@ -156,6 +220,9 @@ impl Aggregate for Wallet {
                 if self.holds.contains_key(&hold_id) || self.closed_holds.contains(&hold_id) {
                     return Ok(());
                 }
+                if self.debt > 0 {
+                    return Err(WalletError::InDebt { debt: self.debt });
+                }
                 let available = self.available();
                 if credits > available {
                     return Err(WalletError::Insufficient {
@@ -163,12 +230,11 @@ impl Aggregate for Wallet {
                         available,
                     });
                 }
-                let event = WalletEvent::CreditsReserved {
+                events.push(WalletEvent::CreditsReserved {
                     hold_id,
                     credits,
                     available_after: available - credits,
-                };
-                sink.write(event, self).await;
+                });
             }
             WalletCommand::Settle { hold_id, credits } => {
                 if self.closed_holds.contains(&hold_id) {
@@ -178,20 +244,51 @@ impl Aggregate for Wallet {
                     return Err(WalletError::UnknownHold(hold_id));
                 };
                 let used = credits.clamp(0, held);
-                let event = WalletEvent::CreditsSettled {
+                events.push(WalletEvent::CreditsSettled {
                     hold_id,
                     used,
                     released: held - used,
                     balance_after: self.balance - used,
-                };
-                sink.write(event, self).await;
+                });
             }
             WalletCommand::Release { hold_id } => {
                 if let Some(&credits) = self.holds.get(&hold_id) {
-                    sink.write(WalletEvent::CreditsReleased { hold_id, credits }, self)
-                        .await;
+                    events.push(WalletEvent::CreditsReleased { hold_id, credits });
                 }
             }
+            WalletCommand::Revoke {
+                grant,
+                reversal,
+                credits,
+                cause,
+            } => {
+                let Some(&granted) = self.grants.get(&grant) else {
+                    return Err(WalletError::UnknownGrant(grant));
+                };
+                let claimed = credits - self.revoked_by_reversal.get(&reversal).unwrap_or(&0);
+                let left = granted - self.revoked_from_grant.get(&grant).unwrap_or(&0);
+                let take = claimed.min(left);
+                if take > 0 {
+                    let from_balance = take.min(self.available().max(0));
+                    let to_debt = take - from_balance;
+                    events.push(WalletEvent::CreditsRevoked {
+                        grant,
+                        reversal,
+                        cause,
+                        credits: take,
+                        from_balance,
+                        to_debt,
+                        balance_after: self.balance - from_balance,
+                        debt_after: self.debt + to_debt,
+                    });
+                }
+            }
+        }
+        if !events.is_empty() {
+            events.extend(self.pay_debt(&events));
+        }
+        for event in events {
+            sink.write(event, self).await;
         }
         Ok(())
     }
@@ -199,11 +296,13 @@ impl Aggregate for Wallet {
     fn apply(&mut self, event: WalletEvent) {
         match event {
             WalletEvent::CreditsGranted {
+                credits,
                 reference,
                 balance_after,
                 ..
             } => {
                 self.balance = balance_after;
+                self.grants.insert(reference.clone(), credits);
                 self.references.push(reference);
             }
             WalletEvent::CreditsReserved {
@@ -226,6 +325,27 @@ impl Aggregate for Wallet {
                 self.holds.remove(&hold_id);
                 self.settled.insert(hold_id.clone(), 0);
                 self.closed_holds.push(hold_id);
+            }
+            WalletEvent::CreditsRevoked {
+                grant,
+                reversal,
+                credits,
+                balance_after,
+                debt_after,
+                ..
+            } => {
+                *self.revoked_from_grant.entry(grant).or_default() += credits;
+                *self.revoked_by_reversal.entry(reversal).or_default() += credits;
+                self.balance = balance_after;
+                self.debt = debt_after;
+            }
+            WalletEvent::DebtPaid {
+                balance_after,
+                debt_after,
+                ..
+            } => {
+                self.balance = balance_after;
+                self.debt = debt_after;
             }
         }
     }
@@ -323,5 +443,135 @@ mod tests {
                 released: 0,
                 balance_after: 55,
             }]);
+    }
+
+    fn revoke(reversal: &str, credits: i64) -> WalletCommand {
+        WalletCommand::Revoke {
+            grant: "r1".into(),
+            reversal: reversal.into(),
+            credits,
+            cause: "refund".into(),
+        }
+    }
+
+    #[test]
+    fn a_reversal_takes_back_what_is_left_and_the_rest_becomes_debt() {
+        // 100 granted, 45 held for a call: 55 can be taken, 45 is owed.
+        let given = vec![
+            granted(100),
+            WalletEvent::CreditsReserved {
+                hold_id: "c1".into(),
+                credits: 45,
+                available_after: 55,
+            },
+        ];
+        let revoked = WalletEvent::CreditsRevoked {
+            grant: "r1".into(),
+            reversal: "refund:ch_1".into(),
+            cause: "refund".into(),
+            credits: 100,
+            from_balance: 55,
+            to_debt: 45,
+            balance_after: 45,
+            debt_after: 45,
+        };
+        TestFramework::<Wallet>::with(())
+            .given(given.clone())
+            .when(revoke("refund:ch_1", 100))
+            .then_expect_events(vec![revoked.clone()]);
+        let mut owing = given;
+        owing.push(revoked);
+        // The same reversal again (a redelivered webhook) takes nothing.
+        TestFramework::<Wallet>::with(())
+            .given(owing.clone())
+            .when(revoke("refund:ch_1", 100))
+            .then_expect_events(vec![]);
+        // Another reversal of the same purchase cannot take more than it granted.
+        TestFramework::<Wallet>::with(())
+            .given(owing.clone())
+            .when(revoke("dispute:dp_1", 100))
+            .then_expect_events(vec![]);
+        // No new hold while in debt.
+        TestFramework::<Wallet>::with(())
+            .given(owing.clone())
+            .when(WalletCommand::Reserve {
+                hold_id: "c2".into(),
+                credits: 5,
+            })
+            .then_expect_error(WalletError::InDebt { debt: 45 });
+        // The call settles 13 credits: the 32 released pay the debt down to 13.
+        TestFramework::<Wallet>::with(())
+            .given(owing.clone())
+            .when(WalletCommand::Settle {
+                hold_id: "c1".into(),
+                credits: 13,
+            })
+            .then_expect_events(vec![
+                WalletEvent::CreditsSettled {
+                    hold_id: "c1".into(),
+                    used: 13,
+                    released: 32,
+                    balance_after: 32,
+                },
+                WalletEvent::DebtPaid {
+                    credits: 32,
+                    balance_after: 0,
+                    debt_after: 13,
+                },
+            ]);
+        // A new pack pays what is owed first.
+        TestFramework::<Wallet>::with(())
+            .given(owing)
+            .when(WalletCommand::Grant {
+                credits: 100,
+                reason: "credit pack".into(),
+                reference: "r2".into(),
+            })
+            .then_expect_events(vec![
+                WalletEvent::CreditsGranted {
+                    credits: 100,
+                    reason: "credit pack".into(),
+                    reference: "r2".into(),
+                    balance_after: 145,
+                },
+                WalletEvent::DebtPaid {
+                    credits: 45,
+                    balance_after: 100,
+                    debt_after: 0,
+                },
+            ]);
+    }
+
+    #[test]
+    fn a_partial_refund_then_the_rest_takes_each_part_once() {
+        TestFramework::<Wallet>::with(())
+            .given(vec![
+                granted(100),
+                WalletEvent::CreditsRevoked {
+                    grant: "r1".into(),
+                    reversal: "refund:ch_1".into(),
+                    cause: "refund".into(),
+                    credits: 40,
+                    from_balance: 40,
+                    to_debt: 0,
+                    balance_after: 60,
+                    debt_after: 0,
+                },
+            ])
+            .when(revoke("refund:ch_1", 100))
+            .then_expect_events(vec![WalletEvent::CreditsRevoked {
+                grant: "r1".into(),
+                reversal: "refund:ch_1".into(),
+                cause: "refund".into(),
+                credits: 60,
+                from_balance: 60,
+                to_debt: 0,
+                balance_after: 0,
+                debt_after: 0,
+            }]);
+        TestFramework::<Wallet>::with(())
+            .given_no_previous_events()
+            .when(revoke("refund:ch_1", 100))
+            .then_expect_error(WalletError::UnknownGrant("r1".into()));
     }
 }

@@ -2,10 +2,17 @@
 //! maximum price, credit packs, and Stripe's webhook events recorded once each. Every Stripe
 //! write carries an `Idempotency-Key` derived from what it is for, so a retry never charges
 //! twice.
+//!
+//! Money given back at Stripe (`charge.refunded`, `charge.dispute.created`) is taken back from
+//! what it paid for, found by its payment intent in the event log: a credit pack's credits
+//! (`WalletCommand::Revoke`: the rest becomes debt), or recorded on the call it paid for
+//! (`CallCommand::RecordPaymentReversal`). Both are idempotent per reversal, so a redelivered
+//! webhook takes nothing twice.
 
 use cmb_domain::billing::{
     Billing, BillingCommand, BillingError, Card, RecordStripeEvent, StripeEvent, StripeEventError,
 };
+use cmb_domain::call::{Call, CallCommand, CallError, Reversal};
 use cmb_domain::user::{User, UserError};
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError, CENTS_PER_CREDIT};
 use cmb_domain::CommandContext;
@@ -34,6 +41,10 @@ pub enum Error {
     User(#[from] CommandError<UserError>),
     #[error(transparent)]
     Wallet(#[from] CommandError<WalletError>),
+    #[error(transparent)]
+    Call(#[from] CommandError<CallError>),
+    #[error("billing: {0}")]
+    Db(#[from] sqlx::Error),
 }
 
 pub async fn load(store: &EventStore, user: Uuid) -> Result<Billing, Error> {
@@ -317,4 +328,127 @@ pub async fn record_stripe_event(
 ) -> Result<bool, CommandError<StripeEventError>> {
     let committed = store.execute::<StripeEvent>(event_id, event, ctx).await?;
     Ok(committed.events > 0)
+}
+
+/// Money Stripe gave back to the payer of one of our charges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeReversal {
+    pub kind: Reversal,
+    pub payment_intent: String,
+    /// `refund:<charge>` (its amount is the charge's refunded total so far) or
+    /// `dispute:<dispute>`.
+    pub reference: String,
+    pub amount_cents: i64,
+}
+
+impl ChargeReversal {
+    /// The reversal a Stripe event of type `kind` about `object` reports, if it is one.
+    pub fn of(kind: &str, object: &serde_json::Value) -> Option<ChargeReversal> {
+        let (kind, amount) = match kind {
+            "charge.refunded" => (Reversal::Refund, "amount_refunded"),
+            "charge.dispute.created" => (Reversal::Dispute, "amount"),
+            _ => return None,
+        };
+        Some(ChargeReversal {
+            kind,
+            payment_intent: object.get("payment_intent")?.as_str()?.to_string(),
+            reference: format!("{}:{}", kind.as_str(), object.get("id")?.as_str()?),
+            amount_cents: object.get(amount)?.as_i64()?,
+        })
+    }
+}
+
+/// What a reversal took back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reversed {
+    /// From a credit pack: the credits the user's wallet lost now (0 when already taken).
+    Credits { user: Uuid, events: usize },
+    /// Recorded on the call its payment paid for.
+    Call { call: Uuid, events: usize },
+    /// The payment intent pays for nothing of ours.
+    Unknown,
+}
+
+/// What payment intent `pi` paid for, from the event log: a credit pack's grant (the user) or
+/// a call.
+async fn paid_for(pool: &sqlx::PgPool, pi: &str) -> Result<Option<Reversed>, sqlx::Error> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id FROM events
+          WHERE (aggregate_type = 'wallet' AND event_type = 'CreditsGranted'
+                 AND payload -> 'CreditsGranted' ->> 'reference' = $1)
+             OR (aggregate_type = 'call' AND event_type = 'CallRequested'
+                 AND payload -> 'CallRequested' -> 'payment' ->> 'payment_intent_id' = $1)
+          LIMIT 1",
+    )
+    .bind(pi)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(kind, id)| {
+        let id = Uuid::parse_str(&id).ok()?;
+        Some(match kind.as_str() {
+            "wallet" => Reversed::Credits {
+                user: id,
+                events: 0,
+            },
+            _ => Reversed::Call {
+                call: id,
+                events: 0,
+            },
+        })
+    }))
+}
+
+/// Takes back what `reversal` gave back at Stripe: a credit pack's credits (never below zero,
+/// the rest owed as debt), or records it on the call. Idempotent: the same reversal again
+/// takes nothing.
+pub async fn reverse(
+    store: &EventStore,
+    reversal: &ChargeReversal,
+    ctx: &CommandContext,
+) -> Result<Reversed, Error> {
+    let Some(target) = paid_for(store.pool(), &reversal.payment_intent).await? else {
+        tracing::warn!(
+            payment_intent = %reversal.payment_intent,
+            reference = %reversal.reference,
+            "a {} of a payment intent that pays for nothing of ours",
+            reversal.kind.as_str()
+        );
+        return Ok(Reversed::Unknown);
+    };
+    metrics::counter!("cmb_payment_reversals_total", "kind" => reversal.kind.as_str()).increment(1);
+    match target {
+        Reversed::Credits { user, .. } => {
+            // Credits of a pack are 5¢ each: a reversal of part of a cent takes a whole credit.
+            let credits = (reversal.amount_cents + CENTS_PER_CREDIT - 1) / CENTS_PER_CREDIT;
+            let revoke = WalletCommand::Revoke {
+                grant: reversal.payment_intent.clone(),
+                reversal: reversal.reference.clone(),
+                credits,
+                cause: reversal.kind.as_str().into(),
+            };
+            let done = store
+                .execute::<Wallet>(&user.to_string(), revoke, ctx)
+                .await?;
+            Ok(Reversed::Credits {
+                user,
+                events: done.events,
+            })
+        }
+        Reversed::Call { call, .. } => {
+            let record = CallCommand::RecordPaymentReversal {
+                kind: reversal.kind,
+                reference: reversal.reference.clone(),
+                amount_cents: reversal.amount_cents,
+                at: chrono::Utc::now(),
+            };
+            let done = store
+                .execute::<Call>(&call.to_string(), record, ctx)
+                .await?;
+            Ok(Reversed::Call {
+                call,
+                events: done.events,
+            })
+        }
+        Reversed::Unknown => Ok(Reversed::Unknown),
+    }
 }

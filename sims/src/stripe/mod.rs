@@ -1,6 +1,11 @@
 //! Stripe simulator: a stateful slice of Stripe's API (customers, card payment methods,
-//! PaymentIntents with manual capture, refunds), with Stripe's idempotency rules and signed
-//! webhooks, so that payment flows — declines, partial captures, retries — run without Stripe.
+//! PaymentIntents with manual capture, refunds, disputes), with Stripe's idempotency rules and
+//! signed webhooks, so that payment flows — declines, partial captures, retries, refunds and
+//! chargebacks — run without Stripe.
+//!
+//! Disputes come as in Stripe's test mode: the card `pm_card_createDispute` (number
+//! `4000 0000 0000 0259`) pays, and its charge is disputed at once (`charge.dispute.created`).
+//! [`StripeSim::resend`] delivers an event again, as `stripe events resend` does.
 //!
 //! Requests are form-encoded with bracket notation; answers and errors are shaped like
 //! Stripe's (`{"error":{"type","code","decline_code","message","param"}}`).
@@ -75,12 +80,16 @@ struct Shared {
     webhook_secret: String,
     webhook_url: Arc<Mutex<Option<String>>>,
     state: Mutex<Ledger>,
+    /// Webhook deliveries the endpoint answered with a 2xx.
+    delivered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How a test card behaves when charged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Behaviour {
     Succeeds,
+    /// Pays, then the cardholder disputes the charge.
+    Disputed,
     Declined,
     InsufficientFunds,
 }
@@ -102,6 +111,11 @@ const MASTERCARD: TestCard = TestCard {
     last4: "4444",
     behaviour: Behaviour::Succeeds,
 };
+const DISPUTED: TestCard = TestCard {
+    brand: "visa",
+    last4: "0259",
+    behaviour: Behaviour::Disputed,
+};
 const DECLINED: TestCard = TestCard {
     brand: "visa",
     last4: "0002",
@@ -117,6 +131,7 @@ fn test_token(id: &str) -> Option<TestCard> {
     match id {
         "pm_card_visa" => Some(VISA),
         "pm_card_mastercard" => Some(MASTERCARD),
+        "pm_card_createDispute" => Some(DISPUTED),
         "pm_card_chargeDeclined" => Some(DECLINED),
         "pm_card_chargeDeclinedInsufficientFunds" => Some(INSUFFICIENT),
         _ => None,
@@ -128,6 +143,7 @@ fn test_number(number: &str) -> Option<TestCard> {
     match digits.as_str() {
         "4242424242424242" => Some(VISA),
         "5555555555554444" => Some(MASTERCARD),
+        "4000000000000259" => Some(DISPUTED),
         "4000000000000002" => Some(DECLINED),
         "4000000000009995" => Some(INSUFFICIENT),
         _ => None,
@@ -213,6 +229,24 @@ impl Intent {
         })
     }
 
+    /// The dispute a [`Behaviour::Disputed`] card opens on the charge once money is received.
+    fn dispute_json(&self) -> Value {
+        json!({
+            "id": random_id("dp"),
+            "object": "dispute",
+            "amount": self.amount_received,
+            "charge": self.latest_charge,
+            "currency": self.currency,
+            "payment_intent": self.id,
+            "reason": "fraudulent",
+            "status": "needs_response",
+            "is_charge_refundable": false,
+            "created": now(),
+            "livemode": false,
+            "metadata": {},
+        })
+    }
+
     fn charge_json(&self) -> Value {
         json!({
             "id": self.latest_charge,
@@ -252,6 +286,17 @@ struct Ledger {
     refunded_cents: i64,
     replays: u64,
     webhooks: Option<mpsc::Sender<Value>>,
+    /// Every event emitted, in order, for [`StripeSim::resend`].
+    sent: Vec<Value>,
+}
+
+impl Ledger {
+    /// Whether `payment_method` is a card whose charges get disputed.
+    fn disputes(&self, payment_method: Option<&str>) -> bool {
+        payment_method
+            .and_then(|pm| self.cards.get(pm))
+            .is_some_and(|c| c.card.behaviour == Behaviour::Disputed)
+    }
 }
 
 impl StripeSim {
@@ -262,6 +307,7 @@ impl StripeSim {
                 webhook_secret: settings.webhook_secret,
                 webhook_url: Arc::new(Mutex::new(settings.webhook_url)),
                 state: Mutex::default(),
+                delivered: Arc::default(),
             }),
         }
     }
@@ -298,6 +344,34 @@ impl StripeSim {
     pub fn charges_captured_cents(&self) -> i64 {
         let l = self.ledger();
         l.captured_cents - l.refunded_cents
+    }
+
+    /// The events emitted so far of type `kind`, oldest first.
+    pub fn events(&self, kind: &str) -> Vec<Value> {
+        self.ledger()
+            .sent
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .cloned()
+            .collect()
+    }
+
+    /// Delivers event `event_id` again (signed anew), as `stripe events resend` does; false
+    /// when no such event was emitted.
+    pub fn resend(&self, event_id: &str) -> bool {
+        let mut ledger = self.ledger();
+        let Some(event) = ledger.sent.iter().find(|e| e["id"] == event_id).cloned() else {
+            return false;
+        };
+        self.queue(&mut ledger, event);
+        true
+    }
+
+    /// How many webhook deliveries the endpoint accepted (2xx) so far.
+    pub fn webhooks_delivered(&self) -> u64 {
+        self.shared
+            .delivered
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// How many requests were answered from a saved idempotent response.
@@ -460,6 +534,13 @@ impl StripeSim {
             "type": kind,
             "data": { "object": object },
         });
+        ledger.sent.push(event.clone());
+        self.queue(ledger, event);
+    }
+
+    /// Hands `event` to the delivery task (started on first use).
+    fn queue(&self, ledger: &mut Ledger, event: Value) {
+        let kind = event["type"].as_str().unwrap_or_default().to_string();
         if ledger.webhooks.is_none() {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                 return;
@@ -469,12 +550,13 @@ impl StripeSim {
                 rx,
                 self.shared.webhook_url.clone(),
                 self.shared.webhook_secret.clone(),
+                self.shared.delivered.clone(),
             ));
             ledger.webhooks = Some(tx);
         }
         if let Some(tx) = &ledger.webhooks {
             if tx.try_send(event).is_err() {
-                tracing::warn!(kind, "Stripe simulator webhook queue full; event dropped");
+                tracing::warn!(kind = %kind, "Stripe simulator webhook queue full; event dropped");
             }
         }
     }

@@ -135,7 +135,7 @@ pub(super) async fn create_intent(
             .map(|c| (c.card, c.json()))
             .unwrap_or((VISA, Value::Null));
         let decline = match card.0.behaviour {
-            Behaviour::Succeeds => None,
+            Behaviour::Succeeds | Behaviour::Disputed => None,
             Behaviour::Declined => Some(("generic_decline", "Your card was declined.")),
             Behaviour::InsufficientFunds => {
                 Some(("insufficient_funds", "Your card has insufficient funds."))
@@ -174,6 +174,9 @@ pub(super) async fn create_intent(
             intent.amount_received = amount;
             l.captured_cents += amount;
             events.push(("payment_intent.succeeded", intent.json()));
+            if card.0.behaviour == Behaviour::Disputed {
+                events.push(("charge.dispute.created", intent.dispute_json()));
+            }
         }
         let json = intent.json();
         l.intents.push(intent);
@@ -243,8 +246,13 @@ pub(super) async fn capture(
         intent.amount_received = amount;
         intent.amount_capturable = 0;
         let json = intent.json();
+        let dispute = (amount > 0).then(|| intent.dispute_json());
+        let disputed = l.disputes(json["payment_method"].as_str());
         l.captured_cents += amount;
         events.push(("payment_intent.succeeded", json.clone()));
+        if let Some(dispute) = dispute.filter(|_| disputed) {
+            events.push(("charge.dispute.created", dispute));
+        }
         Ok(json)
     });
     sim.write(&headers, endpoint, &body, op).await

@@ -7,6 +7,7 @@ pub(super) async fn deliver(
     mut rx: mpsc::Receiver<Value>,
     url: Arc<Mutex<Option<String>>>,
     secret: String,
+    delivered: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let http = cmb_providers::http_client();
     while let Some(event) = rx.recv().await {
@@ -25,7 +26,10 @@ pub(super) async fn deliver(
                 .send()
                 .await;
             match sent {
-                Ok(r) if r.status().is_success() => break,
+                Ok(r) if r.status().is_success() => {
+                    delivered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
                 Ok(r) => tracing::debug!(status = %r.status(), attempt, "webhook refused"),
                 Err(e) => tracing::debug!(error = %e, attempt, "webhook not delivered"),
             }

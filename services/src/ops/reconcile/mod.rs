@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use cmb_domain::call::{CallEvent, Payment};
+use cmb_domain::call::{CallEvent, Payment, Reversal};
 use cmb_domain::EventEnvelope;
 use serde::Serialize;
 use uuid::Uuid;
@@ -106,6 +106,9 @@ pub struct CallLine {
     pub price_cents: Option<i64>,
     pub charged_cents: Option<i64>,
     pub refunded_cents: i64,
+    /// Cents of the capture the cardholder disputed (a chargeback), from the call's
+    /// `PaymentReversed` events.
+    pub disputed_cents: i64,
     pub revenue_cents: i64,
     /// Per provider, micro-dollars (exact) and cents (rounded once). Where a provider's bill
     /// was recorded for the call, its billed figures replace our estimates.
@@ -119,6 +122,10 @@ pub struct CallLine {
     pub requested: bool,
     #[serde(skip)]
     pub requested_at: Option<DateTime<Utc>>,
+    /// Refunds recorded on the call (`PaymentReversed`); the charge's own `charge.refunded`
+    /// total may say the same (older logs have only that), so the larger counts.
+    #[serde(skip)]
+    pub refunded_on_call: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -255,6 +262,12 @@ impl Reconciler {
             CallEvent::CallSettled { charged_cents, .. } => {
                 line.charged_cents = Some(charged_cents)
             }
+            CallEvent::PaymentReversed {
+                kind, amount_cents, ..
+            } => match kind {
+                Reversal::Refund => line.refunded_on_call += amount_cents,
+                Reversal::Dispute => line.disputed_cents += amount_cents,
+            },
             _ => {}
         }
     }
@@ -278,7 +291,9 @@ impl Reconciler {
                 .map(|(k, v)| (k.clone(), micros_to_cents(*v)))
                 .collect();
             line.total_cost_cents = line.cost_cents.values().sum();
-            line.revenue_cents = line.charged_cents.unwrap_or(0) - line.refunded_cents;
+            line.refunded_cents = line.refunded_cents.max(line.refunded_on_call);
+            line.revenue_cents =
+                line.charged_cents.unwrap_or(0) - line.refunded_cents - line.disputed_cents;
             line.margin_cents = line.revenue_cents - line.total_cost_cents;
             let id = line.call_id.clone();
             let mut anomaly = |kind: &'static str, detail: String| {
@@ -321,6 +336,15 @@ impl Reconciler {
                         "charged {} cents for a call that ended {}",
                         line.charged_cents.unwrap_or(0),
                         line.outcome.clone().unwrap_or_default()
+                    ),
+                );
+            }
+            if line.disputed_cents > 0 {
+                anomaly(
+                    "charge_disputed",
+                    format!(
+                        "{} cents of the capture disputed by the cardholder",
+                        line.disputed_cents
                     ),
                 );
             }

@@ -17,11 +17,11 @@ pub fn write_report(out: &mut dyn Write, report: &Report, format: &str) -> std::
             writeln!(out)
         }
         "csv" => {
-            writeln!(out, "call_id,user_id,day,outcome,answered_secs,price_cents,charged_cents,refunded_cents,revenue_cents,cost_cents,margin_cents")?;
+            writeln!(out, "call_id,user_id,day,outcome,answered_secs,price_cents,charged_cents,refunded_cents,disputed_cents,revenue_cents,cost_cents,margin_cents")?;
             for c in &report.calls {
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
                     c.call_id,
                     c.user_id,
                     c.day.map(|d| d.to_string()).unwrap_or_default(),
@@ -30,6 +30,7 @@ pub fn write_report(out: &mut dyn Write, report: &Report, format: &str) -> std::
                     c.price_cents.unwrap_or(0),
                     c.charged_cents.unwrap_or(0),
                     c.refunded_cents,
+                    c.disputed_cents,
                     c.revenue_cents,
                     c.total_cost_cents,
                     c.margin_cents

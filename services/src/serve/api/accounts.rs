@@ -213,12 +213,18 @@ pub struct ProfileBody {
     /// E.164.
     #[schema(pattern = r"^\+[1-9][0-9]{6,14}$")]
     phone: Option<String>,
+    /// Your password: needed to change the email or phone when you signed in more than 15
+    /// minutes ago.
+    #[schema(max_length = 128)]
+    password: Option<String>,
 }
 
-/// Change name, email or phone.
+/// Change name, email or phone. A new email or phone needs a sign-in from the last 15 minutes
+/// or `password`.
 #[utoipa::path(put, path = "/user/profile", tag = "auth", security(("bearer" = [])), request_body = ProfileBody,
     responses(
         (status = 200, description = "The changed user", body = UserAnswer),
+        (status = 403, description = "A new email or phone with an older sign-in and no password (`reauthentication_required`), or a wrong password (`wrong_password`)", body = ErrorBody),
         (status = 409, description = "The email or phone belongs to another account", body = ErrorBody),
     ))]
 pub async fn update_profile(
@@ -239,6 +245,21 @@ pub async fn update_profile(
             .map(|p| PhoneNumber::parse("phone", p))
             .transpose()?,
     };
+    if change.email.is_some() || change.phone.is_some() {
+        let (me, _) = state.store.load::<User>(&user.id.to_string()).await?;
+        let new_email = change
+            .email
+            .as_ref()
+            .is_some_and(|e| Some(e) != me.email.as_ref());
+        let new_phone = change
+            .phone
+            .as_ref()
+            .is_some_and(|p| Some(p) != me.phone.as_ref());
+        if new_email || new_phone {
+            user.reauthenticate(&state, body.password.as_deref())
+                .await?;
+        }
+    }
     let committed =
         accounts::update_profile(&state.store, user.id, change, &user.context()).await?;
     let caught_up = state.read_your_writes("users", &committed).await;

@@ -51,6 +51,9 @@ pub struct Credits {
     balance: i64,
     /// Credits not held for a call.
     available: i64,
+    /// Credits owed after a refunded or disputed credit purchase; while above 0, no new call
+    /// (402 `debt_outstanding`). The next credits that come in pay it first.
+    debt: i64,
     cents_per_credit: i64,
 }
 
@@ -93,6 +96,7 @@ pub async fn billing(
         credits: Credits {
             balance: wallet.balance,
             available: wallet.available(),
+            debt: wallet.debt,
             cents_per_credit: CENTS_PER_CREDIT,
         },
         currency: CURRENCY.into(),
@@ -106,13 +110,18 @@ pub struct AttachBody {
     payment_method_id: String,
     #[serde(default)]
     set_default: bool,
+    /// Your password, when you signed in more than 15 minutes ago.
+    #[schema(max_length = 128)]
+    password: Option<String>,
 }
 
-/// Save a card (made with Stripe.js) for calls and credits.
+/// Save a card (made with Stripe.js) for calls and credits. Needs a sign-in from the last 15
+/// minutes or `password`.
 #[utoipa::path(post, path = "/user/payment-method", tag = "billing", security(("bearer" = [])), request_body = AttachBody,
     responses(
         (status = 201, description = "The saved card", body = PaymentMethodAnswer),
         (status = 402, description = "The card was declined", body = ErrorBody),
+        (status = 403, description = "An older sign-in and no password (`reauthentication_required`), or a wrong password (`wrong_password`)", body = ErrorBody),
     ))]
 pub async fn attach(
     State(state): State<AppState>,
@@ -126,6 +135,8 @@ pub async fn attach(
             "payment_method_id: a Stripe pm_… id",
         ));
     }
+    user.reauthenticate(&state, body.password.as_deref())
+        .await?;
     let (card, default) = billing::attach_card(
         &state.store,
         &state.stripe,
@@ -264,6 +275,9 @@ pub struct CreditsBody {
     credits: i64,
     #[schema(max_length = 100)]
     idempotency_key: Option<String>,
+    /// Your password, when you signed in more than 15 minutes ago.
+    #[schema(max_length = 128)]
+    password: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -276,11 +290,13 @@ pub struct CreditsAnswer {
     balance: i64,
 }
 
-/// Buy a credit pack at once with the default card.
+/// Buy a credit pack at once with the default card (credits owed after a refunded or disputed
+/// purchase are paid first). Needs a sign-in from the last 15 minutes or `password`.
 #[utoipa::path(post, path = "/user/credits", tag = "billing", security(("bearer" = [])), request_body = CreditsBody,
     responses(
         (status = 201, description = "Bought", body = CreditsAnswer),
         (status = 402, description = "The card was declined", body = ErrorBody),
+        (status = 403, description = "An older sign-in and no password (`reauthentication_required`), or a wrong password (`wrong_password`)", body = ErrorBody),
     ))]
 pub async fn buy_credits(
     State(state): State<AppState>,
@@ -293,6 +309,8 @@ pub async fn buy_credits(
             format!("credits: one of the packs {PACKS:?}"),
         ));
     }
+    user.reauthenticate(&state, body.password.as_deref())
+        .await?;
     let key = idempotency_key("credits", &user, body.idempotency_key.as_deref());
     let bought = billing::buy_credits(
         &state.store,
@@ -324,7 +342,9 @@ pub struct WebhookAnswer {
 }
 
 /// Stripe's webhooks: verified (signature, 300 s tolerance), then recorded once per event id.
-/// Called by Stripe only.
+/// A `charge.refunded` or `charge.dispute.created` takes back what the charge paid for: a
+/// credit pack's credits (what the wallet cannot cover becomes debt, which blocks new calls),
+/// or it is recorded on the call. Called by Stripe only.
 #[utoipa::path(post, path = "/stripe/webhook", tag = "webhooks",
     params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256 of \"t.body\" with the endpoint secret>`")),
     request_body(content = Object, content_type = "application/json", description = "A Stripe Event"),
@@ -360,6 +380,7 @@ pub async fn webhook(
         "payment_method.attached",
         "payment_method.detached",
         "charge.refunded",
+        "charge.dispute.created",
     ];
     if !KINDS.contains(&event.kind.as_str()) {
         return Ok(axum::Json(WebhookAnswer {
@@ -375,6 +396,8 @@ pub async fn webhook(
         "status": object.get("status"),
         "customer": object.get("customer"),
         "payment_intent": object.get("payment_intent"),
+        "charge": object.get("charge"),
+        "reason": object.get("reason"),
         "metadata": object.get("metadata"),
     });
     let ctx = CommandContext::for_request(request_id(&headers), Actor::Webhook("stripe".into()));
@@ -389,6 +412,12 @@ pub async fn webhook(
         summary,
     };
     let recorded = billing::record_stripe_event(&state.store, &event.id, command, &ctx).await?;
+    // A refund or dispute takes back what the charge paid for. Done on every delivery, not
+    // only the first: a delivery that died after recording the event is redelivered by
+    // Stripe, and a reversal already taken takes nothing again.
+    if let Some(reversal) = billing::ChargeReversal::of(&event.kind, object) {
+        billing::reverse(&state.store, &reversal, &ctx).await?;
+    }
     Ok(axum::Json(WebhookAnswer {
         received: true,
         recorded,

@@ -204,7 +204,7 @@ async fn created(
 #[utoipa::path(post, path = "/call", tag = "calls", security(("bearer" = [])), request_body = CallBody,
     responses(
         (status = 201, description = "Requested; the phone rings shortly", body = CallCreated),
-        (status = 402, description = "The payment intent is unknown or too small (the message says how much is missing), not enough credits, or a budget limit", body = ErrorBody),
+        (status = 402, description = "The payment intent is unknown or too small (the message says how much is missing), not enough credits, a budget limit, or credits owed after a refunded or disputed purchase (`debt_outstanding`)", body = ErrorBody),
         (status = 403, description = "The persona is not yours to call", body = ErrorBody),
         (status = 404, description = "No persona you can see has this id", body = ErrorBody),
     ))]
@@ -229,7 +229,7 @@ pub async fn trigger(
 #[utoipa::path(post, path = "/calls/schedule", tag = "calls", security(("bearer" = [])), request_body = ScheduleBody,
     responses(
         (status = 201, description = "Scheduled", body = CallCreated),
-        (status = 402, description = "The payment intent is unknown or too small, not enough credits, or a budget limit", body = ErrorBody),
+        (status = 402, description = "The payment intent is unknown or too small, not enough credits, a budget limit, or credits owed after a refunded or disputed purchase (`debt_outstanding`)", body = ErrorBody),
         (status = 403, description = "The persona is not yours to call", body = ErrorBody),
         (status = 404, description = "No persona you can see has this id", body = ErrorBody),
     ))]

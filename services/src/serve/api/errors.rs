@@ -147,7 +147,22 @@ macro_rules! internal {
         }
     )*};
 }
-internal!(WalletError, PricingError, PreferenceError);
+internal!(PricingError, PreferenceError);
+
+/// A wallet refusal the handler did not check for: only debt is the user's to fix.
+impl From<WalletError> for ApiError {
+    fn from(e: WalletError) -> Self {
+        match e {
+            WalletError::InDebt { .. } => debt(e.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// Credits owed after a refunded or disputed purchase: no new call until paid.
+pub fn debt(message: String) -> ApiError {
+    ApiError::new(StatusCode::PAYMENT_REQUIRED, "debt_outstanding", message)
+}
 
 /// Aggregates that refuse nothing.
 macro_rules! never {
@@ -282,6 +297,8 @@ impl From<billing::Error> for ApiError {
             }
             Error::User(e) => e.into(),
             Error::Wallet(e) => e.into(),
+            Error::Call(e) => e.into(),
+            Error::Db(e) => e.into(),
         }
     }
 }
@@ -405,6 +422,7 @@ impl From<RequestError> for ApiError {
                 "call_in_progress",
                 e.to_string(),
             ),
+            RequestError::InDebt { .. } => debt(e.to_string()),
             RequestError::InsufficientCredits { .. } => ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "insufficient_credits",

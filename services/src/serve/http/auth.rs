@@ -90,6 +90,45 @@ pub struct AuthUser {
 }
 
 impl AuthUser {
+    /// For a sensitive change (email, phone, a card, buying credits): a sign-in younger than
+    /// `reauth::FRESH_MINUTES`, or `password` (the account's, sent with the request). Else
+    /// `403 reauthentication_required`; a wrong password is `403 wrong_password`.
+    pub async fn reauthenticate(
+        &self,
+        state: &AppState,
+        password: Option<&str>,
+    ) -> Result<(), ApiError> {
+        use crate::usecases::accounts::{reauth, Error};
+        let required = || {
+            ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "reauthentication_required",
+                format!(
+                    "this change needs a sign-in from the last {} minutes: sign in again, or send your password as `password`",
+                    reauth::FRESH_MINUTES
+                ),
+            )
+            .with_field("password")
+        };
+        match password.filter(|p| !p.is_empty()) {
+            Some(given) => {
+                match reauth::confirm_password(&state.store, self.id, given.to_string()).await {
+                    Ok(()) => Ok(()),
+                    Err(Error::WrongPassword) => Err(ApiError::new(
+                        axum::http::StatusCode::FORBIDDEN,
+                        "wrong_password",
+                        "the password is wrong",
+                    )
+                    .with_field("password")),
+                    Err(Error::NoPassword) => Err(required()),
+                    Err(other) => Err(other.into()),
+                }
+            }
+            None if reauth::fresh(self.claims.iat, Utc::now()) => Ok(()),
+            None => Err(required()),
+        }
+    }
+
     pub fn actor(&self) -> cmb_domain::Actor {
         cmb_domain::Actor::User(self.id)
     }

@@ -6,6 +6,7 @@
 
 pub mod claims;
 pub mod password;
+pub mod reauth;
 pub mod recovery;
 pub mod sessions;
 

@@ -93,6 +93,11 @@ pub enum RequestError {
     #[error("you already have a call in progress; one at a time")]
     CallInProgress,
     #[error(
+        "you owe {debt} credits after a refunded or disputed credit purchase: buy credits to \
+         settle the debt before a new call"
+    )]
+    InDebt { debt: i64 },
+    #[error(
         "this call can cost up to {max_price} ({needed} credits); you have {available} credits \
          available"
     )]
@@ -189,6 +194,14 @@ pub async fn request(
     };
     let max_price = prices.max_price(minutes);
     budget::check(store, user, now, max_price.0).await?;
+    // Credits owed after a refund or dispute block every new call, whatever pays for it.
+    let (wallet, _) = store
+        .load::<Wallet>(&user.to_string())
+        .await
+        .map_err(RequestError::Wallet)?;
+    if wallet.debt > 0 {
+        return Err(RequestError::InDebt { debt: wallet.debt });
+    }
     let payment = match (request.pay_with, intent) {
         (PayWith::Card { .. }, Some(intent)) => {
             if intent.status != "requires_capture" || intent.amount_capturable < max_price.0 {
@@ -242,6 +255,9 @@ pub async fn request(
                             needed,
                             available,
                         }
+                    }
+                    CommandError::Rejected(WalletError::InDebt { debt }) => {
+                        RequestError::InDebt { debt }
                     }
                     other => RequestError::Wallet(other),
                 });
