@@ -283,3 +283,134 @@ async fn a_call_request_killed_after_holding_the_credits_leaves_nothing_held() {
 async fn a_call_request_killed_after_the_call_was_requested_completes() {
     killed_at("request.after_call").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_the_waiting_limit_and_the_scheduler_do_not_wait_for_the_calls_read_model() {
+    use callmeback::usecases::calls::request::{PayWith, Request};
+    use callmeback::usecases::calls::schedule::{schedule, ScheduleError, MAX_SCHEDULED};
+    use sqlx::Connection;
+    let start = chrono::Utc::now();
+    let clock = callmeback::clock::Clock::manual(start);
+    let env = env()
+        .set("READ_YOUR_WRITES_MS", "0")
+        .set("SCHEDULER_TICK_MS", "100");
+    let app = env.spawn_app_with(clock.clone()).await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 1000).await;
+    let (busy, busy_profile) = api.register(PASSWORD).await;
+    grant(&app, &busy_profile, 1000).await;
+    drop(busy);
+    let set = user
+        .put("/api/user/budget", json!({ "max_daily_spend_cents": 300 }))
+        .await;
+    assert_eq!(set.status, 200, "{set:?}");
+
+    // The calls projector is stuck: nothing reaches rm_calls while this transaction lives
+    // (readers still read).
+    let mut stall = sqlx::PgConnection::connect(&env.vars["DATABASE_URL"])
+        .await
+        .unwrap();
+    let mut stall = stall.begin().await.unwrap();
+    sqlx::query("LOCK TABLE rm_calls IN EXCLUSIVE MODE")
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+
+    // A scheduled call holds $2.25 of the $3.00 a day.
+    let when = (start + chrono::Duration::minutes(6)).to_rfc3339();
+    let scheduled = user
+        .post(
+            "/api/calls/schedule",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5, "scheduled_time": when }),
+        )
+        .await;
+    assert_eq!(scheduled.status, 201, "{scheduled:?}");
+    let id = scheduled.body["call"]["id"].as_str().unwrap().to_string();
+    // Another $1.05 would break the day's budget, although rm_calls has not seen the first.
+    let over = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 2 }),
+        )
+        .await;
+    assert_eq!(over.status, 402, "{over:?}");
+    assert_eq!(over.code(), "budget_exceeded");
+
+    // The waiting-calls limit counts calls rm_calls has not seen either.
+    let busy_id: uuid::Uuid = busy_profile["id"].as_str().unwrap().parse().unwrap();
+    let ctx = CommandContext::for_request("test", Actor::User(busy_id));
+    let later = start + chrono::Duration::hours(2);
+    let ask = || Request {
+        user_id: busy_id,
+        phone: None,
+        persona_id: "alex_001".into(),
+        minutes: Some(1),
+        pay_with: PayWith::Credits,
+        scheduled: None,
+    };
+    for n in 0..MAX_SCHEDULED {
+        schedule(
+            &app.state.store,
+            &app.state.stripe,
+            start,
+            ask(),
+            later,
+            None,
+            &ctx,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("scheduled call {n}: {e}"));
+    }
+    let refused = schedule(
+        &app.state.store,
+        &app.state.stripe,
+        start,
+        ask(),
+        later,
+        None,
+        &ctx,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ScheduleError::TooMany)),
+        "{refused:?}"
+    );
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_calls")
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, 0, "the read model is still stuck");
+
+    // The scheduler finds the first call due and fires it.
+    clock.advance(chrono::Duration::minutes(10));
+    let fired = eventually(Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'ScheduledCallFired'",
+        )
+        .bind(&id)
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(
+        fired.is_some(),
+        "the due call fired while rm_calls was stuck"
+    );
+
+    // Unstuck, the read model catches up with all of it.
+    stall.rollback().await.unwrap();
+    let caught_up = eventually(Duration::from_secs(60), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_calls")
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+        (n == MAX_SCHEDULED + 1).then_some(())
+    })
+    .await;
+    assert!(caught_up.is_some(), "rm_calls caught up");
+    app.stop().await;
+    env.cleanup().await;
+}

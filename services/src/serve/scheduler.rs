@@ -70,7 +70,7 @@ impl Scheduler {
     /// Fires every call whose time has come. Returns how many were fired.
     pub async fn fire_due(&self) -> anyhow::Result<usize> {
         let now = self.clock.now();
-        let due = cmb_projections::calls::due(&self.pool, now, 500).await?;
+        let due = crate::usecases::calls::ledger::due(&self.pool, now, 500).await?;
         let ctx = CommandContext::for_request(
             uuid::Uuid::new_v4().to_string(),
             Actor::Worker(LEASE.into()),

@@ -3,8 +3,8 @@
 //! minute, and the warning recorded when a settled call crosses the threshold.
 //!
 //! Spend counts completed calls at their price and open calls (scheduled or under way) at
-//! their held maximum, by the UTC day and month they were requested (read from the calls read
-//! model, `cmb_projections::calls::spent_since`).
+//! their held maximum, by the UTC day and month they were requested (read from the call ledger,
+//! written with the calls' events, never behind them: `usecases::calls::ledger`).
 
 use chrono::{DateTime, Utc};
 use cmb_domain::budget::{day_start, month_start, Breach, Budget, BudgetCommand, BudgetSettings};
@@ -58,10 +58,20 @@ pub async fn spent(
 ) -> Result<Spent, sqlx::Error> {
     let pool = store.pool();
     Ok(Spent {
-        today_cents: cmb_projections::calls::spent_since(pool, user, day_start(now), except)
-            .await?,
-        this_month_cents: cmb_projections::calls::spent_since(pool, user, month_start(now), except)
-            .await?,
+        today_cents: crate::usecases::calls::ledger::spent_since(
+            pool,
+            user,
+            day_start(now),
+            except,
+        )
+        .await?,
+        this_month_cents: crate::usecases::calls::ledger::spent_since(
+            pool,
+            user,
+            month_start(now),
+            except,
+        )
+        .await?,
     })
 }
 

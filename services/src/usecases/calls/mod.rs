@@ -5,6 +5,7 @@
 pub mod active;
 pub mod cancel;
 pub mod journal;
+pub mod ledger;
 pub mod request;
 pub mod schedule;
 pub mod settle;

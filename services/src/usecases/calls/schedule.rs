@@ -66,7 +66,7 @@ pub async fn schedule(
         .bind(call.user_id.to_string())
         .execute(&mut *tx)
         .await?;
-    let waiting = cmb_projections::calls::scheduled_count(&mut tx, call.user_id).await?;
+    let waiting = super::ledger::waiting(&mut tx, call.user_id).await?;
     if waiting >= MAX_SCHEDULED {
         return Err(ScheduleError::TooMany);
     }

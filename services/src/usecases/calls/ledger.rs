@@ -1,0 +1,56 @@
+//! The call ledger (`call_ledger`): per call, who asked for it and when, its held maximum, when
+//! it is scheduled and whether it still waits, and its price once ended. A trigger on the event
+//! store writes it in the very transaction that appends the call's `CallRequested`,
+//! `ScheduledCallFired` and `CallEnded`, so it is never behind the log: the budget's spend, the
+//! waiting-calls limit and the scheduler's due search decide on it, not on the `calls` read
+//! model, which a busy projector may leave behind.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// What `user` spent (or holds) on calls requested since `since`, leaving out call `except`:
+/// ended calls at their price, open ones (scheduled or under way) at their held maximum.
+pub async fn spent_since(
+    pool: &PgPool,
+    user: Uuid,
+    since: DateTime<Utc>,
+    except: Option<Uuid>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(CASE WHEN ended THEN price_cents ELSE max_price_cents END), 0)::bigint
+           FROM call_ledger
+          WHERE user_id = $1 AND requested_at >= $2 AND call_id IS DISTINCT FROM $3",
+    )
+    .bind(user.to_string())
+    .bind(since)
+    .bind(except.map(|c| c.to_string()))
+    .fetch_one(pool)
+    .await
+}
+
+/// How many of `user`'s scheduled calls still wait for their time.
+pub async fn waiting(db: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM call_ledger WHERE user_id = $1 AND waiting")
+        .bind(user.to_string())
+        .fetch_one(db)
+        .await
+}
+
+/// Scheduled calls whose time has come by `now`, earliest first, at most `limit`: (call id,
+/// its time).
+pub async fn due(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT call_id, scheduled_for FROM call_ledger
+          WHERE waiting AND scheduled_for <= $1
+          ORDER BY scheduled_for LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
