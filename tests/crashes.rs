@@ -162,25 +162,58 @@ async fn two_deliveries_handled_at_once_place_the_call_at_twilio_once() {
     env.cleanup().await;
 }
 
-/// A call request killed at `step`: after a restart, nothing stays held (or, once the call
-/// exists, the request is simply complete).
-async fn killed_at(step: &str) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let env = env()
-        .set("HTTP_ADDR", &format!("127.0.0.1:{port}"))
-        .set("PUBLIC_BASE_URL", &base)
-        .set("CALL_REQUEST_GRACE_SECS", "2");
-    let backbone = env.backbone().await;
-    let pool = backbone.pool.clone();
-    let store = EventStore::new(pool.clone());
-    let api = Api::new(format!("127.0.0.1:{port}").parse().unwrap());
-    let up = || async {
-        eventually(Duration::from_secs(30), || async {
+/// `callmeback serve` processes on one port, one after another, with a Stripe simulator outside
+/// them (its intents outlive a killed process, as Stripe's do).
+struct Serve {
+    env: TestEnv,
+    base: String,
+    api: Api,
+    stripe: cmb_sims::stripe::StripeSim,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Serve {
+    async fn new() -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let base = format!("http://127.0.0.1:{port}");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let stripe = cmb_sims::stripe::StripeSim::new(cmb_sims::stripe::Settings {
+            webhook_secret: callmeback::config::DEV_STRIPE_WEBHOOK_SECRET.into(),
+            webhook_url: Some(format!("{base}/api/stripe/webhook")),
+            faults: cmb_sims::Faults::new(Duration::ZERO, 0),
+        });
+        let url = cmb_sims::serve("stripe", stripe.router(), shutdown.clone(), &tasks)
+            .await
+            .unwrap();
+        let env = env()
+            .set("HTTP_ADDR", &format!("127.0.0.1:{port}"))
+            .set("PUBLIC_BASE_URL", &base)
+            .set("CALL_REQUEST_GRACE_SECS", "2")
+            // A message the killed process held is redelivered to the next one soon.
+            .set("WORKER_ACK_WAIT_MS", "5000")
+            .set("STRIPE_BASE_URL", &url)
+            .set("STRIPE_SECRET_KEY", "sk_test_crashes");
+        let api = Api::new(format!("127.0.0.1:{port}").parse().unwrap());
+        Serve {
+            env,
+            base,
+            api,
+            stripe,
+            shutdown,
+        }
+    }
+
+    /// A `serve` process, up (its `/healthz` answers), crashing at `crash_at` if given.
+    async fn start(&self, crash_at: Option<&str>) -> tokio::process::Child {
+        let extra: Vec<(&str, &str)> = crash_at.map(|s| ("CMB_CRASH_AT", s)).into_iter().collect();
+        let child = self.env.spawn_process(&extra);
+        let base = &self.base;
+        eventually(Duration::from_secs(60), || async {
             reqwest::get(format!("{base}/healthz"))
                 .await
                 .ok()
@@ -188,28 +221,88 @@ async fn killed_at(step: &str) {
                 .map(|_| ())
         })
         .await
-        .expect("serve is up")
-    };
+        .expect("serve is up");
+        child
+    }
 
-    let mut first = env.spawn_process(&[("CMB_CRASH_AT", step)]);
-    up().await;
-    let (user, profile) = api.register(PASSWORD).await;
+    /// The intent `pi` at the simulator.
+    fn intent(&self, pi: &str) -> serde_json::Value {
+        self.stripe
+            .payment_intents()
+            .into_iter()
+            .find(|i| i["id"] == pi)
+            .expect("the intent")
+    }
+
+    async fn stop(self, mut last: tokio::process::Child) {
+        last.kill().await.unwrap();
+        self.shutdown.cancel();
+        self.env.cleanup().await;
+    }
+}
+
+/// How a crash test's call is paid.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Pay {
+    Credits,
+    Card,
+}
+
+/// A user with 100 credits, or a card and an authorised intent for a call of one minute: the
+/// client, the user id, and the body of `POST /api/call`.
+async fn payer(serve: &Serve, store: &EventStore, pay: Pay) -> (Api, String, serde_json::Value) {
+    let (user, profile) = serve.api.register(PASSWORD).await;
     let user_id = profile["id"].as_str().unwrap().to_string();
-    store
-        .execute::<Wallet>(
-            &user_id,
-            WalletCommand::Grant {
-                credits: 100,
-                reason: "test".into(),
-                reference: "crash".into(),
-            },
-            &CommandContext::for_request("test", Actor::System),
-        )
-        .await
-        .unwrap();
+    let body = match pay {
+        Pay::Credits => {
+            store
+                .execute::<Wallet>(
+                    &user_id,
+                    WalletCommand::Grant {
+                        credits: 100,
+                        reason: "test".into(),
+                        reference: "crash".into(),
+                    },
+                    &CommandContext::for_request("test", Actor::System),
+                )
+                .await
+                .unwrap();
+            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 })
+        }
+        Pay::Card => {
+            let card = user
+                .post(
+                    "/api/user/payment-method",
+                    json!({ "payment_method_id": "pm_card_visa" }),
+                )
+                .await;
+            assert_eq!(card.status, 201, "{card:?}");
+            let intent = user
+                .post(
+                    "/api/user/create-payment-intent",
+                    json!({ "estimated_duration": 1 }),
+                )
+                .await;
+            assert_eq!(intent.status, 201, "{intent:?}");
+            json!({ "persona_id": "brad_001", "payment_intent_id": intent.body["payment_intent_id"] })
+        }
+    };
+    (user, user_id, body)
+}
+
+/// A call request killed at `step`: after a restart, nothing stays held (or, once the call
+/// exists, the request is simply complete).
+async fn killed_at(step: &str, pay: Pay) {
+    let serve = Serve::new().await;
+    let backbone = serve.env.backbone().await;
+    let pool = backbone.pool.clone();
+    let store = EventStore::new(pool.clone());
+
+    let mut first = serve.start(Some(step)).await;
+    let (user, user_id, body) = payer(&serve, &store, pay).await;
     let answer = user
         .request(reqwest::Method::POST, "/api/call")
-        .json(&json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5 }))
+        .json(&body)
         .send()
         .await;
     assert!(answer.is_err(), "the process died before answering");
@@ -224,8 +317,7 @@ async fn killed_at(step: &str) {
     .expect("the request's journal row");
     assert!(opened, "left open by the crash");
 
-    let mut second = env.spawn_process(&[]);
-    up().await;
+    let second = serve.start(None).await;
     let outcome = eventually(Duration::from_secs(60), || async {
         sqlx::query_scalar::<_, Option<String>>(
             "SELECT outcome FROM call_requests WHERE call_id = $1",
@@ -248,40 +340,168 @@ async fn killed_at(step: &str) {
         assert_eq!(outcome, "requested");
     } else {
         assert!(outcome.starts_with("swept:"), "{outcome}");
-        assert!(wallet.holds.is_empty(), "no credits held: {wallet:?}");
-        assert_eq!(wallet.balance, 100);
         assert_eq!(slot, 0, "the active-call slot is free");
+        match pay {
+            Pay::Credits => {
+                assert!(wallet.holds.is_empty(), "no credits held: {wallet:?}");
+                assert_eq!(wallet.balance, 100);
+            }
+            Pay::Card => {
+                let pi = body["payment_intent_id"].as_str().unwrap();
+                let intent = serve.intent(pi);
+                if step == "request.after_hold" {
+                    // The intent was bound to the call: its authorisation is given back.
+                    assert!(outcome.contains(&format!("{pi} cancelled")), "{outcome}");
+                    assert_eq!(intent["status"], "canceled", "{intent}");
+                } else {
+                    // Never bound: it may still pay for another call.
+                    assert_eq!(intent["status"], "requires_capture", "{intent}");
+                }
+            }
+        }
         // And the user can call again at once.
-        let again = user
-            .post(
-                "/api/call",
-                json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
-            )
-            .await;
+        let again = match pay {
+            Pay::Credits => body.clone(),
+            Pay::Card => payer_intent(&user).await,
+        };
+        let again = user.post("/api/call", again).await;
         assert_eq!(again.status, 201, "{again:?}");
     }
-    second.kill().await.unwrap();
-    env.cleanup().await;
+    serve.stop(second).await;
+}
+
+/// The body of a card call of one minute, with a new intent on the user's card.
+async fn payer_intent(user: &Api) -> serde_json::Value {
+    let intent = user
+        .post(
+            "/api/user/create-payment-intent",
+            json!({ "estimated_duration": 1 }),
+        )
+        .await;
+    assert_eq!(intent.status, 201, "{intent:?}");
+    json!({ "persona_id": "brad_001", "payment_intent_id": intent.body["payment_intent_id"] })
 }
 
 #[tokio::test]
 async fn a_call_request_killed_after_its_journal_row_leaves_nothing_held() {
-    killed_at("request.after_journal").await;
+    killed_at("request.after_journal", Pay::Credits).await;
 }
 
 #[tokio::test]
 async fn a_call_request_killed_after_claiming_the_slot_leaves_nothing_held() {
-    killed_at("request.after_claim").await;
+    killed_at("request.after_claim", Pay::Credits).await;
 }
 
 #[tokio::test]
 async fn a_call_request_killed_after_holding_the_credits_leaves_nothing_held() {
-    killed_at("request.after_hold").await;
+    killed_at("request.after_hold", Pay::Credits).await;
+}
+
+#[tokio::test]
+async fn a_call_request_killed_after_the_card_hold_has_it_cancelled_by_the_sweeper() {
+    killed_at("request.after_hold", Pay::Card).await;
 }
 
 #[tokio::test]
 async fn a_call_request_killed_after_the_call_was_requested_completes() {
-    killed_at("request.after_call").await;
+    killed_at("request.after_call", Pay::Credits).await;
+}
+
+/// The settlement worker killed at `step` of settling a completed call of one minute: after a
+/// restart the redelivered `CallEnded` finishes it, and the user pays its price exactly once.
+async fn settlement_killed_at(step: &str, pay: Pay) {
+    let serve = Serve::new().await;
+    let backbone = serve.env.backbone().await;
+    let pool = backbone.pool.clone();
+    let store = EventStore::new(pool.clone());
+    let mut first = serve.start(Some(step)).await;
+    let (user, user_id, body) = payer(&serve, &store, pay).await;
+    let call = user.post("/api/call", body.clone()).await;
+    assert_eq!(call.status, 201, "{call:?}");
+    let id = call.body["call"]["id"].as_str().unwrap().to_string();
+    let status = tokio::time::timeout(Duration::from_secs(90), first.wait())
+        .await
+        .expect("the process dies settling the call")
+        .unwrap();
+    assert_eq!(status.code(), Some(86), "it died at the crash point {step}");
+    let count = |event_type: &'static str| {
+        let pool = pool.clone();
+        let id = id.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM events WHERE aggregate_type = 'call' AND aggregate_id = $1
+                  AND event_type = $2",
+            )
+            .bind(&id)
+            .bind(event_type)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(count("CallEnded").await, 1);
+    let settled_before = count("CallSettled").await;
+    assert_eq!(
+        settled_before,
+        i64::from(step == "settle.after_record"),
+        "{step}"
+    );
+
+    let second = serve.start(None).await;
+    let done = eventually(Duration::from_secs(60), || async {
+        let slot: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM active_calls WHERE call_id = $1::uuid")
+                .bind(&id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (count("CallSettled").await == 1 && slot == 0).then_some(())
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "settled once and the slot freed after the restart"
+    );
+    let settled: (i64, i64) = sqlx::query_as(
+        "SELECT (payload -> 'CallSettled' ->> 'charged_cents')::bigint,
+                (payload -> 'CallSettled' ->> 'released_cents')::bigint
+           FROM events WHERE aggregate_id = $1 AND event_type = 'CallSettled'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    match pay {
+        Pay::Credits => {
+            assert_eq!(settled, (65, 0), "13 credits of the 13 held");
+            let (wallet, _) = store.load::<Wallet>(&user_id).await.unwrap();
+            assert!(wallet.holds.is_empty(), "{wallet:?}");
+            assert_eq!(wallet.balance, 87, "charged 13 credits once: {wallet:?}");
+        }
+        Pay::Card => {
+            assert_eq!(settled, (65, 0));
+            let intent = serve.intent(body["payment_intent_id"].as_str().unwrap());
+            assert_eq!(intent["status"], "succeeded", "{intent}");
+            assert_eq!(intent["amount_received"], 65);
+            assert_eq!(serve.stripe.charges_captured_cents(), 65, "captured once");
+        }
+    }
+    serve.stop(second).await;
+}
+
+#[tokio::test]
+async fn settlement_killed_after_taking_the_credits_settles_once_after_a_restart() {
+    settlement_killed_at("settle.after_hold", Pay::Credits).await;
+}
+
+#[tokio::test]
+async fn settlement_killed_after_capturing_the_card_settles_once_after_a_restart() {
+    settlement_killed_at("settle.after_hold", Pay::Card).await;
+}
+
+#[tokio::test]
+async fn settlement_killed_after_recording_it_frees_the_slot_after_a_restart() {
+    settlement_killed_at("settle.after_record", Pay::Credits).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

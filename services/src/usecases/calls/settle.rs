@@ -117,6 +117,9 @@ pub async fn settle(
                 settle_card(stripe, &id, payment_intent_id, settlement.charged_cents).await?;
             }
         }
+        // A crash here leaves the hold closed (or the card captured) and the call unsettled:
+        // the redelivered `CallEnded` recognises its own step (tests/crashes.rs).
+        crate::faults::crash_point("settle.after_hold");
         let Settlement {
             charged_cents,
             released_cents,
@@ -133,6 +136,7 @@ pub async fn settle(
             )
             .await
             .map_err(|e| SettleError::Call(call_id, e))?;
+        crate::faults::crash_point("settle.after_record");
     }
     budget::observe(store, user, call_id, price, ended_at, ctx).await?;
     active::release(store.pool(), call_id).await?;
