@@ -340,10 +340,33 @@ async fn the_main_flows_answer_what_the_document_says() {
             )
             .await,
     );
-    let attached = user
+    // A token issued 16 minutes ago must confirm with the password (documented 403s).
+    let stale = {
+        use callmeback::serve::http::auth::decode_token;
+        let secret = &env.vars["JWT_SECRET"];
+        let mut claims = decode_token(secret, user.token.as_deref().unwrap()).unwrap();
+        claims.iat -= 16 * 60;
+        user.with_token(
+            &jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap(),
+        )
+    };
+    let refused = stale
         .post(
             "/api/user/payment-method",
             json!({ "payment_method_id": "pm_card_visa" }),
+        )
+        .await;
+    assert_eq!(refused.code(), "reauthentication_required", "{refused:?}");
+    c.check("post", "/api/user/payment-method", &refused);
+    let attached = stale
+        .post(
+            "/api/user/payment-method",
+            json!({ "payment_method_id": "pm_card_visa", "password": PASSWORD }),
         )
         .await;
     c.check("post", "/api/user/payment-method", &attached);
