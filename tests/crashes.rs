@@ -505,7 +505,7 @@ async fn settlement_killed_after_recording_it_frees_the_slot_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn budgets_the_waiting_limit_and_the_scheduler_do_not_wait_for_the_calls_read_model() {
+async fn budgets_limits_deletions_and_the_scheduler_do_not_wait_for_the_calls_read_model() {
     use callmeback::usecases::calls::request::{PayWith, Request};
     use callmeback::usecases::calls::schedule::{schedule, ScheduleError, MAX_SCHEDULED};
     use sqlx::Connection;
@@ -556,6 +556,28 @@ async fn budgets_the_waiting_limit_and_the_scheduler_do_not_wait_for_the_calls_r
         .await;
     assert_eq!(over.status, 402, "{over:?}");
     assert_eq!(over.code(), "budget_exceeded");
+    // A persona with a scheduled call waiting is not deleted, though rm_calls has no such call.
+    let persona = user
+        .post(
+            "/api/personas",
+            common::persona_body("Ledger Friend", false),
+        )
+        .await;
+    assert_eq!(persona.status, 201, "{persona:?}");
+    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    let with_persona = user
+        .post(
+            "/api/calls/schedule",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 1, "scheduled_time": (start + chrono::Duration::hours(3)).to_rfc3339() }),
+        )
+        .await;
+    assert_eq!(
+        with_persona.status, 201,
+        "$0.65 more is within the day: {with_persona:?}"
+    );
+    let kept = user.delete(&format!("/api/personas/{persona_id}")).await;
+    assert_eq!(kept.status, 409, "{kept:?}");
+    assert_eq!(kept.code(), "persona_scheduled");
 
     // The waiting-calls limit counts calls rm_calls has not seen either.
     let busy_id: uuid::Uuid = busy_profile["id"].as_str().unwrap().parse().unwrap();
@@ -627,7 +649,7 @@ async fn budgets_the_waiting_limit_and_the_scheduler_do_not_wait_for_the_calls_r
             .fetch_one(&app.state.pool)
             .await
             .unwrap();
-        (n == MAX_SCHEDULED + 1).then_some(())
+        (n == MAX_SCHEDULED + 2).then_some(())
     })
     .await;
     assert!(caught_up.is_some(), "rm_calls caught up");

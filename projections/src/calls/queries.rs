@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use cmb_domain::call::{CallRequest, Payment, Status};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 /// A call as the front end shows it.
@@ -245,25 +245,6 @@ pub async fn scheduled(
     .await
 }
 
-/// How many scheduled calls `user` has waiting (on the caller's connection, which may hold a
-/// lock that makes count-then-request atomic).
-pub async fn scheduled_count(db: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE user_id = $1 AND status = 'scheduled'")
-        .bind(user)
-        .fetch_one(db)
-        .await
-}
-
-/// How many of anyone's calls with persona `persona_id` are scheduled still.
-pub async fn scheduled_with_persona(pool: &PgPool, persona_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM rm_calls WHERE persona_id = $1 AND status = 'scheduled'",
-    )
-    .bind(persona_id)
-    .fetch_one(pool)
-    .await
-}
-
 /// One month of a user's usage.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct Month {
@@ -301,26 +282,6 @@ pub async fn usage(
     .await
 }
 
-/// What `user` spent (or holds) since `since`, leaving out call `except`: completed calls at
-/// their price, open ones (scheduled or under way) at their held maximum.
-pub async fn spent_since(
-    pool: &PgPool,
-    user: Uuid,
-    since: DateTime<Utc>,
-    except: Option<Uuid>,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(sum(CASE WHEN status IN ('scheduled', 'initiated', 'ringing', 'in-progress')
-                                  THEN max_price_cents ELSE price_cents END), 0)::bigint
-           FROM rm_calls WHERE user_id = $1 AND created_at >= $2 AND id IS DISTINCT FROM $3",
-    )
-    .bind(user)
-    .bind(since)
-    .bind(except)
-    .fetch_one(pool)
-    .await
-}
-
 /// Placed calls not yet ended whose last change is older than `quiet_since`, longest quiet
 /// first, at most `limit`: (call id, Twilio's CallSid).
 pub async fn unfinished(
@@ -335,22 +296,6 @@ pub async fn unfinished(
           ORDER BY updated_at LIMIT $2",
     )
     .bind(quiet_since)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-}
-
-/// Scheduled calls whose time has come by `now`, earliest first, at most `limit`.
-pub async fn due(
-    pool: &PgPool,
-    now: DateTime<Utc>,
-    limit: i64,
-) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id::text, scheduled_for FROM rm_calls WHERE status = 'scheduled' AND scheduled_for <= $1
-          ORDER BY scheduled_for LIMIT $2",
-    )
-    .bind(now)
     .bind(limit)
     .fetch_all(pool)
     .await

@@ -2,8 +2,9 @@
 //! it is scheduled and whether it still waits, and its price once ended. A trigger on the event
 //! store writes it in the very transaction that appends the call's `CallRequested`,
 //! `ScheduledCallFired` and `CallEnded`, so it is never behind the log: the budget's spend, the
-//! waiting-calls limit and the scheduler's due search decide on it, not on the `calls` read
-//! model, which a busy projector may leave behind.
+//! waiting-calls limit, the scheduler's due search and a persona's deletion (refused while a
+//! scheduled call with it waits) decide on it, not on the `calls` read model, which a busy
+//! projector may leave behind.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
@@ -34,6 +35,14 @@ pub async fn waiting(db: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Err
     sqlx::query_scalar("SELECT count(*) FROM call_ledger WHERE user_id = $1 AND waiting")
         .bind(user.to_string())
         .fetch_one(db)
+        .await
+}
+
+/// How many of anyone's scheduled calls with persona `persona_id` still wait for their time.
+pub async fn waiting_with_persona(pool: &PgPool, persona_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM call_ledger WHERE persona_id = $1 AND waiting")
+        .bind(persona_id)
+        .fetch_one(pool)
         .await
 }
 

@@ -158,7 +158,7 @@ pub async fn remove(
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     let current = owned(store, id, user).await?;
-    let scheduled = cmb_projections::calls::scheduled_with_persona(store.pool(), id).await?;
+    let scheduled = crate::usecases::calls::ledger::waiting_with_persona(store.pool(), id).await?;
     if scheduled > 0 {
         return Err(Error::Scheduled(scheduled));
     }
