@@ -543,3 +543,43 @@ async fn the_main_flows_answer_what_the_document_says() {
     app.stop().await;
     env.cleanup().await;
 }
+
+/// Front ends send an unset filter as an empty parameter (`status=`): it counts as absent. And
+/// Twilio's form webhooks refuse another media type with our JSON error, as the JSON routes do.
+#[tokio::test]
+async fn empty_filters_count_as_absent_and_form_webhooks_answer_json_errors() {
+    let env = env();
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, _) = api.register(PASSWORD).await;
+    for path in [
+        "/api/calls?page=&limit=&status=&sort=&from_date=&to_date=",
+        "/api/calls/scheduled?status=&sort=",
+        "/api/personas?search=&tags=&created_by=&sort=",
+    ] {
+        let reply = user.get(path).await;
+        assert_eq!(reply.status, 200, "{path}: {reply:?}");
+    }
+    // A value that is there is still checked.
+    let bad = user.get("/api/calls?status=nope").await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.body["error"]["field"], "status");
+
+    let http = reqwest::Client::new();
+    for hook in ["answer", "callback"] {
+        let reply = http
+            .post(format!(
+                "http://{}/api/twilio/{hook}?call_id={}",
+                app.addr,
+                uuid::Uuid::now_v7()
+            ))
+            .json(&json!({ "CallSid": "CA1" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 415, "{hook}");
+        let body: Value = reply.json().await.expect("a JSON error");
+        assert_eq!(body["error"]["code"], "unsupported_media_type", "{hook}");
+    }
+    env.cleanup().await;
+}

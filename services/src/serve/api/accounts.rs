@@ -77,11 +77,16 @@ pub struct RegisterBody {
     /// Stored lower-case; unique.
     #[schema(format = "email", max_length = 254)]
     email: String,
-    /// 8 to 128 characters with an upper-case letter, a lower-case letter, a digit and a symbol.
-    #[schema(min_length = 8, max_length = 128)]
+    /// 8 to 128 characters with an upper-case letter, a lower-case letter, a digit and a symbol
+    /// (any script: the pattern shows the ASCII case), no control characters.
+    #[schema(
+        min_length = 8,
+        max_length = 128,
+        pattern = r"^(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9])(?=.*[^A-Za-z0-9])[^\x00-\x1f\x7f]{8,128}$"
+    )]
     password: String,
     /// E.164.
-    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$", example = "+14155550123")]
+    #[schema(pattern = r"^\+[1-9][0-9]{7,14}$", example = "+14155550123")]
     phone: String,
 }
 
@@ -211,7 +216,7 @@ pub struct ProfileBody {
     #[schema(format = "email", max_length = 254)]
     email: Option<String>,
     /// E.164.
-    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$")]
+    #[schema(pattern = r"^\+[1-9][0-9]{7,14}$")]
     phone: Option<String>,
     /// Your password: needed to change the email or phone when you signed in more than 15
     /// minutes ago.

@@ -228,7 +228,7 @@ pub struct IntentAnswer {
 #[utoipa::path(post, path = "/user/create-payment-intent", tag = "billing", security(("bearer" = [])), request_body = IntentBody,
     responses(
         (status = 201, description = "The hold", body = IntentAnswer),
-        (status = 402, description = "The card was declined", body = ErrorBody),
+        (status = 402, description = "The card was declined (`card_declined`), or no card is on file (`no_payment_method`)", body = ErrorBody),
     ))]
 pub async fn create_payment_intent(
     State(state): State<AppState>,
@@ -295,7 +295,7 @@ pub struct CreditsAnswer {
 #[utoipa::path(post, path = "/user/credits", tag = "billing", security(("bearer" = [])), request_body = CreditsBody,
     responses(
         (status = 201, description = "Bought", body = CreditsAnswer),
-        (status = 402, description = "The card was declined", body = ErrorBody),
+        (status = 402, description = "The card was declined (`card_declined`), or no card is on file (`no_payment_method`)", body = ErrorBody),
         (status = 403, description = "An older sign-in and no password (`reauthentication_required`), or a wrong password (`wrong_password`)", body = ErrorBody),
     ))]
 pub async fn buy_credits(

@@ -30,7 +30,7 @@ use crate::usecases::calls::{cancel, request, schedule};
 pub struct CallBody {
     /// E.164 (also accepted as `phone`); your account's number when left out.
     #[serde(alias = "phone")]
-    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$")]
+    #[schema(pattern = r"^\+[1-9][0-9]{7,14}$")]
     phone_number: Option<String>,
     /// A persona you can see.
     #[schema(min_length = 1, max_length = 100)]

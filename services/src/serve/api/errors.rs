@@ -289,9 +289,11 @@ impl From<billing::Error> for ApiError {
         match e {
             Error::Rejected(e) => e.into(),
             Error::Stripe(e) => e.into(),
-            Error::NoPaymentMethod => {
-                ApiError::new(StatusCode::BAD_REQUEST, "no_payment_method", e.to_string())
-            }
+            Error::NoPaymentMethod => ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "no_payment_method",
+                e.to_string(),
+            ),
             Error::NotAuthorised(_) | Error::NotPaid(_) => {
                 ApiError::new(StatusCode::PAYMENT_REQUIRED, "card_declined", e.to_string())
             }

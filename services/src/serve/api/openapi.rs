@@ -60,7 +60,7 @@ const SHARED: &[(&str, &str, &str)] = &[
     (
         "415",
         "UnsupportedMediaType",
-        "The body is not sent as `application/json`",
+        "The body is not sent in the operation's media type (`application/json`; a form for Twilio's webhooks)",
     ),
     (
         "429",
@@ -127,10 +127,10 @@ fn shared_answers(method: &str, op: &mut serde_json::Map<String, Value>) {
         // Called by their providers: the answers they can get are the ones they declare.
         return;
     }
-    let body = op
-        .get("requestBody")
-        .and_then(|b| b["content"].get("application/json"))
-        .is_some();
+    let content = op.get("requestBody").map(|b| &b["content"]);
+    let body = content.is_some_and(|c| {
+        c.get("application/json").is_some() || c.get("application/x-www-form-urlencoded").is_some()
+    });
     let query = op
         .get("parameters")
         .and_then(Value::as_array)

@@ -164,7 +164,7 @@ pub struct CreateBody {
     description: String,
     /// An ElevenLabs voice id (also accepted as `voice_id`).
     #[serde(alias = "voice_id")]
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(pattern = r"^[A-Za-z0-9]{1,50}$")]
     voice: String,
     #[schema(min_length = 20, max_length = 2000)]
     system_prompt: String,
@@ -258,7 +258,7 @@ pub struct UpdateBody {
     description: Option<String>,
     /// An ElevenLabs voice id (also accepted as `voice_id`).
     #[serde(alias = "voice_id")]
-    #[schema(min_length = 1, max_length = 64)]
+    #[schema(pattern = r"^[A-Za-z0-9]{1,50}$")]
     voice: Option<String>,
     #[schema(min_length = 20, max_length = 2000)]
     system_prompt: Option<String>,
@@ -386,8 +386,8 @@ pub struct CustomizeBody {
     /// Added to the persona's prompt for your calls; up to 1000 characters.
     #[schema(max_length = 1000)]
     custom_prompt: Option<String>,
-    /// An ElevenLabs voice id for your calls.
-    #[schema(max_length = 64)]
+    /// An ElevenLabs voice id for your calls (letters and digits); empty clears it.
+    #[schema(pattern = r"^[A-Za-z0-9]{0,50}$")]
     voice_override: Option<String>,
     favorite: Option<bool>,
     /// Whether the persona remembers your calls.

@@ -5,7 +5,6 @@
 use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Form;
 use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand, Status};
 use cmb_domain::persona::Persona;
@@ -14,7 +13,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
-use crate::serve::http::extract::{request_id, Query};
+use crate::serve::http::extract::{request_id, Form, Query};
 use crate::serve::http::state::AppState;
 use cmb_providers::twilio::verify_signature;
 

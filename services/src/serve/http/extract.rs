@@ -1,6 +1,6 @@
 //! Extractors whose rejections are our JSON errors, naming the field when serde can.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{FormRejection, JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -74,8 +74,50 @@ fn inner(text: &str) -> &str {
     text.split_once(": ").map(|(_, rest)| rest).unwrap_or(text)
 }
 
-/// Query parameters, or a 400 naming the bad one.
+/// A form body (`application/x-www-form-urlencoded`, as Twilio posts), or our JSON 4xx.
+pub struct Form<T>(pub T);
+
+impl<S, T> FromRequest<S> for Form<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Form::<T>::from_request(req, state).await {
+            Ok(axum::Form(v)) => Ok(Form(v)),
+            Err(FormRejection::InvalidFormContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as a form with Content-Type: application/x-www-form-urlencoded",
+            )),
+            Err(other) => Err(ApiError::new(
+                if other.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                "invalid_form",
+                inner(&other.body_text()).to_string(),
+            )),
+        }
+    }
+}
+
+/// Query parameters, or a 400 naming the bad one. A parameter given empty (`status=`, as forms
+/// and front ends send an unset filter) counts as absent.
 pub struct Query<T>(pub T);
+
+/// The request's query with empty parameters left out, as a URI to parse.
+fn without_empty(uri: &axum::http::Uri) -> Option<axum::http::Uri> {
+    let query = uri.query()?;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| matches!(pair.split_once('='), Some((_, v)) if !v.is_empty()))
+        .collect();
+    format!("/?{}", kept.join("&")).parse().ok()
+}
 
 impl<S, T> FromRequestParts<S> for Query<T>
 where
@@ -85,7 +127,11 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+        let parsed = match without_empty(&parts.uri) {
+            Some(uri) => axum::extract::Query::<T>::try_from_uri(&uri),
+            None => axum::extract::Query::<T>::from_request_parts(parts, state).await,
+        };
+        match parsed {
             Ok(axum::extract::Query(v)) => Ok(Query(v)),
             Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
                 let text = e.body_text();
