@@ -5,6 +5,7 @@
 //! Nothing here knows HTTP.
 
 pub mod accounts;
+pub mod analysts;
 pub mod billing;
 pub mod budget;
 pub mod calls;
