@@ -1,5 +1,6 @@
 //! The command line: `serve`, `migrate`, `seed`, `events verify`, `projections …`,
-//! `simulate`, `sim`, `bench …`; the analysts' `replay …` is in `replay`.
+//! `simulate`, `sim`, `bench …`; the analysts' `replay …` is in `replay`, `mcp` and
+//! `analyst-token` in `analyst`.
 
 use std::process::ExitCode;
 
@@ -7,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+mod analyst;
 mod replay;
 
 #[derive(Parser)]
@@ -35,6 +37,14 @@ enum Command {
         range: Box<replay::ReplayRange>,
         #[command(subcommand)]
         command: replay::ReplayCommand,
+    },
+    /// Analysts: the MCP server (tools over the event log, read only) on stdin/stdout, for an
+    /// assistant or notebook that starts it.
+    Mcp(analyst::McpArgs),
+    /// Analysts' tokens for `/mcp` on `serve`: create (printed once), revoke, list.
+    AnalystToken {
+        #[command(subcommand)]
+        command: analyst::TokenCommand,
     },
     /// Operate on the event log.
     Events {
@@ -214,6 +224,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { range, command } => replay::run(config, *range, command).await,
+        Command::Mcp(args) => analyst::mcp(config, args).await,
+        Command::AnalystToken { command } => analyst::token(config, command).await,
         Command::Sim {
             which,
             addr,

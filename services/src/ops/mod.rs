@@ -1,4 +1,4 @@
-//! Operators' and analysts' tools: reconciliation, read-model rebuilds, simulated and
+//! Operators' and analysts' tools: reconciliation, the analysts' MCP server, read-model rebuilds, simulated and
 //! synthetic histories, benchmarks and the demo seed.
 
 pub mod bench;
@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_calls;
 pub mod bench_knowledge;
 pub mod bench_voice;
+pub mod mcp;
 pub mod rebuild;
 pub mod reconcile;
 pub mod seed;

@@ -20,6 +20,11 @@ pub struct Billed {
 /// Twilio's call-records export (columns `Sid`, `Duration`, `Price`; prices are negative).
 pub fn read_billed(path: &std::path::Path) -> anyhow::Result<Vec<Billed>> {
     let text = std::fs::read_to_string(path)?;
+    parse_billed(&text, &path.display().to_string())
+}
+
+/// A billed file's text (the formats of [`read_billed`]); `source` names it in messages.
+pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<String> = split_csv(lines.next().unwrap_or(""))
         .into_iter()
@@ -27,7 +32,7 @@ pub fn read_billed(path: &std::path::Path) -> anyhow::Result<Vec<Billed>> {
         .collect();
     let col = |name: &str| header.iter().position(|h| h.eq_ignore_ascii_case(name));
     let mut out = Vec::new();
-    let source = path.display().to_string();
+    let source = source.to_string();
     if let (Some(p), Some(c), Some(b)) = (col("provider"), col("call_id"), col("billed_usd")) {
         for (n, line) in lines.enumerate() {
             let f = split_csv(line);

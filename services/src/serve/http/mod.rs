@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 mod health;
+pub mod mcp;
 pub mod ratelimit;
 pub mod state;
 #[cfg(test)]
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
     let doc =
         crate::serve::api::openapi::Document(Arc::new(crate::serve::api::openapi::finish(doc)));
     routes
+        .merge(mcp::routes(&state))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
