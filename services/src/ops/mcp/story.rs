@@ -53,6 +53,10 @@ pub struct PaymentStory {
     pub charged_cents: Option<i64>,
     pub released_cents: Option<i64>,
     pub refunded_cents: i64,
+    /// Cents of the capture the cardholder disputed (chargebacks).
+    pub disputed_cents: i64,
+    /// Each refund or dispute recorded on the call: kind, reference, amount, when.
+    pub reversals: Vec<Value>,
     pub revenue_cents: i64,
     pub margin_cents: i64,
 }
@@ -150,6 +154,7 @@ pub async fn call_timeline(log: &Log, call_id: &str) -> Answer<Timeline> {
     }
     if let Some(line) = line {
         story.payment.refunded_cents = line.refunded_cents;
+        story.payment.disputed_cents = line.disputed_cents;
         story.payment.revenue_cents = line.revenue_cents;
         story.payment.margin_cents = line.margin_cents;
     }
@@ -256,6 +261,17 @@ fn tell(
                 story.voice_session = Some(body);
             }
         }
+        CallEvent::PaymentReversed {
+            kind,
+            reference,
+            amount_cents,
+            at,
+        } => p.reversals.push(serde_json::json!({
+            "kind": kind.as_str(),
+            "reference": reference,
+            "amount_cents": amount_cents,
+            "at": at.to_rfc3339(),
+        })),
         CallEvent::DialFailed { .. } => {}
     }
 }
