@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::backbone::store::{CommandError, EventStore};
 use crate::config::Config;
+use crate::usecases::billing::{reverse, ChargeReversal};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -411,23 +412,34 @@ async fn one_call(
     let mut refund_event = None;
     if let Payment::Card { payment_intent_id } = &payment {
         if price > 0 && rng.gen_range(0..5) == 0 {
+            // As the webhook handles it: the event recorded, then taken back from the call.
             let event_id = format!("evt_sim_{}", Uuid::new_v4().simple());
+            let charge = format!("ch_sim_{}", Uuid::new_v4().simple());
+            let created = (end + Duration::days(1)).timestamp();
+            let object = serde_json::json!({
+                "id": charge,
+                "payment_intent": payment_intent_id,
+                "amount_refunded": price,
+            });
+            let ctx = CommandContext::system("simulate");
             store
                 .execute::<StripeEvent>(
                     &event_id,
                     RecordStripeEvent {
                         kind: "charge.refunded".into(),
-                        object_id: format!("ch_sim_{}", Uuid::new_v4().simple()),
-                        created: (end + Duration::days(1)).timestamp(),
-                        summary: serde_json::json!({
-                            "payment_intent": payment_intent_id,
-                            "amount_refunded": price,
-                        }),
+                        object_id: charge,
+                        created,
+                        summary: object.clone(),
                     },
-                    &CommandContext::system("simulate"),
+                    &ctx,
                 )
                 .await
                 .map_err(err("a refund"))?;
+            if let Some(reversal) = ChargeReversal::of("charge.refunded", &object, created) {
+                reverse(store, &reversal, &ctx)
+                    .await
+                    .map_err(err("a refund taken back"))?;
+            }
             summary.refunds += 1;
             refund_event = Some(event_id);
         }

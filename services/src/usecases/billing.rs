@@ -339,11 +339,14 @@ pub struct ChargeReversal {
     /// `dispute:<dispute>`.
     pub reference: String,
     pub amount_cents: i64,
+    /// When Stripe reported it.
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 impl ChargeReversal {
-    /// The reversal a Stripe event of type `kind` about `object` reports, if it is one.
-    pub fn of(kind: &str, object: &serde_json::Value) -> Option<ChargeReversal> {
+    /// The reversal a Stripe event of type `kind` about `object`, created at `created` (unix
+    /// seconds), reports, if it is one.
+    pub fn of(kind: &str, object: &serde_json::Value, created: i64) -> Option<ChargeReversal> {
         let (kind, amount) = match kind {
             "charge.refunded" => (Reversal::Refund, "amount_refunded"),
             "charge.dispute.created" => (Reversal::Dispute, "amount"),
@@ -354,6 +357,7 @@ impl ChargeReversal {
             payment_intent: object.get("payment_intent")?.as_str()?.to_string(),
             reference: format!("{}:{}", kind.as_str(), object.get("id")?.as_str()?),
             amount_cents: object.get(amount)?.as_i64()?,
+            at: chrono::DateTime::from_timestamp(created, 0).unwrap_or_else(chrono::Utc::now),
         })
     }
 }
@@ -439,7 +443,7 @@ pub async fn reverse(
                 kind: reversal.kind,
                 reference: reversal.reference.clone(),
                 amount_cents: reversal.amount_cents,
-                at: chrono::Utc::now(),
+                at: reversal.at,
             };
             let done = store
                 .execute::<Call>(&call.to_string(), record, ctx)

@@ -415,7 +415,7 @@ pub async fn webhook(
     // A refund or dispute takes back what the charge paid for. Done on every delivery, not
     // only the first: a delivery that died after recording the event is redelivered by
     // Stripe, and a reversal already taken takes nothing again.
-    if let Some(reversal) = billing::ChargeReversal::of(&event.kind, object) {
+    if let Some(reversal) = billing::ChargeReversal::of(&event.kind, object, event.created) {
         billing::reverse(&state.store, &reversal, &ctx).await?;
     }
     Ok(axum::Json(WebhookAnswer {
