@@ -129,6 +129,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             prompt_tokens: config.knowledge_prompt_tokens,
             session_passages: config.knowledge_session_passages,
         },
+        stream_tokens: crate::serve::voice::StreamTokens::new(config.jwt_secret.expose()),
     });
     // Greetings of the system personas are ready before anyone calls.
     {

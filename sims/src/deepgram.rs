@@ -101,6 +101,7 @@ impl Settings {
 #[derive(Default)]
 struct Stats {
     connections: AtomicU64,
+    open: AtomicU64,
     billed_samples: AtomicU64,
     keepalives: AtomicU64,
 }
@@ -134,6 +135,11 @@ impl DeepgramSim {
     /// WebSocket handshakes accepted.
     pub fn connections(&self) -> u64 {
         self.stats.connections.load(Ordering::Relaxed)
+    }
+
+    /// Streams open now (accepted and not yet closed by either side).
+    pub fn open_connections(&self) -> u64 {
+        self.stats.open.load(Ordering::Relaxed)
     }
 
     /// `KeepAlive` messages received, over all streams.
@@ -227,6 +233,15 @@ enum End {
 }
 
 async fn session(socket: WebSocket, sim: DeepgramSim, config: ListenConfig, model: String) {
+    /// Counts the stream as open for as long as it runs, however it ends.
+    struct Open(Arc<Stats>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    sim.stats.open.fetch_add(1, Ordering::Relaxed);
+    let _open = Open(sim.stats.clone());
     let request_id = uuid::Uuid::new_v4().to_string();
     let settings = &sim.settings;
     let (sink, mut source) = socket.split();

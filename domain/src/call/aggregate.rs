@@ -309,6 +309,7 @@ impl Aggregate for Call {
                 }
             }
             CallCommand::RecordSessionEnd {
+                costs,
                 turns,
                 barge_ins,
                 early_replies,
@@ -320,7 +321,9 @@ impl Aggregate for Call {
                 if self.session_ended {
                     vec![]
                 } else {
-                    vec![CallEvent::VoiceSessionEnded {
+                    let mut events: Vec<CallEvent> =
+                        costs.into_iter().map(CallEvent::CostRecorded).collect();
+                    events.push(CallEvent::VoiceSessionEnded {
                         turns,
                         barge_ins,
                         early_replies,
@@ -328,7 +331,8 @@ impl Aggregate for Call {
                         greeting_ms,
                         barge_in_stop_ms,
                         first_audio_ms,
-                    }]
+                    });
+                    events
                 }
             }
             CallCommand::RecordPaymentReversal {

@@ -88,7 +88,10 @@ pub enum CallCommand {
         llm_provider: String,
         fell_back: bool,
     },
+    /// The voice session's end with what it used: the costs are recorded with it, once per
+    /// call (a replayed session records nothing).
     RecordSessionEnd {
+        costs: Vec<Cost>,
         turns: u32,
         barge_ins: u32,
         early_replies: u32,

@@ -300,3 +300,40 @@ fn a_refund_or_dispute_of_the_capture_is_recorded_once_and_never_beyond_the_hold
             at: t,
         }]);
 }
+
+#[test]
+fn a_voice_session_records_its_costs_once() {
+    let stt = Cost::priced("deepgram", "streaming-stt", 30, "second", 72, 1, false);
+    let end = || CallCommand::RecordSessionEnd {
+        costs: vec![stt.clone()],
+        turns: 2,
+        barge_ins: 0,
+        early_replies: 0,
+        reason: "caller hung up".into(),
+        greeting_ms: None,
+        barge_in_stop_ms: None,
+        first_audio_ms: None,
+    };
+    let ended = CallEvent::VoiceSessionEnded {
+        turns: 2,
+        barge_ins: 0,
+        early_replies: 0,
+        reason: "caller hung up".into(),
+        greeting_ms: None,
+        barge_in_stop_ms: None,
+        first_audio_ms: None,
+    };
+    TestFramework::<Call>::with(())
+        .given(vec![requested(None)])
+        .when(end())
+        .then_expect_events(vec![CallEvent::CostRecorded(stt.clone()), ended.clone()]);
+    // The same session replayed (or a second one) doubles nothing.
+    TestFramework::<Call>::with(())
+        .given(vec![
+            requested(None),
+            CallEvent::CostRecorded(stt.clone()),
+            ended,
+        ])
+        .when(end())
+        .then_expect_events(vec![]);
+}

@@ -303,7 +303,9 @@ pub async fn run_stream(
             return StreamEnd::Closed;
         }
     };
-    // Twilio signs the upgrade too; the exact URL form is unknown, so sign the URL we dial.
+    // Twilio signs the upgrade like any webhook: HMAC-SHA1 with the auth token over the stream
+    // URL of the TwiML (`wss://…`; `ws://` on loopback), no parameters. Our server refuses an
+    // upgrade signed otherwise (403), so the simulator signs exactly as Twilio does.
     let signature = cmb_providers::twilio::signature(&ctx.auth_token, &stream.url, &[]);
     if let Ok(value) = HeaderValue::from_str(&signature) {
         request.headers_mut().insert("X-Twilio-Signature", value);

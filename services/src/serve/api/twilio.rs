@@ -31,14 +31,39 @@ fn verify(
     uri: &axum::http::Uri,
     params: &[(String, String)],
 ) -> ApiResult<()> {
+    let base = state.config.public_base_url.as_str();
+    verify_over(state, headers, uri, params, &[base])
+}
+
+/// `PUBLIC_BASE_URL` as the WebSocket URL Twilio is given for the stream (`wss://`).
+fn ws_base(state: &AppState) -> String {
+    state
+        .config
+        .public_base_url
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1)
+}
+
+/// Checks the signature over any of `bases` + the path and query Twilio called.
+fn verify_over(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    params: &[(String, String)],
+    bases: &[&str],
+) -> ApiResult<()> {
     let signature = headers
         .get("x-twilio-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let url = format!("{}{path}", state.config.public_base_url);
     let token = state.config.twilio.auth_token.expose();
-    if signature.is_empty() || !verify_signature(token, &url, params, signature) {
+    let url = format!("{}{path}", bases[0]);
+    let signed = !signature.is_empty()
+        && bases
+            .iter()
+            .any(|base| verify_signature(token, &format!("{base}{path}"), params, signature));
+    if !signed {
         metrics::counter!("cmb_webhooks_refused_total", "source" => "twilio").increment(1);
         tracing::warn!(%url, "Twilio webhook with a missing or wrong signature refused");
         return Err(ApiError::forbidden("invalid Twilio signature"));
@@ -147,9 +172,35 @@ pub async fn answer(
 ) -> ApiResult<Response> {
     verify(&state, &headers, &uri, &params)?;
     let id = call_id(&state, &query, &params).await?;
+    let sid = param(&params, "CallSid")
+        .filter(|sid| crate::serve::voice::plausible_call_sid(sid))
+        .ok_or_else(|| ApiError::validation("CallSid", "CallSid: missing or malformed"))?
+        .to_string();
+    // Twilio asks for the answer when the callee picks up: that is the call answered, whether
+    // or not its `in-progress` callback has arrived yet.
+    if param(&params, "CallStatus").and_then(Status::from_twilio) == Some(Status::InProgress) {
+        let ctx =
+            CommandContext::for_request(request_id(&headers), Actor::Webhook("twilio".into()));
+        let command = CallCommand::RecordStatus {
+            call_sid: sid.clone(),
+            status: Status::InProgress,
+            sequence: None,
+            duration_secs: None,
+            at: state.clock.now(),
+        };
+        if let Err(e) = state.store.execute::<Call>(&id, command, &ctx).await {
+            tracing::warn!(call = %id, error = %e, "answer for a call that does not take it");
+        }
+    }
     let (call, _) = state.store.load::<Call>(&id).await?;
     if !call.exists() {
         return Err(ApiError::not_found("call"));
+    }
+    if call.status != Some(Status::InProgress) || call.call_sid.as_deref() != Some(sid.as_str()) {
+        // Over, never answered, or another call's CallSid: no stream, Twilio hangs up.
+        tracing::warn!(call = %id, status = ?call.status, "answer for a call that cannot stream; hanging up");
+        let twiml = r#"<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>"#;
+        return Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response());
     }
     let persona = match &call.persona_id {
         Some(p) => {
@@ -172,38 +223,58 @@ pub async fn answer(
                 .warm_greeting(id.clone(), prices, voice_id, greeting),
         );
     }
-    let ws_base = state
-        .config
-        .public_base_url
-        .replacen("https://", "wss://", 1)
-        .replacen("http://", "ws://", 1);
+    let call_uuid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("call"))?;
+    let expires_at = state.clock.now() + crate::serve::voice::TOKEN_LIFETIME;
+    let token = state.voice.stream_tokens.mint(call_uuid, &sid, expires_at);
     let twiml = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/></Stream></Connect></Response>"#,
-        xml_escape(&ws_base),
-        xml_escape(&id)
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/><Parameter name="token" value="{}"/></Stream></Connect></Response>"#,
+        xml_escape(&ws_base(&state)),
+        xml_escape(&id),
+        xml_escape(&token)
     );
     Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
 }
 
 /// The Media Streams WebSocket: Twilio connects here when the call is answered (`GET` with
-/// `Upgrade: websocket`). Twilio sends JSON text frames `connected`, `start` (with the
-/// `call_id` custom parameter), `media` (base64 μ-law 8 kHz audio, 20 ms frames), `mark`,
-/// `dtmf` and `stop`; we send `media`, `mark` and `clear` (barge-in) back. A call that is not
-/// ours or not answered is closed.
+/// `Upgrade: websocket`), signed like every Twilio webhook: `X-Twilio-Signature` over the
+/// stream URL of the TwiML (`wss://…/api/twilio/stream`; the `https://` form is accepted too),
+/// checked before the upgrade. Twilio sends JSON text frames `connected`, `start` (with the
+/// `call_id` and `token` custom parameters), `media` (base64 μ-law 8 kHz audio, 20 ms frames),
+/// `mark`, `dtmf` and `stop`; we send `media`, `mark` and `clear` (barge-in) back. A stream
+/// whose token is missing, forged, expired, used or for another call, whose call is not
+/// answered or already has a session, or that says no `start` within 5 s, is closed (1008);
+/// so is one that sends a frame over 64 KiB or nothing for 10 s.
 #[utoipa::path(get, path = "/twilio/stream", tag = "webhooks",
-    params(("Upgrade" = String, Header, description = "`websocket`")),
+    params(("Upgrade" = String, Header, description = "`websocket`"),
+        ("X-Twilio-Signature" = String, Header, description = "Base64 HMAC-SHA1, with the auth token, of the stream URL (`wss://…/api/twilio/stream`)")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Not a WebSocket upgrade request"),
+        (status = 403, description = "The signature is missing or wrong; no upgrade", body = ErrorBody),
         (status = 426, description = "Upgrade required: the request is not a WebSocket handshake"),
     ))]
 pub async fn stream(
     State(state): State<AppState>,
-    ws: axum::extract::ws::WebSocketUpgrade,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
 ) -> Response {
+    let ws_base = ws_base(&state);
+    let bases = [ws_base.as_str(), state.config.public_base_url.as_str()];
+    if let Err(e) = verify_over(&state, &headers, &uri, &[], &bases) {
+        return e.into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
     let voice = state.voice.clone();
     // Small buffers (tungstenite's 128 KiB read buffer is zero-filled before every read) and
-    // bounded messages: Twilio's largest is a `start` with our few parameters.
+    // bounded messages: Twilio's largest is a `start` with our few parameters; anything over
+    // 64 KiB closes the socket.
     let ws = ws
         .read_buffer_size(cmb_providers::WS_BUFFER)
         .write_buffer_size(cmb_providers::WS_BUFFER)
@@ -212,6 +283,10 @@ pub async fn stream(
     ws.on_upgrade(move |socket| async move {
         match crate::serve::voice::run(voice, socket).await {
             Ok(()) => metrics::counter!("cmb_voice_sessions_total", "outcome" => "ok").increment(1),
+            Err(crate::serve::voice::SessionError::Refused(why)) => {
+                metrics::counter!("cmb_voice_sessions_total", "outcome" => "refused").increment(1);
+                tracing::warn!(reason = %why, "media stream refused");
+            }
             Err(e) => {
                 metrics::counter!("cmb_voice_sessions_total", "outcome" => "failed").increment(1);
                 tracing::error!(error = %e, "voice session failed");

@@ -26,6 +26,8 @@ pub enum SessionError {
     Stream(#[from] axum::Error),
     #[error("the budget: {0}")]
     Budget(#[from] budget::ReadError),
+    #[error("media stream refused: {0}")]
+    Refused(super::tokens::Refusal),
     #[error("reading or recording: {0}")]
     Db(#[from] sqlx::Error),
 }

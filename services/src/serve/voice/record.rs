@@ -52,15 +52,15 @@ impl Session {
             })
             .await;
         }
-        // Costs as used: audio seconds, tokens per provider, characters.
+        // Costs as used: audio seconds, tokens per provider, characters — recorded with the
+        // session's end, in one command, so a session's costs are recorded once.
         let p = self.ctx.prices;
         let audio_secs = billed_secs.unwrap_or_else(|| self.started.elapsed().as_secs_f64());
-        record(CallCommand::RecordCost(p.cost(
+        let mut costs = vec![p.cost(
             CostKind::DeepgramStreamingStt,
             audio_secs.ceil() as i64,
             billed_secs.is_none(),
-        )))
-        .await;
+        )];
         let mut tokens: HashMap<LlmProvider, (i64, bool)> = HashMap::new();
         let mut chars = 0i64;
         for u in &self.usage {
@@ -87,25 +87,16 @@ impl Session {
             entry.1 |= estimated;
         }
         for (llm, (n, estimated)) in tokens {
-            record(CallCommand::RecordCost(p.cost(
-                CostKind::ChatTokens(llm),
-                n,
-                estimated,
-            )))
-            .await;
+            costs.push(p.cost(CostKind::ChatTokens(llm), n, estimated));
         }
         if chars > 0 {
-            record(CallCommand::RecordCost(p.cost(
-                CostKind::TtsCharacters,
-                chars,
-                true,
-            )))
-            .await;
+            costs.push(p.cost(CostKind::TtsCharacters, chars, true));
         }
         // The transcript first: the session's end event says everything is recorded.
         let call_uuid = uuid::Uuid::parse_str(&self.ctx.call_id)?;
         transcripts::save(store.pool(), call_uuid, &self.transcript).await?;
         record(CallCommand::RecordSessionEnd {
+            costs,
             turns: self.turns,
             barge_ins: self.barge_ins,
             early_replies: self.early_replies,

@@ -20,8 +20,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::context::{load_context, Context};
+use super::context::Context;
 use super::error::SessionError;
+use super::guard::Guard;
 use super::outbound::{self, Out, Sent, FRAME_BYTES};
 use super::reply::{ms, Pipe, Reply, Usage};
 use super::shared::Voice;
@@ -32,43 +33,6 @@ use crate::serve::transcripts::Line;
 const FOLLOW_UP_GREETING_WAIT: Duration = Duration::from_millis(1500);
 /// How long after its last frame was sent a reply counts as played when Twilio echoes no mark.
 pub(super) const MARK_WAIT: Duration = Duration::from_millis(1500);
-
-/// Runs the session until Twilio stops the stream (or the socket goes).
-pub async fn run(voice: Arc<Voice>, socket: WebSocket) -> Result<(), SessionError> {
-    let (sink, mut inbound) = socket.split();
-    // `connected`, then `start` with the stream and call ids and our parameters.
-    let (stream_sid, call_sid, mut params) = loop {
-        let Some(msg) = inbound.next().await else {
-            return Ok(());
-        };
-        let Message::Text(text) = msg? else { continue };
-        match StreamMessage::parse(&text) {
-            Some(StreamMessage::Start {
-                stream_sid, start, ..
-            }) => {
-                let sid = match stream_sid {
-                    Some(sid) if start.stream_sid.is_empty() => sid.into_owned(),
-                    _ => start.stream_sid,
-                };
-                break (sid, start.call_sid, start.custom_parameters);
-            }
-            Some(StreamMessage::Stop { .. }) => return Ok(()),
-            _ => continue,
-        }
-    };
-    let call_id = match params.remove("call_id") {
-        Some(id) => id,
-        None => crate::usecases::calls::sids::call_of(voice.store.pool(), &call_sid)
-            .await?
-            .ok_or_else(|| SessionError::NoCall(format!("for the stream of {call_sid}")))?
-            .to_string(),
-    };
-    let ctx = load_context(&voice, &call_id, &call_sid).await?;
-    tracing::info!(call = %call_id, %stream_sid, "voice session started");
-    Session::new(voice, ctx, sink, stream_sid)
-        .run(inbound)
-        .await
-}
 
 pub(super) struct Session {
     pub(super) voice: Arc<Voice>,
@@ -106,6 +70,17 @@ pub(super) struct Session {
     pub(super) usage: Vec<Usage>,
     pub(super) timings: Vec<(u32, TurnTimings, bool, &'static str, bool)>,
     pub(super) writer: JoinHandle<()>,
+}
+
+/// However the session ends (an error included), the reply in flight (its LLM stream and
+/// text-to-speech socket) and the writer go with it.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(reply) = &self.reply {
+            reply.task.abort();
+        }
+        self.writer.abort();
+    }
 }
 
 impl Session {
@@ -185,9 +160,12 @@ impl Session {
         self.reply.is_some()
     }
 
-    async fn run(
+    /// Runs the conversation until Twilio stops the stream, the socket goes, or `guard` ends
+    /// it (the call ended, the paid duration is over, the socket fell silent).
+    pub(super) async fn run(
         mut self,
         mut inbound: futures::stream::SplitStream<WebSocket>,
+        mut guard: Guard,
     ) -> Result<(), SessionError> {
         let stt_options = SttOptions {
             model: "nova-2".into(),
@@ -257,6 +235,7 @@ impl Session {
             tokio::select! {
                 msg = inbound.next() => {
                     let Some(Ok(msg)) = msg else { break "stream closed".to_string() };
+                    guard.frames.fetch_add(1, Ordering::Relaxed);
                     let Message::Text(text) = msg else { continue };
                     match StreamMessage::parse(&text) {
                         Some(StreamMessage::Media { media, .. }) => {
@@ -298,8 +277,13 @@ impl Session {
                     armed = None;
                     self.on_tick().await
                 }
+                why = &mut guard.end => {
+                    let why = why.unwrap_or("session guard gone");
+                    break self.ending.clone().unwrap_or_else(|| why.to_string());
+                }
             }
         };
+        drop(guard);
         // Close speech-to-text and learn what it billed.
         stt_audio.take();
         if billed_secs.is_none() {

@@ -46,6 +46,8 @@ pub struct Voice {
     /// How much of the prompt memory may take, in tokens (`MEMORY_PROMPT_TOKENS`).
     pub memory_prompt_tokens: usize,
     pub knowledge: KnowledgeSettings,
+    /// Mints and checks the media-stream tokens of the answer TwiML (`super::tokens`).
+    pub stream_tokens: super::tokens::StreamTokens,
 }
 
 /// Persona knowledge in calls (see `super::knowledge`).
