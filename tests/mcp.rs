@@ -477,6 +477,32 @@ async fn every_tool_answers_over_stdio_as_the_cli_does_on_a_simulated_month() {
         wallets,
         cli_lines(&env, &with(&pg, &["--type", "wallet", "events"])).await
     );
+    let one_day = mcp
+        .all_rows(
+            "events",
+            json!({ "filter": { "type": "call", "from": d1, "to": d1 } }),
+            "events",
+            50,
+        )
+        .await;
+    assert_eq!(
+        one_day,
+        cli_lines(
+            &env,
+            &with(&pg, &["--type", "call", "--from", d1, "--to", d1, "events"])
+        )
+        .await
+    );
+    assert!(!one_day.is_empty());
+    let of_call = mcp
+        .all_rows(
+            "events",
+            json!({ "filter": { "call_id": id } }),
+            "events",
+            1000,
+        )
+        .await;
+    assert_eq!(of_call, cli_events);
 
     // compare_bill: the CSV's text, as `replay reconcile --billed FILE`.
     let sid = line["call_sid"].as_str().unwrap();
@@ -577,6 +603,27 @@ async fn every_tool_answers_over_stdio_as_the_cli_does_on_a_simulated_month() {
         report["calls"]
     );
     assert_eq!(nats_report["totals"], report["totals"]);
+    let nats_story = from_nats
+        .answer("call_timeline", json!({ "call_id": id }))
+        .await;
+    assert_eq!(nats_story, story, "the same story from the stream");
+    let nats_events = from_nats
+        .all_rows(
+            "events",
+            json!({ "filter": { "user_id": user } }),
+            "events",
+            1000,
+        )
+        .await;
+    // The stream's order is per aggregate (the publisher's waves), not the store's commit
+    // order across aggregates: as `replay --source nats events` gives them.
+    let from_stream = cli_lines(
+        &env,
+        &["replay", "--source", "nats", "--user", user, "events"],
+    )
+    .await;
+    assert_eq!(nats_events, from_stream);
+    assert_eq!(nats_events.len(), theirs.len());
     env.cleanup().await;
 }
 

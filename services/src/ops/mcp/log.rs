@@ -36,39 +36,133 @@ pub struct Log {
     pub source: Source,
 }
 
+/// What part of the log a read needs, narrowed where the log is (a `WHERE` on the event
+/// store's key and `recorded_at` index, a subject filter on the stream), so a question about one
+/// call or one kind of aggregate does not read everything.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub aggregate_type: Option<String>,
+    /// Only with `aggregate_type`.
+    pub aggregate_id: Option<String>,
+    /// Recorded in `[from, to)`.
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl Scope {
+    pub fn of_type(aggregate_type: &str) -> Scope {
+        Scope {
+            aggregate_type: Some(aggregate_type.into()),
+            ..Scope::default()
+        }
+    }
+
+    pub fn aggregate(aggregate_type: &str, id: &str) -> Scope {
+        Scope {
+            aggregate_id: Some(id.into()),
+            ..Scope::of_type(aggregate_type)
+        }
+    }
+
+    fn keeps(&self, e: &EventEnvelope) -> bool {
+        self.aggregate_type
+            .as_ref()
+            .is_none_or(|t| &e.aggregate_type == t)
+            && self
+                .aggregate_id
+                .as_ref()
+                .is_none_or(|i| &e.aggregate_id == i)
+            && self.from.is_none_or(|f| e.occurred_at >= f)
+            && self.to.is_none_or(|t| e.occurred_at < t)
+    }
+}
+
+/// Events per query of a Postgres read.
+const BATCH: i64 = 5000;
+
+/// The events of `scope` from the event store in commit order (the stream's order), every
+/// event committed when the read starts: one repeatable-read, read-only snapshot.
+async fn from_store(
+    pool: &PgPool,
+    scope: Scope,
+    tx: tokio::sync::mpsc::Sender<EventEnvelope>,
+) -> anyhow::Result<()> {
+    use crate::backbone::outbox::{envelope_from_row, CommitPosition, SELECT_ENVELOPE};
+    let mut db = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *db)
+        .await?;
+    let sql = format!(
+        "{SELECT_ENVELOPE}
+          WHERE (xact_id, global_position) > ($1::text::xid8, $2)
+            AND ($3::text IS NULL OR aggregate_type = $3)
+            AND ($4::text IS NULL OR aggregate_id = $4)
+            AND ($5::timestamptz IS NULL OR recorded_at >= $5)
+            AND ($6::timestamptz IS NULL OR recorded_at < $6)
+          ORDER BY xact_id, global_position
+          LIMIT {BATCH}"
+    );
+    let mut after = CommitPosition::default();
+    loop {
+        let rows = sqlx::query(&sql)
+            .bind(after.commit_xid)
+            .bind(after.global_position)
+            .bind(&scope.aggregate_type)
+            .bind(&scope.aggregate_id)
+            .bind(scope.from)
+            .bind(scope.to)
+            .fetch_all(&mut *db)
+            .await?;
+        let batch = rows
+            .iter()
+            .map(envelope_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        after = CommitPosition::of(last);
+        let full = batch.len() as i64 == BATCH;
+        for e in batch {
+            if tx.send(e).await.is_err() {
+                return Ok(());
+            }
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
 impl Log {
-    /// Every event of the log (of the aggregate type `only`, when given) in log order, handed
-    /// to `each`.
+    /// The events of `scope` in log order, handed to `each`.
     pub async fn each(
         &self,
-        only: Option<&str>,
+        scope: &Scope,
         mut each: impl FnMut(EventEnvelope),
     ) -> anyhow::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
         let reader = match self.source {
             Source::Postgres => {
-                let pool = self.pool.clone();
-                tokio::spawn(async move {
-                    crate::ops::reconcile::from_postgres(&pool, tx, None, None).await
-                })
+                let (pool, scope) = (self.pool.clone(), scope.clone());
+                tokio::spawn(async move { from_store(&pool, scope, tx).await })
             }
             Source::Nats => {
                 let until = cmb_nats::replay::last_sequence(&self.js, &self.stream)
                     .await
                     .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
-                let subjects = match only {
-                    Some(t) => self.stream.type_subjects(t),
-                    None => self.stream.all_subjects(),
+                let subjects = match (&scope.aggregate_type, &scope.aggregate_id) {
+                    (Some(t), Some(id)) => self.stream.subject(t, id),
+                    (Some(t), None) => self.stream.type_subjects(t),
+                    _ => self.stream.all_subjects(),
                 };
-                let mut events = cmb_nats::replay::open(
-                    &self.js,
-                    &self.stream,
-                    &subjects,
-                    cmb_nats::replay::Start::Beginning,
-                    until,
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                let start = match scope.from {
+                    Some(t) => cmb_nats::replay::Start::Time(t),
+                    None => cmb_nats::replay::Start::Beginning,
+                };
+                let mut events =
+                    cmb_nats::replay::open(&self.js, &self.stream, &subjects, start, until)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
                 tokio::spawn(async move {
                     while let Some(item) = events.recv().await {
                         let e = item.map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
@@ -81,7 +175,9 @@ impl Log {
             }
         };
         while let Some(e) = rx.recv().await {
-            if only.is_none_or(|t| e.aggregate_type == t) {
+            // The stream's subjects carry ids with `.`, `*`, `>` and spaces replaced: the
+            // headers' exact id decides.
+            if scope.keeps(&e) {
                 each(e);
             }
         }
@@ -99,10 +195,20 @@ impl Log {
     ) -> anyhow::Result<()> {
         let mut user_calls = std::collections::HashSet::new();
         let (from, to) = range;
-        self.each(filter.aggregate_type.as_deref(), |e| {
-            if from.is_some_and(|f| e.occurred_at < f) || to.is_some_and(|t| e.occurred_at >= t) {
-                return;
-            }
+        // A call's events are the call aggregate's, unless another type was asked for.
+        let aggregate_type = filter
+            .aggregate_type
+            .clone()
+            .or_else(|| filter.call.map(|_| "call".to_string()));
+        let scope = Scope {
+            aggregate_id: aggregate_type
+                .as_ref()
+                .and(filter.call.map(|c| c.to_string())),
+            aggregate_type,
+            from,
+            to,
+        };
+        self.each(&scope, |e| {
             if filter.keep(&e, &mut user_calls) {
                 each(e);
             }
@@ -119,7 +225,7 @@ impl Log {
         mut also: impl FnMut(&EventEnvelope),
     ) -> anyhow::Result<Report> {
         let mut reconciler = Reconciler::requested_between(range);
-        self.each(None, |e| {
+        self.each(&Scope::default(), |e| {
             also(&e);
             reconciler.add(&e);
         })

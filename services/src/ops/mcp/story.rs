@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::answers::{range, Answer, Paging, ToolError};
-use super::log::Log;
+use super::log::{Log, Scope};
 use crate::ops::reconcile::{Filter, Reconciler};
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -98,21 +98,19 @@ pub async fn call_timeline(log: &Log, call_id: &str) -> Answer<Timeline> {
         .map_err(|_| ToolError(format!("call_id: expected a call's UUID, got {call_id:?}")))?
         .to_string();
     let mut events = Vec::new();
-    let mut reconciler = Reconciler::default();
-    log.each(None, |e| {
-        if e.aggregate_type == "call" && e.aggregate_id == id {
-            reconciler.add(&e);
-            events.push(e);
-        } else if e.aggregate_type == "stripe_event" {
-            reconciler.add(&e);
-        }
-    })
-    .await?;
+    log.each(&Scope::aggregate("call", &id), |e| events.push(e))
+        .await?;
     if events.is_empty() {
         return Err(ToolError(format!(
             "no call {id} in the event log (find calls with `reconcile` or `events`)"
         )));
     }
+    // The call's line as reconcile makes it: its events, then Stripe's (a refund reported
+    // only as `charge.refunded` counts against the call whose payment it refunds).
+    let mut reconciler = Reconciler::default();
+    events.iter().for_each(|e| reconciler.add(e));
+    log.each(&Scope::of_type("stripe_event"), |e| reconciler.add(&e))
+        .await?;
     let report = reconciler.report();
     let line = report.calls.iter().find(|c| c.call_id == id);
     let mut story = Timeline {
