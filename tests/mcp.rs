@@ -717,6 +717,17 @@ async fn http_mcp_takes_analyst_tokens_only_and_refuses_revoked_ones() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"]["structuredContent"]["calls"], 0, "{body}");
 
+    let huge = "x".repeat(9 * 1024 * 1024);
+    let (status, body) = post_mcp(
+        &api,
+        Some(&token),
+        json!({ "jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                "params": { "name": "compare_bill", "arguments": { "csv_text": huge } } }),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+
     let listed = cli_json(&env, &["analyst-token", "list", "--json"]).await;
     assert_eq!(listed[0]["name"], "ana");
     assert!(listed[0]["revoked_at"].is_null());

@@ -24,6 +24,9 @@ use crate::serve::http::state::AppState;
 /// Connections the MCP tools may hold at once on an instance.
 const POOL: u32 = 2;
 
+/// The largest request: a JSON-RPC message, a provider's bill inside (`compare_bill`).
+pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
+
 /// The `/mcp` route with its token check.
 pub fn routes(state: &AppState) -> Router<AppState> {
     let log = Log {
@@ -77,7 +80,17 @@ async fn require_analyst(State(state): State<AppState>, req: Request, next: Next
     match crate::usecases::analysts::verify(&state.pool, token).await {
         Ok(Some(analyst)) => {
             tracing::info!(%analyst, "MCP request");
-            next.run(req).await
+            // Read whole here (the SDK would buffer it too), within the limit.
+            let (parts, body) = req.into_parts();
+            match axum::body::to_bytes(body, BODY_LIMIT).await {
+                Ok(bytes) => next.run(Request::from_parts(parts, bytes.into())).await,
+                Err(_) => ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("an MCP request is at most {} MiB", BODY_LIMIT >> 20),
+                )
+                .into_response(),
+            }
         }
         Ok(None) if auth::decode_token(state.config.jwt_secret.expose(), token).is_some() => {
             ApiError::forbidden(
