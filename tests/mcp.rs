@@ -717,6 +717,28 @@ async fn http_mcp_takes_analyst_tokens_only_and_refuses_revoked_ones() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["result"]["structuredContent"]["calls"], 0, "{body}");
 
+    // What the transport refuses is still a JSON error.
+    for (method, body, status) in [
+        ("GET", "", 405),
+        ("POST", "not json", 415),
+        ("DELETE", "", 405),
+    ] {
+        let r = reqwest::Client::new()
+            .request(method.parse().unwrap(), format!("{}/mcp", api.base))
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .bearer_auth(&token)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method}");
+        let body: Value = r.json().await.expect("a JSON body");
+        assert!(
+            body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+            "{body}"
+        );
+    }
     let huge = "x".repeat(9 * 1024 * 1024);
     let (status, body) = post_mcp(
         &api,

@@ -83,7 +83,9 @@ async fn require_analyst(State(state): State<AppState>, req: Request, next: Next
             // Read whole here (the SDK would buffer it too), within the limit.
             let (parts, body) = req.into_parts();
             match axum::body::to_bytes(body, BODY_LIMIT).await {
-                Ok(bytes) => next.run(Request::from_parts(parts, bytes.into())).await,
+                Ok(bytes) => {
+                    as_json(next.run(Request::from_parts(parts, bytes.into())).await).await
+                }
                 Err(_) => ApiError::new(
                     axum::http::StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
@@ -107,6 +109,40 @@ async fn require_analyst(State(state): State<AppState>, req: Request, next: Next
             ApiError::unavailable("the token could not be checked; try again").into_response()
         }
     }
+}
+
+/// The SDK answers a request it cannot take (a GET, a body that is not JSON-RPC) in plain
+/// text: said again as our JSON error, with its status.
+async fn as_json(response: Response) -> Response {
+    use axum::http::StatusCode;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json") || t.starts_with("text/event-stream"));
+    if !status.is_client_error() || json {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_ACCEPTABLE => "not_acceptable",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "not_found",
+        _ => "bad_request",
+    };
+    let message = match (status, text.is_empty()) {
+        (StatusCode::METHOD_NOT_ALLOWED, _) => {
+            "POST a JSON-RPC message (streamable HTTP, stateless: no GET stream, no session to DELETE)".to_string()
+        }
+        (_, true) => status.canonical_reason().unwrap_or("refused").to_string(),
+        (_, false) => text,
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 fn challenge(error: ApiError) -> Response {
