@@ -494,6 +494,36 @@ async fn every_tool_answers_over_stdio_as_the_cli_does_on_a_simulated_month() {
         .await
     );
     assert!(!one_day.is_empty());
+    // By event type, alone and with a user: the CLI's events of that type.
+    let settled = mcp
+        .all_rows(
+            "events",
+            json!({ "filter": { "event_type": "CallSettled" } }),
+            "events",
+            1000,
+        )
+        .await;
+    let cli_settled: Vec<Value> = call_events
+        .iter()
+        .filter(|e| e["event_type"] == "CallSettled")
+        .cloned()
+        .collect();
+    assert_eq!(settled, cli_settled);
+    let theirs_settled: Vec<Value> = theirs
+        .iter()
+        .filter(|e| e["event_type"] == "CallSettled")
+        .cloned()
+        .collect();
+    let mine_settled = mcp
+        .all_rows(
+            "events",
+            json!({ "filter": { "user_id": user, "event_type": "CallSettled" } }),
+            "events",
+            1000,
+        )
+        .await;
+    assert_eq!(mine_settled, theirs_settled);
+    assert!(!mine_settled.is_empty());
     let of_call = mcp
         .all_rows(
             "events",

@@ -44,6 +44,8 @@ pub struct Scope {
     pub aggregate_type: Option<String>,
     /// Only with `aggregate_type`.
     pub aggregate_id: Option<String>,
+    /// Only events of this type (`CallRequested`, …).
+    pub event_type: Option<String>,
     /// Recorded in `[from, to)`.
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
@@ -99,6 +101,7 @@ async fn from_store(
             AND ($4::text IS NULL OR aggregate_id = $4)
             AND ($5::timestamptz IS NULL OR recorded_at >= $5)
             AND ($6::timestamptz IS NULL OR recorded_at < $6)
+            AND ($7::text IS NULL OR event_type = $7)
           ORDER BY xact_id, global_position
           LIMIT {BATCH}"
     );
@@ -111,6 +114,7 @@ async fn from_store(
             .bind(&scope.aggregate_id)
             .bind(scope.from)
             .bind(scope.to)
+            .bind(&scope.event_type)
             .fetch_all(&mut *db)
             .await?;
         let batch = rows
@@ -186,10 +190,11 @@ impl Log {
     }
 
     /// The events `filter` keeps, in log order (as `replay events` prints them), with those
-    /// in the time range only.
+    /// in the time range (and of `event_type`) only.
     pub async fn events(
         &self,
         filter: &Filter,
+        event_type: Option<String>,
         range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         mut each: impl FnMut(EventEnvelope),
     ) -> anyhow::Result<()> {
@@ -200,7 +205,13 @@ impl Log {
             .aggregate_type
             .clone()
             .or_else(|| filter.call.map(|_| "call".to_string()));
+        // A user's calls are learnt from their requests, so then the type is picked here.
+        let (server_type, local_type) = match filter.user {
+            Some(_) => (None, event_type),
+            None => (event_type, None),
+        };
         let scope = Scope {
+            event_type: server_type,
             aggregate_id: aggregate_type
                 .as_ref()
                 .and(filter.call.map(|c| c.to_string())),
@@ -209,7 +220,9 @@ impl Log {
             to,
         };
         self.each(&scope, |e| {
-            if filter.keep(&e, &mut user_calls) {
+            if filter.keep(&e, &mut user_calls)
+                && local_type.as_ref().is_none_or(|t| &e.event_type == t)
+            {
                 each(e);
             }
         })

@@ -118,6 +118,8 @@ pub struct EventsFilter {
     /// Only this aggregate type: call, wallet, user, persona, memory, stripe_event, …
     #[serde(rename = "type")]
     pub aggregate_type: Option<String>,
+    /// Only events of this type: CallRequested, CallSettled, CostRecorded, CreditsGranted, …
+    pub event_type: Option<String>,
     /// Recorded from this date or time, inclusive.
     pub from: Option<String>,
     /// Recorded before this time; a date includes its whole day.
@@ -305,6 +307,7 @@ impl AnalystTools {
                 story::events(
                     &self.log,
                     filter,
+                    f.event_type,
                     f.from.as_deref(),
                     f.to.as_deref(),
                     paging,

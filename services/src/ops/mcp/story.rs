@@ -288,6 +288,7 @@ pub struct EventsAnswer {
 pub async fn events(
     log: &Log,
     filter: Filter,
+    event_type: Option<String>,
     from: Option<&str>,
     to: Option<&str>,
     paging: Paging,
@@ -296,7 +297,7 @@ pub async fn events(
     let mut seen = 0usize;
     let mut page = Vec::new();
     let mut more = false;
-    log.events(&filter, span, |e| {
+    log.events(&filter, event_type, span, |e| {
         if seen >= paging.offset {
             if page.len() < paging.limit {
                 page.push(serde_json::to_value(&e).expect("serialisable"));
