@@ -6,6 +6,9 @@ mod common;
 #[path = "account_lifecycle.rs"]
 mod lifecycle;
 
+#[path = "account_workos.rs"]
+mod workos;
+
 use std::time::Duration;
 
 use common::{Api, TestEnv, PASSWORD};

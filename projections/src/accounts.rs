@@ -107,7 +107,55 @@ impl Projection for Users {
                 .execute(db)
                 .await?;
             }
-            UserEvent::SignInFailed { .. } | UserEvent::PasswordChanged { .. } => {}
+            UserEvent::UserRegisteredWithWorkos {
+                name,
+                email,
+                workos_user_id,
+                email_verified,
+            } => {
+                sqlx::query(
+                    "INSERT INTO rm_users (id, name, email, phone, has_password, workos_user_id,
+                                           email_verified, created_at, updated_at)
+                     VALUES ($1, $2, $3, NULL, false, $4, $5, $6, $6)",
+                )
+                .bind(id)
+                .bind(name)
+                .bind(email.as_str())
+                .bind(workos_user_id)
+                .bind(email_verified)
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            UserEvent::WorkosLinked {
+                workos_user_id,
+                email_verified,
+            } => {
+                sqlx::query(
+                    "UPDATE rm_users SET workos_user_id = $2,
+                            email_verified = email_verified OR $3, updated_at = $4 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(workos_user_id)
+                .bind(email_verified)
+                .bind(e.occurred_at)
+                .execute(db)
+                .await?;
+            }
+            UserEvent::SignedInWithWorkos { at, .. } => {
+                sqlx::query("UPDATE rm_users SET last_sign_in = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(at)
+                    .execute(db)
+                    .await?;
+            }
+            UserEvent::PasswordChanged { .. } => {
+                sqlx::query("UPDATE rm_users SET has_password = true WHERE id = $1")
+                    .bind(id)
+                    .execute(db)
+                    .await?;
+            }
+            UserEvent::SignInFailed { .. } => {}
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod embeddings;
 pub mod llm;
 pub mod stripe;
 pub mod twilio;
+pub mod workos;
 
 /// A provider call that did not give an answer we can use.
 #[derive(Debug, thiserror::Error)]

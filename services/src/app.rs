@@ -210,6 +210,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         twilio: providers.twilio.clone(),
         stripe: providers.stripe.clone(),
         mailer: providers.mailer.clone(),
+        workos: providers.workos.clone(),
         voice,
         clock: clock.clone(),
     };

@@ -101,6 +101,14 @@ pub struct Config {
     pub smtp_url: Option<Secret>,
     /// `EMAIL_FROM`: the sender of our email.
     pub email_from: String,
+    /// `WORKOS_API_KEY`, `WORKOS_BASE_URL`: AuthKit sign-in. Neither set: the WorkOS simulator
+    /// in development, WorkOS sign-in switched off in production.
+    pub workos: Provider,
+    /// `WORKOS_CLIENT_ID` (the simulator's when unset).
+    pub workos_client_id: String,
+    /// `WORKOS_REDIRECT_URI`: where WorkOS sends the browser back; unset,
+    /// `$PUBLIC_BASE_URL/api/auth/workos/callback`.
+    pub workos_redirect_uri: Option<String>,
     /// The simulators' settings (`SIM_*` variables).
     pub sim: std::collections::BTreeMap<String, String>,
     /// Development (no real key) or production (`config::mode`).
@@ -115,6 +123,13 @@ pub const DEV_TWILIO_AUTH_TOKEN: &str = "callmeback-development-twilio-token";
 pub const DEV_TWILIO_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
 /// Twilio's magic "from" number for test credentials.
 pub const DEV_TWILIO_PHONE_NUMBER: &str = "+15005550006";
+
+/// The client id the WorkOS simulator accepts when `WORKOS_CLIENT_ID` is not set (the same
+/// as `cmb_sims::workos::DEV_CLIENT_ID`).
+pub const DEV_WORKOS_CLIENT_ID: &str = "client_callmeback_simulator";
+/// The key the WorkOS simulator accepts when `WORKOS_API_KEY` is not set
+/// (`cmb_sims::workos::DEV_API_KEY`).
+pub const DEV_WORKOS_API_KEY: &str = "sk_test_callmeback_workos_simulator";
 
 /// Test-mode key the Stripe simulator accepts when `STRIPE_SECRET_KEY` is not set.
 pub const DEV_STRIPE_SECRET_KEY: &str = "sk_test_callmeback_simulator";
@@ -202,6 +217,13 @@ impl Config {
             .filter(|(k, _)| k.starts_with("SIM_"))
             .collect();
         Ok(config)
+    }
+
+    /// Where WorkOS sends the browser back after sign-in.
+    pub fn workos_redirect_uri(&self) -> String {
+        self.workos_redirect_uri
+            .clone()
+            .unwrap_or_else(|| format!("{}/api/auth/workos/callback", self.public_base_url))
     }
 
     /// A simulator's variable.
@@ -410,6 +432,10 @@ impl Config {
             smtp_url: get("SMTP_URL").map(Secret::new),
             email_from: get("EMAIL_FROM")
                 .unwrap_or_else(|| "Call Me Back <no-reply@callmeback.local>".into()),
+            workos: Provider::from(&get, "WORKOS_API_KEY", "WORKOS_BASE_URL", false),
+            workos_client_id: get("WORKOS_CLIENT_ID")
+                .unwrap_or_else(|| DEV_WORKOS_CLIENT_ID.into()),
+            workos_redirect_uri: get("WORKOS_REDIRECT_URI"),
             sim: Default::default(),
             mode: RunMode::Development,
             simulate: simulate.clone(),

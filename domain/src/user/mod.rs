@@ -44,6 +44,25 @@ pub enum UserCommand {
     },
     /// Sign out everywhere: every token issued so far stops working.
     RevokeAllSessions { at: DateTime<Utc> },
+    /// A new account from a WorkOS sign-in: no password and no phone yet.
+    RegisterWithWorkos {
+        name: String,
+        email: Email,
+        workos_user_id: String,
+        email_verified: bool,
+    },
+    /// Links the WorkOS user to this account (the service checked WorkOS verified the email).
+    LinkWorkos {
+        workos_user_id: String,
+        email_verified: bool,
+    },
+    /// A sign-in through WorkOS, already authenticated by WorkOS (code exchanged).
+    RecordWorkosSignIn {
+        workos_user_id: String,
+        organization_id: Option<String>,
+        method: String,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +106,26 @@ pub enum UserEvent {
         epoch: u32,
         at: DateTime<Utc>,
     },
+    /// An account created by a WorkOS sign-in (no password, no phone).
+    UserRegisteredWithWorkos {
+        name: String,
+        email: Email,
+        workos_user_id: String,
+        email_verified: bool,
+    },
+    /// The WorkOS user now signs in to this account.
+    WorkosLinked {
+        workos_user_id: String,
+        email_verified: bool,
+    },
+    /// Signed in through WorkOS (`method`: WorkOS's `authentication_method`, e.g. `Password`,
+    /// `SSO`, `GoogleOAuth`; `organization_id` for an organisation's connection).
+    SignedInWithWorkos {
+        at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        organization_id: Option<String>,
+        method: String,
+    },
 }
 
 impl DomainEvent for UserEvent {
@@ -100,6 +139,9 @@ impl DomainEvent for UserEvent {
             UserEvent::TokenRevoked { .. } => "TokenRevoked",
             UserEvent::PasswordChanged { .. } => "PasswordChanged",
             UserEvent::SessionsRevoked { .. } => "SessionsRevoked",
+            UserEvent::UserRegisteredWithWorkos { .. } => "UserRegisteredWithWorkos",
+            UserEvent::WorkosLinked { .. } => "WorkosLinked",
+            UserEvent::SignedInWithWorkos { .. } => "SignedInWithWorkos",
         }
         .to_string()
     }
@@ -116,6 +158,8 @@ pub enum UserError {
     AlreadyRegistered,
     #[error("the account is locked until {until}")]
     Locked { until: DateTime<Utc> },
+    #[error("this account is linked to another WorkOS user")]
+    OtherWorkosUser,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -131,11 +175,33 @@ pub struct User {
     /// Tokens carry the epoch they were issued in; those below this one are refused.
     #[serde(default)]
     pub session_epoch: u32,
+    /// The WorkOS user who signs in to this account, if any.
+    #[serde(default)]
+    pub workos_user_id: Option<String>,
+    /// Whether the email was verified (by WorkOS).
+    #[serde(default)]
+    pub email_verified: bool,
 }
 
 impl User {
     pub fn is_locked(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.locked_until.filter(|until| *until > now)
+    }
+
+    /// Whether the account has a password to sign in with.
+    pub fn has_password(&self) -> bool {
+        !self.password_hash.is_empty()
+    }
+
+    /// Checks that WorkOS user `id` may be linked to (or sign in to) this account.
+    fn check_workos(&self, id: &str) -> Result<(), UserError> {
+        if !self.registered {
+            return Err(UserError::NotFound);
+        }
+        match &self.workos_user_id {
+            Some(linked) if linked != id => Err(UserError::OtherWorkosUser),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -246,6 +312,53 @@ impl Aggregate for User {
                 sink.write(UserEvent::SessionsRevoked { epoch, at }, self)
                     .await;
             }
+            UserCommand::RegisterWithWorkos {
+                name,
+                email,
+                workos_user_id,
+                email_verified,
+            } => {
+                if self.registered {
+                    return Err(UserError::AlreadyRegistered);
+                }
+                let event = UserEvent::UserRegisteredWithWorkos {
+                    name,
+                    email,
+                    workos_user_id,
+                    email_verified,
+                };
+                sink.write(event, self).await;
+            }
+            UserCommand::LinkWorkos {
+                workos_user_id,
+                email_verified,
+            } => {
+                self.check_workos(&workos_user_id)?;
+                if self.workos_user_id.is_none() {
+                    let event = UserEvent::WorkosLinked {
+                        workos_user_id,
+                        email_verified,
+                    };
+                    sink.write(event, self).await;
+                }
+            }
+            UserCommand::RecordWorkosSignIn {
+                workos_user_id,
+                organization_id,
+                method,
+                at,
+            } => {
+                self.check_workos(&workos_user_id)?;
+                if self.workos_user_id.is_none() {
+                    return Err(UserError::NotFound);
+                }
+                let event = UserEvent::SignedInWithWorkos {
+                    at,
+                    organization_id,
+                    method,
+                };
+                sink.write(event, self).await;
+            }
         }
         Ok(())
     }
@@ -288,6 +401,26 @@ impl Aggregate for User {
                 self.locked_until = None;
             }
             UserEvent::SessionsRevoked { epoch, .. } => self.session_epoch = epoch,
+            UserEvent::UserRegisteredWithWorkos {
+                name,
+                email,
+                workos_user_id,
+                email_verified,
+            } => {
+                self.registered = true;
+                self.name = name;
+                self.email = Some(email);
+                self.workos_user_id = Some(workos_user_id);
+                self.email_verified = email_verified;
+            }
+            UserEvent::WorkosLinked {
+                workos_user_id,
+                email_verified,
+            } => {
+                self.workos_user_id = Some(workos_user_id);
+                self.email_verified |= email_verified;
+            }
+            UserEvent::SignedInWithWorkos { .. } => {}
         }
     }
 }
@@ -422,6 +555,71 @@ mod tests {
             .given_no_previous_events()
             .when(UserCommand::RevokeAllSessions { at })
             .then_expect_error(UserError::NotFound);
+    }
+
+    #[test]
+    fn a_workos_user_links_once_and_signs_in_only_to_its_account() {
+        let at = Utc::now();
+        let linked = UserEvent::WorkosLinked {
+            workos_user_id: "user_01A".into(),
+            email_verified: true,
+        };
+        TestFramework::<User>::with(())
+            .given(vec![registered()])
+            .when(UserCommand::LinkWorkos {
+                workos_user_id: "user_01A".into(),
+                email_verified: true,
+            })
+            .then_expect_events(vec![linked.clone()]);
+        TestFramework::<User>::with(())
+            .given(vec![registered(), linked.clone()])
+            .when(UserCommand::LinkWorkos {
+                workos_user_id: "user_01A".into(),
+                email_verified: true,
+            })
+            .then_expect_events(vec![]);
+        TestFramework::<User>::with(())
+            .given(vec![registered(), linked.clone()])
+            .when(UserCommand::LinkWorkos {
+                workos_user_id: "user_01B".into(),
+                email_verified: true,
+            })
+            .then_expect_error(UserError::OtherWorkosUser);
+        TestFramework::<User>::with(())
+            .given(vec![registered()])
+            .when(UserCommand::RecordWorkosSignIn {
+                workos_user_id: "user_01A".into(),
+                organization_id: None,
+                method: "Password".into(),
+                at,
+            })
+            .then_expect_error(UserError::NotFound);
+        TestFramework::<User>::with(())
+            .given(vec![registered(), linked])
+            .when(UserCommand::RecordWorkosSignIn {
+                workos_user_id: "user_01A".into(),
+                organization_id: Some("org_1".into()),
+                method: "SSO".into(),
+                at,
+            })
+            .then_expect_events(vec![UserEvent::SignedInWithWorkos {
+                at,
+                organization_id: Some("org_1".into()),
+                method: "SSO".into(),
+            }]);
+    }
+
+    #[test]
+    fn a_workos_registration_has_no_password() {
+        let mut user = User::default();
+        user.apply(UserEvent::UserRegisteredWithWorkos {
+            name: "Jo".into(),
+            email: Email::parse("jo@example.com").unwrap(),
+            workos_user_id: "user_01A".into(),
+            email_verified: true,
+        });
+        assert!(user.registered && !user.has_password() && user.phone.is_none());
+        assert_eq!(user.workos_user_id.as_deref(), Some("user_01A"));
     }
 
     #[test]

@@ -11,10 +11,16 @@ pub struct UserView {
     pub id: Uuid,
     pub name: String,
     pub email: String,
-    pub phone: String,
-    /// Neither is verified yet: there is no verification flow.
+    /// None for an account made by a WorkOS sign-in until the user adds one.
+    pub phone: Option<String>,
+    /// Verified by WorkOS (a WorkOS sign-in with a verified email); we send no verification
+    /// email of our own.
     pub email_verified: bool,
+    /// There is no phone verification flow.
     pub phone_verified: bool,
+    /// How the user can sign in: `password`, `workos`, or both.
+    #[schema(example = json!(["password"]))]
+    pub sign_in_methods: Vec<String>,
     pub credits: i64,
     pub last_sign_in: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -23,7 +29,10 @@ pub struct UserView {
 
 pub async fn user_view(pool: &PgPool, id: Uuid) -> Result<Option<UserView>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT u.id, u.name, u.email, u.phone, false AS email_verified, false AS phone_verified,
+        "SELECT u.id, u.name, u.email, u.phone, u.email_verified, false AS phone_verified,
+                array_remove(ARRAY[CASE WHEN u.has_password THEN 'password' END,
+                                   CASE WHEN u.workos_user_id IS NOT NULL THEN 'workos' END],
+                             NULL) AS sign_in_methods,
                 COALESCE(w.balance, 0) AS credits, u.last_sign_in, u.created_at, u.updated_at
            FROM rm_users u LEFT JOIN rm_wallets w ON w.user_id = u.id
           WHERE u.id = $1",

@@ -9,7 +9,7 @@
 
 use super::{
     Config, Provider, RunMode, DEVELOPMENT_JWT_SECRET, DEV_STRIPE_SECRET_KEY,
-    DEV_STRIPE_WEBHOOK_SECRET, DEV_TWILIO_ACCOUNT_SID, DEV_TWILIO_AUTH_TOKEN,
+    DEV_STRIPE_WEBHOOK_SECRET, DEV_TWILIO_ACCOUNT_SID, DEV_TWILIO_AUTH_TOKEN, DEV_WORKOS_CLIENT_ID,
 };
 
 /// Shortest `JWT_SECRET` production accepts (HS256 wants at least the hash's 32 bytes).
@@ -73,6 +73,7 @@ impl Config {
             ("CEREBRAS_API_KEY", &self.cerebras),
             ("OPENAI_API_KEY", &self.openai),
             ("ELEVENLABS_API_KEY", &self.elevenlabs),
+            ("WORKOS_API_KEY", &self.workos),
         ] {
             if p(provider) {
                 keys.push(name);
@@ -119,6 +120,12 @@ impl Config {
             if !self.simulates(provider) && p.api_key.is_none() {
                 need(name, &missing_key(provider, what));
             }
+        }
+        if self.workos.api_key.is_some() && self.workos_client_id == DEV_WORKOS_CLIENT_ID {
+            need(
+                "WORKOS_CLIENT_ID",
+                "not set; WorkOS sign-in needs the client id beside WORKOS_API_KEY",
+            );
         }
         let jwt = self.jwt_secret.expose();
         if jwt == DEVELOPMENT_JWT_SECRET {

@@ -10,6 +10,7 @@ use cmb_providers::embeddings::Embeddings;
 use cmb_providers::llm::Llm;
 use cmb_providers::stripe::Stripe;
 use cmb_providers::twilio::Twilio;
+use cmb_providers::workos::Workos;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +31,8 @@ pub struct Providers {
     pub elevenlabs: ElevenLabs,
     /// Email (password reset links), over SMTP.
     pub mailer: Mailer,
+    /// AuthKit sign-in; None when WorkOS is not configured in production (switched off).
+    pub workos: Option<Workos>,
 }
 
 /// The simulators this instance started (for tests to inspect).
@@ -50,6 +53,9 @@ pub struct Simulators {
     /// The development mailbox.
     #[cfg(feature = "sims")]
     pub smtp: Option<cmb_sims::smtp::SmtpSim>,
+    /// AuthKit's hosted page, code exchange, users and the SSO organisation.
+    #[cfg(feature = "sims")]
+    pub workos: Option<cmb_sims::workos::WorkosSim>,
 }
 
 /// A provider has no key and no base URL, and this build cannot simulate it.
@@ -258,6 +264,31 @@ impl Providers {
         };
         let mailer = Mailer::new(&smtp_url, &config.email_from)?;
 
+        let w = &config.workos;
+        let client_id = &config.workos_client_id;
+        let workos = if w.api_key.is_some() || w.base_url.is_some() {
+            let url = w
+                .base_url
+                .clone()
+                .unwrap_or_else(|| cmb_providers::workos::DEFAULT_BASE_URL.into());
+            let key = w.key_or(crate::config::DEV_WORKOS_API_KEY);
+            Some(Workos::new(http.clone(), &url, &key, client_id))
+        } else if config.mode == crate::config::RunMode::Production {
+            tracing::warn!("WorkOS sign-in is off: WORKOS_API_KEY is not set");
+            None
+        } else {
+            #[cfg(feature = "sims")]
+            {
+                let sim = simulators::workos(config);
+                let url = serve_sim("workos", sim.router(), shutdown, tasks).await?;
+                sims.workos = Some(sim);
+                let key = crate::config::DEV_WORKOS_API_KEY;
+                Some(Workos::new(http.clone(), &url, key, client_id))
+            }
+            #[cfg(not(feature = "sims"))]
+            None
+        };
+
         Ok((
             Providers {
                 twilio,
@@ -268,6 +299,7 @@ impl Providers {
                 embeddings,
                 elevenlabs,
                 mailer,
+                workos,
             },
             sims,
         ))

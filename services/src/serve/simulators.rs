@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use cmb_sims::{deepgram, elevenlabs, llm, smtp, stripe, twilio, Faults};
+use cmb_sims::{deepgram, elevenlabs, llm, smtp, stripe, twilio, workos, Faults};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,6 +24,15 @@ pub fn elevenlabs(config: &Config) -> elevenlabs::ElevenLabsSim {
 /// The development mailbox (`SIM_SMTP_*`).
 pub fn smtp(config: &Config) -> smtp::SmtpSim {
     smtp::SmtpSim::new(Faults::from_lookup(&|k: &str| config.sim_var(k), "SMTP"))
+}
+
+/// Accepts the instances' `WORKOS_API_KEY` and `WORKOS_CLIENT_ID` (or the development ones);
+/// `SIM_WORKOS_*`.
+pub fn workos(config: &Config) -> workos::WorkosSim {
+    let mut settings = workos::Settings::from_lookup(&|k: &str| config.sim_var(k));
+    settings.api_key = config.workos.key_or(crate::config::DEV_WORKOS_API_KEY);
+    settings.client_id = config.workos_client_id.clone();
+    workos::WorkosSim::new(settings)
 }
 
 pub fn twilio(config: &Config) -> twilio::TwilioSim {
@@ -57,13 +66,14 @@ pub fn llm(config: &Config, name: &'static str) -> llm::LlmSim {
 }
 
 /// The simulators `callmeback sim` can run, in the order they take ports.
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     "twilio",
     "stripe",
     "deepgram",
     "cerebras",
     "openai",
     "elevenlabs",
+    "workos",
 ];
 
 /// One simulator serving on its own port, and the setting that points an instance at it.
@@ -101,6 +111,7 @@ pub async fn serve_shared(
             "cerebras" => (llm(config, "CEREBRAS").router(), "CEREBRAS_BASE_URL", ""),
             // The OpenAI SDKs' base URL ends in /v1.
             "openai" => (llm(config, "OPENAI").router(), "OPENAI_BASE_URL", "/v1"),
+            "workos" => (workos(config).router(), "WORKOS_BASE_URL", ""),
             _ => (elevenlabs(config).router(), "ELEVENLABS_BASE_URL", ""),
         };
         let mut at = addr;

@@ -4,10 +4,8 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use chrono::{DateTime, Utc};
-use cmb_domain::user::User;
+use chrono::Utc;
 use cmb_domain::values::{parse_name, Email, Password, PhoneNumber};
-use cmb_domain::wallet::Wallet;
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::accounts::UserView;
 use serde::{Deserialize, Serialize};
@@ -19,51 +17,9 @@ use crate::serve::http::answer::Done;
 use crate::serve::http::auth::{self, AuthUser};
 use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{request_id, Json};
+use crate::serve::http::signed_in::{user_after_write, TokenAnswer};
 use crate::serve::http::state::AppState;
 use crate::usecases::accounts::{self, ProfileChange};
-
-/// The user right after a command of theirs committed: from the read model, or, when it has
-/// not caught up in time, from the `user` and `wallet` aggregates (never an error for a
-/// command that went through).
-async fn user_after_write(
-    state: &AppState,
-    id: Uuid,
-    signed_in: Option<DateTime<Utc>>,
-    caught_up: bool,
-) -> ApiResult<UserView> {
-    if caught_up {
-        match cmb_projections::accounts::user_view(&state.pool, id).await {
-            Ok(Some(view)) => return Ok(view),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(user = %id, error = %e, "reading the user back"),
-        }
-    }
-    let (user, _) = state.store.load::<User>(&id.to_string()).await?;
-    if !user.registered {
-        return Err(ApiError::unauthorized("no such account"));
-    }
-    metrics::counter!("cmb_answered_before_read_model_total", "resource" => "user").increment(1);
-    let (wallet, _) = state.store.load::<Wallet>(&id.to_string()).await?;
-    let since = user.registered_at.unwrap_or_else(|| state.clock.now());
-    Ok(UserView {
-        id,
-        name: user.name,
-        email: user
-            .email
-            .map(|e| e.as_str().to_string())
-            .unwrap_or_default(),
-        phone: user
-            .phone
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default(),
-        email_verified: false,
-        phone_verified: false,
-        credits: wallet.balance,
-        last_sign_in: signed_in,
-        created_at: since,
-        updated_at: signed_in.unwrap_or(since),
-    })
-}
 
 fn context(headers: &axum::http::HeaderMap, actor: Actor) -> CommandContext {
     CommandContext::for_request(request_id(headers), actor)
@@ -90,27 +46,10 @@ pub struct RegisterBody {
     phone: String,
 }
 
-/// A signed-in user and their token.
-#[derive(Serialize, ToSchema)]
-pub struct TokenAnswer {
-    user: UserView,
-    /// Send as `Authorization: Bearer <token>`.
-    token: String,
-    expires_at: DateTime<Utc>,
-}
-
 /// The user.
 #[derive(Serialize, ToSchema)]
 pub struct UserAnswer {
     user: UserView,
-}
-
-fn token_response(user: UserView, token: String, claims: &auth::Claims) -> TokenAnswer {
-    TokenAnswer {
-        user,
-        token,
-        expires_at: claims.expires_at(),
-    }
 }
 
 /// Create an account; answers the user and a token.
@@ -139,7 +78,7 @@ pub async fn register(
     let user = user_after_write(&state, id, None, caught_up).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(token_response(user, token, &claims)),
+        axum::Json(TokenAnswer::new(user, token, &claims)),
     ))
 }
 
@@ -177,12 +116,23 @@ pub async fn login(
     let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id, epoch)?;
     let caught_up = state.read_your_writes("users", &committed).await;
     let user = user_after_write(&state, id, Some(state.clock.now()), caught_up).await?;
-    Ok(axum::Json(token_response(user, token, &claims)))
+    Ok(axum::Json(TokenAnswer::new(user, token, &claims)))
 }
 
-/// Revoke the token used, at once and on every instance.
+/// Signed out; for a WorkOS sign-in, where to end the WorkOS session too.
+#[derive(Serialize, ToSchema)]
+pub struct LogoutAnswer {
+    message: String,
+    /// Send the browser here to end the WorkOS session this token came from (WorkOS
+    /// sign-ins only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workos_logout_url: Option<String>,
+}
+
+/// Revoke the token used, at once and on every instance. A token from a WorkOS sign-in also
+/// gets WorkOS's logout URL for its session.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, description = "Signed out", body = Done)))]
+    responses((status = 200, description = "Signed out", body = LogoutAnswer)))]
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
     // Refused everywhere from this moment; the event makes it part of the user's history.
     accounts::sign_out(
@@ -193,9 +143,16 @@ pub async fn logout(State(state): State<AppState>, user: AuthUser) -> ApiResult<
         &user.context(),
     )
     .await?;
-    Ok(axum::Json(Done::new(
-        "signed out; this token no longer works",
-    )))
+    let workos_logout_url = user
+        .claims
+        .wos_sid
+        .as_deref()
+        .zip(state.workos.as_ref())
+        .map(|(sid, workos)| workos.logout_url(sid, None));
+    Ok(axum::Json(LogoutAnswer {
+        message: "signed out; this token no longer works".into(),
+        workos_logout_url,
+    }))
 }
 
 /// The signed-in user.

@@ -226,6 +226,7 @@ impl From<accounts::claims::ClaimError> for ApiError {
             ClaimError::PhoneTaken => {
                 ApiError::conflict("phone_taken", e.to_string()).with_field("phone")
             }
+            ClaimError::WorkosTaken => ApiError::conflict("workos_linked_elsewhere", e.to_string()),
             ClaimError::Db(e) => e.into(),
         }
     }
@@ -451,6 +452,34 @@ impl From<ScheduleError> for ApiError {
             ),
             ScheduleError::Request(e) => e.into(),
             ScheduleError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<accounts::workos::SignInError> for ApiError {
+    fn from(e: accounts::workos::SignInError) -> Self {
+        use accounts::workos::SignInError;
+        let message = e.to_string();
+        match e {
+            SignInError::BadState => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_state", message).with_field("state")
+            }
+            SignInError::InvalidCode(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_code", message).with_field("code")
+            }
+            SignInError::UnverifiedEmail => ApiError::conflict("email_unverified", message),
+            SignInError::OtherWorkosUser => ApiError::conflict("workos_linked_elsewhere", message),
+            SignInError::BadEmail(_) | SignInError::Refused(_) => {
+                tracing::error!(error = %message, "WorkOS sign-in");
+                ApiError::new(StatusCode::BAD_GATEWAY, "workos_refused", message)
+            }
+            SignInError::Unavailable(_) => {
+                tracing::warn!(error = %message, "WorkOS sign-in");
+                ApiError::unavailable("WorkOS is unavailable for a moment; try again")
+            }
+            SignInError::Claim(e) => e.into(),
+            SignInError::Store(e) => e.into(),
+            SignInError::Db(e) => e.into(),
         }
     }
 }

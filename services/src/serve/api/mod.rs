@@ -17,6 +17,7 @@ pub mod memory;
 pub mod openapi;
 pub mod personas;
 pub mod twilio;
+pub mod workos;
 
 use axum::extract::DefaultBodyLimit;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
@@ -55,6 +56,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         ))
         .merge(at(routes!(accounts::reset_password), limit::PASSWORD_RESET))
         .merge(at(routes!(accounts::me), limit::ME))
+        .merge(at(routes!(workos::authorize), limit::WORKOS_AUTHORIZE))
+        .merge(at(routes!(workos::callback), limit::WORKOS_CALLBACK))
         .merge(at(routes!(accounts::update_profile), limit::PROFILE))
         // Personas, customisation and memory.
         .merge(at(routes!(personas::list), browse))

@@ -38,6 +38,9 @@ pub struct Claims {
     /// existed read as 0).
     #[serde(default)]
     pub epoch: u32,
+    /// The WorkOS session a WorkOS sign-in opened (sign-out answers its logout URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wos_sid: Option<String>,
 }
 
 impl Claims {
@@ -50,6 +53,16 @@ impl Claims {
 
 /// A token for `user_id` in session epoch `epoch` (`usecases::accounts::sessions::epoch`).
 pub fn issue_token(secret: &str, user_id: Uuid, epoch: u32) -> Result<(String, Claims), ApiError> {
+    issue_token_for_session(secret, user_id, epoch, None)
+}
+
+/// A token as [`issue_token`] makes, remembering the WorkOS session `wos_sid` it came from.
+pub fn issue_token_for_session(
+    secret: &str,
+    user_id: Uuid,
+    epoch: u32,
+    wos_sid: Option<String>,
+) -> Result<(String, Claims), ApiError> {
     let now = Utc::now();
     let claims = Claims {
         sub: user_id,
@@ -57,6 +70,7 @@ pub fn issue_token(secret: &str, user_id: Uuid, epoch: u32) -> Result<(String, C
         exp: (now + Duration::days(TOKEN_DAYS)).timestamp(),
         jti: Uuid::new_v4().simple().to_string(),
         epoch,
+        wos_sid,
     };
     let token = jsonwebtoken::encode(
         &Header::new(ALGORITHM),
@@ -267,6 +281,7 @@ mod tests {
             exp: Utc::now().timestamp() - 1,
             jti: "x".into(),
             epoch: 0,
+            wos_sid: None,
         };
         let token = jsonwebtoken::encode(
             &Header::new(ALGORITHM),

@@ -11,6 +11,7 @@ pub mod extract;
 mod health;
 pub mod mcp;
 pub mod ratelimit;
+pub mod signed_in;
 pub mod state;
 #[cfg(test)]
 mod tests;

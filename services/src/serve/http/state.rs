@@ -26,6 +26,8 @@ pub struct AppState {
     pub twilio: cmb_providers::twilio::Twilio,
     pub stripe: cmb_providers::stripe::Stripe,
     pub mailer: cmb_providers::email::Mailer,
+    /// None: WorkOS sign-in is off (production without `WORKOS_API_KEY`).
+    pub workos: Option<cmb_providers::workos::Workos>,
     pub voice: Arc<crate::serve::voice::Voice>,
     pub clock: crate::clock::Clock,
 }

@@ -1,5 +1,5 @@
-//! Identity claims (`identity_claims`, beside the event log): an email or phone number belongs
-//! to one account, claimed in the same transaction for both before the account records it, so
+//! Identity claims (`identity_claims`, beside the event log): an email, phone number or WorkOS
+//! user belongs to one account, claimed in the same transaction for both before the account records it, so
 //! two registrations racing for one email cannot both win, on any number of instances.
 
 use cmb_domain::values::{Email, PhoneNumber};
@@ -13,6 +13,8 @@ pub enum ClaimError {
     EmailTaken,
     #[error("an account with this phone number already exists")]
     PhoneTaken,
+    #[error("this WorkOS user already signs in to another account")]
+    WorkosTaken,
     #[error("identity claims: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -78,6 +80,38 @@ pub async fn claim_identity(
 pub async fn user_by_email(pool: &PgPool, email: &Email) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar("SELECT user_id FROM identity_claims WHERE kind = 'email' AND value = $1")
         .bind(email.as_str())
+        .fetch_optional(pool)
+        .await
+}
+
+/// Claims WorkOS user `workos_user_id` (and `email`, for a new account) for `user`: both or
+/// neither.
+pub async fn claim_workos(
+    pool: &PgPool,
+    user: Uuid,
+    workos_user_id: &str,
+    email: Option<&Email>,
+) -> Result<(), ClaimError> {
+    let mut tx = pool.begin().await?;
+    if !claim(&mut tx, "workos", workos_user_id, user).await? {
+        return Err(ClaimError::WorkosTaken);
+    }
+    if let Some(email) = email {
+        if !claim(&mut tx, "email", email.as_str(), user).await? {
+            return Err(ClaimError::EmailTaken);
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The account WorkOS user `workos_user_id` signs in to.
+pub async fn user_by_workos(
+    pool: &PgPool,
+    workos_user_id: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT user_id FROM identity_claims WHERE kind = 'workos' AND value = $1")
+        .bind(workos_user_id)
         .fetch_optional(pool)
         .await
 }

@@ -9,6 +9,7 @@ pub mod password;
 pub mod reauth;
 pub mod recovery;
 pub mod sessions;
+pub mod workos;
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::user::{User, UserCommand, UserError, LOCKOUT_MINUTES, LOCKOUT_THRESHOLD};
@@ -95,9 +96,13 @@ pub async fn sign_in(
         None => None,
     };
     // Hash check first, always: an unknown email costs what a wrong password costs.
+    // An account without a password (made by a WorkOS sign-in) is checked against the
+    // dummy hash too: no password matches it, and the time taken is the same.
     let matches = password::verify(
         password,
-        user.as_ref().map(|(_, u)| u.password_hash.clone()),
+        user.as_ref()
+            .map(|(_, u)| u.password_hash.clone())
+            .filter(|h| !h.is_empty()),
     )
     .await;
     let Some((id, _)) = user else {

@@ -181,7 +181,16 @@ pub async fn request(
         Some(p) => p,
         None => {
             let (me, _) = store.load::<User>(&user.to_string()).await?;
-            me.phone.ok_or(RequestError::NoAccount)?
+            if !me.registered {
+                return Err(RequestError::NoAccount);
+            }
+            // An account made by a WorkOS sign-in has no phone until the user adds one.
+            me.phone.ok_or_else(|| {
+                RequestError::Invalid(Invalid::new(
+                    "phone",
+                    "your account has no phone number: add one to your profile, or give one",
+                ))
+            })?
         }
     };
     let persona_id = request.persona_id.trim().to_string();
