@@ -9,6 +9,9 @@ mod lifecycle;
 #[path = "account_workos.rs"]
 mod workos;
 
+#[path = "account_export.rs"]
+mod export;
+
 use std::time::Duration;
 
 use common::{Api, TestEnv, PASSWORD};

@@ -113,3 +113,16 @@ pub async fn for_prompt(
         facts,
     })
 }
+
+/// The personas that remember anything of `user`.
+pub async fn personas_of(pool: &PgPool, user: Uuid) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT persona_id FROM rm_memory_summary WHERE user_id = $1
+         UNION SELECT persona_id FROM rm_memory_facts WHERE user_id = $1
+         UNION SELECT persona_id FROM rm_memory_open_items WHERE user_id = $1
+         ORDER BY 1",
+    )
+    .bind(user)
+    .fetch_all(pool)
+    .await
+}

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod openapi;
 pub mod personas;
 pub mod twilio;
+pub mod user;
 pub mod workos;
 
 use axum::extract::DefaultBodyLimit;
@@ -59,6 +60,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(at(routes!(workos::authorize), limit::WORKOS_AUTHORIZE))
         .merge(at(routes!(workos::callback), limit::WORKOS_CALLBACK))
         .merge(at(routes!(accounts::update_profile), limit::PROFILE))
+        .merge(at(routes!(user::export), limit::EXPORT))
         // Personas, customisation and memory.
         .merge(at(routes!(personas::list), browse))
         .merge(at(routes!(personas::get_one), browse))
