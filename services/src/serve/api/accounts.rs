@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::Utc;
+use cmb_domain::user::User;
 use cmb_domain::values::{parse_name, Email, Password, PhoneNumber};
 use cmb_domain::{Actor, CommandContext};
 use cmb_projections::accounts::UserView;
