@@ -424,6 +424,7 @@ async fn two_instances_on_a_three_node_nats_cluster_lose_nothing_through_node_an
         let requested = callmeback::usecases::calls::schedule::schedule(
             &store,
             &stripe,
+            &env.config().limits.calls,
             due - chrono::Duration::minutes(10),
             callmeback::usecases::calls::request::Request {
                 user_id: profile["id"].as_str().unwrap().parse().unwrap(),

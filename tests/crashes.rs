@@ -128,6 +128,7 @@ async fn two_deliveries_handled_at_once_place_the_call_at_twilio_once() {
         from: app.state.config.twilio.phone_number.clone(),
         public_base_url: app.state.config.public_base_url.clone(),
         clock: app.state.clock.clone(),
+        policy: app.state.config.limits.calls.clone(),
     };
     let (a, b) = tokio::join!(second.handle(requested.clone()), second.handle(requested));
     a.expect("the first extra delivery is handled");

@@ -51,6 +51,10 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         config.public_base_url = format!("http://{addr}");
     }
     let config = Arc::new(config);
+    crate::usecases::accounts::password::configure(
+        config.limits.password_hashers,
+        config.limits.password_queue,
+    );
     let Backbone {
         pool,
         nats,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cmb_nats::StreamSettings;
 
+pub mod limits;
 pub mod mode;
 
 /// A secret that never prints.
@@ -57,9 +58,9 @@ pub struct Config {
     pub publisher: PublisherSettings,
     /// How long a write waits for its own read model before answering (read-your-writes).
     pub read_your_writes: Duration,
-    /// Take the client's address from `X-Forwarded-For` (behind a trusted proxy) for per-IP
-    /// rate limits. Off by default: a client could otherwise pick its own address.
-    pub trust_proxy_headers: bool,
+    /// The abuse limits: destinations and daily dial counts, trusted proxies, password hashing
+    /// and request concurrency (`config::limits`).
+    pub limits: limits::Limits,
     pub elevenlabs: Provider,
     pub twilio: TwilioSettings,
     pub stripe: StripeSettings,
@@ -332,7 +333,10 @@ impl Config {
                 get("READ_YOUR_WRITES_MS"),
                 2_000,
             )?),
-            trust_proxy_headers: parse("TRUST_PROXY_HEADERS", get("TRUST_PROXY_HEADERS"), false)?,
+            limits: limits::from_lookup(&get).map_err(|e| ConfigError {
+                name: e.name,
+                message: e.message,
+            })?,
             elevenlabs: Provider::from(
                 &get,
                 "ELEVENLABS_API_KEY",

@@ -74,8 +74,12 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     config.http_addr = "127.0.0.1:0".parse().expect("an address");
     config.public_base_url_explicit = false;
     config.worker_ack_wait = Duration::from_secs(5);
-    // Each simulated user registers from an address of its own.
-    config.trust_proxy_headers = true;
+    // Each simulated user registers from an address of its own (X-Forwarded-For, believed
+    // from this machine's proxy: the bench).
+    config.limits.trusted_proxies = vec![
+        "127.0.0.1".parse().expect("an address"),
+        "::1".parse().expect("an address"),
+    ];
     for (k, v) in [
         ("SIM_TWILIO_RING_MS", "50".to_string()),
         ("SIM_TWILIO_CALL_SECONDS", seconds.to_string()),

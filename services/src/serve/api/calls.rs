@@ -201,9 +201,17 @@ async fn created(
 }
 
 /// Call me now: holds the call's maximum price, then dials.
+///
+/// Only destinations the service may ring (by default the United States and Canada, without
+/// premium-rate, shared-cost or satellite ranges): else 400 `destination_not_allowed` naming
+/// the rule. A number is rung at most `CALL_NUMBER_DAILY_LIMIT` (10) times per UTC day across
+/// every user (429 `number_daily_limit`), and a user places at most `CALL_USER_DAILY_LIMIT`
+/// (20) calls per UTC day, answered or not (429 `daily_call_limit`); both with `Retry-After`
+/// until midnight UTC. One call at a time (429 `call_in_progress`).
 #[utoipa::path(post, path = "/call", tag = "calls", security(("bearer" = [])), request_body = CallBody,
     responses(
         (status = 201, description = "Requested; the phone rings shortly", body = CallCreated),
+        (status = 400, description = "Invalid input (`field` names it), or `destination_not_allowed`: the number is outside the destination policy (the message names the rule)", body = ErrorBody),
         (status = 402, description = "The payment intent is unknown or too small (the message says how much is missing), not enough credits, a budget limit, or credits owed after a refunded or disputed purchase (`debt_outstanding`)", body = ErrorBody),
         (status = 403, description = "The persona is not yours to call", body = ErrorBody),
         (status = 404, description = "No persona you can see has this id", body = ErrorBody),
@@ -217,6 +225,7 @@ pub async fn trigger(
     let requested = request::request(
         &state.store,
         &state.stripe,
+        &state.config.limits.calls,
         state.clock.now(),
         call,
         &user.context(),
@@ -226,9 +235,15 @@ pub async fn trigger(
 }
 
 /// Call me later: holds the maximum price now, dials at `scheduled_time`.
+///
+/// The destination policy applies now (400 `destination_not_allowed`) and again when the call
+/// falls due. Then the call also counts toward its number's and its user's daily limits and
+/// needs the user's one active-call slot: refused by any of them, it fails without ringing and
+/// its hold is released in full.
 #[utoipa::path(post, path = "/calls/schedule", tag = "calls", security(("bearer" = [])), request_body = ScheduleBody,
     responses(
         (status = 201, description = "Scheduled", body = CallCreated),
+        (status = 400, description = "Invalid input (`field` names it), or `destination_not_allowed`: the number is outside the destination policy (the message names the rule)", body = ErrorBody),
         (status = 402, description = "The payment intent is unknown or too small, not enough credits, a budget limit, or credits owed after a refunded or disputed purchase (`debt_outstanding`)", body = ErrorBody),
         (status = 403, description = "The persona is not yours to call", body = ErrorBody),
         (status = 404, description = "No persona you can see has this id", body = ErrorBody),
@@ -243,6 +258,7 @@ pub async fn schedule(
     let requested = schedule::schedule(
         &state.store,
         &state.stripe,
+        &state.config.limits.calls,
         state.clock.now(),
         call,
         at,

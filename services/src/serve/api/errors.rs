@@ -16,6 +16,7 @@ use cmb_providers::stripe::StripeError;
 
 use crate::backbone::store::CommandError;
 use crate::serve::http::error::ApiError;
+use crate::usecases::calls::dials::DialRefusal;
 use crate::usecases::calls::request::RequestError;
 use crate::usecases::calls::schedule::ScheduleError;
 use crate::usecases::personas::names::NameError;
@@ -232,11 +233,21 @@ impl From<accounts::claims::ClaimError> for ApiError {
     }
 }
 
+impl From<accounts::password::Busy> for ApiError {
+    fn from(e: accounts::password::Busy) -> Self {
+        ApiError {
+            retry_after: Some(e.retry_after_secs),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+        }
+    }
+}
+
 impl From<accounts::Error> for ApiError {
     fn from(e: accounts::Error) -> Self {
         use accounts::Error;
         match e {
             Error::Claim(e) => e.into(),
+            Error::Hash(accounts::password::HashError::Busy(busy)) => busy.into(),
             Error::Hash(e) => ApiError::internal(e),
             Error::AlreadyRegistered(e) => match e {
                 CommandError::Rejected(e) => {
@@ -426,6 +437,7 @@ impl From<RequestError> for ApiError {
                 e.to_string(),
             ),
             RequestError::InDebt { .. } => debt(e.to_string()),
+            RequestError::Refused(refused) => refused.into(),
             RequestError::InsufficientCredits { .. } => ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "insufficient_credits",
@@ -437,6 +449,24 @@ impl From<RequestError> for ApiError {
             RequestError::User(e) => e.into(),
             RequestError::Prices(e) => e.into(),
             RequestError::Claim(e) => e.into(),
+        }
+    }
+}
+
+impl From<DialRefusal> for ApiError {
+    fn from(e: DialRefusal) -> Self {
+        let message = e.to_string();
+        match e {
+            DialRefusal::Destination(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "destination_not_allowed", message)
+                    .with_field("phone_number")
+            }
+            DialRefusal::NumberDaily {
+                retry_after_secs, ..
+            } => ApiError::too_many("number_daily_limit", message, retry_after_secs),
+            DialRefusal::UserDaily {
+                retry_after_secs, ..
+            } => ApiError::too_many("daily_call_limit", message, retry_after_secs),
         }
     }
 }

@@ -6,7 +6,8 @@
 //! so a route and its description are one entry; rate limits are written in by the layer that
 //! enforces them (`http::ratelimit::limited`). `finish` adds what follows from the operation's
 //! shape, the same for all: a JSON body can be refused with 400/413/415, query parameters with
-//! 400, a bearer token with 401. The test in `serve::http::tests` compares the router with the
+//! 400, a bearer token with 401, and any operation with 503 (the server's concurrency cap
+//! and every request's deadline, `http::guard`). The test in `serve::http::tests` compares the router with the
 //! document.
 
 use std::sync::Arc;
@@ -70,7 +71,9 @@ const SHARED: &[(&str, &str, &str)] = &[
     (
         "503",
         "Unavailable",
-        "Busy for a moment (a concurrent change, a provider, a read model catching up); try again",
+        "Busy for a moment: over the server's concurrency cap (`overloaded`), past the request's \
+         15 s deadline (`timeout`), every password hasher busy (`busy`), a concurrent change, a \
+         provider, a read model catching up; try again (after `Retry-After` when it is sent)",
     ),
 ];
 
@@ -108,9 +111,9 @@ pub fn finish(paths: utoipa::openapi::OpenApi) -> Value {
             let Some(item) = item.as_object_mut() else {
                 continue;
             };
-            for (method, op) in item.iter_mut() {
+            for op in item.values_mut() {
                 if let Some(op) = op.as_object_mut() {
-                    shared_answers(method, op);
+                    shared_answers(op);
                 }
             }
         }
@@ -118,7 +121,7 @@ pub fn finish(paths: utoipa::openapi::OpenApi) -> Value {
     doc
 }
 
-fn shared_answers(method: &str, op: &mut serde_json::Map<String, Value>) {
+fn shared_answers(op: &mut serde_json::Map<String, Value>) {
     let webhook = op
         .get("tags")
         .and_then(Value::as_array)
@@ -149,8 +152,8 @@ fn shared_answers(method: &str, op: &mut serde_json::Map<String, Value>) {
             "400" => body || query,
             "401" => signed_in,
             "413" | "415" => body,
-            // A write may meet a concurrent one, a provider, or a read model catching up.
-            "503" => signed_in && method != "get",
+            // Any request may meet the concurrency cap or its deadline.
+            "503" => true,
             _ => false,
         };
         if applies && !responses.contains_key(*status) {

@@ -7,9 +7,7 @@
 //! password change or reset) moves the user to a new session epoch: tokens carry the epoch
 //! they were issued in, and older ones are refused (`usecases::accounts::sessions`).
 
-use std::net::{IpAddr, SocketAddr};
-
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -205,43 +203,6 @@ impl FromRequestParts<AppState> for MaybeUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         authenticate(parts, state).await.map(MaybeUser)
-    }
-}
-
-/// The client's address: the peer, or the first `X-Forwarded-For` hop when the deployment
-/// says a trusted proxy sets it.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientIp(pub IpAddr);
-
-impl FromRequestParts<AppState> for ClientIp {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        Ok(ClientIp::of(state, &parts.headers, &parts.extensions))
-    }
-}
-
-impl ClientIp {
-    pub fn of(
-        state: &AppState,
-        headers: &axum::http::HeaderMap,
-        extensions: &axum::http::Extensions,
-    ) -> ClientIp {
-        if state.config.trust_proxy_headers {
-            let forwarded = headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .and_then(|ip| ip.trim().parse().ok());
-            if let Some(ip) = forwarded {
-                return ClientIp(ip);
-            }
-        }
-        let peer = extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        ClientIp(peer)
     }
 }
 

@@ -1,13 +1,16 @@
-//! The HTTP layer: the router with its middleware (request ids, tracing, body limit), the
-//! state handlers share, one error type, extractors, authentication and rate limits.
+//! The HTTP layer: the router with its middleware (request ids, tracing, body limit, the
+//! concurrency cap and deadline of `guard`), the state handlers share, one error type,
+//! extractors, authentication, client addresses and rate limits.
 //!
 //! Every route is registered through `utoipa_axum` (`routes`), so the router and the OpenAPI
 //! document are built together; `tests` checks that neither has what the other lacks.
 
 pub mod answer;
 pub mod auth;
+pub mod client_ip;
 pub mod error;
 pub mod extract;
+pub mod guard;
 mod health;
 pub mod mcp;
 pub mod ratelimit;
@@ -67,6 +70,10 @@ pub fn document() -> serde_json::Value {
 
 pub fn router(state: AppState) -> Router {
     let (routes, doc) = routes().split_for_parts();
+    let guard = guard::Guard::new(
+        state.config.limits.max_concurrent_requests,
+        state.config.limits.request_timeout,
+    );
     let doc =
         crate::serve::api::openapi::Document(Arc::new(crate::serve::api::openapi::finish(doc)));
     routes
@@ -76,6 +83,9 @@ pub fn router(state: AppState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            guard.clone().run(req, next)
+        }))
         .layer(axum::middleware::map_response(count_response))
         .layer(Extension(doc))
         .layer(Extension(state.clone()))

@@ -1,5 +1,6 @@
 //! Per-endpoint rate limits, shared by every instance: fixed windows counted in Postgres with
-//! one upsert per request. Anonymous requests are counted per client IP, signed-in ones per user.
+//! one upsert per request. Anonymous requests are counted per client IP (`client_ip`: behind
+//! `TRUSTED_PROXIES` only, IPv6 per /64), signed-in ones per user.
 
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::backbone::counters;
-use crate::serve::http::auth::{self, ClientIp};
+use crate::serve::http::auth;
+use crate::serve::http::client_ip::ClientIp;
 use crate::serve::http::error::ApiError;
 use crate::serve::http::state::AppState;
 
@@ -180,8 +182,8 @@ async fn enforce(limits: Limits, req: Request, next: Next) -> Response {
     let (limit, who) = match user {
         Some(claims) => (limits.signed_in, format!("user:{}", claims.sub)),
         None => {
-            let ClientIp(ip) = ClientIp::of(&state, req.headers(), req.extensions());
-            (limits.anonymous, format!("ip:{ip}"))
+            let ip = ClientIp::of(&state, req.headers(), req.extensions());
+            (limits.anonymous, format!("ip:{}", ip.limit_key()))
         }
     };
     match check(&state.pool, limit, &who).await {

@@ -11,6 +11,12 @@
 //! message's ack deadline while the handler works.
 //! Retries 5xx and unreachable with backoff (by redelivery); after `MAX_DIAL_ATTEMPTS`, or on a
 //! refusal, the call fails and the settlement worker releases its hold.
+//!
+//! Before the first attempt the dialer checks again what the request checked, since a
+//! scheduled call fires days later (and the policy may have changed since): the destination
+//! policy, the one-active-call rule (a scheduled call claims the user's slot now) and the daily
+//! counts of its number and its user (`usecases::calls::dials`, counted now for a scheduled
+//! call). A call refused then fails without being dialled, and its hold is released.
 
 use std::time::Duration;
 
@@ -20,7 +26,8 @@ use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
 use crate::backbone::store::EventStore;
 use crate::clock::Clock;
-use crate::usecases::calls::sids;
+use crate::usecases::calls::dials::CallPolicy;
+use crate::usecases::calls::{active, sids};
 use cmb_providers::twilio::{CallResource, CreateCall, Twilio};
 use cmb_providers::ProviderError;
 
@@ -45,6 +52,7 @@ pub struct Dialer {
     pub from: String,
     pub public_base_url: String,
     pub clock: Clock,
+    pub policy: CallPolicy,
 }
 
 fn created_at(call: &CallResource) -> Option<DateTime<Utc>> {
@@ -83,6 +91,18 @@ impl Dialer {
                 .phone
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("call {id} has no phone"))?;
+            if call.dial_attempts == 0 {
+                if let Some(reason) = self.refusal(&id, &call, &phone).await? {
+                    tracing::warn!(call = %id, %reason, "call refused before dialling");
+                    metrics::counter!("cmb_calls_refused_by_dialer_total").increment(1);
+                    let failed = CallCommand::DialFailed {
+                        reason,
+                        give_up: true,
+                        at: self.clock.now(),
+                    };
+                    return self.record(&id, failed, &ctx).await;
+                }
+            }
             if call.dial_attempts > 0 && !call.last_attempt_settled {
                 match self.open_attempt(&id, &call, phone.as_str()).await? {
                     Open::Placed(sid) => {
@@ -118,6 +138,36 @@ impl Dialer {
         Err(anyhow::anyhow!(
             "call {id}: other handlers keep taking the dial attempt"
         ))
+    }
+
+    /// Why the call may not be dialled, if it may not: the destination policy, another call of
+    /// the user's under way (a scheduled call claims the slot here), or a daily count.
+    async fn refusal(
+        &self,
+        id: &str,
+        call: &Call,
+        phone: &cmb_domain::values::PhoneNumber,
+    ) -> anyhow::Result<Option<String>> {
+        if let Err(refused) = self.policy.destination(phone) {
+            return Ok(Some(refused.to_string()));
+        }
+        let call_id = uuid::Uuid::parse_str(id)?;
+        let user = call
+            .user_id
+            .ok_or_else(|| anyhow::anyhow!("call {id} has no user"))?;
+        let pool = self.store.pool();
+        if call.scheduled_for.is_some() && !active::claim(pool, user, call_id).await? {
+            return Ok(Some(
+                "another of your calls was in progress when this scheduled call fell due (one \
+                 call at a time)"
+                    .into(),
+            ));
+        }
+        let now = self.clock.now();
+        if let Err(refused) = self.policy.claim(pool, call_id, user, phone, now).await? {
+            return Ok(Some(refused.to_string()));
+        }
+        Ok(None)
     }
 
     /// Asks Twilio for the call of `attempt`, which this handler recorded.

@@ -112,6 +112,7 @@ pub fn spawn_all(
             from: config.twilio.phone_number.clone(),
             public_base_url: config.public_base_url.clone(),
             clock: clock.clone(),
+            policy: config.limits.calls.clone(),
         };
         tasks.spawn(run(
             store.pool().clone(),

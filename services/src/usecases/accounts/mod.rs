@@ -104,7 +104,8 @@ pub async fn sign_in(
             .map(|(_, u)| u.password_hash.clone())
             .filter(|h| !h.is_empty()),
     )
-    .await;
+    .await
+    .map_err(password::HashError::from)?;
     let Some((id, _)) = user else {
         // Unknown emails "lock" like real ones, so the lockout reveals nothing either.
         let key = format!("unknown:{}", email.as_str());
@@ -194,7 +195,10 @@ pub async fn change_password(
     if account.password_hash.is_empty() {
         return Err(Error::NoPassword);
     }
-    if !password::verify(current, Some(account.password_hash.clone())).await {
+    if !password::verify(current, Some(account.password_hash.clone()))
+        .await
+        .map_err(password::HashError::from)?
+    {
         return Err(Error::WrongPassword);
     }
     let password_hash = password::hash(new.expose().to_string()).await?;

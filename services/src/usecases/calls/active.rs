@@ -4,17 +4,29 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Claims the user's one active-call slot for `call_id`. False when another call holds it.
+/// Claims the user's one active-call slot for `call_id`. False when another call holds it;
+/// true again when `call_id` holds it already (a redelivered scheduled call claims it twice).
 pub async fn claim(pool: &PgPool, user: Uuid, call_id: Uuid) -> Result<bool, sqlx::Error> {
-    let claimed = sqlx::query(
-        "INSERT INTO active_calls (user_id, call_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(user)
-    .bind(call_id)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(claimed > 0)
+    // A claim committed by someone else while this statement waited is not in its snapshot:
+    // the second statement sees it.
+    for _ in 0..2 {
+        let holder: Option<Uuid> = sqlx::query_scalar(
+            "WITH claimed AS (
+                 INSERT INTO active_calls (user_id, call_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING RETURNING call_id)
+             SELECT call_id FROM claimed
+             UNION ALL SELECT call_id FROM active_calls WHERE user_id = $1 OR call_id = $2
+             LIMIT 1",
+        )
+        .bind(user)
+        .bind(call_id)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(holder) = holder {
+            return Ok(holder == call_id);
+        }
+    }
+    Ok(false)
 }
 
 /// Frees the slot `call_id` holds (nothing if it holds none).

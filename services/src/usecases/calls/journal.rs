@@ -129,6 +129,7 @@ pub async fn sweep(
             _ => release_credits(store, user, call_id, ctx).await?,
         };
         active::release(pool, call_id).await?;
+        super::dials::release(pool, call_id).await?;
         let why = format!(
             "swept: the call never came to exist within {}s of its request (the request \
              stopped midway); {released}, active-call slot freed",

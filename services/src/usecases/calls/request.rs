@@ -1,7 +1,10 @@
 //! Request a call: validate, hold its maximum price, and record the request — the saga every
 //! call starts with, now or scheduled. The hold comes first (credits reserved on the wallet,
 //! or a Stripe authorisation of the user's that covers the maximum price); if anything after
-//! it fails, the hold and the active-call claim are given back at once.
+//! it fails, the hold and the active-call claim are given back at once. Before anything is
+//! held, the destination must be one the service may ring (`dials::CallPolicy`); a call now
+//! is also counted toward its number's and its user's daily limits (a scheduled one when it
+//! fires, by the dialer).
 
 use chrono::{DateTime, Utc};
 use cmb_domain::billing::BillingCommand;
@@ -18,6 +21,7 @@ use cmb_providers::stripe::{PaymentIntent, Stripe, StripeError};
 use uuid::Uuid;
 
 use super::active;
+use super::dials::{self, CallPolicy, DialRefusal};
 use super::journal::{self, HeldBy};
 use crate::backbone::store::{CommandError, Committed, EventStore};
 use crate::faults::crash_point;
@@ -92,6 +96,9 @@ pub enum RequestError {
     Stripe(StripeError),
     #[error("you already have a call in progress; one at a time")]
     CallInProgress,
+    /// The destination policy or a daily limit refuses the call.
+    #[error(transparent)]
+    Refused(DialRefusal),
     #[error(
         "you owe {debt} credits after a refunded or disputed credit purchase: buy credits to \
          settle the debt before a new call"
@@ -148,6 +155,7 @@ fn intent_minutes(intent: &PaymentIntent, prices: &PriceTable) -> u32 {
 pub async fn request(
     store: &EventStore,
     stripe: &Stripe,
+    policy: &CallPolicy,
     now: DateTime<Utc>,
     request: Request,
     ctx: &CommandContext,
@@ -193,6 +201,7 @@ pub async fn request(
             })?
         }
     };
+    policy.destination(&phone).map_err(RequestError::Refused)?;
     let persona_id = request.persona_id.trim().to_string();
     let persona = personas::accessible(store, &persona_id, user).await?;
     let prices = prices::current(store, now).await?;
@@ -244,6 +253,13 @@ pub async fn request(
         journal::close_logged(pool, call_id, "failed: another call in progress").await;
         return Err(RequestError::CallInProgress);
     }
+    if request.scheduled.is_none() {
+        if let Err(refused) = policy.claim(pool, call_id, user, &phone, now).await? {
+            active::release_logged(pool, call_id).await;
+            journal::close_logged(pool, call_id, &format!("failed: {refused}")).await;
+            return Err(RequestError::Refused(refused));
+        }
+    }
     crash_point("request.after_claim");
     let hold = match &payment {
         Payment::Credits { credits } => {
@@ -256,6 +272,7 @@ pub async fn request(
                 .await
             {
                 active::release_logged(pool, call_id).await;
+                dials::release_logged(pool, call_id).await;
                 journal::close_logged(pool, call_id, &format!("failed: {e}")).await;
                 return Err(match e {
                     CommandError::Rejected(WalletError::Insufficient { needed, available }) => {
@@ -287,6 +304,7 @@ pub async fn request(
             .await;
             if let Err(e) = used {
                 active::release_logged(pool, call_id).await;
+                dials::release_logged(pool, call_id).await;
                 journal::close_logged(pool, call_id, &format!("failed: {e}")).await;
                 return Err(e.into());
             }
@@ -328,6 +346,7 @@ pub async fn request(
         Err(e) => {
             release_hold(store, stripe, user, call_id, &hold, ctx).await;
             active::release_logged(pool, call_id).await;
+            dials::release_logged(pool, call_id).await;
             journal::close_logged(pool, call_id, &format!("failed: {e}")).await;
             Err(e.into())
         }

@@ -6,6 +6,7 @@ use cmb_domain::values::Invalid;
 use cmb_domain::CommandContext;
 use cmb_providers::stripe::Stripe;
 
+use super::dials::CallPolicy;
 use super::request::{request, Request, RequestError, Requested};
 use crate::backbone::store::EventStore;
 
@@ -27,9 +28,11 @@ pub enum ScheduleError {
 }
 
 /// Requests call `call` for `at` (UTC) in the user's `timezone` (an IANA name, checked).
+#[allow(clippy::too_many_arguments)]
 pub async fn schedule(
     store: &EventStore,
     stripe: &Stripe,
+    policy: &CallPolicy,
     now: DateTime<Utc>,
     mut call: Request,
     at: DateTime<Utc>,
@@ -71,7 +74,7 @@ pub async fn schedule(
         return Err(ScheduleError::TooMany);
     }
     call.scheduled = Some((at, timezone));
-    let requested = request(store, stripe, now, call, ctx).await?;
+    let requested = request(store, stripe, policy, now, call, ctx).await?;
     tx.commit().await?;
     Ok(requested)
 }
