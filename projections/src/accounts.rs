@@ -66,14 +66,19 @@ impl Projection for Users {
                 .execute(db)
                 .await?;
             }
-            UserEvent::AccountLocked { until } => {
+            // A lock for one client is not the account's state; an account-wide one (written
+            // before locks were per client) is.
+            UserEvent::AccountLocked {
+                until,
+                client: None,
+            } => {
                 sqlx::query("UPDATE rm_users SET locked_until = $2 WHERE id = $1")
                     .bind(id)
                     .bind(until)
                     .execute(db)
                     .await?;
             }
-            UserEvent::SignedIn { at } => {
+            UserEvent::SignedIn { at, .. } => {
                 sqlx::query("UPDATE rm_users SET last_sign_in = $2 WHERE id = $1")
                     .bind(id)
                     .bind(at)
@@ -155,7 +160,7 @@ impl Projection for Users {
                     .execute(db)
                     .await?;
             }
-            UserEvent::SignInFailed { .. } => {}
+            UserEvent::SignInFailed { .. } | UserEvent::AccountLocked { .. } => {}
         }
         Ok(())
     }

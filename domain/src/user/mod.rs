@@ -1,8 +1,16 @@
 //! Users: registration, profile, sign-in attempts (with lockout), passwords, revoked tokens
 //! and sessions revoked all at once (a session epoch: tokens of an older epoch are refused).
 //!
+//! Lockout is per account *and client*: failures are counted per client (an opaque key the
+//! service derives from the client's address), so a stranger who fails ten times locks only
+//! themselves out of this account, and its owner still signs in from anywhere else. Failures
+//! older than the lockout period are forgotten, so the state stays small. (Events written
+//! before clients were recorded carry none: their counts and lock were account-wide.)
+//!
 //! Uniqueness of email and phone spans users, so it is not this aggregate's to decide: the
 //! service reserves them (a unique index) before sending `Register` or a profile change.
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
@@ -11,9 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::values::{Email, PhoneNumber};
 
-/// Consecutive failed sign-ins that lock an account.
+/// Failed sign-ins from one client (each within the lockout period of the last) that lock the
+/// account for that client.
 pub const LOCKOUT_THRESHOLD: u32 = 10;
-/// How long a locked account stays locked.
+/// How long a lock lasts, and how long a failure is remembered.
 pub const LOCKOUT_MINUTES: i64 = 30;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,8 +38,13 @@ pub enum UserCommand {
         email: Option<Email>,
         phone: Option<PhoneNumber>,
     },
-    /// A sign-in attempt, already checked against the password hash by the service.
-    RecordSignIn { succeeded: bool, at: DateTime<Utc> },
+    /// A sign-in attempt from `client`, already checked against the password hash by the
+    /// service.
+    RecordSignIn {
+        succeeded: bool,
+        at: DateTime<Utc>,
+        client: String,
+    },
     RevokeToken {
         token_id: String,
         expires_at: DateTime<Utc>,
@@ -83,13 +97,21 @@ pub enum UserEvent {
     },
     SignInFailed {
         at: DateTime<Utc>,
+        /// Failures in a row from this client (from anyone, when `client` is absent).
         consecutive: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
     },
+    /// Locked for `client` (for everyone, when absent) until `until`.
     AccountLocked {
         until: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
     },
     SignedIn {
         at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client: Option<String>,
     },
     TokenRevoked {
         token_id: String,
@@ -169,8 +191,16 @@ pub struct User {
     pub email: Option<Email>,
     pub phone: Option<PhoneNumber>,
     pub password_hash: String,
+    /// Failures in a row and the lock of events that name no client (account-wide).
     pub failed_sign_ins: u32,
     pub locked_until: Option<DateTime<Utc>>,
+    /// Per client: failures in a row and when the last was (forgotten after the lockout
+    /// period).
+    #[serde(default)]
+    pub client_failures: BTreeMap<String, (u32, DateTime<Utc>)>,
+    /// Per client: locked until.
+    #[serde(default)]
+    pub client_locks: BTreeMap<String, DateTime<Utc>>,
     pub registered_at: Option<DateTime<Utc>>,
     /// Tokens carry the epoch they were issued in; those below this one are refused.
     #[serde(default)]
@@ -184,8 +214,23 @@ pub struct User {
 }
 
 impl User {
-    pub fn is_locked(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.locked_until.filter(|until| *until > now)
+    /// Until when `client` may not sign in, if it may not now: a lock of its own, or an
+    /// account-wide lock recorded before locks were per client.
+    pub fn is_locked(&self, client: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let own = self.client_locks.get(client).copied();
+        [self.locked_until, own]
+            .into_iter()
+            .flatten()
+            .filter(|until| *until > now)
+            .max()
+    }
+
+    /// Forgets failures and locks that are over by `now`.
+    fn forget_before(&mut self, now: DateTime<Utc>) {
+        let memory = Duration::minutes(LOCKOUT_MINUTES);
+        self.client_failures
+            .retain(|_, (_, last)| now - *last < memory);
+        self.client_locks.retain(|_, until| *until > now);
     }
 
     /// Whether the account has a password to sign in with.
@@ -248,22 +293,38 @@ impl Aggregate for User {
                         .await;
                 }
             }
-            UserCommand::RecordSignIn { succeeded, at } => {
+            UserCommand::RecordSignIn {
+                succeeded,
+                at,
+                client,
+            } => {
                 if !self.registered {
                     return Err(UserError::NotFound);
                 }
-                if let Some(until) = self.is_locked(at) {
+                if let Some(until) = self.is_locked(&client, at) {
                     return Err(UserError::Locked { until });
                 }
+                let client = Some(client);
                 if succeeded {
-                    sink.write(UserEvent::SignedIn { at }, self).await;
+                    sink.write(UserEvent::SignedIn { at, client }, self).await;
                 } else {
-                    let consecutive = self.failed_sign_ins + 1;
-                    sink.write(UserEvent::SignInFailed { at, consecutive }, self)
-                        .await;
+                    let memory = Duration::minutes(LOCKOUT_MINUTES);
+                    let before = client
+                        .as_ref()
+                        .and_then(|c| self.client_failures.get(c))
+                        .filter(|(_, last)| at - *last < memory)
+                        .map_or(0, |(n, _)| *n);
+                    let consecutive = before + 1;
+                    let failed = UserEvent::SignInFailed {
+                        at,
+                        consecutive,
+                        client: client.clone(),
+                    };
+                    sink.write(failed, self).await;
                     if consecutive >= LOCKOUT_THRESHOLD {
-                        let until = at + Duration::minutes(LOCKOUT_MINUTES);
-                        sink.write(UserEvent::AccountLocked { until }, self).await;
+                        let until = at + memory;
+                        sink.write(UserEvent::AccountLocked { until, client }, self)
+                            .await;
                     }
                 }
             }
@@ -388,17 +449,45 @@ impl Aggregate for User {
                     self.phone = phone;
                 }
             }
-            UserEvent::SignInFailed { consecutive, .. } => self.failed_sign_ins = consecutive,
-            UserEvent::AccountLocked { until } => {
-                self.locked_until = Some(until);
-                self.failed_sign_ins = 0;
+            UserEvent::SignInFailed {
+                consecutive,
+                at,
+                client,
+            } => {
+                self.forget_before(at);
+                match client {
+                    Some(c) => {
+                        self.client_failures.insert(c, (consecutive, at));
+                    }
+                    None => self.failed_sign_ins = consecutive,
+                }
             }
-            UserEvent::SignedIn { .. } => self.failed_sign_ins = 0,
+            UserEvent::AccountLocked { until, client } => match client {
+                Some(c) => {
+                    self.client_failures.remove(&c);
+                    self.client_locks.insert(c, until);
+                }
+                None => {
+                    self.locked_until = Some(until);
+                    self.failed_sign_ins = 0;
+                }
+            },
+            UserEvent::SignedIn { at, client } => {
+                self.forget_before(at);
+                match client {
+                    Some(c) => {
+                        self.client_failures.remove(&c);
+                    }
+                    None => self.failed_sign_ins = 0,
+                }
+            }
             UserEvent::TokenRevoked { .. } => {}
             UserEvent::PasswordChanged { password_hash, .. } => {
                 self.password_hash = password_hash;
                 self.failed_sign_ins = 0;
                 self.locked_until = None;
+                self.client_failures.clear();
+                self.client_locks.clear();
             }
             UserEvent::SessionsRevoked { epoch, .. } => self.session_epoch = epoch,
             UserEvent::UserRegisteredWithWorkos {
@@ -440,65 +529,128 @@ mod tests {
         }
     }
 
+    fn failed(at: DateTime<Utc>, consecutive: u32, client: &str) -> UserEvent {
+        UserEvent::SignInFailed {
+            at,
+            consecutive,
+            client: Some(client.into()),
+        }
+    }
+
+    fn attempt(succeeded: bool, at: DateTime<Utc>, client: &str) -> UserCommand {
+        UserCommand::RecordSignIn {
+            succeeded,
+            at,
+            client: client.into(),
+        }
+    }
+
     #[test]
-    fn the_tenth_failure_in_a_row_locks_the_account_for_thirty_minutes() {
+    fn the_tenth_failure_from_a_client_locks_the_account_for_that_client_only() {
         let at = Utc::now();
         let mut given = vec![registered()];
         for i in 1..10 {
-            given.push(UserEvent::SignInFailed { at, consecutive: i });
+            given.push(failed(at, i, "stranger"));
         }
-        TestFramework::<User>::with(())
-            .given(given.clone())
-            .when(UserCommand::RecordSignIn {
-                succeeded: false,
-                at,
-            })
-            .then_expect_events(vec![
-                UserEvent::SignInFailed {
-                    at,
-                    consecutive: 10,
-                },
-                UserEvent::AccountLocked {
-                    until: at + Duration::minutes(30),
-                },
-            ]);
-        given.push(UserEvent::AccountLocked {
+        let locked = UserEvent::AccountLocked {
             until: at + Duration::minutes(30),
-        });
+            client: Some("stranger".into()),
+        };
         TestFramework::<User>::with(())
             .given(given.clone())
-            .when(UserCommand::RecordSignIn {
-                succeeded: true,
-                at: at + Duration::minutes(29),
-            })
+            .when(attempt(false, at, "stranger"))
+            .then_expect_events(vec![failed(at, 10, "stranger"), locked.clone()]);
+        given.push(failed(at, 10, "stranger"));
+        given.push(locked);
+        // The stranger, even with the right password, until the lock ends.
+        TestFramework::<User>::with(())
+            .given(given.clone())
+            .when(attempt(true, at + Duration::minutes(29), "stranger"))
             .then_expect_error(UserError::Locked {
                 until: at + Duration::minutes(30),
             });
         TestFramework::<User>::with(())
-            .given(given)
-            .when(UserCommand::RecordSignIn {
-                succeeded: true,
-                at: at + Duration::minutes(31),
-            })
+            .given(given.clone())
+            .when(attempt(true, at + Duration::minutes(31), "stranger"))
             .then_expect_events(vec![UserEvent::SignedIn {
                 at: at + Duration::minutes(31),
+                client: Some("stranger".into()),
             }]);
+        // The owner, from an address that has not failed, meanwhile: signed in; and a failure
+        // of theirs starts their own count.
+        TestFramework::<User>::with(())
+            .given(given.clone())
+            .when(attempt(true, at + Duration::minutes(1), "owner"))
+            .then_expect_events(vec![UserEvent::SignedIn {
+                at: at + Duration::minutes(1),
+                client: Some("owner".into()),
+            }]);
+        TestFramework::<User>::with(())
+            .given(given)
+            .when(attempt(false, at + Duration::minutes(1), "owner"))
+            .then_expect_events(vec![failed(at + Duration::minutes(1), 1, "owner")]);
     }
 
     #[test]
-    fn a_success_resets_the_count() {
+    fn a_success_resets_the_clients_count_and_old_failures_are_forgotten() {
         let at = Utc::now();
         TestFramework::<User>::with(())
             .given(vec![
                 registered(),
-                UserEvent::SignInFailed { at, consecutive: 9 },
-                UserEvent::SignedIn { at },
+                failed(at, 9, "a"),
+                UserEvent::SignedIn {
+                    at,
+                    client: Some("a".into()),
+                },
             ])
-            .when(UserCommand::RecordSignIn {
-                succeeded: false,
-                at,
-            })
-            .then_expect_events(vec![UserEvent::SignInFailed { at, consecutive: 1 }]);
+            .when(attempt(false, at, "a"))
+            .then_expect_events(vec![failed(at, 1, "a")]);
+        // Another client's success does not reset a's count.
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(),
+                failed(at, 9, "a"),
+                UserEvent::SignedIn {
+                    at,
+                    client: Some("b".into()),
+                },
+            ])
+            .when(attempt(false, at, "a"))
+            .then_expect_events(vec![
+                failed(at, 10, "a"),
+                UserEvent::AccountLocked {
+                    until: at + Duration::minutes(30),
+                    client: Some("a".into()),
+                },
+            ]);
+        // Nine failures more than 30 minutes ago: forgotten.
+        let later = at + Duration::minutes(31);
+        TestFramework::<User>::with(())
+            .given(vec![registered(), failed(at, 9, "a")])
+            .when(attempt(false, later, "a"))
+            .then_expect_events(vec![failed(later, 1, "a")]);
+        let mut user = User::default();
+        for e in [registered(), failed(at, 3, "a"), failed(later, 1, "b")] {
+            user.apply(e);
+        }
+        assert_eq!(user.client_failures.len(), 1, "a's old failures forgotten");
+    }
+
+    #[test]
+    fn an_account_wide_lock_recorded_before_clients_still_holds() {
+        let at = Utc::now();
+        TestFramework::<User>::with(())
+            .given(vec![
+                registered(),
+                UserEvent::AccountLocked {
+                    until: at + Duration::minutes(30),
+                    client: None,
+                },
+            ])
+            .when(attempt(true, at, "anyone"))
+            .then_expect_error(UserError::Locked {
+                until: at + Duration::minutes(30),
+            });
     }
 
     #[test]
@@ -510,7 +662,9 @@ mod tests {
             UserEvent::SessionsRevoked { epoch: 1, at },
             UserEvent::AccountLocked {
                 until: at + Duration::minutes(30),
+                client: None,
             },
+            failed(at, 3, "a"),
         ] {
             user.apply(e);
         }
@@ -520,6 +674,7 @@ mod tests {
                 UserEvent::SessionsRevoked { epoch: 1, at },
                 UserEvent::AccountLocked {
                     until: at + Duration::minutes(30),
+                    client: None,
                 },
             ])
             .when(UserCommand::ChangePassword {
@@ -540,7 +695,8 @@ mod tests {
             at,
             reset: true,
         });
-        assert_eq!(user.is_locked(at), None);
+        assert_eq!(user.is_locked("a", at), None);
+        assert!(user.client_failures.is_empty());
         assert_eq!(user.password_hash, "$argon2id$new");
     }
 

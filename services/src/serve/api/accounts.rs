@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::serve::http::answer::Done;
 use crate::serve::http::auth::{self, AuthUser};
+use crate::serve::http::client_ip::ClientIp;
 use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::{request_id, Json};
 use crate::serve::http::signed_in::{user_after_write, TokenAnswer};
@@ -92,8 +93,9 @@ pub struct LoginBody {
     password: String,
 }
 
-/// Sign in. Ten failures in a row lock the account for 30 minutes: a 429 with
-/// `account_locked` and `Retry-After`.
+/// Sign in. Ten failures in a row from one client address lock the account for that address
+/// for 30 minutes (a 429 with `account_locked` and `Retry-After`); the owner still signs in
+/// from an address that has not failed.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginBody,
     responses(
         (status = 200, description = "Signed in", body = TokenAnswer),
@@ -101,6 +103,7 @@ pub struct LoginBody {
     ))]
 pub async fn login(
     State(state): State<AppState>,
+    client: ClientIp,
     headers: axum::http::HeaderMap,
     Json(body): Json<LoginBody>,
 ) -> ApiResult<impl IntoResponse> {
@@ -108,11 +111,16 @@ pub async fn login(
     if body.password.is_empty() {
         return Err(ApiError::validation("password", "password: is required"));
     }
-    let (id, committed) =
-        accounts::sign_in(&state.store, &email, body.password, Utc::now(), |id| {
-            context(&headers, Actor::User(id))
-        })
-        .await?;
+    let client = client.pseudonym(state.config.jwt_secret.expose());
+    let (id, committed) = accounts::sign_in(
+        &state.store,
+        &email,
+        body.password,
+        &client,
+        Utc::now(),
+        |id| context(&headers, Actor::User(id)),
+    )
+    .await?;
     let epoch = accounts::sessions::epoch(&state.pool, id).await?;
     let (token, claims) = auth::issue_token(state.config.jwt_secret.expose(), id, epoch)?;
     let caught_up = state.read_your_writes("users", &committed).await;

@@ -90,6 +90,17 @@ impl ClientIp {
         ))
     }
 
+    /// A stable key for this client that does not show its address (HMAC-SHA256 of
+    /// [`limit_key`](Self::limit_key) under `secret`, 16 hex digits): what the event log
+    /// records of who failed to sign in.
+    pub fn pseudonym(&self, secret: &str) -> String {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(self.limit_key().as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..8])
+    }
+
     /// What per-IP limits count: the address, or its /64 for IPv6.
     pub fn limit_key(&self) -> String {
         match self.0 {

@@ -77,12 +77,14 @@ pub async fn create(
     }
 }
 
-/// Checks `password` for `email` and records the attempt; the user's id when it matched.
+/// Checks `password` for `email` and records the attempt from `client` (a key for the client's
+/// address: failures and lockout count per account and client); the user's id when it matched.
 /// `ctx_for` gives the command context of the user found.
 pub async fn sign_in(
     store: &EventStore,
     email: &Email,
     password: String,
+    client: &str,
     now: DateTime<Utc>,
     ctx_for: impl FnOnce(Uuid) -> CommandContext,
 ) -> Result<(Uuid, Committed), Error> {
@@ -108,7 +110,7 @@ pub async fn sign_in(
     .map_err(password::HashError::from)?;
     let Some((id, _)) = user else {
         // Unknown emails "lock" like real ones, so the lockout reveals nothing either.
-        let key = format!("unknown:{}", email.as_str());
+        let key = format!("unknown:{}:{client}", email.as_str());
         let window = Duration::minutes(LOCKOUT_MINUTES);
         let window_std = window.to_std().unwrap_or_default();
         let (failures, _, _) = counters::count(pool, &key, window_std).await?;
@@ -120,6 +122,7 @@ pub async fn sign_in(
     let command = UserCommand::RecordSignIn {
         succeeded: matches,
         at: now,
+        client: client.to_string(),
     };
     let committed = store
         .execute::<User>(&id.to_string(), command, &ctx_for(id))
