@@ -596,6 +596,7 @@ async fn budgets_limits_deletions_and_the_scheduler_do_not_wait_for_the_calls_re
         schedule(
             &app.state.store,
             &app.state.stripe,
+            &app.state.config.limits.calls,
             start,
             ask(),
             later,
@@ -608,6 +609,7 @@ async fn budgets_limits_deletions_and_the_scheduler_do_not_wait_for_the_calls_re
     let refused = schedule(
         &app.state.store,
         &app.state.stripe,
+        &app.state.config.limits.calls,
         start,
         ask(),
         later,

@@ -27,7 +27,10 @@ pub async fn confirm_password(store: &EventStore, user: Uuid, given: String) -> 
     if account.password_hash.is_empty() {
         return Err(Error::NoPassword);
     }
-    if !password::verify(given, Some(account.password_hash.clone())).await {
+    if !password::verify(given, Some(account.password_hash.clone()))
+        .await
+        .map_err(password::HashError::from)?
+    {
         return Err(Error::WrongPassword);
     }
     Ok(())
