@@ -456,3 +456,56 @@ async fn behind_a_trusted_proxy_the_right_most_untrusted_address_is_the_client()
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_call_paid_by_card_is_not_scheduled_beyond_what_its_authorisation_lasts() {
+    let env = env();
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    let attached = user
+        .post(
+            "/api/user/payment-method",
+            json!({ "payment_method_id": "pm_card_visa" }),
+        )
+        .await;
+    assert_eq!(attached.status, 201, "{attached:?}");
+    let intent = |user: Api| async move {
+        let intent = user
+            .post(
+                "/api/user/create-payment-intent",
+                json!({ "estimated_duration": 1 }),
+            )
+            .await;
+        assert_eq!(intent.status, 201, "{intent:?}");
+        intent.body["payment_intent_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let schedule = |pi: Option<String>, days: i64| {
+        let at = (Utc::now() + chrono::Duration::days(days)).to_rfc3339();
+        let mut body = json!({ "persona_id": "brad_001", "duration": 1, "scheduled_time": at });
+        match pi {
+            Some(pi) => body["payment_intent_id"] = json!(pi),
+            None => body["use_credits"] = json!(true),
+        }
+        user.post("/api/calls/schedule", body)
+    };
+    // Card authorisations lapse after about 7 days: refused beyond 6, before any hold.
+    let far = schedule(Some(intent(user.clone()).await), 8).await;
+    assert_eq!(far.status, 400, "{far:?}");
+    assert_eq!(far.field(), "scheduled_time");
+    assert!(far.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("card"));
+    let near = schedule(Some(intent(user.clone()).await), 5).await;
+    assert_eq!(near.status, 201, "{near:?}");
+    // Credits do not lapse: 20 days ahead is fine.
+    grant(&app, &profile, 100).await;
+    let credits = schedule(None, 20).await;
+    assert_eq!(credits.status, 201, "{credits:?}");
+    app.stop().await;
+    env.cleanup().await;
+}

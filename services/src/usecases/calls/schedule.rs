@@ -1,5 +1,6 @@
-//! Schedule a call: a time at least `MIN_NOTICE_MINUTES` and at most `MAX_AHEAD_DAYS` ahead,
-//! at most `MAX_SCHEDULED` waiting per user, then the same request saga as a call now.
+//! Schedule a call: a time at least `MIN_NOTICE_MINUTES` and at most `MAX_AHEAD_DAYS` ahead
+//! (`MAX_CARD_AHEAD_DAYS` when a card authorisation holds it), at most `MAX_SCHEDULED` waiting
+//! per user, then the same request saga as a call now.
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::values::Invalid;
@@ -14,6 +15,10 @@ use crate::backbone::store::EventStore;
 pub const MIN_NOTICE_MINUTES: i64 = 5;
 pub const MAX_AHEAD_DAYS: i64 = 30;
 pub const MAX_SCHEDULED: i64 = 50;
+/// A call paid by card is scheduled at most this far ahead: its hold is a card authorisation,
+/// and authorisations lapse after about 7 days (Stripe's online card payments), after which
+/// the capture would fail and the call would have been free. Later calls are paid with credits.
+pub const MAX_CARD_AHEAD_DAYS: i64 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -50,6 +55,18 @@ pub async fn schedule(
         return Err(Invalid::new(
             "scheduled_time",
             format!("scheduled_time: at most {MAX_AHEAD_DAYS} days from now"),
+        )
+        .into());
+    }
+    let by_card = matches!(call.pay_with, super::request::PayWith::Card { .. });
+    if by_card && at > now + Duration::days(MAX_CARD_AHEAD_DAYS) {
+        return Err(Invalid::new(
+            "scheduled_time",
+            format!(
+                "scheduled_time: a call paid by card is at most {MAX_CARD_AHEAD_DAYS} days ahead \
+                 (card authorisations lapse after about 7 days); pay with credits to schedule \
+                 further out"
+            ),
         )
         .into());
     }
