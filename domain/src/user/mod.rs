@@ -124,10 +124,7 @@ pub enum UserEvent {
         reset: bool,
     },
     /// Every token of an epoch below `epoch` is refused from now on.
-    SessionsRevoked {
-        epoch: u32,
-        at: DateTime<Utc>,
-    },
+    SessionsRevoked { epoch: u32, at: DateTime<Utc> },
     /// An account created by a WorkOS sign-in (no password, no phone).
     UserRegisteredWithWorkos {
         name: String,
