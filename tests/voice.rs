@@ -370,6 +370,10 @@ async fn silence_gets_a_reminder_then_a_goodbye_and_a_hang_up() {
     })
     .await;
     assert!(done.is_some(), "Twilio ended the call after our hang-up");
+    // We hung up through the REST API before the socket closed: the apology TwiML keeps for a
+    // lost stream was never reached.
+    let sim = app.sims.twilio.as_ref().unwrap();
+    assert_eq!(sim.calls()[0].said_after_stream, 0);
     app.stop().await;
     env.cleanup().await;
 }

@@ -95,6 +95,7 @@ pub(super) async fn create_call(
         marks_echoed: 0,
         clears_received: 0,
         invalid_messages: 0,
+        said_after_stream: 0,
     };
     let body = sim.resource(&call);
     let sid = call.sid.clone();

@@ -223,13 +223,14 @@ pub(super) async fn converse(
         return false;
     };
     let bidirectional = stream.bidirectional;
+    let says = media::says_after_connect(&twiml);
     let stop = CancellationToken::new();
     let context = StreamContext {
         account_sid: settings.account_sid.clone(),
         call_sid: call.sid.clone(),
         auth_token: settings.auth_token.clone(),
         script: settings.caller.clone(),
-        counters,
+        counters: counters.clone(),
     };
     let mut session = tokio::spawn(media::run_stream(context, stream, stop.clone()));
     let mut session_done = false;
@@ -239,9 +240,19 @@ pub(super) async fn converse(
             _ = tokio::time::sleep_until(deadline) => break false,
             end = &mut session, if !session_done => {
                 session_done = true;
-                // With <Connect>, Twilio hangs up once our server closes the socket (there is
-                // no next verb in our TwiML); with <Start>, the call carries on.
+                // With <Connect>, Twilio goes on to the verbs after it once our server closes
+                // the socket or it breaks (a `<Say>` is spoken, at this simulator's own pace of
+                // about 70 ms a character), then hangs up; with <Start>, the call carries on.
                 if bidirectional && matches!(end, Ok(StreamEnd::Closed) | Err(_)) {
+                    for text in &says {
+                        counters.said_after_stream.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(call_sid = %call.sid, said = %text, "said after the stream ended");
+                        let speaking = Duration::from_millis(70 * text.chars().count() as u64);
+                        tokio::select! {
+                            _ = hang_up.cancelled() => break,
+                            _ = tokio::time::sleep(speaking) => {}
+                        }
+                    }
                     break true;
                 }
             }

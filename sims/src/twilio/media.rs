@@ -187,6 +187,27 @@ pub fn parse_stream(twiml: &str) -> Option<StreamRequest> {
     })
 }
 
+/// The text of each `<Say>` after `</Connect>`: what Twilio speaks, in order, once a
+/// `<Connect>`ed stream ends without the call having been hung up.
+pub fn says_after_connect(twiml: &str) -> Vec<String> {
+    let Some(after) = twiml.find("</Connect>").map(|i| &twiml[i..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut rest = after;
+    while let Some(open) = rest.find("<Say") {
+        let Some(tag_end) = rest[open..].find('>').map(|i| open + i) else {
+            break;
+        };
+        let Some(close) = rest[tag_end..].find("</Say>").map(|i| tag_end + i) else {
+            break;
+        };
+        out.push(unescape(&rest[tag_end + 1..close]));
+        rest = &rest[close..];
+    }
+    out
+}
+
 /// The value of `name="…"` (or `'…'`) in a tag, XML entities decoded.
 fn attribute(tag: &str, name: &str) -> Option<String> {
     let mut search = tag;
@@ -229,6 +250,9 @@ pub struct StreamCounters {
     pub marks_echoed: AtomicU64,
     pub clears_received: AtomicU64,
     pub invalid_messages: AtomicU64,
+    /// `<Say>` verbs after `<Connect>` spoken once the stream ended (Twilio carries on with the
+    /// next verb when a `<Connect><Stream>` socket closes or breaks).
+    pub said_after_stream: AtomicU64,
 }
 
 /// Who the stream belongs to.

@@ -230,6 +230,8 @@ pub struct SimCall {
     pub clears_received: u64,
     /// Messages Twilio would reject with error 31951.
     pub invalid_messages: u64,
+    /// `<Say>` verbs spoken after the stream ended (our apology when a session is lost).
+    pub said_after_stream: u64,
 }
 
 /// One call's record: what the REST API shows plus what drives its task.
@@ -255,6 +257,7 @@ impl Record {
             marks_echoed: c.marks_echoed.load(Ordering::Relaxed),
             clears_received: c.clears_received.load(Ordering::Relaxed),
             invalid_messages: c.invalid_messages.load(Ordering::Relaxed),
+            said_after_stream: c.said_after_stream.load(Ordering::Relaxed),
             ..self.call.clone()
         }
     }

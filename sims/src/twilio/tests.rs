@@ -644,6 +644,47 @@ async fn closing_a_connect_stream_ends_the_call() {
     assert_eq!(env.statuses()[3], "completed");
 }
 
+#[tokio::test]
+async fn a_lost_connect_stream_goes_on_to_the_say_after_it_then_hangs_up() {
+    let mut settings = settings();
+    settings.call_length = Duration::from_secs(30);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/", listener.local_addr().unwrap());
+    let dropper = Router::new().route(
+        "/",
+        get(|ws: WebSocketUpgrade| async move {
+            ws.on_upgrade(|mut socket| async move {
+                // After `start`, the socket just goes away (a dying instance): no close frame.
+                let _ = socket.recv().await;
+                let _ = socket.recv().await;
+                drop(socket);
+            })
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, dropper).await });
+    let env = start(settings, move |_| {
+        format!(
+            r#"<Response><Connect><Stream url="{ws_url}"/></Connect><Say>Sorry, we lost the line.</Say><Hangup/></Response>"#
+        )
+    })
+    .await;
+    let created = env
+        .client
+        .create_call(&env.call("+15551234567"))
+        .await
+        .unwrap();
+    env.wait_for_callbacks(4).await;
+    assert_eq!(env.statuses()[3], "completed");
+    let call = env.sim.call(&created.sid).unwrap();
+    assert_eq!(call.said_after_stream, 1);
+    assert_eq!(
+        super::media::says_after_connect(
+            "<Response><Say>before</Say><Connect><Stream url=\"x\"/></Connect><Say voice=\"alice\">a &amp; b</Say><Hangup/></Response>"
+        ),
+        ["a & b"]
+    );
+}
+
 #[test]
 fn settings_from_variables() {
     let vars: HashMap<&str, &str> = [

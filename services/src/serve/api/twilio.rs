@@ -158,7 +158,7 @@ fn xml_escape(s: &str) -> String {
         ("X-Twilio-Signature" = String, Header, description = "As for the status callback")),
     request_body(content = Object, content_type = "application/x-www-form-urlencoded", description = "Twilio's parameters"),
     responses(
-        (status = 200, description = "TwiML: `<Connect><Stream url=\"wss://…/api/twilio/stream\">`", content_type = "text/xml", body = String),
+        (status = 200, description = "TwiML: `<Connect><Stream url=\"wss://…/api/twilio/stream\">` with the call's parameters, then `<Say>` an apology and `<Hangup/>` for a stream lost while the call is up", content_type = "text/xml", body = String),
         (status = 400, description = "A parameter is invalid", body = ErrorBody),
         (status = 403, description = "The signature is missing or wrong", body = ErrorBody),
         (status = 404, description = "No such call", body = ErrorBody),
@@ -227,13 +227,21 @@ pub async fn answer(
     let expires_at = state.clock.now() + crate::serve::voice::TOKEN_LIFETIME;
     let token = state.voice.stream_tokens.mint(call_uuid, &sid, expires_at);
     let twiml = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/><Parameter name="token" value="{}"/></Stream></Connect></Response>"#,
+        r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/><Parameter name="token" value="{}"/></Stream></Connect><Say>{}</Say><Hangup/></Response>"#,
         xml_escape(&ws_base(&state)),
         xml_escape(&id),
-        xml_escape(&token)
+        xml_escape(&token),
+        LOST_LINE_APOLOGY
     );
     Ok(([(axum::http::header::CONTENT_TYPE, "text/xml")], twiml).into_response())
 }
+
+/// What Twilio says when the media stream ends while the call is still up — the instance
+/// holding the voice session died or lost the socket: Twilio goes on to the verb after
+/// `<Connect>`. A session that ends normally hangs the call up through the REST API first, so
+/// the caller never hears this then.
+pub const LOST_LINE_APOLOGY: &str =
+    "Sorry, we lost the line on our side. Please call again from the app.";
 
 /// The Media Streams WebSocket: Twilio connects here when the call is answered (`GET` with
 /// `Upgrade: websocket`), signed like every Twilio webhook: `X-Twilio-Signature` over the
