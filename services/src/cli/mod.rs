@@ -162,12 +162,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         retrievals: usize,
     },
-    /// Fills a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with N events of the
-    /// real shapes, then replays them with the ordered reader, with and without reconciling:
-    /// events per second.
+    /// Writes N events of the real shapes (thirty days of calls) to a stream of its own
+    /// (`<stream>_BENCH_REPLAY`) or an event table of its own (`<db>_bench_replay`), both
+    /// recreated, then replays and reconciles them as `replay reconcile` does: events per
+    /// second, and the report checked against the events folded one by one.
     Replay {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
+        /// `nats` (parallel ordered consumers) or `postgres` (the reconcile in SQL).
+        #[arg(long, default_value = "nats")]
+        source: String,
+        /// Consumers of the call subjects (`nats`), each on a connection of its own.
+        #[arg(long, default_value_t = crate::ops::reconcile::stream::PARTITIONS)]
+        partitions: u64,
     },
 }
 
@@ -396,9 +403,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            command: BenchCommand::Replay { events },
+            command:
+                BenchCommand::Replay {
+                    events,
+                    source,
+                    partitions,
+                },
         } => {
-            crate::ops::bench::replay(config, events).await?;
+            crate::ops::bench_replay::replay(config, events, &source, partitions).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

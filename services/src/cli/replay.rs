@@ -64,6 +64,10 @@ pub enum ReplayCommand {
         /// (`estimated = false`), once per call, provider and reference.
         #[arg(long, requires = "billed")]
         record: bool,
+        /// Fold every event one by one as a decoded envelope (the reference the fast paths
+        /// are checked against; what a filtered reconcile does): slower, the same report.
+        #[arg(long)]
+        event_by_event: bool,
     },
 }
 
@@ -118,16 +122,59 @@ pub async fn run(
     } else {
         (from, to)
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
     let b = crate::backbone::connect(&config, 4).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let unfiltered = range.aggregate_type.is_none() && range.user.is_none() && range.call.is_none();
+    let fast = matches!(
+        command,
+        ReplayCommand::Reconcile {
+            event_by_event: false,
+            ..
+        }
+    );
+    let report = if fast && unfiltered {
+        // The whole log's reconcile: added up by Postgres, or read from the stream in place
+        // by parallel consumers (the same report as the event-by-event fold below).
+        Some(match range.source.as_str() {
+            "postgres" => {
+                crate::ops::reconcile::postgres::reconcile_in_sql(&b.pool, calls_in_range).await?
+            }
+            "nats" => {
+                let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let start = range.since_seq.unwrap_or(1);
+                let partitions = crate::ops::reconcile::stream::PARTITIONS;
+                crate::ops::reconcile::stream::reconcile(
+                    &config.nats_url,
+                    &config.stream,
+                    start,
+                    until,
+                    calls_in_range,
+                    partitions,
+                )
+                .await?
+                .0
+            }
+            other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
+        })
+    } else {
+        None
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
     let mut progress = crate::backbone::projector::Progress::new("replay", 0)
         .force(std::io::stderr().is_terminal() && format != "json");
     let reader = match range.source.as_str() {
+        _ if report.is_some() => {
+            drop(tx);
+            tokio::spawn(async { Ok(()) })
+        }
         "postgres" => {
             let pool = b.pool.clone();
-            tokio::spawn(
-                async move { crate::ops::reconcile::from_postgres(&pool, tx, from, to).await },
-            )
+            tokio::spawn(async move {
+                crate::ops::reconcile::postgres::from_postgres(&pool, tx, from, to).await
+            })
         }
         "nats" => {
             let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
@@ -166,8 +213,6 @@ pub async fn run(
         other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
     };
     let mut user_calls = std::collections::HashSet::new();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
     let mut reconciler = crate::ops::reconcile::Reconciler::requested_between(calls_in_range);
     let printing = matches!(command, ReplayCommand::Events);
     while let Some(e) = rx.recv().await {
@@ -188,9 +233,10 @@ pub async fn run(
         billed,
         threshold,
         record,
+        ..
     } = command
     {
-        let report = reconciler.report();
+        let report = report.unwrap_or_else(|| reconciler.report());
         if let Some(path) = chart {
             std::fs::write(&path, crate::ops::reconcile::output::chart_svg(&report))?;
         }

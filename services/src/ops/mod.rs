@@ -5,6 +5,7 @@ pub mod bench;
 #[cfg(feature = "sims")]
 pub mod bench_calls;
 pub mod bench_knowledge;
+pub mod bench_replay;
 pub mod bench_voice;
 pub mod mcp;
 pub mod rebuild;

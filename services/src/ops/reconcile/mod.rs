@@ -5,16 +5,20 @@
 //! to cents once per line item (one call × one provider), half up; every total is the sum of
 //! its rounded lines, so reports add up.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use cmb_domain::call::{CallEvent, Payment, Reversal};
+use cmb_domain::call::{CallEvent, Outcome, Payment, Reversal};
 use cmb_domain::EventEnvelope;
 use serde::Serialize;
 use uuid::Uuid;
 
 pub mod billed;
+pub mod fast;
 pub mod output;
+pub mod postgres;
+pub mod stream;
 
 /// Micro-dollars to cents, half up.
 pub fn micros_to_cents(micros: i64) -> i64 {
@@ -163,16 +167,59 @@ pub struct DayLine {
     pub cost_cents: BTreeMap<String, i64>,
 }
 
+/// What one call event tells the reconcile, and nothing more.
+pub(crate) enum CallFact<'a> {
+    Requested {
+        at: DateTime<Utc>,
+        user_id: Uuid,
+        payment_intent: Option<Cow<'a, str>>,
+    },
+    Placed {
+        call_sid: Cow<'a, str>,
+    },
+    Ended {
+        outcome: Outcome,
+        answered_secs: u32,
+        price_cents: i64,
+    },
+    Cost {
+        service: Cow<'a, str>,
+        total_micros: i64,
+        billed: bool,
+    },
+    Settled {
+        charged_cents: i64,
+    },
+    /// Money captured for the call that came back (a refund) or was taken back (a dispute).
+    Reversed {
+        kind: Reversal,
+        amount_cents: i64,
+    },
+    /// Another known call event: the call exists.
+    Other,
+}
+
 /// Folds events (in log order) into per-call lines.
+///
+/// Each event comes with its position in the log (any number that grows with log order: a
+/// stream sequence, a commit position). Positions let partial reconcilers — of disjoint ranges
+/// of the log, or of different aggregate types, folded in parallel — be [merged](Self::merge)
+/// into exactly the report one reconciler folding the whole log in order would give: a
+/// refund is matched to the call whose request came before it in the log, whichever part
+/// each was folded in.
 #[derive(Default)]
 pub struct Reconciler {
-    calls: BTreeMap<String, CallLine>,
-    by_intent: HashMap<String, String>,
-    orphan_refunds: Vec<(String, i64)>,
+    calls: HashMap<String, CallLine>,
+    /// Per payment intent, the calls requested with it and where, in log order.
+    by_intent: HashMap<String, Vec<(u128, String)>>,
+    /// Refunds (where, payment intent, cents), matched to calls in [`Self::report`].
+    refunds: Vec<(u128, String, i64)>,
     /// Per provider, micro-dollars of system costs in the range.
     system_micros: BTreeMap<String, i64>,
     /// Only calls requested in this range (from inclusive, to exclusive) are reported.
     range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+    /// The position [`Self::add`] gives the next event.
+    next: u128,
 }
 
 impl Reconciler {
@@ -184,19 +231,22 @@ impl Reconciler {
         }
     }
 
+    /// Adds the next event in log order.
     pub fn add(&mut self, e: &EventEnvelope) {
+        self.next += 1;
+        self.add_at(self.next, e);
+    }
+
+    /// Adds an event at `position` in the log; one reconciler's events come in log order.
+    pub fn add_at(&mut self, position: u128, e: &EventEnvelope) {
         match e.aggregate_type.as_str() {
-            "call" => self.add_call(e),
+            "call" => self.add_call(position, e),
             "system_cost" => {
-                let (from, to) = self.range;
-                let at = e.occurred_at;
-                if from.is_none_or(|f| at >= f) && to.is_none_or(|t| at < t) {
-                    let cost = &e.payload["SystemCostRecorded"]["cost"];
-                    if let (Some(service), Some(micros)) =
-                        (cost["service"].as_str(), cost["total_micros"].as_i64())
-                    {
-                        *self.system_micros.entry(service.to_string()).or_default() += micros;
-                    }
+                let cost = &e.payload["SystemCostRecorded"]["cost"];
+                if let (Some(service), Some(micros)) =
+                    (cost["service"].as_str(), cost["total_micros"].as_i64())
+                {
+                    self.add_system_cost(e.occurred_at, service, micros);
                 }
             }
             "stripe_event" => {
@@ -207,75 +257,220 @@ impl Reconciler {
                         .as_str()
                         .unwrap_or("")
                         .to_string();
-                    match self.by_intent.get(&pi).and_then(|c| self.calls.get_mut(c)) {
-                        Some(line) => line.refunded_cents = line.refunded_cents.max(refunded),
-                        None => self.orphan_refunds.push((pi, refunded)),
-                    }
+                    self.refunds.push((position, pi, refunded));
                 }
             }
             _ => {}
         }
     }
 
-    fn add_call(&mut self, e: &EventEnvelope) {
+    fn add_system_cost(&mut self, at: DateTime<Utc>, service: &str, micros: i64) {
+        let (from, to) = self.range;
+        if from.is_none_or(|f| at >= f) && to.is_none_or(|t| at < t) {
+            match self.system_micros.get_mut(service) {
+                Some(sum) => *sum += micros,
+                None => {
+                    self.system_micros.insert(service.to_string(), micros);
+                }
+            }
+        }
+    }
+
+    /// The call's line, made on its first event.
+    fn line(&mut self, call_id: &str) -> &mut CallLine {
+        if !self.calls.contains_key(call_id) {
+            self.calls.insert(
+                call_id.to_string(),
+                CallLine {
+                    call_id: call_id.to_string(),
+                    ..Default::default()
+                },
+            );
+        }
+        self.calls.get_mut(call_id).expect("just made")
+    }
+
+    /// Folds in `later`: a reconciler (with the same range) of events that all come after
+    /// this one's in the log — or of other aggregate types, whose order against these does
+    /// not matter except for refunds, which carry their positions.
+    pub fn merge(&mut self, later: Reconciler) {
+        for (id, b) in later.calls {
+            let Some(a) = self.calls.get_mut(&id) else {
+                self.calls.insert(id, b);
+                continue;
+            };
+            if b.requested {
+                a.requested = true;
+                a.requested_at = b.requested_at;
+                a.user_id = b.user_id;
+                a.day = b.day;
+            }
+            if b.payment_intent.is_some() {
+                a.payment_intent = b.payment_intent;
+            }
+            if b.call_sid.is_some() {
+                a.call_sid = b.call_sid;
+            }
+            if b.price_cents.is_some() {
+                a.outcome = b.outcome;
+                a.answered_secs = b.answered_secs;
+                a.price_cents = b.price_cents;
+            }
+            if b.charged_cents.is_some() {
+                a.charged_cents = b.charged_cents;
+            }
+            a.refunded_on_call += b.refunded_on_call;
+            a.disputed_cents += b.disputed_cents;
+            for (service, micros) in b.cost_micros {
+                *a.cost_micros.entry(service).or_default() += micros;
+            }
+            for (service, micros) in b.billed_micros {
+                *a.billed_micros.entry(service).or_default() += micros;
+            }
+        }
+        for (pi, calls) in later.by_intent {
+            self.by_intent.entry(pi).or_default().extend(calls);
+        }
+        self.refunds.extend(later.refunds);
+        for (service, micros) in later.system_micros {
+            *self.system_micros.entry(service).or_default() += micros;
+        }
+        self.next = self.next.max(later.next);
+    }
+
+    fn add_call(&mut self, position: u128, e: &EventEnvelope) {
         let Ok(event) = e.decode::<CallEvent>() else {
             return;
         };
-        let line = self
-            .calls
-            .entry(e.aggregate_id.clone())
-            .or_insert_with(|| CallLine {
-                call_id: e.aggregate_id.clone(),
-                ..Default::default()
-            });
-        match event {
+        let fact = match event {
             CallEvent::CallRequested {
                 user_id, payment, ..
-            } => {
-                line.requested = true;
-                line.requested_at = Some(e.occurred_at);
-                line.user_id = user_id.to_string();
-                line.day = Some(e.occurred_at.date_naive());
-                if let Payment::Card { payment_intent_id } = payment {
-                    self.by_intent
-                        .insert(payment_intent_id.clone(), e.aggregate_id.clone());
-                    line.payment_intent = Some(payment_intent_id);
-                }
-            }
-            CallEvent::CallPlaced { call_sid } => line.call_sid = Some(call_sid),
+            } => CallFact::Requested {
+                at: e.occurred_at,
+                user_id,
+                payment_intent: match payment {
+                    Payment::Card { payment_intent_id } => Some(payment_intent_id.into()),
+                    Payment::Credits { .. } => None,
+                },
+            },
+            CallEvent::CallPlaced { call_sid } => CallFact::Placed {
+                call_sid: call_sid.into(),
+            },
             CallEvent::CallEnded {
                 outcome,
                 answered_secs,
                 price_cents,
                 ..
+            } => CallFact::Ended {
+                outcome,
+                answered_secs,
+                price_cents,
+            },
+            CallEvent::CostRecorded(cost) => CallFact::Cost {
+                billed: cost.billed_reference.is_some(),
+                service: cost.service.into(),
+                total_micros: cost.total_micros,
+            },
+            CallEvent::CallSettled { charged_cents, .. } => CallFact::Settled { charged_cents },
+            CallEvent::PaymentReversed {
+                kind, amount_cents, ..
+            } => CallFact::Reversed { kind, amount_cents },
+            _ => CallFact::Other,
+        };
+        self.add_call_fact(position, &e.aggregate_id, fact);
+    }
+
+    /// Folds what one call event says (see [`fast`]: the same facts, read straight from a
+    /// message body).
+    fn add_call_fact(&mut self, position: u128, call_id: &str, fact: CallFact) {
+        let line = self.line(call_id);
+        match fact {
+            CallFact::Requested {
+                at,
+                user_id,
+                payment_intent,
+            } => {
+                line.requested = true;
+                line.requested_at = Some(at);
+                line.user_id = user_id.to_string();
+                line.day = Some(at.date_naive());
+                if let Some(pi) = payment_intent {
+                    let pi = pi.into_owned();
+                    line.payment_intent = Some(pi.clone());
+                    self.by_intent
+                        .entry(pi)
+                        .or_default()
+                        .push((position, call_id.to_string()));
+                }
+            }
+            CallFact::Placed { call_sid } => line.call_sid = Some(call_sid.into_owned()),
+            CallFact::Ended {
+                outcome,
+                answered_secs,
+                price_cents,
             } => {
                 line.outcome = Some(outcome.as_str().to_string());
                 line.answered_secs = answered_secs;
                 line.price_cents = Some(price_cents);
             }
-            CallEvent::CostRecorded(cost) if cost.billed_reference.is_some() => {
-                *line.billed_micros.entry(cost.service).or_default() += cost.total_micros;
+            CallFact::Cost {
+                service,
+                total_micros,
+                billed,
+            } => {
+                let sums = if billed {
+                    &mut line.billed_micros
+                } else {
+                    &mut line.cost_micros
+                };
+                match sums.get_mut(service.as_ref()) {
+                    Some(sum) => *sum += total_micros,
+                    None => {
+                        sums.insert(service.into_owned(), total_micros);
+                    }
+                }
             }
-            CallEvent::CostRecorded(cost) => {
-                *line.cost_micros.entry(cost.service).or_default() += cost.total_micros;
-            }
-            CallEvent::CallSettled { charged_cents, .. } => {
-                line.charged_cents = Some(charged_cents)
-            }
-            CallEvent::PaymentReversed {
-                kind, amount_cents, ..
-            } => match kind {
-                Reversal::Refund => line.refunded_on_call += amount_cents,
-                Reversal::Dispute => line.disputed_cents += amount_cents,
-            },
-            _ => {}
+            CallFact::Settled { charged_cents } => line.charged_cents = Some(charged_cents),
+            CallFact::Reversed {
+                kind: Reversal::Refund,
+                amount_cents,
+            } => line.refunded_on_call += amount_cents,
+            CallFact::Reversed {
+                kind: Reversal::Dispute,
+                amount_cents,
+            } => line.disputed_cents += amount_cents,
+            CallFact::Other => {}
         }
     }
 
-    pub fn report(self) -> Report {
+    /// Matches each refund to the call last requested with its payment intent before it in
+    /// the log; the others are returned, in log order.
+    fn match_refunds(&mut self) -> Vec<(String, i64)> {
+        let mut refunds = std::mem::take(&mut self.refunds);
+        refunds.sort_by_key(|(position, ..)| *position);
+        let mut orphans = Vec::new();
+        for (position, pi, refunded) in refunds {
+            let call = self.by_intent.get(&pi).and_then(|calls| {
+                calls
+                    .iter()
+                    .filter(|(at, _)| *at < position)
+                    .max_by_key(|(at, _)| *at)
+            });
+            match call.and_then(|(_, c)| self.calls.get_mut(c)) {
+                Some(line) => line.refunded_cents = line.refunded_cents.max(refunded),
+                None => orphans.push((pi, refunded)),
+            }
+        }
+        orphans
+    }
+
+    pub fn report(mut self) -> Report {
         let mut report = Report::default();
         let (from, to) = self.range;
-        for (_, mut line) in self.calls {
+        let orphan_refunds = self.match_refunds();
+        let mut calls: Vec<CallLine> = self.calls.into_values().collect();
+        calls.sort_unstable_by(|a, b| a.call_id.cmp(&b.call_id));
+        for mut line in calls {
             // Only lines with a request can be placed in time; the others are anomalies.
             if let Some(at) = line.requested_at {
                 if from.is_some_and(|f| at < f) || to.is_some_and(|t| at >= t) {
@@ -374,7 +569,7 @@ impl Reconciler {
                 .system_cost_cents
                 .insert(provider.clone(), micros_to_cents(*micros));
         }
-        for (pi, cents) in self.orphan_refunds {
+        for (pi, cents) in orphan_refunds {
             report.anomalies.push(Anomaly {
                 call_id: String::new(),
                 kind: "refund_without_call",
@@ -382,50 +577,6 @@ impl Reconciler {
             });
         }
         report
-    }
-}
-
-/// Events from Postgres in commit order (the same order the stream has), every event committed
-/// when the read starts: one repeatable-read snapshot, so neither a transaction still open
-/// elsewhere nor the publisher's progress decides what the report sees.
-pub async fn from_postgres(
-    pool: &sqlx::PgPool,
-    tx: tokio::sync::mpsc::Sender<EventEnvelope>,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-) -> anyhow::Result<()> {
-    let mut db = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *db)
-        .await?;
-    let mut after = crate::backbone::outbox::CommitPosition::default();
-    loop {
-        let rows = sqlx::query(&format!(
-            "{} WHERE (xact_id, global_position) > ($1::text::xid8, $2)
-              ORDER BY xact_id, global_position
-              LIMIT 5000",
-            crate::backbone::outbox::SELECT_ENVELOPE
-        ))
-        .bind(after.commit_xid)
-        .bind(after.global_position)
-        .fetch_all(&mut *db)
-        .await?;
-        let batch = rows
-            .iter()
-            .map(crate::backbone::outbox::envelope_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let Some(last) = batch.last() else {
-            return Ok(());
-        };
-        after = crate::backbone::outbox::CommitPosition::of(last);
-        for e in batch {
-            if from.is_some_and(|f| e.occurred_at < f) || to.is_some_and(|t| e.occurred_at >= t) {
-                continue;
-            }
-            if tx.send(e).await.is_err() {
-                return Ok(());
-            }
-        }
     }
 }
 
@@ -445,6 +596,87 @@ mod tests {
         assert_eq!(micros_to_cents(15_000), 2);
         assert_eq!(micros_to_cents(4_999), 0);
         assert_eq!(micros_to_cents(-15_000), -2);
+    }
+
+    /// A month of calls with card payments and refunds — one refund before its call was
+    /// requested, one of an unknown payment — folded whole in log order, and folded as
+    /// `replay reconcile` reads the stream: call events in three ranges, the other types
+    /// apart, bodies read in place, merged. The same report.
+    #[test]
+    fn partial_reconciles_merged_give_the_whole_fold() {
+        use crate::ops::synthetic::History;
+        let mut events: Vec<EventEnvelope> =
+            History::new(5, 4, Utc::now(), 60).take(2_000).collect();
+        let refund = |pi: &str, cents: i64| {
+            let mut e = events[0].clone();
+            e.aggregate_type = "stripe_event".into();
+            e.aggregate_id = format!("evt_{pi}_{cents}");
+            e.event_type = "StripeEventReceived".into();
+            e.payload = serde_json::json!({"StripeEventReceived": {
+                "kind": "charge.refunded", "object_id": "ch_1", "created": 0,
+                "summary": {"amount_refunded": cents, "payment_intent": pi}}});
+            e
+        };
+        let mut card_calls = 0;
+        let mut with_refunds = Vec::new();
+        for e in events.clone() {
+            let mut e = e;
+            if e.event_type == "CallRequested" && card_calls < 40 {
+                card_calls += 1;
+                let pi = format!("pi_{card_calls}");
+                e.payload["CallRequested"]["payment"] =
+                    serde_json::json!({"method": "card", "payment_intent_id": pi});
+                if card_calls == 3 {
+                    // Refunded before the request is in the log: no call to match.
+                    with_refunds.push(refund(&pi, 7));
+                }
+                with_refunds.push(e);
+                continue;
+            }
+            if e.event_type == "CallSettled" && with_refunds.len() % 3 == 0 {
+                let n = card_calls;
+                with_refunds.push(e);
+                with_refunds.push(refund(&format!("pi_{n}"), 25));
+                continue;
+            }
+            with_refunds.push(e);
+        }
+        with_refunds.push(refund("pi_unknown", 5));
+        events = with_refunds;
+
+        let mut whole = Reconciler::default();
+        for e in &events {
+            whole.add(e);
+        }
+        let whole = whole.report();
+        assert!(whole.calls.iter().any(|c| c.refunded_cents == 25));
+        let orphans: Vec<_> = whole
+            .anomalies
+            .iter()
+            .filter(|a| a.kind == "refund_without_call")
+            .collect();
+        assert_eq!(orphans.len(), 2, "{orphans:?}");
+
+        let n = events.len();
+        let mut merged = Reconciler::default();
+        let mut others = Reconciler::default();
+        for range in [0..n / 3, n / 3..n / 2, n / 2..n] {
+            let mut part = Reconciler::default();
+            for (i, e) in events.iter().enumerate().take(range.end).skip(range.start) {
+                let body = serde_json::to_vec(e).unwrap();
+                if e.aggregate_type == "call" {
+                    part.add_body(i as u128 + 1, &body).unwrap();
+                } else {
+                    others.add_body(i as u128 + 1, &body).unwrap();
+                }
+            }
+            merged.merge(part);
+        }
+        merged.merge(others);
+        assert_eq!(
+            serde_json::to_value(&whole).unwrap(),
+            serde_json::to_value(merged.report()).unwrap()
+        );
     }
 
     #[test]
