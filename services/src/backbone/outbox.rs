@@ -166,11 +166,18 @@ pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sqlx::E
         .unwrap_or_default())
 }
 
+/// Records the publisher's position without waiting for it to reach the disk
+/// (`synchronous_commit = off` for this one transaction): losing the last positions in a
+/// crash of Postgres is harmless — the publisher then starts from an earlier one, and what it
+/// publishes again JetStream drops (`Nats-Msg-Id`), as does the check of the stream's last
+/// message per aggregate when it takes over — and any later commit that does wait flushes
+/// this one too (the log is written in order).
 async fn save_checkpoint(pool: &PgPool, name: &str, at: &Checkpoint) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO publisher_checkpoints
                 (name, snapshot, pending, commit_xid, global_position, updated_at)
-         VALUES ($1, $2::pg_snapshot, $3::pg_snapshot, $4, $5, now())
+         SELECT $1, $2::pg_snapshot, $3::pg_snapshot, $4, $5, now()
+           FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait
          ON CONFLICT (name) DO UPDATE
             SET snapshot = EXCLUDED.snapshot, pending = EXCLUDED.pending,
                 commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,

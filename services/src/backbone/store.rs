@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cmb_domain::CommandContext;
 use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{Aggregate, AggregateError, EventStore as _};
+use cqrs_es::{Aggregate, DomainEvent as _, EventStore as _};
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 
@@ -32,6 +32,59 @@ pub enum CommandError<E: std::error::Error> {
     Contended(&'static str),
     #[error("event store: {0}")]
     Store(String),
+}
+
+/// Why a command's events were not written.
+enum Insert {
+    /// Another writer took one of their sequence numbers first.
+    Conflict,
+    Failed(String),
+}
+
+/// Appends a command's events after sequence `before` of aggregate `id`, in one statement
+/// (so one round trip, its own transaction): each event serialised once, straight to the
+/// JSON text Postgres stores; the primary key refuses a sequence another writer took.
+async fn insert_events<A: Aggregate>(
+    pool: &PgPool,
+    id: &str,
+    before: u64,
+    events: &[A::Event],
+    ctx: &CommandContext,
+) -> Result<(), Insert> {
+    let failed = |e: &dyn std::fmt::Display| Insert::Failed(e.to_string());
+    let mut types = Vec::with_capacity(events.len());
+    let mut versions = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    for event in events {
+        types.push(event.event_type());
+        versions.push(event.event_version());
+        payloads.push(serde_json::to_string(event).map_err(|e| failed(&e))?);
+    }
+    let metadata = serde_json::to_string(&ctx.to_metadata()).map_err(|e| failed(&e))?;
+    let inserted = sqlx::query(
+        "INSERT INTO events
+                (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                 metadata)
+         SELECT $1, $2, $3 + n, t, v, p::jsonb, $7::json
+           FROM unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS u(t, v, p, n)
+          ORDER BY n",
+    )
+    .bind(A::TYPE)
+    .bind(id)
+    .bind(before as i64)
+    .bind(&types)
+    .bind(&versions)
+    .bind(&payloads)
+    .bind(&metadata)
+    .execute(pool)
+    .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            Err(Insert::Conflict)
+        }
+        Err(e) => Err(failed(&e)),
+    }
 }
 
 /// How many times a command is re-decided after losing an optimistic-concurrency race.
@@ -102,8 +155,8 @@ impl EventStore {
                     events: 0,
                 });
             }
-            match store.commit(events, context, ctx.to_metadata()).await {
-                Ok(_) => {
+            match insert_events::<A>(&self.pool, id, before, &events, ctx).await {
+                Ok(()) => {
                     metrics::counter!("cmb_events_committed_total", "aggregate" => A::TYPE)
                         .increment(count as u64);
                     return Ok(Committed {
@@ -113,16 +166,14 @@ impl EventStore {
                         events: count,
                     });
                 }
-                Err(AggregateError::AggregateConflict) if attempt < CONFLICT_RETRIES => {
+                Err(Insert::Conflict) if attempt < CONFLICT_RETRIES => {
                     attempt += 1;
                     // Back off a little, with jitter, so hot aggregates stop colliding.
                     let jitter = rand::random::<u64>() % (2 << attempt.min(6));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
-                Err(AggregateError::AggregateConflict) => {
-                    return Err(CommandError::Contended(A::TYPE))
-                }
-                Err(e) => return Err(CommandError::Store(e.to_string())),
+                Err(Insert::Conflict) => return Err(CommandError::Contended(A::TYPE)),
+                Err(Insert::Failed(e)) => return Err(CommandError::Store(e)),
             }
         }
     }
