@@ -152,7 +152,7 @@ pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, Conf
         },
         trusted_proxies,
         password_hashers: number(get, "PASSWORD_HASH_CONCURRENCY", 2 * cores, 1)?,
-        password_queue: number(get, "PASSWORD_HASH_QUEUE", 64, 0)?,
+        password_queue: number(get, "PASSWORD_HASH_QUEUE", 256, 0)?,
         request_timeout: Duration::from_millis(number(get, "REQUEST_TIMEOUT_MS", 15_000, 100)?),
         max_concurrent_requests: number(get, "HTTP_MAX_CONCURRENT_REQUESTS", 1024, 1)?,
     })
