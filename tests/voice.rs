@@ -101,6 +101,17 @@ async fn events_of(app: &Running, id: &str, event_type: &str) -> Vec<Value> {
     .unwrap()
 }
 
+/// The call's `VoiceSessionEnded`, once recorded: the session records it when its socket
+/// closes, which may come after the call was settled on a busy machine.
+async fn session_end(app: &Running, id: &str) -> Vec<Value> {
+    eventually(Duration::from_secs(30), || async {
+        let end = events_of(app, id, "VoiceSessionEnded").await;
+        (!end.is_empty()).then_some(end)
+    })
+    .await
+    .expect("the voice session's end is recorded")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() {
     let env = TestEnv::new()
@@ -145,7 +156,7 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     let turns = events_of(&app, &id, "TurnCompleted").await;
     assert_eq!(turns.len(), 3, "{turns:?}");
     // The greeting was synthesised while the phone rang: it starts at once.
-    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    let end = session_end(&app, &id).await;
     let greeting = end[0]["VoiceSessionEnded"]["greeting_ms"].as_u64().unwrap();
     assert!(greeting < 300, "greeting after {greeting} ms");
     let e2e = end[0]["VoiceSessionEnded"]["first_audio_ms"]
@@ -246,7 +257,7 @@ async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
         !transcript.iter().any(|l| l.1 == "mm-hmm"),
         "the backchannel is not a turn: {transcript:?}"
     );
-    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    let end = session_end(&app, &id).await;
     assert_eq!(end[0]["VoiceSessionEnded"]["barge_ins"], 1, "{end:?}");
     let stop = end[0]["VoiceSessionEnded"]["barge_in_stop_ms"]
         .as_u64()
@@ -292,7 +303,7 @@ async fn a_backchannel_pauses_the_reply_which_then_resumes_whole() {
         !transcript.iter().any(|l| l.1 == "mm-hmm"),
         "the backchannel is not a turn: {transcript:?}"
     );
-    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    let end = session_end(&app, &id).await;
     assert_eq!(end[0]["VoiceSessionEnded"]["barge_ins"], 0, "{end:?}");
     // The speech onset paused the audio: Twilio was told to drop its buffer.
     let sim = app.sims.twilio.as_ref().unwrap();
@@ -358,7 +369,7 @@ async fn silence_gets_a_reminder_then_a_goodbye_and_a_hang_up() {
         .collect();
     assert_eq!(persona_lines.len(), 3, "{persona_lines:?}");
     assert_eq!(persona_lines[1], "Are you still there?");
-    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    let end = session_end(&app, &id).await;
     assert_eq!(end[0]["VoiceSessionEnded"]["reason"], "silence");
     let done = eventually(Duration::from_secs(10), || async {
         let s: String = sqlx::query_scalar("SELECT status FROM rm_calls WHERE id = $1::uuid")
@@ -411,7 +422,7 @@ async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
         Some(("completed".to_string(), 1)),
         "ended within the paid minute"
     );
-    let end = events_of(&app, &id, "VoiceSessionEnded").await;
+    let end = session_end(&app, &id).await;
     assert_eq!(
         end[0]["VoiceSessionEnded"]["reason"],
         "paid duration reached"
