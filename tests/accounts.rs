@@ -13,6 +13,9 @@ mod workos;
 #[path = "account_export.rs"]
 mod export;
 
+#[path = "account_erasure.rs"]
+mod erasure;
+
 use std::time::Duration;
 
 use common::{Api, TestEnv, PASSWORD};

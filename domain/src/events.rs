@@ -28,6 +28,7 @@ pub const KNOWN: &[(&str, &[&str])] = &[
             "UserRegisteredWithWorkos",
             "WorkosLinked",
             "SignedInWithWorkos",
+            "UserErased",
         ],
     ),
     ("pricing", &["PricesPublished"]),

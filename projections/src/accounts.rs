@@ -160,6 +160,12 @@ impl Projection for Users {
                     .execute(db)
                     .await?;
             }
+            UserEvent::UserErased { .. } => {
+                sqlx::query("DELETE FROM rm_users WHERE id = $1")
+                    .bind(id)
+                    .execute(db)
+                    .await?;
+            }
             UserEvent::SignInFailed { .. } | UserEvent::AccountLocked { .. } => {}
         }
         Ok(())

@@ -275,6 +275,10 @@ impl Api {
         self.send(self.request(reqwest::Method::POST, path).json(&body))
             .await
     }
+    pub async fn delete_json(&self, path: &str, body: serde_json::Value) -> Reply {
+        self.send(self.request(reqwest::Method::DELETE, path).json(&body))
+            .await
+    }
     pub async fn put(&self, path: &str, body: serde_json::Value) -> Reply {
         self.send(self.request(reqwest::Method::PUT, path).json(&body))
             .await

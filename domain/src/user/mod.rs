@@ -70,6 +70,9 @@ pub enum UserCommand {
         workos_user_id: String,
         email_verified: bool,
     },
+    /// The account is erased at its owner's request: every session ends, and the aggregate
+    /// forgets its personal data (what the log still holds is the erasure's to deal with).
+    Erase { at: DateTime<Utc> },
     /// A sign-in through WorkOS, already authenticated by WorkOS (code exchanged).
     RecordWorkosSignIn {
         workos_user_id: String,
@@ -137,6 +140,10 @@ pub enum UserEvent {
         workos_user_id: String,
         email_verified: bool,
     },
+    /// Erased at its owner's request. Carries no personal data.
+    UserErased {
+        at: DateTime<Utc>,
+    },
     /// Signed in through WorkOS (`method`: WorkOS's `authentication_method`, e.g. `Password`,
     /// `SSO`, `GoogleOAuth`; `organization_id` for an organisation's connection).
     SignedInWithWorkos {
@@ -161,6 +168,7 @@ impl DomainEvent for UserEvent {
             UserEvent::UserRegisteredWithWorkos { .. } => "UserRegisteredWithWorkos",
             UserEvent::WorkosLinked { .. } => "WorkosLinked",
             UserEvent::SignedInWithWorkos { .. } => "SignedInWithWorkos",
+            UserEvent::UserErased { .. } => "UserErased",
         }
         .to_string()
     }
@@ -208,6 +216,9 @@ pub struct User {
     /// Whether the email was verified (by WorkOS).
     #[serde(default)]
     pub email_verified: bool,
+    /// Erased at its owner's request: no longer registered, nothing personal kept.
+    #[serde(default)]
+    pub erased: bool,
 }
 
 impl User {
@@ -400,6 +411,15 @@ impl Aggregate for User {
                     sink.write(event, self).await;
                 }
             }
+            UserCommand::Erase { at } => {
+                if !self.registered {
+                    return Err(UserError::NotFound);
+                }
+                let epoch = self.session_epoch + 1;
+                sink.write(UserEvent::SessionsRevoked { epoch, at }, self)
+                    .await;
+                sink.write(UserEvent::UserErased { at }, self).await;
+            }
             UserCommand::RecordWorkosSignIn {
                 workos_user_id,
                 organization_id,
@@ -507,6 +527,13 @@ impl Aggregate for User {
                 self.email_verified |= email_verified;
             }
             UserEvent::SignedInWithWorkos { .. } => {}
+            UserEvent::UserErased { .. } => {
+                *self = User {
+                    erased: true,
+                    session_epoch: self.session_epoch,
+                    ..User::default()
+                };
+            }
         }
     }
 }
@@ -760,6 +787,35 @@ mod tests {
                 organization_id: Some("org_1".into()),
                 method: "SSO".into(),
             }]);
+    }
+
+    #[test]
+    fn an_erased_account_ends_its_sessions_and_keeps_nothing_personal() {
+        let at = Utc::now();
+        TestFramework::<User>::with(())
+            .given(vec![registered()])
+            .when(UserCommand::Erase { at })
+            .then_expect_events(vec![
+                UserEvent::SessionsRevoked { epoch: 1, at },
+                UserEvent::UserErased { at },
+            ]);
+        TestFramework::<User>::with(())
+            .given(vec![registered(), UserEvent::UserErased { at }])
+            .when(UserCommand::RecordSignIn {
+                succeeded: true,
+                at,
+            })
+            .then_expect_error(UserError::NotFound);
+        let mut user = User::default();
+        for e in [
+            registered(),
+            UserEvent::SessionsRevoked { epoch: 1, at },
+            UserEvent::UserErased { at },
+        ] {
+            user.apply(e);
+        }
+        assert!(user.erased && !user.registered && user.email.is_none() && !user.has_password());
+        assert_eq!(user.session_epoch, 1);
     }
 
     #[test]

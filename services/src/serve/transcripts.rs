@@ -77,3 +77,12 @@ pub async fn purge(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
             .await?;
     Ok(done.rows_affected())
 }
+
+/// Deletes the transcripts of `calls` (an erased account's). Returns how many lines went.
+pub async fn delete_of(pool: &PgPool, calls: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM call_transcripts WHERE call_id = ANY($1)")
+        .bind(calls)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -61,6 +61,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(at(routes!(workos::callback), limit::WORKOS_CALLBACK))
         .merge(at(routes!(accounts::update_profile), limit::PROFILE))
         .merge(at(routes!(user::export), limit::EXPORT))
+        .merge(at(routes!(user::erase), limit::ERASE))
         // Personas, customisation and memory.
         .merge(at(routes!(personas::list), browse))
         .merge(at(routes!(personas::get_one), browse))

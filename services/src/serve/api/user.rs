@@ -1,15 +1,22 @@
 //! The user's own data: `GET /user/export`, everything we hold about them as one JSON
-//! document (assembled and streamed by `serve::export`).
+//! document (assembled and streamed by `serve::export`); `DELETE /user`, the account erased
+//! (`usecases::accounts::erasure`).
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::serve::export;
 use crate::serve::http::auth::AuthUser;
-use crate::serve::http::error::{ApiError, ApiResult};
+use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
+use crate::serve::http::extract::Json;
 use crate::serve::http::state::AppState;
+use crate::serve::transcripts;
+use crate::usecases::accounts::erasure;
 
 /// Download everything we hold about you: profile, contacts, the personas you made, every call
 /// (payment, provider usage, timeline, transcript), what personas remember, and the events of
@@ -40,4 +47,48 @@ pub async fn export(State(state): State<AppState>, user: AuthUser) -> ApiResult<
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"password": "Correct-horse-1"}))]
+pub struct EraseBody {
+    /// The account's password; not needed within 15 minutes of a sign-in.
+    password: Option<String>,
+}
+
+/// What an erasure did.
+#[derive(Serialize, ToSchema)]
+pub struct EraseAnswer {
+    message: String,
+    /// Transcript lines deleted.
+    transcript_lines: u64,
+    /// Personas' memories of you cleared.
+    memories_cleared: usize,
+}
+
+/// Erase your account: every session ends, sign-in stops working, your email, phone and
+/// WorkOS link are released, your transcripts and what personas remember of you are deleted.
+/// Needs a sign-in from the last 15 minutes or the password. Money records stay (see README
+/// "Privacy": personal fields already in the event log are not yet shredded). 3 an hour.
+#[utoipa::path(delete, path = "/user", tag = "auth", security(("bearer" = [])),
+    request_body = EraseBody,
+    responses(
+        (status = 200, description = "Erased; this token no longer works", body = EraseAnswer),
+        (status = 403, description = "A fresh sign-in or the password is needed, or the password is wrong", body = ErrorBody),
+    ))]
+pub async fn erase(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Json(body): Json<EraseBody>,
+) -> ApiResult<impl IntoResponse> {
+    user.reauthenticate(&state, body.password.as_deref())
+        .await?;
+    let erased = erasure::erase(&state.store, user.id, Utc::now(), &user.context()).await?;
+    let transcript_lines = transcripts::delete_of(&state.pool, &erased.calls).await?;
+    tracing::info!(user = %user.id, calls = erased.calls.len(), transcript_lines, "account erased");
+    Ok(axum::Json(EraseAnswer {
+        message: "your account is erased: sign-in no longer works and this token is refused".into(),
+        transcript_lines,
+        memories_cleared: erased.memories,
+    }))
 }

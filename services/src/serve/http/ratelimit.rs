@@ -43,6 +43,7 @@ pub const LOGOUT_ALL: Limit = limit("logout_all", 5, MINUTE);
 pub const WORKOS_AUTHORIZE: Limit = limit("workos_authorize", 20, MINUTE);
 pub const WORKOS_CALLBACK: Limit = limit("workos_callback", 20, MINUTE);
 pub const EXPORT: Limit = limit("export", 3, HOUR);
+pub const ERASE: Limit = limit("erase", 3, HOUR);
 pub const PERSONAS_LIST_ANON: Limit = limit("personas_list_anon", 60, MINUTE);
 pub const PERSONAS_LIST: Limit = limit("personas_list", 120, MINUTE);
 pub const PERSONA_CREATE: Limit = limit("persona_create", 20, HOUR);

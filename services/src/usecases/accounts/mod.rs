@@ -5,6 +5,7 @@
 //! [`recovery`]'s.
 
 pub mod claims;
+pub mod erasure;
 pub mod password;
 pub mod reauth;
 pub mod recovery;

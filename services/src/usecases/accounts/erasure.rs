@@ -1,0 +1,80 @@
+//! Erasing an account at its owner's request (`DELETE /api/user`): every session ends, the
+//! account records `UserErased` (no personal data in it; the aggregate forgets its own), its
+//! email, phone and WorkOS claims are released, its reset links deleted, and every persona's
+//! memory of the user cleared (`MemoryCleared`, which empties the memory read models). The
+//! user's calls are returned so the caller can delete what it keeps of them (transcripts).
+//!
+//! Not done here yet (README "Privacy"): the personal fields already written into event
+//! payloads stay readable in the log until events are encrypted per user (crypto-shredding);
+//! the Stripe customer is not detached.
+
+use chrono::{DateTime, Utc};
+use cmb_domain::memory::{Memory, MemoryCommand};
+use cmb_domain::user::{User, UserCommand};
+use cmb_domain::CommandContext;
+use uuid::Uuid;
+
+use super::{sessions, Error};
+use crate::backbone::store::EventStore;
+
+/// What an erasure touched.
+#[derive(Debug)]
+pub struct Erased {
+    /// The user's calls (from the log): their transcripts are the caller's to delete.
+    pub calls: Vec<Uuid>,
+    /// Memories cleared.
+    pub memories: usize,
+}
+
+/// Erases account `user`.
+pub async fn erase(
+    store: &EventStore,
+    user: Uuid,
+    now: DateTime<Utc>,
+    ctx: &CommandContext,
+) -> Result<Erased, Error> {
+    let pool = store.pool();
+    let (account, _) = store.load::<User>(&user.to_string()).await?;
+    if !account.registered {
+        return Err(Error::NoAccount);
+    }
+    sessions::run_revoking(store, user, UserCommand::Erase { at: now }, ctx)
+        .await
+        .map_err(|_| Error::NoAccount)?;
+    // From here on the account is gone: what follows is clean-up, each step repeatable.
+    sqlx::query("DELETE FROM identity_claims WHERE user_id = $1")
+        .bind(user)
+        .execute(pool)
+        .await?;
+    sqlx::query("DELETE FROM password_resets WHERE user_id = $1")
+        .bind(user)
+        .execute(pool)
+        .await?;
+    let memories: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT aggregate_id FROM events
+          WHERE aggregate_type = 'memory' AND aggregate_id LIKE $1 || ':%'",
+    )
+    .bind(user.to_string())
+    .fetch_all(pool)
+    .await?;
+    for id in &memories {
+        if let Err(e) = store.execute::<Memory>(id, MemoryCommand::Clear, ctx).await {
+            tracing::error!(user = %user, memory = %id, error = %e, "clearing memory on erasure");
+        }
+    }
+    let calls: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM events
+          WHERE aggregate_type = 'call' AND event_type = 'CallRequested'
+            AND payload->'CallRequested'->>'user_id' = $1",
+    )
+    .bind(user.to_string())
+    .fetch_all(pool)
+    .await?;
+    Ok(Erased {
+        calls: calls
+            .iter()
+            .filter_map(|c| Uuid::parse_str(c).ok())
+            .collect(),
+        memories: memories.len(),
+    })
+}
