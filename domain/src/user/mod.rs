@@ -141,9 +141,7 @@ pub enum UserEvent {
         email_verified: bool,
     },
     /// Erased at its owner's request. Carries no personal data.
-    UserErased {
-        at: DateTime<Utc>,
-    },
+    UserErased { at: DateTime<Utc> },
     /// Signed in through WorkOS (`method`: WorkOS's `authentication_method`, e.g. `Password`,
     /// `SSO`, `GoogleOAuth`; `organization_id` for an organisation's connection).
     SignedInWithWorkos {
@@ -804,6 +802,7 @@ mod tests {
             .when(UserCommand::RecordSignIn {
                 succeeded: true,
                 at,
+                client: "c1".into(),
             })
             .then_expect_error(UserError::NotFound);
         let mut user = User::default();
