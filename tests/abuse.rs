@@ -509,3 +509,88 @@ async fn a_call_paid_by_card_is_not_scheduled_beyond_what_its_authorisation_last
     app.stop().await;
     env.cleanup().await;
 }
+
+/// `n` sign-ins at once (wrong passwords of unknown emails, each from its own address): the
+/// error codes of the answers that were not 401, with whether each carried `Retry-After`.
+async fn burst_of_sign_ins(app: &callmeback::app::Running, n: usize) -> Vec<(u16, String, bool)> {
+    let api = Api::new(app.addr);
+    let replies = futures::future::join_all((0..n).map(|i| {
+        let who = api.elsewhere();
+        async move {
+            who.post(
+                "/api/auth/login",
+                json!({ "email": format!("burst{i}@example.com"), "password": PASSWORD }),
+            )
+            .await
+        }
+    }))
+    .await;
+    replies
+        .into_iter()
+        .filter(|r| r.status != 401)
+        .map(|r| {
+            (
+                r.status,
+                r.code().to_string(),
+                r.headers.contains_key("retry-after"),
+            )
+        })
+        .collect()
+}
+
+// Each case in a test of its own: the hashing pool is the process's, set by the first app.
+
+#[tokio::test]
+async fn a_full_password_hashing_queue_answers_503_busy_with_retry_after() {
+    // One hasher, nobody waiting: a burst of sign-ins is refused at once beyond it.
+    let env = env()
+        .set("PASSWORD_HASH_CONCURRENCY", "1")
+        .set("PASSWORD_HASH_QUEUE", "0");
+    let app = env.spawn_app().await;
+    let refused = burst_of_sign_ins(&app, 12).await;
+    assert!(!refused.is_empty(), "a burst of 12 on one hasher");
+    for (status, code, retry_after) in &refused {
+        assert_eq!((*status, code.as_str(), *retry_after), (503, "busy", true));
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_answers_503_timeout() {
+    // A deadline shorter than a queue of hashes: 503 timeout.
+    let env = env()
+        .set("PASSWORD_HASH_CONCURRENCY", "1")
+        .set("REQUEST_TIMEOUT_MS", "100");
+    let app = env.spawn_app().await;
+    let late = burst_of_sign_ins(&app, 12).await;
+    assert!(
+        !late.is_empty(),
+        "twelve hashes in a row take longer than 100 ms"
+    );
+    for (status, code, retry_after) in &late {
+        assert_eq!(
+            (*status, code.as_str(), *retry_after),
+            (503, "timeout", true)
+        );
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_cap_answer_503_overloaded() {
+    // One request at a time: the others are shed at once.
+    let env = env().set("HTTP_MAX_CONCURRENT_REQUESTS", "1");
+    let app = env.spawn_app().await;
+    let shed = burst_of_sign_ins(&app, 12).await;
+    assert!(!shed.is_empty(), "twelve at once on a cap of one");
+    for (status, code, retry_after) in &shed {
+        assert_eq!(
+            (*status, code.as_str(), *retry_after),
+            (503, "overloaded", true)
+        );
+    }
+    app.stop().await;
+    env.cleanup().await;
+}
