@@ -38,6 +38,7 @@ pub async fn mcp(config: Config, args: McpArgs) -> anyhow::Result<ExitCode> {
         pool: read_only_pool(&b.pool, 4),
         js: b.js.clone(),
         stream: config.stream.clone(),
+        nats_url: config.nats_url.clone(),
         source: args.source,
     };
     b.pool.close().await;

@@ -160,7 +160,7 @@ pub async fn reconcile(
 ) -> Answer<ReconcileAnswer> {
     let span = range(from, to)?;
     grouped(&Report::default(), group_by)?;
-    let report = log.report(span, |_| {}).await?;
+    let report = log.report(span).await?;
     let (rows, total_rows, next_cursor) = paging.page(grouped(&report, group_by)?);
     Ok(ReconcileAnswer {
         from: span.0.map(|t| t.to_rfc3339()),
@@ -204,7 +204,7 @@ pub async fn compare_bill(
     }
     let rows =
         billed::parse_billed(csv_text, "csv_text").map_err(|e| ToolError(format!("{e:#}")))?;
-    let report = log.report((None, None), |_| {}).await?;
+    let report = log.report((None, None)).await?;
     let (diffs, total) = billed::compare(&report, &rows, threshold_cents);
     let (differences, total_differences, next_cursor) =
         paging.page(diffs.iter().map(json).collect());

@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::Serialize;
 
 use super::answers::{range, Answer, Paging, ToolError};
-use super::log::Log;
+use super::log::{Log, Scope};
 use crate::ops::reconcile::Report;
 
 #[derive(Debug, Default, Clone, Serialize, JsonSchema)]
@@ -125,8 +125,17 @@ pub async fn costs(
 ) -> Answer<CostsAnswer> {
     let span = range(from, to)?;
     rows(&Report::default(), &Personas::default(), by)?;
+    let report = log.report(span).await?;
+    // Who each call was with, from the requests (read after the report, so every call in it
+    // has its request here).
     let mut personas = Personas::default();
-    let report = log.report(span, |e| personas.see(e)).await?;
+    if by == "persona" {
+        let requests = Scope {
+            event_type: Some("CallRequested".into()),
+            ..Scope::of_type("call")
+        };
+        log.each(&requests, |e| personas.see(&e)).await?;
+    }
     let all = rows(&report, &personas, by)?;
     let (rows, total_rows, next_cursor) = paging.page(all);
     Ok(CostsAnswer {
@@ -224,6 +233,6 @@ pub async fn unit_economics(
     to: Option<&str>,
 ) -> Answer<UnitEconomics> {
     let span = range(from, to)?;
-    let report = log.report(span, |_| {}).await?;
+    let report = log.report(span).await?;
     Ok(unit_economics_of(&report, span))
 }

@@ -1,13 +1,14 @@
 //! Where the MCP tools read the event log: the Postgres event store (default; one
-//! repeatable-read, read-only snapshot in commit order) or the JetStream stream (an ordered
-//! consumer up to the last sequence when the read starts) — the same readers `replay` uses,
-//! so the tools answer what `callmeback replay …` answers.
+//! repeatable-read, read-only snapshot in commit order) or the JetStream stream. Reports are
+//! made by `replay reconcile`'s own functions (added up in SQL, or read from the stream by
+//! parallel consumers), so the tools answer what `callmeback replay …` answers; the events of a
+//! call, a type or a time range are read narrowed where the log is.
 
 use chrono::{DateTime, Utc};
 use cmb_domain::EventEnvelope;
 use sqlx::PgPool;
 
-use crate::ops::reconcile::{Filter, Reconciler, Report};
+use crate::ops::reconcile::{Filter, Report};
 
 /// Which copy of the log the tools read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub struct Log {
     pub pool: PgPool,
     pub js: async_nats::jetstream::Context,
     pub stream: cmb_nats::StreamSettings,
+    /// For the stream's parallel readers, each on a connection of its own.
+    pub nats_url: String,
     pub source: Source,
 }
 
@@ -229,21 +232,33 @@ impl Log {
         .await
     }
 
-    /// The reconcile report of the calls requested in `range` (as `replay reconcile`: the
-    /// whole log is read and each call placed by its request), and every event handed to
-    /// `also` on the way (for figures the report does not keep, e.g. each call's persona).
+    /// The reconcile report of the calls requested in `range`, as `replay reconcile` makes
+    /// it (the same functions): added up by Postgres over one snapshot, or read from the
+    /// stream by parallel consumers. Each call is placed by its request and has all its
+    /// events, however late.
     pub async fn report(
         &self,
         range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-        mut also: impl FnMut(&EventEnvelope),
     ) -> anyhow::Result<Report> {
-        let mut reconciler = Reconciler::requested_between(range);
-        self.each(&Scope::default(), |e| {
-            also(&e);
-            reconciler.add(&e);
-        })
-        .await?;
-        Ok(reconciler.report())
+        use crate::ops::reconcile::{postgres, stream};
+        match self.source {
+            Source::Postgres => postgres::reconcile_in_sql(&self.pool, range).await,
+            Source::Nats => {
+                let until = cmb_nats::replay::last_sequence(&self.js, &self.stream)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                let (report, _) = stream::reconcile(
+                    &self.nats_url,
+                    &self.stream,
+                    1,
+                    until,
+                    range,
+                    stream::PARTITIONS,
+                )
+                .await?;
+                Ok(report)
+            }
+        }
     }
 }
 

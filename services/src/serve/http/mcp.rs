@@ -33,6 +33,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         pool: read_only_pool(&state.pool, POOL),
         js: state.js.clone(),
         stream: state.config.stream.clone(),
+        nats_url: state.config.nats_url.clone(),
         source: Source::Postgres,
     };
     let tools = AnalystTools::new(log);
