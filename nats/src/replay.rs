@@ -161,6 +161,11 @@ where
     let Some(consumer) = ordered_consumer(js, settings, filter, start).await? else {
         return Ok(0);
     };
+    // What matched the filter from `start` when the consumer was made: everything up to
+    // `until` (which was on the stream already) is in it. The range ends when that many were
+    // read, not on a message's own "pending" count (seen at 0 too early on a consumer
+    // starting mid-stream).
+    let present = consumer.cached_info().num_pending;
     let mut batches = consumer
         .messages()
         .await
@@ -179,7 +184,7 @@ where
             let info = message
                 .info()
                 .map_err(|e| ReplayError::Nats(e.to_string().into()))?;
-            let (stream_sequence, pending) = (info.stream_sequence, info.pending);
+            let stream_sequence = info.stream_sequence;
             if stream_sequence > until {
                 return Ok(handed);
             }
@@ -187,7 +192,7 @@ where
             each(stream_sequence, &message)?;
             handed += 1;
             // The range ends at `until`, or earlier when nothing matching the filter follows.
-            if stream_sequence == until || pending == 0 {
+            if stream_sequence == until || handed >= present {
                 return Ok(handed);
             }
         }
