@@ -144,13 +144,16 @@ impl Drop for NatsCluster {
 /// A TCP load balancer: each connection to the next backend that accepts it (round robin), for
 /// its whole life — as a layer-4 balancer does, so a media WebSocket stays on the instance it
 /// reached.
-async fn balancer(backends: Vec<SocketAddr>) -> SocketAddr {
+/// The balancer's backends, set once the instances' ports are chosen.
+type Backends = Arc<std::sync::RwLock<Vec<SocketAddr>>>;
+
+async fn balancer(backends: Backends) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let next = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
-            let backends = backends.clone();
+            let backends = backends.read().unwrap().clone();
             let start = next.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 for k in 0..backends.len() {
@@ -214,7 +217,8 @@ async fn shared_simulators(lb: SocketAddr) -> (Child, Vec<(String, String)>) {
             .iter()
             .filter(|(k, _)| k.ends_with("_BASE_URL"))
             .count(),
-        6,
+        // Twilio, Stripe, Deepgram, Cerebras, OpenAI, ElevenLabs, WorkOS.
+        7,
         "{settings:?}"
     );
     (child, settings)
@@ -322,8 +326,8 @@ async fn table_rows(pool: &sqlx::PgPool, table: &str) -> Vec<String> {
 async fn two_instances_on_a_three_node_nats_cluster_lose_nothing_through_node_and_instance_kills() {
     let started = Instant::now();
     let mut cluster = NatsCluster::start(&uuid::Uuid::new_v4().simple().to_string()[..8]).await;
-    let ports = [free_port(), free_port()];
-    let lb = balancer(ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect()).await;
+    let backends = Backends::default();
+    let lb = balancer(backends.clone()).await;
     let (_sims, sim_settings) = shared_simulators(lb).await;
     let lease_ttl_ms = 3_000u64;
     let mut env = TestEnv::new()
@@ -348,6 +352,10 @@ async fn two_instances_on_a_three_node_nats_cluster_lose_nothing_through_node_an
         "NATS_REPLICAS=3"
     );
 
+    // Ports chosen just before the instances bind them (chosen at the start, another process
+    // on a busy machine could take one in the minute the cluster takes to come up).
+    let ports = [free_port(), free_port()];
+    *backends.write().unwrap() = ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
     let mut instances: Vec<Instance> = ["a", "b"]
         .iter()
         .zip(ports)
@@ -838,7 +846,21 @@ async fn two_instances_on_a_three_node_nats_cluster_lose_nothing_through_node_an
             .fetch_one(&pool)
             .await
             .ok()?;
-            (behind == 0).then_some(())
+            if behind != 0 {
+                return None;
+            }
+            // And the log is quiet (the workers of the surviving instance may still be
+            // recording, e.g. what memory learnt from the last calls): nothing new for 3 s, so
+            // the rebuild reads what the live tables were made of.
+            let count = || async {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()
+            };
+            let before = count().await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            (count().await? == before).then_some(())
         })
         .await;
         assert!(

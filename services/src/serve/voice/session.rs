@@ -234,7 +234,11 @@ impl Session {
             }
             tokio::select! {
                 msg = inbound.next() => {
-                    let Some(Ok(msg)) = msg else { break "stream closed".to_string() };
+                    // After our goodbye and hang-up, Twilio may close the socket before (or
+                    // without) a `stop`: the call still ended for our reason.
+                    let Some(Ok(msg)) = msg else {
+                        break self.ending.clone().unwrap_or_else(|| "stream closed".into());
+                    };
                     guard.frames.fetch_add(1, Ordering::Relaxed);
                     let Message::Text(text) = msg else { continue };
                     match StreamMessage::parse(&text) {
