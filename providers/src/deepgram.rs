@@ -16,6 +16,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::ProviderError;
 
+mod live;
+
 pub const DEFAULT_BASE_URL: &str = "https://api.deepgram.com";
 
 const PROVIDER: &str = "deepgram";
@@ -131,9 +133,41 @@ impl Deepgram {
         format!("{}/v1/listen?{query}", self.ws_base)
     }
 
-    /// Opens a stream. A refused handshake is a `Status` error (401 for a bad key, 5xx
-    /// retryable); anything that kept us from a handshake is `Unreachable`.
+    /// Opens a stream (up to three attempts while the error is retryable). A refused
+    /// handshake is a `Status` error (401 for a bad key, 5xx retryable); anything that kept us
+    /// from a handshake is `Unreachable`. Once open, the stream outlives its socket: should
+    /// Deepgram drop it mid-call, a new one is opened (with backoff) and the last seconds of
+    /// audio not yet transcribed are sent again (see `live`).
     pub async fn connect(&self, opts: &SttOptions) -> Result<SttStream, ProviderError> {
+        let mut attempt = 0;
+        let socket = loop {
+            attempt += 1;
+            match self.open(opts).await {
+                Ok(socket) => break socket,
+                Err(e) if e.retryable() && attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "Deepgram refused the stream; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_BUFFER);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(live::supervise(
+            self.clone(),
+            opts.clone(),
+            socket,
+            audio_rx,
+            events_tx,
+        ));
+        Ok(SttStream {
+            audio: audio_tx,
+            events: events_rx,
+        })
+    }
+
+    /// One WebSocket to `/v1/listen`.
+    async fn open(&self, opts: &SttOptions) -> Result<Socket, ProviderError> {
         let unreachable = |detail: String| ProviderError::Unreachable {
             provider: PROVIDER,
             detail,
@@ -176,23 +210,33 @@ impl Deepgram {
             }
             other => unreachable(other.to_string()),
         })?;
-
-        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_BUFFER);
-        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(run(socket, audio_rx, events_tx));
-        Ok(SttStream {
-            audio: audio_tx,
-            events: events_rx,
-        })
+        Ok(socket)
     }
 }
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Owns the socket until it ends; always finishes with `Closed`, preceded by `Error` when the
-/// stream did not end the way the protocol says it should.
-async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sender<SttEvent>) {
+/// How one socket ended.
+struct Ended {
+    /// `Ok(Some(secs))`: the final Metadata came; `Ok(None)`: closed cleanly after
+    /// CloseStream; `Err`: the socket failed.
+    outcome: Result<Option<f64>, String>,
+    /// Seconds of audio sent on it.
+    sent_secs: f64,
+    /// Our side had finished (the audio channel closed) before it ended.
+    input_closed: bool,
+}
+
+/// Runs one socket: `replay` first, then the audio as it comes (each frame also kept in
+/// `recent`), events to `events`, until the stream ends the way the protocol says or fails.
+async fn run(
+    socket: Socket,
+    audio: &mut mpsc::Receiver<Bytes>,
+    events: &mpsc::Sender<SttEvent>,
+    recent: &mut live::Recent,
+    replay: Vec<Bytes>,
+) -> Ended {
     let (mut sink, mut source) = socket.split();
     let mut audio_open = true;
     let mut sent_bytes: u64 = 0;
@@ -203,8 +247,24 @@ async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sen
     // and audio went out since, it is pushed back to `last_sent + KEEPALIVE_AFTER`.
     let keepalive = tokio::time::sleep(KEEPALIVE_AFTER);
     tokio::pin!(keepalive);
-
-    // Ok(Some(secs)): Metadata arrived; Ok(None): closed cleanly after CloseStream.
+    recent.connection_starts(replay.iter().map(|f| f.len() as u64).sum());
+    for frame in replay {
+        sent_bytes += frame.len() as u64;
+        if let Err(e) = sink.feed(Message::Binary(frame)).await {
+            return Ended {
+                outcome: Err(format!("replaying audio failed: {e}")),
+                sent_secs: sent_bytes as f64 / BYTES_PER_SECOND,
+                input_closed: false,
+            };
+        }
+    }
+    if let Err(e) = sink.flush().await {
+        return Ended {
+            outcome: Err(format!("replaying audio failed: {e}")),
+            sent_secs: sent_bytes as f64 / BYTES_PER_SECOND,
+            input_closed: false,
+        };
+    }
     let outcome: Result<Option<f64>, String> = loop {
         tokio::select! {
             frame = audio.recv(), if audio_open => match frame {
@@ -212,6 +272,7 @@ async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sen
                 Some(frame) if frame.is_empty() => {}
                 Some(frame) => {
                     sent_bytes += frame.len() as u64;
+                    recent.push(frame.clone());
                     if let Err(e) = sink.send(Message::Binary(frame)).await {
                         break Err(format!("sending audio failed: {e}"));
                     }
@@ -243,6 +304,9 @@ async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sen
             message = source.next() => match message {
                 Some(Ok(Message::Text(body))) => match parse_message(&body) {
                     Some(Incoming::Event(event)) => {
+                        if let SttEvent::Transcript { is_final: true, start, duration, .. } = &event {
+                            recent.transcribed_until(start + duration);
+                        }
                         // A reader that went away does not stop us closing the stream properly.
                         let _ = events.send(event).await;
                     }
@@ -265,20 +329,13 @@ async fn run(socket: Socket, mut audio: mpsc::Receiver<Bytes>, events: mpsc::Sen
             },
         }
     };
-
-    let sent_secs = sent_bytes as f64 / BYTES_PER_SECOND;
-    let billed_secs = match outcome {
-        Ok(Some(duration)) => duration,
-        Ok(None) => sent_secs,
-        Err(message) => {
-            tracing::warn!(error = %message, "Deepgram stream failed");
-            let _ = events.send(SttEvent::Error(message)).await;
-            sent_secs
-        }
-    };
     // Best effort: answer or start the closing handshake, but never hang on a dead peer.
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    let _ = events.send(SttEvent::Closed { billed_secs }).await;
+    Ended {
+        outcome,
+        sent_secs: sent_bytes as f64 / BYTES_PER_SECOND,
+        input_closed: !audio_open,
+    }
 }
 
 /// A server message we act on.

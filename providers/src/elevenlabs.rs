@@ -118,12 +118,60 @@ pub struct TtsStream {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TtsAudio {
-    /// Raw 8 kHz μ-law.
-    Chunk(bytes::Bytes),
+    /// Raw 8 kHz μ-law, and the characters spoken in it.
+    Chunk(bytes::Bytes, Alignment),
     /// All the text sent has been spoken.
     Final,
     /// The stream failed (error frame, or the socket closed early); nothing follows.
     Error(String),
+}
+
+/// ElevenLabs' `alignment` of one audio chunk: each character that starts in it, with its
+/// start and duration in milliseconds from the chunk's start (empty when none came).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Alignment {
+    pub chars: Vec<String>,
+    pub starts_ms: Vec<u64>,
+    pub durations_ms: Vec<u64>,
+}
+
+impl Alignment {
+    /// `alignment` (the text as sent) of an audio message, else `normalizedAlignment`; an
+    /// entry whose arrays disagree in length is ignored.
+    fn of(message: &Value) -> Alignment {
+        let numbers = |a: &Value, key: &str| -> Vec<u64> {
+            a.get(key)
+                .and_then(Value::as_array)
+                .map(|v| {
+                    v.iter()
+                        .map(|n| n.as_f64().unwrap_or(0.0).max(0.0) as u64)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        ["alignment", "normalizedAlignment"]
+            .iter()
+            .filter_map(|key| message.get(*key).filter(|a| a.is_object()))
+            .map(|a| Alignment {
+                chars: a
+                    .get("chars")
+                    .and_then(Value::as_array)
+                    .map(|v| {
+                        v.iter()
+                            .map(|c| c.as_str().unwrap_or_default().to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                starts_ms: numbers(a, "charStartTimesMs"),
+                durations_ms: numbers(a, "charDurationsMs"),
+            })
+            .find(|a| {
+                !a.chars.is_empty()
+                    && a.chars.len() == a.starts_ms.len()
+                    && a.chars.len() == a.durations_ms.len()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Characters ElevenLabs bills for one text chunk as this client sends it (the chunk with a
@@ -344,7 +392,8 @@ async fn run_tts_socket(
                 if let Some(audio) = value.get("audio").and_then(Value::as_str).filter(|a| !a.is_empty()) {
                     match BASE64.decode(audio) {
                         Ok(bytes) => {
-                            if audio_tx.send(TtsAudio::Chunk(bytes.into())).await.is_err() {
+                            let alignment = Alignment::of(&value);
+                            if audio_tx.send(TtsAudio::Chunk(bytes.into(), alignment)).await.is_err() {
                                 break;
                             }
                         }

@@ -1,7 +1,10 @@
 //! ElevenLabs simulator: `GET /v1/voices/{voice_id}` over the premade voices, and text-to-speech
 //! in 8 kHz μ-law over HTTP (`POST /v1/text-to-speech/{voice_id}[/stream]`) and the
-//! stream-input WebSocket. The "speech" is a voiced tone 65 ms long per character, produced in
-//! 100 ms chunks faster than real time, so that durations, pacing and billing can be checked.
+//! stream-input WebSocket. The "speech" is a voiced tone, each character spoken for a time of
+//! its own (vowels longer, spaces shorter, punctuation a pause; about 55 ms a character by
+//! default, deliberately not the 65 ms our product once assumed), produced in 100 ms chunks
+//! faster than real time, with ElevenLabs' per-chunk character alignment, so that durations,
+//! pacing, billing and what a caller heard of a cut reply can be checked.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,10 +26,37 @@ use tokio::sync::mpsc;
 use super::twilio::linear_to_mulaw;
 use super::Faults;
 
-/// Audio per character of text.
-pub const MS_PER_CHAR: u64 = 65;
-/// 8 kHz μ-law: one byte per sample.
-pub const SAMPLES_PER_CHAR: usize = (8 * MS_PER_CHAR) as usize;
+/// The base speech rate, milliseconds a character (`SIM_ELEVENLABS_TTS_MS_PER_CHAR`).
+pub const DEFAULT_MS_PER_CHAR: f64 = 50.0;
+
+/// How long the simulator speaks `c` at base rate `base` (ms a character).
+pub fn char_ms(c: char, base: f64) -> u64 {
+    let factor = match c.to_ascii_lowercase() {
+        c if c.is_whitespace() => 0.6,
+        ',' | ';' | ':' => 2.5,
+        '.' | '!' | '?' => 3.5,
+        'a' | 'e' | 'i' | 'o' | 'u' => 1.4,
+        _ => 0.9,
+    };
+    (base * factor).round().max(1.0) as u64
+}
+
+/// Each character of `text` with its start and duration (ms) as the simulator speaks it.
+pub fn timings(text: &str, base: f64) -> Vec<(char, u64, u64)> {
+    let mut at = 0;
+    text.chars()
+        .map(|c| {
+            let d = char_ms(c, base);
+            at += d;
+            (c, at - d, d)
+        })
+        .collect()
+}
+
+/// Milliseconds of speech for `text` at base rate `base`.
+pub fn speech_ms(text: &str, base: f64) -> u64 {
+    text.chars().map(|c| char_ms(c, base)).sum()
+}
 /// Audio per chunk (100 ms).
 const CHUNK_SAMPLES: usize = 800;
 const CHUNK_MS: u64 = 100;
@@ -45,6 +75,8 @@ pub struct TtsSettings {
     pub realtime_factor: f32,
     /// Every n-th synthesis (HTTP request or WebSocket) fails (0: never).
     pub fail_every: u64,
+    /// The base speech rate, ms a character (see [`char_ms`]).
+    pub ms_per_char: f64,
 }
 
 impl Default for TtsSettings {
@@ -53,13 +85,14 @@ impl Default for TtsSettings {
             first_byte: Duration::from_millis(120),
             realtime_factor: 4.0,
             fail_every: 0,
+            ms_per_char: DEFAULT_MS_PER_CHAR,
         }
     }
 }
 
 impl TtsSettings {
     /// `SIM_ELEVENLABS_TTS_FIRST_BYTE_MS` (120), `SIM_ELEVENLABS_TTS_SPEED` (4.0),
-    /// `SIM_ELEVENLABS_TTS_FAIL_EVERY` (0).
+    /// `SIM_ELEVENLABS_TTS_FAIL_EVERY` (0), `SIM_ELEVENLABS_TTS_MS_PER_CHAR` (50).
     pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
         let d = TtsSettings::default();
         TtsSettings {
@@ -74,6 +107,10 @@ impl TtsSettings {
             fail_every: get("SIM_ELEVENLABS_TTS_FAIL_EVERY")
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(d.fail_every),
+            ms_per_char: get("SIM_ELEVENLABS_TTS_MS_PER_CHAR")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|f| *f >= 1.0 && f.is_finite())
+                .unwrap_or(d.ms_per_char),
         }
     }
 
@@ -215,50 +252,63 @@ async fn voice(State(sim): State<Sim>, headers: HeaderMap, Path(id): Path<String
     }
 }
 
-/// A voiced tone: 220 Hz with a few harmonics and a syllable-rate swell, continuous across
-/// chunks through `sample`, the running sample index.
-fn tone(samples: usize, sample: &mut u64) -> Vec<u8> {
-    (0..samples)
-        .map(|_| {
-            let t = *sample as f64 / 8000.0;
-            *sample += 1;
+/// One second of a voiced tone: 220 Hz with a few harmonics and a 4 Hz syllable swell, both
+/// whole cycles in a second, so the tone repeats it seamlessly. Made once: hundreds of
+/// simulated voices must not cost a sine per sample each.
+static TONE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    (0..8000u32)
+        .map(|i| {
+            let t = f64::from(i) / 8000.0;
             let w = 2.0 * std::f64::consts::PI * TONE_HZ * t;
             let voiced = w.sin() + 0.5 * (2.0 * w).sin() + 0.25 * (3.0 * w).sin();
             let swell = 0.6 + 0.4 * (2.0 * std::f64::consts::PI * 4.0 * t).sin().abs();
             linear_to_mulaw((voiced * swell * 6000.0) as i16)
         })
         .collect()
+});
+
+/// `samples` of the tone, continuous across chunks through `sample`, the running sample index.
+fn tone(samples: usize, sample: &mut u64) -> Vec<u8> {
+    (0..samples)
+        .map(|_| {
+            let b = TONE[(*sample % 8000) as usize];
+            *sample += 1;
+            b
+        })
+        .collect()
 }
 
-/// One 100 ms chunk of a segment: its audio and the characters that start in it, with times
-/// relative to the chunk.
+/// One 100 ms chunk of a segment: its audio and the characters that start in it, with start
+/// times relative to the chunk and durations (ElevenLabs' `alignment`).
 struct AudioChunk {
     audio: Vec<u8>,
     chars: Vec<String>,
     starts: Vec<u64>,
+    durations: Vec<u64>,
 }
 
-/// Cuts the speech of `text` into 100 ms chunks.
-fn speak(text: &str, sample: &mut u64) -> Vec<AudioChunk> {
-    let chars: Vec<char> = text.chars().collect();
-    let total = chars.len() * SAMPLES_PER_CHAR;
+/// Cuts the speech of `text`, at base rate `ms_per_char`, into 100 ms chunks.
+fn speak(text: &str, sample: &mut u64, ms_per_char: f64) -> Vec<AudioChunk> {
+    let timed = timings(text, ms_per_char);
+    let total = (timed.last().map_or(0, |(_, s, d)| s + d) * 8) as usize;
     let mut chunks = Vec::new();
     let mut offset = 0;
     while offset < total {
         let len = CHUNK_SAMPLES.min(total - offset);
         let (from, to) = (offset as u64 / 8, (offset + len) as u64 / 8);
-        let (mut names, mut starts) = (Vec::new(), Vec::new());
-        for (i, c) in chars.iter().enumerate() {
-            let start = i as u64 * MS_PER_CHAR;
-            if start >= from && start < to {
+        let (mut names, mut starts, mut durations) = (Vec::new(), Vec::new(), Vec::new());
+        for (c, start, duration) in &timed {
+            if *start >= from && *start < to {
                 names.push(c.to_string());
                 starts.push(start - from);
+                durations.push(*duration);
             }
         }
         chunks.push(AudioChunk {
             audio: tone(len, sample),
             chars: names,
             starts,
+            durations,
         });
         offset += len;
     }
@@ -336,7 +386,10 @@ async fn synthesize(
     tokio::spawn(async move {
         tokio::time::sleep(tts.first_byte).await;
         let mut sample = 0;
-        for (i, chunk) in speak(&text, &mut sample).into_iter().enumerate() {
+        for (i, chunk) in speak(&text, &mut sample, tts.ms_per_char)
+            .into_iter()
+            .enumerate()
+        {
             if i > 0 {
                 tokio::time::sleep(tts.chunk_time()).await;
             }
@@ -478,7 +531,7 @@ async fn run_stream_input(
         if (last || triggered || buffer.chars().count() >= GENERATE_AT_CHARS)
             && !buffer.trim().is_empty()
         {
-            for chunk in speak(&std::mem::take(&mut buffer), &mut sample) {
+            for chunk in speak(&std::mem::take(&mut buffer), &mut sample, tts.ms_per_char) {
                 let wait = if first {
                     tts.first_byte
                 } else {
@@ -486,9 +539,8 @@ async fn run_stream_input(
                 };
                 first = false;
                 tokio::time::sleep(wait).await;
-                let durations = vec![MS_PER_CHAR; chunk.chars.len()];
                 let alignment = json!({
-                    "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": durations,
+                    "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": chunk.durations,
                 });
                 let frame = json!({
                     "audio": BASE64.encode(&chunk.audio),

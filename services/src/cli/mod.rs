@@ -129,16 +129,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         aggregates: u64,
     },
-    /// Concurrent simulated calls with barge-ins: our overhead per turn, frame jitter, CPU and
-    /// memory per call. `--sweep` doubles the calls up to `--calls` and reports the largest
-    /// number within the targets (overhead p99 ≤ 5 ms, jitter p99 ≤ 20 ms).
+    /// Concurrent conversations measured from outside: `serve` runs as a child, this process
+    /// plays Twilio (a caller who talks over the persona), Deepgram, the LLMs and ElevenLabs.
+    /// Reply latency (and net of the simulated delays), barge-in → clear, outbound jitter, and
+    /// serve's CPU and memory per call, for each N of `--calls`.
+    #[cfg(feature = "sims")]
     Voice {
-        #[arg(long, default_value_t = 4)]
-        calls: u32,
-        #[arg(long)]
-        sweep: bool,
+        /// Numbers of concurrent calls, comma-separated, one run each.
+        #[arg(long, default_value = "100,200,500", value_delimiter = ',')]
+        calls: Vec<u32>,
         /// How long each simulated call lasts.
-        #[arg(long, default_value_t = 14)]
+        #[arg(long, default_value_t = 16)]
         seconds: u32,
     },
     /// N concurrent calls through the real HTTP API against the simulators, measured from
@@ -352,35 +353,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             crate::ops::bench::events(config, commands, concurrency, aggregates).await?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "sims")]
         Command::Bench {
-            command:
-                BenchCommand::Voice {
-                    calls,
-                    sweep,
-                    seconds,
-                },
+            command: BenchCommand::Voice { calls, seconds },
         } => {
-            let counts: Vec<u32> = if sweep {
-                std::iter::successors(Some(1u32), |n| Some(n * 2))
-                    .take_while(|n| *n <= calls)
-                    .collect()
-            } else {
-                vec![calls]
-            };
             let mut rows = Vec::new();
-            let mut largest = None;
-            for n in counts {
+            for n in calls {
                 let f = crate::ops::bench_voice::run(&config, n, seconds).await?;
-                if crate::ops::bench_voice::within_targets(&f) {
-                    largest = Some(n);
-                }
                 eprintln!(
-                    "{n} calls: overhead p99 {:.1} ms, jitter p99 {:.1} ms",
-                    f.overhead_p99_ms, f.jitter_p99_ms
+                    "{n} calls: net p99 {:.1} ms, jitter p99 {:.1} ms, CPU {:.3} % per call",
+                    f.net_p99_ms, f.jitter_p99_ms, f.cpu_pct_per_call
                 );
                 rows.push(f);
             }
-            crate::ops::bench_voice::print(&rows, if sweep { largest } else { None });
+            crate::ops::bench_voice::print(&rows);
             knowledge_bench(&[100, 5_000], 2_000);
             Ok(ExitCode::SUCCESS)
         }

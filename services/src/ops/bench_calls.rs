@@ -8,7 +8,6 @@
 //! `cmb_projection_lag_seconds` histogram), as a table and, last, one line of JSON.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,16 +41,6 @@ pub struct Figures {
     pub projected_events: u64,
     pub seconds: f64,
     pub load_average: [f64; 3],
-}
-
-fn load_average() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut it = text.split_whitespace().map(|v| v.parse().unwrap_or(0.0));
-    [
-        it.next().unwrap_or(0.0),
-        it.next().unwrap_or(0.0),
-        it.next().unwrap_or(0.0),
-    ]
 }
 
 /// `name{labels} value` lines of a Prometheus text exposition.
@@ -147,56 +136,21 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let twilio = TwilioSim::new(settings);
     let twilio_url = cmb_sims::serve("twilio", twilio.router(), shutdown.clone(), &tasks).await?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let base_url = format!("http://127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("callmeback-bench-calls-{calls}.log"));
-    let mut serve = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .env("DATABASE_URL", &config.database_url)
-        .env("NATS_URL", &config.nats_url)
-        .env("NATS_STREAM", &config.stream.stream)
-        .env("NATS_SUBJECT_PREFIX", &config.stream.subject_prefix)
-        .env("NATS_CONSUMER_PREFIX", &config.consumer_prefix)
-        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("PUBLIC_BASE_URL", &base_url)
-        .env("TWILIO_BASE_URL", &twilio_url)
-        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
-        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-        // The users register from addresses of their own (X-Forwarded-For, believed from
-        // this machine: the bench stands in for a proxy).
-        .env("TRUSTED_PROXIES", "127.0.0.1,::1")
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env("LOG_FORMAT", "json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true)
-        .spawn()?;
-    eprintln!("serve (pid {:?}) logs to {}", serve.id(), log.display());
-
+    let mut serve = crate::ops::child::spawn_serve(
+        &config,
+        &[
+            ("TWILIO_BASE_URL", twilio_url.clone()),
+            ("TWILIO_ACCOUNT_SID", ACCOUNT_SID.into()),
+            ("TWILIO_AUTH_TOKEN", AUTH_TOKEN.into()),
+        ],
+        &format!("callmeback-bench-calls-{calls}"),
+    )
+    .await?;
+    let base_url = serve.base_url.clone();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(1024)
         .build()?;
-    let up = Instant::now();
-    loop {
-        let ready = http.get(format!("{base_url}/healthz")).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        if up.elapsed() > Duration::from_secs(120) {
-            anyhow::bail!("serve did not come up in 120 s (see {})", log.display());
-        }
-        if let Some(status) = serve.try_wait()? {
-            anyhow::bail!("serve exited ({status}); see {}", log.display());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let backbone = crate::backbone::connect(&config, 4).await?;
     let store = crate::backbone::store::EventStore::new(backbone.pool.clone());
     let five_xx = Arc::new(AtomicU64::new(0));
@@ -316,7 +270,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let seconds_taken = started.elapsed().as_secs_f64();
-    let load = load_average();
+    let load = crate::ops::child::load_average();
     // The last projections and session records settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = metrics(http.clone()).await?;
@@ -345,8 +299,8 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         seconds: seconds_taken,
         load_average: load,
     };
-    let _ = serve.start_kill();
-    let _ = serve.wait().await;
+    let _ = serve.process.start_kill();
+    let _ = serve.process.wait().await;
     shutdown.cancel();
     tasks.close();
     backbone.pool.close().await;

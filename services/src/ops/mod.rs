@@ -6,7 +6,10 @@ pub mod bench;
 pub mod bench_calls;
 pub mod bench_knowledge;
 pub mod bench_replay;
+#[cfg(feature = "sims")]
 pub mod bench_voice;
+#[cfg(feature = "sims")]
+pub mod child;
 pub mod mcp;
 pub mod rebuild;
 pub mod reconcile;

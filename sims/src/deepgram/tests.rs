@@ -290,13 +290,24 @@ async fn injected_failures_and_unreachable_hosts_are_retryable() {
     .await;
     let client = Deepgram::new(&running.url, "test-key");
     assert!(client.connect(&options(300)).await.is_ok());
-    let failed = client.connect(&options(300)).await.err().expect("503");
+    // The second handshake is refused (503): the client tries again and the third is accepted.
+    assert!(client.connect(&options(300)).await.is_ok());
+    // Refused every time: the error, after three attempts.
+    let refusing = start(Settings {
+        faults: Faults::new(Duration::ZERO, 1),
+        ..scripted()
+    })
+    .await;
+    let failed = Deepgram::new(&refusing.url, "test-key")
+        .connect(&options(300))
+        .await
+        .err()
+        .expect("503");
     assert!(
         matches!(failed, ProviderError::Status { status: 503, .. }),
         "{failed}"
     );
     assert!(failed.retryable());
-    assert!(client.connect(&options(300)).await.is_ok());
 
     // Nothing listens on the port of a listener we just closed.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -382,4 +393,57 @@ fn settings_come_from_the_environment() {
     assert!(defaults.script.is_empty());
     assert_eq!(defaults.backchannel_ms, 350);
     assert_eq!(defaults.disconnect_after, None);
+}
+
+#[tokio::test]
+async fn a_socket_dropped_mid_stream_is_reopened_and_the_words_after_it_heard() {
+    let running = start(Settings {
+        disconnect_after: Some(Duration::from_millis(2500)),
+        ..scripted()
+    })
+    .await;
+    let client = Deepgram::new(&running.url, "test-key");
+    let SttStream { audio, mut events } = client.connect(&options(300)).await.expect("connects");
+    // Two turns; the first socket drops in the silence between them.
+    let frames = [
+        silence_frames(500),
+        speech_frames(800),
+        silence_frames(1500),
+        speech_frames(800),
+        silence_frames(1000),
+    ]
+    .concat();
+    let sent_secs = frames.len() as f64 * 0.02;
+    let feeder = tokio::spawn(async move {
+        for frame in frames {
+            if audio.send(Bytes::copy_from_slice(&frame)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Kept open until the last words are back, as a call would.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(audio);
+    });
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+        seen.push(event);
+    }
+    feeder.await.unwrap();
+    let turns = seen
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                SttEvent::Transcript {
+                    speech_final: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(turns, 2, "{seen:?}");
+    assert!(running.sim.connections() >= 2);
+    // Billed on every socket, the audio sent again included.
+    assert!(billed(&seen) >= sent_secs, "{seen:?}");
 }

@@ -32,11 +32,12 @@ fn fast() -> TtsSettings {
         first_byte: Duration::from_millis(20),
         realtime_factor: 50.0,
         fail_every: 0,
+        ms_per_char: DEFAULT_MS_PER_CHAR,
     }
 }
 
-fn expected_bytes(chars: u64) -> f64 {
-    8000.0 * 0.065 * chars as f64
+fn expected_bytes(text: &str) -> f64 {
+    8.0 * speech_ms(text, DEFAULT_MS_PER_CHAR) as f64
 }
 
 /// Audio bytes, and whether `Final` came, until the stream ends.
@@ -44,7 +45,7 @@ async fn drain(audio: &mut mpsc::Receiver<TtsAudio>) -> (usize, usize, Option<Tt
     let (mut bytes, mut chunks) = (0, 0);
     while let Some(a) = audio.recv().await {
         match a {
-            TtsAudio::Chunk(b) => {
+            TtsAudio::Chunk(b, _) => {
                 bytes += b.len();
                 chunks += 1;
             }
@@ -68,7 +69,7 @@ async fn two_sentences_over_the_socket_give_audio_of_their_length_and_final() {
     let billed: u64 = sentences.iter().map(|s| billed_characters(s)).sum();
     assert_eq!(billed, 37 + 17, "a space is added to each chunk");
     assert_eq!(sim.characters_total(), billed);
-    let expected = expected_bytes(billed);
+    let expected = expected_bytes(&sentences.map(|s| format!("{s} ")).concat());
     assert!(
         (bytes as f64 - expected).abs() <= expected * 0.1,
         "{bytes} vs {expected}"
@@ -89,6 +90,7 @@ async fn dropping_the_stream_closes_the_server_socket() {
         first_byte: Duration::from_millis(10),
         realtime_factor: 1.0,
         fail_every: 0,
+        ms_per_char: DEFAULT_MS_PER_CHAR,
     })
     .await;
     let mut stream = client.stream_tts(RACHEL, MODEL).await.unwrap();
@@ -99,7 +101,7 @@ async fn dropping_the_stream_closes_the_server_socket() {
         .unwrap();
     assert!(matches!(
         stream.audio.recv().await,
-        Some(TtsAudio::Chunk(_))
+        Some(TtsAudio::Chunk(..))
     ));
     assert_eq!(sim.open_sockets(), 1);
     let dropped = Instant::now();
@@ -154,8 +156,7 @@ async fn http_synthesis_returns_audio_of_the_right_length() {
     let text = "Good evening, it's me again.";
     let audio = client.synthesize(RACHEL, MODEL, text).await.unwrap();
     let chars = text.chars().count() as u64;
-    assert_eq!(audio.len(), SAMPLES_PER_CHAR * chars as usize);
-    assert!((audio.len() as f64 - expected_bytes(chars)).abs() < 1.0);
+    assert_eq!(audio.len() as f64, expected_bytes(text));
     assert_eq!(sim.characters_total(), chars);
     // A tone, not silence: most samples are far from zero.
     let loud = audio
@@ -205,12 +206,16 @@ async fn a_2xx_that_is_not_audio_is_an_error() {
 #[test]
 fn speech_is_cut_in_100_ms_chunks_with_alignment() {
     let mut sample = 0;
-    let chunks = speak("Hi there", &mut sample);
-    // 8 chars × 520 samples = 4160 → 5 full chunks and one of 160.
-    assert_eq!(chunks.len(), 6);
-    assert_eq!(chunks[5].audio.len(), 160);
+    let chunks = speak("Hi there", &mut sample, 50.0);
+    // H 45, i 70, space 30, t 45, h 45, e 70, r 45, e 70: 420 ms, 3360 samples → 4 full
+    // chunks and one of 160; each character for a time of its own, none the 65 ms once assumed.
+    assert_eq!(chunks.len(), 5);
+    assert_eq!(chunks[4].audio.len(), 160);
     assert_eq!(chunks[0].chars, vec!["H", "i"]);
-    assert_eq!(chunks[0].starts, vec![0, 65]);
+    assert_eq!(chunks[0].starts, vec![0, 45]);
+    assert_eq!(chunks[0].durations, vec![45, 70]);
+    assert_eq!(chunks[1].chars, vec![" ", "t", "h"]);
+    assert_eq!(chunks[1].starts, vec![15, 45, 90]);
     let aligned: usize = chunks.iter().map(|c| c.chars.len()).sum();
     assert_eq!(aligned, 8);
     assert_eq!(billed_characters(" "), 0);
@@ -223,12 +228,50 @@ fn tts_settings_from_variables() {
         "SIM_ELEVENLABS_TTS_FIRST_BYTE_MS" => Some("50".into()),
         "SIM_ELEVENLABS_TTS_SPEED" => Some("2.5".into()),
         "SIM_ELEVENLABS_TTS_FAIL_EVERY" => Some("3".into()),
+        "SIM_ELEVENLABS_TTS_MS_PER_CHAR" => Some("80".into()),
         _ => None,
     });
+    assert_eq!(s.ms_per_char, 80.0);
     assert_eq!(s.first_byte, Duration::from_millis(50));
     assert_eq!(s.realtime_factor, 2.5);
     assert_eq!(s.fail_every, 3);
     let d = TtsSettings::from_lookup(&|_| None);
     assert_eq!(d.first_byte, Duration::from_millis(120));
     assert_eq!(d.realtime_factor, 4.0);
+}
+
+#[tokio::test]
+async fn socket_audio_carries_the_alignment_of_its_characters() {
+    let (_sim, client, _stop) = start(TtsSettings {
+        ms_per_char: 90.0,
+        ..fast()
+    })
+    .await;
+    let mut stream = client.stream_tts(RACHEL, MODEL).await.unwrap();
+    stream.text.send("Well, hello.".to_string()).await.unwrap();
+    drop(stream.text);
+    let (mut said, mut ends, mut offset_ms) = (String::new(), Vec::new(), 0u64);
+    while let Some(a) = stream.audio.recv().await {
+        match a {
+            TtsAudio::Chunk(audio, alignment) => {
+                for i in 0..alignment.chars.len() {
+                    said.push_str(&alignment.chars[i]);
+                    ends.push(offset_ms + alignment.starts_ms[i] + alignment.durations_ms[i]);
+                }
+                offset_ms += audio.len() as u64 / 8;
+            }
+            TtsAudio::Final => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(said, "Well, hello. ");
+    let expected: Vec<u64> = timings("Well, hello. ", 90.0)
+        .iter()
+        .map(|(_, s, d)| s + d)
+        .collect();
+    assert_eq!(ends, expected);
+    // Not one rate for every character.
+    let durations: std::collections::BTreeSet<u64> =
+        expected.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(durations.len() >= 3, "{durations:?}");
 }

@@ -89,6 +89,7 @@ pub(super) async fn create_call(
         duration_secs: None,
         callbacks_sent: 0,
         stream_opened: false,
+        stream_closed: false,
         frames_sent: 0,
         frames_received: 0,
         marks_received: 0,

@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::observe::{Observations, Observer};
+
 /// One 20 ms frame of 8 kHz μ-law, the unit Twilio streams in.
 pub const FRAME_BYTES: usize = 160;
 const FRAME: Duration = Duration::from_millis(20);
@@ -67,38 +69,59 @@ impl CallerScript {
 /// stays on the line, quiet, until someone hangs up). Speech is a voiced, syllable-modulated
 /// tone mix with a little noise, far louder than the silence frames.
 pub fn caller_audio(script: &CallerScript) -> impl Iterator<Item = [u8; FRAME_BYTES]> {
+    caller_frames(script).map(|(_, frame)| frame)
+}
+
+/// Frames of speech, made once and shared by every simulated caller (a benchmark runs hundreds
+/// of callers in one process; synthesising each sample of each would be most of its CPU).
+const SPEECH_FRAMES: usize = 250;
+static SPEECH: std::sync::LazyLock<Vec<[u8; FRAME_BYTES]>> = std::sync::LazyLock::new(|| {
+    let mut sample_index: u64 = 0;
+    let mut noise: u32 = 0x1234_5678;
+    (0..SPEECH_FRAMES)
+        .map(|_| {
+            let mut frame = [MULAW_SILENCE; FRAME_BYTES];
+            for byte in frame.iter_mut() {
+                let t = sample_index as f64 / 8000.0;
+                // xorshift: cheap deterministic noise, no RNG needed.
+                noise ^= noise << 13;
+                noise ^= noise >> 17;
+                noise ^= noise << 5;
+                let hiss = (noise as f64 / u32::MAX as f64 - 0.5) * 0.1;
+                let syllables = 0.6 + 0.4 * (2.0 * std::f64::consts::PI * 4.0 * t).sin();
+                let voice = [(140.0, 0.5), (280.0, 0.3), (420.0, 0.15), (900.0, 0.1)]
+                    .iter()
+                    .map(|(hz, amp)| amp * (2.0 * std::f64::consts::PI * hz * t).sin())
+                    .sum::<f64>();
+                let sample = (voice * syllables + hiss) * 12000.0;
+                *byte = linear_to_mulaw(sample.clamp(-32768.0, 32767.0) as i16);
+                sample_index += 1;
+            }
+            frame
+        })
+        .collect()
+});
+
+/// [`caller_audio`], each frame with whether it is speech.
+pub fn caller_frames(script: &CallerScript) -> impl Iterator<Item = (bool, [u8; FRAME_BYTES])> {
     let frames_of = |ms: u32| ms.div_ceil(20) as usize;
     let mut plan: Vec<bool> = vec![false; frames_of(script.lead_silence_ms)];
     for &(speech, silence) in &script.turns {
         plan.extend(std::iter::repeat_n(true, frames_of(speech)));
         plan.extend(std::iter::repeat_n(false, frames_of(silence)));
     }
-    let mut sample_index: u64 = 0;
-    let mut noise: u32 = 0x1234_5678;
+    let mut voiced_frames = 0usize;
     plan.into_iter()
         .map(Some)
         .chain(std::iter::repeat(None))
         .map(move |voiced| {
-            let mut frame = [MULAW_SILENCE; FRAME_BYTES];
             if voiced == Some(true) {
-                for byte in frame.iter_mut() {
-                    let t = sample_index as f64 / 8000.0;
-                    // xorshift: cheap deterministic noise, no RNG needed.
-                    noise ^= noise << 13;
-                    noise ^= noise >> 17;
-                    noise ^= noise << 5;
-                    let hiss = (noise as f64 / u32::MAX as f64 - 0.5) * 0.1;
-                    let syllables = 0.6 + 0.4 * (2.0 * std::f64::consts::PI * 4.0 * t).sin();
-                    let voice = [(140.0, 0.5), (280.0, 0.3), (420.0, 0.15), (900.0, 0.1)]
-                        .iter()
-                        .map(|(hz, amp)| amp * (2.0 * std::f64::consts::PI * hz * t).sin())
-                        .sum::<f64>();
-                    let sample = (voice * syllables + hiss) * 12000.0;
-                    *byte = linear_to_mulaw(sample.clamp(-32768.0, 32767.0) as i16);
-                    sample_index += 1;
-                }
+                let frame = SPEECH[voiced_frames % SPEECH_FRAMES];
+                voiced_frames += 1;
+                (true, frame)
+            } else {
+                (false, [MULAW_SILENCE; FRAME_BYTES])
             }
-            frame
         })
 }
 
@@ -253,6 +276,10 @@ pub struct StreamCounters {
     /// `<Say>` verbs after `<Connect>` spoken once the stream ended (Twilio carries on with the
     /// next verb when a `<Connect><Stream>` socket closes or breaks).
     pub said_after_stream: AtomicU64,
+    /// The stream ended (opened streams minus these are live).
+    pub closed: AtomicU64,
+    /// What the caller side measured, filed when the stream ended.
+    pub observed: std::sync::Mutex<Observations>,
 }
 
 /// Who the stream belongs to.
@@ -298,6 +325,11 @@ impl Playback {
     fn clear(&mut self) -> Vec<String> {
         self.until = None;
         self.pending.drain(..).map(|(name, _)| name).collect()
+    }
+
+    /// Whether queued audio is still playing at `now`.
+    fn playing(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| u > now)
     }
 
     fn due(&mut self, now: Instant) -> Vec<String> {
@@ -351,6 +383,28 @@ pub async fn run_stream(
         }
     };
     ctx.counters.opened.fetch_add(1, Ordering::Relaxed);
+    let mut observer = Observer::default();
+    let end = converse(&ctx, &stream, ws, stop, &mut observer).await;
+    ctx.counters.closed.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut observed) = ctx.counters.observed.lock() {
+        *observed = observer.figures;
+    }
+    end
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The open stream: `connected` and `start`, then caller audio every 20 ms and our server's
+/// audio, marks and clears, until `stop` is cancelled or our server closes the socket.
+async fn converse(
+    ctx: &StreamContext,
+    stream: &StreamRequest,
+    ws: Socket,
+    stop: CancellationToken,
+    observer: &mut Observer,
+) -> StreamEnd {
+    let call_sid = ctx.call_sid.as_str();
     let (mut sink, mut source) = ws.split();
     let stream_sid = format!("MZ{:032x}", rand::random::<u128>());
     let opening = [
@@ -384,9 +438,11 @@ pub async fn run_stream(
 
     let mut sequence: u64 = 2;
     let mut chunk: u64 = 1;
-    let mut audio = caller_audio(&ctx.script);
+    let mut audio = caller_frames(&ctx.script);
     let mut ticker = tokio::time::interval(FRAME);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // A caller speaks in real time: after a late tick, the frames due meanwhile go at once
+    // rather than the audio clock falling behind the wall clock.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut playback = Playback::default();
     loop {
         let next_mark = playback.pending.front().map(|(_, at)| *at);
@@ -406,8 +462,10 @@ pub async fn run_stream(
                 tracing::debug!(%call_sid, %stream_sid, "media stream stopped");
                 return StreamEnd::Stopped;
             }
-            _ = ticker.tick() => {
-                let frame = audio.next().unwrap_or([MULAW_SILENCE; FRAME_BYTES]);
+            due = ticker.tick() => {
+                let (voiced, frame) = audio.next().unwrap_or((false, [MULAW_SILENCE; FRAME_BYTES]));
+                let now = Instant::now();
+                observer.caller_frame(due, now, voiced, playback.playing(now));
                 let message = StreamMessage::Media {
                     sequence_number: Some(sequence.to_string().into()),
                     stream_sid: stream_sid.as_str().into(),
@@ -425,8 +483,8 @@ pub async fn run_stream(
             }
             received = source.next() => match received {
                 Some(Ok(Message::Text(text))) => {
-                    for name in handle_server_message(&ctx, &stream, &stream_sid, &text, &mut playback) {
-                        outgoing.push(mark_echo(&ctx, &mut sequence, &stream_sid, name));
+                    for name in handle_server_message(ctx, stream, &stream_sid, &text, &mut playback, observer) {
+                        outgoing.push(mark_echo(ctx, &mut sequence, &stream_sid, name));
                     }
                 }
                 Some(Ok(Message::Close(_))) | None => {
@@ -441,7 +499,7 @@ pub async fn run_stream(
             },
             _ = tokio::time::sleep_until(next_mark.unwrap_or_else(Instant::now)), if next_mark.is_some() => {
                 for name in playback.due(Instant::now()) {
-                    outgoing.push(mark_echo(&ctx, &mut sequence, &stream_sid, name));
+                    outgoing.push(mark_echo(ctx, &mut sequence, &stream_sid, name));
                 }
             }
         }
@@ -481,6 +539,7 @@ fn handle_server_message(
     stream_sid: &str,
     text: &str,
     playback: &mut Playback,
+    observer: &mut Observer,
 ) -> Vec<String> {
     let counters = &ctx.counters;
     let invalid = |why: &str| {
@@ -501,6 +560,8 @@ fn handle_server_message(
         StreamMessage::Media { media, .. } => match BASE64.decode(media.payload.as_bytes()) {
             Ok(audio) => {
                 counters.frames_received.fetch_add(1, Ordering::Relaxed);
+                let now = Instant::now();
+                observer.persona_frame(now, !playback.playing(now));
                 playback.queue_audio(audio.len());
                 Vec::new()
             }
@@ -513,6 +574,7 @@ fn handle_server_message(
         }
         StreamMessage::Clear { .. } => {
             counters.clears_received.fetch_add(1, Ordering::Relaxed);
+            observer.clear(Instant::now());
             playback.clear()
         }
         _ => invalid("unknown event"),

@@ -12,10 +12,14 @@
 //! `<Stream>` are not played (the callee simply stays on the line for `call_length`).
 
 mod media;
+mod observe;
 #[cfg(test)]
 mod tests;
 
-pub use media::{caller_audio, linear_to_mulaw, mulaw_to_linear, CallerScript, FRAME_BYTES};
+pub use media::{
+    caller_audio, caller_frames, linear_to_mulaw, mulaw_to_linear, CallerScript, FRAME_BYTES,
+};
+pub use observe::{Observations, LEAD};
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -220,6 +224,8 @@ pub struct SimCall {
     pub callbacks_sent: u64,
     /// Whether a media stream WebSocket was opened.
     pub stream_opened: bool,
+    /// Whether it has ended since.
+    pub stream_closed: bool,
     /// Caller-audio `media` frames sent to our server.
     pub frames_sent: u64,
     /// `media` frames our server sent back.
@@ -251,6 +257,7 @@ impl Record {
         let c = &self.counters;
         SimCall {
             stream_opened: c.opened.load(Ordering::Relaxed) > 0,
+            stream_closed: c.closed.load(Ordering::Relaxed) > 0,
             frames_sent: c.frames_sent.load(Ordering::Relaxed),
             frames_received: c.frames_received.load(Ordering::Relaxed),
             marks_received: c.marks_received.load(Ordering::Relaxed),
@@ -319,6 +326,15 @@ impl TwilioSim {
     /// Every call created so far, oldest first.
     pub fn calls(&self) -> Vec<SimCall> {
         self.lock().iter().map(Record::snapshot).collect()
+    }
+
+    /// What the caller side measured on each ended stream (see [`Observations`]).
+    pub fn observations(&self) -> Vec<Observations> {
+        self.lock()
+            .iter()
+            .filter(|r| r.counters.closed.load(Ordering::Relaxed) > 0)
+            .filter_map(|r| r.counters.observed.lock().ok().map(|o| o.clone()))
+            .collect()
     }
 
     /// The call, if the simulator created it.

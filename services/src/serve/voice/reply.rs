@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::outbound::Out;
+use super::outbound::{Out, FRAME_BYTES};
 use super::shared::Voice;
 use super::text::take_sentences;
 
@@ -54,6 +54,12 @@ pub(super) enum Pipe {
         turn: u64,
         text: String,
     },
+    /// Characters of the reply's audio with the time each ends, in ms from the turn's first
+    /// frame (from ElevenLabs' alignment, placed where the writer queues each chunk).
+    Spoken {
+        turn: u64,
+        chars: Vec<(String, u64)>,
+    },
     Done {
         turn: u64,
     },
@@ -80,8 +86,12 @@ pub(super) struct Reply {
     pub(super) idle: bool,
     /// Frames of this reply sent to Twilio when the writer last ran dry, and when.
     pub(super) sent_frames: u64,
+    /// Its characters and when each ends in its audio (ms), as far as TTS aligned them.
+    pub(super) spoken: Vec<(String, u64)>,
     pub(super) drained_at: Option<Instant>,
 }
+
+const FRAME_MS: u64 = 20;
 
 /// Milliseconds from `from` to `to`.
 pub(super) fn ms(from: Instant, to: Instant) -> u32 {
@@ -155,9 +165,22 @@ pub(super) async fn respond(
     let pump_pipe = pipe.clone();
     let pump = tokio::spawn(async move {
         let mut first = true;
+        // Frames of this turn queued so far: the writer pads each chunk to whole frames.
+        let mut frames: u64 = 0;
         while let Some(a) = audio_rx.recv().await {
             match a {
-                TtsAudio::Chunk(audio) => {
+                TtsAudio::Chunk(audio, alignment) => {
+                    let offset = frames * FRAME_MS;
+                    frames += (audio.len() as u64).div_ceil(FRAME_BYTES as u64);
+                    let chars: Vec<(String, u64)> = alignment
+                        .chars
+                        .into_iter()
+                        .zip(alignment.starts_ms.iter().zip(&alignment.durations_ms))
+                        .map(|(c, (start, duration))| (c, offset + start + duration))
+                        .collect();
+                    if !chars.is_empty() {
+                        let _ = pump_pipe.send(Pipe::Spoken { turn, chars }).await;
+                    }
                     if first {
                         first = false;
                         let _ = pump_pipe

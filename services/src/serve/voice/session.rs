@@ -26,13 +26,16 @@ use super::guard::Guard;
 use super::outbound::{self, Out, Sent, FRAME_BYTES};
 use super::reply::{ms, Pipe, Reply, Usage};
 use super::shared::Voice;
-use super::text::{heard_prefix, is_backchannel, MS_PER_CHAR};
+use super::text::{heard_by_alignment, heard_prefix, is_backchannel, MS_PER_CHAR};
 use crate::serve::transcripts::Line;
 
 /// The longest a follow-up greeting may take to synthesise before the cached greeting is used.
 const FOLLOW_UP_GREETING_WAIT: Duration = Duration::from_millis(1500);
 /// How long after its last frame was sent a reply counts as played when Twilio echoes no mark.
 pub(super) const MARK_WAIT: Duration = Duration::from_millis(1500);
+
+/// Said when speech-to-text is lost for good in the middle of a call.
+const STT_LOST: &str = "Sorry, I'm having trouble hearing you. Let's talk again later. Bye!";
 
 pub(super) struct Session {
     pub(super) voice: Arc<Voice>,
@@ -143,10 +146,15 @@ impl Session {
         }
     }
 
-    /// What the caller heard of `reply`: the frames Twilio acknowledged with marks, as text.
+    /// What the caller heard of `reply`: the frames Twilio acknowledged with marks, as text —
+    /// the characters TTS's alignment puts before that point, or, for audio without alignment
+    /// (a fixed phrase synthesised over HTTP), an estimate at an average speaking rate.
     pub(super) fn heard(&self, reply: &Reply) -> String {
         let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
-        heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize)
+        if reply.spoken.is_empty() {
+            return heard_prefix(&reply.text, (frames * 20 / MS_PER_CHAR) as usize);
+        }
+        heard_by_alignment(&reply.spoken, frames * 20)
     }
 
     pub(super) fn new_turn(&mut self) -> u64 {
@@ -271,6 +279,10 @@ impl Session {
                 Some(event) = stt_events.recv() => {
                     if let SttEvent::Closed { billed_secs: secs } = event {
                         billed_secs = Some(secs);
+                        if self.ending.is_none() {
+                            // Speech-to-text gave up reconnecting: the call cannot go on.
+                            self.say_goodbye("speech-to-text unavailable", STT_LOST).await;
+                        }
                         continue;
                     }
                     self.on_stt(event).await;
@@ -401,6 +413,7 @@ impl Session {
                 reply.timings.tts_first_byte_ms = Some(ms(reply.endpoint_at, at));
             }
             Pipe::Text { turn, text } if turn == reply.turn => reply.text = text,
+            Pipe::Spoken { turn, chars } if turn == reply.turn => reply.spoken.extend(chars),
             Pipe::Failed { turn, reason } if turn == reply.turn => {
                 tracing::warn!(call = %self.ctx.call_id, turn, %reason, "reply failed");
             }

@@ -1,8 +1,9 @@
 //! Text rules of a conversation: what counts as a backchannel, what of a cut reply was heard,
 //! where a reply can be voiced sentence by sentence.
 
-/// Milliseconds of speech per character, to turn heard audio into heard text when a reply is
-/// cut (ElevenLabs speaks about 15 characters a second).
+/// Milliseconds of speech per character, to estimate heard text of audio that came without
+/// TTS's alignment (a fixed phrase synthesised over HTTP; ElevenLabs speaks about 15
+/// characters a second).
 pub(super) const MS_PER_CHAR: u64 = 65;
 
 /// Words that acknowledge without taking the turn.
@@ -32,6 +33,28 @@ pub(super) fn heard_prefix(text: &str, chars: usize) -> String {
         Some(i) => cut[..i].trim_end().to_string(),
         None => String::new(),
     }
+}
+
+/// What was heard of speech whose characters end at the given times (ms into its audio) once
+/// `heard_ms` of it played: the characters said by then, cut back to a whole word (a word
+/// whose punctuation is still to come counts as said).
+pub(super) fn heard_by_alignment(spoken: &[(String, u64)], heard_ms: u64) -> String {
+    let n = spoken
+        .iter()
+        .take_while(|(_, end)| *end <= heard_ms)
+        .count();
+    let text: String = spoken[..n].iter().map(|(c, _)| c.as_str()).collect();
+    let word_ends = text.ends_with(char::is_whitespace)
+        || spoken.get(n).is_none_or(|(c, _)| {
+            c.chars()
+                .all(|c| c.is_whitespace() || matches!(c, '.' | ',' | '!' | '?' | ';' | ':'))
+        });
+    let cut = if word_ends {
+        text.as_str()
+    } else {
+        text.rfind(char::is_whitespace).map_or("", |i| &text[..i])
+    };
+    cut.trim().to_string()
 }
 
 /// Splits complete sentences off the front of `buffer`.
@@ -75,6 +98,30 @@ mod tests {
             "Hello there, my friend."
         );
         assert_eq!(heard_prefix("Hello", 2), "");
+    }
+
+    #[test]
+    fn heard_text_follows_the_alignment_not_a_rate() {
+        // "Hi there." with characters of uneven length.
+        let spoken: Vec<(String, u64)> = [
+            ("H", 40),
+            ("i", 110),
+            (" ", 140),
+            ("t", 180),
+            ("h", 220),
+            ("e", 300),
+            ("r", 340),
+            ("e", 420),
+            (".", 600),
+        ]
+        .iter()
+        .map(|(c, end)| (c.to_string(), *end))
+        .collect();
+        assert_eq!(heard_by_alignment(&spoken, 100), "");
+        assert_eq!(heard_by_alignment(&spoken, 120), "Hi");
+        assert_eq!(heard_by_alignment(&spoken, 400), "Hi");
+        assert_eq!(heard_by_alignment(&spoken, 420), "Hi there");
+        assert_eq!(heard_by_alignment(&spoken, 600), "Hi there.");
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl Session {
             done: false,
             idle: true,
             sent_frames: 0,
+            spoken: Vec::new(),
             drained_at: None,
         });
     }
@@ -297,6 +298,7 @@ impl Session {
             done: false,
             idle: true,
             sent_frames: 0,
+            spoken: Vec::new(),
             drained_at: None,
         });
         turn

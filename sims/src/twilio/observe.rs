@@ -1,0 +1,142 @@
+//! What a caller on a simulated call would notice of our server, timed where Twilio sits (so a
+//! benchmark can measure the product from outside its process): how long after the caller
+//! stopped talking the persona's audio came, how long after the caller started talking over
+//! the persona its audio was cleared, and how late outbound frames arrived against the pace
+//! our server promises (one 20 ms frame per 20 ms, the first [`LEAD`] of audio at once).
+//!
+//! Each stream keeps its own [`Observer`] (no lock per frame); it is filed with the call's
+//! counters when the stream ends, and read with `TwilioSim::observations`.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How far ahead of playback our server sends audio: the first frames of a run arrive at once.
+pub const LEAD: Duration = Duration::from_millis(80);
+const FRAME: Duration = Duration::from_millis(20);
+
+/// One stream's figures, in microseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Observations {
+    /// Caller's last speech frame (when it was due) → the persona's first frame received, for turns that
+    /// ended while the persona was silent (else the first frame could be the old reply's).
+    pub reply_us: Vec<u64>,
+    /// Turns that ended while the persona was still audible (not measured above).
+    pub replies_unmeasured: u64,
+    /// The caller's first speech frame sent while the persona's audio was playing → `clear`.
+    pub barge_in_us: Vec<u64>,
+    /// Caller speech over the persona that got no `clear` before the caller spoke again.
+    pub barge_ins_missed: u64,
+    /// How late each persona frame arrived against its run's schedule (0 when on time).
+    pub frame_lateness_us: Vec<u32>,
+    /// How late this simulator's own 20 ms ticker woke (the measurement's own noise floor).
+    pub tick_lateness_us: Vec<u32>,
+}
+
+/// The running state of one stream's measurements.
+#[derive(Debug, Default)]
+pub struct Observer {
+    pub figures: Observations,
+    caller_speaking: bool,
+    last_voiced_at: Option<Instant>,
+    awaiting_reply: Option<Instant>,
+    barge_in_from: Option<Instant>,
+    /// The current run of persona frames: when its first frame arrived, frames so far.
+    run: Option<(Instant, u32)>,
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+impl Observer {
+    /// The simulator's ticker was due at `due` and sent a caller frame at `now`; `playing`
+    /// says whether persona audio was audible then.
+    pub fn caller_frame(&mut self, due: Instant, now: Instant, voiced: bool, playing: bool) {
+        let late = micros(now.saturating_duration_since(due)).min(u64::from(u32::MAX));
+        self.figures.tick_lateness_us.push(late as u32);
+        if voiced {
+            if !self.caller_speaking {
+                self.caller_speaking = true;
+                if playing {
+                    if self.barge_in_from.is_some() {
+                        self.figures.barge_ins_missed += 1;
+                    }
+                    self.barge_in_from = Some(now);
+                }
+                self.awaiting_reply = None;
+            }
+            // When the caller's word was said: the frame's place on the wall clock (a late
+            // send by this simulator must not shorten the reply latency measured from it).
+            self.last_voiced_at = Some(due);
+        } else if self.caller_speaking {
+            self.caller_speaking = false;
+            if playing {
+                self.figures.replies_unmeasured += 1;
+            } else {
+                self.awaiting_reply = self.last_voiced_at;
+            }
+        }
+    }
+
+    /// A persona frame arrived at `now`; `dry` says Twilio's buffer had run out before it.
+    pub fn persona_frame(&mut self, now: Instant, dry: bool) {
+        if let Some(from) = self.awaiting_reply.take() {
+            self.figures.reply_us.push(micros(now - from));
+        }
+        let (start, n) = match self.run {
+            Some(run) if !dry => run,
+            _ => (now, 0),
+        };
+        let expected = start + (FRAME * n).saturating_sub(LEAD);
+        let late = micros(now.saturating_duration_since(expected)).min(u64::from(u32::MAX));
+        self.figures.frame_lateness_us.push(late as u32);
+        self.run = Some((start, n + 1));
+    }
+
+    /// Our server sent `clear` at `now`.
+    pub fn clear(&mut self, now: Instant) {
+        if let Some(from) = self.barge_in_from.take() {
+            self.figures.barge_in_us.push(micros(now - from));
+        }
+        self.run = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_barge_in_and_lateness_are_timed_from_the_caller_side() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut o = Observer::default();
+        // The caller speaks 0–40 ms over silence; the reply's first frame comes at 740 ms.
+        o.caller_frame(ms(0), ms(0), true, false);
+        o.caller_frame(ms(20), ms(21), true, false);
+        o.caller_frame(ms(40), ms(40), false, false);
+        o.persona_frame(ms(740), true);
+        assert_eq!(o.figures.reply_us, vec![720_000]);
+        // Five frames at once (the lead), then one per 20 ms; the seventh 3 ms late.
+        for _ in 0..4 {
+            o.persona_frame(ms(740), false);
+        }
+        o.persona_frame(ms(760), false);
+        o.persona_frame(ms(783), false);
+        let late = &o.figures.frame_lateness_us;
+        assert_eq!(late.len(), 7);
+        assert!(late[..6].iter().all(|l| *l == 0), "{late:?}");
+        assert_eq!(late[6], 3_000);
+        // The caller talks over the persona: cleared 60 ms later.
+        o.caller_frame(ms(800), ms(800), true, true);
+        o.clear(ms(860));
+        assert_eq!(o.figures.barge_in_us, vec![60_000]);
+        assert_eq!(o.figures.tick_lateness_us[1], 1_000);
+        // A turn that ends while the persona is audible is not a reply latency.
+        o.caller_frame(ms(820), ms(820), false, true);
+        assert_eq!(o.figures.replies_unmeasured, 1);
+        o.persona_frame(ms(900), true);
+        assert_eq!(o.figures.reply_us.len(), 1);
+    }
+}
