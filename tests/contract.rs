@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, persona_body, Api, Reply, TestEnv, PASSWORD};
+use common::{persona_body, Api, Reply, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 fn env() -> TestEnv {
@@ -407,16 +407,26 @@ async fn the_main_flows_answer_what_the_document_says() {
     assert_eq!(call.body["call"]["duration_minutes"], 1, "{call:?}");
     assert_eq!(call.body["hold"]["amount_cents"], 65);
     let id = call.body["call"]["id"].as_str().unwrap().to_string();
-    let done = eventually(Duration::from_secs(60), || async {
+    // Polled every 2 s: the call detail is limited to 60 reads a minute per user.
+    let mut done = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut last = Value::Null;
+    while std::time::Instant::now() < deadline {
         let r = user.get(&format!("/api/calls/{id}")).await;
         let settled = r.body["payment"]["state"] == "captured"
             && r.body["timeline"]
                 .as_array()
                 .is_some_and(|t| t.iter().any(|e| e["event_type"] == "CallSettled"));
-        settled.then_some(r)
-    })
-    .await
-    .expect("the call completed and was settled");
+        if settled {
+            done = Some(r);
+            break;
+        }
+        last = r.body;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let Some(done) = done else {
+        panic!("the call completed and was settled: {last}");
+    };
     c.check("get", "/api/calls/{id}", &done);
     assert_eq!(done.body["call"]["status"], "completed");
     assert_eq!(done.body["payment"]["captured_cents"], 65, "{done:?}");

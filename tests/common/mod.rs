@@ -357,7 +357,7 @@ pub async fn knowledge_embedding_tokens(app: &Running) -> i64 {
         let (indexed, tokens): (i64, i64) = sqlx::query_as(
             "SELECT count(*), COALESCE(sum((c->>'quantity')::bigint), 0)::bigint
                FROM events e
-               LEFT JOIN LATERAL json_array_elements(e.payload->'KnowledgeDocumentIndexed'->'costs') c ON true
+               LEFT JOIN LATERAL jsonb_array_elements(e.payload->'KnowledgeDocumentIndexed'->'costs') c ON true
               WHERE e.aggregate_type = 'persona' AND e.event_type = 'KnowledgeDocumentIndexed'",
         )
         .fetch_one(&app.state.pool)
