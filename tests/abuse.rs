@@ -3,7 +3,7 @@
 //! the client's address behind proxies. Black-box: the app on a random port over HTTP, the
 //! Twilio simulator as the phone network.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

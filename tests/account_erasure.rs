@@ -1,6 +1,6 @@
 //! Erasing an account (`DELETE /api/user`): a fresh sign-in or the password, then sign-in and
 //! every token fail, the transcripts and memory of the user's calls are deleted, the email is
-//! free again, and the money events stay. (A module of the `accounts` test binary.)
+//! free again, and the money events stay. (A module of `accounts` in the suite.)
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The user's data on request: `GET /api/user/export` holds a call the user made, with its
 //! transcript, and the events of the account — without password hashes. (A module of the
-//! `accounts` test binary.)
+//! `accounts` in the suite.)
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The account's lifecycle over HTTP: change the password (every other session ends), sign out
 //! everywhere, forgot/reset by email through the SMTP simulator (the development mailbox).
-//! (A module of the `accounts` test binary.)
+//! (A module of `accounts` in the suite.)
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! WorkOS AuthKit sign-in over HTTP, through the WorkOS simulator's hosted page (a form the test
 //! posts as a browser would): a new user, a returning user, an organisation's SSO, a bad or
 //! expired state, a reused code, and an unverified email matching an account (refused,
-//! nothing linked) beside a verified one (linked). (A module of the `accounts` test binary.)
+//! nothing linked) beside a verified one (linked). (A module of `accounts` in the suite.)
 
 use callmeback::app::Running;
 use serde_json::{json, Value};

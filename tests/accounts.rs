@@ -2,7 +2,7 @@
 //! password the policy allows, revocation across a restart, lockout (per account and client
 //! address), rate limits, profile.
 
-mod common;
+use crate::common;
 
 #[path = "account_lifecycle.rs"]
 mod lifecycle;

@@ -1,7 +1,7 @@
 //! The event backbone: every event committed in Postgres reaches JetStream exactly once and in
 //! per-aggregate order, through `kill -9` of the publishing process and with two instances.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

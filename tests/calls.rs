@@ -1,7 +1,7 @@
 //! Calls over HTTP against real Postgres and NATS and the Twilio simulator: trigger, dial,
 //! callbacks, pricing, settlement of credit holds, schedules on a controllable clock.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

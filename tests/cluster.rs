@@ -9,7 +9,7 @@
 //! once, the leases moved within their TTL, no card hold left open, no 5xx outside the seconds
 //! the killed instance was serving.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

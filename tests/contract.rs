@@ -4,7 +4,7 @@
 //! for 1 minute, a call with no duration, completed, 65 ¢ captured, a timeline that says what
 //! happened.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

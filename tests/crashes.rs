@@ -3,7 +3,7 @@
 //! handled at the same time; a call request killed between any two of its steps leaves nothing
 //! held (the sweeper gives the hold and the slot back, and says why).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! later events behind it) while the other aggregates move on; an undecodable message is kept,
 //! not acknowledged and forgotten; `callmeback dlq retry` puts letters back, in order.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

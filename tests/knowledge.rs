@@ -4,7 +4,7 @@
 //! owner; strangers see titles of public personas only and change nothing; bad input gets a
 //! clear 4xx; removal takes the passages away; the system personas ship libraries.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

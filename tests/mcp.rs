@@ -3,7 +3,7 @@
 //! equals what `callmeback replay …` says. Over HTTP (`/mcp` on `serve`): a user's token and a
 //! revoked analyst token are refused, a valid analyst token is served.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;

@@ -3,7 +3,7 @@
 //! the next call's prompt carries them and its greeting follows up; forgetting and the switch
 //! show in the next call; nobody else sees any of it; the read model rebuilds the same.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

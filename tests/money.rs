@@ -2,7 +2,7 @@
 //! signed by the Stripe simulator; debt; redelivered webhooks; and sensitive changes that need
 //! a fresh sign-in or the password.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

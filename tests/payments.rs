@@ -1,7 +1,7 @@
 //! The money path over HTTP against the Stripe and Twilio simulators: cards, holds, capture of
 //! exactly the price, releases, declines, credit packs, webhooks, concurrent holds.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

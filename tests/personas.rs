@@ -1,6 +1,6 @@
 //! Personas, customisation and contacts over HTTP against real Postgres and NATS.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Projections: a read model rebuilt from scratch equals the one built incrementally, and
 //! delivering every message again changes nothing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

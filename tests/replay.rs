@@ -1,7 +1,7 @@
 //! The analysts' replay: calls made through the real path, reconciled from JetStream and from
 //! Postgres (the same answers), then against billed files with deliberate discrepancies.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

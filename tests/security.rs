@@ -2,7 +2,7 @@
 //! bursts, media-stream authentication, money paths. Black-box: the real binary or the app on
 //! a random port, spoken to over HTTP.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

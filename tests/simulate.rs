@@ -2,7 +2,7 @@
 //! path, published with `--publish`, that reconciles without anomalies and gives the same
 //! answers from JetStream and from Postgres.
 
-mod common;
+use crate::common;
 
 use common::TestEnv;
 use serde_json::Value;

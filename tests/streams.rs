@@ -5,7 +5,7 @@
 //! speaks (the greeting's `media` frames) or closes the socket, the event log, and the
 //! simulators' open sockets.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

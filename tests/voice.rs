@@ -2,7 +2,7 @@
 //! Deepgram simulator hears it, the LLM and ElevenLabs simulators answer, and the session runs
 //! the conversation in between.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
