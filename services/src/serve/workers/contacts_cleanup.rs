@@ -4,16 +4,23 @@
 //! a moment before the deletion is not missed because the read model had not caught up.
 
 use cmb_domain::contacts::{Contacts, ContactsCommand, RemovalReason};
+use cmb_domain::persona::PersonaEvent;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
+use super::runner::{decode, Failure};
 use crate::backbone::store::EventStore;
 
 pub const NAME: &str = "contacts-cleanup";
 
-pub async fn handle(store: EventStore, event: EventEnvelope) -> anyhow::Result<()> {
-    if event.event_type != "PersonaDeleted" {
+pub async fn handle(store: EventStore, event: EventEnvelope) -> Result<(), Failure> {
+    let Some(PersonaEvent::PersonaDeleted) = decode(&event)? else {
         return Ok(());
-    }
+    };
+    Ok(remove_everywhere(&store, &event).await?)
+}
+
+/// Takes the deleted persona of `event` out of every contact list that holds it.
+async fn remove_everywhere(store: &EventStore, event: &EventEnvelope) -> anyhow::Result<()> {
     let persona_id = &event.aggregate_id;
     let holders: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT aggregate_id FROM events
@@ -23,7 +30,7 @@ pub async fn handle(store: EventStore, event: EventEnvelope) -> anyhow::Result<(
     .bind(persona_id)
     .fetch_all(store.pool())
     .await?;
-    let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
+    let ctx = CommandContext::caused_by(event, Actor::Worker(NAME.into()));
     for user in holders {
         let command = ContactsCommand::Remove {
             persona_id: persona_id.clone(),

@@ -21,9 +21,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use cmb_domain::call::{Call, CallCommand, MAX_DIAL_ATTEMPTS};
+use cmb_domain::call::{Call, CallCommand, CallEvent, MAX_DIAL_ATTEMPTS};
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
+use super::runner::{decode, Failure};
 use crate::backbone::store::EventStore;
 use crate::clock::Clock;
 use crate::usecases::calls::dials::CallPolicy;
@@ -68,19 +69,24 @@ fn created_at(call: &CallResource) -> Option<DateTime<Utc>> {
 pub const IN_FLIGHT: Duration = Duration::from_secs(20);
 
 impl Dialer {
+    /// Dials a call when it is requested (a call scheduled for later is not due yet and is
+    /// left alone) or when its scheduled time comes.
+    pub async fn handle(&self, event: EventEnvelope) -> Result<(), Failure> {
+        match decode::<CallEvent>(&event)? {
+            Some(CallEvent::CallRequested { .. } | CallEvent::ScheduledCallFired { .. }) => {
+                Ok(self.place(&event).await?)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Places the call at Twilio at most once: only the handler that recorded attempt N
     /// (`StartDial { attempt: N }`) asks Twilio for it; a handler that finds an attempt whose
     /// outcome is unknown waits for it (up to [`IN_FLIGHT`]) and then looks for it at Twilio
     /// before dialling again.
-    pub async fn handle(&self, event: EventEnvelope) -> anyhow::Result<()> {
-        if !matches!(
-            event.event_type.as_str(),
-            "CallRequested" | "ScheduledCallFired"
-        ) {
-            return Ok(());
-        }
+    async fn place(&self, event: &EventEnvelope) -> anyhow::Result<()> {
         let id = event.aggregate_id.clone();
-        let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
+        let ctx = CommandContext::caused_by(event, Actor::Worker(NAME.into()));
         // Another handler may take the attempt between our read and our write: read again.
         for _ in 0..3 {
             let (call, _) = self.load(&id).await?;

@@ -8,6 +8,7 @@ use cmb_domain::persona::PersonaEvent;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 use cmb_providers::embeddings::Embeddings;
 
+use super::runner::{decode, Failure};
 use crate::backbone::store::EventStore;
 use crate::usecases::knowledge;
 
@@ -20,11 +21,10 @@ pub struct KnowledgeWorker {
 }
 
 impl KnowledgeWorker {
-    pub async fn handle(&self, event: EventEnvelope) -> anyhow::Result<()> {
-        if !event.event_type.starts_with("KnowledgeDocument") {
+    pub async fn handle(&self, event: EventEnvelope) -> Result<(), Failure> {
+        let Some(decoded) = decode::<PersonaEvent>(&event)? else {
             return Ok(());
-        }
-        let decoded: PersonaEvent = event.decode()?;
+        };
         let persona_id = event.aggregate_id.clone();
         match decoded {
             PersonaEvent::KnowledgeDocumentAdded { document, .. } => {
@@ -42,7 +42,11 @@ impl KnowledgeWorker {
             PersonaEvent::KnowledgeDocumentRemoved { document_id } => {
                 knowledge::drop_passages(self.store.pool(), &persona_id, &document_id).await?;
             }
-            _ => {}
+            PersonaEvent::PersonaCreated { .. }
+            | PersonaEvent::PersonaUpdated { .. }
+            | PersonaEvent::PersonaDeleted
+            | PersonaEvent::KnowledgeDocumentIndexed { .. }
+            | PersonaEvent::KnowledgeDocumentIndexingFailed { .. } => {}
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! user × persona's memory aggregate. Its LLM tokens and embeddings are cost events on the
 //! call. A call is digested once (`CallDigested`), however often its end is delivered.
 
-use cmb_domain::call::{Call, CallCommand, Cost};
+use cmb_domain::call::{Call, CallCommand, CallEvent, Cost};
 use cmb_domain::cost::{CostKind, LlmProvider};
 use cmb_domain::memory::extraction::{self, Extraction};
 use cmb_domain::memory::{memory_id, Digest, Fact, Memory, MemoryCommand};
@@ -13,6 +13,7 @@ use cmb_domain::persona::preference::{preference_id, Preference};
 use cmb_domain::pricing::PriceTable;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
+use super::runner::{decode, Failure};
 use crate::backbone::store::EventStore;
 use cmb_providers::embeddings::Embeddings;
 use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
@@ -36,12 +37,17 @@ struct Spent {
 }
 
 impl MemoryWorker {
-    pub async fn handle(&self, event: EventEnvelope) -> anyhow::Result<()> {
-        if event.event_type != "VoiceSessionEnded" {
+    pub async fn handle(&self, event: EventEnvelope) -> Result<(), Failure> {
+        let Some(CallEvent::VoiceSessionEnded { .. }) = decode(&event)? else {
             return Ok(());
-        }
+        };
+        Ok(self.digest_call(&event).await?)
+    }
+
+    /// Extracts what the call taught and records it on the memory (once per call).
+    async fn digest_call(&self, event: &EventEnvelope) -> anyhow::Result<()> {
         let call_id = event.aggregate_id.clone();
-        let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
+        let ctx = CommandContext::caused_by(event, Actor::Worker(NAME.into()));
         let (call, _) = self
             .store
             .load::<Call>(&call_id)

@@ -11,7 +11,7 @@ pub mod memory;
 mod runner;
 pub mod settlement;
 
-pub use runner::{run, Failure};
+pub use runner::{decode, run, Failure};
 
 use async_nats::jetstream;
 use cmb_nats::consume::DurableSpec;
@@ -69,7 +69,7 @@ pub fn spawn_all(
             spec(memory::NAME, "call"),
             move |event| {
                 let memory = memory.clone();
-                async move { Ok(memory.handle(event).await?) }
+                async move { memory.handle(event).await }
             },
             shutdown.clone(),
         ));
@@ -86,7 +86,7 @@ pub fn spawn_all(
             spec(knowledge::NAME, "persona"),
             move |event| {
                 let worker = worker.clone();
-                async move { Ok(worker.handle(event).await?) }
+                async move { worker.handle(event).await }
             },
             shutdown.clone(),
         ));
@@ -100,7 +100,7 @@ pub fn spawn_all(
             spec(contacts_cleanup::NAME, "persona"),
             move |event| {
                 let store = store.clone();
-                async move { Ok(contacts_cleanup::handle(store, event).await?) }
+                async move { contacts_cleanup::handle(store, event).await }
             },
             shutdown.clone(),
         ));
@@ -121,7 +121,7 @@ pub fn spawn_all(
             spec(dialer::NAME, "call"),
             move |event| {
                 let dialer = dialer.clone();
-                async move { Ok(dialer.handle(event).await?) }
+                async move { dialer.handle(event).await }
             },
             shutdown.clone(),
         ));

@@ -27,9 +27,36 @@ pub enum Failure {
     Skip(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// `event` as its aggregate's typed event (`CallEvent`, `PersonaEvent`, …), for a worker to
+/// `match` on its variants: a renamed or removed event is then a compile error in the worker,
+/// not a message it silently stops reacting to. `None` for a type this build does not know
+/// (written by a newer build: nothing here reacts to it); a known type that does not decode
+/// can never be handled, so it is skipped (set aside).
+pub fn decode<E: serde::de::DeserializeOwned>(event: &EventEnvelope) -> Result<Option<E>, Failure> {
+    if !event.is_known() {
+        return Ok(None);
+    }
+    event.decode().map(Some).map_err(|e| {
+        Failure::Skip(
+            format!(
+                "{} {} does not decode as its type: {e}",
+                event.event_type,
+                event.event_id()
+            )
+            .into(),
+        )
+    })
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
         Failure::Retry(e.into())
+    }
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Retry(Box::new(e))
     }
 }
 

@@ -1,10 +1,11 @@
 //! Settles a call's hold when it ends (`usecases::calls::settle`): exactly its price is taken,
 //! the rest released, the budget observed, the user's active-call slot freed.
 
+use cmb_domain::call::CallEvent;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 use cmb_providers::stripe::Stripe;
 
-use super::runner::Failure;
+use super::runner::{decode, Failure};
 use crate::backbone::store::EventStore;
 use crate::usecases::calls::settle::settle;
 
@@ -15,9 +16,9 @@ pub async fn handle(
     stripe: Stripe,
     event: EventEnvelope,
 ) -> Result<(), Failure> {
-    if event.event_type != "CallEnded" {
+    let Some(CallEvent::CallEnded { .. }) = decode(&event)? else {
         return Ok(());
-    }
+    };
     let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
     let call_id =
         uuid::Uuid::parse_str(&event.aggregate_id).map_err(|e| Failure::Skip(Box::new(e)))?;
