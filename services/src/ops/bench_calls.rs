@@ -8,17 +8,13 @@
 //! `cmb_projection_lag_seconds` histogram), as a table and, last, one line of JSON.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cmb_domain::wallet::{Wallet, WalletCommand};
-use cmb_domain::{Actor, CommandContext};
 use cmb_sims::twilio::{Settings, TwilioSim};
-use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::config::Config;
+use crate::ops::child;
 
 const ACCOUNT_SID: &str = "ACbe0c4be0c4be0c4be0c4be0c4be0c4b";
 const AUTH_TOKEN: &str = "bench-calls-token";
@@ -107,21 +103,7 @@ fn counter(text: &str, name: &str, label: &str) -> f64 {
 
 /// Runs the benchmark with `calls` concurrent calls of about `seconds` each.
 pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figures> {
-    use sqlx::migrate::MigrateDatabase;
-    let mut config = base.clone();
-    config.database_url = crate::ops::bench::with_database(
-        &config.database_url,
-        &format!("callmeback_bench_calls_{calls}"),
-    );
-    config.stream.stream = format!("CMB_BENCH_CALLS_{calls}");
-    config.stream.subject_prefix = format!("cmb.bench.calls{calls}");
-    config.consumer_prefix = format!("cmbbc{calls}");
-    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
-    if let Ok(client) = async_nats::connect(&config.nats_url).await {
-        let _ = async_nats::jetstream::new(client)
-            .delete_stream(&config.stream.stream)
-            .await;
-    }
+    let config = child::isolated(base, "calls", calls).await;
 
     // Twilio, here: the REST API, signed callbacks and media streams with a caller who talks.
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -136,7 +118,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let twilio = TwilioSim::new(settings);
     let twilio_url = cmb_sims::serve("twilio", twilio.router(), shutdown.clone(), &tasks).await?;
 
-    let mut serve = crate::ops::child::spawn_serve(
+    let serve = child::spawn_serve(
         &config,
         &[
             ("TWILIO_BASE_URL", twilio_url.clone()),
@@ -147,79 +129,22 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     )
     .await?;
     let base_url = serve.base_url.clone();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .pool_max_idle_per_host(1024)
-        .build()?;
+    let http = child::client()?;
     let backbone = crate::backbone::connect(&config, 4).await?;
     let store = crate::backbone::store::EventStore::new(backbone.pool.clone());
-    let five_xx = Arc::new(AtomicU64::new(0));
 
     // The users, each with credits.
-    eprintln!("registering {calls} users…");
-    let registered: Vec<anyhow::Result<String>> = futures::stream::iter(0..calls)
-        .map(|i| {
-            let (http, base_url, store, five_xx) = (
-                http.clone(),
-                base_url.clone(),
-                store.clone(),
-                five_xx.clone(),
-            );
-            async move {
-                let response = http
-                    .post(format!("{base_url}/api/auth/register"))
-                    .header(
-                        "x-forwarded-for",
-                        format!("10.8.{}.{}", i / 250, i % 250 + 1),
-                    )
-                    .json(
-                        &json!({ "name": "Bench", "email": format!("calls{i}@example.com"),
-                                   "password": "Bench!pass1", "phone": format!("+1555{:06}7", i) }),
-                    )
-                    .send()
-                    .await?;
-                if response.status().is_server_error() {
-                    five_xx.fetch_add(1, Ordering::Relaxed);
-                }
-                let reply: Value = response.json().await?;
-                let token = reply["token"]
-                    .as_str()
-                    .ok_or_else(|| anyhow::anyhow!("register: {reply}"))?
-                    .to_string();
-                let id = reply["user"]["id"].as_str().unwrap_or_default().to_string();
-                store
-                    .execute::<Wallet>(
-                        &id,
-                        WalletCommand::Grant {
-                            credits: 1000,
-                            reason: "bench".into(),
-                            reference: "bench-calls".into(),
-                        },
-                        &CommandContext::for_request("bench-calls", Actor::System),
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                Ok(token)
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    let tokens: Vec<String> = registered.into_iter().collect::<anyhow::Result<_>>()?;
-    let persona: Value = http
-        .post(format!("{base_url}/api/personas"))
-        .bearer_auth(&tokens[0])
-        .json(&json!({ "name": "Bench Caller", "description": "A persona for the calls benchmark.",
+    let crowd = child::Crowd {
+        kind: "calls",
+        subnet: 8,
+        phone_digit: 7,
+        credits: 1000,
+    };
+    let users = child::register_users(&http, &serve, &store, calls, &crowd).await?;
+    let persona_id =
+        child::create_persona(&http, &serve, &users.tokens[0], &json!({ "name": "Bench Caller", "description": "A persona for the calls benchmark.",
                        "voice": "21m00Tcm4TlvDq8ikWAM", "system_prompt": "You are a benchmark persona. Be brief.",
-                       "greeting": "Hi there.", "is_public": true }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let persona_id = persona["persona"]["id"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("persona: {persona}"))?
-        .to_string();
+                       "greeting": "Hi there.", "is_public": true })).await?;
 
     let metrics = |http: reqwest::Client| {
         let url = format!("{base_url}/metrics");
@@ -228,25 +153,9 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let before = metrics(http.clone()).await?;
     let lag_before = lag_buckets(&before);
     let started = Instant::now();
-    eprintln!("placing {calls} calls at once…");
-    let answers: Vec<u16> = futures::future::join_all(tokens.iter().map(|token| {
-        let request = http
-            .post(format!("{base_url}/api/call"))
-            .bearer_auth(token)
-            .json(&json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }));
-        async move {
-            match request.send().await {
-                Ok(r) => r.status().as_u16(),
-                Err(_) => 0,
-            }
-        }
-    }))
-    .await;
+    let answers = child::place_calls(&http, &serve, &users.tokens, &persona_id).await;
     let requested = answers.iter().filter(|s| **s == 201).count() as u64;
-    five_xx.fetch_add(
-        answers.iter().filter(|s| **s >= 500).count() as u64,
-        Ordering::Relaxed,
-    );
+    let five_xx = users.server_errors + answers.iter().filter(|s| **s >= 500).count() as u64;
     let refused: BTreeMap<u16, usize> =
         answers
             .iter()
@@ -270,7 +179,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let seconds_taken = started.elapsed().as_secs_f64();
-    let load = crate::ops::child::load_average();
+    let load = child::load_average();
     // The last projections and session records settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = metrics(http.clone()).await?;
@@ -292,24 +201,18 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         answered,
         sessions_started,
         sessions_failed: (answered - sessions_started.min(answered)).max(failed_inside),
-        http_5xx: five_xx.load(Ordering::Relaxed).max(serve_5xx),
+        http_5xx: five_xx.max(serve_5xx),
         projection_lag_p50_ms: quantile_ms(&lag_before, &lag_after, 0.50),
         projection_lag_p99_ms: quantile_ms(&lag_before, &lag_after, 0.99),
         projected_events: projected as u64,
         seconds: seconds_taken,
         load_average: load,
     };
-    let _ = serve.process.start_kill();
-    let _ = serve.process.wait().await;
+    serve.stop().await;
     shutdown.cancel();
     tasks.close();
     backbone.pool.close().await;
-    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
-    if let Ok(client) = async_nats::connect(&config.nats_url).await {
-        let _ = async_nats::jetstream::new(client)
-            .delete_stream(&config.stream.stream)
-            .await;
-    }
+    child::drop_isolated(&config).await;
     Ok(figures)
 }
 

@@ -10,14 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use cmb_domain::wallet::{Wallet, WalletCommand};
-use cmb_domain::{Actor, CommandContext};
 use cmb_sims::twilio::{Observations, Settings, TwilioSim};
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::ops::child::{cpu_ms, load_average, rss_mib};
+use crate::ops::child::{self, cpu_ms, load_average, rss_mib};
 
 const ACCOUNT_SID: &str = "ACbe0c4be0c4be0c4be0c4be0c4be0c4b";
 const AUTH_TOKEN: &str = "bench-voice-token";
@@ -87,21 +84,7 @@ fn percentile_ms(values: &mut [u64], p: f64) -> f64 {
 
 /// Runs `calls` concurrent calls of about `seconds` each; returns what was measured.
 pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figures> {
-    use sqlx::migrate::MigrateDatabase;
-    let mut config = base.clone();
-    config.database_url = crate::ops::bench::with_database(
-        &config.database_url,
-        &format!("callmeback_bench_voice_{calls}"),
-    );
-    config.stream.stream = format!("CMB_BENCH_VOICE_{calls}");
-    config.stream.subject_prefix = format!("cmb.bench.voice{calls}");
-    config.consumer_prefix = format!("cmbbv{calls}");
-    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
-    if let Ok(client) = async_nats::connect(&config.nats_url).await {
-        let _ = async_nats::jetstream::new(client)
-            .delete_stream(&config.stream.stream)
-            .await;
-    }
+    let mut config = child::isolated(base, "voice", calls).await;
 
     // The providers, here.
     for (k, v) in [
@@ -148,7 +131,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let openai_url = serve_sim("openai", sims::llm(&config, "OPENAI").router()).await?;
     let elevenlabs_url = serve_sim("elevenlabs", sims::elevenlabs(&config).router()).await?;
 
-    let mut serve = crate::ops::child::spawn_serve(
+    let serve = child::spawn_serve(
         &config,
         &[
             ("TWILIO_BASE_URL", twilio_url),
@@ -163,87 +146,29 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     )
     .await?;
     let pid = serve.pid.to_string();
-    let base_url = serve.base_url.clone();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .pool_max_idle_per_host(1024)
-        .build()?;
+    let http = child::client()?;
     let backbone = crate::backbone::connect(&config, 4).await?;
     let store = crate::backbone::store::EventStore::new(backbone.pool.clone());
 
-    eprintln!("registering {calls} users…");
-    let registered: Vec<anyhow::Result<String>> = futures::stream::iter(0..calls)
-        .map(|i| {
-            let (http, base_url, store) = (http.clone(), base_url.clone(), store.clone());
-            async move {
-                let reply: Value = http
-                    .post(format!("{base_url}/api/auth/register"))
-                    .header(
-                        "x-forwarded-for",
-                        format!("10.9.{}.{}", i / 250, i % 250 + 1),
-                    )
-                    .json(
-                        &json!({ "name": "Bench", "email": format!("voice{i}@example.com"),
-                                   "password": "Bench!pass1", "phone": format!("+1555{:06}9", i) }),
-                    )
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let token = reply["token"]
-                    .as_str()
-                    .ok_or_else(|| anyhow::anyhow!("register: {reply}"))?
-                    .to_string();
-                let id = reply["user"]["id"].as_str().unwrap_or_default().to_string();
-                store
-                    .execute::<Wallet>(
-                        &id,
-                        WalletCommand::Grant {
-                            credits: 1000,
-                            reason: "bench".into(),
-                            reference: "bench-voice".into(),
-                        },
-                        &CommandContext::for_request("bench-voice", Actor::System),
-                    )
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                Ok(token)
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    let tokens: Vec<String> = registered.into_iter().collect::<anyhow::Result<_>>()?;
-    let persona: Value = http
-        .post(format!("{base_url}/api/personas"))
-        .bearer_auth(&tokens[0])
-        .json(&json!({ "name": "Bench Buddy", "description": "A persona for the voice benchmark.",
+    let crowd = child::Crowd {
+        kind: "voice",
+        subnet: 9,
+        phone_digit: 9,
+        credits: 1000,
+    };
+    let users = child::register_users(&http, &serve, &store, calls, &crowd).await?;
+    let persona_id =
+        child::create_persona(&http, &serve, &users.tokens[0], &json!({ "name": "Bench Buddy", "description": "A persona for the voice benchmark.",
                        "voice": "21m00Tcm4TlvDq8ikWAM", "system_prompt": "You are a benchmark persona. Be brief.",
                        "greeting": "Hi.", "is_public": true,
-                       "turn_taking": { "endpointing_ms": ENDPOINTING_MS, "silence_reminder_ms": 60000, "silence_hangup_ms": 120000 } }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let persona_id = persona["persona"]["id"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("persona: {persona}"))?
-        .to_string();
+                       "turn_taking": { "endpointing_ms": ENDPOINTING_MS, "silence_reminder_ms": 60000, "silence_hangup_ms": 120000 } })).await?;
 
     // Settle, then the baseline.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = rss_mib(&pid);
     let bench_cpu_before = cpu_ms("self");
     let started = Instant::now();
-    eprintln!("placing {calls} calls at once…");
-    let answers: Vec<u16> = futures::future::join_all(tokens.iter().map(|token| {
-        let request = http
-            .post(format!("{base_url}/api/call"))
-            .bearer_auth(token)
-            .json(&json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }));
-        async move { request.send().await.map_or(0, |r| r.status().as_u16()) }
-    }))
-    .await;
+    let answers = child::place_calls(&http, &serve, &users.tokens, &persona_id).await;
     let requested = answers.iter().filter(|s| **s == 201).count() as u64;
     if requested < calls as u64 {
         eprintln!(
@@ -350,17 +275,11 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         bench_cpu_pct: bench_cpu / 10.0 / wall,
         load_average: load,
     };
-    let _ = serve.process.start_kill();
-    let _ = serve.process.wait().await;
+    serve.stop().await;
     shutdown.cancel();
     tasks.close();
     backbone.pool.close().await;
-    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
-    if let Ok(client) = async_nats::connect(&config.nats_url).await {
-        let _ = async_nats::jetstream::new(client)
-            .delete_stream(&config.stream.stream)
-            .await;
-    }
+    child::drop_isolated(&config).await;
     Ok(figures)
 }
 

@@ -1,11 +1,74 @@
 //! `callmeback serve` as a child process of a benchmark (so the benchmark measures it from
-//! outside, as a client and a telephone network would), and what `/proc` says of a process.
+//! outside, as a client and a telephone network would): a database and stream of its own, the
+//! child started and stopped, its users registered and granted credits, a persona, the calls
+//! placed through the API; and what `/proc` says of a process.
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use cmb_domain::wallet::{Wallet, WalletCommand};
+use cmb_domain::{Actor, CommandContext};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::backbone::store::EventStore;
 use crate::config::Config;
+
+/// `base` on a database and stream of a benchmark's own, emptied first: `kind` (`voice`,
+/// `calls`) and `n` (its number of calls, so runs of several sizes do not meet) name them.
+pub async fn isolated(base: &Config, kind: &str, n: u32) -> Config {
+    let mut config = base.clone();
+    config.database_url = crate::ops::bench::with_database(
+        &config.database_url,
+        &format!("callmeback_bench_{kind}_{n}"),
+    );
+    config.stream.stream = format!("CMB_BENCH_{}_{n}", kind.to_uppercase());
+    config.stream.subject_prefix = format!("cmb.bench.{kind}{n}");
+    config.consumer_prefix = format!("cmbb{}{n}", &kind[..1]);
+    drop_isolated(&config).await;
+    config
+}
+
+/// Drops the database and deletes the stream of an [`isolated`] configuration (what is not
+/// there is not missed).
+pub async fn drop_isolated(config: &Config) {
+    use sqlx::migrate::MigrateDatabase;
+    let _ = sqlx::Postgres::force_drop_database(&config.database_url).await;
+    if let Ok(client) = async_nats::connect(&config.nats_url).await {
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(&config.stream.stream)
+            .await;
+    }
+}
+
+/// The HTTP client of a benchmark's users: generous timeouts (the machine is loaded), and a
+/// pool as large as its crowd.
+pub fn client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(1024)
+        .build()
+}
+
+/// Who a benchmark's users are: `{kind}{i}@example.com`, calling from `10.<subnet>.x.y`
+/// (through `X-Forwarded-For`, so each has its own rate limits), phones `+1555<i:06><digit>`.
+pub struct Crowd<'a> {
+    pub kind: &'a str,
+    pub subnet: u8,
+    pub phone_digit: u8,
+    /// Credits granted to each.
+    pub credits: i64,
+}
+
+/// What [`register_users`] made.
+pub struct Users {
+    /// A bearer token per user.
+    pub tokens: Vec<String>,
+    /// Registrations answered 5xx.
+    pub server_errors: u64,
+}
 
 pub struct Serve {
     pub process: tokio::process::Child,
@@ -77,6 +140,117 @@ pub async fn spawn_serve(
         base_url,
         log,
     })
+}
+
+impl Serve {
+    /// Kills the child and waits for it.
+    pub async fn stop(mut self) {
+        let _ = self.process.start_kill();
+        let _ = self.process.wait().await;
+    }
+}
+
+/// Registers `n` users of `crowd` through `serve`'s API (eight at a time) and grants each its
+/// credits through the command path, as an operator would.
+pub async fn register_users(
+    http: &reqwest::Client,
+    serve: &Serve,
+    store: &EventStore,
+    n: u32,
+    crowd: &Crowd<'_>,
+) -> anyhow::Result<Users> {
+    eprintln!("registering {n} users…");
+    let server_errors = AtomicU64::new(0);
+    let reference = format!("bench-{}", crowd.kind);
+    let registered: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (server_errors, reference) = (&server_errors, &reference);
+            async move {
+                let response = http
+                    .post(format!("{}/api/auth/register", serve.base_url))
+                    .header(
+                        "x-forwarded-for",
+                        format!("10.{}.{}.{}", crowd.subnet, i / 250, i % 250 + 1),
+                    )
+                    .json(&json!({
+                        "name": "Bench",
+                        "email": format!("{}{i}@example.com", crowd.kind),
+                        "password": "Bench!pass1",
+                        "phone": format!("+1555{i:06}{}", crowd.phone_digit),
+                    }))
+                    .send()
+                    .await?;
+                if response.status().is_server_error() {
+                    server_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let reply: Value = response.json().await?;
+                let token = reply["token"]
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("register: {reply}"))?
+                    .to_string();
+                let id = reply["user"]["id"].as_str().unwrap_or_default();
+                store
+                    .execute::<Wallet>(
+                        id,
+                        WalletCommand::Grant {
+                            credits: crowd.credits,
+                            reason: "bench".into(),
+                            reference: reference.clone(),
+                        },
+                        &CommandContext::for_request(reference.as_str(), Actor::System),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("granting {id} credits: {e}"))?;
+                Ok(token)
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    Ok(Users {
+        tokens: registered.into_iter().collect::<anyhow::Result<_>>()?,
+        server_errors: server_errors.load(Ordering::Relaxed),
+    })
+}
+
+/// Creates a persona (`body` as `POST /api/personas` takes it) as the user of `token`; its id.
+pub async fn create_persona(
+    http: &reqwest::Client,
+    serve: &Serve,
+    token: &str,
+    body: &Value,
+) -> anyhow::Result<String> {
+    let persona: Value = http
+        .post(format!("{}/api/personas", serve.base_url))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(persona["persona"]["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("persona: {persona}"))?
+        .to_string())
+}
+
+/// Every user of `tokens` asks for a 2-minute call from `persona_id`, paid with credits, all at
+/// once; the status of each answer (0: no answer).
+pub async fn place_calls(
+    http: &reqwest::Client,
+    serve: &Serve,
+    tokens: &[String],
+    persona_id: &str,
+) -> Vec<u16> {
+    eprintln!("placing {} calls at once…", tokens.len());
+    futures::future::join_all(tokens.iter().map(|token| {
+        let request = http
+            .post(format!("{}/api/call", serve.base_url))
+            .bearer_auth(token)
+            .json(&json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }));
+        async move { request.send().await.map_or(0, |r| r.status().as_u16()) }
+    }))
+    .await
 }
 
 /// The 1, 5 and 15 minute load averages of the machine.
