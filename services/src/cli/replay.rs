@@ -269,20 +269,28 @@ pub async fn run(
                     writeln!(out)?;
                 }
                 "csv" => {
-                    writeln!(out, "kind,call_id,provider,reference,estimated_cents,billed_cents,difference_cents")?;
+                    let mut w = csv::Writer::from_writer(&mut out);
+                    w.write_record([
+                        "kind",
+                        "call_id",
+                        "provider",
+                        "reference",
+                        "estimated_cents",
+                        "billed_cents",
+                        "difference_cents",
+                    ])?;
                     for d in &diffs {
-                        writeln!(
-                            out,
-                            "{},{},{},{},{},{},{}",
-                            d.kind,
+                        w.write_record([
+                            d.kind.to_string(),
                             d.call_id.clone().unwrap_or_default(),
-                            d.provider,
-                            d.reference,
+                            d.provider.clone(),
+                            d.reference.clone(),
                             d.estimated_cents.map(|c| c.to_string()).unwrap_or_default(),
                             d.billed_cents.map(|c| c.to_string()).unwrap_or_default(),
-                            d.difference_cents
-                        )?;
+                            d.difference_cents.to_string(),
+                        ])?;
                     }
+                    w.flush()?;
                 }
                 _ => {
                     for d in &diffs {

@@ -23,75 +23,77 @@ pub fn read_billed(path: &std::path::Path) -> anyhow::Result<Vec<Billed>> {
     parse_billed(&text, &path.display().to_string())
 }
 
-/// A billed file's text (the formats of [`read_billed`]); `source` names it in messages.
-pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<String> = split_csv(lines.next().unwrap_or(""))
-        .into_iter()
-        .map(|h| h.trim().to_string())
-        .collect();
-    let col = |name: &str| header.iter().position(|h| h.eq_ignore_ascii_case(name));
-    let mut out = Vec::new();
-    let source = source.to_string();
-    if let (Some(p), Some(c), Some(b)) = (col("provider"), col("call_id"), col("billed_usd")) {
-        for (n, line) in lines.enumerate() {
-            let f = split_csv(line);
-            let get = |i: usize| f.get(i).map(|s| s.trim().to_string()).unwrap_or_default();
-            let micros = parse_usd_micros(&get(b)).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{source} line {}: billed_usd {:?} is not a decimal",
-                    n + 2,
-                    get(b)
-                )
-            })?;
-            out.push(Billed {
-                provider: get(p).to_lowercase(),
-                reference: get(c),
-                micros,
-                source: source.clone(),
-            });
-        }
-    } else if let (Some(s), Some(pr)) = (col("Sid"), col("Price")) {
-        for (n, line) in lines.enumerate() {
-            let f = split_csv(line);
-            let get = |i: usize| f.get(i).map(|s| s.trim().to_string()).unwrap_or_default();
-            let micros = parse_usd_micros(&get(pr)).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{source} line {}: Price {:?} is not a decimal",
-                    n + 2,
-                    get(pr)
-                )
-            })?;
-            out.push(Billed {
-                provider: "twilio".into(),
-                reference: get(s),
-                micros: micros.abs(),
-                source: source.clone(),
-            });
-        }
-    } else {
-        anyhow::bail!("{source}: expected a header `provider,call_id,usage_date,quantity,unit,billed_usd` or Twilio's export (Sid, Duration, Price)");
-    }
-    Ok(out)
+/// A header cell as compared: lower case, without spaces or underscores (`Call Sid`,
+/// `call_sid` and `CallSid` are one column).
+fn column_key(h: &str) -> String {
+    h.chars()
+        .filter(|c| !c.is_whitespace() && *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
-/// Splits a CSV line, honouring double quotes.
-pub(super) fn split_csv(line: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                chars.next();
-                fields.last_mut().expect("a field").push('"');
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(String::new()),
-            _ => fields.last_mut().expect("a field").push(c),
+/// A billed file's text (the formats of [`read_billed`]); `source` names it in messages. Read
+/// with the `csv` crate: quoted fields (Twilio's dates and caller names hold commas), doubled
+/// quotes, CRLF line ends, a UTF-8 byte-order mark, blank lines and ragged rows.
+pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| anyhow::anyhow!("{source}: unreadable header: {e}"))?
+        .iter()
+        .map(column_key)
+        .collect();
+    let col = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| header.iter().position(|h| h == n))
+    };
+    let (provider, reference, amount, twilio) = match (
+        col(&["provider"]),
+        col(&["callid"]),
+        col(&["billedusd"]),
+    ) {
+        (Some(p), Some(c), Some(b)) => (Some(p), c, b, false),
+        _ => match (col(&["sid", "callsid"]), col(&["price"])) {
+            (Some(s), Some(p)) => (None, s, p, true),
+            _ => anyhow::bail!("{source}: expected a header `provider,call_id,usage_date,quantity,unit,billed_usd` or Twilio's export (Sid, Duration, Price)"),
+        },
+    };
+    let amount_name = if twilio { "Price" } else { "billed_usd" };
+    let source = source.to_string();
+    let mut out = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        if record.iter().all(str::is_empty) {
+            continue;
         }
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let get = |i: usize| record.get(i).unwrap_or("").to_string();
+        if twilio && get(amount).is_empty() {
+            // Twilio leaves the price of an unanswered call empty: nothing was billed.
+            continue;
+        }
+        let micros = parse_usd_micros(&get(amount)).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{source} line {line}: {amount_name} {:?} is not a decimal",
+                get(amount)
+            )
+        })?;
+        out.push(Billed {
+            provider: match provider {
+                Some(p) => get(p).to_lowercase(),
+                None => "twilio".into(),
+            },
+            reference: get(reference),
+            micros: if twilio { micros.abs() } else { micros },
+            source: source.clone(),
+        });
     }
-    fields
+    Ok(out)
 }
 
 /// Billed rows matched to our calls, summed per (call id, provider, the bill's reference):

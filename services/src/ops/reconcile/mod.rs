@@ -612,7 +612,48 @@ mod tests {
     }
 
     #[test]
-    fn csv_fields_may_be_quoted() {
-        assert_eq!(split_csv(r#"a,"b,c","d""e""#), vec!["a", "b,c", "d\"e"]);
+    fn billed_csv_fields_may_be_quoted() {
+        let text = "provider,call_id,usage_date,quantity,unit,billed_usd\r\n\
+                    \"Deepgram\",\"call, \"\"one\"\"\",2026-11-30,60,seconds,\"0.0043\"\r\n\
+                    \r\n\
+                    openai,c2,2026-11-30,1000,tokens,$0.0006\r\n";
+        let rows = parse_billed(text, "bill.csv").unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0].provider, "deepgram");
+        assert_eq!(rows[0].reference, "call, \"one\"");
+        assert_eq!(rows[0].micros, 4_300);
+        assert_eq!(rows[1].reference, "c2");
+        assert_eq!(rows[1].micros, 600);
+        let bad = parse_billed(
+            "provider,call_id,usage_date,quantity,unit,billed_usd\nx,c,d,1,u,lots\n",
+            "bill.csv",
+        )
+        .unwrap_err();
+        assert!(format!("{bad}").contains("line 2"), "{bad}");
+    }
+
+    #[test]
+    fn twilio_call_export_is_read() {
+        // The console's call log export: RFC 2822 dates and caller names hold commas, so they
+        // are quoted; prices are negative; Excel adds a byte-order mark.
+        let text = "\u{feff}Sid,Parent Call Sid,Date Created,From,To,Direction,Status,Start Time,\
+                    End Time,Duration,Price,Price Unit,Caller Name\n\
+                    CA0001,,\"Mon, 30 Nov 2026 16:00:00 +0000\",+15005550006,+14155550123,\
+                    outbound-api,completed,\"Mon, 30 Nov 2026 16:00:01 +0000\",\
+                    \"Mon, 30 Nov 2026 16:01:01 +0000\",60,-0.01400,USD,\"Smith, Jane\"\n\
+                    CA0002,,\"Mon, 30 Nov 2026 17:00:00 +0000\",+15005550006,+14155550124,\
+                    outbound-api,no-answer,,,0,,USD,\n";
+        // An unanswered call has no price: nothing billed, no row.
+        let rows = parse_billed(text, "twilio.csv").unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].provider, "twilio");
+        assert_eq!(rows[0].reference, "CA0001");
+        assert_eq!(rows[0].micros, 14_000);
+        let text = text.replace(",0,,USD,", ",0,-0.00x,USD,");
+        let err = parse_billed(&text, "twilio.csv").unwrap_err();
+        assert!(format!("{err}").contains("line 3"), "{err}");
+        // The REST API's names (`call_sid`, `price`) read the same.
+        let rows = parse_billed("call_sid,price\nCA9,-0.5\n", "api.csv").unwrap();
+        assert_eq!((rows[0].reference.as_str(), rows[0].micros), ("CA9", 500_000));
     }
 }

@@ -17,26 +17,38 @@ pub fn write_report(out: &mut dyn Write, report: &Report, format: &str) -> std::
             writeln!(out)
         }
         "csv" => {
-            writeln!(out, "call_id,user_id,day,outcome,answered_secs,price_cents,charged_cents,refunded_cents,disputed_cents,revenue_cents,cost_cents,margin_cents")?;
+            let mut w = csv::Writer::from_writer(&mut *out);
+            w.write_record([
+                "call_id",
+                "user_id",
+                "day",
+                "outcome",
+                "answered_secs",
+                "price_cents",
+                "charged_cents",
+                "refunded_cents",
+                "disputed_cents",
+                "revenue_cents",
+                "cost_cents",
+                "margin_cents",
+            ])?;
             for c in &report.calls {
-                writeln!(
-                    out,
-                    "{},{},{},{},{},{},{},{},{},{},{},{}",
-                    c.call_id,
-                    c.user_id,
+                w.write_record([
+                    c.call_id.clone(),
+                    c.user_id.clone(),
                     c.day.map(|d| d.to_string()).unwrap_or_default(),
                     c.outcome.clone().unwrap_or_default(),
-                    c.answered_secs,
-                    c.price_cents.unwrap_or(0),
-                    c.charged_cents.unwrap_or(0),
-                    c.refunded_cents,
-                    c.disputed_cents,
-                    c.revenue_cents,
-                    c.total_cost_cents,
-                    c.margin_cents
-                )?;
+                    c.answered_secs.to_string(),
+                    c.price_cents.unwrap_or(0).to_string(),
+                    c.charged_cents.unwrap_or(0).to_string(),
+                    c.refunded_cents.to_string(),
+                    c.disputed_cents.to_string(),
+                    c.revenue_cents.to_string(),
+                    c.total_cost_cents.to_string(),
+                    c.margin_cents.to_string(),
+                ])?;
             }
-            Ok(())
+            w.flush()
         }
         _ => {
             writeln!(
