@@ -116,6 +116,10 @@ pub struct Config {
     pub mode: RunMode,
     /// `SIMULATE`: providers run as simulators in production on purpose.
     pub simulate: std::collections::BTreeSet<String>,
+    /// `RATE_LIMITS` (`on`, the default, or `off`): whether the per-route rate limits are
+    /// enforced. `off` is for fuzzing a development instance (deploy/schemathesis/run.sh);
+    /// production refuses to start with it.
+    pub rate_limits: bool,
 }
 
 /// Signs the Twilio simulator's callbacks when `TWILIO_AUTH_TOKEN` is not set; anyone can sign
@@ -299,6 +303,17 @@ impl Config {
         });
         let simulate = parse_simulate(get("SIMULATE"))?;
         let production = parse_env(get("CMB_ENV"))?;
+        let rate_limits = match get("RATE_LIMITS").as_deref().map(str::to_ascii_lowercase) {
+            None => true,
+            Some(v) if v == "on" => true,
+            Some(v) if v == "off" => false,
+            Some(other) => {
+                return Err(ConfigError {
+                    name: "RATE_LIMITS",
+                    message: format!("{other:?} is neither on nor off"),
+                })
+            }
+        };
         let sim = |name: &str| simulate.contains(name);
         let mut config = Config {
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
@@ -443,6 +458,7 @@ impl Config {
             sim: Default::default(),
             mode: RunMode::Development,
             simulate: simulate.clone(),
+            rate_limits,
         };
         if production || !config.real_keys().is_empty() {
             config.mode = RunMode::Production;

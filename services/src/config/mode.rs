@@ -162,6 +162,13 @@ impl Config {
                  the endpoint, whsec_…)",
             );
         }
+        if !self.rate_limits {
+            need(
+                "RATE_LIMITS",
+                "off is for fuzzing a development instance only; production enforces the rate \
+                 limits (remove RATE_LIMITS or set it to on)",
+            );
+        }
         if self.twilio.auth_token.expose() == DEV_TWILIO_AUTH_TOKEN {
             need(
                 "TWILIO_AUTH_TOKEN",
@@ -197,6 +204,9 @@ impl Config {
 
     /// Says in the log which mode this is and what is simulated.
     pub fn log_run_mode(&self) {
+        if !self.rate_limits {
+            tracing::warn!("RATE_LIMITS=off: no route is rate limited (for fuzzing only)");
+        }
         match self.mode {
             RunMode::Development => tracing::warn!("{DEVELOPMENT_BANNER}"),
             RunMode::Production if self.simulate.is_empty() => {
@@ -303,6 +313,26 @@ mod tests {
                 "{problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn rate_limits_off_is_development_only() {
+        assert!(config(&[]).rate_limits);
+        let dev = config(&[("RATE_LIMITS", "off")]);
+        assert_eq!(dev.mode, RunMode::Development);
+        assert!(!dev.rate_limits);
+        assert!(dev.check_run_mode().is_ok());
+        let mut vars = GOOD.to_vec();
+        vars.push(("RATE_LIMITS", "off"));
+        let problems = config(&vars).production_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("RATE_LIMITS: "), "{problems:?}");
+        vars.pop();
+        vars.push(("RATE_LIMITS", "ON"));
+        assert!(config(&vars).production_problems().is_empty());
+        let env: std::collections::HashMap<_, _> = [("RATE_LIMITS".to_string(), "maybe".to_string())].into();
+        let err = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+        assert_eq!(err.name, "RATE_LIMITS");
     }
 
     #[test]

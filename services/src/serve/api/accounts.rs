@@ -30,7 +30,12 @@ fn context(headers: &axum::http::HeaderMap, actor: Actor) -> CommandContext {
 #[derive(Deserialize, ToSchema)]
 #[schema(example = json!({"name": "Ada Lovelace", "email": "ada@example.com", "password": "Correct-horse-1", "phone": "+14155550123"}))]
 pub struct RegisterBody {
-    #[schema(min_length = 1, max_length = 100)]
+    /// Not blank; no control characters or angle brackets.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^<>\x00-\x1f\x7f-\x9f]*[^\s<>\x00-\x1f\x7f-\x9f][^<>\x00-\x1f\x7f-\x9f]*$"
+    )]
     name: String,
     /// Stored lower-case; unique.
     #[schema(format = "email", max_length = 254)]
@@ -40,7 +45,7 @@ pub struct RegisterBody {
     #[schema(
         min_length = 8,
         max_length = 128,
-        pattern = r"^(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9])(?=.*[^A-Za-z0-9])[^\x00-\x1f\x7f]{8,128}$"
+        pattern = r"^(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9])(?=.*[^A-Za-z0-9])[^\x00-\x1f\x7f-\x9f]{8,128}$"
     )]
     password: String,
     /// E.164.
@@ -177,7 +182,12 @@ pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl
 #[derive(Deserialize, ToSchema)]
 #[schema(example = json!({"name": "Ada King"}))]
 pub struct ProfileBody {
-    #[schema(min_length = 1, max_length = 100)]
+    /// Not blank; no control characters or angle brackets.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^<>\x00-\x1f\x7f-\x9f]*[^\s<>\x00-\x1f\x7f-\x9f][^<>\x00-\x1f\x7f-\x9f]*$"
+    )]
     name: Option<String>,
     #[schema(format = "email", max_length = 254)]
     email: Option<String>,
@@ -203,6 +213,12 @@ pub async fn update_profile(
     user: AuthUser,
     Json(body): Json<ProfileBody>,
 ) -> ApiResult<impl IntoResponse> {
+    if body.password.as_deref().is_some_and(|p| p.chars().count() > 128) {
+        return Err(ApiError::validation(
+            "password",
+            "password: at most 128 characters",
+        ));
+    }
     let change = ProfileChange {
         name: body
             .name
@@ -304,6 +320,7 @@ pub async fn change_password(
 
 #[derive(Deserialize, ToSchema)]
 pub struct ForgotBody {
+    #[schema(format = "email", min_length = 3, max_length = 254)]
     email: String,
 }
 
@@ -335,7 +352,15 @@ pub async fn forgot_password(
 
 #[derive(Deserialize, ToSchema)]
 pub struct ResetBody {
+    /// The code from the email.
+    #[schema(min_length = 1, max_length = 128, pattern = r"\S")]
     token: String,
+    /// As at registration.
+    #[schema(
+        min_length = 8,
+        max_length = 128,
+        pattern = r"^(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9])(?=.*[^A-Za-z0-9])[^\x00-\x1f\x7f-\x9f]{8,128}$"
+    )]
     new_password: String,
 }
 

@@ -191,10 +191,16 @@ pub async fn make_default(
 
 /// The Stripe idempotency key of a client request: the client's own key (so its retry returns
 /// the same intent), scoped to the user, or a new one.
-fn idempotency_key(purpose: &str, user: &AuthUser, supplied: Option<&str>) -> String {
+fn idempotency_key(purpose: &str, user: &AuthUser, supplied: Option<&str>) -> ApiResult<String> {
     match supplied {
-        Some(k) if !k.is_empty() && k.len() <= 100 => format!("{purpose}-{}-{k}", user.id),
-        _ => format!("{purpose}-{}", Uuid::now_v7()),
+        Some(k) if k.len() > 100 || !k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(ApiError::validation(
+                "idempotency_key",
+                "idempotency_key: at most 100 visible ASCII characters (a UUID will do)",
+            ))
+        }
+        Some(k) if !k.is_empty() => Ok(format!("{purpose}-{}-{k}", user.id)),
+        _ => Ok(format!("{purpose}-{}", Uuid::now_v7())),
     }
 }
 
@@ -204,8 +210,9 @@ pub struct IntentBody {
     /// The call's length in minutes; the hold is the price of this many.
     #[schema(minimum = 1, maximum = 30)]
     estimated_duration: u32,
-    /// Makes a retried request return the same intent (defaults to a new one each time).
-    #[schema(max_length = 100)]
+    /// Makes a retried request return the same intent (defaults to a new one each time);
+    /// visible ASCII (a UUID will do).
+    #[schema(max_length = 100, pattern = "^[!-~]*$")]
     idempotency_key: Option<String>,
 }
 
@@ -242,9 +249,9 @@ pub async fn create_payment_intent(
             format!("estimated_duration: {MIN_MINUTES} to {MAX_MINUTES} minutes"),
         ));
     }
+    let key = idempotency_key("hold", &user, body.idempotency_key.as_deref())?;
     let prices = prices::current(&state.store, state.clock.now()).await?;
     let amount = prices.max_price(minutes).0;
-    let key = idempotency_key("hold", &user, body.idempotency_key.as_deref());
     let intent = billing::authorise_call(
         &state.store,
         &state.stripe,
@@ -271,13 +278,22 @@ pub async fn create_payment_intent(
 #[schema(example = json!({"credits": 100}))]
 pub struct CreditsBody {
     /// A pack: 100, 500 or 1000.
-    #[schema(example = 100)]
+    #[schema(example = 100, schema_with = pack_schema)]
     credits: i64,
-    #[schema(max_length = 100)]
+    #[schema(max_length = 100, pattern = "^[!-~]*$")]
     idempotency_key: Option<String>,
     /// Your password, when you signed in more than 15 minutes ago.
     #[schema(max_length = 128)]
     password: Option<String>,
+}
+
+/// `credits` is one of the packs.
+fn pack_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Integer)
+        .enum_values(Some(PACKS.iter().copied()))
+        .description(Some("A pack: 100, 500 or 1000"))
+        .build()
 }
 
 #[derive(Serialize, ToSchema)]
@@ -309,9 +325,15 @@ pub async fn buy_credits(
             format!("credits: one of the packs {PACKS:?}"),
         ));
     }
+    let key = idempotency_key("credits", &user, body.idempotency_key.as_deref())?;
+    if body.password.as_deref().is_some_and(|p| p.chars().count() > 128) {
+        return Err(ApiError::validation(
+            "password",
+            "password: at most 128 characters",
+        ));
+    }
     user.reauthenticate(&state, body.password.as_deref())
         .await?;
-    let key = idempotency_key("credits", &user, body.idempotency_key.as_deref());
     let bought = billing::buy_credits(
         &state.store,
         &state.stripe,

@@ -47,7 +47,7 @@ pub struct BudgetAnswer {
 }
 
 /// Your budget and what you spent today and this month.
-#[utoipa::path(get, path = "/user/budget", tag = "billing", security(("bearer" = [])),
+#[utoipa::path(get, path = "/user/budget", operation_id = "get_budget", tag = "billing", security(("bearer" = [])),
     responses((status = 200, description = "Your budget", body = BudgetAnswer)))]
 pub async fn get(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
     let s = budget::settings(&state.store, user.id).await?;

@@ -49,6 +49,18 @@ pub struct CallBody {
 
 impl CallBody {
     fn parse(self, user: &AuthUser) -> Result<Request, Invalid> {
+        let persona_chars = self.persona_id.chars().count();
+        if !(1..=100).contains(&persona_chars) {
+            return Err(Invalid::new("persona_id", "1 to 100 characters"));
+        }
+        if let Some(pi) = &self.payment_intent_id {
+            if !pi.starts_with("pi_") {
+                return Err(Invalid::new(
+                    "payment_intent_id",
+                    "a payment intent id (pi_…) from POST /api/user/create-payment-intent",
+                ));
+            }
+        }
         let phone = self
             .phone_number
             .as_deref()
@@ -395,16 +407,38 @@ pub struct ListParams {
     #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// A call status: `scheduled`, `initiated`, `ringing`, `in-progress`, `completed`, …
+    #[param(
+        pattern = "^(scheduled|initiated|ringing|in-progress|completed|busy|no-answer|failed|canceled)$"
+    )]
     status: Option<String>,
     /// `newest` (default), `oldest`, `longest` or `costliest`.
     #[param(pattern = "^(newest|oldest|longest|costliest)$")]
     sort: Option<String>,
     /// Calls made from this date or time (ISO 8601; also accepted as `from`).
     #[serde(alias = "from")]
+    #[param(schema_with = date_or_time)]
     from_date: Option<String>,
     /// Calls made up to this date (inclusive) or time (also accepted as `to`).
     #[serde(alias = "to")]
+    #[param(schema_with = date_or_time)]
     to_date: Option<String>,
+}
+
+/// A date (`2026-11-30`) or a time with an offset (`2026-11-30T09:00:00Z`).
+fn date_or_time() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{AnyOfBuilder, SchemaFormat, Type};
+    use utoipa::openapi::{KnownFormat, ObjectBuilder};
+    let with = |format| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(format)))
+    };
+    AnyOfBuilder::new()
+        .item(with(KnownFormat::Date))
+        .item(with(KnownFormat::DateTime))
+        .description(Some("A date (YYYY-MM-DD) or an RFC 3339 time"))
+        .build()
+        .into()
 }
 
 #[derive(Serialize, ToSchema)]
@@ -414,7 +448,7 @@ pub struct CallList {
 }
 
 /// Your calls, a page at a time.
-#[utoipa::path(get, path = "/calls", tag = "calls", security(("bearer" = [])), params(ListParams),
+#[utoipa::path(get, path = "/calls", operation_id = "list_calls", tag = "calls", security(("bearer" = [])), params(ListParams),
     responses((status = 200, description = "A page of calls", body = CallList)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -483,7 +517,7 @@ pub struct CallDetail {
 
 /// One of your calls with its story: the timeline, the payment, each provider's usage, the
 /// transcript.
-#[utoipa::path(get, path = "/calls/{id}", tag = "calls", security(("bearer" = [])),
+#[utoipa::path(get, path = "/calls/{id}", operation_id = "get_call", tag = "calls", security(("bearer" = [])),
     params(("id" = String, Path, description = "The call's id")),
     responses(
         (status = 200, description = "The call", body = CallDetail),

@@ -46,7 +46,7 @@ fn contact_json(c: ContactView) -> Contact {
 }
 
 /// Your contacts, newest first, with their personas.
-#[utoipa::path(get, path = "/contacts", tag = "contacts", security(("bearer" = [])),
+#[utoipa::path(get, path = "/contacts", operation_id = "list_contacts", tag = "contacts", security(("bearer" = [])),
     responses((status = 200, description = "Your contacts", body = ContactList)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
     let contacts: Vec<_> = cmb_projections::accounts::contacts(&state.pool, user.id)
@@ -68,7 +68,7 @@ pub struct AddBody {
 }
 
 /// Add a persona you can see (at most 50 contacts).
-#[utoipa::path(post, path = "/contacts", tag = "contacts", security(("bearer" = [])), request_body = AddBody,
+#[utoipa::path(post, path = "/contacts", operation_id = "add_contact", tag = "contacts", security(("bearer" = [])), request_body = AddBody,
     responses(
         (status = 201, description = "Added", body = ContactAnswer),
         (status = 404, description = "No persona you can see has this id", body = ErrorBody),
@@ -106,7 +106,7 @@ pub async fn add(
 }
 
 /// Remove a contact.
-#[utoipa::path(delete, path = "/contacts/{persona_id}", tag = "contacts", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/contacts/{persona_id}", operation_id = "remove_contact", tag = "contacts", security(("bearer" = [])),
     params(("persona_id" = String, Path, description = "The contact's persona id")),
     responses(
         (status = 200, description = "Removed", body = Done),

@@ -51,7 +51,9 @@ fn parse_format(raw: &str) -> Result<DocumentFormat, ApiError> {
 async fn from_json(state: &AppState, req: Request) -> ApiResult<knowledge::Upload> {
     let Json(body) = Json::<JsonUpload>::from_request(req, state).await?;
     let format = parse_format(body.format.as_deref().unwrap_or("markdown"))?;
-    let bytes = match (body.content, body.content_base64) {
+    // An empty field counts as left out (forms send both).
+    let given = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let bytes = match (given(body.content), given(body.content_base64)) {
         (Some(text), None) => text.into_bytes(),
         (None, Some(b64)) => base64::engine::general_purpose::STANDARD
             .decode(b64.trim())
@@ -139,7 +141,7 @@ async fn from_multipart(state: &AppState, req: Request) -> ApiResult<knowledge::
 /// Add a document your persona draws on in calls: JSON `{title?, format?, content |
 /// content_base64}` or multipart (`file`: text, Markdown, HTML, PDF; optional `title` and
 /// `format`); 5 MiB, 20 per persona. Indexed in the background.
-#[utoipa::path(post, path = "/personas/{id}/knowledge", tag = "personas", security(("bearer" = [])),
+#[utoipa::path(post, path = "/personas/{id}/knowledge", operation_id = "add_knowledge", tag = "personas", security(("bearer" = [])),
     params(("id" = String, Path, description = "Your persona's id")),
     request_body(content = JsonUpload, content_type = "application/json",
         description = "Or `multipart/form-data` with a `file` part (and optional `title`, `format`)"),
@@ -186,7 +188,7 @@ pub async fn add(
 
 /// A persona's documents: the owner sees every document with its indexing status; anyone else
 /// who may see the persona (public or system), the titles only.
-#[utoipa::path(get, path = "/personas/{id}/knowledge", tag = "personas", security(("bearer" = [])),
+#[utoipa::path(get, path = "/personas/{id}/knowledge", operation_id = "list_knowledge", tag = "personas", security(("bearer" = [])),
     params(("id" = String, Path, description = "The persona's id")),
     responses(
         (status = 200, description = "The documents and the limits", body = Object),
@@ -221,7 +223,7 @@ pub async fn list(
 }
 
 /// Remove a document from your persona; the next call no longer has it.
-#[utoipa::path(delete, path = "/personas/{id}/knowledge/{doc}", tag = "personas", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/personas/{id}/knowledge/{doc}", operation_id = "remove_knowledge", tag = "personas", security(("bearer" = [])),
     params(("id" = String, Path, description = "Your persona's id"),
            ("doc" = String, Path, description = "The document's id")),
     responses(

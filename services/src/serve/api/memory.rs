@@ -34,7 +34,7 @@ pub struct MemoryAnswer {
 
 /// What this persona remembers about you: summary, facts (with their source call and date),
 /// open items.
-#[utoipa::path(get, path = "/personas/{id}/memory", tag = "personas", security(("bearer" = [])),
+#[utoipa::path(get, path = "/personas/{id}/memory", operation_id = "get_memory", tag = "personas", security(("bearer" = [])),
     params(("id" = String, Path, description = "The persona's id")),
     responses(
         (status = 200, description = "What it remembers", body = MemoryAnswer),

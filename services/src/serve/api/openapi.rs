@@ -6,7 +6,7 @@
 //! so a route and its description are one entry; rate limits are written in by the layer that
 //! enforces them (`http::ratelimit::limited`). `finish` adds what follows from the operation's
 //! shape, the same for all: a JSON body can be refused with 400/413/415, query parameters with
-//! 400, a bearer token with 401, and any operation with 503 (the server's concurrency cap
+//! 400 (and may be sent empty, meaning left out), a bearer token with 401, and any operation with 503 (the server's concurrency cap
 //! and every request's deadline, `http::guard`). The test in `serve::http::tests` compares the router with the
 //! document.
 
@@ -122,6 +122,16 @@ pub fn finish(paths: utoipa::openapi::OpenApi) -> Value {
 }
 
 fn shared_answers(op: &mut serde_json::Map<String, Value>) {
+    // `http::extract::Query` takes a parameter sent empty (`status=`, as forms and front ends
+    // send an unset filter) for one left out: the document says so.
+    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+        for p in params
+            .iter_mut()
+            .filter(|p| p["in"] == "query" && p["required"] != true)
+        {
+            p["allowEmptyValue"] = Value::Bool(true);
+        }
+    }
     let webhook = op
         .get("tags")
         .and_then(Value::as_array)

@@ -57,7 +57,7 @@ pub struct PersonaAnswer {
 }
 
 /// Public personas, the system's and your own, a page at a time.
-#[utoipa::path(get, path = "/personas", tag = "personas", params(ListParams),
+#[utoipa::path(get, path = "/personas", operation_id = "list_personas", tag = "personas", params(ListParams),
     security((), ("bearer" = [])),
     responses((status = 200, description = "A page of personas", body = PersonaList)))]
 pub async fn list(
@@ -134,7 +134,7 @@ pub async fn list(
 }
 
 /// One persona you can see.
-#[utoipa::path(get, path = "/personas/{id}", tag = "personas",
+#[utoipa::path(get, path = "/personas/{id}", operation_id = "get_persona", tag = "personas",
     params(("id" = String, Path, description = "The persona's id")),
     security((), ("bearer" = [])),
     responses(
@@ -186,10 +186,14 @@ pub struct CreateBody {
 #[allow(dead_code)]
 pub struct TurnTakingSchema {
     /// Silence that ends the caller's turn.
+    #[schema(minimum = 100, maximum = 3000)]
     endpointing_ms: u32,
     /// Silence after which the persona checks in.
+    #[schema(minimum = 3000, maximum = 120000)]
     silence_reminder_ms: u32,
-    /// Silence after which the persona hangs up.
+    /// Silence after which the persona hangs up: more than `silence_reminder_ms` (a 400
+    /// otherwise).
+    #[schema(minimum = 3001, maximum = 300000)]
     silence_hangup_ms: u32,
 }
 
@@ -335,7 +339,7 @@ pub async fn update(
 }
 
 /// Delete your persona; it leaves every contact list.
-#[utoipa::path(delete, path = "/personas/{id}", tag = "personas", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/personas/{id}", operation_id = "delete_persona", tag = "personas", security(("bearer" = [])),
     params(("id" = String, Path, description = "The persona's id")),
     responses(
         (status = 200, description = "Deleted", body = Done),

@@ -109,6 +109,7 @@ async fn call_id(
         (status = 400, description = "A parameter is missing or unknown", body = ErrorBody),
         (status = 403, description = "The signature is missing or wrong; nothing is recorded", body = ErrorBody),
         (status = 404, description = "No such call", body = ErrorBody),
+        (status = 415, description = "The body is not a form (`application/x-www-form-urlencoded`)", body = ErrorBody),
     ))]
 pub async fn status_callback(
     State(state): State<AppState>,
@@ -162,6 +163,7 @@ fn xml_escape(s: &str) -> String {
         (status = 400, description = "A parameter is invalid", body = ErrorBody),
         (status = 403, description = "The signature is missing or wrong", body = ErrorBody),
         (status = 404, description = "No such call", body = ErrorBody),
+        (status = 415, description = "The body is not a form (`application/x-www-form-urlencoded`)", body = ErrorBody),
     ))]
 pub async fn answer(
     State(state): State<AppState>,

@@ -6,7 +6,7 @@
 //! someone else started cannot sign this browser in to their account), spends it once,
 //! exchanges the code, and answers our token as password sign-in does.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::serve::http::auth;
 use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
-use crate::serve::http::extract::request_id;
+use crate::serve::http::extract::{request_id, Query};
 use crate::serve::http::signed_in::{user_after_write, TokenAnswer};
 use crate::serve::http::state::AppState;
 use crate::usecases::accounts::{sessions, workos};

@@ -19,10 +19,36 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        // Read as a JSON value first (media type, size, syntax), then as `T`, so that a number
+        // written with a zero fraction (`5.0`, an integer to JSON Schema and to JavaScript) is
+        // taken for the integer it is.
+        let axum::Json(mut value) = axum::Json::<serde_json::Value>::from_request(req, state)
+            .await
+            .map_err(json_rejection)?;
+        integral_floats_as_integers(&mut value);
+        let bytes = serde_json::to_vec(&value).map_err(ApiError::internal)?;
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// Rewrites every float with no fractional part (within ±2^53, where floats are exact) as an
+/// integer.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                    *value = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
     }
 }
 
@@ -106,17 +132,21 @@ where
 }
 
 /// Query parameters, or a 400 naming the bad one. A parameter given empty (`status=`, as forms
-/// and front ends send an unset filter) counts as absent.
+/// and front ends send an unset filter) counts as absent, and NUL characters (which no text
+/// column can hold) are left out of values.
 pub struct Query<T>(pub T);
 
-/// The request's query with empty parameters left out, as a URI to parse.
+/// The request's query without empty parameters and NUL characters, as a URI to parse.
 fn without_empty(uri: &axum::http::Uri) -> Option<axum::http::Uri> {
     let query = uri.query()?;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| matches!(pair.split_once('='), Some((_, v)) if !v.is_empty()))
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.replace('\0', ""), v.replace('\0', "")))
+        .filter(|(_, v)| !v.is_empty())
         .collect();
-    format!("/?{}", kept.join("&")).parse().ok()
+    let kept = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    format!("/?{kept}").parse().ok()
 }
 
 impl<S, T> FromRequestParts<S> for Query<T>
@@ -159,4 +189,17 @@ pub fn request_id(headers: &axum::http::HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integral_floats_read_as_integers() {
+        let mut v = serde_json::json!({"a": 5.0, "b": [1.5, -2.0, 1e300], "c": {"d": 0.0}, "e": 7});
+        integral_floats_as_integers(&mut v);
+        assert_eq!(v, serde_json::json!({"a": 5, "b": [1.5, -2, 1e300], "c": {"d": 0}, "e": 7}));
+        assert!(v["a"].is_i64());
+    }
 }

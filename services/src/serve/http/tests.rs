@@ -122,3 +122,25 @@ fn every_operation_states_its_answers_and_its_limit() {
         true
     );
 }
+
+#[test]
+fn operation_ids_are_unique_and_empty_query_values_are_stated() {
+    // Clients generated from the document name their functions after `operationId`, and
+    // schemathesis follows links by it: two operations with one id are one too many.
+    let doc = document();
+    let mut seen = std::collections::BTreeMap::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("a path item") {
+            let id = op["operationId"].as_str().unwrap_or_default().to_string();
+            assert!(!id.is_empty(), "{method} {path} has an operationId");
+            if let Some(other) = seen.insert(id.clone(), format!("{method} {path}")) {
+                panic!("operationId {id:?} names both {other} and {method} {path}");
+            }
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["in"] == "query" && p["required"] != true {
+                    assert_eq!(p["allowEmptyValue"], true, "{method} {path}: {}", p["name"]);
+                }
+            }
+        }
+    }
+}
