@@ -330,7 +330,8 @@ mod tests {
         vars.pop();
         vars.push(("RATE_LIMITS", "ON"));
         assert!(config(&vars).production_problems().is_empty());
-        let env: std::collections::HashMap<_, _> = [("RATE_LIMITS".to_string(), "maybe".to_string())].into();
+        let env: std::collections::HashMap<_, _> =
+            [("RATE_LIMITS".to_string(), "maybe".to_string())].into();
         let err = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
         assert_eq!(err.name, "RATE_LIMITS");
     }

@@ -654,6 +654,9 @@ mod tests {
         assert!(format!("{err}").contains("line 3"), "{err}");
         // The REST API's names (`call_sid`, `price`) read the same.
         let rows = parse_billed("call_sid,price\nCA9,-0.5\n", "api.csv").unwrap();
-        assert_eq!((rows[0].reference.as_str(), rows[0].micros), ("CA9", 500_000));
+        assert_eq!(
+            (rows[0].reference.as_str(), rows[0].micros),
+            ("CA9", 500_000)
+        );
     }
 }

@@ -213,7 +213,11 @@ pub async fn update_profile(
     user: AuthUser,
     Json(body): Json<ProfileBody>,
 ) -> ApiResult<impl IntoResponse> {
-    if body.password.as_deref().is_some_and(|p| p.chars().count() > 128) {
+    if body
+        .password
+        .as_deref()
+        .is_some_and(|p| p.chars().count() > 128)
+    {
         return Err(ApiError::validation(
             "password",
             "password: at most 128 characters",

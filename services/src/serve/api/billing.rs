@@ -326,7 +326,11 @@ pub async fn buy_credits(
         ));
     }
     let key = idempotency_key("credits", &user, body.idempotency_key.as_deref())?;
-    if body.password.as_deref().is_some_and(|p| p.chars().count() > 128) {
+    if body
+        .password
+        .as_deref()
+        .is_some_and(|p| p.chars().count() > 128)
+    {
         return Err(ApiError::validation(
             "password",
             "password: at most 128 characters",

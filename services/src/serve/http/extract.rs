@@ -199,7 +199,10 @@ mod tests {
     fn integral_floats_read_as_integers() {
         let mut v = serde_json::json!({"a": 5.0, "b": [1.5, -2.0, 1e300], "c": {"d": 0.0}, "e": 7});
         integral_floats_as_integers(&mut v);
-        assert_eq!(v, serde_json::json!({"a": 5, "b": [1.5, -2, 1e300], "c": {"d": 0}, "e": 7}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a": 5, "b": [1.5, -2, 1e300], "c": {"d": 0}, "e": 7})
+        );
         assert!(v["a"].is_i64());
     }
 }
