@@ -8,7 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, schedule_call, wait_for_settlement, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 fn env() -> TestEnv {
@@ -20,21 +20,6 @@ fn env() -> TestEnv {
 
 fn at(s: &str) -> DateTime<Utc> {
     s.parse().unwrap()
-}
-
-/// The call's status in the read model once it is `status` and settled (within a minute).
-async fn settled_as(pool: &sqlx::PgPool, id: &str, status: &str) -> bool {
-    eventually(Duration::from_secs(60), || async {
-        let row: Option<(String, Option<i64>)> =
-            sqlx::query_as("SELECT status, charged_cents FROM rm_calls WHERE id = $1::uuid")
-                .bind(id)
-                .fetch_optional(pool)
-                .await
-                .unwrap();
-        row.filter(|(s, charged)| s == status && charged.is_some())
-    })
-    .await
-    .is_some()
 }
 
 /// The reasons recorded in the call's `DialFailed` events.
@@ -100,9 +85,7 @@ async fn each_blocked_destination_is_refused_at_trigger_and_at_schedule_naming_i
         let message = now.body["error"]["message"].as_str().unwrap();
         assert!(message.contains(rule), "{phone}: {message}");
 
-        let mut body = call_to(phone);
-        body["scheduled_time"] = json!(later);
-        let scheduled = user.post("/api/calls/schedule", body).await;
+        let scheduled = schedule_call(&user, call_to(phone), &later).await;
         assert_eq!(scheduled.status, 400, "{phone}: {scheduled:?}");
         assert_eq!(scheduled.code(), "destination_not_allowed", "{phone}");
         let reserves: i64 = sqlx::query_scalar(
@@ -129,9 +112,7 @@ async fn each_blocked_destination_is_refused_at_trigger_and_at_schedule_naming_i
         "+14165550123",
         "+16045550123",
     ] {
-        let mut body = call_to(phone);
-        body["scheduled_time"] = json!(later);
-        let scheduled = user.post("/api/calls/schedule", body).await;
+        let scheduled = schedule_call(&user, call_to(phone), &later).await;
         assert_eq!(scheduled.status, 201, "{phone}: {scheduled:?}");
     }
     let now = user.post("/api/call", call_to("+14155550123")).await;
@@ -168,9 +149,7 @@ async fn the_operator_chooses_the_countries_and_the_blocked_prefixes() {
         ("+15559990123", Some("+1555999")),
         ("+14165550123", Some("CA")),
     ] {
-        let mut body = call_to(phone);
-        body["scheduled_time"] = json!(later);
-        let reply = user.post("/api/calls/schedule", body).await;
+        let reply = schedule_call(&user, call_to(phone), &later).await;
         match refused {
             None => assert_eq!(reply.status, 201, "{phone}: {reply:?}"),
             Some(rule) => {
@@ -198,9 +177,7 @@ async fn the_dialer_checks_the_destination_again_when_a_scheduled_call_falls_due
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    let mut body = call_to("+14155550123");
-    body["scheduled_time"] = json!("2027-05-03T09:00:00Z");
-    let reply = user.post("/api/calls/schedule", body).await;
+    let reply = schedule_call(&user, call_to("+14155550123"), "2027-05-03T09:00:00Z").await;
     assert_eq!(reply.status, 201, "{reply:?}");
     let id = reply.body["call"]["id"].as_str().unwrap().to_string();
     app.stop().await;
@@ -210,7 +187,7 @@ async fn the_dialer_checks_the_destination_again_when_a_scheduled_call_falls_due
     let app = env
         .spawn_app_with(callmeback::clock::Clock::manual(at("2027-05-03T09:00:05Z")))
         .await;
-    assert!(settled_as(&app.state.pool, &id, "failed").await);
+    assert!(wait_for_settlement(&app.state.pool, &id, "failed").await);
     let reasons = dial_failures(&app.state.pool, &id).await;
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(reasons[0].contains("+1415"), "{reasons:?}");
@@ -240,7 +217,7 @@ async fn a_number_is_rung_at_most_n_times_a_day_across_all_users_answered_or_not
         let reply = user.post("/api/call", call_to(stranger)).await;
         assert_eq!(reply.status, 201, "{reply:?}");
         let id = reply.body["call"]["id"].as_str().unwrap();
-        assert!(settled_as(&app.state.pool, id, "no-answer").await);
+        assert!(wait_for_settlement(&app.state.pool, id, "no-answer").await);
     }
     let (third, profile) = &users[2];
     let refused = third.post("/api/call", call_to(stranger)).await;
@@ -286,7 +263,7 @@ async fn unanswered_calls_count_toward_the_users_daily_call_limit() {
         } else {
             "busy"
         };
-        assert!(settled_as(&app.state.pool, id, status).await);
+        assert!(wait_for_settlement(&app.state.pool, id, status).await);
     }
     assert!(released(&app.state.pool, &profile, 100).await, "free calls");
     let refused = user.post("/api/call", call_to("+15553330009")).await;
@@ -307,11 +284,7 @@ async fn a_scheduled_call_respects_one_active_call_and_the_daily_counts_when_it_
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 200).await;
-    let schedule = |phone: &str, time: &str| {
-        let mut body = call_to(phone);
-        body["scheduled_time"] = json!(time);
-        user.post("/api/calls/schedule", body)
-    };
+    let schedule = |phone: &str, time: &str| schedule_call(&user, call_to(phone), time);
     let busy_then = schedule("+15554440009", "2027-06-01T10:10:00Z").await;
     assert_eq!(busy_then.status, 201, "{busy_then:?}");
     let busy_then = busy_then.body["call"]["id"].as_str().unwrap().to_string();
@@ -333,11 +306,11 @@ async fn a_scheduled_call_respects_one_active_call_and_the_daily_counts_when_it_
         "the call now is placed"
     );
     clock.set(at("2027-06-01T10:10:01Z"));
-    assert!(settled_as(&app.state.pool, &busy_then, "failed").await);
+    assert!(wait_for_settlement(&app.state.pool, &busy_then, "failed").await);
     let reasons = dial_failures(&app.state.pool, &busy_then).await;
     assert!(reasons[0].contains("in progress"), "{reasons:?}");
     assert_eq!(twilio.calls().len(), 1, "not dialled beside the call now");
-    assert!(settled_as(&app.state.pool, &now, "completed").await);
+    assert!(wait_for_settlement(&app.state.pool, &now, "completed").await);
 
     // Someone else rings the second call's number first: its one call today is used.
     let (other, other_profile) = api.register(PASSWORD).await;
@@ -345,7 +318,7 @@ async fn a_scheduled_call_respects_one_active_call_and_the_daily_counts_when_it_
     let first = other.post("/api/call", call_to("+15554440019")).await;
     assert_eq!(first.status, 201, "{first:?}");
     clock.set(at("2027-06-01T10:20:01Z"));
-    assert!(settled_as(&app.state.pool, &taken, "failed").await);
+    assert!(wait_for_settlement(&app.state.pool, &taken, "failed").await);
     let reasons = dial_failures(&app.state.pool, &taken).await;
     assert!(
         reasons[0].contains("CALL_NUMBER_DAILY_LIMIT"),
@@ -485,12 +458,12 @@ async fn a_call_paid_by_card_is_not_scheduled_beyond_what_its_authorisation_last
     };
     let schedule = |pi: Option<String>, days: i64| {
         let at = (Utc::now() + chrono::Duration::days(days)).to_rfc3339();
-        let mut body = json!({ "persona_id": "brad_001", "duration": 1, "scheduled_time": at });
+        let mut body = json!({ "persona_id": "brad_001", "duration": 1 });
         match pi {
             Some(pi) => body["payment_intent_id"] = json!(pi),
             None => body["use_credits"] = json!(true),
         }
-        user.post("/api/calls/schedule", body)
+        schedule_call(&user, body, &at)
     };
     // Card authorisations lapse after about 7 days: refused beyond 6, before any hold.
     let far = schedule(Some(intent(user.clone()).await), 8).await;

@@ -5,10 +5,12 @@ use crate::common;
 
 use std::time::Duration;
 
-use callmeback::app::Running;
 use cmb_domain::wallet::{Wallet, WalletCommand};
 use cmb_domain::{Actor, CommandContext};
-use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use common::{
+    call_body, count_events, eventually, grant, request_call, schedule_call, wait_for_status, Api,
+    TestEnv, PASSWORD,
+};
 use serde_json::{json, Value};
 
 /// A test environment whose simulated calls are short.
@@ -44,16 +46,7 @@ async fn balance(pool: &sqlx::PgPool, profile: &Value) -> i64 {
 /// Waits (watching the read model, not the rate-limited API) for the call to reach `status`
 /// and be settled (or just `status` if `settled` is false); then answers what the API shows.
 async fn wait_for(pool: &sqlx::PgPool, user: &Api, id: &str, status: &str, settled: bool) -> Value {
-    let reached = eventually(Duration::from_secs(20), || async {
-        let row: Option<(String, Option<i64>)> =
-            sqlx::query_as("SELECT status, charged_cents FROM rm_calls WHERE id = $1::uuid")
-                .bind(id)
-                .fetch_optional(pool)
-                .await
-                .unwrap();
-        row.filter(|(s, charged)| s == status && (!settled || charged.is_some()))
-    })
-    .await;
+    let reached = wait_for_status(pool, id, status, settled).await;
     if settled {
         // The timeline is a read model of its own: let it catch up too.
         eventually(Duration::from_secs(10), || async {
@@ -69,10 +62,7 @@ async fn wait_for(pool: &sqlx::PgPool, user: &Api, id: &str, status: &str, settl
         .await;
     }
     let reply = user.get(&format!("/api/calls/{id}")).await;
-    assert!(
-        reached.is_some(),
-        "call {id} never reached {status}: {reply:?}"
-    );
+    assert!(reached, "call {id} never reached {status}: {reply:?}");
     assert_eq!(reply.body["call"]["status"], status, "{reply:?}");
     reply.body
 }
@@ -316,24 +306,10 @@ async fn budgets_refuse_calls_before_any_hold_and_name_the_limit() {
     assert_eq!(pricey.status, 402, "{pricey:?}");
     assert_eq!(pricey.code(), "budget_exceeded");
     assert_eq!(pricey.field(), "max_cost_per_call_cents");
-    let ok = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }),
-        )
-        .await;
-    assert_eq!(ok.status, 201, "$1.85 is within both limits: {ok:?}");
-    let id = ok.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, "brad_001", 4).await;
     wait_for(&app.state.pool, &user, &id, "completed", true).await;
     // 65¢ spent today; another $1.85 hold would make $2.50 — fine; a third would not.
-    let second = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 4 }),
-        )
-        .await;
-    assert_eq!(second.status, 201, "{second:?}");
-    let id2 = second.body["call"]["id"].as_str().unwrap().to_string();
+    let id2 = request_call(&user, "brad_001", 4).await;
     wait_for(&app.state.pool, &user, &id2, "completed", true).await;
     let third = user
         .post(
@@ -355,14 +331,7 @@ async fn budgets_refuse_calls_before_any_hold_and_name_the_limit() {
         .put("/api/user/budget", json!({ "warn_at_percent": 40 }))
         .await;
     assert_eq!(alert.status, 200);
-    let third = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
-        )
-        .await;
-    assert_eq!(third.status, 201, "{third:?}");
-    let id3 = third.body["call"]["id"].as_str().unwrap().to_string();
+    let id3 = request_call(&user, "brad_001", 1).await;
     wait_for(&app.state.pool, &user, &id3, "completed", true).await;
     let alerts: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_type = 'budget' AND event_type = 'BudgetAlertRaised'",
@@ -381,15 +350,6 @@ fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
         .with_timezone(&chrono::Utc)
 }
 
-async fn count_events(app: &Running, id: &str, event_type: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = $2")
-        .bind(id)
-        .bind(event_type)
-        .fetch_one(&app.state.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn scheduled_calls_fire_once_at_the_local_time_across_a_dst_change_and_restarts() {
     let env = env();
@@ -400,11 +360,11 @@ async fn scheduled_calls_fire_once_at_the_local_time_across_a_dst_change_and_res
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let schedule = |time: &str, tz: Option<&str>| {
-        let mut body = json!({ "persona_id": "sarah_001", "use_credits": true, "duration": 1, "scheduled_time": time });
+        let mut body = call_body("sarah_001", 1);
         if let Some(tz) = tz {
             body["timezone"] = json!(tz);
         }
-        user.post("/api/calls/schedule", body)
+        schedule_call(&user, body, time)
     };
     let reply = schedule("2027-03-14T09:00", Some("America/New_York")).await;
     assert_eq!(reply.status, 201, "{reply:?}");
@@ -453,8 +413,11 @@ async fn scheduled_calls_fire_once_at_the_local_time_across_a_dst_change_and_res
     app.stop().await;
     let app = env.spawn_app_with(clock).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(count_events(&app, &id, "ScheduledCallFired").await, 1);
-    assert_eq!(count_events(&app, &id, "CallPlaced").await, 1);
+    assert_eq!(
+        count_events(&app.state.pool, &id, "ScheduledCallFired").await,
+        1
+    );
+    assert_eq!(count_events(&app.state.pool, &id, "CallPlaced").await, 1);
     assert_eq!(
         app.sims.twilio.as_ref().unwrap().calls().len(),
         0,
@@ -474,12 +437,7 @@ async fn cancelling_a_scheduled_call_releases_its_hold_unless_it_is_too_late() {
     grant(&app, &profile, 100).await;
     let mut ids = vec![];
     for time in ["2027-01-10T11:00:00+00:00", "2027-01-10T12:30:00+01:00"] {
-        let reply = user
-            .post(
-                "/api/calls/schedule",
-                json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5, "scheduled_time": time }),
-            )
-            .await;
+        let reply = schedule_call(&user, call_body("brad_001", 5), time).await;
         assert_eq!(reply.status, 201, "{reply:?}");
         ids.push(reply.body["call"]["id"].as_str().unwrap().to_string());
     }
@@ -507,12 +465,7 @@ async fn cancelling_a_scheduled_call_releases_its_hold_unless_it_is_too_late() {
         .post("/api/personas", common::persona_body("Morning Coach", true))
         .await;
     let persona_id = mine.body["persona"]["id"].as_str().unwrap().to_string();
-    let booked = other
-        .post(
-            "/api/calls/schedule",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 1, "scheduled_time": "2027-01-11T08:00:00Z" }),
-        )
-        .await;
+    let booked = schedule_call(&other, call_body(&persona_id, 1), "2027-01-11T08:00:00Z").await;
     assert_eq!(booked.status, 201, "{booked:?}");
     let refused = user.delete(&format!("/api/personas/{persona_id}")).await;
     assert_eq!(refused.status, 409, "{refused:?}");
@@ -618,13 +571,7 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 3 }),
-        )
-        .await;
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, "brad_001", 3).await;
     let ringing = wait_for(&app.state.pool, &user, &id, "ringing", false).await;
     let sid = ringing["call"]["call_sid"].as_str().unwrap().to_string();
     let token = callmeback::config::DEV_TWILIO_AUTH_TOKEN;
@@ -671,7 +618,7 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
         204
     );
     wait_for(&app.state.pool, &user, &id, "in-progress", false).await;
-    let changes = count_events(&app, &id, "CallStatusChanged").await;
+    let changes = count_events(&app.state.pool, &id, "CallStatusChanged").await;
     let late = [
         ("CallSid", sid.as_str()),
         ("CallStatus", "ringing"),
@@ -679,7 +626,7 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     ];
     assert_eq!(callback(&api, &id, &late, Some(token)).await.status, 204);
     assert_eq!(
-        count_events(&app, &id, "CallStatusChanged").await,
+        count_events(&app.state.pool, &id, "CallStatusChanged").await,
         changes,
         "never backwards"
     );
@@ -693,8 +640,8 @@ async fn forged_duplicated_and_reordered_callbacks_change_nothing() {
     assert_eq!(done["call"]["duration_secs"], 61);
     assert_eq!(done["call"]["cost_cents"], 105, "25¢ + 2 started minutes");
     assert_eq!(done["call"]["charged_cents"], 105);
-    assert_eq!(count_events(&app, &id, "CallEnded").await, 1);
-    assert_eq!(count_events(&app, &id, "CallSettled").await, 1);
+    assert_eq!(count_events(&app.state.pool, &id, "CallEnded").await, 1);
+    assert_eq!(count_events(&app.state.pool, &id, "CallSettled").await, 1);
     let settled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_type = 'wallet' AND event_type = 'CreditsSettled'",
     )
@@ -725,17 +672,11 @@ async fn the_simulators_duplicated_and_reordered_callbacks_settle_a_call_once() 
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
-        )
-        .await;
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, "brad_001", 1).await;
     let done = wait_for(&app.state.pool, &user, &id, "completed", true).await;
     assert_eq!(done["call"]["charged_cents"], 65);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(count_events(&app, &id, "CallEnded").await, 1);
+    assert_eq!(count_events(&app.state.pool, &id, "CallEnded").await, 1);
     let twilio_costs: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'CostRecorded'
             AND payload -> 'CostRecorded' ->> 'service' = 'twilio'",
@@ -862,12 +803,7 @@ async fn a_scheduled_call_missed_beyond_the_grace_period_expires_and_releases_it
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    let reply = user
-        .post(
-            "/api/calls/schedule",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 5, "scheduled_time": "2027-02-01T09:30:00Z" }),
-        )
-        .await;
+    let reply = schedule_call(&user, call_body("brad_001", 5), "2027-02-01T09:30:00Z").await;
     assert_eq!(reply.status, 201, "{reply:?}");
     let id = reply.body["call"]["id"].as_str().unwrap().to_string();
     app.stop().await;
@@ -906,17 +842,11 @@ async fn a_call_twilio_keeps_refusing_fails_after_bounded_retries_and_releases_i
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
-        )
-        .await;
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, "brad_001", 1).await;
     let done = wait_for(&app.state.pool, &user, &id, "failed", true).await;
     assert_eq!(done["call"]["charged_cents"], 0);
-    assert_eq!(count_events(&app, &id, "DialAttempted").await, 5);
-    assert_eq!(count_events(&app, &id, "DialFailed").await, 5);
+    assert_eq!(count_events(&app.state.pool, &id, "DialAttempted").await, 5);
+    assert_eq!(count_events(&app.state.pool, &id, "DialFailed").await, 5);
     assert!(eventually(Duration::from_secs(5), || async {
         (balance(&app.state.pool, &profile).await == 100).then_some(())
     })

@@ -10,7 +10,7 @@ use std::time::Duration;
 use callmeback::backbone::store::EventStore;
 use cmb_domain::wallet::{Wallet, WalletCommand};
 use cmb_domain::{Actor, CommandContext};
-use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, request_call, Api, TestEnv, PASSWORD};
 use serde_json::json;
 
 fn env() -> TestEnv {
@@ -100,14 +100,7 @@ async fn two_deliveries_handled_at_once_place_the_call_at_twilio_once() {
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 1 }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, "brad_001", 1).await;
     // The same delivery, handled a second time while the app's dialer works on it.
     let requested = eventually(Duration::from_secs(30), || async {
         common::read_stream(&env)

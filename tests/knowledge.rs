@@ -9,7 +9,7 @@ use crate::common;
 use std::time::Duration;
 
 use callmeback::app::Running;
-use common::{eventually, persona_body, Api, TestEnv, PASSWORD};
+use common::{eventually, persona_body, request_call, wait_for_event, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 async fn persona(user: &Api, name: &str, public: bool) -> String {
@@ -376,26 +376,11 @@ async fn system_personas_ship_a_library_in_their_voice_and_it_is_read_only() {
 
 /// Calls `persona_id`; returns the call once its voice session ended (transcript saved).
 async fn call(app: &Running, user: &Api, persona_id: &str) -> Value {
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
-    let ended = eventually(Duration::from_secs(60), || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'VoiceSessionEnded'",
-        )
-        .bind(&id)
-        .fetch_one(&app.state.pool)
-        .await
-        .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(ended.is_some(), "the voice session of {id} never ended");
+    let id = request_call(user, persona_id, 2).await;
+    assert!(
+        wait_for_event(&app.state.pool, &id, "VoiceSessionEnded").await,
+        "the voice session of {id} never ended"
+    );
     user.get(&format!("/api/calls/{id}")).await.body
 }
 

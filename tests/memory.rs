@@ -8,7 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use callmeback::app::Running;
-use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, request_call, wait_for_event, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 async fn persona(user: &Api) -> String {
@@ -33,27 +33,12 @@ async fn persona(user: &Api) -> String {
 /// Calls; waits until the session is recorded and the memory worker has dealt with the call
 /// (a `CallDigested` event, or none when memory is off: then a moment for it to have looked).
 async fn call(app: &Running, user: &Api, persona_id: &str, digested: bool) -> (String, Value) {
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(user, persona_id, 2).await;
     let pool = &app.state.pool;
-    let ended = eventually(Duration::from_secs(60), || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'VoiceSessionEnded'",
-        )
-        .bind(&id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(ended.is_some(), "the voice session of {id} never ended");
+    assert!(
+        wait_for_event(pool, &id, "VoiceSessionEnded").await,
+        "the voice session of {id} never ended"
+    );
     if digested {
         let done = eventually(Duration::from_secs(30), || async {
             let n: i64 = sqlx::query_scalar(

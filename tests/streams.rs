@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use callmeback::app::Running;
 use callmeback::config::DEV_TWILIO_AUTH_TOKEN;
-use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, request_call, Api, TestEnv, PASSWORD};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::net::TcpStream;
@@ -34,14 +34,7 @@ fn env() -> TestEnv {
 async fn ringing_call(app: &Running, api: &Api) -> (String, String, Api) {
     let (user, profile) = api.register(PASSWORD).await;
     grant(app, &profile, 100).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": "brad_001", "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, "brad_001", 2).await;
     let sid = eventually(Duration::from_secs(60), || async {
         let call = user.get(&format!("/api/calls/{id}")).await;
         call.body["call"]["call_sid"].as_str().map(str::to_string)

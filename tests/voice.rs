@@ -7,7 +7,7 @@ use crate::common;
 use std::time::Duration;
 
 use callmeback::app::Running;
-use common::{eventually, grant, Api, TestEnv, PASSWORD};
+use common::{eventually, grant, request_call, wait_for_event, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 /// A persona with a short greeting and the given turn-taking, owned by `user`.
@@ -35,26 +35,11 @@ fn turn_taking(endpointing: u32, reminder: u32, hangup: u32) -> Value {
 
 /// Calls, and waits until the call has ended and its voice session is recorded.
 async fn converse(app: &Running, user: &Api, persona_id: &str) -> (String, Value) {
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
-    let ended = eventually(Duration::from_secs(60), || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'VoiceSessionEnded'",
-        )
-        .bind(&id)
-        .fetch_one(&app.state.pool)
-        .await
-        .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(ended.is_some(), "the voice session of {id} never ended");
+    let id = request_call(user, persona_id, 2).await;
+    assert!(
+        wait_for_event(&app.state.pool, &id, "VoiceSessionEnded").await,
+        "the voice session of {id} never ended"
+    );
     // And the read models have caught up with it.
     let caught_up = eventually(Duration::from_secs(20), || async {
         let n: i64 = sqlx::query_scalar(
@@ -471,13 +456,7 @@ async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let persona_id = persona(&user, "Hi.", turn_taking(300, 120_000, 300_000)).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 1 }),
-        )
-        .await;
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, &persona_id, 1).await;
     let completed = eventually(Duration::from_secs(75), || async {
         let row: Option<(String, i32)> =
             sqlx::query_as("SELECT status, billed_minutes FROM rm_calls WHERE id = $1::uuid AND charged_cents IS NOT NULL")
@@ -520,14 +499,7 @@ async fn a_budget_lowered_during_a_call_ends_it_gracefully() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let persona_id = persona(&user, "Hi.", turn_taking(300, 120_000, 300_000)).await;
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 5 }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let id = request_call(&user, &persona_id, 5).await;
     // Once the call is under way, the user lowers their daily limit below its price.
     let answered = eventually(Duration::from_secs(10), || async {
         let s: String = sqlx::query_scalar("SELECT status FROM rm_calls WHERE id = $1::uuid")

@@ -10,6 +10,12 @@ use std::time::Duration;
 use callmeback::app::Running;
 use callmeback::config::Config;
 
+mod calls;
+pub use calls::{
+    call_body, count_events, request_call, schedule_call, wait_for_event, wait_for_settlement,
+    wait_for_status,
+};
+
 pub struct TestEnv {
     pub id: String,
     pub vars: HashMap<String, String>,
