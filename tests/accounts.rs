@@ -16,6 +16,9 @@ mod export;
 #[path = "account_erasure.rs"]
 mod erasure;
 
+#[path = "account_privacy.rs"]
+mod privacy;
+
 use std::time::Duration;
 
 use common::{Api, TestEnv, PASSWORD};

@@ -147,13 +147,16 @@ impl EventEnvelope {
     }
 
     /// Decodes the payload as an aggregate's event enum, upcast first to the version this
-    /// build speaks (see [`crate::events`]).
+    /// build speaks (see [`crate::events`]). Personal fields still sealed (the reader had no
+    /// key, or the user was erased) read as [`crate::privacy::ERASED`].
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
+        let mut payload = self.payload.clone();
+        crate::privacy::blank(&self.aggregate_type, &self.event_type, &mut payload);
         let (_, payload) = crate::events::upcast(
             &self.aggregate_type,
             &self.event_type,
             &self.event_version,
-            self.payload.clone(),
+            payload,
         );
         serde_json::from_value(payload)
     }

@@ -16,6 +16,7 @@ pub mod knowledge;
 pub mod memory;
 pub mod persona;
 pub mod pricing;
+pub mod privacy;
 pub mod system_cost;
 pub mod user;
 pub mod values;

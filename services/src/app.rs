@@ -93,6 +93,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
     let lag = crate::backbone::projector::LagBoard::default();
     let projector = Arc::new(Projector {
         pool: pool.clone(),
+        keys: store.keys().clone(),
         stream: stream.clone(),
         settings: config.stream.clone(),
         consumer_prefix: config.consumer_prefix.clone(),

@@ -300,3 +300,15 @@ pub async fn unfinished(
     .fetch_all(pool)
     .await
 }
+
+/// An erased user's calls keep their money and times but no longer their destination: the
+/// number reads as [`cmb_domain::privacy::ERASED`], as a rebuild (the key destroyed) would
+/// write it. Returns the calls changed.
+pub async fn forget_phones(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("UPDATE rm_calls SET phone = $2 WHERE user_id = $1 AND phone <> $2")
+        .bind(user)
+        .bind(cmb_domain::privacy::ERASED)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}

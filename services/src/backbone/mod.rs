@@ -4,6 +4,7 @@
 pub mod counters;
 pub mod db;
 pub mod deadletter;
+pub mod keys;
 pub mod lease;
 pub mod outbox;
 pub mod projector;

@@ -16,12 +16,15 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::backbone::deadletter;
+use crate::backbone::keys::Keyring;
 
 /// Messages waiting per projection, as last measured (for `/readyz` and the metric).
 pub type LagBoard = Arc<RwLock<BTreeMap<String, u64>>>;
 
 pub struct Projector {
     pub pool: PgPool,
+    /// Opens the personal fields of the events it applies.
+    pub keys: Keyring,
     pub stream: jetstream::stream::Stream,
     pub settings: StreamSettings,
     pub consumer_prefix: String,
@@ -133,7 +136,14 @@ impl Projector {
                     continue;
                 }
             };
-            match cmb_projections::apply(&self.pool, projection, &event, stream_sequence).await {
+            // Opened for the read model only: a letter set aside keeps the sealed event.
+            let applied = match self.keys.opened(&event).await {
+                Ok(opened) => {
+                    cmb_projections::apply(&self.pool, projection, &opened, stream_sequence).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            match applied {
                 Ok(Outcome::Gap { expected }) => {
                     match deadletter::blocker(&self.pool, &consumer_name, &event).await? {
                         // Its predecessor was set aside: it waits there too, in order.
@@ -212,7 +222,13 @@ impl Projector {
             &self.stream,
             consumer_name,
             |seq, event| async move {
-                match cmb_projections::apply(&self.pool, projection, &event, seq).await {
+                let applied = match self.keys.opened(&event).await {
+                    Ok(opened) => {
+                        cmb_projections::apply(&self.pool, projection, &opened, seq).await
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                match applied {
                     Ok(Outcome::Gap { expected }) => deadletter::Redriven::Failed(format!(
                         "still waiting for sequence {expected}"
                     )),
@@ -323,14 +339,16 @@ pub async fn rebuild(
         until,
     )
     .await?;
+    let keys = Keyring::new(pool.clone());
     let mut applied = 0;
     while let Some(item) = rx.recv().await {
         let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;
+        let event = keys.opened(&r.event).await?;
         // A gap here means the live projector holds the predecessor's transaction: retry a
         // while. One that lasts means the stream lost an event: `events verify` repairs it.
         let mut waited = 0;
         loop {
-            match cmb_projections::apply(pool, projection, &r.event, r.stream_sequence).await? {
+            match cmb_projections::apply(pool, projection, &event, r.stream_sequence).await? {
                 Outcome::Gap { expected } if waited >= 250 => {
                     return Err(format!(
                         "{} arrived but its sequence {expected} never did; run `callmeback events verify`",

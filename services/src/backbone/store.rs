@@ -1,16 +1,19 @@
 //! The command path: load an aggregate from the Postgres event store, let it decide, commit
 //! its events with the command's metadata, retrying on a concurrent writer.
 //!
+//! Personal fields are sealed on the way in and opened on the way out ([`super::keys`]), so
+//! the aggregates decide on clear values and the log holds none.
+//!
 //! cqrs-es's `CqrsFramework` would also dispatch in-process `Query`s after the commit; we do
 //! not use those (a crash loses them): every read model and worker is fed from JetStream.
 
 use std::time::Duration;
 
 use cmb_domain::CommandContext;
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{Aggregate, DomainEvent as _, EventStore as _};
-use postgres_es::PostgresEventRepository;
+use cqrs_es::{Aggregate, DomainEvent as _};
 use sqlx::PgPool;
+
+use super::keys::Keyring;
 
 /// What a successful command wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +49,7 @@ enum Insert {
 /// JSON text Postgres stores; the primary key refuses a sequence another writer took.
 async fn insert_events<A: Aggregate>(
     pool: &PgPool,
+    keys: &Keyring,
     id: &str,
     before: u64,
     events: &[A::Event],
@@ -56,9 +60,19 @@ async fn insert_events<A: Aggregate>(
     let mut versions = Vec::with_capacity(events.len());
     let mut payloads = Vec::with_capacity(events.len());
     for event in events {
-        types.push(event.event_type());
+        let event_type = event.event_type();
+        let payload = if cmb_domain::privacy::is_personal(A::TYPE, &event_type) {
+            let mut value = serde_json::to_value(event).map_err(|e| failed(&e))?;
+            keys.seal(A::TYPE, id, &event_type, &mut value)
+                .await
+                .map_err(|e| failed(&e))?;
+            value.to_string()
+        } else {
+            serde_json::to_string(event).map_err(|e| failed(&e))?
+        };
+        types.push(event_type);
         versions.push(event.event_version());
-        payloads.push(serde_json::to_string(event).map_err(|e| failed(&e))?);
+        payloads.push(payload);
     }
     let metadata = serde_json::to_string(&ctx.to_metadata()).map_err(|e| failed(&e))?;
     let inserted = sqlx::query(
@@ -93,31 +107,53 @@ const CONFLICT_RETRIES: usize = 8;
 #[derive(Clone)]
 pub struct EventStore {
     pool: PgPool,
+    keys: Keyring,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        EventStore { pool }
+        EventStore {
+            keys: Keyring::new(pool.clone()),
+            pool,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    fn store<A: Aggregate>(&self) -> PersistedEventStore<PostgresEventRepository, A> {
-        PersistedEventStore::new_event_store(PostgresEventRepository::new(self.pool.clone()))
-            .with_upcasters(vec![Box::new(cmb_domain::events::StoreUpcaster)])
+    /// The data keys personal fields are sealed with.
+    pub fn keys(&self) -> &Keyring {
+        &self.keys
     }
 
     /// The aggregate's current state and sequence, straight from the event store (consistent,
-    /// unlike a read model).
+    /// unlike a read model): each event opened, upcast, decoded and applied in order.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<(A, u64), CommandError<A::Error>> {
-        let context = self
-            .store::<A>()
-            .load_aggregate(id)
-            .await
-            .map_err(|e| CommandError::Store(e.to_string()))?;
-        Ok((context.aggregate, context.current_sequence as u64))
+        let store = |e: &dyn std::fmt::Display| CommandError::Store(e.to_string());
+        let rows: Vec<(i64, String, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT sequence, event_type, event_version, payload FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| store(&e))?;
+        let mut aggregate = A::default();
+        let mut sequence = 0;
+        for (seq, event_type, version, mut payload) in rows {
+            self.keys
+                .open(A::TYPE, id, &event_type, &mut payload)
+                .await
+                .map_err(|e| store(&e))?;
+            let (_, payload) = cmb_domain::events::upcast(A::TYPE, &event_type, &version, payload);
+            let event: A::Event = serde_json::from_value(payload)
+                .map_err(|e| store(&format!("{}:{id}:{seq} {event_type}: {e}", A::TYPE)))?;
+            aggregate.apply(event);
+            sequence = seq as u64;
+        }
+        Ok((aggregate, sequence))
     }
 
     /// Runs `command` against aggregate `id` and commits what it decides.
@@ -131,17 +167,11 @@ impl EventStore {
         A: Aggregate<Services = ()>,
         A::Command: Clone,
     {
-        let store = self.store::<A>();
         let mut attempt = 0;
         loop {
-            let mut context = store
-                .load_aggregate(id)
-                .await
-                .map_err(|e| CommandError::Store(e.to_string()))?;
-            let before = context.current_sequence as u64;
+            let (mut aggregate, before) = self.load::<A>(id).await?;
             let sink = cqrs_es::event_sink::EventSink::default();
-            context
-                .aggregate
+            aggregate
                 .handle(command.clone(), &(), &sink)
                 .await
                 .map_err(CommandError::Rejected)?;
@@ -155,7 +185,7 @@ impl EventStore {
                     events: 0,
                 });
             }
-            match insert_events::<A>(&self.pool, id, before, &events, ctx).await {
+            match insert_events::<A>(&self.pool, &self.keys, id, before, &events, ctx).await {
                 Ok(()) => {
                     metrics::counter!("cmb_events_committed_total", "aggregate" => A::TYPE)
                         .increment(count as u64);

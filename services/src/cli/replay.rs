@@ -217,13 +217,15 @@ pub async fn run(
     let mut user_calls = std::collections::HashSet::new();
     let mut reconciler = crate::ops::reconcile::Reconciler::requested_between(calls_in_range);
     let printing = matches!(command, ReplayCommand::Events);
+    // Printed events show personal fields opened, or `[erased]` where the user was erased.
+    let keys = crate::backbone::keys::Keyring::new(b.pool.clone());
     while let Some(e) = rx.recv().await {
         progress.tick(1);
         if !filter.keep(&e, &mut user_calls) {
             continue;
         }
         if printing {
-            serde_json::to_writer(&mut out, &e)?;
+            serde_json::to_writer(&mut out, &*keys.opened(&e).await?)?;
             writeln!(out)?;
         } else {
             reconciler.add(&e);

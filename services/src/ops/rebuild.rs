@@ -103,6 +103,7 @@ async fn build_and_swap(
     let mut progress =
         crate::backbone::projector::Progress::new(&format!("rebuild {}", projection.name()), until)
             .force(show_progress);
+    let keys = crate::backbone::keys::Keyring::new(pool.clone());
     let applied = apply_range(
         &fresh,
         js,
@@ -141,6 +142,7 @@ async fn build_and_swap(
     let caught_up = if last > until {
         apply_range_on(
             &mut tx,
+            &keys,
             js,
             settings,
             projection,
@@ -196,10 +198,13 @@ async fn apply_range(
     let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), start, until)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The keys are in `public`, on the rebuild schema's search path.
+    let keys = crate::backbone::keys::Keyring::new(pool.clone());
     let mut applied = 0;
     while let Some(item) = rx.recv().await {
         let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
-        match cmb_projections::apply(pool, projection, &r.event, r.stream_sequence).await? {
+        let event = keys.opened(&r.event).await?;
+        match cmb_projections::apply(pool, projection, &event, r.stream_sequence).await? {
             Outcome::Applied => applied += 1,
             // Read in stream order, an aggregate's events come in order: a gap means the
             // stream lost one.
@@ -217,6 +222,7 @@ async fn apply_range(
 /// [`apply_range`] on one connection (inside the swap's transaction).
 async fn apply_range_on(
     conn: &mut sqlx::PgConnection,
+    keys: &crate::backbone::keys::Keyring,
     js: &jetstream::Context,
     settings: &StreamSettings,
     projection: &dyn Projection,
@@ -229,7 +235,8 @@ async fn apply_range_on(
     let mut applied = 0;
     while let Some(item) = rx.recv().await {
         let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
-        match cmb_projections::apply_on(conn, projection, &r.event, r.stream_sequence).await? {
+        let event = keys.opened(&r.event).await?;
+        match cmb_projections::apply_on(conn, projection, &event, r.stream_sequence).await? {
             Outcome::Applied => applied += 1,
             Outcome::Gap { expected } => anyhow::bail!(
                 "{} arrived but its sequence {expected} never did; run `callmeback events verify`",

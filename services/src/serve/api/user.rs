@@ -68,8 +68,9 @@ pub struct EraseAnswer {
 
 /// Erase your account: every session ends, sign-in stops working, your email, phone and
 /// WorkOS link are released, your transcripts and what personas remember of you are deleted.
-/// Needs a sign-in from the last 15 minutes or the password. Money records stay (see README
-/// "Privacy": personal fields already in the event log are not yet shredded). 3 an hour.
+/// Your data key is destroyed, so what the event log holds of you reads as `[erased]`. Needs a
+/// sign-in from the last 15 minutes or the password. Money records stay (see README
+/// "Privacy"). 3 an hour.
 #[utoipa::path(delete, path = "/user", tag = "auth", security(("bearer" = [])),
     request_body = EraseBody,
     responses(

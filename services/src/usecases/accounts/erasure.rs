@@ -1,12 +1,11 @@
 //! Erasing an account at its owner's request (`DELETE /api/user`): every session ends, the
-//! account records `UserErased` (no personal data in it; the aggregate forgets its own), its
-//! email, phone and WorkOS claims are released, its reset links deleted, and every persona's
-//! memory of the user cleared (`MemoryCleared`, which empties the memory read models). The
-//! user's calls are returned so the caller can delete what it keeps of them (transcripts).
-//!
-//! Not done here yet (README "Privacy"): the personal fields already written into event
-//! payloads stay readable in the log until events are encrypted per user (crypto-shredding);
-//! the Stripe customer is not detached.
+//! account records `UserErased` (no personal data in it; the aggregate forgets its own), the
+//! user's data key is destroyed (crypto-shredding: the personal fields of their events, in
+//! Postgres and on the stream, read as `[erased]` from then on; `backbone::keys`), its email,
+//! phone and WorkOS claims are released, its reset links and daily dial counts deleted, its
+//! calls' numbers blanked in the calls read model, and every persona's memory of the user
+//! cleared (`MemoryCleared`, which empties the memory read models). The user's calls are
+//! returned so the caller can delete what it keeps of them (transcripts).
 
 use chrono::{DateTime, Utc};
 use cmb_domain::memory::{Memory, MemoryCommand};
@@ -42,6 +41,11 @@ pub async fn erase(
         .await
         .map_err(|_| Error::NoAccount)?;
     // From here on the account is gone: what follows is clean-up, each step repeatable.
+    store
+        .keys()
+        .destroy(user)
+        .await
+        .map_err(sqlx::Error::from)?;
     sqlx::query("DELETE FROM identity_claims WHERE user_id = $1")
         .bind(user)
         .execute(pool)
@@ -70,6 +74,8 @@ pub async fn erase(
     .bind(user.to_string())
     .fetch_all(pool)
     .await?;
+    crate::usecases::calls::dials::forget_user(pool, user).await?;
+    cmb_projections::calls::forget_phones(pool, user).await?;
     Ok(Erased {
         calls: calls
             .iter()

@@ -149,6 +149,16 @@ pub async fn release(pool: &PgPool, call_id: Uuid) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Forgets the numbers an erased user called: their counts go (so the numbers' counts of
+/// today drop by theirs: their destinations are not kept, even for the day).
+pub async fn forget_user(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM call_dials WHERE user_id = $1")
+        .bind(user)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 /// [`release`], logging a failure instead of returning it (on paths already failing).
 pub async fn release_logged(pool: &PgPool, call_id: Uuid) {
     if let Err(e) = release(pool, call_id).await {

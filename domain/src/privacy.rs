@@ -1,0 +1,302 @@
+//! Personal data in event payloads, for crypto-shredding (README "Privacy").
+//!
+//! Events are never edited, so a user's right to erasure is honoured by encrypting the
+//! personal fields of their events with a data key of their own and destroying that key when
+//! they are erased. This module is the pure half: *which* fields of *which* events are
+//! personal ([`fields`]), *whose* they are ([`subject`]), what a field reads as once its key is
+//! gone ([`ERASED`]), and the walk over a payload that finds them. The cipher and the key table
+//! live in `services` (`backbone::keys`), at the event store's boundary.
+//!
+//! A sealed field is stored as `{"$sealed": "<base64 of nonce ‖ ciphertext>"}` in place of its
+//! value. A reader without the key sees it, through [`blank`] (done by
+//! [`crate::EventEnvelope::decode`]), as [`ERASED`] — or an empty list where the field is a
+//! list — so every event still decodes, and money, costs and ids, never sealed, read as
+//! before.
+//!
+//! The paths name the fields of the stored version of each event: a new version that moves a
+//! personal field lists its own paths here (sealing happens before, and opening before,
+//! upcasting).
+
+use serde_json::Value;
+use uuid::Uuid;
+
+/// What a personal field reads as once its owner was erased (or by a reader without keys).
+pub const ERASED: &str = "[erased]";
+
+/// The key of a sealed field's object.
+pub const SEALED: &str = "$sealed";
+
+/// One personal field of an event's body: a path of object keys, `[]` after a key meaning
+/// "each element of this list" (`facts[].text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub path: &'static str,
+    /// What it reads as without its key.
+    pub erased: Erased,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Erased {
+    /// The text [`ERASED`].
+    Text,
+    /// An empty list (an embedding vector).
+    EmptyList,
+}
+
+impl Erased {
+    pub fn value(self) -> Value {
+        match self {
+            Erased::Text => Value::String(ERASED.into()),
+            Erased::EmptyList => Value::Array(Vec::new()),
+        }
+    }
+}
+
+const fn text(path: &'static str) -> Field {
+    Field {
+        path,
+        erased: Erased::Text,
+    }
+}
+
+/// Whose data an aggregate's events carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The aggregate id is the user's id.
+    AggregateId,
+    /// The aggregate id is `<user id>:<rest>` (a memory: [`crate::memory::memory_id`]).
+    AggregateIdPrefix,
+    /// The body's `user_id` field, itself never sealed.
+    BodyUserId,
+}
+
+/// Per aggregate type and event type: the personal fields and whose they are.
+const PERSONAL: &[(&str, &str, Owner, &[Field])] = &[
+    (
+        "user",
+        "UserRegistered",
+        Owner::AggregateId,
+        &[text("name"), text("email"), text("phone")],
+    ),
+    (
+        "user",
+        "ProfileUpdated",
+        Owner::AggregateId,
+        &[text("name"), text("email"), text("phone")],
+    ),
+    (
+        "user",
+        "UserRegisteredWithWorkos",
+        Owner::AggregateId,
+        &[text("name"), text("email")],
+    ),
+    ("call", "CallRequested", Owner::BodyUserId, &[text("phone")]),
+    (
+        "memory",
+        "FactsLearned",
+        Owner::AggregateIdPrefix,
+        &[
+            text("facts[].text"),
+            Field {
+                path: "facts[].embedding",
+                erased: Erased::EmptyList,
+            },
+        ],
+    ),
+    (
+        "memory",
+        "SummaryRewritten",
+        Owner::AggregateIdPrefix,
+        &[text("summary")],
+    ),
+    (
+        "memory",
+        "OpenItemOpened",
+        Owner::AggregateIdPrefix,
+        &[text("text")],
+    ),
+];
+
+fn entry(
+    aggregate_type: &str,
+    event_type: &str,
+) -> Option<&'static (&'static str, &'static str, Owner, &'static [Field])> {
+    PERSONAL
+        .iter()
+        .find(|(a, e, _, _)| *a == aggregate_type && *e == event_type)
+}
+
+/// The personal fields of an event type (none for most).
+pub fn fields(aggregate_type: &str, event_type: &str) -> &'static [Field] {
+    entry(aggregate_type, event_type).map_or(&[], |(_, _, _, f)| f)
+}
+
+/// Whether events of this type carry personal fields.
+pub fn is_personal(aggregate_type: &str, event_type: &str) -> bool {
+    entry(aggregate_type, event_type).is_some()
+}
+
+/// The user whose personal data an event carries (`payload` is the stored `{"Type": {…}}`).
+pub fn subject(
+    aggregate_type: &str,
+    aggregate_id: &str,
+    event_type: &str,
+    payload: &Value,
+) -> Option<Uuid> {
+    let (_, _, owner, _) = entry(aggregate_type, event_type)?;
+    match owner {
+        Owner::AggregateId => Uuid::parse_str(aggregate_id).ok(),
+        Owner::AggregateIdPrefix => aggregate_id
+            .split_once(':')
+            .and_then(|(user, _)| Uuid::parse_str(user).ok()),
+        Owner::BodyUserId => payload
+            .get(event_type)?
+            .get("user_id")?
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok()),
+    }
+}
+
+/// Calls `each` with every personal field present in `payload` (absent and `null` ones are
+/// skipped), the field's description first.
+pub fn each_field(
+    aggregate_type: &str,
+    event_type: &str,
+    payload: &mut Value,
+    mut each: impl FnMut(&Field, &mut Value),
+) {
+    let Some(body) = payload.get_mut(event_type) else {
+        return;
+    };
+    for field in fields(aggregate_type, event_type) {
+        let steps: Vec<&str> = field.path.split('.').collect();
+        visit(body, &steps, &mut |v| each(field, v));
+    }
+}
+
+fn visit(value: &mut Value, steps: &[&str], each: &mut dyn FnMut(&mut Value)) {
+    let Some((step, rest)) = steps.split_first() else {
+        if !value.is_null() {
+            each(value);
+        }
+        return;
+    };
+    let (key, list) = match step.strip_suffix("[]") {
+        Some(key) => (key, true),
+        None => (*step, false),
+    };
+    let Some(next) = value.get_mut(key) else {
+        return;
+    };
+    if list {
+        if let Some(items) = next.as_array_mut() {
+            for item in items {
+                visit(item, rest, each);
+            }
+        }
+    } else {
+        visit(next, rest, each);
+    }
+}
+
+/// The ciphertext of a sealed field, if `value` is one.
+pub fn sealed(value: &Value) -> Option<&str> {
+    match value {
+        Value::Object(map) if map.len() == 1 => map.get(SEALED)?.as_str(),
+        _ => None,
+    }
+}
+
+/// A sealed field holding `ciphertext`.
+pub fn seal_value(ciphertext: String) -> Value {
+    let mut map = serde_json::Map::with_capacity(1);
+    map.insert(SEALED.into(), Value::String(ciphertext));
+    Value::Object(map)
+}
+
+/// Whether any personal field of `payload` is sealed.
+pub fn has_sealed(aggregate_type: &str, event_type: &str, payload: &mut Value) -> bool {
+    let mut any = false;
+    each_field(aggregate_type, event_type, payload, |_, v| {
+        any |= sealed(v).is_some()
+    });
+    any
+}
+
+/// Replaces every sealed field of `payload` by what it reads as without its key.
+pub fn blank(aggregate_type: &str, event_type: &str, payload: &mut Value) {
+    each_field(aggregate_type, event_type, payload, |field, v| {
+        if sealed(v).is_some() {
+            *v = field.erased.value();
+        }
+    });
+}
+
+/// Replaces every personal field of `payload`, sealed or not, by what it reads as erased: what
+/// is written for a user already erased.
+pub fn erase(aggregate_type: &str, event_type: &str, payload: &mut Value) {
+    each_field(aggregate_type, event_type, payload, |field, v| {
+        *v = field.erased.value()
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_listed_event_type_is_known() {
+        for (aggregate, event, _, fields) in PERSONAL {
+            assert!(
+                crate::events::is_known(aggregate, event),
+                "{aggregate}/{event}"
+            );
+            assert!(!fields.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_subject_is_found_where_the_aggregate_keeps_it() {
+        let user = Uuid::now_v7();
+        let id = user.to_string();
+        let p = json!({"UserRegistered": {"name": "A"}});
+        assert_eq!(subject("user", &id, "UserRegistered", &p), Some(user));
+        let p = json!({"FactsLearned": {"facts": []}});
+        let memory = crate::memory::memory_id(user, "sys-coach");
+        assert_eq!(subject("memory", &memory, "FactsLearned", &p), Some(user));
+        let p = json!({"CallRequested": {"user_id": id, "phone": "+14155550123"}});
+        assert_eq!(subject("call", "c1", "CallRequested", &p), Some(user));
+        assert_eq!(subject("call", "c1", "CallEnded", &p), None);
+    }
+
+    #[test]
+    fn fields_inside_lists_are_walked_and_sealed_ones_blank_to_their_erased_form() {
+        let mut p = json!({"FactsLearned": {"call_id": "c1", "facts": [
+            {"id": "f1", "text": {"$sealed": "x"}, "kind": "person", "embedding": {"$sealed": "y"}},
+            {"id": "f2", "text": "in clear", "kind": "goal"}
+        ]}});
+        let mut seen = Vec::new();
+        each_field("memory", "FactsLearned", &mut p, |f, _| seen.push(f.path));
+        assert_eq!(seen, ["facts[].text", "facts[].text", "facts[].embedding"]);
+        assert!(has_sealed("memory", "FactsLearned", &mut p));
+        blank("memory", "FactsLearned", &mut p);
+        assert_eq!(p["FactsLearned"]["facts"][0]["text"], ERASED);
+        assert_eq!(p["FactsLearned"]["facts"][0]["embedding"], json!([]));
+        assert_eq!(p["FactsLearned"]["facts"][1]["text"], "in clear");
+        assert_eq!(p["FactsLearned"]["call_id"], "c1");
+    }
+
+    #[test]
+    fn an_erased_user_event_still_decodes() {
+        let mut p = json!({"UserRegistered": {"name": "Ann", "email": "ann@example.com",
+            "phone": "+14155550123", "password_hash": "h"}});
+        erase("user", "UserRegistered", &mut p);
+        assert!(!has_sealed("user", "UserRegistered", &mut p));
+        let e: crate::user::UserEvent = serde_json::from_value(p).unwrap();
+        let crate::user::UserEvent::UserRegistered { name, email, .. } = e else {
+            panic!("decoded as another event")
+        };
+        assert_eq!((name.as_str(), email.as_str()), (ERASED, ERASED));
+    }
+}

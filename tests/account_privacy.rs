@@ -1,0 +1,289 @@
+//! Crypto-shredding (README "Privacy"): a user's email, phone and what personas learned about
+//! them are never in the event log in clear (Postgres or the stream), yet the API shows them;
+//! after `DELETE /api/user` none of it, nor the transcript, is anywhere in Postgres — every
+//! text column of every table searched, read models rebuilt from the stream included — and
+//! the reconcile adds up to the same cents. (A module of `accounts` in the suite.)
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use super::common::{eventually, grant, read_stream, Api, TestEnv, PASSWORD};
+
+const SAID: &str = "my neighbour Bartholomew Quince keeps bees";
+const FACT: &str = "Has a sister called Zenobia Marchetti";
+const SUMMARY: &str = "A beekeeper's friend with a sister in Trieste.";
+const OPEN_ITEM: &str = "the plumbing appointment with Gustavsson";
+const EXTRACTED: &str = r#"{"facts":[{"text":"Has a sister called Zenobia Marchetti","kind":"person"}],"summary":"A beekeeper's friend with a sister in Trieste.","open_items":[{"text":"the plumbing appointment with Gustavsson"}],"closed_items":[]}"#;
+
+/// Where `needle` occurs in the public schema: `table.column` of every text, varchar, json,
+/// jsonb and text[] column holding it.
+async fn find_anywhere(pool: &PgPool, needle: &str) -> Vec<String> {
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns
+          WHERE table_schema = 'public'
+            AND data_type IN ('text', 'character varying', 'json', 'jsonb', 'ARRAY', 'bytea')
+            AND table_name IN (SELECT table_name FROM information_schema.tables
+                                WHERE table_schema = 'public' AND table_type = 'BASE TABLE')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut found = Vec::new();
+    for (table, column) in columns {
+        // Names from the catalogue, quoted; the needle is a bound parameter.
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM \"{table}\" WHERE strpos(\"{column}\"::text, $1) > 0"
+        ))
+        .bind(needle)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            found.push(format!("{table}.{column}"));
+        }
+    }
+    found
+}
+
+async fn reconcile(env: &TestEnv, source: &str) -> Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args([
+            "replay",
+            "--source",
+            source,
+            "--format",
+            "json",
+            "reconcile",
+        ])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("replay runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    json!({ "calls": report["calls"], "per_user": report["per_user"],
+            "per_provider": report["per_provider"], "totals": report["totals"] })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "6")
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:3000")
+        .set("SIM_DEEPGRAM_SCRIPT", SAID);
+    let app = env.spawn_app().await;
+    let pool = app.state.pool.clone();
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    let id = profile["id"].as_str().unwrap().to_string();
+    let email = profile["email"].as_str().unwrap().to_string();
+    let phone = profile["phone"].as_str().unwrap().to_string();
+    grant(&app, &profile, 100).await;
+    let persona = user
+        .post(
+            "/api/personas",
+            super::common::persona_body("Privacy Buddy", false),
+        )
+        .await;
+    assert_eq!(persona.status, 201, "{persona:?}");
+    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    app.sims
+        .cerebras
+        .as_ref()
+        .unwrap()
+        .set_extraction_reply(vec![EXTRACTED.into()]);
+    let call = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
+        )
+        .await;
+    assert_eq!(call.status, 201, "{call:?}");
+    let call_id = call.body["call"]["id"].as_str().unwrap().to_string();
+
+    // The call is settled and digested (fact, open item and summary projected): the persona
+    // remembers, and the API shows it in clear.
+    let remembered = eventually(Duration::from_secs(120), || async {
+        let (settled, facts): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events
+                      WHERE aggregate_id = $1 AND event_type = 'CallSettled'),
+                    (SELECT count(*) FROM rm_memory_facts WHERE user_id = $2::uuid)
+                  * (SELECT count(*) FROM rm_memory_open_items WHERE user_id = $2::uuid)
+                  * (SELECT count(*) FROM rm_memory_summary WHERE user_id = $2::uuid)",
+        )
+        .bind(&call_id)
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (settled == 1 && facts > 0).then_some(())
+    })
+    .await;
+    if remembered.is_none() {
+        let log: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT aggregate_id, event_type, left(payload::text, 300) FROM events
+              WHERE aggregate_type IN ('memory', 'call') ORDER BY global_position",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let letters: Vec<(String, String)> =
+            sqlx::query_as("SELECT consumer, error FROM dead_letters")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        panic!("the call was not settled or its memory not projected: {log:#?} {letters:#?}");
+    }
+    let memory = user
+        .get(&format!("/api/personas/{persona_id}/memory"))
+        .await
+        .body;
+    assert!(memory.to_string().contains(FACT), "{memory}");
+    assert!(memory.to_string().contains(OPEN_ITEM), "{memory}");
+    let me = user.get("/api/auth/me").await;
+    assert_eq!(me.body["user"]["email"], email.as_str(), "{me:?}");
+    let shown = user.get(&format!("/api/calls/{call_id}")).await;
+    assert!(shown.body.to_string().contains(&phone), "{shown:?}");
+    let heard: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM call_transcripts WHERE call_id = $1::uuid")
+            .bind(&call_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(heard > 0, "the transcript was saved");
+
+    // Nothing personal is in the log in clear: not in Postgres, not on the stream.
+    let personal = [email.as_str(), phone.as_str(), FACT, SUMMARY, OPEN_ITEM];
+    for needle in personal {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE strpos(payload::text, $1) > 0")
+                .bind(needle)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(n, 0, "{needle:?} is in an event in clear");
+    }
+    let sealed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_id = $1
+            AND payload -> 'UserRegistered' -> 'email' ? '$sealed'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sealed, 1, "the registration's email is sealed");
+    let stream = read_stream(&env).await;
+    let bodies: Vec<String> = stream
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect();
+    assert!(
+        bodies.iter().any(|b| b.contains(&id)),
+        "the user's events are on the stream"
+    );
+    for needle in personal {
+        assert!(
+            !bodies.iter().any(|b| b.contains(needle)),
+            "{needle:?} is on the stream in clear"
+        );
+    }
+
+    let before = reconcile(&env, "postgres").await;
+    assert!(
+        before["per_user"][&id].is_object(),
+        "the user's call is reconciled: {before}"
+    );
+    let erased = user
+        .delete_json("/api/user", json!({ "password": PASSWORD }))
+        .await;
+    assert_eq!(erased.status, 200, "{erased:?}");
+
+    // Every read model rebuilt from the stream: the erased user's fields are `[erased]`.
+    let config = env.config();
+    for projection in cmb_projections::all() {
+        callmeback::backbone::projector::rebuild(
+            &pool,
+            &app.state.js,
+            &config.stream,
+            projection.as_ref(),
+            false,
+        )
+        .await
+        .unwrap();
+    }
+    let number: String = sqlx::query_scalar("SELECT phone FROM rm_calls WHERE id = $1::uuid")
+        .bind(&call_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(number, cmb_domain::privacy::ERASED);
+
+    // Nowhere in Postgres: events, read models, side tables, every text column.
+    let all = [
+        email.as_str(),
+        phone.as_str(),
+        SAID,
+        FACT,
+        SUMMARY,
+        OPEN_ITEM,
+    ];
+    let left = eventually(Duration::from_secs(30), || async {
+        let mut left = Vec::new();
+        for needle in all {
+            for place in find_anywhere(&pool, needle).await {
+                left.push(format!("{needle:?} in {place}"));
+            }
+        }
+        left.is_empty().then_some(())
+    })
+    .await;
+    if left.is_none() {
+        let mut places = Vec::new();
+        for needle in all {
+            for place in find_anywhere(&pool, needle).await {
+                places.push(format!("{needle:?} in {place}"));
+            }
+        }
+        panic!("personal data left after erasure: {places:?}");
+    }
+
+    // Replaying the stream shows the fields erased; the money adds up to the same cents.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(["replay", "--source", "nats", "--format", "json", "events"])
+        .args(["--user", &id])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("replay runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let registered = printed
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event_type"] == "UserRegistered")
+        .expect("the registration is replayed");
+    assert_eq!(
+        registered["payload"]["UserRegistered"]["email"],
+        cmb_domain::privacy::ERASED
+    );
+    for needle in all {
+        assert!(!printed.contains(needle), "{needle:?} replayed");
+    }
+    assert_eq!(reconcile(&env, "postgres").await, before);
+    assert_eq!(reconcile(&env, "nats").await, before);
+    app.stop().await;
+    env.cleanup().await;
+}
