@@ -133,9 +133,7 @@ pub async fn run(
             ..
         }
     );
-    // From the stream, the parallel readers can miss a few messages of a million (see the
-    // README's Benchmarks): until that is found, the stream is folded event by event.
-    let report = if fast && unfiltered && range.source == "postgres" {
+    let report = if fast && unfiltered {
         // The whole log's reconcile: added up by Postgres, or read from the stream in place
         // by parallel consumers (the same report as the event-by-event fold below).
         Some(match range.source.as_str() {

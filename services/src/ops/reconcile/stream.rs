@@ -12,10 +12,9 @@ use super::{Reconciler, Report};
 /// The aggregate types the reconcile reads, besides calls.
 const OTHER_TYPES: [&str; 2] = ["system_cost", "stripe_event"];
 
-/// How many consumers read the call subjects by default. One: readers starting mid-stream
-/// (more than one) missed a few messages of a million in `bench replay`, one reading from the
-/// start of the stream none; `--partitions` in the bench tries more.
-pub const PARTITIONS: u64 = 1;
+/// How many consumers read the call subjects at once by default (`bench replay --partitions`
+/// tries others).
+pub const PARTITIONS: u64 = 4;
 
 /// How a reconcile from the stream went.
 #[derive(Debug, Clone, Copy)]
