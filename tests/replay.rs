@@ -518,10 +518,17 @@ async fn readers_from_mid_stream_and_in_parallel_read_every_message_once() {
         let (js, settings) = (js.clone(), settings.clone());
         async move {
             let mut seen = Vec::new();
-            let read = replay::read(&js, &settings, &filter, Start::Sequence(from), to, |s, _| {
-                seen.push(s);
-                Ok(())
-            });
+            let read = replay::read(
+                &js,
+                &settings,
+                &filter,
+                Start::Sequence(from),
+                to,
+                |s, _| {
+                    seen.push(s);
+                    Ok(())
+                },
+            );
             let n = tokio::time::timeout(Duration::from_secs(120), read)
                 .await
                 .expect("the range ends")
