@@ -494,7 +494,7 @@ async fn readers_from_mid_stream_and_in_parallel_read_every_message_once() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let subject = if x % 5 != 0 && i + 1 < N {
+        let subject = if !x.is_multiple_of(5) && i + 1 < N {
             calls.push(i + 1);
             settings.subject("call", &format!("c{}", x % 2_000))
         } else {
