@@ -133,6 +133,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
             embeddings: providers.embeddings.clone(),
             prompt_tokens: config.knowledge_prompt_tokens,
             session_passages: config.knowledge_session_passages,
+            indexes: Default::default(),
         },
         stream_tokens: crate::serve::voice::StreamTokens::new(config.jwt_secret.expose()),
     });

@@ -83,6 +83,8 @@ struct Shared {
     /// Every chat request's messages, (role, content), in arrival order.
     log: Mutex<Vec<Vec<(String, String)>>>,
     embedding_tokens: AtomicU64,
+    /// Embeddings requests answered (a batch is one).
+    embedding_requests: AtomicU64,
 }
 
 /// Whether a conversation asks for a memory extraction: its instructions ask for JSON with
@@ -108,6 +110,7 @@ impl LlmSim {
                 extraction_replies: Mutex::new(VecDeque::new()),
                 log: Mutex::new(Vec::new()),
                 embedding_tokens: AtomicU64::new(0),
+                embedding_requests: AtomicU64::new(0),
             }),
         }
     }
@@ -146,6 +149,11 @@ impl LlmSim {
     /// Input tokens of every embeddings request.
     pub fn embedding_tokens_total(&self) -> u64 {
         self.shared.embedding_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Embeddings requests answered (a batch of inputs is one request).
+    pub fn embedding_requests(&self) -> u64 {
+        self.shared.embedding_requests.load(Ordering::Relaxed)
     }
 
     /// Streams being written right now.
@@ -421,6 +429,9 @@ async fn embeddings(State(sim): State<LlmSim>, headers: HeaderMap, body: Bytes) 
     sim.shared
         .embedding_tokens
         .fetch_add(tokens, Ordering::Relaxed);
+    sim.shared
+        .embedding_requests
+        .fetch_add(1, Ordering::Relaxed);
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()

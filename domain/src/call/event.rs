@@ -19,6 +19,14 @@ pub struct TurnTimings {
     pub tts_first_byte_ms: Option<u32>,
     /// The first audio frame of the reply sent to Twilio: the end-to-end latency.
     pub first_audio_ms: Option<u32>,
+    /// Persona knowledge: how long choosing this reply's passages took, in microseconds (on
+    /// the turn's path, before the LLM request), and whether the caller's words were embedded
+    /// in time to rank by cosine too. `None` for a persona without knowledge (added later:
+    /// older events lack them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knowledge_us: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knowledge_vector: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,9 +1,10 @@
 //! Ranking a persona's passages against what the caller just said, in process: BM25 over
 //! stemmed words (English Snowball stemmer, common words left out), fused by reciprocal rank
 //! with cosine similarity against the passages' embeddings when the caller's words were
-//! embedded in time. Built once per call from the passages loaded at session start; a search
-//! is a pass over the postings of the query's few terms plus, with a vector, one dot product
-//! per passage (microseconds for hundreds of passages, well under a millisecond for 5,000).
+//! embedded in time. Built from the passages loaded at session start, once for all the calls
+//! of a persona that run at the same time (`serve::voice::knowledge`); a search is a pass over
+//! the postings of the query's few terms plus, with a vector, one dot product per passage
+//! (measured by `bench knowledge` and `bench voice --knowledge`: README, Benchmarks).
 
 use std::collections::HashMap;
 
@@ -28,7 +29,8 @@ pub struct PassageIn {
     pub heading: Option<String>,
     pub text: String,
     pub tokens: u32,
-    /// Empty when the passage was never embedded.
+    /// Empty when the passage was never embedded (and once in a [`KnowledgeIndex`], which
+    /// keeps it as a unit vector of its own).
     pub embedding: Vec<f32>,
 }
 
@@ -67,7 +69,7 @@ fn is_stopword(w: &str) -> bool {
 }
 
 impl KnowledgeIndex {
-    pub fn new(passages: Vec<PassageIn>) -> Self {
+    pub fn new(mut passages: Vec<PassageIn>) -> Self {
         let stemmer = Stemmer::create(Algorithm::English);
         let mut terms: HashMap<String, u32> = HashMap::new();
         let mut postings: Vec<Vec<(u32, u16)>> = Vec::new();
@@ -102,7 +104,12 @@ impl KnowledgeIndex {
         } else {
             (lengths.iter().map(|l| *l as f32).sum::<f32>() / lengths.len() as f32).max(1.0)
         };
-        let vectors = passages.iter().map(|p| unit(&p.embedding)).collect();
+        // The unit vectors replace the passages' own: one copy of each (a 1536-dimension
+        // vector is 6 KiB, more than its passage's text).
+        let vectors = passages
+            .iter_mut()
+            .map(|p| unit(&std::mem::take(&mut p.embedding)))
+            .collect();
         KnowledgeIndex {
             passages,
             vectors,

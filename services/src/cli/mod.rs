@@ -141,6 +141,10 @@ enum BenchCommand {
         /// How long each simulated call lasts.
         #[arg(long, default_value_t = 16)]
         seconds: u32,
+        /// Give the persona documents of about this many passages (persona knowledge; the
+        /// callers then ask about them) and report the retrieval on each turn's path.
+        #[arg(long, default_value_t = 0)]
+        knowledge: usize,
     },
     /// N concurrent calls through the real HTTP API against the simulators, measured from
     /// outside: this process plays Twilio (REST, webhooks, media streams) and the users,
@@ -355,11 +359,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "sims")]
         Command::Bench {
-            command: BenchCommand::Voice { calls, seconds },
+            command:
+                BenchCommand::Voice {
+                    calls,
+                    seconds,
+                    knowledge,
+                },
         } => {
             let mut rows = Vec::new();
             for n in calls {
-                let f = crate::ops::bench_voice::run(&config, n, seconds).await?;
+                let f = crate::ops::bench_voice::run(&config, n, seconds, knowledge).await?;
                 eprintln!(
                     "{n} calls: net p99 {:.1} ms, jitter p99 {:.1} ms, CPU {:.3} % per call",
                     f.net_p99_ms, f.jitter_p99_ms, f.cpu_pct_per_call

@@ -173,3 +173,162 @@ pub fn print(rows: &[Figures]) {
     }
     println!("{}", serde_json::json!({ "knowledge_retrieval": rows }));
 }
+
+/// `bench voice --knowledge N`: the callers' questions (the Deepgram simulator's script, one
+/// per turn), about what the persona's documents cover.
+pub const QUESTIONS: &str = "how should I pace my first marathon|what do I eat before a long run|\
+how much sleep do I need when I train hard|what if my knee hurts after a run|\
+how do I keep the habit when work gets busy";
+
+/// Real words the documents use among their made-up ones (the questions' subjects).
+const TOPICS: &[&str] = &[
+    "pace", "marathon", "eat", "long", "run", "sleep", "train", "hard", "knee", "hurts", "habit",
+    "work", "busy", "rest", "week", "plan", "goal", "water", "stretch", "coach", "race", "mile",
+];
+
+/// A made-up word of four letters, consonant-vowel twice (short words let 5,000 passages fit
+/// under the documents' character limit), Zipf-distributed; now and then one of [`TOPICS`].
+fn short_word(rng: &mut Rng) -> String {
+    const C: &[u8] = b"bdfgklmnprstvz";
+    const V: &[u8] = b"aeiou";
+    if rng.next().is_multiple_of(40) {
+        return TOPICS[(rng.next() % TOPICS.len() as u64) as usize].to_string();
+    }
+    let n = C.len() * V.len() * C.len() * V.len();
+    let u = (rng.next() % 1_000_000) as f64 / 1_000_000.0;
+    let i = ((n as f64).powf(u) as usize).min(n - 1);
+    let letters = [
+        C[i % C.len()],
+        V[i / C.len() % V.len()],
+        C[i / (C.len() * V.len()) % C.len()],
+        V[i / (C.len() * V.len() * C.len())],
+    ];
+    letters.iter().map(|b| char::from(*b)).collect()
+}
+
+/// Documents (at most [`cmb_domain::knowledge::MAX_DOCUMENTS`], each within the character
+/// limit) that split into about `passages` passages: paragraphs of 30 words, six to a passage,
+/// the next passage starting with the last paragraph of the one before.
+pub fn documents(passages: usize) -> Vec<(String, String)> {
+    use cmb_domain::knowledge::MAX_DOCUMENTS;
+    let docs = passages.div_ceil(250).clamp(1, MAX_DOCUMENTS);
+    let mut rng = Rng(0x5eed_cafe ^ passages as u64);
+    (0..docs)
+        .map(|d| {
+            let mine = passages / docs + usize::from(d < passages % docs);
+            let paragraphs = 5 * mine + 1;
+            let text: Vec<String> = (0..paragraphs)
+                .map(|_| {
+                    (0..30)
+                        .map(|_| short_word(&mut rng))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            (format!("Training notes {}", d + 1), text.join("\n\n"))
+        })
+        .collect()
+}
+
+/// Gives persona `persona_id` (of the user of `token`) the [`documents`] for `passages`, and
+/// waits until they are indexed; returns the passages indexed.
+pub async fn give_persona(
+    http: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    persona_id: &str,
+    passages: usize,
+) -> anyhow::Result<u64> {
+    let path = format!("{base_url}/api/personas/{persona_id}/knowledge");
+    for (title, content) in documents(passages) {
+        let r = http
+            .post(&path)
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "title": title, "format": "text", "content": content }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().as_u16() == 202,
+            "adding {title}: {}",
+            r.text().await?
+        );
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(900);
+    loop {
+        let list: serde_json::Value = http
+            .get(&path)
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let docs = list["documents"].as_array().cloned().unwrap_or_default();
+        if let Some(failed) = docs.iter().find(|d| d["status"] == "failed") {
+            anyhow::bail!("a document failed to index: {failed}");
+        }
+        if !docs.is_empty() && docs.iter().all(|d| d["status"] == "indexed") {
+            return Ok(docs.iter().filter_map(|d| d["passages"].as_u64()).sum());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "documents not indexed in 15 minutes"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// The persona's side of `bench voice --knowledge N`, from serve's own `TurnCompleted`
+/// timings: the retrieval on each caller turn's path, and how often the caller's words had
+/// been embedded in time.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct InCalls {
+    pub passages: u64,
+    pub turns: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// Turns ranked with the caller's vector too, of `turns`.
+    pub with_vector: usize,
+}
+
+impl InCalls {
+    /// From `TurnCompleted` timings (JSON objects).
+    pub fn from_timings(passages: u64, timings: &[serde_json::Value]) -> InCalls {
+        let mut us: Vec<f64> = timings
+            .iter()
+            .filter_map(|t| t["knowledge_us"].as_f64())
+            .collect();
+        us.sort_by(f64::total_cmp);
+        InCalls {
+            passages,
+            turns: us.len(),
+            p50_us: percentile(&us, 0.5),
+            p99_us: percentile(&us, 0.99),
+            max_us: us.last().copied().unwrap_or(0.0),
+            with_vector: timings
+                .iter()
+                .filter(|t| t["knowledge_vector"] == true)
+                .count(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cmb_domain::knowledge::{split, MAX_DOCUMENTS, MAX_DOCUMENT_CHARS};
+
+    #[test]
+    fn the_documents_split_into_about_the_passages_asked_within_the_limits() {
+        for n in [100, 5_000] {
+            let docs = documents(n);
+            assert!(docs.len() <= MAX_DOCUMENTS);
+            let mut total = 0;
+            for (_, text) in &docs {
+                assert!(text.chars().count() <= MAX_DOCUMENT_CHARS, "{}", text.len());
+                total += split::split(text).len();
+            }
+            assert!(total.abs_diff(n) <= n / 50, "{n}: {total}");
+        }
+    }
+}

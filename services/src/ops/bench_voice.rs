@@ -72,6 +72,9 @@ pub struct Figures {
     /// This process's CPU (the simulators, the callers), % of one core.
     pub bench_cpu_pct: f64,
     pub load_average: [f64; 3],
+    /// With `--knowledge N`: the persona's passages and the retrieval on each caller turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knowledge: Option<crate::ops::bench_knowledge::InCalls>,
 }
 
 fn percentile_ms(values: &mut [u64], p: f64) -> f64 {
@@ -82,8 +85,14 @@ fn percentile_ms(values: &mut [u64], p: f64) -> f64 {
     values[((values.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
 }
 
-/// Runs `calls` concurrent calls of about `seconds` each; returns what was measured.
-pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figures> {
+/// Runs `calls` concurrent calls of about `seconds` each, the persona holding documents of
+/// `knowledge` passages (none for 0); returns what was measured.
+pub async fn run(
+    base: &Config,
+    calls: u32,
+    seconds: u32,
+    knowledge: usize,
+) -> anyhow::Result<Figures> {
     let mut config = child::isolated(base, "voice", calls).await;
 
     // The providers, here.
@@ -115,6 +124,13 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     ] {
         config.sim.insert(k.to_string(), v);
     }
+    if knowledge > 0 {
+        // The callers ask about what the documents cover.
+        config.sim.insert(
+            "SIM_DEEPGRAM_SCRIPT".into(),
+            crate::ops::bench_knowledge::QUESTIONS.into(),
+        );
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     let mut settings = Settings::from_lookup(&|k: &str| config.sim_var(k));
@@ -141,6 +157,8 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
             ("CEREBRAS_BASE_URL", cerebras_url),
             ("OPENAI_BASE_URL", format!("{openai_url}/v1")),
             ("ELEVENLABS_BASE_URL", elevenlabs_url),
+            // Every passage in the calls (the default loads 500).
+            ("KNOWLEDGE_SESSION_PASSAGES", knowledge.max(500).to_string()),
         ],
         &format!("callmeback-bench-voice-{calls}"),
     )
@@ -162,6 +180,21 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
                        "voice": "21m00Tcm4TlvDq8ikWAM", "system_prompt": "You are a benchmark persona. Be brief.",
                        "greeting": "Hi.", "is_public": true,
                        "turn_taking": { "endpointing_ms": ENDPOINTING_MS, "silence_reminder_ms": 60000, "silence_hangup_ms": 120000 } })).await?;
+    let knowledge_passages = if knowledge > 0 {
+        eprintln!("giving the persona documents of about {knowledge} passages…");
+        let n = crate::ops::bench_knowledge::give_persona(
+            &http,
+            &serve.base_url,
+            &users.tokens[0],
+            &persona_id,
+            knowledge,
+        )
+        .await?;
+        eprintln!("{n} passages indexed");
+        Some(n)
+    } else {
+        None
+    };
 
     // Settle, then the baseline.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -274,6 +307,8 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         rss_mib_peak: rss_peak,
         bench_cpu_pct: bench_cpu / 10.0 / wall,
         load_average: load,
+        knowledge: knowledge_passages
+            .map(|n| crate::ops::bench_knowledge::InCalls::from_timings(n, &inside)),
     };
     serve.stop().await;
     shutdown.cancel();
@@ -341,6 +376,14 @@ pub fn print(rows: &[Figures]) {
             f.inside_first_audio_ms[0],
             f.inside_first_audio_ms[1]
         );
+    }
+    for f in rows {
+        if let Some(k) = &f.knowledge {
+            println!(
+                "{} calls, knowledge of {} passages: retrieval on the turn's path p50/p99/max {:.0}/{:.0}/{:.0} µs over {} turns, {} of them with the caller's words embedded in time",
+                f.calls, k.passages, k.p50_us, k.p99_us, k.max_us, k.turns, k.with_vector
+            );
+        }
     }
     let largest = rows
         .iter()

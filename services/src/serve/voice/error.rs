@@ -30,4 +30,6 @@ pub enum SessionError {
     Refused(super::tokens::Refusal),
     #[error("reading or recording: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("indexing the persona's knowledge: {0}")]
+    Knowledge(String),
 }

@@ -1,16 +1,20 @@
-//! Persona knowledge in a call: the persona's passages are loaded once at session start
-//! (`load`); on each caller turn the best of them for what the caller said are added to that
-//! reply's context within `KNOWLEDGE_PROMPT_TOKENS` (`for_turn`), ranked in process (BM25 over
-//! stemmed words, fused with cosine against the passages' vectors). The caller's words are
-//! embedded off the reply's path as soon as the transcript is stable (`prefetch`: a final
-//! segment, or an interim seen twice); the vector is used only if it is there when the turn
-//! ends. No provider call ever waits in the reply's path.
+//! Persona knowledge in a call: the persona's passages are loaded at session start (`load`)
+//! into an in-process index that the persona's calls running at the same time share (one copy
+//! however many of them run, built by the first, dropped with the last; a changed set of
+//! documents is a new index); on each caller turn the best of them for what the caller said
+//! are added to that reply's context within `KNOWLEDGE_PROMPT_TOKENS` (`for_turn`), ranked in
+//! process (BM25 over stemmed words, fused with cosine against the passages' vectors). The
+//! caller's words are embedded off the reply's path as soon as the transcript is stable
+//! (`prefetch`: a final segment, or an interim seen twice); the vector is used only if it is
+//! there when the turn ends. No provider call ever waits in the reply's path.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use cmb_domain::call::{Call, CallCommand};
 use cmb_domain::cost::CostKind;
 use cmb_domain::knowledge::rank::KnowledgeIndex;
+use cmb_domain::knowledge::DocumentStatus;
 use cmb_domain::persona::Persona;
 use cmb_domain::pricing::PriceTable;
 use cmb_domain::{Actor, CommandContext};
@@ -21,9 +25,9 @@ use super::shared::Voice;
 /// Passages added to one reply, at most.
 const PASSAGES_PER_TURN: usize = 3;
 
-/// A call's knowledge: its passages, and the caller's words embedded so far.
+/// A call's knowledge: its persona's passages, and the caller's words embedded so far.
 pub(super) struct CallKnowledge {
-    index: KnowledgeIndex,
+    index: Arc<KnowledgeIndex>,
     state: Arc<Mutex<Prefetch>>,
 }
 
@@ -37,29 +41,116 @@ struct Prefetch {
     embedded: Option<(String, Vec<f32>)>,
 }
 
-/// The persona's passages for a call (none when it has no indexed document).
+/// The indexes of the personas in calls now, by persona. A persona's slot is locked while its
+/// index is loaded, so calls starting together load it once.
+#[derive(Default)]
+pub struct SharedIndexes {
+    by_persona: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// What the index was built from (`index_key`).
+    key: String,
+    index: Weak<KnowledgeIndex>,
+}
+
+impl SharedIndexes {
+    fn slot(&self, persona_id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        let mut map = self.by_persona.lock().expect("knowledge indexes");
+        // Forget the personas no call uses any more (a slot someone waits for or is loading
+        // is kept).
+        map.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || match slot.try_lock() {
+                    Ok(s) => s.index.strong_count() > 0,
+                    Err(_) => true,
+                }
+        });
+        map.entry(persona_id.to_string()).or_default().clone()
+    }
+}
+
+/// What a call's index is built from: the persona's indexed documents (an id is never reused
+/// for other text), what ranks them at load, and how many are loaded. `None`: no document.
+fn index_key(persona: &Persona, limit: usize) -> Option<String> {
+    let mut ids: Vec<&str> = persona
+        .knowledge
+        .iter()
+        .filter(|d| matches!(d.status, DocumentStatus::Indexed { .. }))
+        .map(|d| d.document.document_id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return None;
+    }
+    ids.sort_unstable();
+    Some(format!(
+        "{limit}\n{}\n{}\n{}\n{}",
+        ids.join(","),
+        persona.name,
+        persona.description,
+        persona.tags.join(",")
+    ))
+}
+
+/// The persona's passages for a call (none when it has no indexed document): the index its
+/// calls share, loaded and built if none is up to date.
 pub(super) async fn load(
     voice: &Voice,
     persona_id: &str,
     persona: &Persona,
 ) -> Result<Option<CallKnowledge>, SessionError> {
-    let loaded = crate::usecases::knowledge::passages(
-        voice.store.pool(),
-        persona_id,
-        persona,
-        voice.knowledge.session_passages,
-    )
-    .await?;
-    if loaded.passages.is_empty() {
+    let limit = voice.knowledge.session_passages;
+    let Some(key) = index_key(persona, limit) else {
         return Ok(None);
-    }
-    if loaded.left_out > 0 {
-        tracing::info!(persona = %persona_id, loaded = loaded.passages.len(), left_out = loaded.left_out, "knowledge passages beyond KNOWLEDGE_SESSION_PASSAGES left out of the call");
-    }
+    };
+    let slot = voice.knowledge.indexes.slot(persona_id);
+    let mut slot = slot.lock().await;
+    let index = match slot.index.upgrade().filter(|_| slot.key == key) {
+        Some(index) => index,
+        None => {
+            let loaded = crate::usecases::knowledge::passages(
+                voice.store.pool(),
+                persona_id,
+                persona,
+                limit,
+            )
+            .await?;
+            if loaded.passages.is_empty() {
+                return Ok(None);
+            }
+            if loaded.left_out > 0 {
+                tracing::info!(persona = %persona_id, loaded = loaded.passages.len(), left_out = loaded.left_out, "knowledge passages beyond KNOWLEDGE_SESSION_PASSAGES left out of the calls");
+            }
+            // Thousands of passages take milliseconds to index: off the runtime's threads.
+            let passages = loaded.passages;
+            let index = tokio::task::spawn_blocking(move || KnowledgeIndex::new(passages))
+                .await
+                .map(Arc::new)
+                .map_err(|e| SessionError::Knowledge(e.to_string()))?;
+            *slot = Slot {
+                key,
+                index: Arc::downgrade(&index),
+            };
+            index
+        }
+    };
     Ok(Some(CallKnowledge {
-        index: KnowledgeIndex::new(loaded.passages),
+        index,
         state: Arc::default(),
     }))
+}
+
+/// What a caller's turn drew from the persona's knowledge.
+pub(super) struct Retrieved {
+    /// The passages as a note for the LLM (`None`: nothing matched).
+    pub note: Option<String>,
+    /// Their ids, for the transcript.
+    pub ids: Vec<String>,
+    /// How long choosing them took, in microseconds.
+    pub us: u32,
+    /// Whether the caller's words were embedded in time (cosine fused with the words' rank).
+    pub with_vector: bool,
 }
 
 /// Where a call's knowledge work is billed and logged.
@@ -126,9 +217,9 @@ impl CallKnowledge {
         });
     }
 
-    /// The passages for the reply to `text`, as a note for the LLM, and their ids for the
-    /// transcript. Measured (`cmb_knowledge_retrieval_us`): it sits on the turn's path.
-    pub(super) fn for_turn(&self, text: &str, call: ForCall<'_>) -> Option<(String, Vec<String>)> {
+    /// The passages for the reply to `text`. Measured (`cmb_knowledge_retrieval_us`, and the
+    /// turn's timings): it sits on the turn's path.
+    pub(super) fn for_turn(&self, text: &str, call: ForCall<'_>) -> Retrieved {
         let k = self;
         let started = std::time::Instant::now();
         let vector = {
@@ -149,11 +240,12 @@ impl CallKnowledge {
         let took = started.elapsed();
         metrics::histogram!("cmb_knowledge_retrieval_us").record(took.as_micros() as f64);
         tracing::debug!(call = %call.call_id, us = took.as_micros() as u64, found = hits.len(), with_vector = vector.is_some(), "knowledge retrieval");
-        if hits.is_empty() {
-            return None;
+        Retrieved {
+            note: (!hits.is_empty()).then(|| note(&hits)),
+            ids: hits.iter().map(|h| h.passage.id.clone()).collect(),
+            us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
+            with_vector: vector.is_some(),
         }
-        let ids = hits.iter().map(|h| h.passage.id.clone()).collect();
-        Some((note(&hits), ids))
     }
 }
 

@@ -59,6 +59,8 @@ pub struct KnowledgeSettings {
     pub prompt_tokens: usize,
     /// The most passages a call loads (`KNOWLEDGE_SESSION_PASSAGES`).
     pub session_passages: usize,
+    /// The personas' indexes, shared by their calls.
+    pub indexes: Arc<super::knowledge::SharedIndexes>,
 }
 
 impl Voice {

@@ -141,7 +141,7 @@ impl Session {
             .ctx
             .knowledge
             .as_ref()
-            .and_then(|k| k.for_turn(&text, self.for_call()));
+            .map(|k| k.for_turn(&text, self.for_call()));
         self.transcript.push(Line {
             speaker: "caller",
             text: text.clone(),
@@ -149,7 +149,7 @@ impl Session {
             at: chrono::Utc::now(),
             passages: knowledge
                 .as_ref()
-                .map(|(_, ids)| ids.clone())
+                .map(|k| k.ids.clone())
                 .unwrap_or_default(),
         });
         // The caller went on after we had started answering: that answer was early.
@@ -169,7 +169,7 @@ impl Session {
         });
         let mut messages = self.history.clone();
         // For this reply only, just before what the caller said.
-        for note in [recalled, knowledge.map(|(note, _)| note)]
+        for note in [recalled, knowledge.as_ref().and_then(|k| k.note.clone())]
             .into_iter()
             .flatten()
         {
@@ -193,6 +193,8 @@ impl Session {
             endpoint_at,
             timings: TurnTimings {
                 stt_final_ms: started.map(|s| ms(s, endpoint_at)),
+                knowledge_us: knowledge.as_ref().map(|k| k.us),
+                knowledge_vector: knowledge.as_ref().map(|k| k.with_vector),
                 ..Default::default()
             },
             provider: self.voice.llm.provider(),
