@@ -163,14 +163,14 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         });
     }
     // Transcripts older than the retention period are deleted, hourly, by every instance
-    // (deleting twice is harmless).
+    // (deleting twice is harmless), and what personas learned from them forgotten.
     {
-        let pool = pool.clone();
+        let store = store.clone();
         let days = config.transcript_retention_days;
         let stop = shutdown.clone();
         tasks.spawn(async move {
             loop {
-                if let Err(e) = crate::serve::transcripts::purge(&pool, days).await {
+                if let Err(e) = crate::serve::transcripts::apply_retention(&store, days).await {
                     tracing::warn!(error = %e, "transcript retention failed");
                 }
                 tokio::select! {

@@ -134,6 +134,11 @@ pub enum MemoryCommand {
     Forget {
         id: String,
     },
+    /// What was learned from these calls goes: their transcripts reached the end of their
+    /// retention (facts, open items, and the summary when one of them last rewrote it).
+    ForgetCalls {
+        calls: BTreeSet<String>,
+    },
     Clear,
 }
 
@@ -149,6 +154,9 @@ pub struct Memory {
     pub summary: Option<String>,
     pub open_items: Vec<OpenItem>,
     pub digested: BTreeSet<String>,
+    /// The call whose digest last rewrote the summary.
+    #[serde(default)]
+    pub summary_call: Option<String>,
 }
 
 impl Memory {
@@ -236,6 +244,27 @@ impl Aggregate for Memory {
                 }
                 vec![MemoryEvent::MemoryItemForgotten { id }]
             }
+            MemoryCommand::ForgetCalls { calls } => {
+                let facts = self.facts.iter().filter(|f| calls.contains(&f.call_id));
+                let items = self
+                    .open_items
+                    .iter()
+                    .filter(|o| calls.contains(&o.call_id));
+                let mut ids: Vec<String> = facts
+                    .map(|f| f.fact.id.clone())
+                    .chain(items.map(|o| o.id.clone()))
+                    .collect();
+                let summary_of_them = self
+                    .summary_call
+                    .as_ref()
+                    .is_some_and(|c| calls.contains(c));
+                if self.summary.is_some() && summary_of_them {
+                    ids.push(SUMMARY_ID.into());
+                }
+                ids.into_iter()
+                    .map(|id| MemoryEvent::MemoryItemForgotten { id })
+                    .collect()
+            }
             MemoryCommand::Clear => {
                 if self.is_empty() {
                     return Ok(());
@@ -258,7 +287,10 @@ impl Aggregate for Memory {
                         call_id: call_id.clone(),
                     }))
             }
-            MemoryEvent::SummaryRewritten { summary, .. } => self.summary = Some(summary),
+            MemoryEvent::SummaryRewritten { summary, call_id } => {
+                self.summary = Some(summary);
+                self.summary_call = Some(call_id);
+            }
             MemoryEvent::OpenItemOpened {
                 id,
                 text,
@@ -274,6 +306,7 @@ impl Aggregate for Memory {
             MemoryEvent::MemoryItemForgotten { id } => {
                 if id == SUMMARY_ID {
                     self.summary = None;
+                    self.summary_call = None;
                 }
                 self.facts.retain(|f| f.fact.id != id);
                 self.open_items.retain(|o| o.id != id);
@@ -281,6 +314,7 @@ impl Aggregate for Memory {
             MemoryEvent::MemoryCleared => {
                 self.facts.clear();
                 self.summary = None;
+                self.summary_call = None;
                 self.open_items.clear();
             }
             MemoryEvent::CallDigested { call_id, .. } => {
@@ -413,6 +447,55 @@ mod tests {
             .given(vec![MemoryEvent::MemoryCleared])
             .when(MemoryCommand::Clear)
             .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn what_expired_calls_taught_is_forgotten_and_nothing_else() {
+        let given = vec![
+            MemoryEvent::FactsLearned {
+                call_id: "c1".into(),
+                facts: vec![fact("f1", "Has a sister, Anna")],
+            },
+            MemoryEvent::OpenItemOpened {
+                id: "o1".into(),
+                text: "the race".into(),
+                call_id: "c1".into(),
+                at: at(),
+            },
+            MemoryEvent::SummaryRewritten {
+                call_id: "c1".into(),
+                summary: "Runs.".into(),
+            },
+            MemoryEvent::FactsLearned {
+                call_id: "c2".into(),
+                facts: vec![fact("f2", "Likes tea")],
+            },
+        ];
+        let calls = |ids: &[&str]| MemoryCommand::ForgetCalls {
+            calls: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        let forgotten = |id: &str| MemoryEvent::MemoryItemForgotten { id: id.into() };
+        TestFramework::<Memory>::with(())
+            .given(given.clone())
+            .when(calls(&["c1"]))
+            .then_expect_events(vec![
+                forgotten("f1"),
+                forgotten("o1"),
+                forgotten(SUMMARY_ID),
+            ]);
+        TestFramework::<Memory>::with(())
+            .given(given.clone())
+            .when(calls(&["c2", "c9"]))
+            .then_expect_events(vec![forgotten("f2")]);
+        let mut later = given;
+        later.push(MemoryEvent::SummaryRewritten {
+            call_id: "c2".into(),
+            summary: "Runs, drinks tea.".into(),
+        });
+        TestFramework::<Memory>::with(())
+            .given(later)
+            .when(calls(&["c1"]))
+            .then_expect_events(vec![forgotten("f1"), forgotten("o1")]);
     }
 
     #[test]

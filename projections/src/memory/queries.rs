@@ -126,3 +126,23 @@ pub async fn personas_of(pool: &PgPool, user: Uuid) -> Result<Vec<String>, sqlx:
     .fetch_all(pool)
     .await
 }
+
+/// Per memory (user × persona), the calls that taught it something still remembered — a
+/// fact, an open item or the summary — before `before` (for the transcripts' retention).
+pub async fn learned_before(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+) -> Result<Vec<(Uuid, String, Vec<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT user_id, persona_id, array_agg(DISTINCT call_id) FROM (
+            SELECT user_id, persona_id, call_id FROM rm_memory_facts WHERE at < $1
+            UNION ALL
+            SELECT user_id, persona_id, call_id FROM rm_memory_open_items WHERE at < $1
+            UNION ALL
+            SELECT user_id, persona_id, call_id FROM rm_memory_summary WHERE updated_at < $1
+         ) learned GROUP BY user_id, persona_id",
+    )
+    .bind(before)
+    .fetch_all(pool)
+    .await
+}

@@ -78,6 +78,19 @@ pub async fn purge(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
     Ok(done.rows_affected())
 }
 
+/// The transcripts' retention, hourly: lines older than `days` days are deleted, and with
+/// them what personas learned from those calls (`usecases::memory::expire`). Returns the lines
+/// deleted and the memory items forgotten.
+pub async fn apply_retention(
+    store: &crate::backbone::store::EventStore,
+    days: u32,
+) -> anyhow::Result<(u64, usize)> {
+    let lines = purge(store.pool(), days).await?;
+    let before = Utc::now() - chrono::Duration::days(i64::from(days));
+    let forgotten = crate::usecases::memory::expire(store, before).await?;
+    Ok((lines, forgotten))
+}
+
 /// Deletes the transcripts of `calls` (an erased account's). Returns how many lines went.
 pub async fn delete_of(pool: &PgPool, calls: &[Uuid]) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("DELETE FROM call_transcripts WHERE call_id = ANY($1)")
