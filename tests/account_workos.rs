@@ -1,6 +1,6 @@
 //! WorkOS AuthKit sign-in over HTTP, through the WorkOS simulator's hosted page (a form the test
 //! posts as a browser would): a new user, a returning user, an organisation's SSO, a bad or
-//! expired state, a reused code, and an unverified email matching an account (refused,
+//! expired state, a reused or expired code, and an unverified email matching an account (refused,
 //! nothing linked) beside a verified one (linked). (A module of `accounts` in the suite.)
 
 use callmeback::app::Running;
@@ -368,6 +368,40 @@ async fn a_bad_or_expired_state_and_a_reused_code_are_refused_and_link_nothing()
         .filter(|(t, _)| t == "SignedInWithWorkos")
         .count();
     assert_eq!(sign_ins, 1);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_code_is_refused_and_links_nothing() {
+    // Codes live 300 ms at this simulator (ten minutes at WorkOS).
+    let env = TestEnv::new().set("SIM_WORKOS_CODE_TTL_MS", "300");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let address = email();
+    let fields = [
+        ("email", address.as_str()),
+        ("password", "hosted-page-password"),
+    ];
+    let begun = begin(&api, "").await;
+    let back = sign_in_at_workos(&begun, &fields).await;
+    // Waiting for the code's lifetime to pass, not for a condition: well past it.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let refused = callback(&api, &back, Some(&begun.cookie)).await;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert_eq!(refused.code(), "invalid_code");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired or is invalid"),
+        "{refused:?}"
+    );
+    assert_eq!(workos_links(&app).await, 0);
+    // A fresh code, exchanged at once, works.
+    let signed = workos_sign_in(&api, "", &fields).await;
+    assert_eq!(signed.status, 200, "{signed:?}");
+    assert_eq!(workos_links(&app).await, 1);
     app.stop().await;
     env.cleanup().await;
 }

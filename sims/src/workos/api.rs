@@ -63,7 +63,9 @@ pub(super) async fn authenticate(
     let Some(grant) = dir.codes.get_mut(&code) else {
         return invalid();
     };
-    if grant.used || grant.issued.elapsed() > CODE_TTL || grant.client_id != sim.settings.client_id
+    if grant.used
+        || grant.issued.elapsed() > sim.settings.code_ttl
+        || grant.client_id != sim.settings.client_id
     {
         return invalid();
     }

@@ -37,6 +37,7 @@ pub const SSO_CONNECTION_ID: &str = "conn_01SIMACMEOKTA";
 /// Its email domain: only its members sign in through its connection.
 pub const SSO_DOMAIN: &str = "acme.test";
 
+/// How long a code may wait for its exchange, as at WorkOS.
 const CODE_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
@@ -44,16 +45,22 @@ pub struct Settings {
     pub api_key: String,
     pub client_id: String,
     pub faults: Faults,
+    /// How long a code stays exchangeable (`SIM_WORKOS_CODE_TTL_MS`, for tests of an expired
+    /// code; ten minutes otherwise, as WorkOS's).
+    pub code_ttl: Duration,
 }
 
 impl Settings {
     /// `WORKOS_API_KEY`, `WORKOS_CLIENT_ID` (else the development values),
-    /// `SIM_WORKOS_LATENCY_MS`, `SIM_WORKOS_FAIL_EVERY`.
+    /// `SIM_WORKOS_LATENCY_MS`, `SIM_WORKOS_FAIL_EVERY`, `SIM_WORKOS_CODE_TTL_MS`.
     pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
         Settings {
             api_key: get("WORKOS_API_KEY").unwrap_or_else(|| DEV_API_KEY.into()),
             client_id: get("WORKOS_CLIENT_ID").unwrap_or_else(|| DEV_CLIENT_ID.into()),
             faults: Faults::from_lookup(get, "WORKOS"),
+            code_ttl: get("SIM_WORKOS_CODE_TTL_MS")
+                .and_then(|ms| ms.parse().ok())
+                .map_or(CODE_TTL, Duration::from_millis),
         }
     }
 }
