@@ -163,6 +163,13 @@ impl Stripe {
         })
     }
 
+    /// Deletes the customer (an erased user's): Stripe detaches its payment methods and
+    /// forgets its email and name; its payments stay in Stripe's own records.
+    pub async fn delete_customer(&self, customer: &str) -> Result<(), StripeError> {
+        let url = format!("{}/v1/customers/{}", self.base_url, segment(customer));
+        self.send(|| self.http.delete(&url)).await.map(|_| ())
+    }
+
     pub async fn attach_payment_method(
         &self,
         payment_method: &str,

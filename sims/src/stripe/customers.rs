@@ -1,4 +1,5 @@
-//! Customers: create, retrieve, update (the default payment method).
+//! Customers: create, retrieve, update (the default payment method), delete (its cards
+//! detached; retrieving it then answers `deleted: true`, as Stripe does).
 
 use super::*;
 
@@ -93,6 +94,30 @@ pub(super) async fn update_customer(
             };
         }
         Ok(customer.clone())
+    });
+    sim.write(&headers, endpoint, &body, op).await
+}
+
+pub(super) async fn delete_customer(
+    State(sim): State<StripeSim>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let endpoint = format!("DELETE /v1/customers/{id}");
+    let op: WriteOp = Box::new(move |l, _, _| {
+        let customer = l
+            .customers
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::missing("id", "customer", &id))?;
+        let deleted = json!({ "id": id, "object": "customer", "deleted": true });
+        *customer = deleted.clone();
+        for card in l.cards.values_mut() {
+            if card.customer.as_deref() == Some(id.as_str()) {
+                card.customer = None;
+            }
+        }
+        Ok(deleted)
     });
     sim.write(&headers, endpoint, &body, op).await
 }

@@ -317,7 +317,9 @@ impl StripeSim {
             .route("/v1/customers", post(create_customer))
             .route(
                 "/v1/customers/{id}",
-                get(get_customer).post(update_customer),
+                get(get_customer)
+                    .post(update_customer)
+                    .delete(delete_customer),
             )
             .route("/v1/payment_methods", get(list_payment_methods))
             .route("/v1/payment_methods/{id}/attach", post(attach))
@@ -333,6 +335,21 @@ impl StripeSim {
     /// Where signed events are POSTed from now on.
     pub fn set_webhook_url(&self, url: &str) {
         *lock(&self.shared.webhook_url) = Some(url.to_string());
+    }
+
+    /// A customer as Stripe would answer it (`{"deleted": true, …}` once deleted), if it
+    /// ever existed.
+    pub fn customer(&self, id: &str) -> Option<Value> {
+        self.ledger().customers.get(id).cloned()
+    }
+
+    /// The payment methods attached to customer `id` now.
+    pub fn cards_of(&self, id: &str) -> usize {
+        self.ledger()
+            .cards
+            .values()
+            .filter(|c| c.customer.as_deref() == Some(id))
+            .count()
     }
 
     /// The current state of every PaymentIntent, oldest first.

@@ -64,6 +64,8 @@ pub struct EraseAnswer {
     transcript_lines: u64,
     /// Personas' memories of you cleared.
     memories_cleared: usize,
+    /// Your customer at Stripe (and with it your saved cards) was deleted.
+    stripe_customer_deleted: bool,
 }
 
 /// Erase your account: every session ends, sign-in stops working, your email, phone and
@@ -84,12 +86,20 @@ pub async fn erase(
 ) -> ApiResult<impl IntoResponse> {
     user.reauthenticate(&state, body.password.as_deref())
         .await?;
-    let erased = erasure::erase(&state.store, user.id, Utc::now(), &user.context()).await?;
+    let erased = erasure::erase(
+        &state.store,
+        &state.stripe,
+        user.id,
+        Utc::now(),
+        &user.context(),
+    )
+    .await?;
     let transcript_lines = transcripts::delete_of(&state.pool, &erased.calls).await?;
     tracing::info!(user = %user.id, calls = erased.calls.len(), transcript_lines, "account erased");
     Ok(axum::Json(EraseAnswer {
         message: "your account is erased: sign-in no longer works and this token is refused".into(),
         transcript_lines,
         memories_cleared: erased.memories,
+        stripe_customer_deleted: erased.stripe_customer_deleted,
     }))
 }

@@ -4,17 +4,20 @@
 //! Postgres and on the stream, read as `[erased]` from then on; `backbone::keys`), its email,
 //! phone and WorkOS claims are released, its reset links and daily dial counts deleted, its
 //! calls' numbers blanked in the calls read model, and every persona's memory of the user
-//! cleared (`MemoryCleared`, which empties the memory read models). The user's calls are
+//! cleared (`MemoryCleared`, which empties the memory read models), and the Stripe customer
+//! deleted (Stripe detaches its cards and forgets its email and name). The user's calls are
 //! returned so the caller can delete what it keeps of them (transcripts).
 
 use chrono::{DateTime, Utc};
+use cmb_domain::billing::Billing;
 use cmb_domain::memory::{Memory, MemoryCommand};
 use cmb_domain::user::{User, UserCommand};
 use cmb_domain::CommandContext;
+use cmb_providers::stripe::Stripe;
 use uuid::Uuid;
 
 use super::{sessions, Error};
-use crate::backbone::store::EventStore;
+use crate::backbone::store::{CommandError, EventStore};
 
 /// What an erasure touched.
 #[derive(Debug)]
@@ -23,11 +26,15 @@ pub struct Erased {
     pub calls: Vec<Uuid>,
     /// Memories cleared.
     pub memories: usize,
+    /// Whether a Stripe customer was deleted (`false`: there was none, or Stripe failed; that
+    /// is logged).
+    pub stripe_customer_deleted: bool,
 }
 
 /// Erases account `user`.
 pub async fn erase(
     store: &EventStore,
+    stripe: &Stripe,
     user: Uuid,
     now: DateTime<Utc>,
     ctx: &CommandContext,
@@ -74,6 +81,20 @@ pub async fn erase(
     .bind(user.to_string())
     .fetch_all(pool)
     .await?;
+    let (billing, _) = store
+        .load::<Billing>(&user.to_string())
+        .await
+        .map_err(|e| Error::Store(CommandError::Store(e.to_string())))?;
+    let stripe_customer_deleted = match &billing.customer_id {
+        Some(customer) => match stripe.delete_customer(customer).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(user = %user, customer, error = %e, "deleting the Stripe customer on erasure");
+                false
+            }
+        },
+        None => false,
+    };
     crate::usecases::calls::dials::forget_user(pool, user).await?;
     cmb_projections::calls::forget_phones(pool, user).await?;
     Ok(Erased {
@@ -82,5 +103,6 @@ pub async fn erase(
             .filter_map(|c| Uuid::parse_str(c).ok())
             .collect(),
         memories: memories.len(),
+        stripe_customer_deleted,
     })
 }
