@@ -2,7 +2,9 @@
 //! them are never in the event log in clear (Postgres or the stream), yet the API shows them;
 //! after `DELETE /api/user` none of it, nor the transcript, is anywhere in Postgres — every
 //! text column of every table searched, read models rebuilt from the stream included — and
-//! the reconcile adds up to the same cents. (A module of `accounts` in the suite.)
+//! the reconcile adds up to the same cents, and the Stripe customer is deleted. A migration
+//! seals what an older build wrote in clear; what a call taught a persona goes with the
+//! call's transcript. (A module of `accounts` in the suite.)
 
 use std::time::Duration;
 
@@ -87,6 +89,26 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     let email = profile["email"].as_str().unwrap().to_string();
     let phone = profile["phone"].as_str().unwrap().to_string();
     grant(&app, &profile, 100).await;
+    // A saved card: a customer at Stripe, created with the user's email and name.
+    let attached = user
+        .post(
+            "/api/user/payment-method",
+            json!({ "payment_method_id": "pm_card_visa" }),
+        )
+        .await;
+    assert_eq!(attached.status, 201, "{attached:?}");
+    let customer: String = sqlx::query_scalar(
+        "SELECT payload -> 'StripeCustomerCreated' ->> 'customer_id' FROM events
+          WHERE aggregate_type = 'billing' AND aggregate_id = $1
+            AND event_type = 'StripeCustomerCreated'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let stripe = app.sims.stripe.as_ref().unwrap();
+    assert_eq!(stripe.customer(&customer).unwrap()["email"], email.as_str());
+    assert_eq!(stripe.cards_of(&customer), 1);
     let persona = user
         .post(
             "/api/personas",
@@ -205,6 +227,12 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
         .delete_json("/api/user", json!({ "password": PASSWORD }))
         .await;
     assert_eq!(erased.status, 200, "{erased:?}");
+    // The Stripe customer is deleted, its card detached.
+    assert_eq!(erased.body["stripe_customer_deleted"], true, "{erased:?}");
+    let at_stripe = stripe.customer(&customer).unwrap();
+    assert_eq!(at_stripe["deleted"], true, "{at_stripe}");
+    assert!(!at_stripe.to_string().contains(&email), "{at_stripe}");
+    assert_eq!(stripe.cards_of(&customer), 0);
 
     // Every read model rebuilt from the stream: the erased user's fields are `[erased]`.
     let config = env.config();
@@ -284,6 +312,278 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     }
     assert_eq!(reconcile(&env, "postgres").await, before);
     assert_eq!(reconcile(&env, "nats").await, before);
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// The events of the log, as `(aggregate_type, aggregate_id, sequence, payload)`, once the
+/// stream holds as many as Postgres.
+async fn stream_caught_up(env: &TestEnv, pool: &PgPool) -> Vec<String> {
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let bodies = eventually(Duration::from_secs(60), || async {
+        let events = read_stream(env).await;
+        (events.len() as i64 == stored).then(|| {
+            events
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap())
+                .collect::<Vec<_>>()
+        })
+    })
+    .await;
+    bodies.expect("the publisher republished the whole log")
+}
+
+async fn privacy_migrate(env: &TestEnv) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(["privacy", "migrate"])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("privacy migrate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "2")
+        .set("SIM_TWILIO_CALLER_TURNS", "0:60000");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    let id = profile["id"].as_str().unwrap().to_string();
+    let email = profile["email"].as_str().unwrap().to_string();
+    let phone = profile["phone"].as_str().unwrap().to_string();
+    grant(&app, &profile, 100).await;
+    let persona = user
+        .post(
+            "/api/personas",
+            super::common::persona_body("Migrated Buddy", false),
+        )
+        .await;
+    assert_eq!(persona.status, 201, "{persona:?}");
+    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    let call = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
+        )
+        .await;
+    assert_eq!(call.status, 201, "{call:?}");
+    let call_id = call.body["call"]["id"].as_str().unwrap().to_string();
+    let pool = app.state.pool.clone();
+    let settled = eventually(Duration::from_secs(90), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'CallSettled'",
+        )
+        .bind(&call_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "the call was settled");
+    app.stop().await;
+
+    // The log as a build before sealing wrote it: every personal field in clear, in Postgres
+    // and (the stream rebuilt from it) on the stream.
+    let b = env.backbone().await;
+    let pool = b.pool.clone();
+    let keys = callmeback::backbone::keys::Keyring::new(pool.clone());
+    let rows: Vec<(String, String, i64, String, Value)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, event_type, payload FROM events",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut clear = 0;
+    for (aggregate_type, aggregate_id, sequence, event_type, mut payload) in rows {
+        if !cmb_domain::privacy::is_personal(&aggregate_type, &event_type) {
+            continue;
+        }
+        keys.open(&aggregate_type, &aggregate_id, &event_type, &mut payload)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE events SET payload = $4
+              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+        )
+        .bind(&aggregate_type)
+        .bind(&aggregate_id)
+        .bind(sequence)
+        .bind(&payload)
+        .execute(&pool)
+        .await
+        .unwrap();
+        clear += 1;
+    }
+    assert!(clear >= 2, "the registration and the call request");
+    b.js.delete_stream(&env.config().stream.stream)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM publisher_checkpoints")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let app = env.spawn_app().await;
+    let bodies = stream_caught_up(&env, &pool).await;
+    assert!(
+        bodies.iter().any(|b| b.contains(&email)),
+        "in clear on the stream"
+    );
+    let before = reconcile(&env, "postgres").await;
+    assert!(before["per_user"][&id].is_object(), "{before}");
+    app.stop().await;
+
+    // The cut-over: sealed in place, the stream rebuilt from the store by the next `serve`.
+    let said = privacy_migrate(&env).await;
+    assert!(said.contains(&format!("{clear} sealed")), "{said}");
+    for needle in [email.as_str(), phone.as_str()] {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE strpos(payload::text, $1) > 0")
+                .bind(needle)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(n, 0, "{needle:?} is in an event in clear");
+    }
+    assert_eq!(reconcile(&env, "postgres").await, before);
+    let app = env.spawn_app().await;
+    let bodies = stream_caught_up(&env, &pool).await;
+    for needle in [email.as_str(), phone.as_str()] {
+        assert!(
+            !bodies.iter().any(|b| b.contains(needle)),
+            "{needle:?} is on the stream in clear"
+        );
+    }
+    assert_eq!(reconcile(&env, "nats").await, before);
+    // The account works as before, its fields opened.
+    let api = Api::new(app.addr);
+    let login = api
+        .elsewhere()
+        .post(
+            "/api/auth/login",
+            json!({ "email": email, "password": PASSWORD }),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{login:?}");
+    let again = api.with_token(login.body["token"].as_str().unwrap());
+    assert_eq!(
+        again.get("/api/auth/me").await.body["user"]["phone"],
+        phone.as_str()
+    );
+    app.stop().await;
+    // Nothing left in clear: a second run seals nothing and keeps the stream.
+    let said = privacy_migrate(&env).await;
+    assert!(said.contains("0 sealed, 0 erased"), "{said}");
+    assert!(!said.contains("stream was deleted"), "{said}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_call_taught_is_forgotten_with_its_transcript() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "6")
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:3000")
+        .set("SIM_DEEPGRAM_SCRIPT", SAID);
+    let app = env.spawn_app().await;
+    let pool = app.state.pool.clone();
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    let id = profile["id"].as_str().unwrap().to_string();
+    grant(&app, &profile, 100).await;
+    let persona = user
+        .post(
+            "/api/personas",
+            super::common::persona_body("Retention Buddy", false),
+        )
+        .await;
+    assert_eq!(persona.status, 201, "{persona:?}");
+    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    app.sims
+        .cerebras
+        .as_ref()
+        .unwrap()
+        .set_extraction_reply(vec![EXTRACTED.into()]);
+    let call = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
+        )
+        .await;
+    assert_eq!(call.status, 201, "{call:?}");
+    let remembered = |n: i64| {
+        let pool = pool.clone();
+        let id = id.clone();
+        async move {
+            let learned: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM rm_memory_facts WHERE user_id = $1::uuid)
+                      + (SELECT count(*) FROM rm_memory_open_items WHERE user_id = $1::uuid)
+                      + (SELECT count(*) FROM rm_memory_summary WHERE user_id = $1::uuid)",
+            )
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (learned == n).then_some(())
+        }
+    };
+    let learned = eventually(Duration::from_secs(120), || remembered(3)).await;
+    assert!(
+        learned.is_some(),
+        "a fact, an open item and a summary were learned"
+    );
+
+    // Inside the retention nothing goes.
+    let store = &app.state.store;
+    let (lines, forgotten) = callmeback::serve::transcripts::apply_retention(store, 30)
+        .await
+        .unwrap();
+    assert_eq!((lines, forgotten), (0, 0));
+    // Forty days later (the call's lines and what it taught, backdated), both go.
+    for sql in [
+        "UPDATE call_transcripts SET at = at - interval '40 days'",
+        "UPDATE rm_memory_facts SET at = at - interval '40 days'",
+        "UPDATE rm_memory_open_items SET at = at - interval '40 days'",
+        "UPDATE rm_memory_summary SET updated_at = updated_at - interval '40 days'",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let (lines, forgotten) = callmeback::serve::transcripts::apply_retention(store, 30)
+        .await
+        .unwrap();
+    assert!(lines > 0, "the transcript went");
+    assert_eq!(forgotten, 3, "the fact, the open item and the summary went");
+    let gone = eventually(Duration::from_secs(30), || remembered(0)).await;
+    assert!(
+        gone.is_some(),
+        "the memory read models still hold what the call taught"
+    );
+    let memory = user
+        .get(&format!("/api/personas/{persona_id}/memory"))
+        .await
+        .body
+        .to_string();
+    for needle in [FACT, SUMMARY, OPEN_ITEM] {
+        assert!(!memory.contains(needle), "{memory}");
+    }
+    // Repeatable: nothing more to forget.
+    let again = callmeback::serve::transcripts::apply_retention(store, 30)
+        .await
+        .unwrap();
+    assert_eq!(again, (0, 0));
     app.stop().await;
     env.cleanup().await;
 }

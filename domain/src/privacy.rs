@@ -126,6 +126,11 @@ fn entry(
         .find(|(a, e, _, _)| *a == aggregate_type && *e == event_type)
 }
 
+/// Every `(aggregate type, event type)` with personal fields.
+pub fn personal_events() -> impl Iterator<Item = (&'static str, &'static str)> {
+    PERSONAL.iter().map(|(a, e, _, _)| (*a, *e))
+}
+
 /// The personal fields of an event type (none for most).
 pub fn fields(aggregate_type: &str, event_type: &str) -> &'static [Field] {
     entry(aggregate_type, event_type).map_or(&[], |(_, _, _, f)| f)

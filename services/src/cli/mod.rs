@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: crate::backbone::deadletter::DlqCommand,
     },
+    /// Personal data in the event log: seal what an older build wrote in clear.
+    Privacy {
+        #[command(subcommand)]
+        command: crate::ops::privacy::PrivacyCommand,
+    },
     /// Run the providers' simulators as one shared service, for several `serve` instances
     /// (each simulator keeps state — Stripe's payment intents, Twilio's calls — that every
     /// instance must see). Prints the `*_BASE_URL` settings that point an instance at them.
@@ -243,6 +248,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             addr,
             stripe_webhook_url,
         } => sim(&config, which, addr, stripe_webhook_url).await,
+        Command::Privacy { command } => {
+            crate::ops::privacy::run(config, command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dlq { command } => {
             let b = crate::backbone::connect(&config, 2).await?;
             crate::backbone::deadletter::cli(&b.pool, command).await

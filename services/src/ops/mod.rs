@@ -11,6 +11,7 @@ pub mod bench_voice;
 #[cfg(feature = "sims")]
 pub mod child;
 pub mod mcp;
+pub mod privacy;
 pub mod rebuild;
 pub mod reconcile;
 pub mod seed;
