@@ -1,7 +1,9 @@
 //! Load and crashes made boring (issue 14): a committed command is answered with what it
 //! produced when its read model is late; the dialer places a call once when two deliveries are
-//! handled at the same time; a call request killed between any two of its steps leaves nothing
-//! held (the sweeper gives the hold and the slot back, and says why).
+//! handled at the same time, and once when it is killed after recording its attempt or after
+//! Twilio's answer; a call request killed between any two of its steps leaves nothing held (the
+//! sweeper gives the hold and the slot back, and says why); settlement killed midway settles
+//! once.
 
 use crate::common;
 
@@ -163,10 +165,40 @@ struct Serve {
     base: String,
     api: Api,
     stripe: cmb_sims::stripe::StripeSim,
+    /// Twilio outside the processes too, when a test kills the dialer (see [`Serve::with_twilio`]).
+    twilio: Option<cmb_sims::twilio::TwilioSim>,
     shutdown: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
 }
 
+const KILL_TWILIO_SID: &str = "ACdeadbeefdeadbeefdeadbeefdeadbeef";
+const KILL_TWILIO_TOKEN: &str = "kill-token";
+
 impl Serve {
+    /// With a Twilio simulator outside the processes whose calls ring for `ring_ms` (its calls
+    /// outlive a killed process, as Twilio's do).
+    async fn with_twilio(ring_ms: u64) -> Serve {
+        let mut serve = Serve::new().await;
+        let mut settings = cmb_sims::twilio::Settings::from_lookup(&|k: &str| match k {
+            "SIM_TWILIO_RING_MS" => Some(ring_ms.to_string()),
+            "SIM_TWILIO_CALL_SECONDS" => Some("2".to_string()),
+            _ => None,
+        });
+        settings.account_sid = KILL_TWILIO_SID.into();
+        settings.auth_token = KILL_TWILIO_TOKEN.into();
+        let sim = cmb_sims::twilio::TwilioSim::new(settings);
+        let url = cmb_sims::serve("twilio", sim.router(), serve.shutdown.clone(), &serve.tasks)
+            .await
+            .unwrap();
+        serve.env = serve
+            .env
+            .set("TWILIO_BASE_URL", &url)
+            .set("TWILIO_ACCOUNT_SID", KILL_TWILIO_SID)
+            .set("TWILIO_AUTH_TOKEN", KILL_TWILIO_TOKEN);
+        serve.twilio = Some(sim);
+        serve
+    }
+
     async fn new() -> Serve {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -198,7 +230,9 @@ impl Serve {
             base,
             api,
             stripe,
+            twilio: None,
             shutdown,
+            tasks,
         }
     }
 
@@ -496,6 +530,95 @@ async fn settlement_killed_after_capturing_the_card_settles_once_after_a_restart
 #[tokio::test]
 async fn settlement_killed_after_recording_it_frees_the_slot_after_a_restart() {
     settlement_killed_at("settle.after_record", Pay::Credits).await;
+}
+
+/// The dialer killed at `step` of placing a call paid with credits: after a restart the
+/// redelivered `CallRequested` has the call placed at Twilio exactly once (found there, when
+/// Twilio had already answered the killed process), and the call ends and is settled once.
+async fn dialer_killed_at(step: &str) {
+    // After Twilio's answer the call rings on while no process is up, long enough for the
+    // next one to start, find the call at Twilio and take its answered callback.
+    let ring_ms = if step == "dialer.after_twilio" { 45_000 } else { 300 };
+    let serve = Serve::with_twilio(ring_ms).await;
+    let twilio = serve.twilio.clone().expect("Twilio outside");
+    let backbone = serve.env.backbone().await;
+    let pool = backbone.pool.clone();
+    let store = EventStore::new(pool.clone());
+    let mut first = serve.start(Some(step)).await;
+    let (user, user_id, body) = payer(&serve, &store, Pay::Credits).await;
+    let call = user.post("/api/call", body).await;
+    assert_eq!(call.status, 201, "{call:?}");
+    let id = call.body["call"]["id"].as_str().unwrap().to_string();
+    let status = tokio::time::timeout(Duration::from_secs(90), first.wait())
+        .await
+        .expect("the process dies placing the call")
+        .unwrap();
+    assert_eq!(status.code(), Some(86), "it died at the crash point {step}");
+    let asked_before = twilio.calls().len();
+    assert_eq!(
+        asked_before,
+        usize::from(step == "dialer.after_twilio"),
+        "Twilio asked before the crash at {step}"
+    );
+    let count = |event_type: &'static str| {
+        let pool = pool.clone();
+        let id = id.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM events WHERE aggregate_type = 'call' AND aggregate_id = $1
+                  AND event_type = $2",
+            )
+            .bind(&id)
+            .bind(event_type)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(count("DialAttempted").await, 1, "the attempt was recorded");
+    assert_eq!(count("CallPlaced").await, 0, "its outcome was not");
+
+    let second = serve.start(None).await;
+    let settled = eventually(Duration::from_secs(150), || async {
+        (count("CallSettled").await == 1).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "placed, ended and settled after the restart (Twilio: {:?})",
+        twilio
+            .calls()
+            .iter()
+            .map(|c| (&c.sid, &c.status))
+            .collect::<Vec<_>>()
+    );
+    let calls = twilio.calls();
+    assert_eq!(calls.len(), 1, "Twilio was asked for the call once");
+    let placed: String = sqlx::query_scalar(
+        "SELECT payload -> 'CallPlaced' ->> 'call_sid' FROM events
+          WHERE aggregate_id = $1 AND event_type = 'CallPlaced'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(placed, calls[0].sid, "the call Twilio placed is the one recorded");
+    assert_eq!(count("CallPlaced").await, 1);
+    assert_eq!(count("DialAttempted").await, 1, "no second attempt");
+    let (wallet, _) = store.load::<Wallet>(&user_id).await.unwrap();
+    assert!(wallet.holds.is_empty(), "{wallet:?}");
+    assert_eq!(wallet.balance, 87, "charged 13 credits once: {wallet:?}");
+    serve.stop(second).await;
+}
+
+#[tokio::test]
+async fn a_dialer_killed_after_recording_its_attempt_places_the_call_once_after_a_restart() {
+    dialer_killed_at("dialer.after_attempt").await;
+}
+
+#[tokio::test]
+async fn a_dialer_killed_after_twilios_answer_places_the_call_once_after_a_restart() {
+    dialer_killed_at("dialer.after_twilio").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

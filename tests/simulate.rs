@@ -359,3 +359,129 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
     app.stop().await;
     env.cleanup().await;
 }
+
+/// `replay projections` killed before its swap, and inside it (after the catch-up, before the
+/// commit, holding the projection's swap lock): the live read model is left as it was and its
+/// projector goes on following the stream, and the next rebuild drops what the dead ones left
+/// and swaps in the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_killed_before_or_inside_its_swap_leaves_the_live_read_model_working() {
+    let env = TestEnv::new().set("DATABASE_POOL_SIZE", "6");
+    let summary = run(
+        &env,
+        &[
+            "simulate",
+            "--days",
+            "2",
+            "--calls-per-day",
+            "4",
+            "--seed",
+            "5",
+            "--publish",
+        ],
+    )
+    .await;
+    let app = env.spawn_app().await;
+    let pool = app.state.pool.clone();
+    let calls = summary["calls"].as_i64().unwrap();
+    let projected = common::eventually(std::time::Duration::from_secs(60), || async {
+        let settled: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM rm_calls WHERE charged_cents IS NOT NULL")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (settled == calls).then_some(())
+    })
+    .await;
+    assert!(projected.is_some(), "the live projector caught up");
+    let live_calls = rows(&pool, "rm_calls").await;
+    let user: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM rm_wallets LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let wallet_agrees = || async {
+        let (wallet, _) = app
+            .state
+            .store
+            .load::<cmb_domain::wallet::Wallet>(&user.to_string())
+            .await
+            .unwrap();
+        common::eventually(std::time::Duration::from_secs(30), || async {
+            let balance: i64 =
+                sqlx::query_scalar("SELECT balance FROM rm_wallets WHERE user_id = $1")
+                    .bind(user)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            (balance == wallet.balance).then_some(())
+        })
+        .await
+        .is_some()
+    };
+    let leftovers = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    for (n, step) in ["rebuild.before_swap", "rebuild.before_commit"]
+        .into_iter()
+        .enumerate()
+    {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+            .args(["replay", "--format", "json", "projections", "wallets", "calls"])
+            .env_clear()
+            .envs(&env.vars)
+            .env("CMB_CRASH_AT", step)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(86),
+            "killed at {step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The second rebuild dropped the first one's schema and left its own.
+        assert_eq!(leftovers().await, 1, "a dead rebuild's schema");
+        assert_eq!(rows(&pool, "rm_calls").await, live_calls, "untouched");
+        // The wallets projector (whose swap lock the dead process held at `before_commit`)
+        // follows what happens next.
+        app.state
+            .store
+            .execute::<cmb_domain::wallet::Wallet>(
+                &user.to_string(),
+                cmb_domain::wallet::WalletCommand::Grant {
+                    credits: 1,
+                    reason: "after a killed rebuild".into(),
+                    reference: format!("killed-{n}"),
+                },
+                &cmb_domain::CommandContext::system("test"),
+            )
+            .await
+            .unwrap();
+        assert!(
+            wallet_agrees().await,
+            "the live wallets follow the stream after a rebuild killed at {step}"
+        );
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(["replay", "--format", "json", "projections", "wallets", "calls"])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leftovers().await, 0, "the next rebuild dropped the leftovers");
+    assert_eq!(rows(&pool, "rm_calls").await, live_calls, "rebuilt alike");
+    assert!(wallet_agrees().await, "the rebuilt wallet has every grant once");
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -16,7 +16,10 @@
 //! commit they see the old rows, after it the new ones. (Renaming tables would take a lock
 //! that blocks readers, and would leave the cost views pointing at the old tables.) After the
 //! commit the live projector resumes; what it delivers that the rebuild already applied, the
-//! offsets turn away. The rebuild schema is dropped at the end, or on failure.
+//! offsets turn away. The rebuild schema is dropped at the end, or on failure; one left by a
+//! rebuild that died (killed mid-rebuild or mid-swap: its swap transaction rolled back with
+//! it, the live tables untouched) is dropped by the next rebuild of that projection, which
+//! holds a session lock so that two never run at once.
 
 use std::time::Instant;
 
@@ -24,7 +27,7 @@ use async_nats::jetstream;
 use cmb_nats::replay::Start;
 use cmb_nats::StreamSettings;
 use cmb_projections::{Outcome, Projection};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Rebuilt {
@@ -35,6 +38,10 @@ pub struct Rebuilt {
     pub rows: i64,
     pub seconds: f64,
 }
+
+/// The session lock a rebuild of a projection holds from start to end (two-key space, apart
+/// from the swap lock's `1`).
+const REBUILD_LOCK_KEY: &str = "2, hashtext($1)";
 
 /// The tables a rebuild copies: the projection's own and its offsets.
 const OFFSET_TABLES: [&str; 2] = ["projection_offsets", "projection_status"];
@@ -47,6 +54,34 @@ pub async fn rebuild_and_swap(
     show_progress: bool,
 ) -> anyhow::Result<Rebuilt> {
     let started = Instant::now();
+    // One rebuild of a projection at a time: a session lock on a connection of its own, held
+    // to the end (released with the connection, also when the process dies). Holding it, the
+    // rebuild schemas of this projection that exist are leftovers of a rebuild that died (a
+    // kill mid-rebuild or mid-swap; a swap's transaction rolled back with it): dropped.
+    let mut guard = pool.acquire().await?.detach();
+    let alone: bool = sqlx::query_scalar(&format!(
+        "SELECT pg_try_advisory_lock({REBUILD_LOCK_KEY})"
+    ))
+    .bind(projection.name())
+    .fetch_one(&mut guard)
+    .await?;
+    if !alone {
+        anyhow::bail!(
+            "another rebuild of {} is running; wait for it to finish",
+            projection.name()
+        );
+    }
+    let leftovers: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1")
+            .bind(format!("rebuild\\_{}\\_%", projection.name()))
+            .fetch_all(&mut guard)
+            .await?;
+    for leftover in leftovers {
+        tracing::warn!(schema = %leftover, "dropping what a rebuild that died left behind");
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{leftover}\" CASCADE"))
+            .execute(&mut guard)
+            .await?;
+    }
     let schema = format!(
         "rebuild_{}_{}",
         projection.name(),
@@ -64,6 +99,8 @@ pub async fn rebuild_and_swap(
     sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .execute(pool)
         .await?;
+    // The lock goes with the connection.
+    let _ = guard.close().await;
     let (events_applied, caught_up, rows) = result?;
     Ok(Rebuilt {
         projection: projection.name(),
@@ -115,6 +152,7 @@ async fn build_and_swap(
     )
     .await?;
     progress.finish();
+    crate::faults::crash_point("rebuild.before_swap");
 
     // The swap: one transaction on one connection. Its lock timeout turns a swap that cannot
     // get its lock into an error instead of a wait without end.
@@ -180,6 +218,7 @@ async fn build_and_swap(
         .execute(&mut *tx)
         .await?;
     }
+    crate::faults::crash_point("rebuild.before_commit");
     tx.commit().await?;
     fresh.close().await;
     Ok((applied + caught_up, caught_up, rows))
