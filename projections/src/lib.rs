@@ -148,6 +148,145 @@ pub async fn apply_on(
     Ok(outcome)
 }
 
+/// Most events [`apply_batch`] applies in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+/// The key of the advisory lock that serialises work on `projection` × one aggregate (one-key
+/// space), the same in [`apply_on`] and [`apply_batch`].
+const AGGREGATE_LOCK_KEY: &str = "hashtextextended($1 || '/' || t || '/' || i, 0)";
+
+/// Applies `events` (each with the stream sequence it was found at, in delivery order) to
+/// `projection` in one transaction, with their offsets: what [`apply`] does for each, at the
+/// price of one commit (one WAL flush) for all of them instead of one each. An event whose
+/// predecessor is neither applied nor earlier in the batch is a [`Outcome::Gap`], and the rest
+/// go on. The outcomes come back in the events' order.
+///
+/// The locks are those of [`apply`]: the swap lock (shared), then every aggregate's lock, taken
+/// in one order (by key), so two batches sharing aggregates (two instances on one durable
+/// consumer) never wait on each other in a circle. When any event fails, nothing is applied
+/// and the error is returned: the caller applies them one by one, to set aside only the one
+/// that fails.
+pub async fn apply_batch(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    events: &[(&EventEnvelope, u64)],
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    use std::collections::BTreeMap;
+    let mut outcomes = vec![Outcome::Ignored; events.len()];
+    // Per aggregate: the last sequence applied (from the offsets, then as the batch goes).
+    let mut last: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for (e, _) in events.iter().filter(|(e, _)| projection.wants(&e.aggregate_type)) {
+        last.insert((e.aggregate_type.as_str(), e.aggregate_id.as_str()), 0);
+    }
+    if last.is_empty() {
+        return Ok(outcomes);
+    }
+    let (types, ids): (Vec<&str>, Vec<&str>) = last.keys().copied().unzip();
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "SELECT pg_advisory_xact_lock_shared({SWAP_LOCK_KEY})"
+    ))
+    .bind(projection.name())
+    .execute(&mut *tx)
+    .await?;
+    // The inner query sorts, and `OFFSET 0` keeps the planner from evaluating the locks before
+    // the sort: they are taken in key order.
+    sqlx::query(&format!(
+        "SELECT pg_advisory_xact_lock(k) FROM (
+             SELECT DISTINCT {AGGREGATE_LOCK_KEY} AS k
+               FROM unnest($2::text[], $3::text[]) AS u(t, i)
+              ORDER BY k OFFSET 0) AS keys"
+    ))
+    .bind(projection.name())
+    .bind(&types)
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    // After the locks: this statement sees every commit of whoever held them before.
+    let applied: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT o.aggregate_type, o.aggregate_id, o.sequence
+           FROM projection_offsets o
+           JOIN unnest($2::text[], $3::text[]) AS u(t, i)
+             ON o.aggregate_type = u.t AND o.aggregate_id = u.i
+          WHERE o.projection = $1",
+    )
+    .bind(projection.name())
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (t, i, sequence) in &applied {
+        if let Some(at) = last.get_mut(&(t.as_str(), i.as_str())) {
+            *at = *sequence as u64;
+        }
+    }
+    let mut moved: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut highest = 0u64;
+    let mut count = 0i64;
+    for (n, (e, stream_sequence)) in events.iter().enumerate() {
+        let key = (e.aggregate_type.as_str(), e.aggregate_id.as_str());
+        let Some(at) = last.get_mut(&key) else {
+            continue; // not an aggregate type it reads
+        };
+        if e.sequence <= *at {
+            outcomes[n] = Outcome::AlreadyApplied;
+            continue;
+        }
+        if e.sequence > *at + 1 {
+            outcomes[n] = Outcome::Gap { expected: *at + 1 };
+            continue;
+        }
+        outcomes[n] = if e.is_known() {
+            projection.apply(&mut tx, e).await?;
+            Outcome::Applied
+        } else {
+            tracing::warn!(event = %e.event_id(), event_type = %e.event_type, "unknown event type skipped");
+            metrics::counter!("cmb_projection_unknown_events_total", "projection" => projection.name(), "event_type" => e.event_type.clone()).increment(1);
+            Outcome::Unknown
+        };
+        *at = e.sequence;
+        moved.insert(key, e.sequence);
+        highest = highest.max(*stream_sequence);
+        count += 1;
+    }
+    if moved.is_empty() {
+        // Nothing to write: duplicates and gaps only.
+        tx.rollback().await?;
+        return Ok(outcomes);
+    }
+    let (types, rest): (Vec<&str>, Vec<(&str, i64)>) = moved
+        .iter()
+        .map(|((t, i), s)| (*t, (*i, *s as i64)))
+        .unzip();
+    let (ids, sequences): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
+    sqlx::query(
+        "INSERT INTO projection_offsets (projection, aggregate_type, aggregate_id, sequence)
+         SELECT $1, t, i, s FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(t, i, s)
+         ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence",
+    )
+    .bind(projection.name())
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO projection_status (projection, stream_sequence, events_applied, updated_at)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (projection) DO UPDATE
+            SET stream_sequence = GREATEST(projection_status.stream_sequence, EXCLUDED.stream_sequence),
+                events_applied = projection_status.events_applied + EXCLUDED.events_applied,
+                updated_at = now()",
+    )
+    .bind(projection.name())
+    .bind(highest as i64)
+    .bind(count)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
 /// Empties a projection's tables and offsets, for a rebuild from the first event.
 pub async fn reset(pool: &PgPool, projection: &dyn Projection) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;

@@ -1,6 +1,9 @@
 //! Runs projections from the stream: a durable consumer per projection, shared by every
-//! instance, each message applied with its offset in one transaction (see
-//! `cmb_projections::apply`) and acknowledged after the commit.
+//! instance. The messages that have arrived are applied together with their offsets in one
+//! transaction (`cmb_projections::apply_batch`: one commit for up to `MAX_BATCH` events
+//! instead of one each, which is what keeps a projection up with a burst of calls), each
+//! acknowledged after the commit; a batch that fails is applied again one event at a time
+//! (`cmb_projections::apply`), so a poison event is retried and set aside alone.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,7 +14,7 @@ use async_nats::jetstream::{self, AckKind};
 use cmb_nats::consume::{self, DurableSpec};
 use cmb_nats::StreamSettings;
 use cmb_projections::{Outcome, Projection};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -100,28 +103,70 @@ impl Projector {
                         .set(lag as f64);
                 }
             }
-            let message = tokio::select! {
+            let first = tokio::select! {
                 // Stop taking messages; what was applied has been acknowledged already.
                 _ = shutdown.cancelled() => return Ok(()),
                 m = tokio::time::timeout(Duration::from_secs(2), messages.next()) => m,
             };
-            let message = match message {
+            let first = match first {
                 Err(_) => continue, // idle: loop to refresh the lag
                 Ok(None) => return Err("message stream ended".into()),
                 Ok(Some(m)) => m?,
             };
+            // And whatever else has arrived meanwhile: applied together, committed once.
+            let mut batch = vec![first];
+            let mut stopped = None;
+            while batch.len() < cmb_projections::MAX_BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    Some(Some(Err(e))) => {
+                        stopped = Some(async_nats::Error::from(e));
+                        break;
+                    }
+                    Some(None) => {
+                        stopped = Some("message stream ended".into());
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.handle_batch(projection, spec, &consumer_name, batch)
+                .await?;
+            if let Some(e) = stopped {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Applies a batch of delivered messages in one transaction ([`cmb_projections::apply_batch`])
+    /// and settles each; when that fails, applies them one by one, so that only an event that
+    /// fails by itself is retried or set aside.
+    async fn handle_batch(
+        &self,
+        projection: &dyn Projection,
+        spec: &DurableSpec,
+        consumer_name: &str,
+        batch: Vec<jetstream::Message>,
+    ) -> Result<(), async_nats::Error> {
+        let mut delivered = Vec::with_capacity(batch.len());
+        for message in batch {
             let (stream_sequence, deliveries) = message
                 .info()
                 .map(|i| (i.stream_sequence, i.delivered))
                 .unwrap_or((0, 1));
-            let event = match cmb_nats::contract::decode_body(&message.payload) {
-                Ok(e) => e,
+            match cmb_nats::contract::decode_body(&message.payload) {
+                Ok(event) => delivered.push(Delivered {
+                    message,
+                    event,
+                    stream_sequence,
+                    deliveries,
+                }),
                 Err(e) => {
                     // Never acknowledged and forgotten: kept, body and all.
                     deadletter::park(
                         &self.pool,
                         deadletter::Parked {
-                            consumer: &consumer_name,
+                            consumer: consumer_name,
                             stream_sequence,
                             event: None,
                             headers: message.headers.as_ref(),
@@ -133,82 +178,147 @@ impl Projector {
                     )
                     .await?;
                     message.ack().await?;
-                    continue;
-                }
-            };
-            // Opened for the read model only: a letter set aside keeps the sealed event.
-            let applied = match self.keys.opened(&event).await {
-                Ok(opened) => {
-                    cmb_projections::apply(&self.pool, projection, &opened, stream_sequence).await
-                }
-                Err(e) => Err(e.into()),
-            };
-            match applied {
-                Ok(Outcome::Gap { expected }) => {
-                    match deadletter::blocker(&self.pool, &consumer_name, &event).await? {
-                        // Its predecessor was set aside: it waits there too, in order.
-                        Some(blocker) => {
-                            deadletter::park(
-                                &self.pool,
-                                deadletter::Parked {
-                                    consumer: &consumer_name,
-                                    stream_sequence,
-                                    event: Some(&event),
-                                    headers: None,
-                                    body: None,
-                                    deliveries,
-                                    error: &blocker.reason,
-                                    retry: blocker.retrying,
-                                },
-                            )
-                            .await?;
-                            message.ack().await?;
-                        }
-                        None => {
-                            tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
-                            message
-                                .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
-                                .await?;
-                        }
-                    }
-                }
-                Ok(outcome) => {
-                    message.ack().await?;
-                    if outcome == Outcome::Applied {
-                        // Commit to read model: what a reader waits for after a write.
-                        let lag = (chrono::Utc::now() - event.occurred_at)
-                            .to_std()
-                            .unwrap_or_default();
-                        metrics::histogram!(crate::telemetry::PROJECTION_LAG, "projection" => name)
-                            .record(lag.as_secs_f64());
-                    }
-                    metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => outcome_label(outcome)).increment(1);
-                }
-                Err(e) if !deadletter::is_transient(&e) && deliveries >= spec.set_aside_after => {
-                    deadletter::park(
-                        &self.pool,
-                        deadletter::Parked {
-                            consumer: &consumer_name,
-                            stream_sequence,
-                            event: Some(&event),
-                            headers: None,
-                            body: None,
-                            deliveries,
-                            error: &e.to_string(),
-                            retry: false,
-                        },
-                    )
-                    .await?;
-                    message.ack().await?;
-                    metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => "dead_letter").increment(1);
-                }
-                Err(e) => {
-                    let backoff = Duration::from_millis(500 * 2u64.pow((deliveries as u32).min(6)));
-                    tracing::warn!(projection = name, event = %event.event_id(), deliveries, error = %e, ?backoff, "apply failed; redeliver later");
-                    message.ack_with(AckKind::Nak(Some(backoff))).await?;
                 }
             }
         }
+        let outcomes = if delivered.len() > 1 {
+            // Opened for the read model only: a letter set aside keeps the sealed event.
+            let mut opened = Vec::with_capacity(delivered.len());
+            for d in &delivered {
+                match self.keys.opened(&d.event).await {
+                    Ok(event) => opened.push((event, d.stream_sequence)),
+                    // Left to the one-by-one path, which retries or sets aside that one.
+                    Err(_) => break,
+                }
+            }
+            let events: Vec<(&cmb_domain::EventEnvelope, u64)> =
+                opened.iter().map(|(e, s)| (e.as_ref(), *s)).collect();
+            if events.len() < delivered.len() {
+                None
+            } else {
+                match cmb_projections::apply_batch(&self.pool, projection, &events).await {
+                    Ok(outcomes) => Some(outcomes),
+                    Err(e) => {
+                        tracing::debug!(projection = projection.name(), error = %e, events = delivered.len(), "batch failed; applying one by one");
+                        None
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        match outcomes {
+            Some(outcomes) => {
+                for (d, outcome) in delivered.into_iter().zip(outcomes) {
+                    self.settle(projection, spec, consumer_name, d, Ok(outcome))
+                        .await?;
+                }
+            }
+            None => {
+                for d in delivered {
+                    let applied = match self.keys.opened(&d.event).await {
+                        Ok(opened) => {
+                            cmb_projections::apply(
+                                &self.pool,
+                                projection,
+                                &opened,
+                                d.stream_sequence,
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e.into()),
+                    };
+                    self.settle(projection, spec, consumer_name, d, applied)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledges, redelivers later or sets aside one delivered message, by what applying it
+    /// gave.
+    async fn settle(
+        &self,
+        projection: &dyn Projection,
+        spec: &DurableSpec,
+        consumer_name: &str,
+        d: Delivered,
+        applied: Result<Outcome, sqlx::Error>,
+    ) -> Result<(), async_nats::Error> {
+        let name = projection.name();
+        let Delivered {
+            message,
+            event,
+            stream_sequence,
+            deliveries,
+        } = d;
+        match applied {
+            Ok(Outcome::Gap { expected }) => {
+                match deadletter::blocker(&self.pool, consumer_name, &event).await? {
+                    // Its predecessor was set aside: it waits there too, in order.
+                    Some(blocker) => {
+                        deadletter::park(
+                            &self.pool,
+                            deadletter::Parked {
+                                consumer: consumer_name,
+                                stream_sequence,
+                                event: Some(&event),
+                                headers: None,
+                                body: None,
+                                deliveries,
+                                error: &blocker.reason,
+                                retry: blocker.retrying,
+                            },
+                        )
+                        .await?;
+                        message.ack().await?;
+                    }
+                    None => {
+                        tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
+                        message
+                            .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                            .await?;
+                    }
+                }
+            }
+            Ok(outcome) => {
+                message.ack().await?;
+                if outcome == Outcome::Applied {
+                    // Commit to read model: what a reader waits for after a write.
+                    let lag = (chrono::Utc::now() - event.occurred_at)
+                        .to_std()
+                        .unwrap_or_default();
+                    metrics::histogram!(crate::telemetry::PROJECTION_LAG, "projection" => name)
+                        .record(lag.as_secs_f64());
+                }
+                metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => outcome_label(outcome)).increment(1);
+            }
+            Err(e) if !deadletter::is_transient(&e) && deliveries >= spec.set_aside_after => {
+                deadletter::park(
+                    &self.pool,
+                    deadletter::Parked {
+                        consumer: consumer_name,
+                        stream_sequence,
+                        event: Some(&event),
+                        headers: None,
+                        body: None,
+                        deliveries,
+                        error: &e.to_string(),
+                        retry: false,
+                    },
+                )
+                .await?;
+                message.ack().await?;
+                metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => "dead_letter").increment(1);
+            }
+            Err(e) => {
+                let backoff = Duration::from_millis(500 * 2u64.pow((deliveries as u32).min(6)));
+                tracing::warn!(projection = name, event = %event.event_id(), deliveries, error = %e, ?backoff, "apply failed; redeliver later");
+                message.ack_with(AckKind::Nak(Some(backoff))).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies what is marked for retry among this projection's dead letters.
@@ -239,6 +349,14 @@ impl Projector {
         )
         .await
     }
+}
+
+/// A delivered message and the event it carries.
+struct Delivered {
+    message: jetstream::Message,
+    event: cmb_domain::EventEnvelope,
+    stream_sequence: u64,
+    deliveries: i64,
 }
 
 fn outcome_label(outcome: Outcome) -> &'static str {
