@@ -1,6 +1,7 @@
-//! The loop every worker runs: a durable consumer's messages, one at a time, acknowledged
-//! after their handler succeeded, redelivered with backoff when it may succeed later, skipped
-//! (and logged) when it never can.
+//! The loop every worker runs: a durable consumer's messages, handled in [`LANES`] lanes (an
+//! aggregate's messages one at a time, in order, in its lane; different aggregates' at once),
+//! each acknowledged after its handler succeeded, redelivered with backoff when it may succeed
+//! later, set aside when it never can.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -92,80 +93,81 @@ pub async fn run<F, Fut>(
         let result: Result<(), async_nats::Error> = async {
             let consumer = consume::durable(&stream, &spec).await?;
             let mut messages = consumer.messages().await?;
-            let mut last_redrive = Instant::now();
-            loop {
-                if last_redrive.elapsed() >= deadletter::REDRIVE_EVERY {
-                    last_redrive = Instant::now();
-                    let handle = handle.clone();
-                    deadletter::redrive(&pool, &stream, &consumer_name, |_, event| {
-                        let handle = handle.clone();
-                        async move {
-                            match handle(event).await {
-                                Ok(()) => deadletter::Redriven::Done,
-                                Err(e) => deadletter::Redriven::Failed(e.to_string()),
-                            }
-                        }
-                    })
-                    .await?;
-                }
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    m = tokio::time::timeout(deadletter::REDRIVE_EVERY, messages.next()) => m,
-                };
-                let message = match message {
-                    Err(_) => continue, // idle: loop to look for letters to retry
-                    Ok(None) => return Err("message stream ended".into()),
-                    Ok(Some(m)) => m?,
-                };
-                let (stream_sequence, deliveries) = message
-                    .info()
-                    .map(|i| (i.stream_sequence, i.delivered))
-                    .unwrap_or((0, 1));
-                let event = match cmb_nats::contract::decode_body(&message.payload) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        // Never acknowledged and forgotten: kept, body and all.
-                        deadletter::park(
-                            &pool,
-                            deadletter::Parked {
-                                consumer: &consumer_name,
-                                stream_sequence,
-                                event: None,
-                                headers: message.headers.as_ref(),
-                                body: Some(&message.payload),
-                                deliveries,
-                                error: &format!("cannot be decoded: {e}"),
-                                retry: false,
+            // The lanes: an aggregate's messages always go to the same one, in order.
+            let (lanes, queues): (Vec<_>, Vec<_>) = (0..LANES)
+                .map(|_| tokio::sync::mpsc::channel::<Job>(4))
+                .unzip();
+            let workers = futures::future::join_all(queues.into_iter().map(|mut queue| {
+                let (pool, handle, consumer_name, spec, shutdown) = (
+                    pool.clone(),
+                    handle.clone(),
+                    consumer_name.clone(),
+                    spec.clone(),
+                    shutdown.clone(),
+                );
+                async move {
+                    loop {
+                        let job = tokio::select! {
+                            // What is queued and not begun is redelivered (never acknowledged).
+                            _ = shutdown.cancelled() => break,
+                            job = queue.recv() => match job {
+                                Some(job) => job,
+                                None => break,
                             },
-                        )
-                        .await?;
-                        message.ack().await?;
-                        continue;
-                    }
-                };
-                let id = event.event_id();
-                match with_progress(&message, spec.ack_wait, handle(event.clone())).await {
-                    Ok(()) => {
-                        message.ack().await?;
-                        metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok").increment(1);
-                    }
-                    Err(failure) => {
-                        let (can_pass, e) = match failure {
-                            Failure::Retry(e) => (true, e),
-                            Failure::Skip(e) => (false, e),
                         };
-                        if !can_pass || deliveries >= spec.set_aside_after {
-                            metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "dead_letter").increment(1);
+                        if let Err(e) =
+                            settle(&pool, name, &consumer_name, &spec, handle.as_ref(), job).await
+                        {
+                            tracing::warn!(worker = name, error = %e, "could not settle a message; it comes back after its ack wait");
+                        }
+                    }
+                }
+            }));
+            let dispatch = async {
+                let lanes = lanes; // dropped at the end, so the lanes finish too
+                let mut last_redrive = Instant::now();
+                loop {
+                    if last_redrive.elapsed() >= deadletter::REDRIVE_EVERY {
+                        last_redrive = Instant::now();
+                        let handle = handle.clone();
+                        deadletter::redrive(&pool, &stream, &consumer_name, |_, event| {
+                            let handle = handle.clone();
+                            async move {
+                                match handle(event).await {
+                                    Ok(()) => deadletter::Redriven::Done,
+                                    Err(e) => deadletter::Redriven::Failed(e.to_string()),
+                                }
+                            }
+                        })
+                        .await?;
+                    }
+                    let message = tokio::select! {
+                        _ = shutdown.cancelled() => return Ok::<(), async_nats::Error>(()),
+                        m = tokio::time::timeout(deadletter::REDRIVE_EVERY, messages.next()) => m,
+                    };
+                    let message = match message {
+                        Err(_) => continue, // idle: loop to look for letters to retry
+                        Ok(None) => return Err("message stream ended".into()),
+                        Ok(Some(m)) => m?,
+                    };
+                    let (stream_sequence, deliveries) = message
+                        .info()
+                        .map(|i| (i.stream_sequence, i.delivered))
+                        .unwrap_or((0, 1));
+                    let event = match cmb_nats::contract::decode_body(&message.payload) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            // Never acknowledged and forgotten: kept, body and all.
                             deadletter::park(
                                 &pool,
                                 deadletter::Parked {
                                     consumer: &consumer_name,
                                     stream_sequence,
-                                    event: Some(&event),
-                                    headers: None,
-                                    body: None,
+                                    event: None,
+                                    headers: message.headers.as_ref(),
+                                    body: Some(&message.payload),
                                     deliveries,
-                                    error: &e.to_string(),
+                                    error: &format!("cannot be decoded: {e}"),
                                     retry: false,
                                 },
                             )
@@ -173,13 +175,21 @@ pub async fn run<F, Fut>(
                             message.ack().await?;
                             continue;
                         }
-                        let backoff = Duration::from_millis(200 * 2u64.pow((deliveries as u32).min(8)));
-                        tracing::warn!(worker = name, event = %id, deliveries, error = %e, "handler failed; redelivering");
-                        metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "retry").increment(1);
-                        message.ack_with(AckKind::Nak(Some(backoff))).await?;
+                    };
+                    let lane = lane_of(&event);
+                    let job = Job {
+                        message,
+                        event,
+                        stream_sequence,
+                        deliveries,
+                    };
+                    if lanes[lane].send(job).await.is_err() {
+                        return Ok(()); // the lanes stopped: shutting down
                     }
                 }
-            }
+            };
+            let (dispatched, _) = tokio::join!(dispatch, workers);
+            dispatched
         }
         .await;
         if let Err(e) = result {
@@ -190,6 +200,88 @@ pub async fn run<F, Fut>(
             }
         }
     }
+}
+
+/// How many messages of different aggregates a worker handles at once. An aggregate's own
+/// messages go to one lane and are handled one after another, in order; a slow provider
+/// (Twilio placing a call, Stripe capturing, the LLM reading a transcript) holds up only its
+/// lane, not every call behind it.
+pub const LANES: usize = 16;
+
+/// A delivered message and its event, for a lane.
+struct Job {
+    message: jetstream::Message,
+    event: EventEnvelope,
+    stream_sequence: u64,
+    deliveries: i64,
+}
+
+/// The lane of `event`'s aggregate.
+fn lane_of(event: &EventEnvelope) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&event.aggregate_type, &event.aggregate_id).hash(&mut hasher);
+    (hasher.finish() % LANES as u64) as usize
+}
+
+/// Handles one message and acknowledges it, redelivers it with backoff, or sets it aside.
+async fn settle<F, Fut>(
+    pool: &sqlx::PgPool,
+    name: &'static str,
+    consumer_name: &str,
+    spec: &DurableSpec,
+    handle: &F,
+    job: Job,
+) -> Result<(), async_nats::Error>
+where
+    F: Fn(EventEnvelope) -> Fut,
+    Fut: Future<Output = Result<(), Failure>>,
+{
+    let Job {
+        message,
+        event,
+        stream_sequence,
+        deliveries,
+    } = job;
+    let id = event.event_id();
+    match with_progress(&message, spec.ack_wait, handle(event.clone())).await {
+        Ok(()) => {
+            message.ack().await?;
+            metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok")
+                .increment(1);
+        }
+        Err(failure) => {
+            let (can_pass, e) = match failure {
+                Failure::Retry(e) => (true, e),
+                Failure::Skip(e) => (false, e),
+            };
+            if !can_pass || deliveries >= spec.set_aside_after {
+                metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "dead_letter").increment(1);
+                deadletter::park(
+                    pool,
+                    deadletter::Parked {
+                        consumer: consumer_name,
+                        stream_sequence,
+                        event: Some(&event),
+                        headers: None,
+                        body: None,
+                        deliveries,
+                        error: &e.to_string(),
+                        retry: false,
+                    },
+                )
+                .await?;
+                message.ack().await?;
+                return Ok(());
+            }
+            let backoff = Duration::from_millis(200 * 2u64.pow((deliveries as u32).min(8)));
+            tracing::warn!(worker = name, event = %id, deliveries, error = %e, "handler failed; redelivering");
+            metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "retry")
+                .increment(1);
+            message.ack_with(AckKind::Nak(Some(backoff))).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs `work`, telling JetStream the message is still being worked on (`+WPI`) every third of
