@@ -4,8 +4,10 @@
 //! all at once); `callmeback serve` runs as a child process on a database and stream of its own,
 //! placing every call itself, with its own simulators for Deepgram, the LLM and ElevenLabs.
 //! Reports calls requested and placed, answered, voice sessions started and failed, 5xx
-//! answers, and projection lag p50/p99 during the calls (from serve's
-//! `cmb_projection_lag_seconds` histogram), as a table and, last, one line of JSON.
+//! answers, and projection lag p50/p99 of the calls' events (from serve's
+//! `cmb_projection_lag_seconds` histogram, read once the projections have caught up), how
+//! long placing the calls took and catching up after them, as a table and, last, one line of
+//! JSON.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -32,9 +34,17 @@ pub struct Figures {
     pub sessions_failed: u64,
     /// 5xx answers: to this process's requests and, per serve's own count, to anyone.
     pub http_5xx: u64,
+    /// Commit to read model, over every event of the calls (the bench waits for the
+    /// projections to catch up before reading it); `null` in the JSON when beyond the
+    /// histogram's largest bucket (30 s).
     pub projection_lag_p50_ms: f64,
     pub projection_lag_p99_ms: f64,
     pub projected_events: u64,
+    /// From the first call requested to the last one created at Twilio (the dialer's pace).
+    pub placing_seconds: f64,
+    /// From the last call's end until no projection had a message waiting (`null`: not within
+    /// 300 s).
+    pub caught_up_seconds: Option<f64>,
     pub seconds: f64,
     pub load_average: [f64; 3],
 }
@@ -153,6 +163,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let before = metrics(http.clone()).await?;
     let lag_before = lag_buckets(&before);
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
     let answers = child::place_calls(&http, &serve, &users.tokens, &persona_id).await;
     let requested = answers.iter().filter(|s| **s == 201).count() as u64;
     let five_xx = users.server_errors + answers.iter().filter(|s| **s >= 500).count() as u64;
@@ -180,8 +191,24 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     }
     let seconds_taken = started.elapsed().as_secs_f64();
     let load = child::load_average();
-    // The last projections and session records settle.
+    // The last session records settle, and the projections catch up with every event of the
+    // calls (the lag of an event still waiting would otherwise be missing from the figures).
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let ended_at = Instant::now();
+    let mut caught_up_seconds = None;
+    while ended_at.elapsed() < Duration::from_secs(300) {
+        // The projectors refresh their waiting counts every 2 s.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let text = metrics(http.clone()).await?;
+        let waiting: f64 = samples(&text, "cmb_projection_lag_messages")
+            .into_iter()
+            .map(|(_, v)| v)
+            .sum();
+        if waiting == 0.0 {
+            caught_up_seconds = Some(ended_at.elapsed().as_secs_f64());
+            break;
+        }
+    }
     let after = metrics(http.clone()).await?;
     let lag_after = lag_buckets(&after);
     let sims = twilio.calls();
@@ -194,6 +221,16 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
     let serve_5xx = counter(&after, "cmb_http_responses_total", "class=\"5xx\"") as u64;
     let projected = lag_after.get("+Inf").copied().unwrap_or(0.0)
         - lag_before.get("+Inf").copied().unwrap_or(0.0);
+    let placing_seconds = sims
+        .iter()
+        .map(|c| c.date_created)
+        .max()
+        .map_or(0.0, |last| {
+            (last - started_at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
     let figures = Figures {
         calls,
         requested,
@@ -205,6 +242,8 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         projection_lag_p50_ms: quantile_ms(&lag_before, &lag_after, 0.50),
         projection_lag_p99_ms: quantile_ms(&lag_before, &lag_after, 0.99),
         projected_events: projected as u64,
+        placing_seconds,
+        caught_up_seconds,
         seconds: seconds_taken,
         load_average: load,
     };
@@ -218,7 +257,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
 
 pub fn print(f: &Figures) {
     println!(
-        "{:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>5} {:>12} {:>12} {:>10} {:>8} {:>16}",
+        "{:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>5} {:>12} {:>12} {:>10} {:>9} {:>10} {:>8} {:>16}",
         "calls",
         "requested",
         "placed",
@@ -229,11 +268,20 @@ pub fn print(f: &Figures) {
         "lag p50 ≤",
         "lag p99 ≤",
         "projected",
+        "placing s",
+        "caught up",
         "seconds",
         "load avg"
     );
+    let ms = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.0} ms")
+        } else {
+            "> 30 s".to_string()
+        }
+    };
     println!(
-        "{:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>5} {:>9.0} ms {:>9.0} ms {:>10} {:>8.1} {:>16}",
+        "{:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>5} {:>12} {:>12} {:>10} {:>9.1} {:>10} {:>8.1} {:>16}",
         f.calls,
         f.requested,
         f.placed,
@@ -241,9 +289,12 @@ pub fn print(f: &Figures) {
         f.sessions_started,
         f.sessions_failed,
         f.http_5xx,
-        f.projection_lag_p50_ms,
-        f.projection_lag_p99_ms,
+        ms(f.projection_lag_p50_ms),
+        ms(f.projection_lag_p99_ms),
         f.projected_events,
+        f.placing_seconds,
+        f.caught_up_seconds
+            .map_or("no".to_string(), |s| format!("{s:.1} s")),
         f.seconds,
         format!(
             "{:.2} {:.2} {:.2}",
