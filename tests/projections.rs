@@ -233,11 +233,7 @@ async fn a_batch_applies_each_event_once_in_aggregate_order() {
         .unwrap();
     assert_eq!(
         outcomes,
-        vec![
-            Outcome::Unknown,
-            Outcome::Unknown,
-            Outcome::AlreadyApplied
-        ]
+        vec![Outcome::Unknown, Outcome::Unknown, Outcome::AlreadyApplied]
     );
     // The one-at-a-time path agrees with the batches' offsets.
     let next = event("wallet", "a", 3);

@@ -431,7 +431,14 @@ async fn a_rebuild_killed_before_or_inside_its_swap_leaves_the_live_read_model_w
         .enumerate()
     {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-            .args(["replay", "--format", "json", "projections", "wallets", "calls"])
+            .args([
+                "replay",
+                "--format",
+                "json",
+                "projections",
+                "wallets",
+                "calls",
+            ])
             .env_clear()
             .envs(&env.vars)
             .env("CMB_CRASH_AT", step)
@@ -468,7 +475,14 @@ async fn a_rebuild_killed_before_or_inside_its_swap_leaves_the_live_read_model_w
         );
     }
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-        .args(["replay", "--format", "json", "projections", "wallets", "calls"])
+        .args([
+            "replay",
+            "--format",
+            "json",
+            "projections",
+            "wallets",
+            "calls",
+        ])
         .env_clear()
         .envs(&env.vars)
         .output()
@@ -479,9 +493,16 @@ async fn a_rebuild_killed_before_or_inside_its_swap_leaves_the_live_read_model_w
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(leftovers().await, 0, "the next rebuild dropped the leftovers");
+    assert_eq!(
+        leftovers().await,
+        0,
+        "the next rebuild dropped the leftovers"
+    );
     assert_eq!(rows(&pool, "rm_calls").await, live_calls, "rebuilt alike");
-    assert!(wallet_agrees().await, "the rebuilt wallet has every grant once");
+    assert!(
+        wallet_agrees().await,
+        "the rebuilt wallet has every grant once"
+    );
     app.stop().await;
     env.cleanup().await;
 }

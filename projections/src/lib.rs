@@ -175,7 +175,10 @@ pub async fn apply_batch(
     let mut outcomes = vec![Outcome::Ignored; events.len()];
     // Per aggregate: the last sequence applied (from the offsets, then as the batch goes).
     let mut last: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-    for (e, _) in events.iter().filter(|(e, _)| projection.wants(&e.aggregate_type)) {
+    for (e, _) in events
+        .iter()
+        .filter(|(e, _)| projection.wants(&e.aggregate_type))
+    {
         last.insert((e.aggregate_type.as_str(), e.aggregate_id.as_str()), 0);
     }
     if last.is_empty() {

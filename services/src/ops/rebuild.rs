@@ -59,12 +59,11 @@ pub async fn rebuild_and_swap(
     // rebuild schemas of this projection that exist are leftovers of a rebuild that died (a
     // kill mid-rebuild or mid-swap; a swap's transaction rolled back with it): dropped.
     let mut guard = pool.acquire().await?.detach();
-    let alone: bool = sqlx::query_scalar(&format!(
-        "SELECT pg_try_advisory_lock({REBUILD_LOCK_KEY})"
-    ))
-    .bind(projection.name())
-    .fetch_one(&mut guard)
-    .await?;
+    let alone: bool =
+        sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({REBUILD_LOCK_KEY})"))
+            .bind(projection.name())
+            .fetch_one(&mut guard)
+            .await?;
     if !alone {
         anyhow::bail!(
             "another rebuild of {} is running; wait for it to finish",
