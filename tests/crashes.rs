@@ -720,7 +720,7 @@ async fn budgets_limits_deletions_and_the_scheduler_do_not_wait_for_the_calls_re
     let ctx = CommandContext::for_request("test", Actor::User(busy_id));
     let later = start + chrono::Duration::hours(2);
     let ask = || Request {
-        user_id: busy_id,
+        user_id: busy_id.into(),
         phone: None,
         persona_id: "alex_001".into(),
         minutes: Some(1),

@@ -12,6 +12,7 @@ pub mod cost;
 pub mod destination;
 pub mod envelope;
 pub mod events;
+pub mod ids;
 pub mod knowledge;
 pub mod memory;
 pub mod persona;
@@ -23,3 +24,4 @@ pub mod values;
 pub mod wallet;
 
 pub use envelope::{Actor, CommandContext, EventEnvelope, EventMetadata};
+pub use ids::{CallId, PersonaId, UserId};

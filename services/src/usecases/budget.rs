@@ -8,8 +8,8 @@
 
 use chrono::{DateTime, Utc};
 use cmb_domain::budget::{day_start, month_start, Breach, Budget, BudgetCommand, BudgetSettings};
-use cmb_domain::CommandContext;
-use uuid::Uuid;
+use cmb_domain::values::Cents;
+use cmb_domain::{CallId, CommandContext, UserId};
 
 use crate::backbone::store::{CommandError, EventStore};
 
@@ -44,7 +44,7 @@ pub struct Spent {
     pub this_month_cents: i64,
 }
 
-pub async fn settings(store: &EventStore, user: Uuid) -> Result<BudgetSettings, StoreError> {
+pub async fn settings(store: &EventStore, user: UserId) -> Result<BudgetSettings, StoreError> {
     let (budget, _) = store.load::<Budget>(&user.to_string()).await?;
     Ok(budget.settings())
 }
@@ -52,9 +52,9 @@ pub async fn settings(store: &EventStore, user: Uuid) -> Result<BudgetSettings, 
 /// Spend today and this month (UTC), leaving out call `except`.
 pub async fn spent(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
-    except: Option<Uuid>,
+    except: Option<CallId>,
 ) -> Result<Spent, sqlx::Error> {
     let pool = store.pool();
     Ok(Spent {
@@ -78,10 +78,11 @@ pub async fn spent(
 /// Refuses a call of at most `max_price` cents that would break a limit.
 pub async fn check(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
-    max_price: i64,
+    max_price: Cents,
 ) -> Result<(), CheckError> {
+    let max_price = max_price.0;
     let settings = settings(store, user).await.map_err(ReadError::from)?;
     if settings.max_cost_per_call_cents.is_none()
         && settings.max_daily_spend_cents.is_none()
@@ -101,7 +102,7 @@ pub async fn check(
 /// Sets the limits (already validated).
 pub async fn set(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     settings: BudgetSettings,
     ctx: &CommandContext,
 ) -> Result<(), StoreError> {
@@ -115,11 +116,12 @@ pub async fn set(
 /// monthly limits (the hold was checked against them; the limits may have changed since).
 pub async fn allows(
     store: &EventStore,
-    user: Uuid,
-    call_id: Uuid,
+    user: UserId,
+    call_id: CallId,
     now: DateTime<Utc>,
-    price: i64,
+    price: Cents,
 ) -> Result<bool, ReadError> {
+    let price = price.0;
     let s = settings(store, user).await?;
     if s.max_daily_spend_cents.is_none() && s.max_monthly_spend_cents.is_none() {
         return Ok(true);
@@ -134,12 +136,13 @@ pub async fn allows(
 /// day or month of `at` past the user's warning threshold (once per period).
 pub async fn observe(
     store: &EventStore,
-    user: Uuid,
-    call_id: Uuid,
-    price: i64,
+    user: UserId,
+    call_id: CallId,
+    price: Cents,
     at: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<(), ReadError> {
+    let price = price.0;
     let settings = settings(store, user).await?;
     let spent = spent(store, user, at, Some(call_id)).await?;
     for (limit, spent, period) in [

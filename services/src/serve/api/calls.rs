@@ -85,9 +85,9 @@ impl CallBody {
             },
         };
         Ok(Request {
-            user_id: user.id,
+            user_id: user.user_id(),
             phone,
-            persona_id: self.persona_id,
+            persona_id: self.persona_id.into(),
             minutes: self.duration,
             pay_with,
             scheduled: None,
@@ -176,7 +176,7 @@ async fn created(
 ) -> ApiResult<impl IntoResponse> {
     let caught_up = state.read_your_writes("calls", &requested.committed).await;
     let found = match caught_up {
-        true => cmb_projections::calls::view(&state.pool, requested.call_id, user.id).await,
+        true => cmb_projections::calls::view(&state.pool, requested.call_id.uuid(), user.id).await,
         false => Ok(None),
     };
     let view = match found {
@@ -187,7 +187,7 @@ async fn created(
             }
             metrics::counter!("cmb_answered_before_read_model_total", "resource" => "call")
                 .increment(1);
-            CallView::requested(requested.call_id, &requested.request, requested.at)
+            CallView::requested(requested.call_id.uuid(), &requested.request, requested.at)
         }
     };
     let hold = match requested.hold {
@@ -370,8 +370,8 @@ pub async fn cancel(
     let id = parse_call_id(&id)?;
     let cancelled = cancel::cancel(
         &state.store,
-        user.id,
-        id,
+        user.user_id(),
+        id.into(),
         state.clock.now(),
         &user.context(),
     )

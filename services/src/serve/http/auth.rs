@@ -102,6 +102,11 @@ pub struct AuthUser {
 }
 
 impl AuthUser {
+    /// The signed-in user's id, typed, for the use cases.
+    pub fn user_id(&self) -> cmb_domain::UserId {
+        self.id.into()
+    }
+
     /// For a sensitive change (email, phone, a card, buying credits): a sign-in younger than
     /// `reauth::FRESH_MINUTES`, or `password` (the account's, sent with the request). Else
     /// `403 reauthentication_required`; a wrong password is `403 wrong_password`.

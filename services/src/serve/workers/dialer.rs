@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand, CallEvent, MAX_DIAL_ATTEMPTS};
-use cmb_domain::{Actor, CommandContext, EventEnvelope};
+use cmb_domain::{Actor, CallId, CommandContext, EventEnvelope, UserId};
 
 use super::runner::{decode, Failure};
 use crate::backbone::store::EventStore;
@@ -157,10 +157,11 @@ impl Dialer {
         if let Err(refused) = self.policy.destination(phone) {
             return Ok(Some(refused.to_string()));
         }
-        let call_id = uuid::Uuid::parse_str(id)?;
-        let user = call
+        let call_id: CallId = id.parse()?;
+        let user: UserId = call
             .user_id
-            .ok_or_else(|| anyhow::anyhow!("call {id} has no user"))?;
+            .ok_or_else(|| anyhow::anyhow!("call {id} has no user"))?
+            .into();
         let pool = self.store.pool();
         if call.scheduled_for.is_some() && !active::claim(pool, user, call_id).await? {
             return Ok(Some(
@@ -298,8 +299,7 @@ impl Dialer {
             .await
             .map_err(|e| anyhow::anyhow!("listing calls at Twilio: {e}"))?;
         let sids: Vec<String> = listed.iter().map(|c| c.sid.clone()).collect();
-        let known =
-            sids::taken_by_others(self.store.pool(), &sids, uuid::Uuid::parse_str(id)?).await?;
+        let known = sids::taken_by_others(self.store.pool(), &sids, id.parse()?).await?;
         let window = since - chrono::Duration::seconds(5);
         Ok(listed
             .into_iter()

@@ -2,7 +2,7 @@
 //! the rest released, the budget observed, the user's active-call slot freed.
 
 use cmb_domain::call::CallEvent;
-use cmb_domain::{Actor, CommandContext, EventEnvelope};
+use cmb_domain::{Actor, CallId, CommandContext, EventEnvelope};
 use cmb_providers::stripe::Stripe;
 
 use super::runner::{decode, Failure};
@@ -20,7 +20,9 @@ pub async fn handle(
         return Ok(());
     };
     let ctx = CommandContext::caused_by(&event, Actor::Worker(NAME.into()));
-    let call_id =
-        uuid::Uuid::parse_str(&event.aggregate_id).map_err(|e| Failure::Skip(Box::new(e)))?;
+    let call_id: CallId = event
+        .aggregate_id
+        .parse()
+        .map_err(|e| Failure::Skip(Box::new(e)))?;
     Ok(settle(&store, &stripe, call_id, event.occurred_at, &ctx).await?)
 }

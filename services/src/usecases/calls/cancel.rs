@@ -3,8 +3,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::call::{Call, CallCommand, CallError, Payment};
-use cmb_domain::CommandContext;
-use uuid::Uuid;
+use cmb_domain::{CallId, CommandContext, UserId};
 
 use super::schedule::MIN_NOTICE_MINUTES;
 use crate::backbone::store::{CommandError, Committed, EventStore};
@@ -21,13 +20,13 @@ pub type CancelError = CommandError<CallError>;
 
 pub async fn cancel(
     store: &EventStore,
-    user: Uuid,
-    call_id: Uuid,
+    user: UserId,
+    call_id: CallId,
     now: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<Cancelled, CancelError> {
     let command = CallCommand::Cancel {
-        by: user,
+        by: user.uuid(),
         at: now,
         min_notice: Duration::minutes(MIN_NOTICE_MINUTES),
     };

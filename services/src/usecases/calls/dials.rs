@@ -13,8 +13,8 @@
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::destination::{DestinationPolicy, Refusal};
 use cmb_domain::values::PhoneNumber;
+use cmb_domain::{CallId, UserId};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 /// `CALL_NUMBER_DAILY_LIMIT` when unset.
 pub const DEFAULT_NUMBER_PER_DAY: u32 = 10;
@@ -79,8 +79,8 @@ impl CallPolicy {
     pub async fn claim(
         &self,
         pool: &PgPool,
-        call_id: Uuid,
-        user: Uuid,
+        call_id: CallId,
+        user: UserId,
         phone: &PhoneNumber,
         now: DateTime<Utc>,
     ) -> Result<Result<(), DialRefusal>, sqlx::Error> {
@@ -99,9 +99,9 @@ impl CallPolicy {
                     (SELECT count(*) FROM call_dials WHERE phone = $2 AND day = $4),
                     (SELECT count(*) FROM call_dials WHERE user_id = $3 AND day = $4)",
         )
-        .bind(call_id)
+        .bind(call_id.uuid())
         .bind(phone.as_str())
-        .bind(user)
+        .bind(user.uuid())
         .bind(day)
         .fetch_one(&mut *tx)
         .await?;
@@ -127,8 +127,8 @@ impl CallPolicy {
             "INSERT INTO call_dials (call_id, user_id, phone, day, claimed_at)
              VALUES ($1, $2, $3, $4, $5)",
         )
-        .bind(call_id)
-        .bind(user)
+        .bind(call_id.uuid())
+        .bind(user.uuid())
         .bind(phone.as_str())
         .bind(day)
         .bind(now)
@@ -141,9 +141,9 @@ impl CallPolicy {
 
 /// Gives back the count of a call that never came to exist (its request failed after the
 /// claim).
-pub async fn release(pool: &PgPool, call_id: Uuid) -> Result<(), sqlx::Error> {
+pub async fn release(pool: &PgPool, call_id: CallId) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM call_dials WHERE call_id = $1")
-        .bind(call_id)
+        .bind(call_id.uuid())
         .execute(pool)
         .await?;
     Ok(())
@@ -160,7 +160,7 @@ pub async fn forget_user(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error> 
 }
 
 /// [`release`], logging a failure instead of returning it (on paths already failing).
-pub async fn release_logged(pool: &PgPool, call_id: Uuid) {
+pub async fn release_logged(pool: &PgPool, call_id: CallId) {
     if let Err(e) = release(pool, call_id).await {
         tracing::error!(call = %call_id, error = %e, "could not release the call's daily count");
     }

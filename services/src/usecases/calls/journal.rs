@@ -10,7 +10,7 @@ use std::time::Duration;
 use cmb_domain::billing::Billing;
 use cmb_domain::call::Call;
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
-use cmb_domain::CommandContext;
+use cmb_domain::{CallId, CommandContext, UserId};
 use cmb_providers::stripe::{Stripe, StripeError};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -28,8 +28,8 @@ pub enum HeldBy {
 /// Opens the journal row of `call_id`, before any of its steps.
 pub async fn open(
     pool: &PgPool,
-    call_id: Uuid,
-    user: Uuid,
+    call_id: CallId,
+    user: UserId,
     held_by: &HeldBy,
     scheduled: bool,
 ) -> Result<(), sqlx::Error> {
@@ -41,8 +41,8 @@ pub async fn open(
         "INSERT INTO call_requests (call_id, user_id, method, payment_intent_id, scheduled)
          VALUES ($1, $2, $3, $4, $5)",
     )
-    .bind(call_id)
-    .bind(user)
+    .bind(call_id.uuid())
+    .bind(user.uuid())
     .bind(method)
     .bind(pi)
     .bind(scheduled)
@@ -52,12 +52,12 @@ pub async fn open(
 }
 
 /// Closes the row of `call_id` with `outcome` (nothing if it is closed already).
-pub async fn close(pool: &PgPool, call_id: Uuid, outcome: &str) -> Result<(), sqlx::Error> {
+pub async fn close(pool: &PgPool, call_id: CallId, outcome: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE call_requests SET closed_at = now(), outcome = $2
           WHERE call_id = $1 AND closed_at IS NULL",
     )
-    .bind(call_id)
+    .bind(call_id.uuid())
     .bind(outcome)
     .execute(pool)
     .await?;
@@ -65,7 +65,7 @@ pub async fn close(pool: &PgPool, call_id: Uuid, outcome: &str) -> Result<(), sq
 }
 
 /// [`close`], logging a failure (the sweeper closes the row later).
-pub async fn close_logged(pool: &PgPool, call_id: Uuid, outcome: &str) {
+pub async fn close_logged(pool: &PgPool, call_id: CallId, outcome: &str) {
     if let Err(e) = close(pool, call_id, outcome).await {
         tracing::warn!(call = %call_id, error = %e, "could not close the request's journal row");
     }
@@ -78,10 +78,10 @@ pub enum SweepError {
     #[error("loading {0}: {1}")]
     Load(String, String),
     #[error("releasing the credits of call {0}: {1}")]
-    Wallet(Uuid, CommandError<WalletError>),
+    Wallet(CallId, CommandError<WalletError>),
     #[error("cancelling {pi} of call {call}: {error}")]
     Stripe {
-        call: Uuid,
+        call: CallId,
         pi: String,
         error: StripeError,
     },
@@ -114,6 +114,7 @@ pub async fn sweep(
     .await?;
     let mut swept = Swept::default();
     for (call_id, user, method, pi) in stale {
+        let (call_id, user) = (CallId::from(call_id), UserId::from(user));
         let id = call_id.to_string();
         let (call, _) = store
             .load::<Call>(&id)
@@ -145,8 +146,8 @@ pub async fn sweep(
 
 async fn release_credits(
     store: &EventStore,
-    user: Uuid,
-    call_id: Uuid,
+    user: UserId,
+    call_id: CallId,
     ctx: &CommandContext,
 ) -> Result<String, SweepError> {
     let hold_id = call_id.to_string();
@@ -169,8 +170,8 @@ async fn release_credits(
 async fn release_card(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
-    call_id: Uuid,
+    user: UserId,
+    call_id: CallId,
     pi: &str,
 ) -> Result<String, SweepError> {
     let (billing, _) = store

@@ -7,16 +7,16 @@
 //! projector may leave behind.
 
 use chrono::{DateTime, Utc};
+use cmb_domain::{CallId, PersonaId, UserId};
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 /// What `user` spent (or holds) on calls requested since `since`, leaving out call `except`:
 /// ended calls at their price, open ones (scheduled or under way) at their held maximum.
 pub async fn spent_since(
     pool: &PgPool,
-    user: Uuid,
+    user: UserId,
     since: DateTime<Utc>,
-    except: Option<Uuid>,
+    except: Option<CallId>,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT COALESCE(sum(CASE WHEN ended THEN price_cents ELSE max_price_cents END), 0)::bigint
@@ -31,7 +31,7 @@ pub async fn spent_since(
 }
 
 /// How many of `user`'s scheduled calls still wait for their time.
-pub async fn waiting(db: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Error> {
+pub async fn waiting(db: &mut PgConnection, user: UserId) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM call_ledger WHERE user_id = $1 AND waiting")
         .bind(user.to_string())
         .fetch_one(db)
@@ -39,9 +39,12 @@ pub async fn waiting(db: &mut PgConnection, user: Uuid) -> Result<i64, sqlx::Err
 }
 
 /// How many of anyone's scheduled calls with persona `persona_id` still wait for their time.
-pub async fn waiting_with_persona(pool: &PgPool, persona_id: &str) -> Result<i64, sqlx::Error> {
+pub async fn waiting_with_persona(
+    pool: &PgPool,
+    persona_id: &PersonaId,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM call_ledger WHERE persona_id = $1 AND waiting")
-        .bind(persona_id)
+        .bind(persona_id.as_str())
         .fetch_one(pool)
         .await
 }

@@ -16,9 +16,8 @@ use cmb_domain::pricing::{credits_for, PriceTable, PricingError};
 use cmb_domain::user::User;
 use cmb_domain::values::{Cents, Invalid, PhoneNumber};
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
-use cmb_domain::CommandContext;
+use cmb_domain::{CallId, CommandContext, PersonaId, UserId};
 use cmb_providers::stripe::{PaymentIntent, Stripe, StripeError};
-use uuid::Uuid;
 
 use super::active;
 use super::dials::{self, CallPolicy, DialRefusal};
@@ -39,10 +38,10 @@ pub enum PayWith {
 /// A call as the user asks for it, parsed at the edge.
 #[derive(Debug, Clone)]
 pub struct Request {
-    pub user_id: Uuid,
+    pub user_id: UserId,
     /// `None`: the account's phone number.
     pub phone: Option<PhoneNumber>,
-    pub persona_id: String,
+    pub persona_id: PersonaId,
     /// `None`: the minutes the payment intent was created for, or `DEFAULT_MINUTES` on credits.
     pub minutes: Option<u32>,
     pub pay_with: PayWith,
@@ -60,7 +59,7 @@ pub enum Hold {
 /// A requested call.
 #[derive(Debug, Clone)]
 pub struct Requested {
-    pub call_id: Uuid,
+    pub call_id: CallId,
     pub hold: Hold,
     /// What was recorded, so the caller can answer with it before the read model has it.
     pub request: CallRequest,
@@ -202,8 +201,8 @@ pub async fn request(
         }
     };
     policy.destination(&phone).map_err(RequestError::Refused)?;
-    let persona_id = request.persona_id.trim().to_string();
-    let persona = personas::accessible(store, &persona_id, user).await?;
+    let persona_id = request.persona_id.as_str().trim().to_string();
+    let persona = personas::accessible(store, &persona_id, user.uuid()).await?;
     let prices = prices::current(store, now).await?;
     let minutes = match (request.minutes, &intent) {
         (Some(minutes), _) => minutes,
@@ -211,7 +210,7 @@ pub async fn request(
         (None, None) => DEFAULT_MINUTES,
     };
     let max_price = prices.max_price(minutes);
-    budget::check(store, user, now, max_price.0).await?;
+    budget::check(store, user, now, max_price).await?;
     // Credits owed after a refund or dispute block every new call, whatever pays for it.
     let (wallet, _) = store
         .load::<Wallet>(&user.to_string())
@@ -239,7 +238,7 @@ pub async fn request(
         },
     };
 
-    let call_id = Uuid::now_v7();
+    let call_id = CallId::generate();
     let pool = store.pool();
     // One recoverable unit: the journal row first, so a crash after any step below is found
     // and given back by the sweeper (`journal::sweep`).
@@ -293,7 +292,7 @@ pub async fn request(
         Payment::Card { payment_intent_id } => {
             let used = billing::record(
                 store,
-                user,
+                user.uuid(),
                 BillingCommand::UseAuthorization {
                     payment_intent_id: payment_intent_id.clone(),
                     call_id: call_id.to_string(),
@@ -316,7 +315,7 @@ pub async fn request(
         None => (None, None),
     };
     let recorded = CallRequest {
-        user_id: user,
+        user_id: user.uuid(),
         persona_id,
         persona_name: persona.name.clone(),
         phone,
@@ -357,8 +356,8 @@ pub async fn request(
 async fn release_hold(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
-    call_id: Uuid,
+    user: UserId,
+    call_id: CallId,
     hold: &Hold,
     ctx: &CommandContext,
 ) {

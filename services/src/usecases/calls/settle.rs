@@ -6,10 +6,10 @@
 
 use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand, CallError, Payment, Settlement};
+use cmb_domain::values::Cents;
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
-use cmb_domain::CommandContext;
+use cmb_domain::{CallId, CommandContext, UserId};
 use cmb_providers::stripe::{Stripe, StripeError};
-use uuid::Uuid;
 
 use super::active;
 use crate::backbone::store::{CommandError, EventStore};
@@ -19,11 +19,11 @@ use crate::usecases::budget;
 pub enum SettleError {
     /// The call has no owner or payment: there is nothing to settle, now or later.
     #[error("call {0} has no owner or payment")]
-    NothingToSettle(Uuid),
+    NothingToSettle(CallId),
     #[error("call {0}: {1}")]
-    Call(Uuid, CommandError<CallError>),
+    Call(CallId, CommandError<CallError>),
     #[error("the hold of call {0}: {1}")]
-    Wallet(Uuid, CommandError<WalletError>),
+    Wallet(CallId, CommandError<WalletError>),
     #[error("settling {pi}: {error}")]
     Stripe { pi: String, error: StripeError },
     #[error("settling {pi} refused: {message} (intent is {status})")]
@@ -38,7 +38,7 @@ pub enum SettleError {
          settlement takes {wanted}"
     )]
     HoldClosedElsewhere {
-        call: Uuid,
+        call: CallId,
         used: Option<i64>,
         wanted: i64,
     },
@@ -62,7 +62,7 @@ impl SettleError {
 pub async fn settle(
     store: &EventStore,
     stripe: &Stripe,
-    call_id: Uuid,
+    call_id: CallId,
     ended_at: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<(), SettleError> {
@@ -138,7 +138,15 @@ pub async fn settle(
             .map_err(|e| SettleError::Call(call_id, e))?;
         crate::faults::crash_point("settle.after_record");
     }
-    budget::observe(store, user, call_id, price, ended_at, ctx).await?;
+    budget::observe(
+        store,
+        UserId::from(user),
+        call_id,
+        Cents(price),
+        ended_at,
+        ctx,
+    )
+    .await?;
     active::release(store.pool(), call_id).await?;
     Ok(())
 }

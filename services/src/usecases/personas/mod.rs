@@ -9,7 +9,7 @@ use cmb_domain::persona::{
 };
 use cmb_domain::pricing::{PriceTable, Pricing, PricingCommand, PRICING_ID};
 use cmb_domain::values::Invalid;
-use cmb_domain::CommandContext;
+use cmb_domain::{CommandContext, PersonaId};
 use cmb_providers::elevenlabs::ElevenLabs;
 use uuid::Uuid;
 
@@ -158,7 +158,9 @@ pub async fn remove(
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     let current = owned(store, id, user).await?;
-    let scheduled = crate::usecases::calls::ledger::waiting_with_persona(store.pool(), id).await?;
+    let scheduled =
+        crate::usecases::calls::ledger::waiting_with_persona(store.pool(), &PersonaId::from(id))
+            .await?;
     if scheduled > 0 {
         return Err(Error::Scheduled(scheduled));
     }

@@ -1,0 +1,141 @@
+//! Typed ids: a call's id cannot be passed where a user's is meant, and the compiler says so.
+//!
+//! Each is its inner value on the wire (`#[serde(transparent)]`), so events, answers and rows
+//! keep their shape. The domain does no I/O, so these carry no database encoding: a query binds
+//! `id.uuid()` (or `id.as_str()`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A new id (UUID v7: ordered by creation time).
+            pub fn generate() -> Self {
+                $name(Uuid::now_v7())
+            }
+
+            pub const fn from_uuid(id: Uuid) -> Self {
+                $name(id)
+            }
+
+            pub const fn uuid(self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(id: Uuid) -> Self {
+                $name(id)
+            }
+        }
+
+        impl From<$name> for Uuid {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = uuid::Error;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map($name)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// A user's id (their `user` aggregate's, and their wallet's, billing's and budget's).
+    UserId
+);
+uuid_id!(
+    /// A call's id (its `call` aggregate's; also the name of its hold).
+    CallId
+);
+
+/// A persona's id: a system persona's name (`brad_001`) or a user's persona's UUID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PersonaId(String);
+
+impl PersonaId {
+    pub fn new(id: impl Into<String>) -> Self {
+        PersonaId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for PersonaId {
+    fn from(id: String) -> Self {
+        PersonaId(id)
+    }
+}
+
+impl From<&str> for PersonaId {
+    fn from(id: &str) -> Self {
+        PersonaId(id.to_string())
+    }
+}
+
+impl From<PersonaId> for String {
+    fn from(id: PersonaId) -> Self {
+        id.0
+    }
+}
+
+impl AsRef<str> for PersonaId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PersonaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_their_inner_value_on_the_wire() {
+        let uuid = Uuid::now_v7();
+        let call = CallId::from(uuid);
+        assert_eq!(serde_json::to_value(call).unwrap(), serde_json::json!(uuid));
+        assert_eq!(
+            serde_json::from_value::<CallId>(serde_json::json!(uuid)).unwrap(),
+            call
+        );
+        assert_eq!(call.to_string(), uuid.to_string());
+        assert_eq!(uuid.to_string().parse::<CallId>().unwrap(), call);
+        assert!("brad_001".parse::<UserId>().is_err());
+        let persona = PersonaId::new("brad_001");
+        assert_eq!(
+            serde_json::to_value(&persona).unwrap(),
+            serde_json::json!("brad_001")
+        );
+        assert_eq!(persona.to_string(), "brad_001");
+    }
+}
