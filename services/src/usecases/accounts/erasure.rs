@@ -95,7 +95,7 @@ pub async fn erase(
         },
         None => false,
     };
-    crate::usecases::calls::dials::forget_user(pool, user).await?;
+    crate::usecases::calls::dials::forget_user(pool, user.into()).await?;
     cmb_projections::calls::forget_phones(pool, user).await?;
     Ok(Erased {
         calls: calls

@@ -151,9 +151,9 @@ pub async fn release(pool: &PgPool, call_id: CallId) -> Result<(), sqlx::Error> 
 
 /// Forgets the numbers an erased user called: their counts go (so the numbers' counts of
 /// today drop by theirs: their destinations are not kept, even for the day).
-pub async fn forget_user(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error> {
+pub async fn forget_user(pool: &PgPool, user: UserId) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("DELETE FROM call_dials WHERE user_id = $1")
-        .bind(user)
+        .bind(user.uuid())
         .execute(pool)
         .await?;
     Ok(done.rows_affected())
