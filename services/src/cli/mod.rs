@@ -185,6 +185,9 @@ enum BenchCommand {
         /// Consumers of the call subjects (`nats`), each on a connection of its own.
         #[arg(long, default_value_t = crate::ops::reconcile::stream::PARTITIONS)]
         partitions: u64,
+        /// Leaves the bench's stream or database in place at the end (to study the queries).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -412,9 +415,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     events,
                     source,
                     partitions,
+                    keep,
                 },
         } => {
-            crate::ops::bench_replay::replay(config, events, &source, partitions).await?;
+            crate::ops::bench_replay::replay(config, events, &source, partitions, keep).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

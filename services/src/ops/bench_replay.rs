@@ -72,10 +72,11 @@ pub async fn replay(
     events: u64,
     source: &str,
     partitions: u64,
+    keep: bool,
 ) -> anyhow::Result<()> {
     let (written_per_s, runs, replayed_per_s, messages) = match source {
-        "nats" => nats(&config, events, partitions).await?,
-        "postgres" => postgres(&config, events).await?,
+        "nats" => nats(&config, events, partitions, keep).await?,
+        "postgres" => postgres(&config, events, keep).await?,
         other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
     };
     let (runs, reference) = runs;
@@ -145,7 +146,12 @@ type Figures = (f64, (Vec<Run>, Report), Option<f64>, Option<u64>);
 
 /// Publishes to a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with bounded
 /// in-flight acks; replays every body once, then reconciles twice.
-async fn nats(config: &Config, events: u64, partitions: u64) -> anyhow::Result<Figures> {
+async fn nats(
+    config: &Config,
+    events: u64,
+    partitions: u64,
+    keep: bool,
+) -> anyhow::Result<Figures> {
     let mut settings = config.stream.clone();
     settings.stream = format!("{}_BENCH_REPLAY", config.stream.stream);
     settings.subject_prefix = format!("{}_bench_replay", config.stream.subject_prefix);
@@ -239,7 +245,9 @@ async fn nats(config: &Config, events: u64, partitions: u64) -> anyhow::Result<F
         });
         messages = read.messages;
     }
-    js.delete_stream(&settings.stream).await.ok();
+    if !keep {
+        js.delete_stream(&settings.stream).await.ok();
+    }
     Ok((
         written_per_s,
         (runs, reference),
@@ -263,7 +271,7 @@ fn copy_text(out: &mut String, value: &str) {
 
 /// Writes the events into an event table of its own (database `<name>_bench_replay`,
 /// recreated) with `COPY`, 100,000 to a transaction; vacuums it; reconciles twice in SQL.
-async fn postgres(config: &Config, events: u64) -> anyhow::Result<Figures> {
+async fn postgres(config: &Config, events: u64, keep: bool) -> anyhow::Result<Figures> {
     use sqlx::migrate::MigrateDatabase;
     let name = config
         .database_url
@@ -322,6 +330,8 @@ async fn postgres(config: &Config, events: u64) -> anyhow::Result<Figures> {
         });
     }
     pool.close().await;
-    let _ = sqlx::Postgres::drop_database(&url).await;
+    if !keep {
+        let _ = sqlx::Postgres::drop_database(&url).await;
+    }
     Ok((written_per_s, (runs, reference), None, None))
 }
