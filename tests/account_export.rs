@@ -101,6 +101,15 @@ async fn the_export_holds_a_made_calls_transcript_and_the_accounts_events() {
     assert!(has("wallet", "CreditsGranted"));
     assert!(has("call", "CallRequested"));
     assert!(has("persona", "PersonaCreated"));
+    // Sealed in the log, the user's own fields are exported opened.
+    let registered = events
+        .iter()
+        .find(|e| e["event_type"] == "UserRegistered")
+        .unwrap();
+    assert_eq!(
+        registered["payload"]["UserRegistered"]["email"], profile["email"],
+        "{registered}"
+    );
     let text = archive.to_string();
     assert!(!text.contains("$argon2"), "a password hash was exported");
     // Another user's export holds nothing of this one.

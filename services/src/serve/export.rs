@@ -180,8 +180,18 @@ async fn write(pool: &PgPool, user: Uuid, w: &Writer) -> Result<(), ExportError>
     .bind(user.to_string())
     .bind(&aggregates)
     .fetch(pool);
+    // The user's own data, opened: their personal fields are sealed in the log.
+    let keys = crate::backbone::keys::Keyring::new(pool.clone());
     while let Some(row) = rows.try_next().await? {
         let mut payload: Value = serde_json::from_str(&row.payload)?;
+        keys.open(
+            &row.aggregate_type,
+            &row.aggregate_id,
+            &row.event_type,
+            &mut payload,
+        )
+        .await
+        .map_err(sqlx::Error::from)?;
         redact(&mut payload);
         let event = json!({
             "aggregate_type": row.aggregate_type,
