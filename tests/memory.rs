@@ -190,9 +190,11 @@ async fn a_persona_remembers_what_it_learned_and_the_user_controls_it() {
     .fetch_all(&app.state.pool)
     .await
     .unwrap();
-    let eventually_costs = eventually(Duration::from_secs(10), || async {
+    // Both kinds: the extraction's cost lines come first (one per attempt), the embeddings'
+    // after them.
+    let eventually_costs = eventually(Duration::from_secs(60), || async {
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM rm_call_costs WHERE call_id = $1::uuid AND operation LIKE 'memory-%'",
+            "SELECT count(DISTINCT operation) FROM rm_call_costs WHERE call_id = $1::uuid AND operation LIKE 'memory-%'",
         )
         .bind(&first)
         .fetch_one(&app.state.pool)

@@ -1,5 +1,5 @@
-//! Calls: trigger now, schedule for later, cancel a scheduled call, history with timelines,
-//! and usage. The request saga lives in `usecases::calls`; the dialer, the scheduler and the
+//! Calls: trigger now, schedule for later, cancel a scheduled call, history with timelines
+//! (usage by month is `super::usage`). The request saga lives in `usecases::calls`; the dialer, the scheduler and the
 //! settlement worker take it from there, through the stream.
 
 use axum::extract::{Path, State};
@@ -541,57 +541,6 @@ pub async fn get_one(
         usage,
         timeline,
         transcript,
-    }))
-}
-
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct UsageParams {
-    /// How many months back, 1 to 24 (default 3).
-    #[param(minimum = 1, maximum = 24)]
-    months: Option<i64>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Totals {
-    calls: i64,
-    minutes: i64,
-    spent_cents: i64,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Usage {
-    months: i64,
-    total: Totals,
-    current_month: Option<Month>,
-    /// Newest first; months without calls included.
-    monthly: Vec<Month>,
-}
-
-/// Your completed calls, minutes and spend by month.
-#[utoipa::path(get, path = "/user/usage", tag = "calls", security(("bearer" = [])), params(UsageParams),
-    responses((status = 200, description = "Your usage", body = Usage)))]
-pub async fn usage(
-    State(state): State<AppState>,
-    user: AuthUser,
-    Query(params): Query<UsageParams>,
-) -> ApiResult<impl IntoResponse> {
-    let months = params.months.unwrap_or(3);
-    if !(1..=24).contains(&months) {
-        return Err(ApiError::validation("months", "months: 1 to 24"));
-    }
-    let breakdown =
-        cmb_projections::calls::usage(&state.pool, user.id, state.clock.now(), months).await?;
-    let total = |f: fn(&cmb_projections::calls::Month) -> i64| breakdown.iter().map(f).sum::<i64>();
-    Ok(axum::Json(Usage {
-        months,
-        total: Totals {
-            calls: total(|m| m.calls),
-            minutes: total(|m| m.minutes),
-            spent_cents: total(|m| m.spent_cents),
-        },
-        current_month: breakdown.first().cloned(),
-        monthly: breakdown,
     }))
 }
 

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod openapi;
 pub mod personas;
 pub mod twilio;
+pub mod usage;
 pub mod user;
 pub mod workos;
 
@@ -94,7 +95,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(at(routes!(calls::list), limit::CALLS_LIST))
         .merge(at(routes!(calls::scheduled), limit::CALLS_LIST))
         .merge(at(routes!(calls::get_one), limit::CALLS_LIST))
-        .merge(at(routes!(calls::usage), limit::USAGE))
+        .merge(at(routes!(usage::usage), limit::USAGE))
         // Money.
         .merge(at(routes!(budget::get), limit::USAGE))
         .merge(at(routes!(budget::put), limit::PROFILE))

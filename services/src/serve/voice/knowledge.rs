@@ -20,6 +20,7 @@ use cmb_domain::pricing::PriceTable;
 use cmb_domain::{Actor, CommandContext};
 
 use super::error::SessionError;
+use super::indexes::Slot;
 use super::shared::Voice;
 
 /// Passages added to one reply, at most.
@@ -39,36 +40,6 @@ struct Prefetch {
     requested: String,
     /// The latest (text, vector) that came back.
     embedded: Option<(String, Vec<f32>)>,
-}
-
-/// The indexes of the personas in calls now, by persona. A persona's slot is locked while its
-/// index is loaded, so calls starting together load it once.
-#[derive(Default)]
-pub struct SharedIndexes {
-    by_persona: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
-}
-
-#[derive(Default)]
-struct Slot {
-    /// What the index was built from (`index_key`).
-    key: String,
-    index: Weak<KnowledgeIndex>,
-}
-
-impl SharedIndexes {
-    fn slot(&self, persona_id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
-        let mut map = self.by_persona.lock().expect("knowledge indexes");
-        // Forget the personas no call uses any more (a slot someone waits for or is loading
-        // is kept).
-        map.retain(|_, slot| {
-            Arc::strong_count(slot) > 1
-                || match slot.try_lock() {
-                    Ok(s) => s.index.strong_count() > 0,
-                    Err(_) => true,
-                }
-        });
-        map.entry(persona_id.to_string()).or_default().clone()
-    }
 }
 
 /// What a call's index is built from: the persona's indexed documents (an id is never reused

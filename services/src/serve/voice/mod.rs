@@ -21,6 +21,7 @@ mod admission;
 mod context;
 mod error;
 mod guard;
+mod indexes;
 mod knowledge;
 mod limits;
 pub mod outbound;

@@ -60,7 +60,7 @@ pub struct KnowledgeSettings {
     /// The most passages a call loads (`KNOWLEDGE_SESSION_PASSAGES`).
     pub session_passages: usize,
     /// The personas' indexes, shared by their calls.
-    pub indexes: Arc<super::knowledge::SharedIndexes>,
+    pub indexes: Arc<super::indexes::SharedIndexes>,
 }
 
 impl Voice {
