@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use cmb_domain::call::Payment;
 use cmb_domain::values::{Invalid, PhoneNumber};
-use cmb_projections::calls::{CallView, ListFilter, Month, PaymentView, Sort, UsageLine, STATUSES};
+use cmb_projections::calls::{CallView, ListFilter, PaymentView, Sort, UsageLine, STATUSES};
 use cmb_projections::timeline::Entry;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};

@@ -8,8 +8,7 @@
 //! (`prefetch`: a final segment, or an interim seen twice); the vector is used only if it is
 //! there when the turn ends. No provider call ever waits in the reply's path.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use cmb_domain::call::{Call, CallCommand};
 use cmb_domain::cost::CostKind;
