@@ -247,6 +247,9 @@ async fn run(
     // and audio went out since, it is pushed back to `last_sent + KEEPALIVE_AFTER`.
     let keepalive = tokio::time::sleep(KEEPALIVE_AFTER);
     tokio::pin!(keepalive);
+    // Armed once CloseStream is sent (a timer made in the loop would be one per frame).
+    let closing = tokio::time::sleep(CLOSE_TIMEOUT);
+    tokio::pin!(closing);
     recent.connection_starts(replay.iter().map(|f| f.len() as u64).sum());
     for frame in replay {
         sent_bytes += frame.len() as u64;
@@ -281,6 +284,7 @@ async fn run(
                 None => {
                     audio_open = false;
                     close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+                    closing.as_mut().reset(Instant::now() + CLOSE_TIMEOUT);
                     if let Err(e) = sink.send(text(r#"{"type":"CloseStream"}"#)).await {
                         break Err(format!("sending CloseStream failed: {e}"));
                     }
@@ -298,7 +302,7 @@ async fn run(
                 last_sent = Instant::now();
                 keepalive.as_mut().reset(last_sent + KEEPALIVE_AFTER);
             }
-            _ = tokio::time::sleep_until(close_deadline.unwrap_or(last_sent)), if close_deadline.is_some() => {
+            _ = &mut closing, if close_deadline.is_some() => {
                 break Err("no Metadata after CloseStream".into());
             }
             message = source.next() => match message {

@@ -128,6 +128,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         },
         tts_cache: Default::default(),
         pacing: Default::default(),
+        call_ends: Default::default(),
         memory_prompt_tokens: config.memory_prompt_tokens,
         knowledge: crate::serve::voice::KnowledgeSettings {
             embeddings: providers.embeddings.clone(),

@@ -213,7 +213,11 @@ async fn listen(
     };
     let model = param("model").unwrap_or("base").to_string();
     sim.stats.connections.fetch_add(1, Ordering::Relaxed);
-    upgrade.on_upgrade(move |socket| session(socket, sim, config, model))
+    // Small buffers: hundreds of simulated streams in one benchmark process.
+    upgrade
+        .read_buffer_size(cmb_providers::WS_BUFFER)
+        .write_buffer_size(cmb_providers::WS_BUFFER)
+        .on_upgrade(move |socket| session(socket, sim, config, model))
 }
 
 /// A message to send once its latency has passed.

@@ -426,6 +426,10 @@ async fn stream_input(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let key = api_key(&headers).to_string();
+    // Small buffers: hundreds of simulated voices in one benchmark process.
+    let upgrade = upgrade
+        .read_buffer_size(cmb_providers::WS_BUFFER)
+        .write_buffer_size(cmb_providers::WS_BUFFER);
     upgrade.on_upgrade(move |socket| async move {
         sim.shared.open_sockets.fetch_add(1, Ordering::Relaxed);
         run_stream_input(&sim, socket, key, voice_id, params).await;

@@ -223,6 +223,36 @@ impl<'a> StreamMessage<'a> {
     }
 }
 
+/// A media-stream message as its reader uses it, 50 times a second (our session reading
+/// Twilio's, the simulator reading ours): one pass over the text, borrowed, only these fields
+/// (the rest skipped without being kept). Cheaper than
+/// [`StreamMessage`], whose internally tagged enum buffers every field before it knows the
+/// variant.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Inbound<'a> {
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    #[serde(borrow, default, rename = "streamSid")]
+    pub stream_sid: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub media: Option<InboundMedia<'a>>,
+    #[serde(borrow, default)]
+    pub mark: Option<Mark<'a>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct InboundMedia<'a> {
+    #[serde(borrow)]
+    pub payload: Cow<'a, str>,
+}
+
+impl<'a> Inbound<'a> {
+    /// `None` when the text is not a JSON object with an `event`.
+    pub fn parse(text: &'a str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+}
+
 /// Writes outbound `media` messages for one stream: the JSON around the payload is made once,
 /// each frame costs one string and a base64 encoding into it.
 #[derive(Debug, Clone)]
@@ -304,6 +334,33 @@ mod tests {
                 }),
             Some("a\"b".to_string())
         );
+    }
+
+    #[test]
+    fn inbound_messages_read_only_what_the_session_uses() {
+        let media = r#"{"event":"media","sequenceNumber":"3","media":{"track":"inbound","chunk":"1","timestamp":"5","payload":"/////w=="},"streamSid":"MZ1"}"#;
+        let m = Inbound::parse(media).expect("a message");
+        assert_eq!(m.event, "media");
+        assert_eq!(m.stream_sid.as_deref(), Some("MZ1"));
+        assert!(matches!(
+            m.media.map(|m| m.payload),
+            Some(Cow::Borrowed("/////w=="))
+        ));
+        let mark = Inbound::parse(
+            r#"{"event":"mark","sequenceNumber":"4","streamSid":"MZ1","mark":{"name":"2:15"}}"#,
+        )
+        .expect("a message");
+        assert_eq!(
+            (mark.event.as_ref(), mark.mark.map(|m| m.name)),
+            ("mark", Some("2:15".into()))
+        );
+        let stop = Inbound::parse(
+            r#"{"event":"stop","sequenceNumber":"9","streamSid":"MZ1","stop":{"accountSid":"AC1","callSid":"CA1"}}"#,
+        )
+        .expect("a message");
+        assert_eq!(stop.event, "stop");
+        assert_eq!(Inbound::parse("not json"), None);
+        assert_eq!(Inbound::parse(r#"{"streamSid":"MZ1"}"#), None);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct Figures {
     pub calls: u32,
     /// Media streams that opened (the call reached a voice session).
     pub sessions: u64,
+    /// Calls requested whose stream never opened, carried none of the persona's audio, or
+    /// did not end as completed.
+    pub sessions_failed: u64,
     /// Caller turns whose reply latency was measured, and those ended over the persona's audio.
     pub replies: usize,
     pub replies_unmeasured: u64,
@@ -62,6 +65,9 @@ pub struct Figures {
     pub jitter_p99_ms: f64,
     /// How late this process's own 20 ms ticker woke (p99): the measurement's noise floor.
     pub bench_tick_p99_ms: f64,
+    /// How late this process sent the silence frame that ended a measured turn (p99), taken
+    /// off that turn's reply latency.
+    pub bench_endpoint_late_p99_ms: f64,
     /// serve's CPU while at least 90 % of the calls were up, in % of one core per call.
     pub cpu_pct_per_call: f64,
     pub cpu_window_s: f64,
@@ -71,6 +77,10 @@ pub struct Figures {
     pub rss_mib_peak: f64,
     /// This process's CPU (the simulators, the callers), % of one core.
     pub bench_cpu_pct: f64,
+    /// Under callgrind (`CMB_BENCH_SERVE_PREFIX`): serve's instructions over the CPU window,
+    /// per call-second — a CPU figure the machine's load does not move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serve_instructions_per_call_second: Option<f64>,
     pub load_average: [f64; 3],
     /// With `--knowledge N`: the persona's passages and the retrieval on each caller turn.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,6 +146,9 @@ pub async fn run(
     let mut settings = Settings::from_lookup(&|k: &str| config.sim_var(k));
     settings.account_sid = ACCOUNT_SID.into();
     settings.auth_token = AUTH_TOKEN.into();
+    // The reply latency is timed from the silence frame that ends a caller's turn for the
+    // listener, as sent: how late this process sent it is its own delay, not serve's.
+    settings.caller.endpointing_ms = ENDPOINTING_MS as u32;
     let twilio = TwilioSim::new(settings);
     use crate::serve::simulators as sims;
     let serve_sim = |name: &'static str, router: axum::Router| {
@@ -216,7 +229,11 @@ pub async fn run(
     let (mut cpu_window, mut call_seconds, mut rss_peak) = (0.0, 0.0, rss_before);
     let mut window_s = 0.0;
     let mut last: Option<(Instant, f64, u64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 300);
+    let deadline = Instant::now() + Duration::from_secs(seconds as u64 * 3 + 300);
+    // Under callgrind (`CMB_BENCH_SERVE_PREFIX`), serve's instructions are counted over the
+    // same window as its CPU: instrumentation on when it opens, a dump when it closes.
+    let callgrind = Callgrind::from_env(&pid);
+    let mut counting = false;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let sims = twilio.calls();
@@ -224,9 +241,20 @@ pub async fn run(
             .iter()
             .filter(|c| c.stream_opened && !c.stream_closed)
             .count() as u64;
+        if let Some(cg) = &callgrind {
+            if !counting && live >= quorum && window_s == 0.0 {
+                cg.control("-i", "on");
+                counting = true;
+                last = None;
+            } else if counting && live < quorum {
+                cg.control("-d", "");
+                cg.control("-i", "off");
+                counting = false;
+            }
+        }
         let (now, cpu) = (Instant::now(), cpu_ms(&pid));
         if let Some((t, c, l)) = last {
-            if live >= quorum && l >= quorum {
+            if live >= quorum && l >= quorum && (callgrind.is_none() || counting) {
                 let dt = (now - t).as_secs_f64();
                 cpu_window += cpu - c;
                 call_seconds += dt * (live + l) as f64 / 2.0;
@@ -240,6 +268,12 @@ pub async fn run(
             break;
         }
     }
+    if counting {
+        if let Some(cg) = &callgrind {
+            cg.control("-d", "");
+        }
+    }
+    let serve_instructions = callgrind.as_ref().and_then(Callgrind::instructions);
     let bench_cpu = cpu_ms("self") - bench_cpu_before;
     let wall = started.elapsed().as_secs_f64();
     let load = load_average();
@@ -252,7 +286,16 @@ pub async fn run(
         all.barge_ins_missed += o.barge_ins_missed;
         all.frame_lateness_us.extend(o.frame_lateness_us);
         all.tick_lateness_us.extend(o.tick_lateness_us);
+        all.endpoint_late_us.extend(o.endpoint_late_us);
     }
+    // A session failed when its call was requested and its stream never opened, never carried
+    // the persona's voice, or the call did not end as completed.
+    let sims = twilio.calls();
+    let good = sims
+        .iter()
+        .filter(|c| c.stream_opened && c.frames_received > 0 && c.status == "completed")
+        .count() as u64;
+    let sessions_failed = requested.saturating_sub(good);
     let mut net: Vec<u64> = all
         .reply_us
         .iter()
@@ -278,6 +321,7 @@ pub async fn run(
         .map(|l| u64::from(*l))
         .collect();
     let mut ticks: Vec<u64> = all.tick_lateness_us.iter().map(|l| u64::from(*l)).collect();
+    let mut endpoint_late: Vec<u64> = all.endpoint_late_us.iter().map(|l| u64::from(*l)).collect();
     let figures = Figures {
         calls,
         sessions,
@@ -297,6 +341,8 @@ pub async fn run(
         frames: lateness.len(),
         jitter_p99_ms: percentile_ms(&mut lateness, 0.99),
         bench_tick_p99_ms: percentile_ms(&mut ticks, 0.99),
+        bench_endpoint_late_p99_ms: percentile_ms(&mut endpoint_late, 0.99),
+        sessions_failed,
         cpu_pct_per_call: if call_seconds > 0.0 {
             cpu_window / 10.0 / call_seconds
         } else {
@@ -306,6 +352,9 @@ pub async fn run(
         rss_mib_per_call: (rss_peak - rss_before).max(0.0) / requested.max(1) as f64,
         rss_mib_peak: rss_peak,
         bench_cpu_pct: bench_cpu / 10.0 / wall,
+        serve_instructions_per_call_second: serve_instructions
+            .filter(|_| call_seconds > 0.0)
+            .map(|ir| ir as f64 / call_seconds),
         load_average: load,
         knowledge: knowledge_passages
             .map(|n| crate::ops::bench_knowledge::InCalls::from_timings(n, &inside)),
@@ -318,64 +367,175 @@ pub async fn run(
     Ok(figures)
 }
 
+/// serve run under callgrind: its `--callgrind-out-file` and pid, for `callgrind_control`.
+struct Callgrind {
+    pid: String,
+    out_file: String,
+}
+
+impl Callgrind {
+    fn from_env(pid: &str) -> Option<Callgrind> {
+        let prefix = std::env::var("CMB_BENCH_SERVE_PREFIX").ok()?;
+        if !prefix.contains("callgrind") {
+            return None;
+        }
+        let out_file = prefix
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("--callgrind-out-file="))
+            .unwrap_or("callgrind.out")
+            .to_string();
+        Some(Callgrind {
+            pid: pid.to_string(),
+            out_file,
+        })
+    }
+
+    fn control(&self, flag: &str, value: &str) {
+        let mut c = std::process::Command::new("callgrind_control");
+        c.arg(flag);
+        if !value.is_empty() {
+            c.arg(value);
+        }
+        let ran = c.arg(&self.pid).output();
+        if let Err(e) = ran {
+            eprintln!("callgrind_control {flag} {value}: {e}");
+        }
+    }
+
+    /// Instructions in the first dump (`<out file>.1`), the window's.
+    fn instructions(&self) -> Option<u64> {
+        let path = format!("{}.1", self.out_file.replace("%p", &self.pid));
+        for _ in 0..60 {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Some(n) = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("summary:")
+                            .or_else(|| l.strip_prefix("totals:"))
+                    })
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                {
+                    return Some(n);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!("no callgrind dump at {path}");
+        None
+    }
+}
+
 pub fn within_targets(f: &Figures) -> bool {
     f.replies > 0
+        && f.sessions_failed == 0
         && f.net_p99_ms <= TARGET_NET_P99_MS
         && f.jitter_p99_ms <= TARGET_JITTER_P99_MS
         && f.cpu_pct_per_call <= TARGET_CPU_PCT_PER_CALL
         && f.rss_mib_per_call <= TARGET_RSS_MB_PER_CALL
 }
 
+/// One table, a column per N and a row per figure, then one line of JSON with every figure.
 pub fn print(rows: &[Figures]) {
-    println!(
-        "{:>5} {:>8} {:>7} {:>17} {:>15} {:>17} {:>10} {:>9} {:>10} {:>9} {:>9} {:>16}",
-        "calls",
-        "sessions",
-        "replies",
-        "reply p50/p99",
-        "net p50/p99",
-        "barge-in p50/p99",
-        "jitter p99",
-        "CPU %/call",
-        "RSS MiB/call",
-        "bench CPU",
-        "tick p99",
-        "load avg"
-    );
+    let pair = |a: f64, b: f64| format!("{a:.1}/{b:.1}");
+    let table: Vec<(&str, Box<dyn Fn(&Figures) -> String>)> = vec![
+        (
+            "sessions (failed)",
+            Box::new(|f: &Figures| format!("{} ({})", f.sessions, f.sessions_failed)),
+        ),
+        (
+            "replies measured",
+            Box::new(|f: &Figures| f.replies.to_string()),
+        ),
+        (
+            "reply p50/p99 ms",
+            Box::new(move |f: &Figures| pair(f.reply_p50_ms, f.reply_p99_ms)),
+        ),
+        (
+            "net p50/p99 ms (≤ 20)",
+            Box::new(move |f: &Figures| pair(f.net_p50_ms, f.net_p99_ms)),
+        ),
+        (
+            "barge-in → clear p50/p99 ms",
+            Box::new(move |f: &Figures| pair(f.barge_in_p50_ms, f.barge_in_p99_ms)),
+        ),
+        (
+            "jitter p99 ms (≤ 20)",
+            Box::new(|f: &Figures| format!("{:.1}", f.jitter_p99_ms)),
+        ),
+        (
+            "CPU % of a core per call (≤ 0.15)",
+            Box::new(|f: &Figures| format!("{:.3}", f.cpu_pct_per_call)),
+        ),
+        (
+            "RSS MiB per call (≤ 0.5)",
+            Box::new(|f: &Figures| format!("{:.3}", f.rss_mib_per_call)),
+        ),
+        (
+            "serve instructions per call-second",
+            Box::new(|f: &Figures| {
+                f.serve_instructions_per_call_second
+                    .map_or("-".into(), |ir| format!("{:.2} M", ir / 1e6))
+            }),
+        ),
+        (
+            "serve: LLM first token p50/p99 ms",
+            Box::new(move |f: &Figures| {
+                pair(
+                    f.inside_llm_first_token_ms[0],
+                    f.inside_llm_first_token_ms[1],
+                )
+            }),
+        ),
+        (
+            "serve: TTS first byte p50/p99 ms",
+            Box::new(move |f: &Figures| {
+                pair(f.inside_tts_first_byte_ms[0], f.inside_tts_first_byte_ms[1])
+            }),
+        ),
+        (
+            "serve: first frame sent p50/p99 ms",
+            Box::new(move |f: &Figures| {
+                pair(f.inside_first_audio_ms[0], f.inside_first_audio_ms[1])
+            }),
+        ),
+        (
+            "bench ticker late p99 ms",
+            Box::new(|f: &Figures| format!("{:.1}", f.bench_tick_p99_ms)),
+        ),
+        (
+            "bench endpoint frame late p99 ms",
+            Box::new(|f: &Figures| format!("{:.1}", f.bench_endpoint_late_p99_ms)),
+        ),
+        (
+            "bench CPU % of a core",
+            Box::new(|f: &Figures| format!("{:.0}", f.bench_cpu_pct)),
+        ),
+        (
+            "load average",
+            Box::new(|f: &Figures| {
+                format!(
+                    "{:.2} {:.2} {:.2}",
+                    f.load_average[0], f.load_average[1], f.load_average[2]
+                )
+            }),
+        ),
+        (
+            "within the targets",
+            Box::new(|f: &Figures| if within_targets(f) { "yes" } else { "no" }.to_string()),
+        ),
+    ];
+    print!("{:<36}", "calls");
     for f in rows {
-        println!(
-            "{:>5} {:>8} {:>7} {:>7.0}/{:>6.0} ms {:>6.1}/{:>5.1} ms {:>7.0}/{:>6.0} ms {:>7.1} ms {:>9.3} {:>10.3} {:>8.0}% {:>6.1} ms {:>16}",
-            f.calls,
-            f.sessions,
-            f.replies,
-            f.reply_p50_ms,
-            f.reply_p99_ms,
-            f.net_p50_ms,
-            f.net_p99_ms,
-            f.barge_in_p50_ms,
-            f.barge_in_p99_ms,
-            f.jitter_p99_ms,
-            f.cpu_pct_per_call,
-            f.rss_mib_per_call,
-            f.bench_cpu_pct,
-            f.bench_tick_p99_ms,
-            format!(
-                "{:.2} {:.2} {:.2}",
-                f.load_average[0], f.load_average[1], f.load_average[2]
-            )
-        );
+        print!(" {:>18}", f.calls);
     }
-    for f in rows {
-        println!(
-            "{} calls, serve's own account from the final transcript (p50/p99): LLM first token {:.0}/{:.0} ms, TTS first byte {:.0}/{:.0} ms, first frame sent {:.0}/{:.0} ms",
-            f.calls,
-            f.inside_llm_first_token_ms[0],
-            f.inside_llm_first_token_ms[1],
-            f.inside_tts_first_byte_ms[0],
-            f.inside_tts_first_byte_ms[1],
-            f.inside_first_audio_ms[0],
-            f.inside_first_audio_ms[1]
-        );
+    println!();
+    for (name, value) in &table {
+        print!("{name:<36}");
+        for f in rows {
+            print!(" {:>18}", value(f));
+        }
+        println!();
     }
     for f in rows {
         if let Some(k) = &f.knowledge {
@@ -391,11 +551,9 @@ pub fn print(rows: &[Figures]) {
         .map(|f| f.calls)
         .max();
     println!(
-        "targets: net p99 ≤ {TARGET_NET_P99_MS} ms, jitter p99 ≤ {TARGET_JITTER_P99_MS} ms, CPU ≤ {TARGET_CPU_PCT_PER_CALL} % of a core per call, RSS ≤ {TARGET_RSS_MB_PER_CALL} MB per call; largest N within them: {}",
-        largest.map_or("none".to_string(), |n| n.to_string())
-    );
-    println!(
         "{}",
-        json!({ "bench": "voice", "runs": rows, "largest_calls_within_targets": largest })
+        json!({ "bench": "voice", "runs": rows, "largest_calls_within_targets": largest,
+                "targets": { "net_p99_ms": TARGET_NET_P99_MS, "jitter_p99_ms": TARGET_JITTER_P99_MS,
+                             "cpu_pct_per_call": TARGET_CPU_PCT_PER_CALL, "rss_mib_per_call": TARGET_RSS_MB_PER_CALL } })
     );
 }

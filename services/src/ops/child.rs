@@ -79,7 +79,7 @@ pub struct Serve {
 
 /// Starts `serve` on `config`'s database and stream, on a free loopback port, with `env` added
 /// (the providers' URLs, …), its log in `$TMPDIR/<log_name>.log`; waits until `/healthz`
-/// answers (120 s at most).
+/// answers (600 s at most: under valgrind it starts slowly).
 pub async fn spawn_serve(
     config: &Config,
     env: &[(&str, String)],
@@ -90,7 +90,21 @@ pub async fn spawn_serve(
         .port();
     let base_url = format!("http://127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("{log_name}.log"));
-    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    // `CMB_BENCH_SERVE_PREFIX` runs serve under another program, e.g. `valgrind
+    // --tool=callgrind --instr-atstart=no` to count its instructions (see `bench voice`).
+    let prefix: Vec<String> = std::env::var("CMB_BENCH_SERVE_PREFIX")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let mut command = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(std::env::current_exe()?);
+            c
+        }
+        None => tokio::process::Command::new(std::env::current_exe()?),
+    };
     command
         .arg("serve")
         .env("DATABASE_URL", &config.database_url)
@@ -126,8 +140,8 @@ pub async fn spawn_serve(
         if ready.is_ok_and(|r| r.status().is_success()) {
             break;
         }
-        if up.elapsed() > Duration::from_secs(120) {
-            anyhow::bail!("serve did not come up in 120 s (see {})", log.display());
+        if up.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("serve did not come up in 600 s (see {})", log.display());
         }
         if let Some(status) = process.try_wait()? {
             anyhow::bail!("serve exited ({status}); see {}", log.display());

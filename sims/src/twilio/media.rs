@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use cmb_providers::twilio::stream::{Mark, Media, MediaFormat, Start, Stop, StreamMessage};
+use cmb_providers::twilio::stream::{
+    Inbound, Mark, Media, MediaFormat, Start, Stop, StreamMessage,
+};
 use futures::{SinkExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -34,6 +36,9 @@ pub struct CallerScript {
     pub lead_silence_ms: u32,
     /// `(speech_ms, silence_ms)` per turn.
     pub turns: Vec<(u32, u32)>,
+    /// How much silence the listener on the other end takes to end a turn (its endpointing),
+    /// when known: only for the observations (see `observe`); 0 when unknown.
+    pub endpointing_ms: u32,
 }
 
 impl Default for CallerScript {
@@ -41,6 +46,7 @@ impl Default for CallerScript {
         CallerScript {
             lead_silence_ms: 1200,
             turns: vec![(1500, 1500); 3],
+            endpointing_ms: 0,
         }
     }
 }
@@ -368,7 +374,13 @@ pub async fn run_stream(
     }
     let connected = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio_tungstenite::connect_async(request),
+        // Small buffers (tungstenite's default read buffer is 128 KiB, zero-filled before
+        // each read): a benchmark runs hundreds of these streams in one process.
+        tokio_tungstenite::connect_async_with_config(
+            request,
+            Some(cmb_providers::ws_config(1 << 20)),
+            true,
+        ),
     )
     .await;
     let ws = match connected {
@@ -383,7 +395,7 @@ pub async fn run_stream(
         }
     };
     ctx.counters.opened.fetch_add(1, Ordering::Relaxed);
-    let mut observer = Observer::default();
+    let mut observer = Observer::new(ctx.script.endpointing_ms);
     let end = converse(&ctx, &stream, ws, stop, &mut observer).await;
     ctx.counters.closed.fetch_add(1, Ordering::Relaxed);
     if let Ok(mut observed) = ctx.counters.observed.lock() {
@@ -547,32 +559,44 @@ fn handle_server_message(
         tracing::warn!(call_sid = %ctx.call_sid, why, "invalid media stream message (Twilio error 31951)");
         Vec::new()
     };
-    let Some(message) = StreamMessage::parse(text) else {
+    // Read in one pass, borrowed (hundreds of streams in a benchmark process).
+    let Some(message) = Inbound::parse(text) else {
         return invalid("not a media stream message");
     };
-    if message.stream_sid() != Some(stream_sid) {
+    if message.stream_sid.as_deref() != Some(stream_sid) {
         return invalid("wrong or missing streamSid");
     }
     if !stream.bidirectional {
         return invalid("outbound message on a one-way <Start><Stream>");
     }
-    match message {
-        StreamMessage::Media { media, .. } => match BASE64.decode(media.payload.as_bytes()) {
-            Ok(audio) => {
-                counters.frames_received.fetch_add(1, Ordering::Relaxed);
-                let now = Instant::now();
-                observer.persona_frame(now, !playback.playing(now));
-                playback.queue_audio(audio.len());
-                Vec::new()
+    match (message.event.as_ref(), message.media, message.mark) {
+        ("media", Some(media), _) => {
+            // Frames are small: decoded on the stack, a larger payload into a vector.
+            let mut frame = [0u8; 1024];
+            let decoded = match BASE64.decode_slice(media.payload.as_bytes(), &mut frame) {
+                Err(base64::DecodeSliceError::OutputSliceTooSmall) => BASE64
+                    .decode(media.payload.as_bytes())
+                    .map(|v| v.len())
+                    .ok(),
+                other => other.ok(),
+            };
+            match decoded {
+                Some(bytes) => {
+                    counters.frames_received.fetch_add(1, Ordering::Relaxed);
+                    let now = Instant::now();
+                    observer.persona_frame(now, !playback.playing(now));
+                    playback.queue_audio(bytes);
+                    Vec::new()
+                }
+                None => invalid("media payload is not base64"),
             }
-            Err(_) => invalid("media payload is not base64"),
-        },
-        StreamMessage::Mark { mark, .. } => {
+        }
+        ("mark", _, Some(mark)) => {
             counters.marks_received.fetch_add(1, Ordering::Relaxed);
             playback.queue_mark(mark.name.into_owned());
             Vec::new()
         }
-        StreamMessage::Clear { .. } => {
+        ("clear", _, _) => {
             counters.clears_received.fetch_add(1, Ordering::Relaxed);
             observer.clear(Instant::now());
             playback.clear()
@@ -629,6 +653,7 @@ mod tests {
             Some(CallerScript {
                 lead_silence_ms: 1200,
                 turns: vec![(1500, 1500), (1200, 2000)],
+                endpointing_ms: 0,
             })
         );
         assert_eq!(CallerScript::parse_turns("1500"), None);

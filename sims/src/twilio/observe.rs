@@ -18,8 +18,9 @@ const FRAME: Duration = Duration::from_millis(20);
 /// One stream's figures, in microseconds.
 #[derive(Debug, Clone, Default)]
 pub struct Observations {
-    /// Caller's last speech frame (when it was due) → the persona's first frame received, for turns that
-    /// ended while the persona was silent (else the first frame could be the old reply's).
+    /// Caller's last speech frame (when it was due) → the persona's first frame received, for
+    /// turns that ended while the persona was silent (else the first frame could be the old
+    /// reply's), less how late this simulator sent the frame that ended the turn.
     pub reply_us: Vec<u64>,
     /// Turns that ended while the persona was still audible (not measured above).
     pub replies_unmeasured: u64,
@@ -31,15 +32,25 @@ pub struct Observations {
     pub frame_lateness_us: Vec<u32>,
     /// How late this simulator's own 20 ms ticker woke (the measurement's own noise floor).
     pub tick_lateness_us: Vec<u32>,
+    /// Per measured reply: how late this simulator sent the silence frame that ended the
+    /// caller's turn for the listener (already taken off `reply_us`).
+    pub endpoint_late_us: Vec<u32>,
 }
 
 /// The running state of one stream's measurements.
 #[derive(Debug, Default)]
 pub struct Observer {
     pub figures: Observations,
+    /// The silence frame after a turn whose arrival lets the listener end the turn (its
+    /// endpointing, in frames; 0 when unknown): how late this process sent it is its own
+    /// delay, not the server's, and is taken off the reply latency.
+    endpoint_frame: u32,
     caller_speaking: bool,
     last_voiced_at: Option<Instant>,
     awaiting_reply: Option<Instant>,
+    /// Silence frames sent since the turn ended, and how late the endpointing one was sent.
+    silence_frames: u32,
+    endpoint_late: Duration,
     barge_in_from: Option<Instant>,
     /// The current run of persona frames: when its first frame arrived, frames so far.
     run: Option<(Instant, u32)>,
@@ -50,6 +61,15 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl Observer {
+    /// An observer for a caller whose turns a listener ends after `endpointing_ms` of silence
+    /// (0: unknown, nothing is taken off the reply latency).
+    pub fn new(endpointing_ms: u32) -> Self {
+        Observer {
+            endpoint_frame: endpointing_ms.div_ceil(20),
+            ..Observer::default()
+        }
+    }
+
     /// The simulator's ticker was due at `due` and sent a caller frame at `now`; `playing`
     /// says whether persona audio was audible then.
     pub fn caller_frame(&mut self, due: Instant, now: Instant, voiced: bool, playing: bool) {
@@ -69,12 +89,20 @@ impl Observer {
             // When the caller's word was said: the frame's place on the wall clock (a late
             // send by this simulator must not shorten the reply latency measured from it).
             self.last_voiced_at = Some(due);
-        } else if self.caller_speaking {
-            self.caller_speaking = false;
-            if playing {
-                self.figures.replies_unmeasured += 1;
-            } else {
-                self.awaiting_reply = self.last_voiced_at;
+        } else {
+            if self.caller_speaking {
+                self.caller_speaking = false;
+                self.silence_frames = 0;
+                self.endpoint_late = Duration::ZERO;
+                if playing {
+                    self.figures.replies_unmeasured += 1;
+                } else {
+                    self.awaiting_reply = self.last_voiced_at;
+                }
+            }
+            self.silence_frames = self.silence_frames.saturating_add(1);
+            if self.silence_frames == self.endpoint_frame {
+                self.endpoint_late = now.saturating_duration_since(due);
             }
         }
     }
@@ -82,7 +110,13 @@ impl Observer {
     /// A persona frame arrived at `now`; `dry` says Twilio's buffer had run out before it.
     pub fn persona_frame(&mut self, now: Instant, dry: bool) {
         if let Some(from) = self.awaiting_reply.take() {
-            self.figures.reply_us.push(micros(now - from));
+            let taken = now.saturating_duration_since(from);
+            self.figures
+                .reply_us
+                .push(micros(taken.saturating_sub(self.endpoint_late)));
+            self.figures
+                .endpoint_late_us
+                .push(micros(self.endpoint_late).min(u64::from(u32::MAX)) as u32);
         }
         let (start, n) = match self.run {
             Some(run) if !dry => run,
@@ -138,5 +172,21 @@ mod tests {
         assert_eq!(o.figures.replies_unmeasured, 1);
         o.persona_frame(ms(900), true);
         assert_eq!(o.figures.reply_us.len(), 1);
+    }
+
+    #[test]
+    fn the_simulator_s_own_lateness_at_the_turn_s_end_is_not_the_server_s() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // The listener ends a turn after 40 ms of silence: the second silence frame.
+        let mut o = Observer::new(40);
+        o.caller_frame(ms(0), ms(0), true, false);
+        o.caller_frame(ms(20), ms(20), false, false);
+        // This process was 30 ms late sending the frame that ended the turn.
+        o.caller_frame(ms(40), ms(70), false, false);
+        o.caller_frame(ms(60), ms(70), false, false);
+        o.persona_frame(ms(600), true);
+        assert_eq!(o.figures.reply_us, vec![570_000]);
+        assert_eq!(o.figures.endpoint_late_us, vec![30_000]);
     }
 }

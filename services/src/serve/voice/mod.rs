@@ -35,7 +35,7 @@ mod tokens;
 mod turns;
 
 pub use error::SessionError;
-pub use guard::SOCKET_SILENCE;
+pub use guard::{CallEnds, SOCKET_SILENCE};
 pub use shared::{KnowledgeSettings, Voice, VoiceSettings};
 pub use start::{run, START_WAIT};
 pub use tokens::{plausible_call_sid, Refusal, StreamTokens, TokenClaims, TOKEN_LIFETIME};

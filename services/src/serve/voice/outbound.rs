@@ -6,8 +6,8 @@
 //! is dropped, so audio of a cancelled reply that is still in flight never reaches the caller.
 //!
 //! Per frame: one string (the JSON around the payload is made once per stream), one
-//! base64 encoding, one write for everything due at that moment. No timer runs while there is
-//! nothing to send. Frame lateness against the schedule goes into a histogram of the session's
+//! base64 encoding; one wake-up and one write for the frames due within the next [`AHEAD`]
+//! (three at a time). No timer runs while there is nothing to send. Frame lateness against the schedule goes into a histogram of the session's
 //! own, merged into the instance's [`Pacing`] when the stream ends.
 
 use std::collections::VecDeque;
@@ -27,6 +27,9 @@ pub const FRAME_BYTES: usize = 160;
 pub const FRAME: Duration = Duration::from_millis(20);
 /// How far ahead of playback the schedule runs: Twilio's buffer holds this much of our audio.
 pub const LEAD: Duration = Duration::from_millis(80);
+/// Frames due within this of now go out with the one due now: one wake-up and one write for
+/// three frames rather than one each, Twilio's buffer between [`LEAD`] and `LEAD + AHEAD`.
+pub const AHEAD: Duration = Duration::from_millis(40);
 
 pub enum Out {
     Audio {
@@ -412,7 +415,7 @@ impl Writer {
                             self.n = 0;
                         }
                     }
-                    if self.due(self.n) > now {
+                    if self.due(self.n) > now + AHEAD {
                         break;
                     }
                     let text = self.media.frame(frame);

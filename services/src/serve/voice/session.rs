@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use cmb_domain::call::TurnTimings;
 use cmb_providers::deepgram::{SttEvent, SttOptions};
 use cmb_providers::llm::ChatMessage;
-use cmb_providers::twilio::stream::StreamMessage;
+use cmb_providers::twilio::stream::Inbound;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -249,8 +249,9 @@ impl Session {
                     };
                     guard.frames.fetch_add(1, Ordering::Relaxed);
                     let Message::Text(text) = msg else { continue };
-                    match StreamMessage::parse(&text) {
-                        Some(StreamMessage::Media { media, .. }) => {
+                    let Some(message) = Inbound::parse(&text) else { continue };
+                    match (message.event.as_ref(), message.media, message.mark) {
+                        ("media", Some(media), _) => {
                             if let Some(tx) = &stt_audio {
                                 // One 20 ms frame (160 bytes) decodes in place, no copy after.
                                 audio_buf.reserve(FRAME_BYTES * 4);
@@ -265,14 +266,14 @@ impl Session {
                                 }
                             }
                         }
-                        Some(StreamMessage::Mark { mark, .. }) => {
+                        ("mark", _, Some(mark)) => {
                             if let Some((turn, frames)) = mark.name.split_once(':') {
                                 if let (Ok(turn), Ok(frames)) = (turn.parse::<u64>(), frames.parse::<u64>()) {
                                     self.on_mark(turn, frames).await;
                                 }
                             }
                         }
-                        Some(StreamMessage::Stop { .. }) => break self.ending.clone().unwrap_or_else(|| "caller hung up".into()),
+                        ("stop", _, _) => break self.ending.clone().unwrap_or_else(|| "caller hung up".into()),
                         _ => {}
                     }
                 }

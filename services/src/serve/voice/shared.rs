@@ -48,6 +48,8 @@ pub struct Voice {
     pub knowledge: KnowledgeSettings,
     /// Mints and checks the media-stream tokens of the answer TwiML (`super::tokens`).
     pub stream_tokens: super::tokens::StreamTokens,
+    /// Which live sessions' calls have ended (one event-log query for all of them).
+    pub call_ends: Arc<super::guard::CallEnds>,
 }
 
 /// Persona knowledge in calls (see `super::knowledge`).

@@ -57,7 +57,7 @@ async fn session(
     // Only the CallSid recorded for the call is ever used (to hang up), never the client's.
     let ctx = load_context(&voice, &call_id, &admitted.call_sid).await?;
     let cap = Duration::from_secs(u64::from(ctx.max_minutes) * 60);
-    let guard = Guard::spawn(voice.store.pool().clone(), admitted.call_id, cap);
+    let guard = Guard::spawn(&voice.call_ends, voice.store.pool(), admitted.call_id, cap);
     tracing::info!(call = %call_id, %stream_sid, "voice session started");
     Session::new(voice, ctx, sink, stream_sid)
         .run(inbound, guard)
