@@ -209,6 +209,15 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
         "{costs:?}"
     );
     assert!(cost("twilio").is_some());
+    // One text-to-speech socket for the whole call, each reply a context of its own on it
+    // (the greeting came over HTTP), closed when the call ended.
+    assert_eq!(tts.sockets_opened(), 1, "one ElevenLabs socket per call");
+    assert_eq!(tts.contexts_opened(), 3, "a context per reply");
+    let closed = eventually(Duration::from_secs(10), || async {
+        (tts.open_sockets() == 0).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "the call's socket was closed");
     app.stop().await;
     env.cleanup().await;
 }
@@ -524,6 +533,120 @@ async fn a_budget_lowered_during_a_call_ends_it_gracefully() {
     .await
     .expect("the session ended");
     assert_eq!(ended["VoiceSessionEnded"]["reason"], "budget reached");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// Waits for the call's `CallSettled`: the call ended and its money was settled.
+async fn settled(app: &Running, id: &str) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        (!events_of(app, id, "CallSettled").await.is_empty()).then_some(())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deepgram_refusing_the_call_gets_an_apology_and_a_clean_end() {
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "40")
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:30000")
+        // Every handshake refused (503), the retries too.
+        .set("SIM_DEEPGRAM_FAIL_EVERY", "1");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi there.", turn_taking(300, 20_000, 40_000)).await;
+    let started = std::time::Instant::now();
+    let reply = user
+        .post(
+            "/api/call",
+            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{reply:?}");
+    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let end = session_end(&app, &id).await;
+    assert_eq!(
+        end[0]["VoiceSessionEnded"]["reason"], "speech-to-text unavailable",
+        "{end:?}"
+    );
+    assert!(settled(&app, &id).await, "the call was settled");
+    assert!(
+        started.elapsed() < Duration::from_secs(35),
+        "we hung up rather than leave the caller talking to nobody"
+    );
+    let call = user.get(&format!("/api/calls/{id}")).await.body;
+    let persona_lines: Vec<(String, bool)> = lines(&call)
+        .into_iter()
+        .filter(|l| l.0 == "persona")
+        .map(|l| (l.1, l.2))
+        .collect();
+    assert_eq!(
+        persona_lines,
+        [(
+            "Sorry, I'm having trouble hearing you. Let's talk again later. Bye!".to_string(),
+            false
+        )],
+        "the apology, said whole, instead of a greeting nobody could answer"
+    );
+    // Nothing was transcribed, so nothing is billed for it.
+    let deepgram: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(quantity)::bigint FROM rm_call_costs WHERE call_id = $1::uuid AND service = 'deepgram'",
+    )
+    .bind(&id)
+    .fetch_one(&app.state.pool)
+    .await
+    .unwrap();
+    assert_eq!(deepgram.unwrap_or(0), 0);
+    let sim = app.sims.twilio.as_ref().unwrap();
+    assert_eq!(sim.calls()[0].said_after_stream, 0, "we hung up ourselves");
+    app.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greeting_talked_over_keeps_what_was_heard_of_it() {
+    let greeting = "Hello and welcome to this call, I am so glad that you picked up the phone today because there is a lot to talk about.";
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "14")
+        // 2.2 s of silence (the default 1.2 s, then 1 s more), then the caller talks over the
+        // greeting (about 7 s of speech from this simulator).
+        .set("SIM_TWILIO_CALLER_TURNS", "0:1000,1200:9000")
+        .set("SIM_DEEPGRAM_SCRIPT", "sorry who is this")
+        .set("SIM_CEREBRAS_REPLY", "It is me.");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, greeting, turn_taking(300, 20_000, 40_000)).await;
+    let (_, call) = converse(&app, &user, &persona_id).await;
+    let transcript = lines(&call);
+    let first = &transcript[0];
+    assert_eq!(first.0, "persona", "{transcript:?}");
+    assert!(first.2, "the greeting was cut: {transcript:?}");
+    let heard = first.1.as_str();
+    // Some of it was heard (it played for about two seconds), not all of it, and what is
+    // kept is what played: the simulator says those words end well within that time.
+    assert!(
+        !heard.is_empty() && greeting.starts_with(heard) && heard.len() < greeting.len(),
+        "{heard:?}"
+    );
+    let timed = cmb_sims::elevenlabs::timings(greeting, cmb_sims::elevenlabs::DEFAULT_MS_PER_CHAR);
+    let (_, start, duration) = timed[heard.chars().count() - 1];
+    assert!(
+        start + duration <= 3_500,
+        "{heard:?} ends {} ms into the greeting",
+        start + duration
+    );
+    assert_eq!(
+        transcript.get(1).map(|l| (l.0.as_str(), l.1.as_str())),
+        Some(("caller", "sorry who is this")),
+        "{transcript:?}"
+    );
     app.stop().await;
     env.cleanup().await;
 }

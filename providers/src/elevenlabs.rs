@@ -1,6 +1,7 @@
 //! ElevenLabs: voice lookup (`GET /v1/voices/{voice_id}`, header `xi-api-key`) and
 //! text-to-speech in 8 kHz μ-law, the format Twilio plays: over the stream-input WebSocket for
-//! a reply being written, or one HTTP request for a whole text.
+//! a reply being written (one socket per call, a context per reply: [`TtsSession`]; or the
+//! single-context socket, [`ElevenLabs::stream_tts`]), or one HTTP request for a whole text.
 
 use std::time::Duration;
 
@@ -15,6 +16,10 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::ProviderError;
+
+mod session;
+
+pub use session::{TtsContext, TtsSession};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.elevenlabs.io";
 const PROVIDER: &str = "ElevenLabs";
@@ -216,14 +221,49 @@ impl ElevenLabs {
         voice_id: &str,
         model_id: &str,
     ) -> Result<TtsStream, ProviderError> {
+        let mut socket = self
+            .open_socket(
+                voice_id,
+                "stream-input",
+                &format!("model_id={model_id}&output_format=ulaw_8000"),
+            )
+            .await?;
+        let init = json!({
+            "text": " ",
+            "voice_settings": { "stability": 0.5, "similarity_boost": 0.8 },
+            "generation_config": { "chunk_length_schedule": [50, 90, 120, 150] },
+        });
+        socket
+            .send(Message::text(init.to_string()))
+            .await
+            .map_err(|e| ProviderError::Unreachable {
+                provider: PROVIDER,
+                detail: format!("TTS init failed: {e}"),
+            })?;
+
+        let (text_tx, text_rx) = mpsc::channel(TEXT_CHANNEL);
+        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CHANNEL);
+        tokio::spawn(run_tts_socket(socket, text_rx, audio_tx));
+        Ok(TtsStream {
+            text: text_tx,
+            audio: audio_rx,
+        })
+    }
+
+    /// A text-to-speech WebSocket: `…/v1/text-to-speech/{voice_id}/{endpoint}?{query}`
+    /// (`ws://` for an `http://` base URL), the key in `xi-api-key`.
+    async fn open_socket(
+        &self,
+        voice_id: &str,
+        endpoint: &str,
+        query: &str,
+    ) -> Result<Socket, ProviderError> {
         let ws_base = match self.base_url.split_once("://") {
             Some(("https", rest)) => format!("wss://{rest}"),
             Some(("http", rest)) => format!("ws://{rest}"),
             _ => self.base_url.clone(),
         };
-        let url = format!(
-            "{ws_base}/v1/text-to-speech/{voice_id}/stream-input?model_id={model_id}&output_format=ulaw_8000"
-        );
+        let url = format!("{ws_base}/v1/text-to-speech/{voice_id}/{endpoint}?{query}");
         let unreachable = |detail: String| ProviderError::Unreachable {
             provider: PROVIDER,
             detail,
@@ -246,7 +286,7 @@ impl ElevenLabs {
         )
         .await
         .map_err(|_| unreachable("TTS WebSocket connect timed out".into()))?;
-        let (mut socket, _) = connected.map_err(|e| match e {
+        let (socket, _) = connected.map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(response) => {
                 let body = response
                     .body()
@@ -261,23 +301,7 @@ impl ElevenLabs {
             }
             other => unreachable(other.to_string()),
         })?;
-        let init = json!({
-            "text": " ",
-            "voice_settings": { "stability": 0.5, "similarity_boost": 0.8 },
-            "generation_config": { "chunk_length_schedule": [50, 90, 120, 150] },
-        });
-        socket
-            .send(Message::text(init.to_string()))
-            .await
-            .map_err(|e| unreachable(format!("TTS init failed: {e}")))?;
-
-        let (text_tx, text_rx) = mpsc::channel(TEXT_CHANNEL);
-        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CHANNEL);
-        tokio::spawn(run_tts_socket(socket, text_rx, audio_tx));
-        Ok(TtsStream {
-            text: text_tx,
-            audio: audio_rx,
-        })
+        Ok(socket)
     }
 
     /// One whole text as 8 kHz μ-law (`POST /v1/text-to-speech/{voice_id}?output_format=ulaw_8000`).

@@ -1,10 +1,11 @@
 //! ElevenLabs simulator: `GET /v1/voices/{voice_id}` over the premade voices, and text-to-speech
-//! in 8 kHz μ-law over HTTP (`POST /v1/text-to-speech/{voice_id}[/stream]`) and the
-//! stream-input WebSocket. The "speech" is a voiced tone, each character spoken for a time of
-//! its own (vowels longer, spaces shorter, punctuation a pause; about 55 ms a character by
-//! default, deliberately not the 65 ms our product once assumed), produced in 100 ms chunks
-//! faster than real time, with ElevenLabs' per-chunk character alignment, so that durations,
-//! pacing, billing and what a caller heard of a cut reply can be checked.
+//! in 8 kHz μ-law over HTTP (`POST /v1/text-to-speech/{voice_id}[/stream]`), the stream-input
+//! WebSocket and the multi-context one (`multi-stream-input`: contexts by `context_id`, at most
+//! five open on a socket, as ElevenLabs allows). The "speech" is a voiced tone, each character
+//! spoken for a time of its own (vowels longer, spaces shorter, punctuation a pause; about 55 ms
+//! a character by default, deliberately not the 65 ms our product once assumed), produced in
+//! 100 ms chunks faster than real time, with ElevenLabs' per-chunk character alignment, so that
+//! durations, pacing, billing and what a caller heard of a cut reply can be checked.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,9 @@ use tokio::sync::mpsc;
 
 use super::twilio::linear_to_mulaw;
 use super::Faults;
+
+mod multi;
+use multi::multi_stream_input;
 
 /// The base speech rate, milliseconds a character (`SIM_ELEVENLABS_TTS_MS_PER_CHAR`).
 pub const DEFAULT_MS_PER_CHAR: f64 = 50.0;
@@ -145,6 +149,8 @@ struct Shared {
     characters: AtomicU64,
     syntheses: AtomicU64,
     open_sockets: AtomicU64,
+    sockets_opened: AtomicU64,
+    contexts_opened: AtomicU64,
 }
 
 type Sim = ElevenLabsSim;
@@ -163,6 +169,8 @@ impl ElevenLabsSim {
                 characters: AtomicU64::new(0),
                 syntheses: AtomicU64::new(0),
                 open_sockets: AtomicU64::new(0),
+                sockets_opened: AtomicU64::new(0),
+                contexts_opened: AtomicU64::new(0),
             }),
         }
     }
@@ -175,6 +183,10 @@ impl ElevenLabsSim {
             .route(
                 "/v1/text-to-speech/{voice_id}/stream-input",
                 get(stream_input),
+            )
+            .route(
+                "/v1/text-to-speech/{voice_id}/multi-stream-input",
+                get(multi_stream_input),
             )
             .with_state(self.clone())
     }
@@ -194,6 +206,16 @@ impl ElevenLabsSim {
     /// Stream-input sockets open right now.
     pub fn open_sockets(&self) -> u64 {
         self.shared.open_sockets.load(Ordering::Relaxed)
+    }
+
+    /// Text-to-speech sockets accepted so far (stream-input and multi-stream-input).
+    pub fn sockets_opened(&self) -> u64 {
+        self.shared.sockets_opened.load(Ordering::Relaxed)
+    }
+
+    /// Contexts opened on multi-stream-input sockets so far.
+    pub fn contexts_opened(&self) -> u64 {
+        self.shared.contexts_opened.load(Ordering::Relaxed)
     }
 
     /// Counts one synthesis; says whether it must fail.
@@ -432,6 +454,7 @@ async fn stream_input(
         .write_buffer_size(cmb_providers::WS_BUFFER);
     upgrade.on_upgrade(move |socket| async move {
         sim.shared.open_sockets.fetch_add(1, Ordering::Relaxed);
+        sim.shared.sockets_opened.fetch_add(1, Ordering::Relaxed);
         run_stream_input(&sim, socket, key, voice_id, params).await;
         sim.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
     })

@@ -275,3 +275,83 @@ async fn socket_audio_carries_the_alignment_of_its_characters() {
         expected.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(durations.len() >= 3, "{durations:?}");
 }
+
+#[tokio::test]
+async fn one_socket_carries_a_call_s_replies_each_a_context_of_its_own() {
+    use cmb_providers::elevenlabs::TtsSession;
+    let (sim, client, _stop) = start(fast()).await;
+    let session = TtsSession::new(client, RACHEL, MODEL);
+    session.open().await.unwrap();
+    for (turn, text) in [("1", "Hello there."), ("2", "How was your day? Tell me.")] {
+        let (context, mut audio) = session.context(turn).await.unwrap();
+        context.send(text).await.unwrap();
+        context.end().await;
+        let (bytes, _, end) = drain(&mut audio).await;
+        assert_eq!(end, Some(TtsAudio::Final), "{turn}");
+        let expected = expected_bytes(&format!("{text} "));
+        assert!(
+            (bytes as f64 - expected).abs() <= expected * 0.1,
+            "{bytes} vs {expected}"
+        );
+    }
+    // A reply cut off: its context is closed and nothing of it arrives afterwards.
+    let (context, mut audio) = session.context("3").await.unwrap();
+    context
+        .send("This one is long enough to be cut off by the caller.")
+        .await
+        .unwrap();
+    assert!(matches!(audio.recv().await, Some(TtsAudio::Chunk(..))));
+    drop(context);
+    drop(audio);
+    let (context, mut audio) = session.context("4").await.unwrap();
+    context.send("Sorry, go on.").await.unwrap();
+    context.end().await;
+    assert_eq!(drain(&mut audio).await.2, Some(TtsAudio::Final));
+    assert_eq!(session.sockets_opened(), 1);
+    assert_eq!(sim.sockets_opened(), 1);
+    assert_eq!(sim.contexts_opened(), 4);
+    let billed: u64 = [
+        "Hello there.",
+        "How was your day? Tell me.",
+        "This one is long enough to be cut off by the caller.",
+        "Sorry, go on.",
+    ]
+    .iter()
+    .map(|s| billed_characters(s))
+    .sum();
+    assert_eq!(sim.characters_total(), billed);
+    // The last handle gone, the socket is closed.
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.open_sockets() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sim.open_sockets(), 0);
+}
+
+#[tokio::test]
+async fn a_closed_session_socket_is_opened_again_for_the_next_reply() {
+    use cmb_providers::elevenlabs::TtsSession;
+    let (sim, client, stop) = start(fast()).await;
+    let session = TtsSession::new(client.clone(), RACHEL, MODEL);
+    let (context, mut audio) = session.context("1").await.unwrap();
+    context.send("Hi.").await.unwrap();
+    context.end().await;
+    assert_eq!(drain(&mut audio).await.2, Some(TtsAudio::Final));
+    // Six contexts at once is more than ElevenLabs allows: it closes the socket.
+    let mut open = Vec::new();
+    for turn in 2..8 {
+        let (context, audio) = session.context(&turn.to_string()).await.unwrap();
+        open.push((context, audio));
+    }
+    let (_, last) = open.last_mut().unwrap();
+    assert!(matches!(drain(last).await.2, Some(TtsAudio::Error(_))));
+    drop(open);
+    let (context, mut audio) = session.context("8").await.unwrap();
+    context.send("Still here.").await.unwrap();
+    context.end().await;
+    assert_eq!(drain(&mut audio).await.2, Some(TtsAudio::Final));
+    assert_eq!(session.sockets_opened(), 2);
+    assert_eq!(sim.sockets_opened(), 2);
+    stop.cancel();
+}

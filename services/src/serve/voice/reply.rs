@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cmb_domain::call::TurnTimings;
-use cmb_providers::elevenlabs::TtsAudio;
+use cmb_providers::elevenlabs::{TtsAudio, TtsSession};
 use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -105,7 +105,7 @@ pub(super) async fn respond(
     voice: Arc<Voice>,
     turn: u64,
     messages: Vec<ChatMessage>,
-    voice_id: String,
+    tts: TtsSession,
     out: mpsc::Sender<Out>,
     pipe: mpsc::Sender<Pipe>,
     usage: Arc<Mutex<Usage>>,
@@ -122,10 +122,9 @@ pub(super) async fn respond(
         max_tokens: voice.settings.max_reply_tokens,
         temperature: 0.7,
     };
-    // Open TTS while the LLM thinks.
-    let tts = voice
-        .elevenlabs
-        .stream_tts(&voice_id, &voice.settings.tts_model);
+    // A context of the call's TTS socket (opened with the call) while the LLM thinks.
+    let context = turn.to_string();
+    let tts = tts.context(&context);
     let llm = first_token(&voice, &request, &usage);
     let (tts, llm) = tokio::join!(tts, llm);
     let (provider, mut rx, first, fell_back) = match llm {
@@ -158,8 +157,7 @@ pub(super) async fn respond(
             return;
         }
     };
-    let text_tx = tts.text;
-    let mut audio_rx = tts.audio;
+    let (text_tx, mut audio_rx) = tts;
     // Audio pump: TTS audio → the writer, a mark after each chunk.
     let pump_out = out.clone();
     let pump_pipe = pipe.clone();
@@ -227,7 +225,7 @@ pub(super) async fn respond(
                     text: said.trim().to_string(),
                 })
                 .await;
-            if text_tx.send(chunk).await.is_err() {
+            if text_tx.send(&chunk).await.is_err() {
                 break;
             }
         }
@@ -261,9 +259,9 @@ pub(super) async fn respond(
                 text: said.trim().to_string(),
             })
             .await;
-        let _ = text_tx.send(chunk).await;
+        let _ = text_tx.send(&chunk).await;
     }
-    drop(text_tx);
+    text_tx.end().await;
     let _ = pump.await;
     let _ = pipe.send(Pipe::Done { turn }).await;
 }

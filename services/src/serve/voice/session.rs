@@ -13,6 +13,7 @@ use base64::Engine as _;
 use bytes::BytesMut;
 use cmb_domain::call::TurnTimings;
 use cmb_providers::deepgram::{SttEvent, SttOptions};
+use cmb_providers::elevenlabs::TtsSession;
 use cmb_providers::llm::ChatMessage;
 use cmb_providers::twilio::stream::Inbound;
 use futures::StreamExt;
@@ -71,6 +72,8 @@ pub(super) struct Session {
     pub(super) paused: Option<(u64, u64)>,
     pub(super) paused_at: Option<Instant>,
     pub(super) usage: Vec<Usage>,
+    /// The call's text-to-speech socket: a context per reply, closed when the session goes.
+    pub(super) tts: TtsSession,
     pub(super) timings: Vec<(u32, TurnTimings, bool, &'static str, bool)>,
     pub(super) writer: JoinHandle<()>,
 }
@@ -105,6 +108,11 @@ impl Session {
             current_turn.clone(),
             voice.pacing.clone(),
         ));
+        let tts = TtsSession::new(
+            voice.elevenlabs.clone(),
+            &ctx.voice_id,
+            &voice.settings.tts_model,
+        );
         let history = vec![ChatMessage {
             role: "system".into(),
             content: ctx.system_prompt.clone(),
@@ -141,14 +149,16 @@ impl Session {
             paused: None,
             paused_at: None,
             usage: Vec::new(),
+            tts,
             timings: Vec::new(),
             writer,
         }
     }
 
     /// What the caller heard of `reply`: the frames Twilio acknowledged with marks, as text —
-    /// the characters TTS's alignment puts before that point, or, for audio without alignment
-    /// (a fixed phrase synthesised over HTTP), an estimate at an average speaking rate.
+    /// the characters TTS's alignment puts before that point (for a fixed phrase synthesised
+    /// over HTTP, without alignment, its characters spread evenly over its audio), or, should
+    /// no character timing have come, an estimate at an average speaking rate.
     pub(super) fn heard(&self, reply: &Reply) -> String {
         let frames = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
         if reply.spoken.is_empty() {
@@ -195,39 +205,58 @@ impl Session {
             });
             (text, task)
         });
+        // The call's text-to-speech socket opens meanwhile, ready for the first reply.
+        let tts = self.tts.clone();
+        let call_id = self.ctx.call_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tts.open().await {
+                tracing::warn!(call = %call_id, error = %e, "text-to-speech socket not opened yet");
+            }
+        });
         let stt = self.voice.deepgram.connect(&stt_options).await;
+        let mut billed_secs = None;
         let (stt_audio, mut stt_events) = match stt {
             Ok(s) => (Some(s.audio), s.events),
             Err(e) => {
                 tracing::error!(call = %self.ctx.call_id, error = %e, "speech-to-text unavailable");
+                // Nothing was transcribed, so nothing is billed for it.
+                billed_secs = Some(0.0);
                 let (_tx, rx) = mpsc::channel(1);
                 (None, rx)
             }
         };
         let mut stt_audio = stt_audio;
         let greeting = self.ctx.greeting.clone();
-        match follow_up {
-            Some((text, task)) => match tokio::time::timeout_at(greeting_ready, task).await {
-                Ok(Ok(Ok(audio))) => {
-                    self.speak(&text, Some(audio)).await;
-                }
-                outcome => {
-                    let why = match outcome {
-                        Err(_) => "not ready in time".to_string(),
-                        Ok(Err(e)) => e.to_string(),
-                        Ok(Ok(Err(e))) => e.to_string(),
-                        Ok(Ok(Ok(_))) => unreachable!("matched above"),
-                    };
-                    tracing::warn!(call = %self.ctx.call_id, reason = %why, "follow-up greeting unavailable; using the usual one");
+        if stt_audio.is_none() {
+            // Nobody could answer a greeting: say sorry and end the call politely.
+            if let Some((_, task)) = follow_up {
+                task.abort();
+            }
+            self.say_goodbye("speech-to-text unavailable", STT_LOST)
+                .await;
+        } else {
+            match follow_up {
+                Some((text, task)) => match tokio::time::timeout_at(greeting_ready, task).await {
+                    Ok(Ok(Ok(audio))) => {
+                        self.speak(&text, Some(audio)).await;
+                    }
+                    outcome => {
+                        let why = match outcome {
+                            Err(_) => "not ready in time".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Ok(Ok(Err(e))) => e.to_string(),
+                            Ok(Ok(Ok(_))) => unreachable!("matched above"),
+                        };
+                        tracing::warn!(call = %self.ctx.call_id, reason = %why, "follow-up greeting unavailable; using the usual one");
+                        self.speak_phrase(&greeting).await;
+                    }
+                },
+                None => {
                     self.speak_phrase(&greeting).await;
                 }
-            },
-            None => {
-                self.speak_phrase(&greeting).await;
             }
         }
 
-        let mut billed_secs = None;
         let mut audio_buf = BytesMut::with_capacity(FRAME_BYTES * 64);
         // One timer for the call's limits, armed for the next moment one of them could act;
         // nothing ticks while the call is idle.

@@ -1,9 +1,9 @@
 //! Text rules of a conversation: what counts as a backchannel, what of a cut reply was heard,
 //! where a reply can be voiced sentence by sentence.
 
-/// Milliseconds of speech per character, to estimate heard text of audio that came without
-/// TTS's alignment (a fixed phrase synthesised over HTTP; ElevenLabs speaks about 15
-/// characters a second).
+/// Milliseconds of speech per character, to estimate heard text of audio of unknown length
+/// (never the case today: a phrase's characters are spread over its audio, `spread_evenly`;
+/// ElevenLabs speaks about 15 characters a second).
 pub(super) const MS_PER_CHAR: u64 = 65;
 
 /// Words that acknowledge without taking the turn.
@@ -55,6 +55,17 @@ pub(super) fn heard_by_alignment(spoken: &[(String, u64)], heard_ms: u64) -> Str
         text.rfind(char::is_whitespace).map_or("", |i| &text[..i])
     };
     cut.trim().to_string()
+}
+
+/// `text`'s characters with the time each ends, spread evenly over `total_ms` of its audio:
+/// where each falls, as best known without the provider's alignment (a phrase synthesised over
+/// HTTP), for [`heard_by_alignment`].
+pub(super) fn spread_evenly(text: &str, total_ms: u64) -> Vec<(String, u64)> {
+    let n = text.chars().count() as u64;
+    text.chars()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), total_ms * (i as u64 + 1) / n.max(1)))
+        .collect()
 }
 
 /// Splits complete sentences off the front of `buffer`.
@@ -122,6 +133,18 @@ mod tests {
         assert_eq!(heard_by_alignment(&spoken, 400), "Hi");
         assert_eq!(heard_by_alignment(&spoken, 420), "Hi there");
         assert_eq!(heard_by_alignment(&spoken, 600), "Hi there.");
+    }
+
+    #[test]
+    fn a_phrase_without_alignment_is_heard_in_proportion_to_what_played() {
+        // Eleven characters over 1.1 s of audio: 100 ms each.
+        let spoken = spread_evenly("Hello there", 1100);
+        assert_eq!(spoken[0], ("H".to_string(), 100));
+        assert_eq!(spoken[10], ("e".to_string(), 1100));
+        assert_eq!(heard_by_alignment(&spoken, 0), "");
+        assert_eq!(heard_by_alignment(&spoken, 500), "Hello");
+        assert_eq!(heard_by_alignment(&spoken, 900), "Hello");
+        assert_eq!(heard_by_alignment(&spoken, 1100), "Hello there");
     }
 
     #[test]

@@ -15,11 +15,20 @@ use super::knowledge::ForCall;
 use super::outbound::Out;
 use super::reply::{ms, respond, Pipe, Reply, Usage};
 use super::session::Session;
+use super::text::spread_evenly;
 use crate::serve::transcripts::Line;
 
 /// Facts pulled into a turn, at most, and how similar to the caller's words they must be.
 const RECALL_FACTS: usize = 3;
 const RECALL_FLOOR: f32 = 0.15;
+
+/// A fixed phrase's audio goes out in pieces of 500 ms (8 kHz μ-law), a mark after each.
+const PHRASE_MARK_BYTES: usize = 4000;
+
+/// Milliseconds of 8 kHz μ-law audio in `bytes`.
+fn audio_ms(bytes: usize) -> u64 {
+    bytes as u64 / 8
+}
 
 /// A pause for caller speech that brings no words (a cough, a noise) ends after this.
 pub(super) const PAUSE_WITHOUT_WORDS: Duration = Duration::from_millis(1500);
@@ -181,7 +190,7 @@ impl Session {
             self.voice.clone(),
             turn,
             messages,
-            self.ctx.voice_id.clone(),
+            self.tts.clone(),
             self.out.clone(),
             self.pipe_tx.clone(),
             usage.clone(),
@@ -273,8 +282,18 @@ impl Session {
                             at: Instant::now(),
                         })
                         .await;
-                    let _ = out.send(Out::Audio { turn, audio }).await;
-                    let _ = out.send(Out::Mark { turn }).await;
+                    // Audio synthesised over HTTP comes without alignment: its characters are
+                    // spread evenly over its length, and a mark every 500 ms tells how much
+                    // of it played, so a phrase cut off keeps about what was heard of it.
+                    let chars = spread_evenly(&phrase, audio_ms(audio.len()));
+                    if !chars.is_empty() {
+                        let _ = pipe.send(Pipe::Spoken { turn, chars }).await;
+                    }
+                    for piece in audio.chunks(PHRASE_MARK_BYTES) {
+                        let audio = audio.slice_ref(piece);
+                        let _ = out.send(Out::Audio { turn, audio }).await;
+                        let _ = out.send(Out::Mark { turn }).await;
+                    }
                 }
                 Err(e) => {
                     let _ = pipe

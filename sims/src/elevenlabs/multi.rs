@@ -1,0 +1,272 @@
+//! The multi-context WebSocket (`…/multi-stream-input`): a socket per call, a context per
+//! reply.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::{api_key, refuse, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY, VOICES};
+
+#[derive(serde::Deserialize)]
+pub(super) struct MultiParams {
+    output_format: Option<String>,
+    inactivity_timeout: Option<u64>,
+}
+
+pub(super) async fn multi_stream_input(
+    State(sim): State<Sim>,
+    headers: HeaderMap,
+    Path(voice_id): Path<String>,
+    Query(params): Query<MultiParams>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let key = api_key(&headers).to_string();
+    // Small buffers: hundreds of simulated voices in one benchmark process.
+    let upgrade = upgrade
+        .read_buffer_size(cmb_providers::WS_BUFFER)
+        .write_buffer_size(cmb_providers::WS_BUFFER);
+    upgrade.on_upgrade(move |socket| async move {
+        sim.shared.open_sockets.fetch_add(1, Ordering::Relaxed);
+        sim.shared.sockets_opened.fetch_add(1, Ordering::Relaxed);
+        run_multi_stream_input(&sim, socket, key, voice_id, params).await;
+        sim.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    })
+}
+
+/// ElevenLabs refuses a sixth context open at once on one socket.
+const MAX_CONTEXTS: usize = 5;
+
+/// What a context's generator is asked to do, in order.
+enum Generate {
+    Speak(String),
+    /// The context is closed: its final message once what was flushed before is spoken.
+    Final,
+}
+
+struct Context {
+    /// Text received and not yet flushed.
+    buffer: String,
+    generator: mpsc::UnboundedSender<Generate>,
+}
+
+/// The multi-context socket: contexts by `context_id`, each generating in turn what was
+/// flushed into it (the first audio of a context after the first-byte delay, the rest faster
+/// than real time), its messages tagged `contextId`; `close_context` drops the text not yet
+/// flushed and ends the context with `isFinal` once its flushed text is spoken;
+/// `close_socket` closes every context so, then the socket.
+async fn run_multi_stream_input(
+    sim: &Sim,
+    mut socket: WebSocket,
+    header_key: String,
+    voice_id: String,
+    params: MultiParams,
+) {
+    let inactivity = params
+        .inactivity_timeout
+        .map_or(INACTIVITY, |s| Duration::from_secs(s.clamp(5, 180)));
+    if !VOICES.iter().any(|v| v.0 == voice_id) {
+        let message = format!("A voice with the voice_id {voice_id} was not found.");
+        return refuse(&mut socket, 1008, "voice_not_found", &message).await;
+    }
+    if params
+        .output_format
+        .as_deref()
+        .is_some_and(|f| f != "ulaw_8000")
+    {
+        return refuse(
+            &mut socket,
+            1008,
+            "invalid_output_format",
+            "this simulator only produces ulaw_8000",
+        )
+        .await;
+    }
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let mut contexts: HashMap<String, Context> = HashMap::new();
+    let mut generators: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut authorised = !header_key.is_empty();
+    let tts = sim.shared.tts.clone();
+    loop {
+        let message = tokio::select! {
+            outgoing = out_rx.recv() => {
+                if let Some(m) = outgoing {
+                    if socket.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+            incoming = tokio::time::timeout(inactivity, socket.recv()) => match incoming {
+                Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<Value>(&t) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+                Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break,
+                Ok(Some(Ok(_))) => continue,
+                // Idle too long: ElevenLabs closes the socket.
+                Err(_) => break,
+            },
+        };
+        if !authorised {
+            authorised = ["xi_api_key", "xi-api-key"].iter().any(|k| {
+                message
+                    .get(*k)
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| !v.is_empty())
+            });
+            if !authorised {
+                return refuse(&mut socket, 1008, "invalid_api_key", "no xi-api-key given").await;
+            }
+        }
+        if message.get("close_socket").and_then(Value::as_bool) == Some(true) {
+            for (_, context) in contexts.drain() {
+                let _ = context.generator.send(Generate::Final);
+            }
+            break;
+        }
+        let id = message
+            .get("context_id")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        if message.get("close_context").and_then(Value::as_bool) == Some(true) {
+            if let Some(context) = contexts.remove(&id) {
+                let _ = context.generator.send(Generate::Final);
+            }
+            continue;
+        }
+        let text = message.get("text").and_then(Value::as_str);
+        if !contexts.contains_key(&id) {
+            if text.is_none() {
+                continue;
+            }
+            if contexts.len() >= MAX_CONTEXTS {
+                return refuse(
+                    &mut socket,
+                    1008,
+                    "max_active_conversations",
+                    "Maximum simultaneous contexts per WebSocket connection exceeded (5).",
+                )
+                .await;
+            }
+            if sim.next_synthesis_fails() {
+                return refuse(
+                    &mut socket,
+                    1011,
+                    "internal_server_error",
+                    "injected failure",
+                )
+                .await;
+            }
+            sim.shared.contexts_opened.fetch_add(1, Ordering::Relaxed);
+            let (generator, jobs) = mpsc::unbounded_channel();
+            generators.push(tokio::spawn(generate(
+                jobs,
+                out.clone(),
+                id.clone(),
+                tts.clone(),
+            )));
+            contexts.insert(
+                id.clone(),
+                Context {
+                    buffer: String::new(),
+                    generator,
+                },
+            );
+        }
+        let Some(context) = contexts.get_mut(&id) else {
+            continue;
+        };
+        // `" "` opens a context; `""` keeps it alive.
+        if let Some(text) = text.filter(|t| *t != " " && !t.is_empty()) {
+            sim.shared
+                .characters
+                .fetch_add(text.chars().count() as u64, Ordering::Relaxed);
+            context.buffer.push_str(text);
+        }
+        let flush = message.get("flush").and_then(Value::as_bool) == Some(true);
+        if (flush || context.buffer.chars().count() >= GENERATE_AT_CHARS)
+            && !context.buffer.trim().is_empty()
+        {
+            let _ = context
+                .generator
+                .send(Generate::Speak(std::mem::take(&mut context.buffer)));
+        }
+    }
+    // What was flushed before the close is still spoken, then the socket closes.
+    drop(contexts);
+    drop(out);
+    let all = futures::future::join_all(generators);
+    tokio::pin!(all);
+    loop {
+        tokio::select! {
+            _ = &mut all => break,
+            Some(m) = out_rx.recv() => {
+                if socket.send(m).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    while let Ok(m) = out_rx.try_recv() {
+        if socket.send(m).await.is_err() {
+            return;
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// One context's speech: each flushed text in turn, then `isFinal`.
+async fn generate(
+    mut jobs: mpsc::UnboundedReceiver<Generate>,
+    out: mpsc::UnboundedSender<Message>,
+    context: String,
+    tts: TtsSettings,
+) {
+    let mut sample: u64 = 0;
+    let mut first = true;
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Generate::Speak(text) => {
+                for chunk in speak(&text, &mut sample, tts.ms_per_char) {
+                    let wait = if first {
+                        tts.first_byte
+                    } else {
+                        tts.chunk_time()
+                    };
+                    first = false;
+                    tokio::time::sleep(wait).await;
+                    let alignment = json!({
+                        "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": chunk.durations,
+                    });
+                    let frame = json!({
+                        "audio": BASE64.encode(&chunk.audio),
+                        "normalizedAlignment": alignment,
+                        "alignment": alignment,
+                        "contextId": context,
+                    });
+                    if out.send(Message::Text(frame.to_string().into())).is_err() {
+                        return;
+                    }
+                }
+            }
+            Generate::Final => {
+                let _ = out.send(Message::Text(
+                    json!({ "isFinal": true, "contextId": context })
+                        .to_string()
+                        .into(),
+                ));
+                return;
+            }
+        }
+    }
+}
