@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +28,7 @@ use super::twilio::linear_to_mulaw;
 use super::Faults;
 
 mod multi;
-use multi::multi_stream_input;
+use multi::{multi_stream_input, next_json, refuse};
 
 /// The base speech rate, milliseconds a character (`SIM_ELEVENLABS_TTS_MS_PER_CHAR`).
 pub const DEFAULT_MS_PER_CHAR: f64 = 50.0;
@@ -201,21 +201,6 @@ impl ElevenLabsSim {
     /// included.
     pub fn syntheses(&self) -> u64 {
         self.shared.syntheses.load(Ordering::Relaxed)
-    }
-
-    /// Stream-input sockets open right now.
-    pub fn open_sockets(&self) -> u64 {
-        self.shared.open_sockets.load(Ordering::Relaxed)
-    }
-
-    /// Text-to-speech sockets accepted so far (stream-input and multi-stream-input).
-    pub fn sockets_opened(&self) -> u64 {
-        self.shared.sockets_opened.load(Ordering::Relaxed)
-    }
-
-    /// Contexts opened on multi-stream-input sockets so far.
-    pub fn contexts_opened(&self) -> u64 {
-        self.shared.contexts_opened.load(Ordering::Relaxed)
     }
 
     /// Counts one synthesis; says whether it must fail.
@@ -458,29 +443,6 @@ async fn stream_input(
         run_stream_input(&sim, socket, key, voice_id, params).await;
         sim.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
     })
-}
-
-/// Sends an error frame and closes (as ElevenLabs does, e.g. 1008 on a bad key).
-async fn refuse(socket: &mut WebSocket, code: u16, error: &str, message: &str) {
-    let frame = json!({ "message": message, "error": error, "code": code });
-    let _ = socket.send(Message::Text(frame.to_string().into())).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: error.to_string().into(),
-        })))
-        .await;
-}
-
-/// The next text message as JSON; `None` when the client closed or went quiet too long.
-async fn next_json(socket: &mut WebSocket) -> Option<Value> {
-    loop {
-        match tokio::time::timeout(INACTIVITY, socket.recv()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
-            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
-            Ok(Some(Ok(_))) => continue,
-        }
-    }
 }
 
 async fn run_stream_input(

@@ -14,7 +14,7 @@ use cmb_sims::twilio::{Observations, Settings, TwilioSim};
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::ops::child::{self, cpu_ms, load_average, rss_mib};
+use crate::ops::child::{self, cpu_ms, load_average, rss_mib, Callgrind};
 
 const ACCOUNT_SID: &str = "ACbe0c4be0c4be0c4be0c4be0c4be0c4b";
 const AUTH_TOKEN: &str = "bench-voice-token";
@@ -365,65 +365,6 @@ pub async fn run(
     backbone.pool.close().await;
     child::drop_isolated(&config).await;
     Ok(figures)
-}
-
-/// serve run under callgrind: its `--callgrind-out-file` and pid, for `callgrind_control`.
-struct Callgrind {
-    pid: String,
-    out_file: String,
-}
-
-impl Callgrind {
-    fn from_env(pid: &str) -> Option<Callgrind> {
-        let prefix = std::env::var("CMB_BENCH_SERVE_PREFIX").ok()?;
-        if !prefix.contains("callgrind") {
-            return None;
-        }
-        let out_file = prefix
-            .split_whitespace()
-            .find_map(|a| a.strip_prefix("--callgrind-out-file="))
-            .unwrap_or("callgrind.out")
-            .to_string();
-        Some(Callgrind {
-            pid: pid.to_string(),
-            out_file,
-        })
-    }
-
-    fn control(&self, flag: &str, value: &str) {
-        let mut c = std::process::Command::new("callgrind_control");
-        c.arg(flag);
-        if !value.is_empty() {
-            c.arg(value);
-        }
-        let ran = c.arg(&self.pid).output();
-        if let Err(e) = ran {
-            eprintln!("callgrind_control {flag} {value}: {e}");
-        }
-    }
-
-    /// Instructions in the first dump (`<out file>.1`), the window's.
-    fn instructions(&self) -> Option<u64> {
-        let path = format!("{}.1", self.out_file.replace("%p", &self.pid));
-        for _ in 0..60 {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                if let Some(n) = text
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("summary:")
-                            .or_else(|| l.strip_prefix("totals:"))
-                    })
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
-                {
-                    return Some(n);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        eprintln!("no callgrind dump at {path}");
-        None
-    }
 }
 
 pub fn within_targets(f: &Figures) -> bool {

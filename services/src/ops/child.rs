@@ -305,3 +305,62 @@ pub fn rss_mib(pid: &str) -> f64 {
         .unwrap_or(0.0);
     pages * 4096.0 / (1024.0 * 1024.0)
 }
+
+/// serve run under callgrind: its `--callgrind-out-file` and pid, for `callgrind_control`.
+pub struct Callgrind {
+    pid: String,
+    out_file: String,
+}
+
+impl Callgrind {
+    pub fn from_env(pid: &str) -> Option<Callgrind> {
+        let prefix = std::env::var("CMB_BENCH_SERVE_PREFIX").ok()?;
+        if !prefix.contains("callgrind") {
+            return None;
+        }
+        let out_file = prefix
+            .split_whitespace()
+            .find_map(|a| a.strip_prefix("--callgrind-out-file="))
+            .unwrap_or("callgrind.out")
+            .to_string();
+        Some(Callgrind {
+            pid: pid.to_string(),
+            out_file,
+        })
+    }
+
+    pub fn control(&self, flag: &str, value: &str) {
+        let mut c = std::process::Command::new("callgrind_control");
+        c.arg(flag);
+        if !value.is_empty() {
+            c.arg(value);
+        }
+        let ran = c.arg(&self.pid).output();
+        if let Err(e) = ran {
+            eprintln!("callgrind_control {flag} {value}: {e}");
+        }
+    }
+
+    /// Instructions in the first dump (`<out file>.1`), the window's.
+    pub fn instructions(&self) -> Option<u64> {
+        let path = format!("{}.1", self.out_file.replace("%p", &self.pid));
+        for _ in 0..60 {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Some(n) = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("summary:")
+                            .or_else(|| l.strip_prefix("totals:"))
+                    })
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                {
+                    return Some(n);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!("no callgrind dump at {path}");
+        None
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -14,7 +14,25 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{api_key, refuse, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY, VOICES};
+use super::{api_key, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY, VOICES};
+
+/// What the sockets did, for tests and benchmarks.
+impl super::ElevenLabsSim {
+    /// Stream-input sockets open right now.
+    pub fn open_sockets(&self) -> u64 {
+        self.shared.open_sockets.load(Ordering::Relaxed)
+    }
+
+    /// Text-to-speech sockets accepted so far (stream-input and multi-stream-input).
+    pub fn sockets_opened(&self) -> u64 {
+        self.shared.sockets_opened.load(Ordering::Relaxed)
+    }
+
+    /// Contexts opened on multi-stream-input sockets so far.
+    pub fn contexts_opened(&self) -> u64 {
+        self.shared.contexts_opened.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(serde::Deserialize)]
 pub(super) struct MultiParams {
@@ -267,6 +285,29 @@ async fn generate(
                 ));
                 return;
             }
+        }
+    }
+}
+
+/// Sends an error frame and closes (as ElevenLabs does, e.g. 1008 on a bad key).
+pub(super) async fn refuse(socket: &mut WebSocket, code: u16, error: &str, message: &str) {
+    let frame = json!({ "message": message, "error": error, "code": code });
+    let _ = socket.send(Message::Text(frame.to_string().into())).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: error.to_string().into(),
+        })))
+        .await;
+}
+
+/// The next text message as JSON; `None` when the client closed or went quiet too long.
+pub(super) async fn next_json(socket: &mut WebSocket) -> Option<Value> {
+    loop {
+        match tokio::time::timeout(INACTIVITY, socket.recv()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).ok(),
+            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
+            Ok(Some(Ok(_))) => continue,
         }
     }
 }

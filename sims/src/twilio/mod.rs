@@ -12,6 +12,7 @@
 //! `<Stream>` are not played (the callee simply stays on the line for `call_length`).
 
 mod media;
+mod mulaw;
 mod observe;
 #[cfg(test)]
 mod tests;
