@@ -376,10 +376,13 @@ pub fn within_targets(f: &Figures) -> bool {
         && f.rss_mib_per_call <= TARGET_RSS_MB_PER_CALL
 }
 
+/// How one row of the table shows a run's figure.
+type Cell = Box<dyn Fn(&Figures) -> String>;
+
 /// One table, a column per N and a row per figure, then one line of JSON with every figure.
 pub fn print(rows: &[Figures]) {
     let pair = |a: f64, b: f64| format!("{a:.1}/{b:.1}");
-    let table: Vec<(&str, Box<dyn Fn(&Figures) -> String>)> = vec![
+    let table: Vec<(&str, Cell)> = vec![
         (
             "sessions (failed)",
             Box::new(|f: &Figures| format!("{} ({})", f.sessions, f.sessions_failed)),
