@@ -149,16 +149,23 @@ async fn every_event_is_published_exactly_once_in_order_while_publishers_are_kil
     writer.await.unwrap();
     done.store(true, Ordering::SeqCst);
 
-    let stored = events_in_store(&backbone.pool).await;
-    assert!(
-        stored.len() >= 2_000,
-        "only {} events written",
-        stored.len()
-    );
-    let caught_up = eventually(Duration::from_secs(60), || async {
-        (stream_count(&env).await >= stored.len() as u64).then_some(())
+    let written = events_in_store(&backbone.pool).await.len();
+    assert!(written >= 2_000, "only {written} events written");
+    // The instances write events of their own as well (a start defines the system personas'
+    // knowledge, which the indexing worker then marks indexed), some after the writer ends:
+    // wait until the log is quiet and the stream holds as many messages as the store events.
+    let pool = backbone.pool.clone();
+    let caught_up = eventually(Duration::from_secs(90), || async {
+        let before = events_in_store(&pool).await.len() as u64;
+        if stream_count(&env).await != before {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = events_in_store(&pool).await.len() as u64;
+        (after == before && stream_count(&env).await == after).then_some(())
     })
     .await;
+    let stored = events_in_store(&backbone.pool).await;
     // Give a late duplicate, if the design let one through, the chance to show up.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for p in &mut procs {
