@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::common::{eventually, grant, Api, TestEnv, PASSWORD};
+use super::common::{
+    create_persona, eventually, request_call, transcript_lines, user_with_credits,
+    wait_for_transcript, Api, TestEnv, PASSWORD,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_export_holds_a_made_calls_transcript_and_the_accounts_events() {
@@ -19,37 +22,17 @@ async fn the_export_holds_a_made_calls_transcript_and_the_accounts_events() {
         .set("SIM_CEREBRAS_REPLY", "Okay, noted.");
     let app = env.spawn_app().await;
     let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona = user
-        .post(
-            "/api/personas",
-            super::common::persona_body("Export Buddy", false),
-        )
-        .await;
-    assert_eq!(persona.status, 201, "{persona:?}");
-    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
-    let call = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(call.status, 201, "{call:?}");
-    let call_id = call.body["call"]["id"].as_str().unwrap().to_string();
-    let heard = eventually(Duration::from_secs(90), || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM call_transcripts WHERE call_id = $1::uuid AND text = $2",
-        )
-        .bind(&call_id)
-        .bind(said)
-        .fetch_one(&app.state.pool)
-        .await
-        .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(heard.is_some(), "the call's transcript was saved");
+    let (user, profile) = user_with_credits(&app, &api, 100).await;
+    let persona_id = create_persona(&user, "Export Buddy", false).await;
+    let call_id = request_call(&user, &persona_id, 2).await;
+    assert!(
+        wait_for_transcript(&app.state.pool, &call_id, Some(said)).await,
+        "the call's transcript was saved"
+    );
+    assert_eq!(
+        transcript_lines(&app.state.pool, &call_id, Some(said)).await,
+        1
+    );
     // The call's read model has its end (so the export's call is the finished one).
     let ended = eventually(Duration::from_secs(60), || async {
         let c = user.get(&format!("/api/calls/{call_id}")).await;

@@ -11,7 +11,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use super::common::{eventually, grant, read_stream, Api, TestEnv, PASSWORD};
+use super::common::{
+    count_events, create_persona, erase, eventually, read_stream, request_call, transcript_lines,
+    user_with_credits, wait_for_event, Api, TestEnv, PASSWORD,
+};
 
 const SAID: &str = "my neighbour Bartholomew Quince keeps bees";
 const FACT: &str = "Has a sister called Zenobia Marchetti";
@@ -84,11 +87,10 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     let app = env.spawn_app().await;
     let pool = app.state.pool.clone();
     let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
+    let (user, profile) = user_with_credits(&app, &api, 100).await;
     let id = profile["id"].as_str().unwrap().to_string();
     let email = profile["email"].as_str().unwrap().to_string();
     let phone = profile["phone"].as_str().unwrap().to_string();
-    grant(&app, &profile, 100).await;
     // A saved card: a customer at Stripe, created with the user's email and name.
     let attached = user
         .post(
@@ -109,27 +111,13 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     let stripe = app.sims.stripe.as_ref().unwrap();
     assert_eq!(stripe.customer(&customer).unwrap()["email"], email.as_str());
     assert_eq!(stripe.cards_of(&customer), 1);
-    let persona = user
-        .post(
-            "/api/personas",
-            super::common::persona_body("Privacy Buddy", false),
-        )
-        .await;
-    assert_eq!(persona.status, 201, "{persona:?}");
-    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    let persona_id = create_persona(&user, "Privacy Buddy", false).await;
     app.sims
         .cerebras
         .as_ref()
         .unwrap()
         .set_extraction_reply(vec![EXTRACTED.into()]);
-    let call = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(call.status, 201, "{call:?}");
-    let call_id = call.body["call"]["id"].as_str().unwrap().to_string();
+    let call_id = request_call(&user, &persona_id, 2).await;
 
     // The call is settled and digested (fact, open item and summary projected): the persona
     // remembers, and the API shows it in clear.
@@ -174,13 +162,10 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     assert_eq!(me.body["user"]["email"], email.as_str(), "{me:?}");
     let shown = user.get(&format!("/api/calls/{call_id}")).await;
     assert!(shown.body.to_string().contains(&phone), "{shown:?}");
-    let heard: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM call_transcripts WHERE call_id = $1::uuid")
-            .bind(&call_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert!(heard > 0, "the transcript was saved");
+    assert!(
+        transcript_lines(&pool, &call_id, None).await > 0,
+        "the transcript was saved"
+    );
 
     // Nothing personal is in the log in clear: not in Postgres, not on the stream.
     let personal = [email.as_str(), phone.as_str(), FACT, SUMMARY, OPEN_ITEM];
@@ -223,9 +208,7 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
         before["per_user"][&id].is_object(),
         "the user's call is reconciled: {before}"
     );
-    let erased = user
-        .delete_json("/api/user", json!({ "password": PASSWORD }))
-        .await;
+    let erased = erase(&user).await;
     assert_eq!(erased.status, 200, "{erased:?}");
     // The Stripe customer is deleted, its card detached.
     assert_eq!(erased.body["stripe_customer_deleted"], true, "{erased:?}");
@@ -360,40 +343,18 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
         .set("SIM_TWILIO_CALLER_TURNS", "0:60000");
     let app = env.spawn_app().await;
     let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
+    let (user, profile) = user_with_credits(&app, &api, 100).await;
     let id = profile["id"].as_str().unwrap().to_string();
     let email = profile["email"].as_str().unwrap().to_string();
     let phone = profile["phone"].as_str().unwrap().to_string();
-    grant(&app, &profile, 100).await;
-    let persona = user
-        .post(
-            "/api/personas",
-            super::common::persona_body("Migrated Buddy", false),
-        )
-        .await;
-    assert_eq!(persona.status, 201, "{persona:?}");
-    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
-    let call = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(call.status, 201, "{call:?}");
-    let call_id = call.body["call"]["id"].as_str().unwrap().to_string();
+    let persona_id = create_persona(&user, "Migrated Buddy", false).await;
+    let call_id = request_call(&user, &persona_id, 2).await;
     let pool = app.state.pool.clone();
-    let settled = eventually(Duration::from_secs(90), || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'CallSettled'",
-        )
-        .bind(&call_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
-    assert!(settled.is_some(), "the call was settled");
+    assert!(
+        wait_for_event(&pool, &call_id, "CallSettled").await,
+        "the call was settled"
+    );
+    assert_eq!(count_events(&pool, &call_id, "CallSettled").await, 1);
     app.stop().await;
 
     // The log as a build before sealing wrote it: every personal field in clear, in Postgres
@@ -501,29 +462,15 @@ async fn what_a_call_taught_is_forgotten_with_its_transcript() {
     let app = env.spawn_app().await;
     let pool = app.state.pool.clone();
     let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
+    let (user, profile) = user_with_credits(&app, &api, 100).await;
     let id = profile["id"].as_str().unwrap().to_string();
-    grant(&app, &profile, 100).await;
-    let persona = user
-        .post(
-            "/api/personas",
-            super::common::persona_body("Retention Buddy", false),
-        )
-        .await;
-    assert_eq!(persona.status, 201, "{persona:?}");
-    let persona_id = persona.body["persona"]["id"].as_str().unwrap().to_string();
+    let persona_id = create_persona(&user, "Retention Buddy", false).await;
     app.sims
         .cerebras
         .as_ref()
         .unwrap()
         .set_extraction_reply(vec![EXTRACTED.into()]);
-    let call = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
-        .await;
-    assert_eq!(call.status, 201, "{call:?}");
+    request_call(&user, &persona_id, 2).await;
     let remembered = |n: i64| {
         let pool = pool.clone();
         let id = id.clone();

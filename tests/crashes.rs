@@ -398,6 +398,99 @@ async fn killed_at(step: &str, pay: Pay) {
     serve.stop(second).await;
 }
 
+/// An erasure killed at `step` (after `UserErased` is recorded): the request gets no answer,
+/// and after a restart the `erasures` worker finishes it — the Stripe customer deleted, the
+/// claims released, the persona and its document gone, the key destroyed.
+async fn erasure_killed_at(step: &str) {
+    let mut serve = Serve::new().await;
+    serve.env = serve.env.set("ERASURE_RETRY_MS", "500");
+    let backbone = serve.env.backbone().await;
+    let pool = backbone.pool.clone();
+
+    let mut first = serve.start(Some(step)).await;
+    let (user, user_id, _) = payer(&serve, &EventStore::new(pool.clone()), Pay::Card).await;
+    let persona_id = common::create_persona(&user, "Erased Midway", true).await;
+    common::add_document(
+        &user,
+        &persona_id,
+        "Notes",
+        "# Notes\n\nThe heron nests by the weir.",
+    )
+    .await;
+    let customer: String = sqlx::query_scalar(
+        "SELECT payload -> 'StripeCustomerCreated' ->> 'customer_id' FROM events
+          WHERE aggregate_id = $1 AND event_type = 'StripeCustomerCreated'",
+    )
+    .bind(&user_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let answer = user
+        .request(reqwest::Method::DELETE, "/api/user")
+        .json(&json!({ "password": PASSWORD }))
+        .send()
+        .await;
+    assert!(answer.is_err(), "the process died before answering");
+    let status = first.wait().await.unwrap();
+    assert_eq!(status.code(), Some(86), "it died at the crash point {step}");
+    assert_eq!(
+        common::count_events(&pool, &user_id, "UserErased").await,
+        1,
+        "the account recorded its erasure before the crash"
+    );
+    assert_ne!(serve.stripe.customer(&customer).unwrap()["deleted"], true);
+    let left = |pool: sqlx::PgPool, user_id: String, persona_id: String| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM identity_claims WHERE user_id = $1::uuid)
+                  + (SELECT count(*) FROM knowledge_documents WHERE persona_id = $2)
+                  + (SELECT count(*) FROM data_keys WHERE user_id = $1::uuid AND key IS NOT NULL)
+                  + (SELECT count(*) FROM erasures WHERE user_id = $1::uuid AND finished_at IS NULL)",
+        )
+        .bind(&user_id)
+        .bind(&persona_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert!(
+        left(pool.clone(), user_id.clone(), persona_id.clone()).await > 0,
+        "the crash left clean-up to do"
+    );
+
+    let second = serve.start(None).await;
+    let done = eventually(Duration::from_secs(90), || async {
+        (left(pool.clone(), user_id.clone(), persona_id.clone()).await == 0).then_some(())
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "the erasure was not finished after the restart"
+    );
+    let at_stripe = serve.stripe.customer(&customer).unwrap();
+    assert_eq!(at_stripe["deleted"], true, "{at_stripe}");
+    assert_eq!(serve.stripe.cards_of(&customer), 0);
+    assert_eq!(
+        common::count_events(&pool, &persona_id, "PersonaDeleted").await,
+        1
+    );
+    assert_eq!(
+        common::count_events(&pool, &user_id, "UserErased").await,
+        1,
+        "erased once"
+    );
+    serve.stop(second).await;
+}
+
+#[tokio::test]
+async fn an_erasure_killed_after_recording_it_is_finished_after_a_restart() {
+    erasure_killed_at("erasure.after_recorded").await;
+}
+
+#[tokio::test]
+async fn an_erasure_killed_after_deleting_the_personas_is_finished_after_a_restart() {
+    erasure_killed_at("erasure.after_personas").await;
+}
+
 /// The body of a card call of one minute, with a new intent on the user's card.
 async fn payer_intent(user: &Api) -> serde_json::Value {
     let intent = user

@@ -204,6 +204,14 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         grace: config.call_request_grace,
     };
     tasks.spawn(sweeper.run(shutdown.clone()));
+    let erasures = crate::serve::erasures::Erasures {
+        store: store.clone(),
+        stripe: providers.stripe.clone(),
+        instance_id: config.instance_id.clone(),
+        lease_ttl: config.publisher.lease_ttl,
+        retry: config.erasure_retry,
+    };
+    tasks.spawn(erasures.run(shutdown.clone()));
 
     let state = AppState {
         config: config.clone(),

@@ -93,6 +93,10 @@ pub struct Config {
     /// A call request still unfinished this long after it started died midway: the sweeper
     /// gives back its hold and active-call slot.
     pub call_request_grace: Duration,
+    /// An erasure's clean-up not finished this long after the request (a crash, Stripe
+    /// unreachable) is taken up by the `erasures` worker, and retried after this, doubled per
+    /// failure up to an hour (`ERASURE_RETRY_MS`).
+    pub erasure_retry: Duration,
     /// How long a worker has to acknowledge a message before JetStream redelivers it.
     pub worker_ack_wait: Duration,
     /// Deliveries after which a consumer sets a failing event aside (a dead letter).
@@ -437,6 +441,11 @@ impl Config {
                 "CALL_REQUEST_GRACE_SECS",
                 get("CALL_REQUEST_GRACE_SECS"),
                 120,
+            )?),
+            erasure_retry: Duration::from_millis(parse(
+                "ERASURE_RETRY_MS",
+                get("ERASURE_RETRY_MS"),
+                60_000,
             )?),
             worker_ack_wait: Duration::from_millis(parse(
                 "WORKER_ACK_WAIT_MS",

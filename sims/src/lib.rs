@@ -26,6 +26,8 @@ pub struct Faults {
     /// Answer every n-th request with a 503 (0: never).
     pub fail_every: u64,
     counter: Arc<AtomicU64>,
+    /// An outage a test started ([`Faults::set_down`]): every request fails meanwhile.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Faults {
@@ -34,7 +36,13 @@ impl Faults {
             latency,
             fail_every,
             counter: Arc::default(),
+            down: Arc::default(),
         }
+    }
+
+    /// Starts (`true`) or ends an outage: every request fails while it lasts.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
     }
 
     /// `SIM_<NAME>_LATENCY_MS` and `SIM_<NAME>_FAIL_EVERY`.
@@ -52,7 +60,8 @@ impl Faults {
             tokio::time::sleep(self.latency).await;
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        self.fail_every > 0 && n.is_multiple_of(self.fail_every)
+        self.down.load(Ordering::SeqCst)
+            || (self.fail_every > 0 && n.is_multiple_of(self.fail_every))
     }
 }
 

@@ -10,7 +10,11 @@ use std::time::Duration;
 use callmeback::app::Running;
 use callmeback::config::Config;
 
+mod accounts;
 mod calls;
+pub use accounts::{
+    add_document, create_persona, erase, transcript_lines, user_with_credits, wait_for_transcript,
+};
 pub use calls::{
     call_body, count_events, request_call, schedule_call, wait_for_event, wait_for_settlement,
     wait_for_status,

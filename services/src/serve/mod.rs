@@ -2,6 +2,7 @@
 //! scheduler.
 
 pub mod api;
+pub mod erasures;
 pub mod export;
 pub mod http;
 pub mod providers;

@@ -90,12 +90,3 @@ pub async fn apply_retention(
     let forgotten = crate::usecases::memory::expire(store, before).await?;
     Ok((lines, forgotten))
 }
-
-/// Deletes the transcripts of `calls` (an erased account's). Returns how many lines went.
-pub async fn delete_of(pool: &PgPool, calls: &[Uuid]) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM call_transcripts WHERE call_id = ANY($1)")
-        .bind(calls)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected())
-}

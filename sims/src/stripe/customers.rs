@@ -1,5 +1,6 @@
 //! Customers: create, retrieve, update (the default payment method), delete (its cards
-//! detached; retrieving it then answers `deleted: true`, as Stripe does).
+//! detached; retrieving it then answers `deleted: true`, deleting it again `resource_missing`,
+//! as Stripe does).
 
 use super::*;
 
@@ -109,6 +110,7 @@ pub(super) async fn delete_customer(
         let customer = l
             .customers
             .get_mut(&id)
+            .filter(|c| c["deleted"] != true)
             .ok_or_else(|| ApiError::missing("id", "customer", &id))?;
         let deleted = json!({ "id": id, "object": "customer", "deleted": true });
         *customer = deleted.clone();

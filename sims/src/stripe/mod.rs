@@ -332,6 +332,11 @@ impl StripeSim {
             .with_state(self.clone())
     }
 
+    /// Starts (`true`) or ends an outage: meanwhile every request is answered 503.
+    pub fn set_unavailable(&self, down: bool) {
+        self.shared.faults.set_down(down);
+    }
+
     /// Where signed events are POSTed from now on.
     pub fn set_webhook_url(&self, url: &str) {
         *lock(&self.shared.webhook_url) = Some(url.to_string());

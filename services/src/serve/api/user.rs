@@ -15,7 +15,6 @@ use crate::serve::http::auth::AuthUser;
 use crate::serve::http::error::{ApiError, ApiResult, ErrorBody};
 use crate::serve::http::extract::Json;
 use crate::serve::http::state::AppState;
-use crate::serve::transcripts;
 use crate::usecases::accounts::erasure;
 
 /// Download everything we hold about you: profile, contacts, the personas you made, every call
@@ -64,15 +63,22 @@ pub struct EraseAnswer {
     transcript_lines: u64,
     /// Personas' memories of you cleared.
     memories_cleared: usize,
-    /// Your customer at Stripe (and with it your saved cards) was deleted.
+    /// The personas you made, deleted with their knowledge documents.
+    personas_deleted: usize,
+    /// Scheduled calls cancelled: yours, and anyone's with your personas.
+    calls_cancelled: usize,
+    /// Your customer at Stripe (and with it your saved cards) was deleted, or there was none.
     stripe_customer_deleted: bool,
+    /// Every clean-up step is done. If not (Stripe unreachable, say), the account is erased
+    /// all the same and the rest is retried in the background until it is.
+    finished: bool,
 }
 
 /// Erase your account: every session ends, sign-in stops working, your email, phone and
-/// WorkOS link are released, your transcripts and what personas remember of you are deleted.
-/// Your data key is destroyed, so what the event log holds of you reads as `[erased]`. Needs a
-/// sign-in from the last 15 minutes or the password. Money records stay (see README
-/// "Privacy"). 3 an hour.
+/// WorkOS link are released, your transcripts, what personas remember of you, and the personas
+/// you made (with their knowledge) are deleted, your scheduled calls cancelled. Your data key is
+/// destroyed, so what the event log holds of you reads as `[erased]`. Needs a sign-in from the
+/// last 15 minutes or the password. Money records stay (see README "Privacy"). 3 an hour.
 #[utoipa::path(delete, path = "/user", tag = "auth", security(("bearer" = [])),
     request_body = EraseBody,
     responses(
@@ -91,15 +97,19 @@ pub async fn erase(
         &state.stripe,
         user.id,
         Utc::now(),
+        state.config.erasure_retry,
         &user.context(),
     )
     .await?;
-    let transcript_lines = transcripts::delete_of(&state.pool, &erased.calls).await?;
-    tracing::info!(user = %user.id, calls = erased.calls.len(), transcript_lines, "account erased");
+    tracing::info!(user = %user.id, transcript_lines = erased.transcript_lines,
+        personas = erased.personas, finished = erased.finished, "account erased");
     Ok(axum::Json(EraseAnswer {
         message: "your account is erased: sign-in no longer works and this token is refused".into(),
-        transcript_lines,
+        transcript_lines: erased.transcript_lines,
         memories_cleared: erased.memories,
+        personas_deleted: erased.personas,
+        calls_cancelled: erased.calls_cancelled,
         stripe_customer_deleted: erased.stripe_customer_deleted,
+        finished: erased.finished,
     }))
 }

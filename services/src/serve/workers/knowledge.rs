@@ -2,7 +2,8 @@
 //! embeds them and indexes them (`usecases::knowledge::index_document`), then records
 //! `KnowledgeDocumentIndexed` (with the embeddings' cost, billed to the persona's owner) or
 //! `…IndexingFailed` with the reason. Idempotent: a document already settled is left alone,
-//! and passages are replaced, never added twice. On `KnowledgeDocumentRemoved` the passages go.
+//! and passages are replaced, never added twice. On `KnowledgeDocumentRemoved` the passages go; on `PersonaDeleted` every
+//! document's text and passages.
 
 use cmb_domain::persona::PersonaEvent;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
@@ -42,9 +43,11 @@ impl KnowledgeWorker {
             PersonaEvent::KnowledgeDocumentRemoved { document_id } => {
                 knowledge::drop_passages(self.store.pool(), &persona_id, &document_id).await?;
             }
+            PersonaEvent::PersonaDeleted => {
+                knowledge::forget_persona(self.store.pool(), &persona_id).await?;
+            }
             PersonaEvent::PersonaCreated { .. }
             | PersonaEvent::PersonaUpdated { .. }
-            | PersonaEvent::PersonaDeleted
             | PersonaEvent::KnowledgeDocumentIndexed { .. }
             | PersonaEvent::KnowledgeDocumentIndexingFailed { .. } => {}
         }

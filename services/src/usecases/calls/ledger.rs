@@ -49,6 +49,24 @@ pub async fn waiting_with_persona(
         .await
 }
 
+/// The scheduled calls still waiting for their time with persona `persona_id` (anyone's), or
+/// of `user` (any persona): (call id, its owner).
+pub async fn waiting_calls(
+    pool: &PgPool,
+    persona_id: Option<&PersonaId>,
+    user: Option<UserId>,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT call_id, user_id FROM call_ledger
+          WHERE waiting AND (persona_id = $1 OR user_id = $2)
+          ORDER BY call_id",
+    )
+    .bind(persona_id.map(|p| p.as_str().to_string()))
+    .bind(user.map(|u| u.to_string()))
+    .fetch_all(pool)
+    .await
+}
+
 /// Scheduled calls whose time has come by `now`, earliest first, at most `limit`: (call id,
 /// its time).
 pub async fn due(

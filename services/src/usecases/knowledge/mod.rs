@@ -197,6 +197,20 @@ async fn forget_text(pool: &sqlx::PgPool, persona_id: &str, document_id: &str) {
     }
 }
 
+/// Deletes the text and passages of every document of persona `persona_id` (a deleted
+/// persona's; again: nothing changes). Returns how many documents went.
+pub async fn forget_persona(pool: &sqlx::PgPool, persona_id: &str) -> Result<u64, sqlx::Error> {
+    sqlx::query("DELETE FROM knowledge_passages WHERE persona_id = $1")
+        .bind(persona_id)
+        .execute(pool)
+        .await?;
+    let done = sqlx::query("DELETE FROM knowledge_documents WHERE persona_id = $1")
+        .bind(persona_id)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 /// Removes document `document_id` of `user`'s persona: recorded, then its text and passages
 /// deleted.
 pub async fn remove(

@@ -93,3 +93,12 @@ pub async fn release(pool: &PgPool, owner: Uuid, name: &str, persona_id: &str) {
         tracing::error!(persona = persona_id, error = %e, "could not release a persona name");
     }
 }
+
+/// Gives back every name of `owner` (an erased account's; again: nothing changes).
+pub async fn release_all(pool: &PgPool, owner: Uuid) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM persona_name_claims WHERE owner = $1")
+        .bind(owner.to_string())
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
