@@ -1,5 +1,6 @@
-//! The command path: load an aggregate from the Postgres event store, let it decide, commit
-//! its events with the command's metadata, retrying on a concurrent writer.
+//! The command path: load an aggregate from the Postgres event store (postgres-es's
+//! repository reads it), let it decide, commit its events with the command's metadata in one
+//! statement of our own, retrying on a concurrent writer.
 //!
 //! Personal fields are sealed on the way in and opened on the way out ([`super::keys`]), so
 //! the aggregates decide on clear values and the log holds none.
@@ -7,10 +8,14 @@
 //! cqrs-es's `CqrsFramework` would also dispatch in-process `Query`s after the commit; we do
 //! not use those (a crash loses them): every read model and worker is fed from JetStream.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use cmb_domain::events::StoreUpcaster;
 use cmb_domain::CommandContext;
+use cqrs_es::persist::{EventUpcaster as _, PersistedEventRepository as _};
 use cqrs_es::{Aggregate, DomainEvent as _};
+use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 
 use super::keys::Keyring;
@@ -108,12 +113,15 @@ const CONFLICT_RETRIES: usize = 8;
 pub struct EventStore {
     pool: PgPool,
     keys: Keyring,
+    /// postgres-es's reader of the `events` table (an aggregate's events in order).
+    repository: Arc<PostgresEventRepository>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
         EventStore {
             keys: Keyring::new(pool.clone()),
+            repository: Arc::new(PostgresEventRepository::new(pool.clone())),
             pool,
         }
     }
@@ -128,30 +136,32 @@ impl EventStore {
     }
 
     /// The aggregate's current state and sequence, straight from the event store (consistent,
-    /// unlike a read model): each event opened, upcast, decoded and applied in order.
+    /// unlike a read model): its events read by postgres-es's repository, each opened
+    /// ([`Keyring::open`]), upcast ([`StoreUpcaster`], the same upcasters the stream's readers
+    /// use), decoded and applied in order.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<(A, u64), CommandError<A::Error>> {
         let store = |e: &dyn std::fmt::Display| CommandError::Store(e.to_string());
-        let rows: Vec<(i64, String, String, serde_json::Value)> = sqlx::query_as(
-            "SELECT sequence, event_type, event_version, payload FROM events
-              WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
-        )
-        .bind(A::TYPE)
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| store(&e))?;
+        let events = self
+            .repository
+            .get_events::<A>(id)
+            .await
+            .map_err(|e| store(&e))?;
         let mut aggregate = A::default();
         let mut sequence = 0;
-        for (seq, event_type, version, mut payload) in rows {
+        for mut event in events {
             self.keys
-                .open(A::TYPE, id, &event_type, &mut payload)
+                .open(A::TYPE, id, &event.event_type, &mut event.payload)
                 .await
                 .map_err(|e| store(&e))?;
-            let (_, payload) = cmb_domain::events::upcast(A::TYPE, &event_type, &version, payload);
-            let event: A::Event = serde_json::from_value(payload)
-                .map_err(|e| store(&format!("{}:{id}:{seq} {event_type}: {e}", A::TYPE)))?;
-            aggregate.apply(event);
-            sequence = seq as u64;
+            if StoreUpcaster.can_upcast(&event.event_type, &event.event_version) {
+                event = StoreUpcaster.upcast(event);
+            }
+            let decoded: A::Event = serde_json::from_value(event.payload).map_err(|e| {
+                let (seq, kind) = (event.sequence, &event.event_type);
+                store(&format!("{}:{id}:{seq} {kind}: {e}", A::TYPE))
+            })?;
+            aggregate.apply(decoded);
+            sequence = event.sequence as u64;
         }
         Ok((aggregate, sequence))
     }
