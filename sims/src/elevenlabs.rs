@@ -348,23 +348,8 @@ async fn synthesize(
             "missing xi-api-key header",
         );
     }
-    if !VOICES.iter().any(|v| v.0 == voice_id) {
-        return detail(
-            StatusCode::BAD_REQUEST,
-            "voice_not_found",
-            &format!("A voice with the voice_id {voice_id} was not found."),
-        );
-    }
-    if params
-        .output_format
-        .as_deref()
-        .is_some_and(|f| f != "ulaw_8000")
-    {
-        return detail(
-            StatusCode::BAD_REQUEST,
-            "invalid_output_format",
-            "this simulator only produces ulaw_8000",
-        );
+    if let Err((error, message)) = check_voice(&voice_id, params.output_format.as_deref()) {
+        return detail(StatusCode::BAD_REQUEST, error, &message);
     }
     let text = serde_json::from_slice::<Value>(&body)
         .ok()
@@ -425,6 +410,23 @@ async fn synthesize(
         .into_response()
 }
 
+/// The voice exists and the audio asked for is the one this simulator makes: `Err((error
+/// code, message))` as ElevenLabs words them otherwise.
+pub(super) fn check_voice(
+    voice_id: &str,
+    output_format: Option<&str>,
+) -> Result<(), (&'static str, String)> {
+    if !VOICES.iter().any(|v| v.0 == voice_id) {
+        let message = format!("A voice with the voice_id {voice_id} was not found.");
+        return Err(("voice_not_found", message));
+    }
+    if output_format.is_some_and(|f| f != "ulaw_8000") {
+        let message = "this simulator only produces ulaw_8000".to_string();
+        return Err(("invalid_output_format", message));
+    }
+    Ok(())
+}
+
 async fn stream_input(
     State(sim): State<Sim>,
     headers: HeaderMap,
@@ -433,15 +435,27 @@ async fn stream_input(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let key = api_key(&headers).to_string();
-    // Small buffers: hundreds of simulated voices in one benchmark process.
+    upgrade_counted(upgrade, sim, move |sim, socket| async move {
+        run_stream_input(&sim, socket, key, voice_id, params).await
+    })
+}
+
+/// Upgrades to a WebSocket with small buffers (hundreds of simulated voices in one benchmark
+/// process) and runs `session` on it, counting the socket while it is open.
+pub(super) fn upgrade_counted<F, Fut>(upgrade: WebSocketUpgrade, sim: Sim, session: F) -> Response
+where
+    F: FnOnce(Sim, WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let upgrade = upgrade
         .read_buffer_size(cmb_providers::WS_BUFFER)
         .write_buffer_size(cmb_providers::WS_BUFFER);
     upgrade.on_upgrade(move |socket| async move {
-        sim.shared.open_sockets.fetch_add(1, Ordering::Relaxed);
-        sim.shared.sockets_opened.fetch_add(1, Ordering::Relaxed);
-        run_stream_input(&sim, socket, key, voice_id, params).await;
-        sim.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+        let shared = sim.shared.clone();
+        shared.open_sockets.fetch_add(1, Ordering::Relaxed);
+        shared.sockets_opened.fetch_add(1, Ordering::Relaxed);
+        session(sim, socket).await;
+        shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
     })
 }
 
@@ -472,22 +486,8 @@ async fn run_stream_input(
     if header_key.is_empty() && !key_in_message {
         return refuse(&mut socket, 1008, "invalid_api_key", "no xi-api-key given").await;
     }
-    if !VOICES.iter().any(|v| v.0 == voice_id) {
-        let message = format!("A voice with the voice_id {voice_id} was not found.");
-        return refuse(&mut socket, 1008, "voice_not_found", &message).await;
-    }
-    if params
-        .output_format
-        .as_deref()
-        .is_some_and(|f| f != "ulaw_8000")
-    {
-        return refuse(
-            &mut socket,
-            1008,
-            "invalid_output_format",
-            "this simulator only produces ulaw_8000",
-        )
-        .await;
+    if let Err((error, message)) = check_voice(&voice_id, params.output_format.as_deref()) {
+        return refuse(&mut socket, 1008, error, &message).await;
     }
     if sim.next_synthesis_fails() {
         return refuse(

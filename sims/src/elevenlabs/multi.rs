@@ -14,7 +14,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{api_key, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY, VOICES};
+use super::{api_key, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY};
 
 /// What the sockets did, for tests and benchmarks.
 impl super::ElevenLabsSim {
@@ -48,15 +48,8 @@ pub(super) async fn multi_stream_input(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let key = api_key(&headers).to_string();
-    // Small buffers: hundreds of simulated voices in one benchmark process.
-    let upgrade = upgrade
-        .read_buffer_size(cmb_providers::WS_BUFFER)
-        .write_buffer_size(cmb_providers::WS_BUFFER);
-    upgrade.on_upgrade(move |socket| async move {
-        sim.shared.open_sockets.fetch_add(1, Ordering::Relaxed);
-        sim.shared.sockets_opened.fetch_add(1, Ordering::Relaxed);
-        run_multi_stream_input(&sim, socket, key, voice_id, params).await;
-        sim.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    super::upgrade_counted(upgrade, sim, move |sim, socket| async move {
+        run_multi_stream_input(&sim, socket, key, voice_id, params).await
     })
 }
 
@@ -91,22 +84,8 @@ async fn run_multi_stream_input(
     let inactivity = params
         .inactivity_timeout
         .map_or(INACTIVITY, |s| Duration::from_secs(s.clamp(5, 180)));
-    if !VOICES.iter().any(|v| v.0 == voice_id) {
-        let message = format!("A voice with the voice_id {voice_id} was not found.");
-        return refuse(&mut socket, 1008, "voice_not_found", &message).await;
-    }
-    if params
-        .output_format
-        .as_deref()
-        .is_some_and(|f| f != "ulaw_8000")
-    {
-        return refuse(
-            &mut socket,
-            1008,
-            "invalid_output_format",
-            "this simulator only produces ulaw_8000",
-        )
-        .await;
+    if let Err((error, message)) = super::check_voice(&voice_id, params.output_format.as_deref()) {
+        return refuse(&mut socket, 1008, error, &message).await;
     }
     let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let mut contexts: HashMap<String, Context> = HashMap::new();

@@ -614,24 +614,33 @@ async fn connect_stream_plays_the_caller_and_echoes_marks() {
     assert_eq!(counts.get("stop"), Some(&1));
 }
 
+/// A media-stream server that takes `connected` and `start`, then ends the stream: with a
+/// close frame (`close`), or by dropping the socket without one. Returns its `ws://` URL.
+async fn stream_ending_after_start(close: bool) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = Router::new().route(
+        "/",
+        get(move |ws: WebSocketUpgrade| async move {
+            ws.on_upgrade(move |mut socket| async move {
+                let _ = socket.recv().await;
+                let _ = socket.recv().await;
+                if close {
+                    let _ = socket.send(WsMessage::Close(None)).await;
+                }
+            })
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, server).await });
+    ws_url
+}
+
 #[tokio::test]
 async fn closing_a_connect_stream_ends_the_call() {
     let mut settings = settings();
     settings.call_length = Duration::from_secs(30);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/", listener.local_addr().unwrap());
-    let closer = Router::new().route(
-        "/",
-        get(|ws: WebSocketUpgrade| async move {
-            ws.on_upgrade(|mut socket| async move {
-                // Wait for `start`, then hang up from our side.
-                let _ = socket.recv().await;
-                let _ = socket.recv().await;
-                let _ = socket.send(WsMessage::Close(None)).await;
-            })
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, closer).await });
+    // Hang up from our side.
+    let ws_url = stream_ending_after_start(true).await;
     let env = start(settings, move |_| {
         format!(r#"<Response><Connect><Stream url="{ws_url}"/></Connect></Response>"#)
     })
@@ -648,20 +657,8 @@ async fn closing_a_connect_stream_ends_the_call() {
 async fn a_lost_connect_stream_goes_on_to_the_say_after_it_then_hangs_up() {
     let mut settings = settings();
     settings.call_length = Duration::from_secs(30);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/", listener.local_addr().unwrap());
-    let dropper = Router::new().route(
-        "/",
-        get(|ws: WebSocketUpgrade| async move {
-            ws.on_upgrade(|mut socket| async move {
-                // After `start`, the socket just goes away (a dying instance): no close frame.
-                let _ = socket.recv().await;
-                let _ = socket.recv().await;
-                drop(socket);
-            })
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, dropper).await });
+    // The socket just goes away (a dying instance): no close frame.
+    let ws_url = stream_ending_after_start(false).await;
     let env = start(settings, move |_| {
         format!(
             r#"<Response><Connect><Stream url="{ws_url}"/></Connect><Say>Sorry, we lost the line.</Say><Hangup/></Response>"#
