@@ -7,11 +7,16 @@ use crate::common;
 use common::TestEnv;
 use serde_json::Value;
 
+/// `callmeback` with the test environment's settings and nothing else of ours.
+fn callmeback(env: &TestEnv) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"));
+    command.env_clear().envs(&env.vars);
+    command
+}
+
 async fn run(env: &TestEnv, args: &[&str]) -> Value {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+    let out = callmeback(env)
         .args(args)
-        .env_clear()
-        .envs(&env.vars)
         .output()
         .await
         .expect("the binary runs");
@@ -22,6 +27,27 @@ async fn run(env: &TestEnv, args: &[&str]) -> Value {
     );
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Rebuilds two projections and swaps them in.
+const PROJECTIONS: [&str; 6] = [
+    "replay",
+    "--format",
+    "json",
+    "projections",
+    "wallets",
+    "calls",
+];
+
+/// `replay --source <source> --format json [--from day --to day] reconcile <extra…>`.
+async fn reconcile(env: &TestEnv, source: &str, day: Option<&str>, extra: &[&str]) -> Value {
+    let mut args = vec!["replay", "--source", source, "--format", "json"];
+    if let Some(day) = day {
+        args.extend(["--from", day, "--to", day]);
+    }
+    args.push("reconcile");
+    args.extend(extra);
+    run(env, &args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,30 +73,8 @@ async fn a_simulated_month_reconciles_from_either_source() {
         "no one else held the publisher's lease"
     );
     assert_eq!(summary["published"], true);
-    let from_pg = run(
-        &env,
-        &[
-            "replay",
-            "--source",
-            "postgres",
-            "--format",
-            "json",
-            "reconcile",
-        ],
-    )
-    .await;
-    let from_nats = run(
-        &env,
-        &[
-            "replay",
-            "--source",
-            "nats",
-            "--format",
-            "json",
-            "reconcile",
-        ],
-    )
-    .await;
+    let from_pg = reconcile(&env, "postgres", None, &[]).await;
+    let from_nats = reconcile(&env, "nats", None, &[]).await;
     assert_eq!(from_pg, from_nats, "the same answers from both sources");
     assert_eq!(from_pg["totals"]["calls"], 24);
     assert_eq!(
@@ -96,22 +100,7 @@ async fn a_simulated_month_reconciles_from_either_source() {
     assert_eq!(from_pg["totals"]["cost_cents"], cost);
     // A day range picks that day's calls only.
     let first_day = days.keys().next().unwrap().clone();
-    let one_day = run(
-        &env,
-        &[
-            "replay",
-            "--source",
-            "postgres",
-            "--format",
-            "json",
-            "--from",
-            &first_day,
-            "--to",
-            &first_day,
-            "reconcile",
-        ],
-    )
-    .await;
+    let one_day = reconcile(&env, "postgres", Some(&first_day), &[]).await;
     assert_eq!(one_day["per_day"].as_object().unwrap().len(), 1);
 
     // A bill recorded today for a call of that first day still counts in that day's report.
@@ -131,38 +120,15 @@ async fn a_simulated_month_reconciles_from_either_source() {
         ),
     )
     .unwrap();
-    let recorded = run(
+    let recorded = reconcile(
         &env,
-        &[
-            "replay",
-            "--source",
-            "postgres",
-            "--format",
-            "json",
-            "reconcile",
-            "--record",
-            "--billed",
-            bill.to_str().unwrap(),
-        ],
+        "postgres",
+        None,
+        &["--record", "--billed", bill.to_str().unwrap()],
     )
     .await;
     assert_eq!(recorded["recorded"], 1, "{recorded}");
-    let one_day = run(
-        &env,
-        &[
-            "replay",
-            "--source",
-            "postgres",
-            "--format",
-            "json",
-            "--from",
-            &first_day,
-            "--to",
-            &first_day,
-            "reconcile",
-        ],
-    )
-    .await;
+    let one_day = reconcile(&env, "postgres", Some(&first_day), &[]).await;
     let same = one_day["calls"]
         .as_array()
         .unwrap()
@@ -209,10 +175,8 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
     // The app's projectors build the read models from the stream.
     let app = env.spawn_app().await;
     let pool = app.state.pool.clone();
-    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+    let refused = callmeback(&env)
         .args(["simulate", "--days", "1", "--calls-per-day", "1"])
-        .env_clear()
-        .envs(&env.vars)
         .output()
         .await
         .unwrap();
@@ -287,7 +251,7 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
             n
         })
     };
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+    let out = callmeback(&env)
         .args([
             "replay",
             "--format",
@@ -296,8 +260,6 @@ async fn a_rebuilt_projection_is_swapped_in_while_the_api_keeps_reading() {
             "calls",
             "wallets",
         ])
-        .env_clear()
-        .envs(&env.vars)
         .output()
         .await
         .unwrap();
@@ -430,17 +392,8 @@ async fn a_rebuild_killed_before_or_inside_its_swap_leaves_the_live_read_model_w
         .into_iter()
         .enumerate()
     {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-            .args([
-                "replay",
-                "--format",
-                "json",
-                "projections",
-                "wallets",
-                "calls",
-            ])
-            .env_clear()
-            .envs(&env.vars)
+        let out = callmeback(&env)
+            .args(PROJECTIONS)
             .env("CMB_CRASH_AT", step)
             .output()
             .await
@@ -474,20 +427,7 @@ async fn a_rebuild_killed_before_or_inside_its_swap_leaves_the_live_read_model_w
             "the live wallets follow the stream after a rebuild killed at {step}"
         );
     }
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-        .args([
-            "replay",
-            "--format",
-            "json",
-            "projections",
-            "wallets",
-            "calls",
-        ])
-        .env_clear()
-        .envs(&env.vars)
-        .output()
-        .await
-        .unwrap();
+    let out = callmeback(&env).args(PROJECTIONS).output().await.unwrap();
     assert!(
         out.status.success(),
         "{}",
