@@ -389,6 +389,83 @@ async fn a_transaction_open_elsewhere_does_not_stall_publication() {
     env.cleanup().await;
 }
 
+/// A long transaction elsewhere on the Postgres server does not hold publication back, but an
+/// operator sees it: `/readyz` names the oldest open transaction and its age, and
+/// `cmb_oldest_transaction_age_seconds` has it. Our own connections cannot sit idle in a
+/// transaction for long (`idle_in_transaction_session_timeout`).
+#[tokio::test]
+async fn the_oldest_open_transaction_shows_in_readyz_and_ours_cannot_idle_in_one() {
+    let env = TestEnv::new();
+    let app = env.spawn_app().await;
+    let other = TestEnv::new();
+    let other_pool = other.backbone().await.pool;
+    let mut open = other_pool.begin().await.unwrap();
+    sqlx::query("CREATE TABLE held (x int)")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    let age_of_ours = || async {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT extract(epoch FROM now() - xact_start)::float8
+               FROM pg_stat_activity WHERE pid = $1",
+        )
+        .bind(pid)
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap()
+    };
+    // The oldest is ours or older (other tests share the server): never younger than ours.
+    let seen = eventually(Duration::from_secs(60), || async {
+        let ours = age_of_ours().await;
+        if ours < 1.0 {
+            return None;
+        }
+        let ready: serde_json::Value = reqwest::get(format!("http://{}/readyz", app.addr))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let oldest = ready["checks"]["oldest_transaction"].clone();
+        (oldest["age_seconds"].as_f64()? >= ours).then_some((ours, oldest))
+    })
+    .await;
+    let (ours, oldest) = seen.expect("/readyz names a transaction at least as old as ours");
+    assert!(oldest["pid"].as_i64().is_some(), "{oldest}");
+    let metrics = reqwest::get(format!("http://{}/metrics", app.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let age: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("cmb_oldest_transaction_age_seconds"))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("the oldest transaction's age is a metric");
+    assert!(age >= ours, "metric {age} s, our transaction {ours} s old");
+
+    let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(&app.state.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        timeout, "1min",
+        "our connections end a transaction left idle"
+    );
+
+    open.rollback().await.unwrap();
+    other_pool.close().await;
+    app.stop().await;
+    other.cleanup().await;
+    env.cleanup().await;
+}
+
 /// A durable consumer made under other settings follows the configured ones at start (the
 /// same path applies a raised `NATS_REPLICAS` to consumers made before the cluster grew; a
 /// single local server can only show it with the settings a one-node stream allows).

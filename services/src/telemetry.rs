@@ -21,6 +21,15 @@ pub fn init_logs(format: LogFormat) {
 /// live projectors, with fine buckets up to 1 s).
 pub const PROJECTION_LAG: &str = "cmb_projection_lag_seconds";
 
+/// Seconds from an event's commit to JetStream's acknowledgement of it (the publisher's
+/// share of [`PROJECTION_LAG`]), with the same buckets.
+pub const PUBLICATION_LAG: &str = "cmb_publication_lag_seconds";
+
+/// Buckets of the lags, finely enough to read a p99 against 200 ms.
+const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's metrics recorder (installed once; later calls return the same handle).
@@ -33,13 +42,9 @@ pub fn metrics() -> PrometheusHandle {
                 ])
                 .expect("the bucket list is not empty")
                 // Projection lag, finely enough to read a p99 against 200 ms.
-                .set_buckets_for_metric(
-                    Matcher::Full(PROJECTION_LAG.into()),
-                    &[
-                        0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                        2.0, 5.0, 10.0, 30.0,
-                    ],
-                )
+                .set_buckets_for_metric(Matcher::Full(PROJECTION_LAG.into()), LAG_BUCKETS)
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(PUBLICATION_LAG.into()), LAG_BUCKETS)
                 .expect("the bucket list is not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

@@ -409,7 +409,7 @@ impl Publisher {
             .map(|e| (now - e.occurred_at).to_std().unwrap_or_default())
             .collect();
         for lag in &lags {
-            metrics::histogram!("cmb_publication_lag_seconds").record(lag.as_secs_f64());
+            metrics::histogram!(crate::telemetry::PUBLICATION_LAG).record(lag.as_secs_f64());
         }
         if let Some(samples) = &self.lag_samples {
             samples.lock().expect("lag samples lock").extend(lags);

@@ -40,6 +40,12 @@ pub struct Figures {
     pub projection_lag_p50_ms: f64,
     pub projection_lag_p99_ms: f64,
     pub projected_events: u64,
+    /// Commit to JetStream's acknowledgement (the publisher's share of the projection lag),
+    /// over the same span.
+    pub publication_lag_p50_ms: f64,
+    pub publication_lag_p99_ms: f64,
+    /// Projection lag p99 per projection.
+    pub projection_lag_p99_ms_by_projection: BTreeMap<String, f64>,
     /// From the first call requested to the last one created at Twilio (the dialer's pace).
     pub placing_seconds: f64,
     /// From the last call's end until no projection had a message waiting (`null`: not within
@@ -65,8 +71,17 @@ fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
 
 /// The lag histogram summed over projections: upper bound (seconds) → cumulative count.
 fn lag_buckets(text: &str) -> BTreeMap<String, f64> {
+    buckets(text, crate::telemetry::PROJECTION_LAG, "")
+}
+
+/// Histogram `metric`'s buckets summed over the series whose labels contain `label`: upper
+/// bound (seconds) → cumulative count.
+fn buckets(text: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
     let mut by_le = BTreeMap::new();
-    for (labels, v) in samples(text, "cmb_projection_lag_seconds_bucket") {
+    for (labels, v) in samples(text, &format!("{metric}_bucket")) {
+        if !labels.contains(label) {
+            continue;
+        }
         if let Some(le) = labels
             .split("le=\"")
             .nth(1)
@@ -231,6 +246,19 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
                 .unwrap_or_default()
                 .as_secs_f64()
         });
+    let publication = |t: &str| buckets(t, crate::telemetry::PUBLICATION_LAG, "");
+    let (publication_before, publication_after) = (publication(&before), publication(&after));
+    let projection_lag_p99_ms_by_projection = cmb_projections::all()
+        .iter()
+        .map(|p| {
+            let label = format!("projection=\"{}\"", p.name());
+            let of = |t: &str| buckets(t, crate::telemetry::PROJECTION_LAG, &label);
+            (
+                p.name().to_string(),
+                quantile_ms(&of(&before), &of(&after), 0.99),
+            )
+        })
+        .collect();
     let figures = Figures {
         calls,
         requested,
@@ -242,6 +270,9 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         projection_lag_p50_ms: quantile_ms(&lag_before, &lag_after, 0.50),
         projection_lag_p99_ms: quantile_ms(&lag_before, &lag_after, 0.99),
         projected_events: projected as u64,
+        publication_lag_p50_ms: quantile_ms(&publication_before, &publication_after, 0.50),
+        publication_lag_p99_ms: quantile_ms(&publication_before, &publication_after, 0.99),
+        projection_lag_p99_ms_by_projection,
         placing_seconds,
         caught_up_seconds,
         seconds: seconds_taken,
@@ -300,6 +331,16 @@ pub fn print(f: &Figures) {
             "{:.2} {:.2} {:.2}",
             f.load_average[0], f.load_average[1], f.load_average[2]
         )
+    );
+    println!(
+        "publication lag p50 ≤ {}, p99 ≤ {}; projection lag p99 by projection: {}",
+        ms(f.publication_lag_p50_ms),
+        ms(f.publication_lag_p99_ms),
+        f.projection_lag_p99_ms_by_projection
+            .iter()
+            .map(|(p, v)| format!("{p} {}", ms(*v)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("{}", json!({ "bench": "calls", "figures": f }));
 }

@@ -11,7 +11,7 @@ pub mod memory;
 mod runner;
 pub mod settlement;
 
-pub use runner::{decode, run, Failure};
+pub use runner::{decode, run, Failure, PoolShare};
 
 use async_nats::jetstream;
 use cmb_nats::consume::DurableSpec;
@@ -43,11 +43,14 @@ pub fn spawn_all(
         spec.set_aside_after = config.consumer_max_deliveries;
         spec
     };
+    // One share of the pool for every worker's handlers together.
+    let share = PoolShare::of(config.database_pool_size);
     {
         let store = store.clone();
         let stripe = providers.stripe.clone();
         tasks.spawn(run(
             store.pool().clone(),
+            share.clone(),
             settlement::NAME,
             stream.clone(),
             spec(settlement::NAME, "call"),
@@ -64,6 +67,7 @@ pub fn spawn_all(
         };
         tasks.spawn(run(
             store.pool().clone(),
+            share.clone(),
             memory::NAME,
             stream.clone(),
             spec(memory::NAME, "call"),
@@ -81,6 +85,7 @@ pub fn spawn_all(
         };
         tasks.spawn(run(
             store.pool().clone(),
+            share.clone(),
             knowledge::NAME,
             stream.clone(),
             spec(knowledge::NAME, "persona"),
@@ -95,6 +100,7 @@ pub fn spawn_all(
         let store = store.clone();
         tasks.spawn(run(
             store.pool().clone(),
+            share.clone(),
             contacts_cleanup::NAME,
             stream.clone(),
             spec(contacts_cleanup::NAME, "persona"),
@@ -116,6 +122,7 @@ pub fn spawn_all(
         };
         tasks.spawn(run(
             store.pool().clone(),
+            share.clone(),
             dialer::NAME,
             stream.clone(),
             spec(dialer::NAME, "call"),

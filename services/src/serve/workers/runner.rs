@@ -1,7 +1,9 @@
 //! The loop every worker runs: a durable consumer's messages, handled in [`LANES`] lanes (an
 //! aggregate's messages one at a time, in order, in its lane; different aggregates' at once),
 //! each acknowledged after its handler succeeded, redelivered with backoff when it may succeed
-//! later, set aside when it never can.
+//! later, set aside when it never can. Every worker's lanes together run at most
+//! [`PoolShare`]'s handlers at once, so the workers can never take the whole database pool
+//! from the API, the projectors, the publisher and the voice sessions.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -71,13 +73,47 @@ impl From<crate::usecases::calls::settle::SettleError> for Failure {
     }
 }
 
+/// The workers' share of the database pool: a handler (of any worker) runs only while it holds
+/// one of these permits. A handler uses one connection at a time, so the workers together hold
+/// at most [`PoolShare::permits`] connections, whatever their lanes; the rest of the pool stays
+/// for the API, the projectors, the publisher, the scheduler and the voice sessions, which would
+/// otherwise wait behind 5 workers × [`LANES`] lanes and time out (`pool timed out while
+/// waiting for an open connection` at 500 concurrent calls).
+#[derive(Clone)]
+pub struct PoolShare(Arc<tokio::sync::Semaphore>);
+
+impl PoolShare {
+    /// A third of a pool of `pool_size` connections (at least 2).
+    pub fn of(pool_size: u32) -> Self {
+        PoolShare(Arc::new(tokio::sync::Semaphore::new(Self::permits(
+            pool_size,
+        ))))
+    }
+
+    /// How many handlers may run at once with a pool of `pool_size`.
+    pub fn permits(pool_size: u32) -> usize {
+        (pool_size as usize / 3).max(2)
+    }
+
+    async fn acquire(&self) -> tokio::sync::SemaphorePermit<'_> {
+        let waited = Instant::now();
+        let permit = self.0.acquire().await.expect("the share is never closed");
+        metrics::histogram!("cmb_worker_permit_wait_seconds")
+            .record(waited.elapsed().as_secs_f64());
+        permit
+    }
+}
+
 /// Runs `handle` for every message of `spec` until `shutdown`. A message is acknowledged
 /// after its handler succeeded, redelivered with backoff after a failure that may pass, and
 /// set aside (a dead letter, see [`crate::backbone::deadletter`]) after
 /// `spec.set_aside_after` deliveries, or at once when it can never be handled; letters marked
-/// for retry are handled again by whichever instance claims them.
+/// for retry are handled again by whichever instance claims them. A handler runs only while it
+/// holds a permit of `share`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<F, Fut>(
     pool: sqlx::PgPool,
+    share: PoolShare,
     name: &'static str,
     stream: jetstream::stream::Stream,
     spec: DurableSpec,
@@ -98,8 +134,9 @@ pub async fn run<F, Fut>(
                 .map(|_| tokio::sync::mpsc::channel::<Job>(4))
                 .unzip();
             let workers = futures::future::join_all(queues.into_iter().map(|mut queue| {
-                let (pool, handle, consumer_name, spec, shutdown) = (
+                let (pool, share, handle, consumer_name, spec, shutdown) = (
                     pool.clone(),
+                    share.clone(),
                     handle.clone(),
                     consumer_name.clone(),
                     spec.clone(),
@@ -116,7 +153,7 @@ pub async fn run<F, Fut>(
                             },
                         };
                         if let Err(e) =
-                            settle(&pool, name, &consumer_name, &spec, handle.as_ref(), job).await
+                            settle(&pool, &share, name, &consumer_name, &spec, handle.as_ref(), job).await
                         {
                             tracing::warn!(worker = name, error = %e, "could not settle a message; it comes back after its ack wait");
                         }
@@ -131,8 +168,9 @@ pub async fn run<F, Fut>(
                         last_redrive = Instant::now();
                         let handle = handle.clone();
                         deadletter::redrive(&pool, &stream, &consumer_name, |_, event| {
-                            let handle = handle.clone();
+                            let (handle, share) = (handle.clone(), share.clone());
                             async move {
+                                let _permit = share.acquire().await;
                                 match handle(event).await {
                                     Ok(()) => deadletter::Redriven::Done,
                                     Err(e) => deadletter::Redriven::Failed(e.to_string()),
@@ -227,6 +265,7 @@ fn lane_of(event: &EventEnvelope) -> usize {
 /// Handles one message and acknowledges it, redelivers it with backoff, or sets it aside.
 async fn settle<F, Fut>(
     pool: &sqlx::PgPool,
+    share: &PoolShare,
     name: &'static str,
     consumer_name: &str,
     spec: &DurableSpec,
@@ -244,7 +283,12 @@ where
         deliveries,
     } = job;
     let id = event.event_id();
-    match with_progress(&message, spec.ack_wait, handle(event.clone())).await {
+    // The wait for a permit counts as work: the message's deadline is extended meanwhile.
+    let handled = with_progress(&message, spec.ack_wait, async {
+        let _permit = share.acquire().await;
+        handle(event.clone()).await
+    });
+    match handled.await {
         Ok(()) => {
             message.ack().await?;
             metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok")
