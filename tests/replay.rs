@@ -587,3 +587,109 @@ async fn readers_from_mid_stream_and_in_parallel_read_every_message_once() {
     assert_eq!(seen, between(&calls, from, until), "open from {from}");
     env.cleanup().await;
 }
+
+/// The SQL reconcile reads the call facts the event store keeps beside each call event; a
+/// call with an event those facts cannot tell exactly is folded from its events instead. Odd
+/// logs written straight into the store — a call ended twice, an event of a type this build
+/// does not know, another version, a cost of nineteen digits, a call with no request — give
+/// the report the event-by-event fold gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_call_events_reconcile_in_sql_as_event_by_event() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let start = chrono::Utc::now() - chrono::Duration::days(3);
+    let mut events: Vec<cmb_domain::EventEnvelope> =
+        callmeback::ops::synthetic::History::new(9, 5, start, 600)
+            .take(600)
+            .collect();
+    let calls: Vec<String> = events
+        .iter()
+        .filter(|e| e.event_type == "CallRequested")
+        .map(|e| e.aggregate_id.clone())
+        .collect();
+    assert!(calls.len() > 20, "{}", calls.len());
+    let next = |events: &[cmb_domain::EventEnvelope], call: &str| {
+        events
+            .iter()
+            .filter(|e| e.aggregate_id == call)
+            .map(|e| e.sequence)
+            .max()
+            .unwrap_or(0)
+            + 1
+    };
+    let mut odd = |call: &str, event_type: &str, version: &str, payload: Value| {
+        let mut e = events[0].clone();
+        e.aggregate_type = "call".into();
+        e.sequence = next(&events, call);
+        e.aggregate_id = call.to_string();
+        e.event_type = event_type.into();
+        e.event_version = version.into();
+        e.payload = json!({ event_type: payload });
+        events.push(e);
+    };
+    let at = start.to_rfc3339();
+    // Ended twice, differently: the later one counts.
+    odd(&calls[1], "CallEnded", "1", json!({"outcome": "completed", "answered_secs": 61,
+        "billed_minutes": 2, "price_cents": 105, "at": at}));
+    // A type this build does not know, and another version of a known one.
+    odd(&calls[2], "CallTeleported", "1", json!({"to": "mars"}));
+    odd(&calls[3], "CallEnded", "2", json!({"outcome": "busy", "answered_secs": 0,
+        "billed_minutes": 0, "price_cents": 0, "at": at}));
+    // A cost past what the facts hold (18 digits), which the decoded event reads.
+    odd(&calls[4], "CostRecorded", "1", json!({"service": "openai", "operation": "chat",
+        "quantity": 1, "unit": "tokens", "unit_cost_micros": 1, "per_units": 1,
+        "total_micros": 1_234_567_890_123_456_789_i64, "estimated": false}));
+    // A refund and a dispute recorded on a call, a bill's figure replacing an estimate.
+    odd(&calls[5], "PaymentReversed", "1", json!({"kind": "refund", "reference": "re_1",
+        "amount_cents": 7, "at": at}));
+    odd(&calls[5], "PaymentReversed", "1", json!({"kind": "dispute", "reference": "dp_1",
+        "amount_cents": 3, "at": at}));
+    odd(&calls[6], "CostRecorded", "1", json!({"service": "twilio", "operation": "voice",
+        "quantity": 1, "unit": "minutes", "unit_cost_micros": 20_000, "per_units": 1,
+        "total_micros": 20_000, "estimated": false, "billed_reference": "CA1"}));
+    // A call with no request, only a dial.
+    odd("no-request", "DialAttempted", "1", json!({"attempt": 1, "at": at}));
+    for e in &events {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata, recorded_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8)",
+        )
+        .bind(&e.aggregate_type)
+        .bind(&e.aggregate_id)
+        .bind(e.sequence as i64)
+        .bind(&e.event_type)
+        .bind(&e.event_version)
+        .bind(&e.payload)
+        .bind(serde_json::to_string(&e.metadata).unwrap())
+        .bind(e.occurred_at)
+        .execute(&b.pool)
+        .await
+        .unwrap();
+    }
+    let args = ["--source", "postgres", "--format", "json", "reconcile"];
+    let sql = replay(&env, &args).await;
+    let folded = replay(&env, &[&args[..], &["--event-by-event"]].concat()).await;
+    assert_eq!(sql, folded, "the SQL reconcile and the fold of every event");
+    // And the odd events were read, not lost on both sides alike.
+    let line = |id: &str| {
+        sql["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["call_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no line for {id}"))
+    };
+    assert_eq!(line(&calls[1])["price_cents"], 105);
+    assert_eq!(line(&calls[4])["cost_micros"]["openai"], 1_234_567_890_123_456_789_i64);
+    assert_eq!(line(&calls[5])["disputed_cents"], 3);
+    assert_eq!(line(&calls[6])["billed_micros"]["twilio"], 20_000);
+    assert!(line("no-request")["user_id"] == "", "{}", line("no-request"));
+    assert!(sql["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["call_id"] == "no-request" && a["kind"] == "cost_without_call"));
+    env.cleanup().await;
+}

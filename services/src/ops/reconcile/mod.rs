@@ -15,6 +15,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub mod billed;
+mod facts;
 pub mod fast;
 mod merge;
 pub mod output;
