@@ -153,6 +153,11 @@ fn int8(field: Option<&[u8]>) -> Option<i64> {
     Some(i64::from_be_bytes(field?.try_into().ok()?))
 }
 
+/// An event's place in commit order as one number (see [`Reconciler`]).
+pub(super) fn position(at: CommitPosition) -> u128 {
+    ((at.commit_xid as u64 as u128) << 64) | at.global_position as u64 as u128
+}
+
 /// Microseconds from 2000-01-01 (Postgres's epoch) to 1970-01-01's.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
@@ -180,7 +185,7 @@ fn fact(f: &Fields) -> Option<(u128, CallFact<'static>)> {
                 user_id,
                 payment_intent,
             };
-            return Some((super::postgres::position(at_log), fact));
+            return Some((position(at_log), fact));
         }
         2 => CallFact::Placed {
             call_sid: owned(text(f[2])?),

@@ -9,11 +9,6 @@ use cmb_domain::EventEnvelope;
 use super::{facts, Reconciler, Report};
 use crate::backbone::outbox::{envelope_from_row, CommitPosition, SELECT_ENVELOPE};
 
-/// An event's place in commit order as one number (see [`Reconciler`]).
-pub fn position(at: CommitPosition) -> u128 {
-    ((at.commit_xid as u64 as u128) << 64) | at.global_position as u64 as u128
-}
-
 /// Events from Postgres in commit order (the same order the stream has), every event committed
 /// when the read starts: one repeatable-read snapshot, so neither a transaction still open
 /// elsewhere nor the publisher's progress decides what the report sees.
@@ -195,7 +190,7 @@ pub async fn reconcile_in_sql(
         .fetch(&mut *db);
     while let Some(row) = rows.try_next().await? {
         let e: EventEnvelope = envelope_from_row(&row)?;
-        r.add_at(position(CommitPosition::of(&e)), &e);
+        r.add_at(facts::position(CommitPosition::of(&e)), &e);
     }
     drop(rows);
     db.commit().await?;
