@@ -629,26 +629,61 @@ async fn odd_call_events_reconcile_in_sql_as_event_by_event() {
     };
     let at = start.to_rfc3339();
     // Ended twice, differently: the later one counts.
-    odd(&calls[1], "CallEnded", "1", json!({"outcome": "completed", "answered_secs": 61,
-        "billed_minutes": 2, "price_cents": 105, "at": at}));
+    odd(
+        &calls[1],
+        "CallEnded",
+        "1",
+        json!({"outcome": "completed", "answered_secs": 61,
+        "billed_minutes": 2, "price_cents": 105, "at": at}),
+    );
     // A type this build does not know, and another version of a known one.
     odd(&calls[2], "CallTeleported", "1", json!({"to": "mars"}));
-    odd(&calls[3], "CallEnded", "2", json!({"outcome": "busy", "answered_secs": 0,
-        "billed_minutes": 0, "price_cents": 0, "at": at}));
+    odd(
+        &calls[3],
+        "CallEnded",
+        "2",
+        json!({"outcome": "busy", "answered_secs": 0,
+        "billed_minutes": 0, "price_cents": 0, "at": at}),
+    );
     // A cost past what the facts hold (18 digits), which the decoded event reads.
-    odd(&calls[4], "CostRecorded", "1", json!({"service": "openai", "operation": "chat",
+    odd(
+        &calls[4],
+        "CostRecorded",
+        "1",
+        json!({"service": "openai", "operation": "chat",
         "quantity": 1, "unit": "tokens", "unit_cost_micros": 1, "per_units": 1,
-        "total_micros": 1_234_567_890_123_456_789_i64, "estimated": false}));
+        "total_micros": 1_234_567_890_123_456_789_i64, "estimated": false}),
+    );
     // A refund and a dispute recorded on a call, a bill's figure replacing an estimate.
-    odd(&calls[5], "PaymentReversed", "1", json!({"kind": "refund", "reference": "re_1",
-        "amount_cents": 7, "at": at}));
-    odd(&calls[5], "PaymentReversed", "1", json!({"kind": "dispute", "reference": "dp_1",
-        "amount_cents": 3, "at": at}));
-    odd(&calls[6], "CostRecorded", "1", json!({"service": "twilio", "operation": "voice",
+    odd(
+        &calls[5],
+        "PaymentReversed",
+        "1",
+        json!({"kind": "refund", "reference": "re_1",
+        "amount_cents": 7, "at": at}),
+    );
+    odd(
+        &calls[5],
+        "PaymentReversed",
+        "1",
+        json!({"kind": "dispute", "reference": "dp_1",
+        "amount_cents": 3, "at": at}),
+    );
+    odd(
+        &calls[6],
+        "CostRecorded",
+        "1",
+        json!({"service": "twilio", "operation": "voice",
         "quantity": 1, "unit": "minutes", "unit_cost_micros": 20_000, "per_units": 1,
-        "total_micros": 20_000, "estimated": false, "billed_reference": "CA1"}));
+        "total_micros": 20_000, "estimated": false, "billed_reference": "CA1"}),
+    );
     // A call with no request, only a dial.
-    odd("no-request", "DialAttempted", "1", json!({"attempt": 1, "at": at}));
+    odd(
+        "no-request",
+        "DialAttempted",
+        "1",
+        json!({"attempt": 1, "at": at}),
+    );
     for e in &events {
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
@@ -682,10 +717,17 @@ async fn odd_call_events_reconcile_in_sql_as_event_by_event() {
             .unwrap_or_else(|| panic!("no line for {id}"))
     };
     assert_eq!(line(&calls[1])["price_cents"], 105);
-    assert_eq!(line(&calls[4])["cost_micros"]["openai"], 1_234_567_890_123_456_789_i64);
+    assert_eq!(
+        line(&calls[4])["cost_micros"]["openai"],
+        1_234_567_890_123_456_789_i64
+    );
     assert_eq!(line(&calls[5])["disputed_cents"], 3);
     assert_eq!(line(&calls[6])["billed_micros"]["twilio"], 20_000);
-    assert!(line("no-request")["user_id"] == "", "{}", line("no-request"));
+    assert!(
+        line("no-request")["user_id"] == "",
+        "{}",
+        line("no-request")
+    );
     assert!(sql["anomalies"]
         .as_array()
         .unwrap()

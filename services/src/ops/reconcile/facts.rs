@@ -211,9 +211,9 @@ fn fact(f: &Fields) -> Option<(u128, CallFact<'static>)> {
             charged_cents: int8(f[4])?,
         },
         6 => CallFact::Reversed {
-            kind: Reversal::deserialize(serde::de::value::StrDeserializer::<
-                serde::de::value::Error,
-            >::new(text(f[2])?))
+            kind: Reversal::deserialize(
+                serde::de::value::StrDeserializer::<serde::de::value::Error>::new(text(f[2])?),
+            )
             .ok()?,
             amount_cents: int8(f[4])?,
         },

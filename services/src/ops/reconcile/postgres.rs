@@ -153,7 +153,11 @@ pub async fn reconcile_in_sql(
     let parts = if upcast {
         Vec::new()
     } else {
-        id_ranges(PARTS.min(pool.options().get_max_connections() as usize).max(1))
+        id_ranges(
+            PARTS
+                .min(pool.options().get_max_connections() as usize)
+                .max(1),
+        )
     };
     let (mut db, snapshot) = snapshot_tx(pool, None, parts.len() > 1).await?;
     let mut readers = Vec::new();
@@ -196,4 +200,3 @@ pub async fn reconcile_in_sql(
     db.commit().await?;
     Ok(r.report())
 }
-
