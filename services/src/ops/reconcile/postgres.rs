@@ -161,8 +161,8 @@ pub async fn reconcile_in_sql(
     };
     let (mut db, snapshot) = snapshot_tx(pool, None, parts.len() > 1).await?;
     let mut readers = Vec::new();
-    for ids in parts.iter().skip(1).cloned() {
-        let (pool, snapshot) = (pool.clone(), snapshot.clone());
+    for ids in parts.iter().skip(1) {
+        let (pool, snapshot, ids) = (pool.clone(), snapshot.clone(), ids.clone());
         readers.push(tokio::spawn(async move {
             let (mut db, _) = snapshot_tx(&pool, snapshot.as_deref(), false).await?;
             let folded = fold_facts(&mut db, range, &ids).await?;
@@ -181,17 +181,20 @@ pub async fn reconcile_in_sql(
     }
     // The calls to fold from their events, and the few events of other types the reconcile
     // reads (both found through the primary key).
+    let calls = if upcast {
+        "aggregate_type = 'call'"
+    } else {
+        "aggregate_type = 'call' AND aggregate_id = ANY($1)"
+    };
     let others = format!(
         "{SELECT_ENVELOPE}
-          WHERE aggregate_type IN ('system_cost', 'stripe_event')
-             OR (aggregate_type = 'call' AND ($2 OR aggregate_id = ANY($1)))
+          WHERE aggregate_type IN ('system_cost', 'stripe_event') OR ({calls})
           ORDER BY xact_id, global_position"
     );
     use futures::TryStreamExt as _;
-    let mut rows = sqlx::query(&others)
-        .bind(&refold)
-        .bind(upcast)
-        .fetch(&mut *db);
+    let query = sqlx::query(&others);
+    let query = if upcast { query } else { query.bind(&refold) };
+    let mut rows = query.fetch(&mut *db);
     while let Some(row) = rows.try_next().await? {
         let e: EventEnvelope = envelope_from_row(&row)?;
         r.add_at(facts::position(CommitPosition::of(&e)), &e);
