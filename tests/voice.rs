@@ -606,3 +606,60 @@ async fn deepgram_refusing_the_call_gets_an_apology_and_a_clean_end() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greeting_talked_over_keeps_what_was_heard_of_it() {
+    let greeting = "Hello and welcome to this call, I am so glad that you picked up the phone today because there is a lot to talk about, and I have been looking forward to it all week long.";
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "24")
+        // The caller waits until it has heard the greeting start (its first 500 ms played and
+        // its mark echoed), then 1.2 s more (the default lead silence), then talks over it for
+        // 1.2 s — however late the greeting started on a busy machine.
+        .set("SIM_TWILIO_CALLER_WAITS_TO_HEAR", "1")
+        .set("SIM_TWILIO_CALLER_TURNS", "1200:12000")
+        .set("SIM_DEEPGRAM_SCRIPT", "sorry who is this")
+        .set("SIM_CEREBRAS_REPLY", "It is me.");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, greeting, turn_taking(300, 20_000, 40_000)).await;
+    let (_, call) = converse(&app, &user, &persona_id).await;
+    let transcript = lines(&call);
+    let first = &transcript[0];
+    assert_eq!(first.0, "persona", "{transcript:?}");
+    assert!(first.2, "the greeting was cut: {transcript:?}");
+    let heard = first.1.as_str();
+    assert!(
+        !heard.is_empty() && greeting.starts_with(heard) && heard.len() < greeting.len(),
+        "some of it was heard (its first mark was echoed before the caller spoke), not all: {heard:?}"
+    );
+    assert_eq!(
+        transcript.get(1).map(|l| (l.0.as_str(), l.1.as_str())),
+        Some(("caller", "sorry who is this")),
+        "{transcript:?}"
+    );
+    // What is kept is at most what had played when our server cleared Twilio's buffer (the
+    // simulator's playback clock says how much; marks come every 500 ms, so up to 500 ms less).
+    // The greeting synthesised over HTTP has no alignment: its characters are spread evenly
+    // over its audio, which the simulator made at its own rate.
+    let sim = app.sims.twilio.as_ref().unwrap();
+    let played_ms = eventually(Duration::from_secs(30), || async {
+        sim.observations()
+            .first()
+            .and_then(|o| o.played_before_clear_ms.first().copied())
+    })
+    .await
+    .expect("the simulator saw a clear");
+    let audio_ms =
+        cmb_sims::elevenlabs::speech_ms(greeting, cmb_sims::elevenlabs::DEFAULT_MS_PER_CHAR);
+    let heard_ms = audio_ms * heard.chars().count() as u64 / greeting.chars().count() as u64;
+    // 20 ms: the last frame's padding.
+    assert!(
+        heard_ms <= played_ms + 20,
+        "{heard:?} ends {heard_ms} ms into the greeting; {played_ms} ms had played"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}

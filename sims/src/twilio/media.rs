@@ -40,6 +40,10 @@ pub struct CallerScript {
     /// How much silence the listener on the other end takes to end a turn (its endpointing),
     /// when known: only for the observations (see `observe`); 0 when unknown.
     pub endpointing_ms: u32,
+    /// The caller keeps quiet until it has heard the other end (the first mark of our server's
+    /// audio played and echoed), and only then follows the script, lead silence first — as a
+    /// person waits for "hello" after picking up. A server that never sends marks hears silence.
+    pub waits_to_hear: bool,
 }
 
 impl Default for CallerScript {
@@ -48,6 +52,7 @@ impl Default for CallerScript {
             lead_silence_ms: 1200,
             turns: vec![(1500, 1500); 3],
             endpointing_ms: 0,
+            waits_to_hear: false,
         }
     }
 }
@@ -281,13 +286,25 @@ pub enum StreamEnd {
 struct Playback {
     until: Option<Instant>,
     pending: VecDeque<(String, Instant)>,
+    /// Audio queued since the last `clear`.
+    queued: Duration,
 }
 
 impl Playback {
     fn queue_audio(&mut self, bytes: usize) {
         let now = Instant::now();
         let from = self.until.filter(|u| *u > now).unwrap_or(now);
-        self.until = Some(from + Duration::from_micros(bytes as u64 * 125));
+        let length = Duration::from_micros(bytes as u64 * 125);
+        self.until = Some(from + length);
+        self.queued += length;
+    }
+
+    /// How much of the audio queued since the last `clear` has played by `now`.
+    fn played(&self, now: Instant) -> Duration {
+        let left = self
+            .until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        self.queued.saturating_sub(left)
     }
 
     fn queue_mark(&mut self, name: String) {
@@ -299,6 +316,7 @@ impl Playback {
     /// `clear`: the queued audio is dropped, so every pending mark is due now.
     fn clear(&mut self) -> Vec<String> {
         self.until = None;
+        self.queued = Duration::ZERO;
         self.pending.drain(..).map(|(name, _)| name).collect()
     }
 
@@ -366,10 +384,11 @@ pub async fn run_stream(
     ctx.counters.opened.fetch_add(1, Ordering::Relaxed);
     let mut observer = Observer::new(ctx.script.endpointing_ms);
     let end = converse(&ctx, &stream, ws, stop, &mut observer).await;
-    ctx.counters.closed.fetch_add(1, Ordering::Relaxed);
+    // Filed before the stream counts as closed: whoever sees it closed reads its figures.
     if let Ok(mut observed) = ctx.counters.observed.lock() {
         *observed = observer.figures;
     }
+    ctx.counters.closed.fetch_add(1, Ordering::Relaxed);
     end
 }
 
@@ -420,6 +439,8 @@ async fn converse(
     let mut sequence: u64 = 2;
     let mut chunk: u64 = 1;
     let mut audio = caller_frames(&ctx.script);
+    // Until the caller has heard us (when it waits to), it is quiet and its script waits.
+    let mut heard = !ctx.script.waits_to_hear;
     let mut ticker = tokio::time::interval(FRAME);
     // A caller speaks in real time: after a late tick, the frames due meanwhile go at once
     // rather than the audio clock falling behind the wall clock.
@@ -444,7 +465,11 @@ async fn converse(
                 return StreamEnd::Stopped;
             }
             due = ticker.tick() => {
-                let (voiced, frame) = audio.next().unwrap_or((false, [MULAW_SILENCE; FRAME_BYTES]));
+                let (voiced, frame) = if heard {
+                    audio.next().unwrap_or((false, [MULAW_SILENCE; FRAME_BYTES]))
+                } else {
+                    (false, [MULAW_SILENCE; FRAME_BYTES])
+                };
                 let now = Instant::now();
                 observer.caller_frame(due, now, voiced, playback.playing(now));
                 let message = StreamMessage::Media {
@@ -480,6 +505,8 @@ async fn converse(
             },
             _ = tokio::time::sleep_until(next_mark.unwrap_or_else(Instant::now)), if next_mark.is_some() => {
                 for name in playback.due(Instant::now()) {
+                    // Played, so heard (marks echoed on a `clear` were not).
+                    heard = true;
                     outgoing.push(mark_echo(ctx, &mut sequence, &stream_sid, name));
                 }
             }
@@ -567,7 +594,8 @@ fn handle_server_message(
         }
         ("clear", _, _) => {
             counters.clears_received.fetch_add(1, Ordering::Relaxed);
-            observer.clear(Instant::now());
+            let now = Instant::now();
+            observer.clear(now, playback.played(now));
             playback.clear()
         }
         _ => invalid("unknown event"),
@@ -623,6 +651,7 @@ mod tests {
                 lead_silence_ms: 1200,
                 turns: vec![(1500, 1500), (1200, 2000)],
                 endpointing_ms: 0,
+                waits_to_hear: false,
             })
         );
         assert_eq!(CallerScript::parse_turns("1500"), None);

@@ -142,6 +142,7 @@ impl Settings {
     /// (1000), `SIM_TWILIO_CALL_SECONDS` (30), `SIM_TWILIO_OUTCOME` (answer),
     /// `SIM_TWILIO_DUPLICATE_CALLBACKS`, `SIM_TWILIO_REORDER_CALLBACKS`,
     /// `SIM_TWILIO_LATENCY_MS`, `SIM_TWILIO_FAIL_EVERY`, `SIM_TWILIO_CALLER_TURNS`,
+    /// `SIM_TWILIO_CALLER_WAITS_TO_HEAR` (the script starts once the caller heard us),
     /// `SIM_TWILIO_HOLD_CREATE_RESPONSE_MS`.
     /// A malformed value falls back to the default with a warning.
     pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
@@ -179,6 +180,10 @@ impl Settings {
                 tracing::warn!(value = %v, "SIM_TWILIO_CALLER_TURNS is not like 1500:1500,1200:2000; using the default");
                 CallerScript::default()
             }),
+        };
+        let caller = CallerScript {
+            waits_to_hear: flag("SIM_TWILIO_CALLER_WAITS_TO_HEAR"),
+            ..caller
         };
         Settings {
             account_sid: text(

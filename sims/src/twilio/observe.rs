@@ -28,6 +28,9 @@ pub struct Observations {
     pub barge_in_us: Vec<u64>,
     /// Caller speech over the persona that got no `clear` before the caller spoke again.
     pub barge_ins_missed: u64,
+    /// Per `clear`: how much of the audio sent since the previous one (or the start) had
+    /// played when it came, in ms — what a caller heard of what was cut.
+    pub played_before_clear_ms: Vec<u64>,
     /// How late each persona frame arrived against its run's schedule (0 when on time).
     pub frame_lateness_us: Vec<u32>,
     /// How late this simulator's own 20 ms ticker woke (the measurement's own noise floor).
@@ -128,8 +131,11 @@ impl Observer {
         self.run = Some((start, n + 1));
     }
 
-    /// Our server sent `clear` at `now`.
-    pub fn clear(&mut self, now: Instant) {
+    /// Our server sent `clear` at `now`, when `played` of the audio since the last had played.
+    pub fn clear(&mut self, now: Instant, played: Duration) {
+        self.figures
+            .played_before_clear_ms
+            .push(played.as_millis() as u64);
         if let Some(from) = self.barge_in_from.take() {
             self.figures.barge_in_us.push(micros(now - from));
         }
@@ -164,8 +170,9 @@ mod tests {
         assert_eq!(late[6], 3_000);
         // The caller talks over the persona: cleared 60 ms later.
         o.caller_frame(ms(800), ms(800), true, true);
-        o.clear(ms(860));
+        o.clear(ms(860), Duration::from_millis(120));
         assert_eq!(o.figures.barge_in_us, vec![60_000]);
+        assert_eq!(o.figures.played_before_clear_ms, vec![120]);
         assert_eq!(o.figures.tick_lateness_us[1], 1_000);
         // A turn that ends while the persona is audible is not a reply latency.
         o.caller_frame(ms(820), ms(820), false, true);

@@ -703,6 +703,12 @@ fn settings_from_variables() {
     assert!(s.duplicate_callbacks && !s.reorder_callbacks);
     assert_eq!(s.faults.fail_every, 3);
     assert_eq!(s.caller.turns, [(1000, 500)]);
+    assert!(!s.caller.waits_to_hear);
+    let waits = Settings::from_lookup(&|k| {
+        (k == "SIM_TWILIO_CALLER_WAITS_TO_HEAR").then(|| "1".to_string())
+    });
+    assert!(waits.caller.waits_to_hear);
+    assert_eq!(waits.caller.turns, CallerScript::default().turns);
     assert_eq!(s.account_sid, "AC1");
     assert_eq!(s.auth_token, "tok");
 
