@@ -459,7 +459,9 @@ async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
     let env = TestEnv::new()
         .set("SIM_TWILIO_RING_MS", "100")
         .set("SIM_TWILIO_CALL_SECONDS", "300")
-        .set("SIM_TWILIO_CALLER_TURNS", "0:300000");
+        // Quiet, then talking from 45 s to 75 s into the stream: over the goodbye, which
+        // starts 4 s before the paid minute ends.
+        .set("SIM_TWILIO_CALLER_TURNS", "0:43800,30000:300000");
     let app = env.spawn_app().await;
     let api = Api::new(app.addr);
     let (user, profile) = api.register(PASSWORD).await;
@@ -487,12 +489,23 @@ async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
         "paid duration reached"
     );
     let call = user.get(&format!("/api/calls/{id}")).await;
-    let said: Vec<String> = lines(&call.body).into_iter().map(|l| l.1).collect();
+    let transcript = lines(&call.body);
+    let said: Vec<&String> = transcript.iter().map(|l| &l.1).collect();
     assert!(
         said.iter().any(|l| l.contains("about a minute left")),
         "{said:?}"
     );
-    assert!(said.last().unwrap().contains("our time"), "{said:?}");
+    // Talking over the goodbye neither cut it nor kept the call open.
+    let last = transcript.last().unwrap();
+    assert!(
+        last.0 == "persona" && last.1.contains("our time") && !last.2,
+        "{transcript:?}"
+    );
+    // The caller was talking from 45 s into the stream until the hang-up: the goodbye (from
+    // 56 s into the session) was said over their words.
+    let sim = app.sims.twilio.as_ref().unwrap();
+    let lasted = sim.calls()[0].duration_secs.unwrap_or(0);
+    assert!((50..=62).contains(&lasted), "the call lasted {lasted} s");
     app.stop().await;
     env.cleanup().await;
 }
