@@ -676,3 +676,65 @@ async fn a_greeting_talked_over_keeps_what_was_heard_of_it() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_to_speech_failing_mid_reply_stops_the_llm_and_keeps_what_was_said() {
+    let reply = "Sure, I can tell you all about that. It started long ago in a small town by the sea, where the fishermen went out every morning before dawn and came back with stories.";
+    let env = TestEnv::new()
+        .set("SIM_TWILIO_RING_MS", "100")
+        .set("SIM_TWILIO_CALL_SECONDS", "24")
+        .set("SIM_TWILIO_CALLER_TURNS", "1000:20000")
+        .set("SIM_DEEPGRAM_SCRIPT", "tell me a story")
+        // A slow LLM (about 12 s for the reply's 36 words, its first sentence after 3 s), and a
+        // TTS socket that breaks after 600 ms of the reply's audio.
+        .set("SIM_CEREBRAS_REPLY", reply)
+        .set("SIM_CEREBRAS_TOKENS_PER_SEC", "3")
+        .set("SIM_ELEVENLABS_TTS_BREAK_AFTER_CHUNKS", "6");
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    let off = user
+        .put(
+            &format!("/api/personas/{persona_id}/customization"),
+            json!({ "memory_enabled": false }),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{off:?}");
+    let (id, call) = converse(&app, &user, &persona_id).await;
+    let transcript = lines(&call);
+    let said: Vec<&(String, String, bool)> = transcript
+        .iter()
+        .filter(|l| l.0 == "persona" && l.1 != "Hi.")
+        .collect();
+    assert_eq!(said.len(), 1, "{transcript:?}");
+    let (_, text, cut) = said[0];
+    // What was voiced before the break (600 ms at the simulator's rate), never the rest.
+    assert!(*cut, "{transcript:?}");
+    assert!(reply.starts_with(text.as_str()), "{text:?}");
+    let timed = cmb_sims::elevenlabs::timings(reply, cmb_sims::elevenlabs::DEFAULT_MS_PER_CHAR);
+    let n = text.chars().count();
+    if n > 0 {
+        let (_, start, duration) = timed[n - 1];
+        assert!(
+            start + duration <= 600,
+            "{text:?} ends {} ms in",
+            start + duration
+        );
+    }
+    // The LLM was stopped: it streamed far fewer tokens than the reply's words (the first
+    // sentence's 8, and what came while the break was noticed), well before the call ended.
+    let llm = app.sims.cerebras.as_ref().unwrap();
+    let words = reply.split_whitespace().count() as u64;
+    assert!(
+        llm.completion_tokens_total() < words - 10,
+        "{} of {words} tokens streamed",
+        llm.completion_tokens_total()
+    );
+    let turns = events_of(&app, &id, "TurnCompleted").await;
+    assert_eq!(turns.len(), 1, "{turns:?}");
+    assert_eq!(turns[0]["TurnCompleted"]["interrupted"], true, "{turns:?}");
+    app.stop().await;
+    env.cleanup().await;
+}

@@ -81,6 +81,9 @@ pub struct TtsSettings {
     pub fail_every: u64,
     /// The base speech rate, ms a character (see [`char_ms`]).
     pub ms_per_char: f64,
+    /// A multi-context socket breaks (an error, then close 1011) after sending this many
+    /// audio messages, mid-reply (0: never).
+    pub break_after_chunks: u64,
 }
 
 impl Default for TtsSettings {
@@ -90,13 +93,15 @@ impl Default for TtsSettings {
             realtime_factor: 4.0,
             fail_every: 0,
             ms_per_char: DEFAULT_MS_PER_CHAR,
+            break_after_chunks: 0,
         }
     }
 }
 
 impl TtsSettings {
     /// `SIM_ELEVENLABS_TTS_FIRST_BYTE_MS` (120), `SIM_ELEVENLABS_TTS_SPEED` (4.0),
-    /// `SIM_ELEVENLABS_TTS_FAIL_EVERY` (0), `SIM_ELEVENLABS_TTS_MS_PER_CHAR` (50).
+    /// `SIM_ELEVENLABS_TTS_FAIL_EVERY` (0), `SIM_ELEVENLABS_TTS_MS_PER_CHAR` (50),
+    /// `SIM_ELEVENLABS_TTS_BREAK_AFTER_CHUNKS` (0).
     pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
         let d = TtsSettings::default();
         TtsSettings {
@@ -115,6 +120,9 @@ impl TtsSettings {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .filter(|f| *f >= 1.0 && f.is_finite())
                 .unwrap_or(d.ms_per_char),
+            break_after_chunks: get("SIM_ELEVENLABS_TTS_BREAK_AFTER_CHUNKS")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(d.break_after_chunks),
         }
     }
 

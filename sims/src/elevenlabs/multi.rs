@@ -92,12 +92,22 @@ async fn run_multi_stream_input(
     let mut generators: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut authorised = !header_key.is_empty();
     let tts = sim.shared.tts.clone();
+    let mut audio_sent: u64 = 0;
     loop {
         let message = tokio::select! {
             outgoing = out_rx.recv() => {
                 if let Some(m) = outgoing {
+                    let audio = matches!(&m, Message::Text(t) if t.contains("\"audio\""));
                     if socket.send(m).await.is_err() {
                         break;
+                    }
+                    audio_sent += u64::from(audio);
+                    if tts.break_after_chunks > 0 && audio_sent >= tts.break_after_chunks {
+                        // A failure mid-reply (the injected kind): what is left is never sent.
+                        for generator in &generators {
+                            generator.abort();
+                        }
+                        return refuse(&mut socket, 1011, "internal_server_error", "injected failure mid-stream").await;
                     }
                 }
                 continue;

@@ -33,6 +33,7 @@ fn fast() -> TtsSettings {
         realtime_factor: 50.0,
         fail_every: 0,
         ms_per_char: DEFAULT_MS_PER_CHAR,
+        break_after_chunks: 0,
     }
 }
 
@@ -91,6 +92,7 @@ async fn dropping_the_stream_closes_the_server_socket() {
         realtime_factor: 1.0,
         fail_every: 0,
         ms_per_char: DEFAULT_MS_PER_CHAR,
+        break_after_chunks: 0,
     })
     .await;
     let mut stream = client.stream_tts(RACHEL, MODEL).await.unwrap();
@@ -229,8 +231,10 @@ fn tts_settings_from_variables() {
         "SIM_ELEVENLABS_TTS_SPEED" => Some("2.5".into()),
         "SIM_ELEVENLABS_TTS_FAIL_EVERY" => Some("3".into()),
         "SIM_ELEVENLABS_TTS_MS_PER_CHAR" => Some("80".into()),
+        "SIM_ELEVENLABS_TTS_BREAK_AFTER_CHUNKS" => Some("4".into()),
         _ => None,
     });
+    assert_eq!(s.break_after_chunks, 4);
     assert_eq!(s.ms_per_char, 80.0);
     assert_eq!(s.first_byte, Duration::from_millis(50));
     assert_eq!(s.realtime_factor, 2.5);
@@ -238,6 +242,7 @@ fn tts_settings_from_variables() {
     let d = TtsSettings::from_lookup(&|_| None);
     assert_eq!(d.first_byte, Duration::from_millis(120));
     assert_eq!(d.realtime_factor, 4.0);
+    assert_eq!(d.break_after_chunks, 0);
 }
 
 #[tokio::test]
@@ -354,4 +359,27 @@ async fn a_closed_session_socket_is_opened_again_for_the_next_reply() {
     assert_eq!(session.sockets_opened(), 2);
     assert_eq!(sim.sockets_opened(), 2);
     stop.cancel();
+}
+
+#[tokio::test]
+async fn a_socket_set_to_break_fails_its_context_mid_reply() {
+    use cmb_providers::elevenlabs::TtsSession;
+    let (_sim, client, _stop) = start(TtsSettings {
+        break_after_chunks: 2,
+        ..fast()
+    })
+    .await;
+    let session = TtsSession::new(client, RACHEL, MODEL);
+    let (context, mut audio) = session.context("1").await.unwrap();
+    context
+        .send("This reply is long enough for many chunks of audio, far more than two.")
+        .await
+        .unwrap();
+    context.end().await;
+    let (_, chunks, end) = drain(&mut audio).await;
+    assert_eq!(chunks, 2, "the audio sent before the break");
+    assert!(
+        matches!(end, Some(TtsAudio::Error(ref e)) if e.contains("injected failure")),
+        "{end:?}"
+    );
 }

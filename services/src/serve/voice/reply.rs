@@ -67,6 +67,11 @@ pub(super) enum Pipe {
         turn: u64,
         reason: String,
     },
+    /// Text-to-speech failed mid-reply: the LLM is stopped, and the reply is what was voiced.
+    TtsFailed {
+        turn: u64,
+        reason: String,
+    },
 }
 
 pub(super) struct Reply {
@@ -89,6 +94,8 @@ pub(super) struct Reply {
     /// Its characters and when each ends in its audio (ms), as far as TTS aligned them.
     pub(super) spoken: Vec<(String, u64)>,
     pub(super) drained_at: Option<Instant>,
+    /// Text-to-speech failed before the end: only what was voiced and played is kept.
+    pub(super) tts_failed: bool,
 }
 
 const FRAME_MS: u64 = 20;
@@ -147,8 +154,9 @@ pub(super) async fn respond(
     let tts = match tts {
         Ok(t) => t,
         Err(e) => {
+            // The LLM's stream goes with `rx`: nothing of it is voiced.
             let _ = pipe
-                .send(Pipe::Failed {
+                .send(Pipe::TtsFailed {
                     turn,
                     reason: format!("text-to-speech: {e}"),
                 })
@@ -158,7 +166,10 @@ pub(super) async fn respond(
         }
     };
     let (text_tx, mut audio_rx) = tts;
-    // Audio pump: TTS audio → the writer, a mark after each chunk.
+    // Audio pump: TTS audio → the writer, a mark after each chunk. Should TTS fail, the LLM
+    // is stopped too (nothing more of the reply could be voiced).
+    let tts_failed = tokio_util::sync::CancellationToken::new();
+    let pump_failed = tts_failed.clone();
     let pump_out = out.clone();
     let pump_pipe = pipe.clone();
     let pump = tokio::spawn(async move {
@@ -194,8 +205,9 @@ pub(super) async fn respond(
                 TtsAudio::Final => break,
                 TtsAudio::Error(e) => {
                     // Never voice an error: stop this reply's audio here.
+                    pump_failed.cancel();
                     let _ = pump_pipe
-                        .send(Pipe::Failed {
+                        .send(Pipe::TtsFailed {
                             turn,
                             reason: format!("text-to-speech: {e}"),
                         })
@@ -216,7 +228,8 @@ pub(super) async fn respond(
             cmb_providers::elevenlabs::billed_characters(&chunk);
         chunk
     };
-    loop {
+    let mut tts_lost = false;
+    'reply: loop {
         while let Some(sentence) = take_sentences(&mut buffer) {
             let chunk = send_text(&mut said, &sentence);
             let _ = pipe
@@ -226,10 +239,17 @@ pub(super) async fn respond(
                 })
                 .await;
             if text_tx.send(&chunk).await.is_err() {
-                break;
+                // The socket is gone: its contexts' audio ends with an error (the pump's).
+                tts_lost = true;
+                break 'reply;
             }
         }
-        match rx.recv().await {
+        let next = tokio::select! {
+            biased;
+            _ = tts_failed.cancelled() => break,
+            next = rx.recv() => next,
+        };
+        match next {
             Some(LlmChunk::Delta(d)) => {
                 words += d.split_whitespace().count() as u64;
                 usage.lock().expect("usage").words = words;
@@ -249,6 +269,15 @@ pub(super) async fn respond(
             }
             Some(LlmChunk::Done) | None => break,
         }
+    }
+    // The LLM is done, or no longer wanted (TTS failed): its stream goes with `rx`.
+    drop(rx);
+    if tts_lost || tts_failed.is_cancelled() {
+        // Nothing more can be voiced: the pump ends with the context's error.
+        drop(text_tx);
+        let _ = pump.await;
+        let _ = pipe.send(Pipe::Done { turn }).await;
+        return;
     }
     let rest = buffer.trim().to_string();
     if !rest.is_empty() {

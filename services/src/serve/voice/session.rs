@@ -447,6 +447,10 @@ impl Session {
             Pipe::Failed { turn, reason } if turn == reply.turn => {
                 tracing::warn!(call = %self.ctx.call_id, turn, %reason, "reply failed");
             }
+            Pipe::TtsFailed { turn, reason } if turn == reply.turn => {
+                tracing::warn!(call = %self.ctx.call_id, turn, %reason, "reply cut short: text-to-speech failed");
+                reply.tts_failed = true;
+            }
             Pipe::Done { turn } if turn == reply.turn => {
                 // The audio is queued; the reply is over once it has played.
                 reply.done = true;
@@ -499,7 +503,13 @@ impl Session {
             let _ = self.out.send(Out::Clear).await;
         }
         let turn = reply.turn;
-        self.close_reply(reply, String::new(), false);
+        if reply.tts_failed {
+            // Only what was voiced, and played, was said.
+            let heard = self.heard(&reply);
+            self.close_reply(reply, heard, true);
+        } else {
+            self.close_reply(reply, String::new(), false);
+        }
         self.last_activity = Instant::now();
         if self.goodbye_turn == Some(turn) {
             self.hang_up().await;

@@ -215,6 +215,7 @@ impl Session {
             sent_frames: 0,
             spoken: Vec::new(),
             drained_at: None,
+            tts_failed: false,
         });
     }
 
@@ -321,6 +322,7 @@ impl Session {
             sent_frames: 0,
             spoken: Vec::new(),
             drained_at: None,
+            tts_failed: false,
         });
         turn
     }
