@@ -2,7 +2,6 @@
 //! makes up, and the Media Streams WebSocket session it runs against our server (Twilio's
 //! Media Streams messages). Kept apart from the REST side so each reads on its own.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use super::mulaw::{linear_to_mulaw, mulaw_to_linear};
 use super::observe::{Observations, Observer};
+use super::playback::Playback;
 
 /// One 20 ms frame of 8 kHz μ-law, the unit Twilio streams in.
 pub const FRAME_BYTES: usize = 160;
@@ -278,62 +278,6 @@ pub enum StreamEnd {
     Stopped,
     /// Our server closed the socket, or it broke, or it never opened.
     Closed,
-}
-
-/// The audio our server queued and has not "played" yet, at 8000 bytes a second, and the marks
-/// waiting for it to finish — the way Twilio echoes a mark only once the audio before it played.
-#[derive(Default)]
-struct Playback {
-    until: Option<Instant>,
-    pending: VecDeque<(String, Instant)>,
-    /// Audio queued since the last `clear`.
-    queued: Duration,
-}
-
-impl Playback {
-    fn queue_audio(&mut self, bytes: usize) {
-        let now = Instant::now();
-        let from = self.until.filter(|u| *u > now).unwrap_or(now);
-        let length = Duration::from_micros(bytes as u64 * 125);
-        self.until = Some(from + length);
-        self.queued += length;
-    }
-
-    /// How much of the audio queued since the last `clear` has played by `now`.
-    fn played(&self, now: Instant) -> Duration {
-        let left = self
-            .until
-            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
-        self.queued.saturating_sub(left)
-    }
-
-    fn queue_mark(&mut self, name: String) {
-        let now = Instant::now();
-        let due = self.until.filter(|u| *u > now).unwrap_or(now);
-        self.pending.push_back((name, due));
-    }
-
-    /// `clear`: the queued audio is dropped, so every pending mark is due now.
-    fn clear(&mut self) -> Vec<String> {
-        self.until = None;
-        self.queued = Duration::ZERO;
-        self.pending.drain(..).map(|(name, _)| name).collect()
-    }
-
-    /// Whether queued audio is still playing at `now`.
-    fn playing(&self, now: Instant) -> bool {
-        self.until.is_some_and(|u| u > now)
-    }
-
-    fn due(&mut self, now: Instant) -> Vec<String> {
-        let mut due = Vec::new();
-        while self.pending.front().is_some_and(|(_, at)| *at <= now) {
-            if let Some((name, _)) = self.pending.pop_front() {
-                due.push(name);
-            }
-        }
-        due
-    }
 }
 
 /// Opens the stream's WebSocket, as Twilio does after fetching the TwiML, and plays the

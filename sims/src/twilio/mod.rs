@@ -14,6 +14,7 @@
 mod media;
 mod mulaw;
 mod observe;
+mod playback;
 #[cfg(test)]
 mod tests;
 
