@@ -60,8 +60,10 @@ pub(super) enum Pipe {
         turn: u64,
         chars: Vec<(String, u64)>,
     },
+    /// The reply's task has queued everything it will: `frames` frames of audio in all.
     Done {
         turn: u64,
+        frames: u64,
     },
     Failed {
         turn: u64,
@@ -91,6 +93,9 @@ pub(super) struct Reply {
     pub(super) idle: bool,
     /// Frames of this reply sent to Twilio when the writer last ran dry, and when.
     pub(super) sent_frames: u64,
+    /// Frames its task queued in all (known once it is `done`): the reply has played when a
+    /// mark at this many frames is echoed.
+    pub(super) queued_frames: u64,
     /// Its characters and when each ends in its audio (ms), as far as TTS aligned them.
     pub(super) spoken: Vec<(String, u64)>,
     pub(super) drained_at: Option<Instant>,
@@ -138,7 +143,7 @@ pub(super) async fn respond(
         Ok(v) => v,
         Err(e) => {
             let _ = pipe.send(Pipe::Failed { turn, reason: e }).await;
-            let _ = pipe.send(Pipe::Done { turn }).await;
+            let _ = pipe.send(Pipe::Done { turn, frames: 0 }).await;
             return;
         }
     };
@@ -161,7 +166,7 @@ pub(super) async fn respond(
                     reason: format!("text-to-speech: {e}"),
                 })
                 .await;
-            let _ = pipe.send(Pipe::Done { turn }).await;
+            let _ = pipe.send(Pipe::Done { turn, frames: 0 }).await;
             return;
         }
     };
@@ -216,6 +221,7 @@ pub(super) async fn respond(
                 }
             }
         }
+        frames
     });
     let mut said = String::new();
     let mut buffer = first;
@@ -275,8 +281,8 @@ pub(super) async fn respond(
     if tts_lost || tts_failed.is_cancelled() {
         // Nothing more can be voiced: the pump ends with the context's error.
         drop(text_tx);
-        let _ = pump.await;
-        let _ = pipe.send(Pipe::Done { turn }).await;
+        let frames = pump.await.unwrap_or(0);
+        let _ = pipe.send(Pipe::Done { turn, frames }).await;
         return;
     }
     let rest = buffer.trim().to_string();
@@ -291,8 +297,8 @@ pub(super) async fn respond(
         let _ = text_tx.send(&chunk).await;
     }
     text_tx.end().await;
-    let _ = pump.await;
-    let _ = pipe.send(Pipe::Done { turn }).await;
+    let frames = pump.await.unwrap_or(0);
+    let _ = pipe.send(Pipe::Done { turn, frames }).await;
 }
 
 /// Without a first token from the primary by then, the fallback is asked too (a hedge).

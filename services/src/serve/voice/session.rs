@@ -451,10 +451,12 @@ impl Session {
                 tracing::warn!(call = %self.ctx.call_id, turn, %reason, "reply cut short: text-to-speech failed");
                 reply.tts_failed = true;
             }
-            Pipe::Done { turn } if turn == reply.turn => {
-                // The audio is queued; the reply is over once it has played.
+            Pipe::Done { turn, frames } if turn == reply.turn => {
+                // The audio is queued; the reply is over once it has played (at once when it
+                // had none).
                 reply.done = true;
-                if reply.timings.tts_first_byte_ms.is_none() || self.played_out() {
+                reply.queued_frames = frames;
+                if self.played_out() {
                     self.reply_over().await;
                 }
             }
@@ -474,22 +476,6 @@ impl Session {
         if self.played_out() {
             self.reply_over().await;
         }
-    }
-
-    /// Whether the current reply's task is done and its last frame has played (its final
-    /// mark echoed, or, should Twilio not echo it, well after it was sent).
-    pub(super) fn played_out(&self) -> bool {
-        let Some(reply) = &self.reply else {
-            return false;
-        };
-        if !reply.done || !reply.idle || self.paused.is_some() {
-            return false;
-        }
-        let heard = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
-        heard >= reply.sent_frames
-            || reply
-                .drained_at
-                .is_some_and(|at| Instant::now() >= at + MARK_WAIT)
     }
 
     /// The current reply has been said in full.

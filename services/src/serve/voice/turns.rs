@@ -12,7 +12,7 @@ use cmb_providers::llm::ChatMessage;
 use tokio::time::Instant;
 
 use super::knowledge::ForCall;
-use super::outbound::Out;
+use super::outbound::{Out, FRAME_BYTES};
 use super::reply::{ms, respond, Pipe, Reply, Usage};
 use super::session::Session;
 use super::text::spread_evenly;
@@ -61,6 +61,26 @@ impl Session {
         let stop = ms(heard_at, Instant::now());
         self.barge_in_stop_ms = Some(self.barge_in_stop_ms.unwrap_or(0).max(stop));
         metrics::histogram!("cmb_voice_barge_in_stop_ms").record(stop as f64);
+    }
+
+    /// Whether the current reply's task is done and its last frame has played (its final
+    /// mark echoed, or, should Twilio not echo it, well after it was sent).
+    pub(super) fn played_out(&self) -> bool {
+        let Some(reply) = &self.reply else {
+            return false;
+        };
+        if !reply.done || self.paused.is_some() {
+            return false;
+        }
+        // Every frame its task queued, not just those the writer had reported (the writer may
+        // not have started on the reply when its task says it is done).
+        let heard = self.heard_frames.get(&reply.turn).copied().unwrap_or(0);
+        heard >= reply.queued_frames
+            || (reply.idle
+                && reply.sent_frames >= reply.queued_frames
+                && reply
+                    .drained_at
+                    .is_some_and(|at| Instant::now() >= at + super::session::MARK_WAIT))
     }
 
     /// The caller's speech was a backchannel (or no words at all): go on from the last mark
@@ -213,6 +233,7 @@ impl Session {
             done: false,
             idle: true,
             sent_frames: 0,
+            queued_frames: 0,
             spoken: Vec::new(),
             drained_at: None,
             tts_failed: false,
@@ -270,6 +291,7 @@ impl Session {
         let usage = Arc::new(Mutex::new(Usage::default()));
         let billed = usage.clone();
         let task = tokio::spawn(async move {
+            let mut frames = 0;
             let spoken = match audio {
                 Some(audio) => Ok((audio, phrase.chars().count() as u64)),
                 None => voice.phrase(&voice_id, &phrase).await,
@@ -291,6 +313,8 @@ impl Session {
                         let _ = pipe.send(Pipe::Spoken { turn, chars }).await;
                     }
                     for piece in audio.chunks(PHRASE_MARK_BYTES) {
+                        // The writer pads each piece to whole frames before its mark.
+                        frames += piece.len().div_ceil(FRAME_BYTES) as u64;
                         let audio = audio.slice_ref(piece);
                         let _ = out.send(Out::Audio { turn, audio }).await;
                         let _ = out.send(Out::Mark { turn }).await;
@@ -305,7 +329,7 @@ impl Session {
                         .await;
                 }
             }
-            let _ = pipe.send(Pipe::Done { turn }).await;
+            let _ = pipe.send(Pipe::Done { turn, frames }).await;
         });
         self.reply = Some(Reply {
             turn,
@@ -320,6 +344,7 @@ impl Session {
             done: false,
             idle: true,
             sent_frames: 0,
+            queued_frames: 0,
             spoken: Vec::new(),
             drained_at: None,
             tts_failed: false,
