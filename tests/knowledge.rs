@@ -670,13 +670,15 @@ async fn knowledge_turns(app: &Running, id: &str) -> Vec<Value> {
 }
 
 /// A persona with the Sunday-training document, and a call to it in which the caller asks about
-/// it in one long turn (its interim transcript stable before the end). Returns the call and
+/// it in one turn of 2.2 s. The Deepgram simulator's interim transcripts grow a word every
+/// 250 ms, one every 300 ms, so they never repeat: the last (at 2.1 s) holds the nine words
+/// once, then the final comes after the persona's endpointing (500 ms). Returns the call and
 /// the LLM request of the question.
 async fn ask_about_sunday(env: TestEnv) -> (TestEnv, Running, Value, String) {
     let env = env
         .set("SIM_TWILIO_RING_MS", "100")
         .set("SIM_TWILIO_CALL_SECONDS", "8")
-        .set("SIM_TWILIO_CALLER_TURNS", "2500:3500")
+        .set("SIM_TWILIO_CALLER_TURNS", "2200:3500")
         .set(
             "SIM_DEEPGRAM_SCRIPT",
             "what is the secret ingredient of the Sunday training",
@@ -723,11 +725,12 @@ async fn the_callers_words_embedded_in_time_rank_the_passages_too() {
     assert!(asked.contains("quince marmalade"), "{asked}");
     let id = call["call"]["id"].as_str().unwrap().to_string();
     let turns = knowledge_turns(&app, &id).await;
-    // The interim seen twice was embedded while the caller finished: ready by the final.
+    // A growing interim, embedded once it held still while the caller finished: ready by the
+    // final, which ends the turn at once.
     assert!(!turns.is_empty(), "{call}");
     assert_eq!(turns[0]["knowledge_vector"], true, "{turns:?}");
     assert!(turns[0]["knowledge_us"].as_u64().is_some(), "{turns:?}");
-    // Billed to the call.
+    // Billed to the call, with the session's other costs.
     let billed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'CostRecorded'
             AND payload::text LIKE '%knowledge-embedding-tokens%'",

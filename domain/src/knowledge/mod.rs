@@ -8,6 +8,7 @@
 pub mod library;
 pub mod rank;
 pub mod split;
+pub mod vectors;
 
 use serde::{Deserialize, Serialize};
 

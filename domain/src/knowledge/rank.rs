@@ -2,13 +2,17 @@
 //! stemmed words (English Snowball stemmer, common words left out), fused by reciprocal rank
 //! with cosine similarity against the passages' embeddings when the caller's words were
 //! embedded in time. Built from the passages loaded at session start, once for all the calls
-//! of a persona that run at the same time (`serve::voice::knowledge`); a search is a pass over
-//! the postings of the query's few terms plus, with a vector, one dot product per passage
-//! (measured by `bench knowledge` and `bench voice --knowledge`: README, Benchmarks).
+//! of a persona that run at the same time (`serve::voice::knowledge`); a search adds up the
+//! precomputed BM25 weights in the postings of the query's few terms and, with a vector, scores
+//! the passages' vectors (`super::vectors`: every one, or past a few thousand the nearest by
+//! their sign bits), then fuses the two short lists (measured by `bench knowledge` and `bench
+//! voice --knowledge`: README, Persona knowledge).
 
 use std::collections::HashMap;
 
 use rust_stemmers::{Algorithm, Stemmer};
+
+use super::vectors::Vectors;
 
 /// BM25's parameters (the usual ones).
 const K1: f32 = 1.2;
@@ -43,13 +47,12 @@ pub struct Hit<'a> {
 
 pub struct KnowledgeIndex {
     passages: Vec<PassageIn>,
-    /// Unit vectors (empty for a passage without one).
-    vectors: Vec<Vec<f32>>,
+    /// The passages' unit vectors (see [`Vectors`]).
+    vectors: Vectors,
     terms: HashMap<String, u32>,
-    /// Per term: (passage, term frequency).
-    postings: Vec<Vec<(u32, u16)>>,
-    lengths: Vec<u32>,
-    avg_len: f32,
+    /// Per term: (passage, the term's BM25 weight in it) — fixed once the passages are known,
+    /// so a search only adds them up.
+    postings: Vec<Vec<(u32, f32)>>,
     stemmer: Stemmer,
 }
 
@@ -72,7 +75,7 @@ impl KnowledgeIndex {
     pub fn new(mut passages: Vec<PassageIn>) -> Self {
         let stemmer = Stemmer::create(Algorithm::English);
         let mut terms: HashMap<String, u32> = HashMap::new();
-        let mut postings: Vec<Vec<(u32, u16)>> = Vec::new();
+        let mut counted: Vec<Vec<(u32, u16)>> = Vec::new();
         let mut lengths = Vec::with_capacity(passages.len());
         for (i, p) in passages.iter().enumerate() {
             let mut counts: HashMap<u32, u16> = HashMap::new();
@@ -87,15 +90,15 @@ impl KnowledgeIndex {
                     len += 1;
                     let next = terms.len() as u32;
                     let id = *terms.entry(stem).or_insert(next);
-                    if id as usize == postings.len() {
-                        postings.push(Vec::new());
+                    if id as usize == counted.len() {
+                        counted.push(Vec::new());
                     }
                     let c = counts.entry(id).or_insert(0);
                     *c = c.saturating_add(1);
                 }
             }
             for (term, tf) in counts {
-                postings[term as usize].push((i as u32, tf));
+                counted[term as usize].push((i as u32, tf));
             }
             lengths.push(len);
         }
@@ -104,19 +107,35 @@ impl KnowledgeIndex {
         } else {
             (lengths.iter().map(|l| *l as f32).sum::<f32>() / lengths.len() as f32).max(1.0)
         };
-        // The unit vectors replace the passages' own: one copy of each (a 1536-dimension
-        // vector is 6 KiB, more than its passage's text).
-        let vectors = passages
-            .iter_mut()
-            .map(|p| unit(&std::mem::take(&mut p.embedding)))
+        let n = passages.len() as f32;
+        let postings = counted
+            .into_iter()
+            .map(|list| {
+                let df = list.len() as f32;
+                let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
+                list.into_iter()
+                    .map(|(i, tf)| {
+                        let tf = tf as f32;
+                        let len = lengths[i as usize] as f32;
+                        let w = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / avg_len));
+                        (i, w)
+                    })
+                    .collect()
+            })
             .collect();
+        // The index keeps the vectors (a 1536-dimension vector is 6 KiB, more than its
+        // passage's text), the passages none.
+        let vectors = Vectors::new(
+            passages
+                .iter_mut()
+                .enumerate()
+                .map(|(i, p)| (i as u32, std::mem::take(&mut p.embedding))),
+        );
         KnowledgeIndex {
             passages,
             vectors,
             terms,
             postings,
-            lengths,
-            avg_len,
             stemmer,
         }
     }
@@ -142,9 +161,7 @@ impl KnowledgeIndex {
             return Vec::new();
         }
         let lexical = self.bm25(query);
-        let semantic = query_vector
-            .map(|q| self.cosine(&unit(q)))
-            .unwrap_or_default();
+        let semantic = query_vector.map(|q| self.cosine(q)).unwrap_or_default();
         let mut fused: HashMap<u32, f32> = HashMap::new();
         for (rank, (i, _)) in lexical.iter().enumerate() {
             *fused.entry(*i).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
@@ -175,41 +192,36 @@ impl KnowledgeIndex {
 
     /// (passage, BM25 score) of the passages sharing a term with `query`, best first.
     fn bm25(&self, query: &str) -> Vec<(u32, f32)> {
-        let n = self.passages.len() as f32;
         let mut stems = analyze(&self.stemmer, query);
         stems.sort();
         stems.dedup();
-        let mut scores: HashMap<u32, f32> = HashMap::new();
+        // Every weight is positive: a passage's first one marks it found.
+        let mut scores = vec![0.0f32; self.passages.len()];
+        let mut found = Vec::new();
         for stem in stems {
             let Some(&term) = self.terms.get(&stem) else {
                 continue;
             };
-            let list = &self.postings[term as usize];
-            let df = list.len() as f32;
-            let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
-            for &(i, tf) in list {
-                let tf = tf as f32;
-                let len = self.lengths[i as usize] as f32;
-                let s = idf * tf * (K1 + 1.0) / (tf + K1 * (1.0 - B + B * len / self.avg_len));
-                *scores.entry(i).or_default() += s;
+            for &(i, w) in &self.postings[term as usize] {
+                let s = &mut scores[i as usize];
+                if *s == 0.0 {
+                    found.push(i);
+                }
+                *s += w;
             }
         }
-        top(scores.into_iter().collect())
+        top(found.into_iter().map(|i| (i, scores[i as usize])).collect())
     }
 
-    /// (passage, cosine) of every passage with a vector of the same size, best first.
+    /// (passage, cosine) of the passages with a vector of the query's size (or the nearest
+    /// of them by their vectors' sign bits, when there are thousands), best first.
     fn cosine(&self, q: &[f32]) -> Vec<(u32, f32)> {
-        if q.is_empty() {
-            return Vec::new();
-        }
-        let scored = self
-            .vectors
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.len() == q.len())
-            .map(|(i, v)| (i as u32, v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>()))
-            .collect();
-        top(scored)
+        top(self.vectors.scored(q))
+    }
+
+    /// Bytes the passages' vectors take.
+    pub fn vector_bytes(&self) -> usize {
+        self.vectors.bytes()
     }
 }
 
@@ -231,14 +243,6 @@ fn analyze(stemmer: &Stemmer, text: &str) -> Vec<String> {
         .filter(|w| !w.is_empty() && !is_stopword(w))
         .map(|w| stemmer.stem(&w).into_owned())
         .collect()
-}
-
-fn unit(v: &[f32]) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm == 0.0 {
-        return Vec::new();
-    }
-    v.iter().map(|x| x / norm).collect()
 }
 
 #[cfg(test)]

@@ -135,10 +135,15 @@ pub async fn run(
         config.sim.insert(k.to_string(), v);
     }
     if knowledge > 0 {
-        // The callers ask about what the documents cover.
+        // The callers ask about what the documents cover, in turns long enough to say a
+        // question of seven to nine words (the simulator hears a word every 250 ms).
         config.sim.insert(
             "SIM_DEEPGRAM_SCRIPT".into(),
             crate::ops::bench_knowledge::QUESTIONS.into(),
+        );
+        config.sim.insert(
+            "SIM_TWILIO_CALLER_TURNS".into(),
+            "2400:1600,2400:1600,2400:1600,2400:1600,2400:1600".into(),
         );
     }
     let shutdown = tokio_util::sync::CancellationToken::new();

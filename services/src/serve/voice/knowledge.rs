@@ -4,19 +4,21 @@
 //! documents is a new index); on each caller turn the best of them for what the caller said
 //! are added to that reply's context within `KNOWLEDGE_PROMPT_TOKENS` (`for_turn`), ranked in
 //! process (BM25 over stemmed words, fused with cosine against the passages' vectors). The
-//! caller's words are embedded off the reply's path as soon as the transcript is stable
-//! (`prefetch`: a final segment, or an interim seen twice); the vector is used only if it is
-//! there when the turn ends. No provider call ever waits in the reply's path.
+//! caller's words are embedded off the reply's path (`prefetch`): each interim transcript once it
+//! has held still for [`SETTLE`] (a final segment at once), by one task per call with at most
+//! one request in flight (newer words wait and replace older ones); the latest vector is used
+//! only if it is there when the turn ends and its words are most of the turn's. No provider
+//! call ever waits in the reply's path. The embeddings' tokens are billed to the call with the
+//! session's other costs (`embedding_tokens`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use cmb_domain::call::{Call, CallCommand};
-use cmb_domain::cost::CostKind;
 use cmb_domain::knowledge::rank::KnowledgeIndex;
 use cmb_domain::knowledge::DocumentStatus;
 use cmb_domain::persona::Persona;
-use cmb_domain::pricing::PriceTable;
-use cmb_domain::{Actor, CommandContext};
+use tokio::sync::watch;
 
 use super::error::SessionError;
 use super::indexes::Slot;
@@ -25,20 +27,39 @@ use super::shared::Voice;
 /// Passages added to one reply, at most.
 const PASSAGES_PER_TURN: usize = 3;
 
+/// An interim transcript is embedded once no newer one came for this long (Deepgram sends a
+/// new one every few hundred milliseconds while the caller talks; the one that holds still is
+/// the caller pausing or done). Short beside any endpointing a persona may set (100 ms and up
+/// after the last word, before the final) plus an embedding's round trip, so the vector is
+/// usually there by the final.
+const SETTLE: Duration = Duration::from_millis(150);
+
 /// A call's knowledge: its persona's passages, and the caller's words embedded so far.
 pub(super) struct CallKnowledge {
     index: Arc<KnowledgeIndex>,
-    state: Arc<Mutex<Prefetch>>,
+    /// This turn's number and words so far, for the embedding task (started on first use;
+    /// it ends when this is dropped, with the session).
+    said: OnceLock<watch::Sender<Said>>,
+    /// The caller turns ended so far.
+    turn: AtomicU64,
+    /// The latest vector that came back.
+    embedded: Arc<Mutex<Option<Embedded>>>,
+    /// Tokens of every embedding of the caller's words, billed with the session's end.
+    tokens: Arc<AtomicU64>,
 }
 
-#[derive(Default)]
-struct Prefetch {
-    /// The last interim transcript seen (an interim seen twice is stable).
-    last_interim: String,
-    /// The last text sent to be embedded.
-    requested: String,
-    /// The latest (text, vector) that came back.
-    embedded: Option<(String, Vec<f32>)>,
+#[derive(Clone, Default, PartialEq)]
+struct Said {
+    turn: u64,
+    text: String,
+    /// A final segment: embedded at once.
+    settled: bool,
+}
+
+struct Embedded {
+    turn: u64,
+    text: String,
+    vector: Vec<f32>,
 }
 
 /// What a call's index is built from: the persona's indexed documents (an id is never reused
@@ -107,7 +128,10 @@ pub(super) async fn load(
     };
     Ok(Some(CallKnowledge {
         index,
-        state: Arc::default(),
+        said: OnceLock::new(),
+        turn: AtomicU64::new(0),
+        embedded: Arc::default(),
+        tokens: Arc::default(),
     }))
 }
 
@@ -127,81 +151,63 @@ pub(super) struct Retrieved {
 pub(super) struct ForCall<'a> {
     pub voice: &'a Arc<Voice>,
     pub call_id: &'a str,
-    pub prices: PriceTable,
 }
 
 impl CallKnowledge {
-    /// Embeds the caller's words so far (`text`: what is pending of the turn and the new
-    /// segment) when they are stable, in the background.
-    pub(super) fn prefetch(&self, text: String, is_final: bool, call: ForCall<'_>) {
-        let k = self;
-        {
-            let mut state = k.state.lock().expect("knowledge state");
-            let stable = is_final || state.last_interim == text;
-            if !is_final {
-                state.last_interim = text.clone();
-            }
-            if !stable || state.requested == text {
-                return;
-            }
-            state.requested = text.clone();
+    /// The caller's words so far in this turn (`text`: what is pending of it and the new
+    /// segment), to be embedded in the background once they hold still. A segment that ends
+    /// the turn (`speech_final`) is not: the passages are chosen at once.
+    pub(super) fn prefetch(
+        &self,
+        text: String,
+        is_final: bool,
+        ends_turn: bool,
+        call: ForCall<'_>,
+    ) {
+        if ends_turn {
+            return;
         }
-        let state = k.state.clone();
-        let voice = call.voice.clone();
-        let call_id = call.call_id.to_string();
-        let prices = call.prices;
-        tokio::spawn(async move {
-            match voice
-                .knowledge
-                .embeddings
-                .embed(std::slice::from_ref(&text))
-                .await
-            {
-                Ok(mut e) if e.vectors.len() == 1 => {
-                    let vector = e.vectors.pop().unwrap_or_default();
-                    state.lock().expect("knowledge state").embedded = Some((text, vector));
-                    if e.prompt_tokens > 0 {
-                        let cost = prices.cost(
-                            CostKind::KnowledgeEmbeddingTokens,
-                            e.prompt_tokens as i64,
-                            false,
-                        );
-                        let ctx = CommandContext::for_request(
-                            uuid::Uuid::new_v4().to_string(),
-                            Actor::Worker("voice".into()),
-                        );
-                        if let Err(e) = voice
-                            .store
-                            .execute::<Call>(&call_id, CallCommand::RecordCost(cost), &ctx)
-                            .await
-                        {
-                            tracing::warn!(call = %call_id, error = %e, "recording a knowledge embedding's cost failed");
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(call = %call_id, error = %e, "embedding the caller's words failed; full-text only")
-                }
-            }
+        let said = Said {
+            turn: self.turn.load(Ordering::Relaxed),
+            text,
+            settled: is_final,
+        };
+        let sender = self.said.get_or_init(|| {
+            let (tx, rx) = watch::channel(Said::default());
+            tokio::spawn(embed_task(
+                call.voice.clone(),
+                call.call_id.to_string(),
+                rx,
+                self.embedded.clone(),
+                self.tokens.clone(),
+            ));
+            tx
         });
+        sender.send_if_modified(|now| {
+            let changed = *now != said;
+            *now = said;
+            changed
+        });
+    }
+
+    /// Tokens the embeddings of the caller's words took so far.
+    pub(super) fn embedding_tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
     }
 
     /// The passages for the reply to `text`. Measured (`cmb_knowledge_retrieval_us`, and the
     /// turn's timings): it sits on the turn's path.
     pub(super) fn for_turn(&self, text: &str, call: ForCall<'_>) -> Retrieved {
-        let k = self;
         let started = std::time::Instant::now();
-        let vector = {
-            let mut state = k.state.lock().expect("knowledge state");
-            let ready = state
-                .embedded
-                .take()
-                .filter(|(t, _)| !t.is_empty() && text.starts_with(t.as_str()));
-            *state = Prefetch::default();
-            ready.map(|(_, v)| v)
-        };
-        let hits = k.index.search(
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        let vector = self
+            .embedded
+            .lock()
+            .expect("embedded")
+            .take()
+            .filter(|e| e.turn == turn && covers(&e.text, text))
+            .map(|e| e.vector);
+        let hits = self.index.search(
             text,
             vector.as_deref(),
             PASSAGES_PER_TURN,
@@ -217,6 +223,70 @@ impl CallKnowledge {
             with_vector: vector.is_some(),
         }
     }
+}
+
+/// Embeds what the caller said, as it changes: a final segment at once, an interim once it has
+/// held still for [`SETTLE`]; one request at a time (what came meanwhile is the next one, the
+/// latest words only). Ends with the call's session.
+async fn embed_task(
+    voice: Arc<Voice>,
+    call_id: String,
+    mut said: watch::Receiver<Said>,
+    embedded: Arc<Mutex<Option<Embedded>>>,
+    tokens: Arc<AtomicU64>,
+) {
+    let mut last = Said::default();
+    while said.changed().await.is_ok() {
+        // Wait for the words to hold still.
+        while !said.borrow_and_update().settled {
+            tokio::select! {
+                _ = tokio::time::sleep(SETTLE) => break,
+                changed = said.changed() => if changed.is_err() { return },
+            }
+        }
+        let now = said.borrow_and_update().clone();
+        if now.text.is_empty() || (now.turn == last.turn && words(&now.text) == words(&last.text)) {
+            continue;
+        }
+        last = now.clone();
+        match voice
+            .knowledge
+            .embeddings
+            .embed(std::slice::from_ref(&now.text))
+            .await
+        {
+            Ok(mut e) if e.vectors.len() == 1 => {
+                tokens.fetch_add(e.prompt_tokens, Ordering::Relaxed);
+                *embedded.lock().expect("embedded") = Some(Embedded {
+                    turn: now.turn,
+                    text: now.text,
+                    vector: e.vectors.pop().unwrap_or_default(),
+                });
+            }
+            Ok(e) => {
+                tokens.fetch_add(e.prompt_tokens, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(call = %call_id, error = %e, "embedding the caller's words failed; full-text only")
+            }
+        }
+    }
+}
+
+/// Lower-cased words, without punctuation.
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Whether a vector of `embedded` stands for `turn`: their words agree from the start over
+/// at least two thirds of the longer (an interim is often a word or two short of the final).
+fn covers(embedded: &str, turn: &str) -> bool {
+    let (e, t) = (words(embedded), words(turn));
+    let same = e.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    same > 0 && 3 * same >= 2 * e.len().max(t.len())
 }
 
 /// The context note for a reply: the passages with their sources.

@@ -92,6 +92,15 @@ impl Session {
         if chars > 0 {
             costs.push(p.cost(CostKind::TtsCharacters, chars, true));
         }
+        // The caller's words embedded for persona knowledge (a request still out is not).
+        let embedded = self
+            .ctx
+            .knowledge
+            .as_ref()
+            .map_or(0, |k| k.embedding_tokens());
+        if embedded > 0 {
+            costs.push(p.cost(CostKind::KnowledgeEmbeddingTokens, embedded as i64, false));
+        }
         // The transcript first: the session's end event says everything is recorded.
         let call_uuid = uuid::Uuid::parse_str(&self.ctx.call_id)?;
         transcripts::save(store.pool(), call_uuid, &self.transcript).await?;

@@ -397,7 +397,7 @@ impl Session {
                     } else {
                         format!("{} {text}", self.pending)
                     };
-                    k.prefetch(so_far, is_final, self.for_call());
+                    k.prefetch(so_far, is_final, speech_final, self.for_call());
                 }
                 if is_final {
                     if !self.pending.is_empty() {

@@ -39,7 +39,6 @@ impl Session {
         ForCall {
             voice: &self.voice,
             call_id: &self.ctx.call_id,
-            prices: self.ctx.prices,
         }
     }
 
