@@ -485,10 +485,13 @@ async fn an_existing_durable_consumer_follows_changed_settings() {
 
     spec.ack_wait = Duration::from_secs(7);
     spec.max_ack_pending = 250;
+    // A projection that now reads one aggregate type only.
+    spec.filter_subject = config.stream.type_subjects("wallet");
     let mut consumer = cmb_nats::consume::durable(&stream, &spec).await.unwrap();
     let info = consumer.info().await.unwrap();
     assert_eq!(info.config.ack_wait, Duration::from_secs(7));
     assert_eq!(info.config.max_ack_pending, 250);
+    assert_eq!(info.config.filter_subject, spec.filter_subject);
     // And what the server keeps, read afresh.
     let mut again: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer("follows-settings").await.unwrap();

@@ -64,11 +64,13 @@ pub async fn durable(
         .get_or_create_consumer(&spec.name, config.clone())
         .await?;
     // A consumer made under other settings (fewer replicas before the cluster grew, another
-    // ack wait) follows the configured ones: JetStream updates these in place.
+    // ack wait, a filter) follows the configured ones: JetStream updates these in place (a new
+    // filter applies from the consumer's position on).
     let current = consumer.info().await?.config.clone();
     if current.num_replicas.max(1) != config.num_replicas.max(1)
         || current.ack_wait != config.ack_wait
         || current.max_ack_pending != config.max_ack_pending
+        || current.filter_subject != config.filter_subject
     {
         tracing::info!(
             consumer = %spec.name,

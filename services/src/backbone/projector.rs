@@ -1,5 +1,5 @@
 //! Runs projections from the stream: a durable consumer per projection, shared by every
-//! instance. The messages that have arrived are applied together with their offsets in one
+//! instance, filtered to the projection's aggregate type when it reads only one. The messages that have arrived are applied together with their offsets in one
 //! transaction (`cmb_projections::apply_batch`: one commit for up to `MAX_BATCH` events
 //! instead of one each, which is what keeps a projection up with a burst of calls), each
 //! acknowledged after the commit; a batch that fails is applied again one event at a time
@@ -60,8 +60,14 @@ impl Projector {
 
     async fn run(self: Arc<Self>, projection: Arc<dyn Projection>, shutdown: CancellationToken) {
         let name = projection.name();
-        let mut spec =
-            DurableSpec::all_events(&self.settings, &self.durable_name(projection.as_ref()));
+        let durable = self.durable_name(projection.as_ref());
+        // A projection of one aggregate type is sent only that type's events: the others would
+        // each be delivered, looked at and acknowledged for nothing (every call event to the
+        // six projections that read none).
+        let mut spec = match projection.aggregate_types() {
+            [only] => DurableSpec::of_type(&self.settings, &durable, only),
+            _ => DurableSpec::all_events(&self.settings, &durable),
+        };
         spec.ack_wait = self.ack_wait;
         spec.set_aside_after = self.max_deliveries;
         while !shutdown.is_cancelled() {
