@@ -1,5 +1,5 @@
 //! The call facts the event store keeps beside each call event (the generated columns and the
-//! covering index `events_call_facts`, migrations/20261130200000_call_facts.sql), read as
+//! covering index `events_call_facts`, migrations/20261130214600_call_facts.sql), read as
 //! Postgres sends them — `COPY … TO STDOUT (FORMAT binary)`, decoded in place — and folded
 //! into a [`Reconciler`] call by call, in each call's sequence order.
 //!
