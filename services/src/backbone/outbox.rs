@@ -1,10 +1,12 @@
 //! Publication of committed events to JetStream, exactly once and in per-aggregate order.
 //!
 //! The event table is the outbox. The publisher (a singleton under the `publisher` lease)
-//! reads it in commit order — `(xact_id, global_position)` — but only below the oldest
-//! transaction still in flight (`pg_snapshot_xmin(pg_current_snapshot())`), so a transaction
-//! that commits late can never land behind the reader. It publishes each event with a
-//! `Nats-Msg-Id` stable per event and records its checkpoint after JetStream acknowledges.
+//! reads it by snapshot pairs, as PgQ does: what became visible between the previous
+//! snapshot and the current one (`pg_visible_in_snapshot`, `pg_snapshot_xip`), in commit
+//! order `(xact_id, global_position)`, so a transaction that commits late is never skipped and
+//! one left open anywhere delays only its own events (README "Publication"). It publishes
+//! each event with a `Nats-Msg-Id` stable per event and records its checkpoint after
+//! JetStream acknowledges.
 //! A crash between the acknowledgement and the checkpoint republishes a few events, which
 //! JetStream drops inside its duplicate window; on taking the lease the publisher also moves
 //! its checkpoint up to the stream's last message, so even a restart after the window cannot
