@@ -38,14 +38,44 @@ pub enum CommandError<E: std::error::Error> {
     /// Other writers kept winning the race for this aggregate.
     #[error("the {0} was changed concurrently too often; try again")]
     Contended(&'static str),
+    /// Postgres had no room for the request in time (pool timeout, too many connections):
+    /// worth a retry, not a failure of ours.
+    #[error("the event store is busy: {0}")]
+    Busy(String),
     #[error("event store: {0}")]
     Store(String),
+}
+
+/// Whether Postgres, or our pool of connections to it, had no room for a request in time
+/// (`PoolTimedOut`, `too_many_connections`, `cannot_connect_now`, `configuration_limit_exceeded`):
+/// overload, which a client should retry later, rather than a fault.
+pub fn overloaded(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("53300" | "57P03" | "53400"))
+        }
+        _ => false,
+    }
+}
+
+/// The same for postgres-es's errors, which box the sqlx error they met.
+fn persistence_overloaded(e: &cqrs_es::persist::PersistenceError) -> bool {
+    use cqrs_es::persist::PersistenceError::{ConnectionError, UnknownError};
+    match e {
+        ConnectionError(inner) | UnknownError(inner) => {
+            inner.downcast_ref::<sqlx::Error>().is_some_and(overloaded)
+        }
+        _ => false,
+    }
 }
 
 /// Why a command's events were not written.
 enum Insert {
     /// Another writer took one of their sequence numbers first.
     Conflict,
+    /// Postgres had no room in time ([`overloaded`]).
+    Busy(String),
     Failed(String),
 }
 
@@ -102,6 +132,7 @@ async fn insert_events<A: Aggregate>(
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
             Err(Insert::Conflict)
         }
+        Err(e) if overloaded(&e) => Err(Insert::Busy(e.to_string())),
         Err(e) => Err(failed(&e)),
     }
 }
@@ -141,11 +172,13 @@ impl EventStore {
     /// use), decoded and applied in order.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<(A, u64), CommandError<A::Error>> {
         let store = |e: &dyn std::fmt::Display| CommandError::Store(e.to_string());
-        let events = self
-            .repository
-            .get_events::<A>(id)
-            .await
-            .map_err(|e| store(&e))?;
+        let events = self.repository.get_events::<A>(id).await.map_err(|e| {
+            if persistence_overloaded(&e) {
+                CommandError::Busy(e.to_string())
+            } else {
+                store(&e)
+            }
+        })?;
         let mut aggregate = A::default();
         let mut sequence = 0;
         for mut event in events {
@@ -213,6 +246,7 @@ impl EventStore {
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
                 Err(Insert::Conflict) => return Err(CommandError::Contended(A::TYPE)),
+                Err(Insert::Busy(e)) => return Err(CommandError::Busy(e)),
                 Err(Insert::Failed(e)) => return Err(CommandError::Store(e)),
             }
         }

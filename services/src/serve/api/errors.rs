@@ -22,7 +22,7 @@ use crate::usecases::calls::schedule::ScheduleError;
 use crate::usecases::personas::names::NameError;
 use crate::usecases::{accounts, billing, budget, contacts, knowledge, memory, personas};
 
-/// A store failure is ours (500); contention is worth a retry (503); a rejection says what
+/// A store failure is ours (500); contention and overload are worth a retry (503); a rejection says what
 /// the aggregate refused.
 impl<E: std::error::Error + Into<ApiError>> From<CommandError<E>> for ApiError {
     fn from(e: CommandError<E>) -> Self {
@@ -32,6 +32,7 @@ impl<E: std::error::Error + Into<ApiError>> From<CommandError<E>> for ApiError {
                 retry_after: Some(1),
                 ..ApiError::unavailable(format!("the {what} is busy; try again"))
             },
+            CommandError::Busy(detail) => ApiError::busy(detail),
             CommandError::Store(detail) => ApiError::internal(detail),
         }
     }

@@ -66,6 +66,20 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
+    /// Postgres had no room for the request in time: `503 busy` with `Retry-After`, so a
+    /// burst is answered "try again in a second" rather than "something went wrong".
+    pub fn busy(detail: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %detail, "overloaded: answered 503");
+        metrics::counter!("cmb_http_overloaded_total").increment(1);
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "the service is busy; try again in a moment",
+            )
+        }
+    }
 }
 
 impl From<Invalid> for ApiError {
@@ -76,7 +90,11 @@ impl From<Invalid> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::internal(e)
+        if crate::backbone::store::overloaded(&e) {
+            ApiError::busy(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -115,4 +133,19 @@ pub struct ErrorDetail {
     /// The request field (body, query or path) at fault, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_connection_in_time_is_a_503_to_retry_not_a_500() {
+        let response = ApiError::from(sqlx::Error::PoolTimedOut).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+
+        let response = ApiError::from(sqlx::Error::RowNotFound).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }
