@@ -27,6 +27,10 @@ pub struct TurnTimings {
     pub knowledge_us: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub knowledge_vector: Option<bool>,
+    /// The CPU time of that choice (the thread's own clock), in microseconds: what
+    /// `knowledge_us` is beyond it is waiting (the thread preempted), not work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knowledge_cpu_us: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -56,6 +56,11 @@ pub struct KnowledgeIndex {
     stemmer: Stemmer,
 }
 
+thread_local! {
+    /// BM25 sums by passage, reused by the thread's searches.
+    static SCORES: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::default();
+}
+
 /// Words a question is full of and that say nothing about its subject.
 const STOPWORDS: &[&str] = &[
     "a", "about", "after", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be",
@@ -195,28 +200,39 @@ impl KnowledgeIndex {
         let mut stems = analyze(&self.stemmer, query);
         stems.sort();
         stems.dedup();
-        // Every weight is positive: a passage's first one marks it found.
-        let mut scores = vec![0.0f32; self.passages.len()];
-        let mut found = Vec::new();
-        for stem in stems {
-            let Some(&term) = self.terms.get(&stem) else {
-                continue;
-            };
-            for &(i, w) in &self.postings[term as usize] {
-                let s = &mut scores[i as usize];
-                if *s == 0.0 {
-                    found.push(i);
-                }
-                *s += w;
+        // Every weight is positive: a passage's first one marks it found. The scores' array
+        // is the thread's, all zeros between searches (only the entries found are reset).
+        SCORES.with_borrow_mut(|scores| {
+            if scores.len() < self.passages.len() {
+                scores.resize(self.passages.len(), 0.0);
             }
-        }
-        top(found.into_iter().map(|i| (i, scores[i as usize])).collect())
+            let mut found = Vec::new();
+            for stem in &stems {
+                let Some(&term) = self.terms.get(stem) else {
+                    continue;
+                };
+                for &(i, w) in &self.postings[term as usize] {
+                    let s = &mut scores[i as usize];
+                    if *s == 0.0 {
+                        found.push(i);
+                    }
+                    *s += w;
+                }
+            }
+            let scored = found
+                .into_iter()
+                .map(|i| (i, std::mem::take(&mut scores[i as usize])))
+                .collect();
+            top(scored)
+        })
     }
 
     /// (passage, cosine) of the passages with a vector of the query's size (or the nearest
     /// of them by their vectors' sign bits, when there are thousands), best first.
     fn cosine(&self, q: &[f32]) -> Vec<(u32, f32)> {
-        top(self.vectors.scored(q))
+        let mut scored = Vec::new();
+        self.vectors.scored(q, &mut scored);
+        top(scored)
     }
 
     /// Bytes the passages' vectors take.

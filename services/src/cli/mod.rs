@@ -171,6 +171,10 @@ enum BenchCommand {
         passages: Vec<usize>,
         #[arg(long, default_value_t = 2_000)]
         retrievals: usize,
+        /// Vector sizes, comma-separated (1,536: OpenAI's `text-embedding-3-small`; 256: the
+        /// embeddings simulator's, as in `bench voice`).
+        #[arg(long, default_value = "256,1536", value_delimiter = ',')]
+        dims: Vec<usize>,
     },
     /// Writes N events of the real shapes (thirty days of calls) to a stream of its own
     /// (`<stream>_BENCH_REPLAY`) or an event table of its own (`<db>_bench_replay`), both
@@ -388,7 +392,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 rows.push(f);
             }
             crate::ops::bench_voice::print(&rows);
-            knowledge_bench(&[100, 5_000], 2_000);
+            knowledge_bench(&[100, 5_000], &[256, 1536], 2_000);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -396,9 +400,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 BenchCommand::Knowledge {
                     passages,
                     retrievals,
+                    dims,
                 },
         } => {
-            knowledge_bench(&passages, retrievals);
+            knowledge_bench(&passages, &dims, retrievals);
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "sims")]
@@ -424,10 +429,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn knowledge_bench(passages: &[usize], retrievals: usize) {
-    let rows: Vec<_> = passages
+fn knowledge_bench(passages: &[usize], dims: &[usize], retrievals: usize) {
+    let rows: Vec<_> = dims
         .iter()
-        .map(|n| crate::ops::bench_knowledge::measure(*n, retrievals))
+        .flat_map(|d| passages.iter().map(move |n| (*n, *d)))
+        .map(|(n, d)| crate::ops::bench_knowledge::measure(n, d, retrievals))
         .collect();
     crate::ops::bench_knowledge::print(&rows);
 }

@@ -1,9 +1,10 @@
 //! `bench knowledge` (and the closing table of `bench voice`): what persona knowledge adds to a
 //! caller's turn. Builds a call's in-process index over N synthetic passages (about 200 words
-//! each, 1536-dimension vectors like OpenAI's `text-embedding-3-small`) and times retrievals of
-//! caller-like utterances with their vectors, one at a time on one thread: p50/p99 per
-//! retrieval, and the process CPU time per retrieval (the load-independent figure), from which
-//! the CPU share at 500 concurrent calls follows.
+//! each, vectors of 1,536 dimensions like OpenAI's `text-embedding-3-small`, or 256 like the
+//! embeddings simulator's) and times retrievals of caller-like utterances with their vectors,
+//! one at a time on one thread: wall-clock p50/p99 per retrieval, and the thread's CPU time per
+//! retrieval (p50/p99 and mean: the load-independent figures), from which the CPU share at 500
+//! concurrent calls follows.
 
 use std::time::Instant;
 
@@ -13,17 +14,20 @@ use cmb_domain::knowledge::rank::{KnowledgeIndex, PassageIn};
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Figures {
     pub passages: usize,
+    pub dims: usize,
     pub retrievals: usize,
     pub build_ms: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// The thread's CPU time per retrieval.
+    pub cpu_p50_us: f64,
+    pub cpu_p99_us: f64,
     pub cpu_us_per_retrieval: f64,
     /// CPU share of one core at 500 calls, each with a caller turn every 4 s.
     pub cores_at_500_calls: f64,
 }
 
-const DIMS: usize = 1536;
 const VOCABULARY: usize = 6_000;
 const STOP: &[&str] = &[
     "the", "and", "what", "how", "is", "my", "do", "you", "about", "a",
@@ -45,14 +49,14 @@ impl Rng {
         let i = ((VOCABULARY as f64).powf(u) as usize).min(VOCABULARY - 1);
         format!("w{i}x")
     }
-    fn vector(&mut self) -> Vec<f32> {
-        (0..DIMS)
+    fn vector(&mut self, dims: usize) -> Vec<f32> {
+        (0..dims)
             .map(|_| (self.next() % 2001) as f32 / 1000.0 - 1.0)
             .collect()
     }
 }
 
-fn passages(n: usize, rng: &mut Rng) -> Vec<PassageIn> {
+fn passages(n: usize, dims: usize, rng: &mut Rng) -> Vec<PassageIn> {
     (0..n)
         .map(|i| {
             let words: Vec<String> = (0..200)
@@ -70,7 +74,7 @@ fn passages(n: usize, rng: &mut Rng) -> Vec<PassageIn> {
                 heading: Some(format!("Section {}", i % 20)),
                 text: words.join(" "),
                 tokens: 267,
-                embedding: rng.vector(),
+                embedding: rng.vector(dims),
             }
         })
         .collect()
@@ -83,26 +87,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// User + system CPU time of this process, in microseconds (Linux; 10 ms ticks).
-fn cpu_us() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) * 10_000.0
-}
-
-/// Times `retrievals` retrievals over `n` passages.
-pub fn measure(n: usize, retrievals: usize) -> Figures {
+/// Times `retrievals` retrievals over `n` passages with vectors of `dims` dimensions.
+pub fn measure(n: usize, dims: usize, retrievals: usize) -> Figures {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
-    let corpus = passages(n, &mut rng);
+    let corpus = passages(n, dims, &mut rng);
     let started = Instant::now();
     let index = KnowledgeIndex::new(corpus);
     let build_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -117,29 +105,34 @@ pub fn measure(n: usize, retrievals: usize) -> Figures {
                     }
                 })
                 .collect();
-            (words.join(" "), rng.vector())
+            (words.join(" "), rng.vector(dims))
         })
         .collect();
     let mut times = Vec::with_capacity(retrievals);
+    let mut cpu = Vec::with_capacity(retrievals);
     let mut found = 0usize;
-    let cpu_before = cpu_us();
     for (text, vector) in &queries {
         let t = Instant::now();
+        let c = crate::telemetry::thread_cpu_ns();
         let hits = index.search(text, Some(vector), 3, 600);
+        cpu.push(crate::telemetry::thread_cpu_ns().saturating_sub(c) as f64 / 1e3);
         times.push(t.elapsed().as_secs_f64() * 1e6);
         found += hits.len();
     }
-    let cpu = cpu_us() - cpu_before;
     std::hint::black_box(found);
     times.sort_by(f64::total_cmp);
-    let cpu_per = cpu / retrievals.max(1) as f64;
+    cpu.sort_by(f64::total_cmp);
+    let cpu_per = cpu.iter().sum::<f64>() / retrievals.max(1) as f64;
     Figures {
         passages: n,
+        dims,
         retrievals,
         build_ms,
         p50_us: percentile(&times, 0.5),
         p99_us: percentile(&times, 0.99),
         max_us: times.last().copied().unwrap_or(0.0),
+        cpu_p50_us: percentile(&cpu, 0.5),
+        cpu_p99_us: percentile(&cpu, 0.99),
         cpu_us_per_retrieval: cpu_per,
         cores_at_500_calls: cpu_per * (500.0 / 4.0) / 1e6,
     }
@@ -148,25 +141,31 @@ pub fn measure(n: usize, retrievals: usize) -> Figures {
 pub fn print(rows: &[Figures]) {
     println!("knowledge retrieval per caller turn (in process, one thread):");
     println!(
-        "{:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>13} {:>14}",
+        "{:>9} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>13} {:>14}",
         "passages",
+        "dims",
         "retrievals",
         "build ms",
         "p50 µs",
         "p99 µs",
         "max µs",
+        "CPU p50 µs",
+        "CPU p99 µs",
         "CPU µs/turn",
         "cores@500calls"
     );
     for f in rows {
         println!(
-            "{:>9} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>13.1} {:>14.4}",
+            "{:>9} {:>5} {:>10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>11.1} {:>13.1} {:>14.4}",
             f.passages,
+            f.dims,
             f.retrievals,
             f.build_ms,
             f.p50_us,
             f.p99_us,
             f.max_us,
+            f.cpu_p50_us,
+            f.cpu_p99_us,
             f.cpu_us_per_retrieval,
             f.cores_at_500_calls
         );
@@ -287,6 +286,9 @@ pub struct InCalls {
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// The thread's CPU time for it (serve's `knowledge_cpu_us`): the rest is waiting.
+    pub cpu_p50_us: f64,
+    pub cpu_p99_us: f64,
     /// Turns ranked with the caller's vector too, of `turns`.
     pub with_vector: usize,
 }
@@ -299,12 +301,19 @@ impl InCalls {
             .filter_map(|t| t["knowledge_us"].as_f64())
             .collect();
         us.sort_by(f64::total_cmp);
+        let mut cpu: Vec<f64> = timings
+            .iter()
+            .filter_map(|t| t["knowledge_cpu_us"].as_f64())
+            .collect();
+        cpu.sort_by(f64::total_cmp);
         InCalls {
             passages,
             turns: us.len(),
             p50_us: percentile(&us, 0.5),
             p99_us: percentile(&us, 0.99),
             max_us: us.last().copied().unwrap_or(0.0),
+            cpu_p50_us: percentile(&cpu, 0.5),
+            cpu_p99_us: percentile(&cpu, 0.99),
             with_vector: timings
                 .iter()
                 .filter(|t| t["knowledge_vector"] == true)

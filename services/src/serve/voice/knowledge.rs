@@ -143,6 +143,8 @@ pub(super) struct Retrieved {
     pub ids: Vec<String>,
     /// How long choosing them took, in microseconds.
     pub us: u32,
+    /// The thread's CPU time for it, in microseconds (`us` less this: preempted).
+    pub cpu_us: u32,
     /// Whether the caller's words were embedded in time (cosine fused with the words' rank).
     pub with_vector: bool,
 }
@@ -199,6 +201,7 @@ impl CallKnowledge {
     /// turn's timings): it sits on the turn's path.
     pub(super) fn for_turn(&self, text: &str, call: ForCall<'_>) -> Retrieved {
         let started = std::time::Instant::now();
+        let cpu_started = crate::telemetry::thread_cpu_ns();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let vector = self
             .embedded
@@ -214,12 +217,15 @@ impl CallKnowledge {
             call.voice.knowledge.prompt_tokens,
         );
         let took = started.elapsed();
+        let cpu_us = crate::telemetry::thread_cpu_ns().saturating_sub(cpu_started) / 1_000;
         metrics::histogram!("cmb_knowledge_retrieval_us").record(took.as_micros() as f64);
+        metrics::histogram!("cmb_knowledge_retrieval_cpu_us").record(cpu_us as f64);
         tracing::debug!(call = %call.call_id, us = took.as_micros() as u64, found = hits.len(), with_vector = vector.is_some(), "knowledge retrieval");
         Retrieved {
             note: (!hits.is_empty()).then(|| note(&hits)),
             ids: hits.iter().map(|h| h.passage.id.clone()).collect(),
             us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
+            cpu_us: u32::try_from(cpu_us).unwrap_or(u32::MAX),
             with_vector: vector.is_some(),
         }
     }

@@ -223,6 +223,7 @@ impl Session {
                 stt_final_ms: started.map(|s| ms(s, endpoint_at)),
                 knowledge_us: knowledge.as_ref().map(|k| k.us),
                 knowledge_vector: knowledge.as_ref().map(|k| k.with_vector),
+                knowledge_cpu_us: knowledge.as_ref().map(|k| k.cpu_us),
                 ..Default::default()
             },
             provider: self.voice.llm.provider(),
