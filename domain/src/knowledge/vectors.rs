@@ -162,11 +162,12 @@ mod kernels {
     #[inline(always)]
     fn hamming_body(signs: &[u64], words: usize, q: &[u64], out: &mut Vec<u32>) {
         out.clear();
-        out.extend(
-            signs
-                .chunks_exact(words)
-                .map(|s| s.iter().zip(q).map(|(a, b)| (a ^ b).count_ones()).sum::<u32>()),
-        );
+        out.extend(signs.chunks_exact(words).map(|s| {
+            s.iter()
+                .zip(q)
+                .map(|(a, b)| (a ^ b).count_ones())
+                .sum::<u32>()
+        }));
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -348,12 +349,19 @@ mod tests {
             assert_eq!(i, j);
             assert!((a - b).abs() < 1e-2, "{a} {b}");
         }
-        let signs: Vec<u64> = (0..40).map(|i| 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 1)).collect();
+        let signs: Vec<u64> = (0..40)
+            .map(|i| 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 1))
+            .collect();
         let mut d = Vec::new();
         kernels::hamming(&signs, 4, &signs[..4], &mut d);
         let plain: Vec<u32> = signs
             .chunks_exact(4)
-            .map(|s| s.iter().zip(&signs[..4]).map(|(a, b)| (a ^ b).count_ones()).sum())
+            .map(|s| {
+                s.iter()
+                    .zip(&signs[..4])
+                    .map(|(a, b)| (a ^ b).count_ones())
+                    .sum()
+            })
             .collect();
         assert_eq!(d, plain);
         assert_eq!(d[0], 0);
@@ -401,7 +409,10 @@ mod tests {
             for (i, _) in close {
                 let exact = dot(&unit(&query), &unit(&rows[i].1));
                 let (_, cos) = s.iter().find(|s| s.0 == i as u32).expect("kept");
-                assert!((cos - exact).abs() < 1e-5 && *cos > 0.35, "{dims} {i}: {cos}");
+                assert!(
+                    (cos - exact).abs() < 1e-5 && *cos > 0.35,
+                    "{dims} {i}: {cos}"
+                );
             }
         }
     }
