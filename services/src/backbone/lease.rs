@@ -3,11 +3,15 @@
 //!
 //! A lease is advisory: work done under it must stay correct if a stalled former holder still
 //! runs for a moment (the publisher is, through `Nats-Msg-Id` de-duplication).
+//!
+//! [`run_singleton`] is the loop of the periodic singletons (scheduler, request sweeper,
+//! erasures): a round every so often while the lease is held, the lease given up on shutdown.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 pub struct Lease {
     name: String,
@@ -84,4 +88,31 @@ impl Lease {
             .execute(pool)
             .await;
     }
+}
+
+/// Runs `round` every `every` on whichever instance holds the lease `name` (asked for, and
+/// renewed, before each round), until `shutdown`; then gives the lease up. A round's own
+/// failures are its to log; a failed lease check is logged here and the round skipped.
+pub async fn run_singleton<F, Fut>(
+    pool: &PgPool,
+    mut lease: Lease,
+    every: Duration,
+    shutdown: CancellationToken,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    while !shutdown.is_cancelled() {
+        match lease.ensure(pool).await {
+            Ok(true) => round().await,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(lease = %lease.name, error = %e, "lease check failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    lease.release(pool).await;
 }

@@ -9,7 +9,7 @@ use cmb_domain::{Actor, CommandContext};
 use cmb_providers::stripe::Stripe;
 use tokio_util::sync::CancellationToken;
 
-use crate::backbone::lease::Lease;
+use crate::backbone::lease::{run_singleton, Lease};
 use crate::backbone::store::EventStore;
 use crate::usecases::accounts::erasure;
 
@@ -30,32 +30,19 @@ pub struct Erasures {
 impl Erasures {
     pub async fn run(self, shutdown: CancellationToken) {
         let pool = self.store.pool().clone();
-        let mut lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
+        let lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
         let every = (self.retry / 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
-        while !shutdown.is_cancelled() {
-            match lease.ensure(&pool).await {
-                Ok(true) => {
-                    let ctx = CommandContext::for_request(
-                        uuid::Uuid::new_v4().to_string(),
-                        Actor::Worker(LEASE.into()),
-                    );
-                    match erasure::resume(&self.store, &self.stripe, self.retry, BATCH, &ctx).await
-                    {
-                        Ok((0, 0)) => {}
-                        Ok((finished, failing)) => {
-                            tracing::info!(finished, failing, "erasures taken up")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "erasures round failed"),
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "erasures lease check failed"),
+        run_singleton(&pool, lease, every, shutdown, || async {
+            let ctx = CommandContext::for_request(
+                uuid::Uuid::new_v4().to_string(),
+                Actor::Worker(LEASE.into()),
+            );
+            match erasure::resume(&self.store, &self.stripe, self.retry, BATCH, &ctx).await {
+                Ok((0, 0)) => {}
+                Ok((finished, failing)) => tracing::info!(finished, failing, "erasures taken up"),
+                Err(e) => tracing::warn!(error = %e, "erasures round failed"),
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(every) => {}
-            }
-        }
-        lease.release(&pool).await;
+        })
+        .await
     }
 }

@@ -16,7 +16,7 @@ use cmb_domain::{Actor, CommandContext};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::backbone::lease::Lease;
+use crate::backbone::lease::{run_singleton, Lease};
 use crate::backbone::store::EventStore;
 use crate::clock::Clock;
 
@@ -41,30 +41,27 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
-        let mut last_sweep = std::time::Instant::now();
-        while !shutdown.is_cancelled() {
-            match lease.ensure(&self.pool).await {
-                Ok(true) => {
-                    if let Err(e) = self.fire_due().await {
-                        tracing::warn!(error = %e, "scheduler tick failed");
-                    }
-                    if last_sweep.elapsed() >= SWEEP_EVERY {
-                        last_sweep = std::time::Instant::now();
-                        if let Err(e) = self.end_quiet_calls().await {
-                            tracing::warn!(error = %e, "quiet calls sweep failed");
-                        }
-                    }
+        let lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
+        let last_sweep = std::sync::Mutex::new(std::time::Instant::now());
+        run_singleton(&self.pool, lease, self.tick, shutdown, || async {
+            if let Err(e) = self.fire_due().await {
+                tracing::warn!(error = %e, "scheduler tick failed");
+            }
+            let sweep = {
+                let mut last = last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+                let due = last.elapsed() >= SWEEP_EVERY;
+                if due {
+                    *last = std::time::Instant::now();
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "scheduler lease check failed"),
+                due
+            };
+            if sweep {
+                if let Err(e) = self.end_quiet_calls().await {
+                    tracing::warn!(error = %e, "quiet calls sweep failed");
+                }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(self.tick) => {}
-            }
-        }
-        lease.release(&self.pool).await;
+        })
+        .await
     }
 
     /// Fires every call whose time has come. Returns how many were fired.

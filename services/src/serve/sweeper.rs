@@ -8,7 +8,7 @@ use cmb_domain::{Actor, CommandContext};
 use cmb_providers::stripe::Stripe;
 use tokio_util::sync::CancellationToken;
 
-use crate::backbone::lease::Lease;
+use crate::backbone::lease::{run_singleton, Lease};
 use crate::backbone::store::EventStore;
 use crate::usecases::calls::journal;
 
@@ -26,36 +26,26 @@ pub struct Sweeper {
 impl Sweeper {
     pub async fn run(self, shutdown: CancellationToken) {
         let pool = self.store.pool().clone();
-        let mut lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
+        let lease = Lease::new(LEASE, &self.instance_id, self.lease_ttl);
         // Often enough that nothing stays held much past the grace period.
         let every = (self.grace / 4).clamp(Duration::from_millis(500), Duration::from_secs(30));
-        while !shutdown.is_cancelled() {
-            match lease.ensure(&pool).await {
-                Ok(true) => {
-                    let ctx = CommandContext::for_request(
-                        uuid::Uuid::new_v4().to_string(),
-                        Actor::Worker(LEASE.into()),
-                    );
-                    match journal::sweep(&self.store, &self.stripe, self.grace, &ctx).await {
-                        Ok(s) if s.released > 0 || s.completed > 0 => {
-                            tracing::info!(
-                                released = s.released,
-                                completed = s.completed,
-                                "requests swept"
-                            )
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "request sweep failed"),
-                    }
+        run_singleton(&pool, lease, every, shutdown, || async {
+            let ctx = CommandContext::for_request(
+                uuid::Uuid::new_v4().to_string(),
+                Actor::Worker(LEASE.into()),
+            );
+            match journal::sweep(&self.store, &self.stripe, self.grace, &ctx).await {
+                Ok(s) if s.released > 0 || s.completed > 0 => {
+                    tracing::info!(
+                        released = s.released,
+                        completed = s.completed,
+                        "requests swept"
+                    )
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "request sweeper lease check failed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "request sweep failed"),
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(every) => {}
-            }
-        }
-        lease.release(&pool).await;
+        })
+        .await
     }
 }
