@@ -12,21 +12,27 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use super::common::{
-    count_events, create_persona, erase, eventually, read_stream, request_call, transcript_lines,
-    user_with_credits, wait_for_event, Api, TestEnv, PASSWORD,
+    add_document, count_events, create_persona, erase, eventually, read_stream, request_call,
+    transcript_lines, user_with_credits, wait_for_event, Api, TestEnv, PASSWORD,
 };
 
 const SAID: &str = "my neighbour Bartholomew Quince keeps bees";
 const FACT: &str = "Has a sister called Zenobia Marchetti";
 const SUMMARY: &str = "A beekeeper's friend with a sister in Trieste.";
 const OPEN_ITEM: &str = "the plumbing appointment with Gustavsson";
+const PERSONA_NAME: &str = "Privacy Buddy";
+const PERSONA_DESCRIPTION: &str = "Remembers the allotment by the Zwischenbrücke canal.";
+const PERSONA_PROMPT: &str = "You are Privacy Buddy; ask after the Okonkwo-Haraldsen twins.";
+const DOC_TITLE: &str = "Letters from Tante Wilhelmina";
+const CUSTOM_PROMPT: &str = "Call me Captain Fitzwilliam-Oduya and keep it short.";
 const EXTRACTED: &str = r#"{"facts":[{"text":"Has a sister called Zenobia Marchetti","kind":"person"}],"summary":"A beekeeper's friend with a sister in Trieste.","open_items":[{"text":"the plumbing appointment with Gustavsson"}],"closed_items":[]}"#;
 
 /// Where `needle` occurs in the public schema: `table.column` of every text, varchar, json,
 /// jsonb and text[] column holding it.
 async fn find_anywhere(pool: &PgPool, needle: &str) -> Vec<String> {
-    let columns: Vec<(String, String)> = sqlx::query_as(
-        "SELECT table_name::text, column_name::text FROM information_schema.columns
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, data_type::text
+           FROM information_schema.columns
           WHERE table_schema = 'public'
             AND data_type IN ('text', 'character varying', 'json', 'jsonb', 'ARRAY', 'bytea')
             AND table_name IN (SELECT table_name FROM information_schema.tables
@@ -36,15 +42,19 @@ async fn find_anywhere(pool: &PgPool, needle: &str) -> Vec<String> {
     .await
     .unwrap();
     let mut found = Vec::new();
-    for (table, column) in columns {
-        // Names from the catalogue, quoted; the needle is a bound parameter.
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM \"{table}\" WHERE strpos(\"{column}\"::text, $1) > 0"
-        ))
-        .bind(needle)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    for (table, column, data_type) in columns {
+        // Names from the catalogue, quoted; the needle is a bound parameter. A bytea column
+        // (a dead letter's body) is searched for the needle's bytes, not in its hex text.
+        let holds = if data_type == "bytea" {
+            format!("position(convert_to($1, 'UTF8') IN \"{column}\") > 0")
+        } else {
+            format!("strpos(\"{column}\"::text, $1) > 0")
+        };
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{table}\" WHERE {holds}"))
+            .bind(needle)
+            .fetch_one(pool)
+            .await
+            .unwrap();
         if n > 0 {
             found.push(format!("{table}.{column}"));
         }
@@ -111,7 +121,30 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     let stripe = app.sims.stripe.as_ref().unwrap();
     assert_eq!(stripe.customer(&customer).unwrap()["email"], email.as_str());
     assert_eq!(stripe.cards_of(&customer), 1);
-    let persona_id = create_persona(&user, "Privacy Buddy", false).await;
+    // The user's own persona (named, described, prompted, given a document), and their
+    // customisation of a system persona: their texts, personal like their profile.
+    let persona_id = create_persona(&user, PERSONA_NAME, false).await;
+    let updated = user
+        .put(
+            &format!("/api/personas/{persona_id}"),
+            json!({ "description": PERSONA_DESCRIPTION, "system_prompt": PERSONA_PROMPT }),
+        )
+        .await;
+    assert_eq!(updated.status, 200, "{updated:?}");
+    add_document(
+        &user,
+        &persona_id,
+        DOC_TITLE,
+        "Wilhelmina wrote every week about the orchard.",
+    )
+    .await;
+    let customized = user
+        .put(
+            "/api/personas/sarah_001/customization",
+            json!({ "custom_prompt": CUSTOM_PROMPT }),
+        )
+        .await;
+    assert_eq!(customized.status, 200, "{customized:?}");
     app.sims
         .cerebras
         .as_ref()
@@ -168,7 +201,18 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     );
 
     // Nothing personal is in the log in clear: not in Postgres, not on the stream.
-    let personal = [email.as_str(), phone.as_str(), FACT, SUMMARY, OPEN_ITEM];
+    let personal = [
+        email.as_str(),
+        phone.as_str(),
+        FACT,
+        SUMMARY,
+        OPEN_ITEM,
+        PERSONA_NAME,
+        PERSONA_DESCRIPTION,
+        PERSONA_PROMPT,
+        DOC_TITLE,
+        CUSTOM_PROMPT,
+    ];
     for needle in personal {
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM events WHERE strpos(payload::text, $1) > 0")
@@ -187,6 +231,21 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
     .await
     .unwrap();
     assert_eq!(sealed, 1, "the registration's email is sealed");
+    // The card's brand and last four digits too (its Stripe id, not personal, stays clear).
+    let card: Value = sqlx::query_scalar(
+        "SELECT payload -> 'PaymentMethodAttached' -> 'card' FROM events
+          WHERE aggregate_type = 'billing' AND aggregate_id = $1
+            AND event_type = 'PaymentMethodAttached'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(card["brand"]["$sealed"].is_string(), "{card}");
+    assert!(card["last4"]["$sealed"].is_string(), "{card}");
+    assert!(card["payment_method_id"].is_string(), "{card}");
+    let billing = user.get("/api/user/billing").await;
+    assert!(billing.body.to_string().contains("4242"), "{billing:?}");
     let stream = read_stream(&env).await;
     let bodies: Vec<String> = stream
         .iter()
@@ -202,6 +261,15 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
             "{needle:?} is on the stream in clear"
         );
     }
+    let card_on_stream = stream
+        .iter()
+        .find(|e| e.event_type == "PaymentMethodAttached")
+        .map(|e| e.payload["PaymentMethodAttached"]["card"].clone())
+        .expect("the card is on the stream");
+    assert!(
+        card_on_stream["last4"]["$sealed"].is_string(),
+        "{card_on_stream}"
+    );
 
     let before = reconcile(&env, "postgres").await;
     assert!(
@@ -245,6 +313,11 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
         FACT,
         SUMMARY,
         OPEN_ITEM,
+        PERSONA_NAME,
+        PERSONA_DESCRIPTION,
+        PERSONA_PROMPT,
+        DOC_TITLE,
+        CUSTOM_PROMPT,
     ];
     let left = eventually(Duration::from_secs(30), || async {
         let mut left = Vec::new();
@@ -350,6 +423,13 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
     let email = profile["email"].as_str().unwrap().to_string();
     let phone = profile["phone"].as_str().unwrap().to_string();
     let persona_id = create_persona(&user, "Migrated Buddy", false).await;
+    let updated = user
+        .put(
+            &format!("/api/personas/{persona_id}"),
+            json!({ "description": PERSONA_DESCRIPTION }),
+        )
+        .await;
+    assert_eq!(updated.status, 200, "{updated:?}");
     let call_id = request_call(&user, &persona_id, 2).await;
     let pool = app.state.pool.clone();
     assert!(
@@ -371,13 +451,28 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
     .await
     .unwrap();
     let mut clear = 0;
+    let mut registration = None;
     for (aggregate_type, aggregate_id, sequence, event_type, mut payload) in rows {
-        if !cmb_domain::privacy::is_personal(&aggregate_type, &event_type) {
+        if !cmb_domain::privacy::is_personal(&aggregate_type, &event_type)
+            || cmb_domain::privacy::subject(&aggregate_type, &aggregate_id, &event_type, &payload)
+                .is_none()
+        {
+            // Nobody's: a system persona's texts.
             continue;
         }
         keys.open(&aggregate_type, &aggregate_id, &event_type, &mut payload)
             .await
             .unwrap();
+        // An update recorded before persona events carried their owner.
+        if event_type == "PersonaUpdated" {
+            payload["PersonaUpdated"]
+                .as_object_mut()
+                .unwrap()
+                .remove("owner");
+        }
+        if event_type == "UserRegistered" {
+            registration = Some((aggregate_id.clone(), sequence, payload.clone()));
+        }
         sqlx::query(
             "UPDATE events SET payload = $4
               WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
@@ -391,7 +486,27 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
         .unwrap();
         clear += 1;
     }
-    assert!(clear >= 2, "the registration and the call request");
+    assert!(
+        clear >= 4,
+        "the registration, the persona's creation and update, the call request"
+    );
+    // A dead letter holding a copy of the registration, as an older build published it.
+    let (aggregate_id, sequence, payload) = registration.expect("the registration");
+    let letter = json!({
+        "aggregate_type": "user", "aggregate_id": aggregate_id, "sequence": sequence,
+        "event_type": "UserRegistered", "event_version": "1", "payload": payload,
+    });
+    sqlx::query(
+        "INSERT INTO dead_letters (consumer, stream_sequence, aggregate_type, aggregate_id,
+                                   sequence, event_type, deliveries, error, body)
+         VALUES ('projection:test', 1, 'user', $1, $2, 'UserRegistered', 5, 'failed', $3)",
+    )
+    .bind(&aggregate_id)
+    .bind(sequence)
+    .bind(serde_json::to_vec(&letter).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
     b.js.delete_stream(&env.config().stream.stream)
         .await
         .unwrap();
@@ -412,7 +527,8 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
     // The cut-over: sealed in place, the stream rebuilt from the store by the next `serve`.
     let said = privacy_migrate(&env).await;
     assert!(said.contains(&format!("{clear} sealed")), "{said}");
-    for needle in [email.as_str(), phone.as_str()] {
+    assert!(said.contains("1 copies of events sealed"), "{said}");
+    for needle in [email.as_str(), phone.as_str(), PERSONA_DESCRIPTION] {
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM events WHERE strpos(payload::text, $1) > 0")
                 .bind(needle)
@@ -420,7 +536,25 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
                 .await
                 .unwrap();
         assert_eq!(n, 0, "{needle:?} is in an event in clear");
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM dead_letters WHERE position(convert_to($1, 'UTF8') IN body) > 0",
+        )
+        .bind(needle)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 0, "{needle:?} is in a dead letter in clear");
     }
+    // The update got its owner back from the persona's creation, so it could be sealed.
+    let owner: Value = sqlx::query_scalar(
+        "SELECT payload -> 'PersonaUpdated' -> 'owner' FROM events
+          WHERE aggregate_id = $1 AND event_type = 'PersonaUpdated'",
+    )
+    .bind(&persona_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(owner, json!({ "kind": "user", "user_id": id }));
     assert_eq!(reconcile(&env, "postgres").await, before);
     let app = env.spawn_app().await;
     let bodies = stream_caught_up(&env, &pool).await;
@@ -450,6 +584,7 @@ async fn events_written_in_clear_are_sealed_by_the_migration_with_the_same_money
     // Nothing left in clear: a second run seals nothing and keeps the stream.
     let said = privacy_migrate(&env).await;
     assert!(said.contains("0 sealed, 0 erased"), "{said}");
+    assert!(said.contains("0 copies of events sealed"), "{said}");
     assert!(!said.contains("stream was deleted"), "{said}");
     env.cleanup().await;
 }
@@ -534,5 +669,153 @@ async fn what_a_call_taught_is_forgotten_with_its_transcript() {
         .unwrap();
     assert_eq!(again, (0, 0));
     app.stop().await;
+    env.cleanup().await;
+}
+
+/// `callmeback <args>` on `env`'s database and stream with `extra` settings: its stdout, or
+/// its stderr as the error.
+async fn callmeback(
+    env: &TestEnv,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> Result<String, String> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(args)
+        .env_clear()
+        .envs(&env.vars)
+        .envs(extra.iter().copied())
+        .output()
+        .await
+        .expect("callmeback runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_keys_are_stored_wrapped_and_rewrap_moves_them_to_a_new_master_key() {
+    use base64::Engine as _;
+    use callmeback::backbone::keys::{self, Masters};
+    let b64 = |byte: u8| base64::engine::general_purpose::STANDARD.encode([byte; 32]);
+    let (old, new) = (b64(0x11), b64(0x22));
+    let env = TestEnv::new().set("DATA_KEYS_MASTER_KEY", &old);
+    let app = env.spawn_app().await;
+    let pool = app.state.pool.clone();
+    let api = Api::new(app.addr);
+    let (_, wrapped_user) = api.register(PASSWORD).await;
+    let (legacy, legacy_user) = api.register(PASSWORD).await;
+    let ids: Vec<uuid::Uuid> = [&wrapped_user, &legacy_user]
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let under_old = Masters::from_settings(Some(&old), None).unwrap();
+
+    // The table holds each data key wrapped by the master key, never the key itself.
+    let mut clear_keys = Vec::new();
+    for id in &ids {
+        let (stored, clear) = keys::stored_and_clear(&pool, &under_old, *id)
+            .await
+            .unwrap()
+            .expect("a data key");
+        assert_eq!(stored.len(), keys::WRAPPED_LEN);
+        assert!(!stored.windows(32).any(|w| w == clear), "the key in clear");
+        clear_keys.push(clear);
+    }
+    // One key as a build before wrapping stored it: in clear, no master.
+    sqlx::query("UPDATE data_keys SET key = $2, master_id = NULL WHERE user_id = $1")
+        .bind(ids[1])
+        .bind(&clear_keys[1][..])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let legacy_email = legacy_user["email"].as_str().unwrap().to_string();
+    let me = legacy.get("/api/auth/me").await;
+    assert_eq!(me.body["user"]["email"], legacy_email.as_str(), "{me:?}");
+    app.stop().await;
+
+    // Another process with another master key opens nothing.
+    let user_events = |id: uuid::Uuid| {
+        [
+            "replay", "--source", "postgres", "--format", "json", "events", "--user",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .chain([id.to_string()])
+        .collect::<Vec<_>>()
+    };
+    let args0 = user_events(ids[0]);
+    let args0: Vec<&str> = args0.iter().map(String::as_str).collect();
+    let refused = callmeback(&env, &args0, &[("DATA_KEYS_MASTER_KEY", &new)]).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("master key this instance does not have")),
+        "{refused:?}"
+    );
+
+    // Rewrapped by the new master (the old one given to read them), twice: the second run
+    // finds nothing to do.
+    let both = [
+        ("DATA_KEYS_MASTER_KEY", new.as_str()),
+        ("DATA_KEYS_MASTER_KEY_OLD", old.as_str()),
+    ];
+    let said = callmeback(&env, &["privacy", "rewrap", "--batch", "1"], &both)
+        .await
+        .unwrap();
+    assert!(said.contains("2 data keys rewrapped"), "{said}");
+    let said = callmeback(&env, &["privacy", "rewrap"], &both)
+        .await
+        .unwrap();
+    assert!(
+        said.contains("0 data keys rewrapped by the current master key, 2 already"),
+        "{said}"
+    );
+    let under_new = Masters::from_settings(Some(&new), None).unwrap();
+    for (id, clear) in ids.iter().zip(&clear_keys) {
+        let (stored, now) = keys::stored_and_clear(&pool, &under_new, *id)
+            .await
+            .unwrap()
+            .expect("a data key");
+        assert_eq!(stored.len(), keys::WRAPPED_LEN);
+        assert_eq!(&now, clear, "the same data key, wrapped anew");
+        assert!(!stored.windows(32).any(|w| w == clear));
+    }
+
+    // Under the new master alone, the fields open; under the old alone, nothing does.
+    let opened = callmeback(&env, &args0, &[("DATA_KEYS_MASTER_KEY", &new)])
+        .await
+        .unwrap();
+    let wrapped_email = wrapped_user["email"].as_str().unwrap();
+    assert!(opened.contains(wrapped_email), "{opened}");
+    let refused = callmeback(&env, &args0, &[("DATA_KEYS_MASTER_KEY", &old)]).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // Erasure still shreds: the key goes, the fields read erased.
+    let env = env.set("DATA_KEYS_MASTER_KEY", &new);
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let login = api
+        .post(
+            "/api/auth/login",
+            json!({ "email": legacy_email, "password": PASSWORD }),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{login:?}");
+    let legacy = api.with_token(login.body["token"].as_str().unwrap());
+    assert_eq!(erase(&legacy).await.status, 200);
+    app.stop().await;
+    let gone: Option<Vec<u8>> = sqlx::query_scalar("SELECT key FROM data_keys WHERE user_id = $1")
+        .bind(ids[1])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(gone.is_none(), "the data key is destroyed");
+    let args1 = user_events(ids[1]);
+    let args1: Vec<&str> = args1.iter().map(String::as_str).collect();
+    let printed = callmeback(&env, &args1, &[]).await.unwrap();
+    assert!(!printed.contains(&legacy_email), "{printed}");
+    assert!(printed.contains(cmb_domain::privacy::ERASED), "{printed}");
     env.cleanup().await;
 }

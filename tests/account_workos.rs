@@ -114,6 +114,7 @@ async fn workos_links(app: &Running) -> i64 {
         .unwrap()
 }
 
+/// The user's events as stored (their personal fields sealed).
 async fn user_events(app: &Running, user: &Value) -> Vec<(String, Value)> {
     sqlx::query_as(
         "SELECT event_type, payload FROM events
@@ -123,6 +124,23 @@ async fn user_events(app: &Running, user: &Value) -> Vec<(String, Value)> {
     .fetch_all(&app.state.pool)
     .await
     .unwrap()
+}
+
+/// `payload` of the user's event with its personal fields opened.
+async fn opened(app: &Running, user: &Value, event_type: &str, payload: &Value) -> Value {
+    let mut payload = payload.clone();
+    app.state
+        .store
+        .keys()
+        .open(
+            "user",
+            user["id"].as_str().unwrap(),
+            event_type,
+            &mut payload,
+        )
+        .await
+        .unwrap();
+    payload
 }
 
 #[tokio::test]
@@ -246,8 +264,21 @@ async fn an_organisation_signs_in_through_its_sso_connection() {
     let events = user_events(&app, &user).await;
     let (kind, payload) = events.last().unwrap();
     assert_eq!(kind, "SignedInWithWorkos");
+    // The organisation and the WorkOS user are the user's personal data: sealed in the log.
+    assert!(
+        payload["SignedInWithWorkos"]["organization_id"]["$sealed"].is_string(),
+        "{payload}"
+    );
+    let (_, registered) = &events[0];
+    let workos_user = &registered["UserRegisteredWithWorkos"]["workos_user_id"];
+    assert!(workos_user["$sealed"].is_string(), "{registered}");
+    let payload = opened(&app, &user, kind, payload).await;
     assert_eq!(payload["SignedInWithWorkos"]["organization_id"], org);
     assert_eq!(payload["SignedInWithWorkos"]["method"], "SSO");
+    let registered = opened(&app, &user, "UserRegisteredWithWorkos", registered).await;
+    assert!(registered["UserRegisteredWithWorkos"]["workos_user_id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("user_")));
 
     // Outsiders are refused by the connection; malformed requests by us.
     let outsider = begin(&api, &format!("?organization_id={org}")).await;

@@ -28,11 +28,14 @@ pub const SEALED: &str = "$sealed";
 
 /// One personal field of an event's body: a path of object keys, `[]` after a key meaning
 /// "each element of this list" (`facts[].text`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Field {
     pub path: &'static str,
     /// What it reads as without its key.
     pub erased: Erased,
+    /// Personal only when this holds of the event's body (always when `None`): a call's
+    /// persona name is the user's own text for their own persona, not for a system one.
+    pub only_if: Option<fn(&Value) -> bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +59,15 @@ const fn text(path: &'static str) -> Field {
     Field {
         path,
         erased: Erased::Text,
+        only_if: None,
     }
+}
+
+/// The body's `persona_id` is a user's own persona.
+fn of_a_users_persona(body: &Value) -> bool {
+    body.get("persona_id")
+        .and_then(Value::as_str)
+        .is_some_and(|id| !crate::persona::system::is_system_persona(id))
 }
 
 /// Whose data an aggregate's events carry.
@@ -66,9 +77,19 @@ enum Owner {
     AggregateId,
     /// The aggregate id is `<user id>:<rest>` (a memory: [`crate::memory::memory_id`]).
     AggregateIdPrefix,
-    /// The body's `user_id` field, itself never sealed.
-    BodyUserId,
+    /// The user id at this path of the body (itself never sealed); an event without one
+    /// (a system persona's) has no personal fields.
+    Body(&'static str),
 }
+
+/// A persona's texts: personal when the persona is a user's own (`owner.user_id`).
+const PERSONA_TEXTS: &[Field] = &[
+    text("name"),
+    text("description"),
+    text("system_prompt"),
+    text("greeting"),
+    text("tags[]"),
+];
 
 /// Per aggregate type and event type: the personal fields and whose they are.
 const PERSONAL: &[(&str, &str, Owner, &[Field])] = &[
@@ -88,9 +109,63 @@ const PERSONAL: &[(&str, &str, Owner, &[Field])] = &[
         "user",
         "UserRegisteredWithWorkos",
         Owner::AggregateId,
-        &[text("name"), text("email")],
+        &[text("name"), text("email"), text("workos_user_id")],
     ),
-    ("call", "CallRequested", Owner::BodyUserId, &[text("phone")]),
+    (
+        "user",
+        "WorkosLinked",
+        Owner::AggregateId,
+        &[text("workos_user_id")],
+    ),
+    (
+        "user",
+        "SignedInWithWorkos",
+        Owner::AggregateId,
+        &[text("organization_id")],
+    ),
+    (
+        "billing",
+        "PaymentMethodAttached",
+        Owner::AggregateId,
+        &[text("card.brand"), text("card.last4")],
+    ),
+    (
+        "call",
+        "CallRequested",
+        Owner::Body("user_id"),
+        &[
+            text("phone"),
+            Field {
+                path: "persona_name",
+                erased: Erased::Text,
+                only_if: Some(of_a_users_persona),
+            },
+        ],
+    ),
+    (
+        "persona",
+        "PersonaCreated",
+        Owner::Body("owner.user_id"),
+        PERSONA_TEXTS,
+    ),
+    (
+        "persona",
+        "PersonaUpdated",
+        Owner::Body("owner.user_id"),
+        PERSONA_TEXTS,
+    ),
+    (
+        "persona",
+        "KnowledgeDocumentAdded",
+        Owner::Body("owner.user_id"),
+        &[text("title")],
+    ),
+    (
+        "persona_preference",
+        "PersonaCustomized",
+        Owner::Body("user_id"),
+        &[text("customization.custom_prompt")],
+    ),
     (
         "memory",
         "FactsLearned",
@@ -100,6 +175,7 @@ const PERSONAL: &[(&str, &str, Owner, &[Field])] = &[
             Field {
                 path: "facts[].embedding",
                 erased: Erased::EmptyList,
+                only_if: None,
             },
         ],
     ),
@@ -154,9 +230,9 @@ pub fn subject(
         Owner::AggregateIdPrefix => aggregate_id
             .split_once(':')
             .and_then(|(user, _)| Uuid::parse_str(user).ok()),
-        Owner::BodyUserId => payload
-            .get(event_type)?
-            .get("user_id")?
+        Owner::Body(path) => path
+            .split('.')
+            .try_fold(payload.get(event_type)?, |v, key| v.get(key))?
             .as_str()
             .and_then(|s| Uuid::parse_str(s).ok()),
     }
@@ -174,6 +250,9 @@ pub fn each_field(
         return;
     };
     for field in fields(aggregate_type, event_type) {
+        if field.only_if.is_some_and(|applies| !applies(body)) {
+            continue;
+        }
         let steps: Vec<&str> = field.path.split('.').collect();
         visit(body, &steps, &mut |v| each(field, v));
     }
@@ -273,6 +352,52 @@ mod tests {
         let p = json!({"CallRequested": {"user_id": id, "phone": "+14155550123"}});
         assert_eq!(subject("call", "c1", "CallRequested", &p), Some(user));
         assert_eq!(subject("call", "c1", "CallEnded", &p), None);
+        let p = json!({"PersonaCreated": {"owner": {"kind": "user", "user_id": id}}});
+        assert_eq!(subject("persona", "p1", "PersonaCreated", &p), Some(user));
+        let p = json!({"PersonaCreated": {"owner": {"kind": "system"}}});
+        assert_eq!(subject("persona", "p1", "PersonaCreated", &p), None);
+    }
+
+    #[test]
+    fn a_calls_persona_name_is_personal_only_for_a_users_own_persona() {
+        let user = Uuid::now_v7().to_string();
+        let mut seen = Vec::new();
+        let mut p = json!({"CallRequested": {"user_id": user, "phone": "+14155550123",
+            "persona_id": "sarah_001", "persona_name": "Sarah"}});
+        each_field("call", "CallRequested", &mut p, |f, _| seen.push(f.path));
+        assert_eq!(seen, ["phone"]);
+        let mut p = json!({"CallRequested": {"user_id": user, "phone": "+14155550123",
+            "persona_id": Uuid::now_v7().to_string(), "persona_name": "My Aunt Zelda"}});
+        seen.clear();
+        each_field("call", "CallRequested", &mut p, |f, _| seen.push(f.path));
+        assert_eq!(seen, ["phone", "persona_name"]);
+        erase("call", "CallRequested", &mut p);
+        assert_eq!(p["CallRequested"]["persona_name"], ERASED);
+    }
+
+    #[test]
+    fn a_users_persona_and_card_still_decode_erased() {
+        let user = Uuid::now_v7();
+        let mut p = json!({"PersonaCreated": {"owner": {"kind": "user", "user_id": user},
+            "name": "Zelda", "description": "d", "voice_id": "v", "system_prompt": "p",
+            "greeting": "g", "is_public": false, "tags": ["aunt", "family"],
+            "turn_taking": {"endpointing_ms": 500, "silence_hangup_ms": 25000,
+                            "silence_reminder_ms": 10000}}});
+        erase("persona", "PersonaCreated", &mut p);
+        let e: crate::persona::PersonaEvent = serde_json::from_value(p).unwrap();
+        let crate::persona::PersonaEvent::PersonaCreated { name, tags, .. } = e else {
+            panic!("decoded as another event")
+        };
+        assert_eq!((name.as_str(), tags), (ERASED, vec![ERASED.to_string(); 2]));
+        let mut p = json!({"PaymentMethodAttached": {"card": {"payment_method_id": "pm_1",
+            "brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2034}}});
+        erase("billing", "PaymentMethodAttached", &mut p);
+        let e: crate::billing::BillingEvent = serde_json::from_value(p).unwrap();
+        let crate::billing::BillingEvent::PaymentMethodAttached { card } = e else {
+            panic!("decoded as another event")
+        };
+        assert_eq!((card.brand.as_str(), card.last4.as_str()), (ERASED, ERASED));
+        assert_eq!(card.payment_method_id, "pm_1");
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl Projection for Personas {
                 is_public,
                 tags,
                 turn_taking,
+                ..
             } => {
                 sqlx::query(
                     "UPDATE rm_personas SET
@@ -108,7 +109,7 @@ impl Projection for Personas {
                     .execute(db)
                     .await?;
             }
-            PersonaEvent::KnowledgeDocumentAdded { document, at } => {
+            PersonaEvent::KnowledgeDocumentAdded { document, at, .. } => {
                 sqlx::query(
                     "INSERT INTO rm_persona_knowledge (persona_id, document_id, title, format, chars,
                                                        status, added_at, updated_at)

@@ -120,6 +120,13 @@ pub struct Config {
     pub mode: RunMode,
     /// `SIMULATE`: providers run as simulators in production on purpose.
     pub simulate: std::collections::BTreeSet<String>,
+    /// `DATA_KEYS_MASTER_KEY` (base64 of 32 bytes): wraps the per-user data keys
+    /// (`backbone::keys`). Unset, a development key derived from a fixed text (logged at start);
+    /// production refuses to start without it.
+    pub data_keys_master_key: Option<Secret>,
+    /// `DATA_KEYS_MASTER_KEY_OLD`: the master key being replaced, read while
+    /// `callmeback privacy rewrap` moves the data keys to `DATA_KEYS_MASTER_KEY`.
+    pub data_keys_master_key_old: Option<Secret>,
     /// `RATE_LIMITS` (`on`, the default, or `off`): whether the per-route rate limits are
     /// enforced. `off` is for fuzzing a development instance (deploy/schemathesis/run.sh);
     /// production refuses to start with it.
@@ -319,6 +326,12 @@ impl Config {
             }
         };
         let sim = |name: &str| simulate.contains(name);
+        for name in ["DATA_KEYS_MASTER_KEY", "DATA_KEYS_MASTER_KEY_OLD"] {
+            if let Some(v) = get(name) {
+                crate::backbone::keys::MasterKey::parse(&v)
+                    .map_err(|message| ConfigError { name, message })?;
+            }
+        }
         let mut config = Config {
             database_url: get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
             nats_url,
@@ -468,6 +481,8 @@ impl Config {
             mode: RunMode::Development,
             simulate: simulate.clone(),
             rate_limits,
+            data_keys_master_key: get("DATA_KEYS_MASTER_KEY").map(Secret::new),
+            data_keys_master_key_old: get("DATA_KEYS_MASTER_KEY_OLD").map(Secret::new),
         };
         if production || !config.real_keys().is_empty() {
             config.mode = RunMode::Production;

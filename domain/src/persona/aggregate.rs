@@ -64,7 +64,11 @@ impl Persona {
                 title: d.document.title.clone(),
             });
         }
-        Ok(PersonaEvent::KnowledgeDocumentAdded { document, at })
+        Ok(PersonaEvent::KnowledgeDocumentAdded {
+            document,
+            at,
+            owner: self.owner,
+        })
     }
 
     /// Whether document `id` is there and still waiting for its indexing outcome.
@@ -110,6 +114,7 @@ impl Persona {
             (old != &new).then_some(new)
         }
         let event = PersonaEvent::PersonaUpdated {
+            owner: self.owner,
             name: changed(&self.name, d.name),
             description: changed(&self.description, d.description),
             voice_id: changed(&self.voice_id, d.voice_id),
@@ -120,6 +125,7 @@ impl Persona {
             turn_taking: changed(&self.turn_taking, d.turn_taking),
         };
         let unchanged = PersonaEvent::PersonaUpdated {
+            owner: self.owner,
             name: None,
             description: None,
             voice_id: None,
@@ -303,6 +309,7 @@ impl Aggregate for Persona {
                 is_public,
                 tags,
                 turn_taking,
+                ..
             } => {
                 if let Some(v) = name {
                     self.name = v;
@@ -330,7 +337,7 @@ impl Aggregate for Persona {
                 }
             }
             PersonaEvent::PersonaDeleted => self.deleted = true,
-            PersonaEvent::KnowledgeDocumentAdded { document, at } => {
+            PersonaEvent::KnowledgeDocumentAdded { document, at, .. } => {
                 self.knowledge.push(KnowledgeDocument {
                     document,
                     status: DocumentStatus::Indexing,
@@ -458,6 +465,7 @@ mod tests {
                 },
             })
             .then_expect_events(vec![PersonaEvent::PersonaUpdated {
+                owner: Some(Owner::User(owner)),
                 name: None,
                 description: None,
                 voice_id: None,
@@ -501,6 +509,7 @@ mod tests {
         let added = PersonaEvent::KnowledgeDocumentAdded {
             document: doc("d1", "aa"),
             at: at(),
+            owner: Some(Owner::User(owner)),
         };
         Given::with(())
             .given(vec![created(Owner::User(owner), "Coach")])
@@ -538,6 +547,7 @@ mod tests {
             given.push(PersonaEvent::KnowledgeDocumentAdded {
                 document: doc(&format!("d{i}"), &format!("sha{i}")),
                 at: at(),
+                owner: Some(Owner::User(owner)),
             });
         }
         Given::with(())
@@ -558,6 +568,7 @@ mod tests {
         let added = PersonaEvent::KnowledgeDocumentAdded {
             document: doc("d1", "aa"),
             at: at(),
+            owner: Some(Owner::User(owner)),
         };
         let indexed = PersonaEvent::KnowledgeDocumentIndexed {
             document_id: "d1".into(),
@@ -612,10 +623,12 @@ mod tests {
         let old = PersonaEvent::KnowledgeDocumentAdded {
             document: doc("old", "o"),
             at: at(),
+            owner: Some(Owner::System),
         };
         let keep = PersonaEvent::KnowledgeDocumentAdded {
             document: doc("keep", "k"),
             at: at(),
+            owner: Some(Owner::System),
         };
         Given::with(())
             .given(vec![created(Owner::System, "Brad"), old, keep])
@@ -630,6 +643,7 @@ mod tests {
                 PersonaEvent::KnowledgeDocumentAdded {
                     document: doc("new", "n"),
                     at: at(),
+                    owner: Some(Owner::System),
                 },
             ]);
     }

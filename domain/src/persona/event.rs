@@ -19,6 +19,10 @@ pub enum PersonaEvent {
         turn_taking: TurnTaking,
     },
     PersonaUpdated {
+        /// Whose persona (so its texts are sealed under the owner's key, `privacy`); absent
+        /// in updates recorded before it was added (`privacy migrate` adds it to those).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,6 +46,10 @@ pub enum PersonaEvent {
         #[serde(flatten)]
         document: NewDocument,
         at: chrono::DateTime<chrono::Utc>,
+        /// Whose persona (its title is sealed under the owner's key); absent before it was
+        /// added (`privacy migrate` adds it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
     },
     /// Its passages are searchable (`knowledge_passages`); embedding them cost `costs`,
     /// billed to the persona's owner.

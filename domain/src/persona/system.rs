@@ -3,6 +3,14 @@
 use super::command::PersonaDraft;
 use super::rules::TurnTaking;
 
+/// The system personas' ids (those of [`system_personas`]): every other persona is a user's.
+pub const SYSTEM_PERSONA_IDS: [&str; 3] = ["brad_001", "sarah_001", "alex_001"];
+
+/// Whether `id` is a system persona's (not a user's own).
+pub fn is_system_persona(id: &str) -> bool {
+    SYSTEM_PERSONA_IDS.contains(&id)
+}
+
 pub struct SystemPersona {
     pub id: &'static str,
     pub draft: PersonaDraft,
@@ -97,6 +105,7 @@ mod tests {
         let personas = super::system_personas();
         let ids: Vec<_> = personas.iter().map(|p| p.id).collect();
         assert_eq!(ids, ["brad_001", "sarah_001", "alex_001"]);
+        assert_eq!(ids, super::SYSTEM_PERSONA_IDS);
         assert_eq!(personas[1].draft.voice_id, "EXAVITQu4vr4xnSDxMaL");
     }
 }

@@ -301,14 +301,22 @@ pub async fn unfinished(
     .await
 }
 
-/// An erased user's calls keep their money and times but no longer their destination: the
-/// number reads as [`cmb_domain::privacy::ERASED`], as a rebuild (the key destroyed) would
-/// write it. Returns the calls changed.
+/// An erased user's calls keep their money and times but no longer their destination, nor
+/// the name of a persona of their own: those read as [`cmb_domain::privacy::ERASED`], as a
+/// rebuild (the key destroyed) would write them. Returns the calls changed.
 pub async fn forget_phones(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query("UPDATE rm_calls SET phone = $2 WHERE user_id = $1 AND phone <> $2")
-        .bind(user)
-        .bind(cmb_domain::privacy::ERASED)
-        .execute(pool)
-        .await?;
+    let system = &cmb_domain::persona::system::SYSTEM_PERSONA_IDS[..];
+    let done = sqlx::query(
+        "UPDATE rm_calls
+            SET phone = $2,
+                persona_name = CASE WHEN persona_id = ANY($3) THEN persona_name ELSE $2 END
+          WHERE user_id = $1
+            AND (phone <> $2 OR (persona_id <> ALL($3) AND persona_name <> $2))",
+    )
+    .bind(user)
+    .bind(cmb_domain::privacy::ERASED)
+    .bind(system)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected())
 }

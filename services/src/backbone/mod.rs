@@ -25,6 +25,14 @@ pub struct Backbone {
 /// Connects to Postgres (creating the database and applying migrations) and NATS, and
 /// ensures the stream.
 pub async fn connect(config: &Config, pool_size: u32) -> anyhow::Result<Backbone> {
+    // The master keys every data key is wrapped by, before anything reads or writes one.
+    keys::install(
+        keys::Masters::from_settings(
+            config.data_keys_master_key.as_ref().map(|s| s.expose()),
+            config.data_keys_master_key_old.as_ref().map(|s| s.expose()),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
     let pool = db::connect(&config.database_url, pool_size)
         .await
         .context("connecting to Postgres")?;

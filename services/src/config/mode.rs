@@ -162,6 +162,13 @@ impl Config {
                  the endpoint, whsec_…)",
             );
         }
+        if self.data_keys_master_key.is_none() {
+            need(
+                "DATA_KEYS_MASTER_KEY",
+                "not set; the users' data keys would be wrapped by the development master key \
+                 from the source (generate one: openssl rand -base64 32)",
+            );
+        }
         if !self.rate_limits {
             need(
                 "RATE_LIMITS",
@@ -208,7 +215,15 @@ impl Config {
             tracing::warn!("RATE_LIMITS=off: no route is rate limited (for fuzzing only)");
         }
         match self.mode {
-            RunMode::Development => tracing::warn!("{DEVELOPMENT_BANNER}"),
+            RunMode::Development => {
+                tracing::warn!("{DEVELOPMENT_BANNER}");
+                if self.data_keys_master_key.is_none() {
+                    tracing::warn!(
+                        "DATA_KEYS_MASTER_KEY is not set: the users' data keys are wrapped by \
+                         the development master key, derived from a fixed text in the source"
+                    );
+                }
+            }
             RunMode::Production if self.simulate.is_empty() => {
                 tracing::info!("production mode: every provider is real")
             }
@@ -251,7 +266,7 @@ mod tests {
         Config::from_lookup(|k| env.get(k).cloned()).unwrap()
     }
 
-    const GOOD: [(&str, &str); 11] = [
+    const GOOD: [(&str, &str); 12] = [
         ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
         ("TWILIO_AUTH_TOKEN", "a-real-auth-token"),
         ("STRIPE_SECRET_KEY", "sk_live_x"),
@@ -262,6 +277,10 @@ mod tests {
         ("ELEVENLABS_API_KEY", "el"),
         ("JWT_SECRET", "0123456789abcdef0123456789abcdef-long"),
         ("PUBLIC_BASE_URL", "https://callmeback.example"),
+        (
+            "DATA_KEYS_MASTER_KEY",
+            "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=",
+        ),
         ("HTTP_ADDR", "127.0.0.1:0"),
     ];
 
@@ -288,7 +307,11 @@ mod tests {
 
     #[test]
     fn any_real_key_is_production() {
-        for (k, v) in GOOD.iter().filter(|(k, _)| k.ends_with("_KEY")) {
+        // Provider keys (a master key is ours, not a provider's: it says nothing of the mode).
+        let providers = GOOD
+            .iter()
+            .filter(|(k, _)| k.ends_with("_KEY") && !k.starts_with("DATA_KEYS"));
+        for (k, v) in providers {
             assert_eq!(config(&[(k, v)]).mode, RunMode::Production, "{k}");
         }
         assert_eq!(
@@ -350,6 +373,23 @@ mod tests {
         let mut vars = GOOD.to_vec();
         vars.push(("PUBLIC_BASE_URL", "http://callmeback.example"));
         assert!(config(&vars).production_problems()[0].starts_with("PUBLIC_BASE_URL"));
+    }
+
+    #[test]
+    fn a_master_key_that_is_not_32_bytes_of_base64_is_refused() {
+        for bad in ["not base64!", "c2hvcnQ="] {
+            let env: std::collections::HashMap<_, _> =
+                [("DATA_KEYS_MASTER_KEY".to_string(), bad.to_string())].into();
+            let err = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+            assert_eq!(err.name, "DATA_KEYS_MASTER_KEY", "{bad}");
+        }
+        let env: std::collections::HashMap<_, _> = [(
+            "DATA_KEYS_MASTER_KEY_OLD".to_string(),
+            "c2hvcnQ=".to_string(),
+        )]
+        .into();
+        let err = Config::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+        assert_eq!(err.name, "DATA_KEYS_MASTER_KEY_OLD");
     }
 
     #[test]

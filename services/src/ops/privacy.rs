@@ -1,5 +1,6 @@
 //! `callmeback privacy migrate`: the cut-over of events written in clear (by a build before
-//! sealing, README "Privacy") to sealed ones.
+//! sealing, README "Privacy") to sealed ones. `callmeback privacy rewrap`: every data key
+//! wrapped by the current master key ([`crate::backbone::keys::rewrap`]).
 //!
 //! Events are facts and stay the same facts: same aggregate, sequence, type, version, time and
 //! every non-personal field. Only the personal fields the domain lists
@@ -38,6 +39,14 @@ pub enum PrivacyCommand {
         #[arg(long)]
         keep_stream: bool,
     },
+    /// Wrap every user's data key by DATA_KEYS_MASTER_KEY: those under the old master
+    /// (DATA_KEYS_MASTER_KEY_OLD) and those stored in clear by a build before wrapping.
+    /// Runs beside serving instances (given both keys); repeatable and resumable.
+    Rewrap {
+        /// Keys moved per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
 }
 
 /// What a migration did.
@@ -51,6 +60,11 @@ pub struct Migrated {
     pub erased: u64,
     /// Whether the stream was deleted for the next `serve` to republish.
     pub stream_deleted: bool,
+    /// Dead letters whose copy of an event (`dead_letters.body`) was sealed (or erased) the
+    /// same way.
+    pub dead_letters_sealed: u64,
+    /// Dead letters whose body is not an event at all (kept as it is, counted to be looked at).
+    pub dead_letters_unreadable: u64,
 }
 
 /// Whether a personal field of `payload` is still in clear (neither sealed nor erased).
@@ -62,6 +76,40 @@ fn has_clear(aggregate_type: &str, event_type: &str, payload: &mut Value) -> boo
     clear
 }
 
+/// The owner a persona event recorded before events carried it (`PersonaUpdated`,
+/// `KnowledgeDocumentAdded`), from the persona's `PersonaCreated`, added to `payload`; so
+/// that its texts can be sealed under the owner's key. Other events are left as they are.
+async fn add_owner(
+    pool: &PgPool,
+    (aggregate_type, aggregate_id, event_type): (&str, &str, &str),
+    payload: &mut Value,
+) -> anyhow::Result<()> {
+    if aggregate_type != "persona"
+        || !matches!(event_type, "PersonaUpdated" | "KnowledgeDocumentAdded")
+    {
+        return Ok(());
+    }
+    let Some(body) = payload.get_mut(event_type).and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    if body.contains_key("owner") {
+        return Ok(());
+    }
+    let owner: Option<Value> = sqlx::query_scalar(
+        "SELECT payload -> 'PersonaCreated' -> 'owner' FROM events
+          WHERE aggregate_type = 'persona' AND aggregate_id = $1
+            AND event_type = 'PersonaCreated'",
+    )
+    .bind(aggregate_id)
+    .fetch_optional(pool)
+    .await?
+    .flatten();
+    if let Some(owner) = owner {
+        body.insert("owner".into(), owner);
+    }
+    Ok(())
+}
+
 /// Seals one stored payload; `None` when nothing in it was in clear. Checked as the module
 /// says before it is returned.
 async fn reseal(
@@ -70,7 +118,10 @@ async fn reseal(
     payload: &Value,
 ) -> anyhow::Result<Option<(Value, bool)>> {
     let mut original = payload.clone();
-    if !has_clear(aggregate_type, event_type, &mut original) {
+    if !has_clear(aggregate_type, event_type, &mut original)
+        || privacy::subject(aggregate_type, aggregate_id, event_type, &original).is_none()
+    {
+        // Nothing in clear, or nobody's (a system persona's texts).
         return Ok(None);
     }
     let mut sealed = original.clone();
@@ -130,6 +181,8 @@ pub async fn seal_log(pool: &PgPool) -> anyhow::Result<Migrated> {
                 aggregate_id.as_str(),
                 event_type.as_str(),
             );
+            let mut payload = payload;
+            add_owner(pool, id, &mut payload).await?;
             let Some((sealed, erased)) = reseal(&keys, id, &payload).await? else {
                 continue;
             };
@@ -150,12 +203,76 @@ pub async fn seal_log(pool: &PgPool) -> anyhow::Result<Migrated> {
             }
         }
     }
+    seal_dead_letters(pool, &keys, &mut report).await?;
     Ok(report)
+}
+
+/// Seals the copies of events kept in `dead_letters.body` (a message body, the envelope as
+/// published) like those in `events`.
+async fn seal_dead_letters(
+    pool: &PgPool,
+    keys: &Keyring,
+    report: &mut Migrated,
+) -> anyhow::Result<()> {
+    let mut after = i64::MIN;
+    loop {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, body FROM dead_letters WHERE id > $1 AND body IS NOT NULL
+              ORDER BY id LIMIT 500",
+        )
+        .bind(after)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.0;
+        for (id, body) in rows {
+            let Ok(mut envelope) = serde_json::from_slice::<Value>(&body) else {
+                report.dead_letters_unreadable += 1;
+                continue;
+            };
+            let text = |k: &str| envelope.get(k).and_then(Value::as_str).map(str::to_string);
+            let (Some(aggregate_type), Some(aggregate_id), Some(event_type)) = (
+                text("aggregate_type"),
+                text("aggregate_id"),
+                text("event_type"),
+            ) else {
+                report.dead_letters_unreadable += 1;
+                continue;
+            };
+            if !privacy::is_personal(&aggregate_type, &event_type) {
+                continue;
+            }
+            let Some(payload) = envelope.get_mut("payload") else {
+                report.dead_letters_unreadable += 1;
+                continue;
+            };
+            let which = (
+                aggregate_type.as_str(),
+                aggregate_id.as_str(),
+                event_type.as_str(),
+            );
+            add_owner(pool, which, payload).await?;
+            let Some((sealed, _)) = reseal(keys, which, payload).await? else {
+                continue;
+            };
+            *payload = sealed;
+            sqlx::query("UPDATE dead_letters SET body = $2, updated_at = now() WHERE id = $1")
+                .bind(id)
+                .bind(serde_json::to_vec(&envelope)?)
+                .execute(pool)
+                .await?;
+            report.dead_letters_sealed += 1;
+        }
+    }
+    Ok(())
 }
 
 /// `callmeback privacy …`.
 pub async fn run(config: Config, command: PrivacyCommand) -> anyhow::Result<()> {
-    let PrivacyCommand::Migrate { keep_stream } = command;
+    let keep_stream = match command {
+        PrivacyCommand::Migrate { keep_stream } => keep_stream,
+        PrivacyCommand::Rewrap { batch } => return rewrap(&config, batch).await,
+    };
     let b = crate::backbone::connect(&config, 2).await?;
     let mut lease = Lease::new(
         PUBLISHER,
@@ -188,11 +305,29 @@ pub async fn run(config: Config, command: PrivacyCommand) -> anyhow::Result<()> 
         "examined {} events with personal fields: {} sealed, {} erased (owner already erased)",
         report.examined, report.sealed, report.erased
     );
+    println!(
+        "dead letters: {} copies of events sealed, {} bodies that are not events left as they are",
+        report.dead_letters_sealed, report.dead_letters_unreadable
+    );
     if report.stream_deleted {
         println!(
             "the stream was deleted: start one `callmeback serve`; its publisher republishes \
              the whole log, sealed, in commit order"
         );
     }
+    Ok(())
+}
+
+async fn rewrap(config: &Config, batch: i64) -> anyhow::Result<()> {
+    if config.data_keys_master_key.is_none() {
+        tracing::warn!("DATA_KEYS_MASTER_KEY is not set: wrapping by the development master key");
+    }
+    let b = crate::backbone::connect(config, 2).await?;
+    let masters = crate::backbone::keys::masters();
+    let done = crate::backbone::keys::rewrap(&b.pool, &masters, batch.max(1)).await?;
+    println!(
+        "{} data keys rewrapped by the current master key, {} already under it",
+        done.rewrapped, done.already
+    );
     Ok(())
 }
