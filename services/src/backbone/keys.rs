@@ -297,6 +297,17 @@ fn aad(user: Uuid, aggregate_type: &str, event_type: &str, path: &str) -> String
     format!("{user}/{aggregate_type}/{event_type}/{path}")
 }
 
+/// A `data_keys` row: the key as stored (`None` once destroyed) and the id of the master that
+/// wrapped it (`None` for a key stored in clear by a build before wrapping).
+type StoredKey = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+async fn stored_row(pool: &PgPool, user: Uuid) -> Result<Option<StoredKey>, sqlx::Error> {
+    sqlx::query_as("SELECT key, master_id FROM data_keys WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(pool)
+        .await
+}
+
 /// The data keys, in Postgres, wrapped by the process's master keys.
 #[derive(Clone)]
 pub struct Keyring {
@@ -316,12 +327,7 @@ impl Keyring {
 
     /// `user`'s key as stored: `None` when there is none yet.
     async fn stored(&self, user: Uuid) -> Result<Option<DataKey>, KeyError> {
-        let row: Option<(Option<Vec<u8>>, Option<Vec<u8>>)> =
-            sqlx::query_as("SELECT key, master_id FROM data_keys WHERE user_id = $1")
-                .bind(user)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(match row {
+        Ok(match stored_row(&self.pool, user).await? {
             None => None,
             Some((None, _)) => Some(DataKey::Erased),
             Some((Some(stored), master)) => Some(data_key(&self.masters.unwrap(
@@ -584,12 +590,7 @@ pub async fn stored_and_clear(
     masters: &Masters,
     user: Uuid,
 ) -> Result<Option<(Vec<u8>, [u8; 32])>, KeyError> {
-    let row: Option<(Option<Vec<u8>>, Option<Vec<u8>>)> =
-        sqlx::query_as("SELECT key, master_id FROM data_keys WHERE user_id = $1")
-            .bind(user)
-            .fetch_optional(pool)
-            .await?;
-    let Some((Some(stored), master)) = row else {
+    let Some((Some(stored), master)) = stored_row(pool, user).await? else {
         return Ok(None);
     };
     let clear = masters.unwrap(user, &stored, master.as_deref())?;
