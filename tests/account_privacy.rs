@@ -276,8 +276,27 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
         before["per_user"][&id].is_object(),
         "the user's call is reconciled: {before}"
     );
+    let live_keys = |pool: PgPool, id: String| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM data_keys WHERE user_id = $1::uuid AND key IS NOT NULL)
+                  + (SELECT count(*) FROM memory_keys WHERE user_id = $1::uuid AND key IS NOT NULL)",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert!(
+        live_keys(pool.clone(), id.clone()).await >= 2,
+        "the user's key and their call's memory key"
+    );
     let erased = erase(&user).await;
     assert_eq!(erased.status, 200, "{erased:?}");
+    assert_eq!(
+        live_keys(pool.clone(), id.clone()).await,
+        0,
+        "every key destroyed"
+    );
     // The Stripe customer is deleted, its card detached.
     assert_eq!(erased.body["stripe_customer_deleted"], true, "{erased:?}");
     let at_stripe = stripe.customer(&customer).unwrap();
@@ -630,6 +649,27 @@ async fn what_a_call_taught_is_forgotten_with_its_transcript() {
         "a fact, an open item and a summary were learned"
     );
 
+    // What was learned is sealed under the call's own key, not the user's.
+    let learned: Value = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE aggregate_type = 'memory' AND event_type = 'FactsLearned'
+            AND aggregate_id LIKE $1 || ':%'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let text = &learned["FactsLearned"]["facts"][0]["text"]["$sealed"];
+    assert!(
+        text.as_str().is_some_and(|t| t.starts_with("c:")),
+        "{learned}"
+    );
+    let export = user.get("/api/user/export").await;
+    assert_eq!(export.status, 200);
+    assert!(
+        export.body.to_string().contains(FACT),
+        "the export holds what was learned"
+    );
+
     // Inside the retention nothing goes.
     let store = &app.state.store;
     let (lines, forgotten) = callmeback::serve::transcripts::apply_retention(store, 30)
@@ -642,6 +682,7 @@ async fn what_a_call_taught_is_forgotten_with_its_transcript() {
         "UPDATE rm_memory_facts SET at = at - interval '40 days'",
         "UPDATE rm_memory_open_items SET at = at - interval '40 days'",
         "UPDATE rm_memory_summary SET updated_at = updated_at - interval '40 days'",
+        "UPDATE memory_keys SET created_at = created_at - interval '40 days'",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
@@ -663,6 +704,47 @@ async fn what_a_call_taught_is_forgotten_with_its_transcript() {
     for needle in [FACT, SUMMARY, OPEN_ITEM] {
         assert!(!memory.contains(needle), "{memory}");
     }
+    // Nor can it be read back from the log: the call's key is gone, the user's is not.
+    let keys_left: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT key FROM memory_keys WHERE user_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(keys_left.is_none(), "the call's key is destroyed");
+    let mut opened = learned.clone();
+    let memory_id: String = sqlx::query_scalar(
+        "SELECT aggregate_id FROM events WHERE aggregate_type = 'memory'
+            AND event_type = 'FactsLearned' AND aggregate_id LIKE $1 || ':%'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    store
+        .keys()
+        .open("memory", &memory_id, "FactsLearned", &mut opened)
+        .await
+        .unwrap();
+    assert_eq!(
+        opened["FactsLearned"]["facts"][0]["text"],
+        cmb_domain::privacy::ERASED
+    );
+    let export = user.get("/api/user/export").await;
+    assert_eq!(export.status, 200);
+    for needle in [FACT, SUMMARY, OPEN_ITEM] {
+        assert!(
+            !export.body.to_string().contains(needle),
+            "{needle:?} exported"
+        );
+    }
+    assert!(
+        export
+            .body
+            .to_string()
+            .contains(profile["email"].as_str().unwrap()),
+        "the user's own data still opens"
+    );
     // Repeatable: nothing more to forget.
     let again = callmeback::serve::transcripts::apply_retention(store, 30)
         .await

@@ -238,6 +238,25 @@ pub fn subject(
     }
 }
 
+/// The call whose transcript an event's personal fields were learned from (what personas
+/// remember: facts, summary, open items), sealed under a key of that call's so that they go
+/// with the transcript's retention; `None` for every other event.
+pub fn call_scope(aggregate_type: &str, event_type: &str, payload: &Value) -> Option<Uuid> {
+    if aggregate_type != "memory"
+        || !matches!(
+            event_type,
+            "FactsLearned" | "SummaryRewritten" | "OpenItemOpened"
+        )
+    {
+        return None;
+    }
+    payload
+        .get(event_type)?
+        .get("call_id")?
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+}
+
 /// Calls `each` with every personal field present in `payload` (absent and `null` ones are
 /// skipped), the field's description first.
 pub fn each_field(

@@ -79,7 +79,9 @@ pub async fn purge(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
 }
 
 /// The transcripts' retention, hourly: lines older than `days` days are deleted, and with
-/// them what personas learned from those calls (`usecases::memory::expire`). Returns the lines
+/// them what personas learned from those calls: forgotten by the memories
+/// (`usecases::memory::expire`), and the keys it was sealed under in the log destroyed
+/// (`Keyring::expire_calls`), so it cannot be read back from events either. Returns the lines
 /// deleted and the memory items forgotten.
 pub async fn apply_retention(
     store: &crate::backbone::store::EventStore,
@@ -88,5 +90,6 @@ pub async fn apply_retention(
     let lines = purge(store.pool(), days).await?;
     let before = Utc::now() - chrono::Duration::days(i64::from(days));
     let forgotten = crate::usecases::memory::expire(store, before).await?;
+    store.keys().expire_calls(before).await?;
     Ok((lines, forgotten))
 }
