@@ -130,6 +130,31 @@ impl TtsSettings {
     fn chunk_time(&self) -> Duration {
         Duration::from_secs_f64(CHUNK_MS as f64 / 1000.0 / f64::from(self.realtime_factor))
     }
+    /// How long the next chunk takes to come: the first byte's latency for a context's first
+    /// chunk, then one chunk's production time.
+    fn wait_for_chunk(&self, first: &mut bool) -> Duration {
+        if std::mem::take(first) {
+            self.first_byte
+        } else {
+            self.chunk_time()
+        }
+    }
+}
+
+/// One chunk of speech as ElevenLabs frames it: the audio in base64 and its character
+/// alignment (given twice, as `alignment` and `normalizedAlignment`), plus the socket's own
+/// field (`isFinal` on a single stream, `contextId` on the multi-context one).
+fn audio_frame(chunk: &AudioChunk, (key, value): (&str, Value)) -> Message {
+    let alignment = json!({
+        "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": chunk.durations,
+    });
+    let mut frame = json!({
+        "audio": BASE64.encode(&chunk.audio),
+        "normalizedAlignment": alignment,
+        "alignment": alignment,
+    });
+    frame[key] = value;
+    Message::Text(frame.to_string().into())
 }
 
 /// ElevenLabs' premade voices (id, name, gender, accent).
@@ -529,24 +554,9 @@ async fn run_stream_input(
             && !buffer.trim().is_empty()
         {
             for chunk in speak(&std::mem::take(&mut buffer), &mut sample, tts.ms_per_char) {
-                let wait = if first {
-                    tts.first_byte
-                } else {
-                    tts.chunk_time()
-                };
-                first = false;
-                tokio::time::sleep(wait).await;
-                let alignment = json!({
-                    "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": chunk.durations,
-                });
-                let frame = json!({
-                    "audio": BASE64.encode(&chunk.audio),
-                    "isFinal": false,
-                    "normalizedAlignment": alignment,
-                    "alignment": alignment,
-                });
+                tokio::time::sleep(tts.wait_for_chunk(&mut first)).await;
                 if socket
-                    .send(Message::Text(frame.to_string().into()))
+                    .send(audio_frame(&chunk, ("isFinal", json!(false))))
                     .await
                     .is_err()
                 {

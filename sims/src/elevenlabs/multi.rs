@@ -9,12 +9,10 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{api_key, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY};
+use super::{api_key, audio_frame, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY};
 
 /// What the sockets did, for tests and benchmarks.
 impl super::ElevenLabsSim {
@@ -245,23 +243,11 @@ async fn generate(
         match job {
             Generate::Speak(text) => {
                 for chunk in speak(&text, &mut sample, tts.ms_per_char) {
-                    let wait = if first {
-                        tts.first_byte
-                    } else {
-                        tts.chunk_time()
-                    };
-                    first = false;
-                    tokio::time::sleep(wait).await;
-                    let alignment = json!({
-                        "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": chunk.durations,
-                    });
-                    let frame = json!({
-                        "audio": BASE64.encode(&chunk.audio),
-                        "normalizedAlignment": alignment,
-                        "alignment": alignment,
-                        "contextId": context,
-                    });
-                    if out.send(Message::Text(frame.to_string().into())).is_err() {
+                    tokio::time::sleep(tts.wait_for_chunk(&mut first)).await;
+                    if out
+                        .send(audio_frame(&chunk, ("contextId", json!(context))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
