@@ -16,11 +16,11 @@ pub async fn handle(store: EventStore, event: EventEnvelope) -> Result<(), Failu
     let Some(PersonaEvent::PersonaDeleted) = decode(&event)? else {
         return Ok(());
     };
-    Ok(remove_everywhere(&store, &event).await?)
+    remove_everywhere(&store, &event).await
 }
 
 /// Takes the deleted persona of `event` out of every contact list that holds it.
-async fn remove_everywhere(store: &EventStore, event: &EventEnvelope) -> anyhow::Result<()> {
+async fn remove_everywhere(store: &EventStore, event: &EventEnvelope) -> Result<(), Failure> {
     let persona_id = &event.aggregate_id;
     let holders: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT aggregate_id FROM events
@@ -40,7 +40,9 @@ async fn remove_everywhere(store: &EventStore, event: &EventEnvelope) -> anyhow:
         store
             .execute::<Contacts>(&user, command, &ctx)
             .await
-            .map_err(|e| anyhow::anyhow!("removing {persona_id} from {user}'s contacts: {e}"))?;
+            .map_err(|e| {
+                Failure::retry(format!("removing {persona_id} from {user}'s contacts"), e)
+            })?;
     }
     Ok(())
 }

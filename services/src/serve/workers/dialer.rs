@@ -63,6 +63,12 @@ fn created_at(call: &CallResource) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
+/// The call's id as the typed id; a message about anything else can never be handled.
+fn call_id(id: &str) -> Result<CallId, Failure> {
+    id.parse()
+        .map_err(|e| Failure::skip(format!("{id} is not a call id: {e}")))
+}
+
 /// How long a dial attempt may be in flight at Twilio (the HTTP client's timeout and a
 /// margin): before that, an attempt whose outcome is unknown may belong to a handler still
 /// waiting for Twilio's answer, so nobody else dials.
@@ -74,7 +80,7 @@ impl Dialer {
     pub async fn handle(&self, event: EventEnvelope) -> Result<(), Failure> {
         match decode::<CallEvent>(&event)? {
             Some(CallEvent::CallRequested { .. } | CallEvent::ScheduledCallFired { .. }) => {
-                Ok(self.place(&event).await?)
+                self.place(&event).await
             }
             _ => Ok(()),
         }
@@ -84,7 +90,7 @@ impl Dialer {
     /// (`StartDial { attempt: N }`) asks Twilio for it; a handler that finds an attempt whose
     /// outcome is unknown waits for it (up to [`IN_FLIGHT`]) and then looks for it at Twilio
     /// before dialling again.
-    async fn place(&self, event: &EventEnvelope) -> anyhow::Result<()> {
+    async fn place(&self, event: &EventEnvelope) -> Result<(), Failure> {
         let id = event.aggregate_id.clone();
         let ctx = CommandContext::caused_by(event, Actor::Worker(NAME.into()));
         // Another handler may take the attempt between our read and our write: read again.
@@ -96,7 +102,7 @@ impl Dialer {
             let phone = call
                 .phone
                 .clone()
-                .ok_or_else(|| anyhow::anyhow!("call {id} has no phone"))?;
+                .ok_or_else(|| Failure::skip(format!("call {id} has no phone")))?;
             if call.dial_attempts == 0 {
                 if let Some(reason) = self.refusal(&id, &call, &phone).await? {
                     tracing::warn!(call = %id, %reason, "call refused before dialling");
@@ -134,15 +140,15 @@ impl Dialer {
                     &ctx,
                 )
                 .await
-                .map_err(|e| anyhow::anyhow!("recording on call {id}: {e}"))?;
+                .map_err(|e| Failure::retry(format!("recording on call {id}"), e))?;
             if started.events == 0 {
                 continue; // another handler recorded this attempt: it dials, not us
             }
             crate::faults::crash_point("dialer.after_attempt");
             return self.dial(&id, &call, attempt, phone.as_str(), &ctx).await;
         }
-        Err(anyhow::anyhow!(
-            "call {id}: other handlers keep taking the dial attempt"
+        Err(Failure::Retry(
+            format!("call {id}: other handlers keep taking the dial attempt").into(),
         ))
     }
 
@@ -153,14 +159,14 @@ impl Dialer {
         id: &str,
         call: &Call,
         phone: &cmb_domain::values::PhoneNumber,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> Result<Option<String>, Failure> {
         if let Err(refused) = self.policy.destination(phone) {
             return Ok(Some(refused.to_string()));
         }
-        let call_id: CallId = id.parse()?;
+        let call_id = call_id(id)?;
         let user: UserId = call
             .user_id
-            .ok_or_else(|| anyhow::anyhow!("call {id} has no user"))?
+            .ok_or_else(|| Failure::skip(format!("call {id} has no user")))?
             .into();
         let pool = self.store.pool();
         if call.scheduled_for.is_some() && !active::claim(pool, user, call_id).await? {
@@ -185,7 +191,7 @@ impl Dialer {
         attempt: u32,
         phone: &str,
         ctx: &CommandContext,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Failure> {
         let request = CreateCall {
             to: phone.to_string(),
             from: self.from.clone(),
@@ -212,8 +218,9 @@ impl Dialer {
                 // Twilio may have placed it before the connection failed: the attempt stays
                 // open, and the redelivery looks for it at Twilio before dialling again.
                 tracing::warn!(call = %id, attempt, error = %e, "dialling: no answer from Twilio");
-                Err(anyhow::anyhow!(
-                    "attempt {attempt}: no answer from Twilio: {e}"
+                Err(Failure::retry(
+                    format!("attempt {attempt}: no answer from Twilio"),
+                    e,
                 ))
             }
             Err(e) => {
@@ -233,7 +240,7 @@ impl Dialer {
                     Ok(())
                 } else {
                     // Redelivered later (with backoff), which tries again.
-                    Err(anyhow::anyhow!("attempt {attempt} failed: {e}"))
+                    Err(Failure::retry(format!("attempt {attempt} failed"), e))
                 }
             }
         }
@@ -242,7 +249,7 @@ impl Dialer {
     /// An attempt whose outcome is unknown: its handler may still be waiting for Twilio (its
     /// `initiated` callback may be on the way), or it died after asking. Waits for the outcome
     /// while the attempt may be in flight, then looks for the call at Twilio.
-    async fn open_attempt(&self, id: &str, call: &Call, phone: &str) -> anyhow::Result<Open> {
+    async fn open_attempt(&self, id: &str, call: &Call, phone: &str) -> Result<Open, Failure> {
         let since = call.last_attempt_at.unwrap_or_else(|| self.clock.now());
         let age = (self.clock.now() - since).to_std().unwrap_or_default();
         let deadline = tokio::time::Instant::now() + IN_FLIGHT.saturating_sub(age);
@@ -265,11 +272,11 @@ impl Dialer {
         }
     }
 
-    async fn load(&self, id: &str) -> anyhow::Result<(Call, u64)> {
+    async fn load(&self, id: &str) -> Result<(Call, u64), Failure> {
         self.store
             .load::<Call>(id)
             .await
-            .map_err(|e| anyhow::anyhow!("loading call {id}: {e}"))
+            .map_err(|e| Failure::retry(format!("loading call {id}"), e))
     }
 
     async fn record(
@@ -277,12 +284,12 @@ impl Dialer {
         id: &str,
         command: CallCommand,
         ctx: &CommandContext,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Failure> {
         self.store
             .execute::<Call>(id, command, ctx)
             .await
             .map(|_| ())
-            .map_err(|e| anyhow::anyhow!("recording on call {id}: {e}"))
+            .map_err(|e| Failure::retry(format!("recording on call {id}"), e))
     }
 
     /// A call Twilio placed for an earlier attempt (made at `since`) whose answer we never
@@ -292,14 +299,14 @@ impl Dialer {
         id: &str,
         since: DateTime<Utc>,
         phone: &str,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> Result<Option<String>, Failure> {
         let listed = self
             .twilio
             .list_calls_to(phone, since.date_naive())
             .await
-            .map_err(|e| anyhow::anyhow!("listing calls at Twilio: {e}"))?;
+            .map_err(|e| Failure::retry("listing calls at Twilio", e))?;
         let sids: Vec<String> = listed.iter().map(|c| c.sid.clone()).collect();
-        let known = sids::taken_by_others(self.store.pool(), &sids, id.parse()?).await?;
+        let known = sids::taken_by_others(self.store.pool(), &sids, call_id(id)?).await?;
         let window = since - chrono::Duration::seconds(5);
         Ok(listed
             .into_iter()

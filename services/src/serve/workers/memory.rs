@@ -41,26 +41,28 @@ impl MemoryWorker {
         let Some(CallEvent::VoiceSessionEnded { .. }) = decode(&event)? else {
             return Ok(());
         };
-        Ok(self.digest_call(&event).await?)
+        self.digest_call(&event).await
     }
 
     /// Extracts what the call taught and records it on the memory (once per call).
-    async fn digest_call(&self, event: &EventEnvelope) -> anyhow::Result<()> {
+    async fn digest_call(&self, event: &EventEnvelope) -> Result<(), Failure> {
         let call_id = event.aggregate_id.clone();
         let ctx = CommandContext::caused_by(event, Actor::Worker(NAME.into()));
         let (call, _) = self
             .store
             .load::<Call>(&call_id)
             .await
-            .map_err(|e| anyhow::anyhow!("loading call {call_id}: {e}"))?;
+            .map_err(|e| Failure::retry(format!("loading call {call_id}"), e))?;
         let (Some(user), Some(persona)) = (call.user_id, call.persona_id.clone()) else {
-            anyhow::bail!("call {call_id} has no owner or persona");
+            return Err(Failure::skip(format!(
+                "call {call_id} has no owner or persona"
+            )));
         };
         let (pref, _) = self
             .store
             .load::<Preference>(&preference_id(user, &persona))
             .await
-            .map_err(|e| anyhow::anyhow!("loading the preference: {e}"))?;
+            .map_err(|e| Failure::retry("loading the preference", e))?;
         if !pref.customization.unwrap_or_default().memory_enabled {
             return Ok(());
         }
@@ -69,18 +71,18 @@ impl MemoryWorker {
             .store
             .load::<Memory>(&id)
             .await
-            .map_err(|e| anyhow::anyhow!("loading memory {id}: {e}"))?;
+            .map_err(|e| Failure::retry(format!("loading memory {id}"), e))?;
         if memory.digested.contains(&call_id) {
             return Ok(());
         }
-        let lines =
-            crate::serve::transcripts::lines(self.store.pool(), uuid::Uuid::parse_str(&call_id)?)
-                .await?;
+        let call_uuid = uuid::Uuid::parse_str(&call_id)
+            .map_err(|e| Failure::skip(format!("{call_id} is not a call id: {e}")))?;
+        let lines = crate::serve::transcripts::lines(self.store.pool(), call_uuid).await?;
         let execute = |command: MemoryCommand| async {
             self.store
                 .execute::<Memory>(&id, command, &ctx)
                 .await
-                .map_err(|e| anyhow::anyhow!("recording memory {id}: {e}"))
+                .map_err(|e| Failure::retry(format!("recording memory {id}"), e))
         };
         if !lines
             .iter()
@@ -102,7 +104,10 @@ impl MemoryWorker {
                 Err(e) => {
                     // Nothing usable from either LLM: try the whole message again later.
                     self.record_costs(&call_id, &call, &spent, 0, &ctx).await;
-                    anyhow::bail!("memory extraction for {call_id}: {e}");
+                    return Err(Failure::retry(
+                        format!("memory extraction for {call_id}"),
+                        e,
+                    ));
                 }
             };
             match extraction::parse(&answer) {
@@ -144,7 +149,7 @@ impl MemoryWorker {
         memory: &Memory,
         x: Extraction,
         at: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<(Digest, i64)> {
+    ) -> Result<(Digest, i64), Failure> {
         // A fact already remembered word for word is not learned again.
         let known: Vec<String> = memory
             .facts
@@ -161,7 +166,7 @@ impl MemoryWorker {
             .embeddings
             .embed(&texts)
             .await
-            .map_err(|e| anyhow::anyhow!("embedding facts: {e}"))?;
+            .map_err(|e| Failure::retry("embedding facts", e))?;
         let facts = new
             .into_iter()
             .zip(embedded.vectors)

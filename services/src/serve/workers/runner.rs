@@ -51,14 +51,42 @@ pub fn decode<E: serde::de::DeserializeOwned>(event: &EventEnvelope) -> Result<O
     })
 }
 
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure::Retry(e.into())
+impl Failure {
+    /// A step that may pass later: `doing` says which (`"loading call c-…"`), and `cause`
+    /// stays the error's source, so the log keeps the whole chain.
+    pub fn retry(
+        doing: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Failure::Retry(Box::new(Step {
+            doing: doing.into(),
+            cause: cause.into(),
+        }))
     }
+
+    /// A message that can never be handled, and why.
+    pub fn skip(why: impl Into<String>) -> Self {
+        Failure::Skip(why.into().into())
+    }
+}
+
+/// What a handler was doing when `cause` stopped it.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}: {cause}")]
+pub struct Step {
+    doing: String,
+    #[source]
+    cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
+        Failure::Retry(Box::new(e))
+    }
+}
+
+impl From<crate::usecases::knowledge::IndexError> for Failure {
+    fn from(e: crate::usecases::knowledge::IndexError) -> Self {
         Failure::Retry(Box::new(e))
     }
 }

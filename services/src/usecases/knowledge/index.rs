@@ -8,12 +8,13 @@ use cmb_domain::cost::{Cost, CostKind};
 use cmb_domain::knowledge::rank::PassageIn;
 use cmb_domain::knowledge::split::{self, Passage};
 use cmb_domain::knowledge::DocumentStatus;
-use cmb_domain::persona::{Owner, Persona, PersonaCommand};
+use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaError};
+use cmb_domain::pricing::PricingError;
 use cmb_domain::CommandContext;
 use cmb_providers::embeddings::Embeddings;
 use sqlx::PgPool;
 
-use crate::backbone::store::EventStore;
+use crate::backbone::store::{CommandError, EventStore};
 
 /// Passages embedded per request.
 const BATCH: usize = 64;
@@ -33,15 +34,27 @@ pub enum IndexOutcome {
     },
 }
 
+/// Why a document could not be indexed now: each is worth a retry (the store, the database
+/// or the price list was unavailable); a document that can never be indexed is not an error
+/// but [`IndexOutcome::Failed`].
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("loading or recording on the persona: {0}")]
+    Persona(#[from] CommandError<PersonaError>),
+    #[error("reading or writing the passages: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("loading prices: {0}")]
+    Prices(#[from] CommandError<PricingError>),
+}
+
 /// Indexes document `document_id` of persona `persona_id`, if it is still waiting for it.
-/// An error is worth a retry (the store or database was unavailable).
 pub async fn index_document(
     store: &EventStore,
     embeddings: &Embeddings,
     persona_id: &str,
     document_id: &str,
     ctx: &CommandContext,
-) -> anyhow::Result<IndexOutcome> {
+) -> Result<IndexOutcome, IndexError> {
     let (persona, _) = store.load::<Persona>(persona_id).await?;
     let waiting = persona.exists()
         && persona
@@ -74,9 +87,7 @@ pub async fn index_document(
     let (vectors, tokens) = embed_all(embeddings, &passages).await;
     let embedded = vectors.is_some();
     write_passages(store.pool(), persona_id, document_id, &passages, vectors).await?;
-    let prices = crate::usecases::prices::current(store, chrono::Utc::now())
-        .await
-        .map_err(|e| anyhow::anyhow!("loading prices: {e}"))?;
+    let prices = crate::usecases::prices::current(store, chrono::Utc::now()).await?;
     let costs: Vec<Cost> = (tokens > 0)
         .then(|| prices.cost(CostKind::KnowledgeEmbeddingTokens, tokens as i64, false))
         .into_iter()

@@ -20,7 +20,9 @@ use uuid::Uuid;
 use crate::backbone::store::{CommandError, Committed, EventStore};
 use crate::usecases::personas;
 
-pub use index::{drop_passages, index_document, passages, IndexOutcome, LoadedPassages};
+pub use index::{
+    drop_passages, index_document, passages, IndexError, IndexOutcome, LoadedPassages,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
