@@ -385,9 +385,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let mut rows = Vec::new();
             for n in calls {
                 let f = crate::ops::bench_voice::run(&config, n, seconds, knowledge).await?;
+                let cpu = f
+                    .cpu_pct_per_call
+                    .map_or("not sampled".into(), |c| format!("{c:.3} % per call"));
                 eprintln!(
-                    "{n} calls: net p99 {:.1} ms, jitter p99 {:.1} ms, CPU {:.3} % per call",
-                    f.net_p99_ms, f.jitter_p99_ms, f.cpu_pct_per_call
+                    "{n} calls: net p99 {:.1} ms, jitter p99 {:.1} ms, CPU {cpu}",
+                    f.net_p99_ms, f.jitter_p99_ms
                 );
                 rows.push(f);
             }

@@ -68,12 +68,13 @@ pub struct Figures {
     /// How late this process sent the silence frame that ended a measured turn (p99), taken
     /// off that turn's reply latency.
     pub bench_endpoint_late_p99_ms: f64,
-    /// serve's CPU while at least 90 % of the calls were up, in % of one core per call.
-    pub cpu_pct_per_call: f64,
+    /// serve's CPU while at least 90 % of the calls were up, in % of one core per call;
+    /// `None` when they never were (the calls too short for that many): not sampled.
+    pub cpu_pct_per_call: Option<f64>,
     pub cpu_window_s: f64,
     /// serve's resident memory: the peak while the calls were up less before they were placed,
-    /// per call; and the peak.
-    pub rss_mib_per_call: f64,
+    /// per call (`None`: not sampled, as the CPU); and the peak.
+    pub rss_mib_per_call: Option<f64>,
     pub rss_mib_peak: f64,
     /// This process's CPU (the simulators, the callers), % of one core.
     pub bench_cpu_pct: f64,
@@ -348,13 +349,10 @@ pub async fn run(
         bench_tick_p99_ms: percentile_ms(&mut ticks, 0.99),
         bench_endpoint_late_p99_ms: percentile_ms(&mut endpoint_late, 0.99),
         sessions_failed,
-        cpu_pct_per_call: if call_seconds > 0.0 {
-            cpu_window / 10.0 / call_seconds
-        } else {
-            0.0
-        },
+        cpu_pct_per_call: (call_seconds > 0.0).then(|| cpu_window / 10.0 / call_seconds),
         cpu_window_s: window_s,
-        rss_mib_per_call: (rss_peak - rss_before).max(0.0) / requested.max(1) as f64,
+        rss_mib_per_call: (window_s > 0.0)
+            .then(|| (rss_peak - rss_before).max(0.0) / requested.max(1) as f64),
         rss_mib_peak: rss_peak,
         bench_cpu_pct: bench_cpu / 10.0 / wall,
         serve_instructions_per_call_second: serve_instructions
@@ -377,8 +375,18 @@ pub fn within_targets(f: &Figures) -> bool {
         && f.sessions_failed == 0
         && f.net_p99_ms <= TARGET_NET_P99_MS
         && f.jitter_p99_ms <= TARGET_JITTER_P99_MS
-        && f.cpu_pct_per_call <= TARGET_CPU_PCT_PER_CALL
-        && f.rss_mib_per_call <= TARGET_RSS_MB_PER_CALL
+        && f.cpu_pct_per_call
+            .is_some_and(|c| c <= TARGET_CPU_PCT_PER_CALL)
+        && f.rss_mib_per_call
+            .is_some_and(|r| r <= TARGET_RSS_MB_PER_CALL)
+}
+
+/// A per-call figure of serve's, or why there is none.
+fn sampled(figure: Option<f64>) -> String {
+    figure.map_or(
+        "not sampled (fewer than 90 % of the calls up at once: longer --seconds)".into(),
+        |f| format!("{f:.3}"),
+    )
 }
 
 /// How one row of the table shows a run's figure.
@@ -414,11 +422,11 @@ pub fn print(rows: &[Figures]) {
         ),
         (
             "CPU % of a core per call (≤ 0.15)",
-            Box::new(|f: &Figures| format!("{:.3}", f.cpu_pct_per_call)),
+            Box::new(|f: &Figures| sampled(f.cpu_pct_per_call)),
         ),
         (
             "RSS MiB per call (≤ 0.5)",
-            Box::new(|f: &Figures| format!("{:.3}", f.rss_mib_per_call)),
+            Box::new(|f: &Figures| sampled(f.rss_mib_per_call)),
         ),
         (
             "serve instructions per call-second",
