@@ -291,3 +291,36 @@ async fn a_stripe_customer_stripe_failed_to_delete_is_deleted_by_the_retries() {
     app.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_takes_a_sign_in_from_the_last_15_minutes_or_the_password() {
+    let env = TestEnv::new();
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, _) = api.register(PASSWORD).await;
+    // The same session, as if signed in 16 minutes ago: refused without the password.
+    let stale = {
+        use callmeback::serve::http::auth::decode_token;
+        let secret = &env.vars["JWT_SECRET"];
+        let mut claims = decode_token(secret, user.token.as_deref().unwrap()).unwrap();
+        claims.iat -= 16 * 60;
+        user.with_token(
+            &jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap(),
+        )
+    };
+    let refused = stale.delete_json("/api/user", json!({})).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(refused.code(), "reauthentication_required");
+    assert_eq!(user.get("/api/auth/me").await.status, 200, "nothing erased");
+    // The fresh sign-in itself is enough.
+    let erased = user.delete_json("/api/user", json!({})).await;
+    assert_eq!(erased.status, 200, "{erased:?}");
+    assert_eq!(user.get("/api/auth/me").await.status, 401);
+    app.stop().await;
+    env.cleanup().await;
+}

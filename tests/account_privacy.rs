@@ -358,6 +358,18 @@ async fn personal_data_is_sealed_in_the_log_and_shredded_by_erasure() {
         panic!("personal data left after erasure: {places:?}");
     }
 
+    // The stream holds the same sealed copies as before: none of it in clear there either.
+    let stream = read_stream(&env).await;
+    for event in &stream {
+        let body = serde_json::to_string(event).unwrap();
+        for needle in all {
+            assert!(
+                !body.contains(needle),
+                "{needle:?} on the stream after erasure"
+            );
+        }
+    }
+
     // Replaying the stream shows the fields erased; the money adds up to the same cents.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
         .args(["replay", "--source", "nats", "--format", "json", "events"])

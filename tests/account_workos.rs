@@ -34,10 +34,22 @@ async fn begin(api: &Api, query: &str) -> Begun {
     let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(set_cookie.contains("HttpOnly"), "{set_cookie}");
     let cookie = set_cookie.split(';').next().unwrap().to_string();
-    Begun {
-        hosted: reqwest::Url::parse(&location).unwrap(),
-        cookie,
-    }
+    let hosted = reqwest::Url::parse(&location).unwrap();
+    // State and PKCE (S256): the simulator checks the verifier against this challenge.
+    let query: std::collections::HashMap<_, _> = hosted.query_pairs().into_owned().collect();
+    assert!(
+        query.get("state").is_some_and(|s| s.len() >= 32),
+        "{hosted}"
+    );
+    assert_eq!(
+        query.get("code_challenge_method").map(String::as_str),
+        Some("S256")
+    );
+    assert!(
+        query.get("code_challenge").is_some_and(|c| c.len() == 43),
+        "{hosted}"
+    );
+    Begun { hosted, cookie }
 }
 
 /// Fills in and posts the hosted page's form; returns where WorkOS sends the browser back.

@@ -257,6 +257,43 @@ pub fn call_scope(aggregate_type: &str, event_type: &str, payload: &Value) -> Op
         .and_then(|s| Uuid::parse_str(s).ok())
 }
 
+/// `text` (a provider's error message, recorded in clear) with anything that looks like a
+/// phone number — seven digits or more, with `+`, spaces, dashes, dots or brackets between —
+/// replaced by `[number]`: Twilio names the number it refused ("The 'To' number +1415… is not a
+/// valid phone number"), and such texts are not sealed.
+pub fn without_numbers(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_digit()
+            || (chars[i] == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit))
+        {
+            let mut j = i;
+            let mut last_digit = i;
+            let mut digits = 0;
+            while j < chars.len() && (chars[j].is_ascii_digit() || "+ -().".contains(chars[j])) {
+                if chars[j].is_ascii_digit() {
+                    digits += 1;
+                    last_digit = j;
+                }
+                j += 1;
+            }
+            if digits >= 7 {
+                out.push_str("[number]");
+                i = last_digit + 1;
+                continue;
+            }
+            out.extend(&chars[i..=last_digit]);
+            i = last_digit + 1;
+            continue;
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
+}
+
 /// Calls `each` with every personal field present in `payload` (absent and `null` ones are
 /// skipped), the field's description first.
 pub fn each_field(
@@ -375,6 +412,22 @@ mod tests {
         assert_eq!(subject("persona", "p1", "PersonaCreated", &p), Some(user));
         let p = json!({"PersonaCreated": {"owner": {"kind": "system"}}});
         assert_eq!(subject("persona", "p1", "PersonaCreated", &p), None);
+    }
+
+    #[test]
+    fn numbers_in_provider_messages_are_masked_and_short_codes_kept() {
+        assert_eq!(
+            without_numbers("Twilio answered 400: The 'To' number +1 (415) 555-0123 is not a valid phone number. (code 21211)"),
+            "Twilio answered 400: The 'To' number [number] is not a valid phone number. (code 21211)"
+        );
+        assert_eq!(
+            without_numbers("call 4155550123 refused"),
+            "call [number] refused"
+        );
+        assert_eq!(
+            without_numbers("Twilio answered 503: Service unavailable (code 20503)"),
+            "Twilio answered 503: Service unavailable (code 20503)"
+        );
     }
 
     #[test]

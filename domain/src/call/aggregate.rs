@@ -216,9 +216,10 @@ impl Aggregate for Call {
                 if self.ended() || self.call_sid.is_some() {
                     vec![]
                 } else {
+                    // Recorded in clear: never with the number a provider's message names.
                     let mut events = vec![CallEvent::DialFailed {
                         attempt: self.dial_attempts,
-                        reason,
+                        reason: crate::privacy::without_numbers(&reason),
                     }];
                     if give_up {
                         events.extend(self.end(Outcome::Failed, None, at));
