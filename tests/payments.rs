@@ -304,7 +304,7 @@ async fn payment_methods_credit_packs_and_webhook_signatures() {
     // Webhooks: ours verify; forged and stale ones are refused and record nothing.
     let secret = callmeback::config::DEV_STRIPE_WEBHOOK_SECRET;
     let payload = json!({
-        "id": "evt_test_1", "object": "event", "type": "charge.refunded", "created": chrono::Utc::now().timestamp(),
+        "id": "evt_test_1", "object": "event", "type": "charge.refunded", "created": chrono::Utc::now().timestamp(), "livemode": false, "pending_webhooks": 1,
         "data": { "object": { "id": "ch_1", "object": "charge", "amount_refunded": 65, "payment_intent": "pi_1" } }
     })
     .to_string();

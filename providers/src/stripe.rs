@@ -1,24 +1,42 @@
 //! Stripe: customers, card payment methods, manual-capture PaymentIntents, refunds, and webhook
-//! signatures. Speaks Stripe's wire protocol directly (form bodies with bracket notation,
-//! `Authorization: Bearer sk_…`, `Idempotency-Key`, `Stripe-Version`), so the same client talks
-//! to Stripe or to `cmb_sims::stripe`.
-//!
-//! Written on reqwest rather than async-stripe 1.0-rc: that crate compiles ~240k lines of
-//! generated types whatever features are chosen, brings its own hyper client, and its retry
-//! strategies mint their own idempotency keys, while we want the caller's key on every retry.
+//! signatures, on async-stripe's typed requests and objects (`stripe_core`, `stripe_payment`,
+//! `stripe_shared`: Customer, PaymentMethod, PaymentIntent, Refund, Event). The requests are
+//! sent by our own reqwest client through the library's `StripeClient` trait ([`Call`]), so
+//! that our retry loop keeps the caller's idempotency key on every attempt (the library's own
+//! strategies mint theirs) and the base URL is ours (`STRIPE_BASE_URL`: Stripe or
+//! `cmb_sims::stripe`, which answers with the same objects).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
+use stripe_client_core::{
+    CustomizedStripeRequest, RequestBuilder, StripeClient, StripeClientErr, StripeMethod,
+};
+use stripe_core::customer::{CreateCustomer, DeleteCustomer, UpdateCustomer};
+use stripe_core::payment_intent::{
+    CancelPaymentIntent, CapturePaymentIntent, CreatePaymentIntent as CreateIntent,
+    CreatePaymentIntentOffSession, RetrievePaymentIntent,
+};
+use stripe_core::refund::CreateRefund;
+use stripe_payment::payment_method::{
+    AttachPaymentMethod, DetachPaymentMethod, ListPaymentMethod, ListPaymentMethodType,
+};
+use stripe_shared::PaymentIntentCaptureMethod;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.stripe.com";
-/// The API version we speak; the simulator reports the same in its events.
-pub const API_VERSION: &str = "2023-10-16";
 /// Retries after the first attempt, on network errors, 429 and 5xx, with the same key.
 const MAX_RETRIES: u32 = 2;
+
+/// The API version we speak: the one async-stripe's types are generated for. The simulator
+/// reports the same in its answers and events.
+pub fn api_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| stripe_shared::version::VERSION.as_str().to_string())
+}
 
 #[derive(Clone)]
 pub struct Stripe {
@@ -128,10 +146,30 @@ impl StripeError {
     }
 }
 
-type Form = Vec<(String, String)>;
+impl StripeClientErr for StripeError {
+    /// An answer that is not the object the request promises (async-stripe's types).
+    fn deserialize_err(msg: impl std::fmt::Display) -> Self {
+        unreadable("response", &msg.to_string())
+    }
+}
 
-fn field(k: &str, v: impl ToString) -> (String, String) {
-    (k.to_string(), v.to_string())
+/// One request through our client: async-stripe builds it and reads the answer into its
+/// types; [`Stripe::send`] sends it, with `idempotency_key` on every attempt of a POST.
+struct Call<'a> {
+    stripe: &'a Stripe,
+    idempotency_key: Option<&'a str>,
+}
+
+impl StripeClient for Call<'_> {
+    type Err = StripeError;
+
+    fn execute(
+        &self,
+        req: CustomizedStripeRequest,
+    ) -> impl std::future::Future<Output = Result<Bytes, StripeError>> + Send {
+        let (req, _) = req.into_pieces();
+        self.stripe.send(req, self.idempotency_key)
+    }
 }
 
 impl Stripe {
@@ -143,6 +181,13 @@ impl Stripe {
         }
     }
 
+    fn call<'a>(&'a self, idempotency_key: Option<&'a str>) -> Call<'a> {
+        Call {
+            stripe: self,
+            idempotency_key,
+        }
+    }
+
     pub async fn create_customer(
         &self,
         email: &str,
@@ -150,24 +195,25 @@ impl Stripe {
         user_id: &str,
         idempotency_key: &str,
     ) -> Result<Customer, StripeError> {
-        let form = vec![
-            field("email", email),
-            field("name", name),
-            field("metadata[user_id]", user_id),
-        ];
-        let v = self
-            .post("/v1/customers", form, Some(idempotency_key))
+        let metadata = HashMap::from([("user_id".to_string(), user_id.to_string())]);
+        let customer = CreateCustomer::new()
+            .email(email)
+            .name(name)
+            .metadata(metadata)
+            .send(&self.call(Some(idempotency_key)))
             .await?;
         Ok(Customer {
-            id: required_str(&v, "id", "customer")?,
+            id: customer.id.to_string(),
         })
     }
 
     /// Deletes the customer (an erased user's): Stripe detaches its payment methods and
     /// forgets its email and name; its payments stay in Stripe's own records.
     pub async fn delete_customer(&self, customer: &str) -> Result<(), StripeError> {
-        let url = format!("{}/v1/customers/{}", self.base_url, segment(customer));
-        self.send(|| self.http.delete(&url)).await.map(|_| ())
+        DeleteCustomer::new(segment(customer))
+            .send(&self.call(None))
+            .await
+            .map(|_| ())
     }
 
     pub async fn attach_payment_method(
@@ -175,20 +221,21 @@ impl Stripe {
         payment_method: &str,
         customer: &str,
     ) -> Result<PaymentMethod, StripeError> {
-        let path = format!("/v1/payment_methods/{}/attach", segment(payment_method));
-        let v = self
-            .post(&path, vec![field("customer", customer)], None)
+        let pm = AttachPaymentMethod::new(segment(payment_method))
+            .customer(customer)
+            .send(&self.call(None))
             .await?;
-        parse_payment_method(&v)
+        Ok(payment_method_of(pm))
     }
 
     pub async fn detach_payment_method(
         &self,
         payment_method: &str,
     ) -> Result<PaymentMethod, StripeError> {
-        let path = format!("/v1/payment_methods/{}/detach", segment(payment_method));
-        let v = self.post(&path, Vec::new(), None).await?;
-        parse_payment_method(&v)
+        let pm = DetachPaymentMethod::new(segment(payment_method))
+            .send(&self.call(None))
+            .await?;
+        Ok(payment_method_of(pm))
     }
 
     /// Sets the customer's `invoice_settings[default_payment_method]`.
@@ -197,12 +244,15 @@ impl Stripe {
         customer: &str,
         payment_method: &str,
     ) -> Result<(), StripeError> {
-        let path = format!("/v1/customers/{}", segment(customer));
-        let form = vec![field(
-            "invoice_settings[default_payment_method]",
-            payment_method,
-        )];
-        self.post(&path, form, None).await.map(|_| ())
+        let settings = stripe_core::customer::UpdateCustomerInvoiceSettings {
+            default_payment_method: Some(payment_method.to_string()),
+            ..Default::default()
+        };
+        UpdateCustomer::new(segment(customer))
+            .invoice_settings(settings)
+            .send(&self.call(None))
+            .await
+            .map(|_| ())
     }
 
     /// The customer's cards (`type=card`, first 100).
@@ -210,13 +260,13 @@ impl Stripe {
         &self,
         customer: &str,
     ) -> Result<Vec<PaymentMethod>, StripeError> {
-        let query = [("customer", customer), ("type", "card"), ("limit", "100")];
-        let v = self.get("/v1/payment_methods", &query).await?;
-        let data = v
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| unreadable("payment method list", "no data"))?;
-        data.iter().map(parse_payment_method).collect()
+        let list = ListPaymentMethod::new()
+            .customer(customer)
+            .type_(ListPaymentMethodType::Card)
+            .limit(100)
+            .send(&self.call(None))
+            .await?;
+        Ok(list.data.into_iter().map(payment_method_of).collect())
     }
 
     /// Creates and confirms (`confirm=true`, `off_session=true`) a PaymentIntent. A refused card
@@ -226,39 +276,29 @@ impl Stripe {
         req: &CreatePaymentIntent,
         idempotency_key: &str,
     ) -> Result<PaymentIntent, StripeError> {
-        let mut form = vec![
-            field("amount", req.amount),
-            field("currency", &req.currency),
-            field("customer", &req.customer),
-            field("payment_method", &req.payment_method),
-            field("payment_method_types[]", "card"),
-            field("confirm", "true"),
-            field("off_session", "true"),
-            field(
-                "capture_method",
-                if req.manual_capture {
-                    "manual"
-                } else {
-                    "automatic"
-                },
-            ),
-        ];
+        let mut create = CreateIntent::new(req.amount, currency(&req.currency)?)
+            .customer(&req.customer)
+            .payment_method(&req.payment_method)
+            .confirm(true)
+            .off_session(CreatePaymentIntentOffSession::Bool(true))
+            .capture_method(if req.manual_capture {
+                PaymentIntentCaptureMethod::Manual
+            } else {
+                PaymentIntentCaptureMethod::Automatic
+            })
+            .metadata(req.metadata.iter().cloned().collect::<HashMap<_, _>>());
         if let Some(d) = &req.description {
-            form.push(field("description", d));
+            create = create.description(d);
         }
-        for (k, v) in &req.metadata {
-            form.push((format!("metadata[{k}]"), v.clone()));
-        }
-        let v = self
-            .post("/v1/payment_intents", form, Some(idempotency_key))
-            .await?;
-        parse_payment_intent(&v)
+        let intent = create.send(&self.call(Some(idempotency_key))).await?;
+        Ok(payment_intent_of(intent))
     }
 
     pub async fn retrieve_payment_intent(&self, id: &str) -> Result<PaymentIntent, StripeError> {
-        let path = format!("/v1/payment_intents/{}", segment(id));
-        let v = self.get(&path, &[]).await?;
-        parse_payment_intent(&v)
+        let intent = RetrievePaymentIntent::new(segment(id))
+            .send(&self.call(None))
+            .await?;
+        Ok(payment_intent_of(intent))
     }
 
     /// Captures `amount_to_capture` (≤ the authorised amount); Stripe releases the rest.
@@ -268,10 +308,11 @@ impl Stripe {
         amount_to_capture: i64,
         idempotency_key: &str,
     ) -> Result<PaymentIntent, StripeError> {
-        let path = format!("/v1/payment_intents/{}/capture", segment(id));
-        let form = vec![field("amount_to_capture", amount_to_capture)];
-        let v = self.post(&path, form, Some(idempotency_key)).await?;
-        parse_payment_intent(&v)
+        let intent = CapturePaymentIntent::new(segment(id))
+            .amount_to_capture(amount_to_capture)
+            .send(&self.call(Some(idempotency_key)))
+            .await?;
+        Ok(payment_intent_of(intent))
     }
 
     pub async fn cancel_payment_intent(
@@ -279,9 +320,10 @@ impl Stripe {
         id: &str,
         idempotency_key: &str,
     ) -> Result<PaymentIntent, StripeError> {
-        let path = format!("/v1/payment_intents/{}/cancel", segment(id));
-        let v = self.post(&path, Vec::new(), Some(idempotency_key)).await?;
-        parse_payment_intent(&v)
+        let intent = CancelPaymentIntent::new(segment(id))
+            .send(&self.call(Some(idempotency_key)))
+            .await?;
+        Ok(payment_intent_of(intent))
     }
 
     /// Refunds `amount` cents of the intent's charge, or all that is left with `None`.
@@ -291,54 +333,45 @@ impl Stripe {
         amount: Option<i64>,
         idempotency_key: &str,
     ) -> Result<Refund, StripeError> {
-        let mut form = vec![field("payment_intent", payment_intent)];
+        let mut create = CreateRefund::new().payment_intent(payment_intent);
         if let Some(a) = amount {
-            form.push(field("amount", a));
+            create = create.amount(a);
         }
-        let v = self
-            .post("/v1/refunds", form, Some(idempotency_key))
-            .await?;
+        let refund = create.send(&self.call(Some(idempotency_key))).await?;
         Ok(Refund {
-            id: required_str(&v, "id", "refund")?,
-            amount: v.get("amount").and_then(Value::as_i64).unwrap_or(0),
-            status: str_of(&v, "status").unwrap_or_default(),
-            payment_intent: expandable_id(v.get("payment_intent"))
+            id: refund.id.to_string(),
+            amount: refund.amount,
+            status: refund.status.unwrap_or_default(),
+            payment_intent: refund
+                .payment_intent
+                .map(|p| p.id().to_string())
                 .unwrap_or_else(|| payment_intent.to_string()),
         })
     }
 
-    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, StripeError> {
-        let url = format!("{}{path}", self.base_url);
-        self.send(|| self.http.get(&url).query(query)).await
-    }
-
-    /// A POST with the caller's idempotency key, or a fresh one so that our own retries of
-    /// this call are still safe.
-    async fn post(
-        &self,
-        path: &str,
-        form: Form,
-        idempotency_key: Option<&str>,
-    ) -> Result<Value, StripeError> {
-        let url = format!("{}{path}", self.base_url);
-        let key = idempotency_key
-            .map(str::to_string)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        self.send(|| {
-            self.http
-                .post(&url)
-                .header("Idempotency-Key", &key)
-                .form(&form)
-        })
-        .await
-    }
-
-    /// Sends the request, retrying network errors, 429 and 5xx up to `MAX_RETRIES` times
-    /// (unless Stripe says `Stripe-Should-Retry: false`); maps error bodies.
+    /// Sends what async-stripe built (its path is under `/v1`; query and form already
+    /// encoded) to our base URL, retrying network errors, 429 and 5xx up to `MAX_RETRIES`
+    /// times (unless Stripe says `Stripe-Should-Retry: false`), with the same idempotency key
+    /// on every attempt of a POST: the caller's, or a fresh one so that our own retries of
+    /// this call are still safe. Error answers become [`StripeError`]s.
     async fn send(
         &self,
-        build: impl Fn() -> reqwest::RequestBuilder,
-    ) -> Result<Value, StripeError> {
+        req: RequestBuilder,
+        idempotency_key: Option<&str>,
+    ) -> Result<Bytes, StripeError> {
+        let mut url = format!("{}/v1{}", self.base_url, req.path);
+        if let Some(q) = req.query.as_deref().filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        let key = match req.method {
+            StripeMethod::Post => Some(
+                idempotency_key
+                    .map(str::to_string)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            ),
+            StripeMethod::Get | StripeMethod::Delete => None,
+        };
         let mut attempt = 0;
         loop {
             let last = attempt >= MAX_RETRIES;
@@ -346,9 +379,25 @@ impl Stripe {
                 tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(attempt - 1))).await;
             }
             attempt += 1;
-            let sent = build()
+            let mut request = match req.method {
+                StripeMethod::Get => self.http.get(&url),
+                StripeMethod::Post => self.http.post(&url),
+                StripeMethod::Delete => self.http.delete(&url),
+            };
+            if let Some(key) = &key {
+                request = request.header("Idempotency-Key", key);
+            }
+            if let Some(body) = &req.body {
+                request = request
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(body.clone());
+            }
+            let sent = request
                 .bearer_auth(&self.secret_key)
-                .header("Stripe-Version", API_VERSION)
+                .header("Stripe-Version", api_version())
                 .send()
                 .await;
             let response = match sent {
@@ -374,8 +423,7 @@ impl Stripe {
                 Err(e) => return Err(StripeError::Unreachable(e.to_string())),
             };
             if status.is_success() {
-                return serde_json::from_slice(&body)
-                    .map_err(|e| unreadable("response", &e.to_string()));
+                return Ok(body);
             }
             let transient = status.is_server_error() || status.as_u16() == 429;
             if transient && !last && should_retry != Some(false) {
@@ -419,6 +467,15 @@ fn segment(id: &str) -> String {
         .collect()
 }
 
+fn currency(code: &str) -> Result<stripe_types::Currency, StripeError> {
+    code.parse().map_err(|_| StripeError::InvalidRequest {
+        status: 400,
+        code: Some("invalid_currency".into()),
+        message: format!("unknown currency {code:?}"),
+        param: Some("currency".into()),
+    })
+}
+
 fn unreadable(what: &str, detail: &str) -> StripeError {
     StripeError::Unreachable(format!("unreadable {what} from Stripe: {detail}"))
 }
@@ -427,64 +484,38 @@ fn str_of(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
-fn required_str(v: &Value, key: &str, what: &str) -> Result<String, StripeError> {
-    str_of(v, key).ok_or_else(|| unreadable(what, &format!("no {key}")))
-}
-
-/// A reference that is an id, or the object itself when expanded.
-fn expandable_id(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("id").and_then(Value::as_str).map(str::to_string),
-        _ => None,
+fn payment_method_of(pm: stripe_shared::PaymentMethod) -> PaymentMethod {
+    let card = pm.card;
+    PaymentMethod {
+        id: pm.id.to_string(),
+        customer: pm.customer.map(|c| c.id().to_string()),
+        brand: card.as_ref().map(|c| c.brand.clone()).unwrap_or_default(),
+        last4: card.as_ref().map(|c| c.last4.clone()).unwrap_or_default(),
+        exp_month: card.as_ref().map_or(0, |c| c.exp_month.clamp(0, 12) as u32),
+        exp_year: card
+            .as_ref()
+            .map_or(0, |c| c.exp_year.clamp(0, 9999) as u32),
     }
 }
 
-fn parse_payment_method(v: &Value) -> Result<PaymentMethod, StripeError> {
-    let card = v.get("card").cloned().unwrap_or(Value::Null);
-    let number = |k: &str| card.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
-    Ok(PaymentMethod {
-        id: required_str(v, "id", "payment method")?,
-        customer: expandable_id(v.get("customer")),
-        brand: str_of(&card, "brand").unwrap_or_default(),
-        last4: str_of(&card, "last4").unwrap_or_default(),
-        exp_month: number("exp_month"),
-        exp_year: number("exp_year"),
-    })
-}
-
-fn parse_card_error(v: &Value) -> Option<CardError> {
-    if !v.is_object() {
-        return None;
+fn payment_intent_of(pi: stripe_shared::PaymentIntent) -> PaymentIntent {
+    PaymentIntent {
+        id: pi.id.to_string(),
+        status: pi.status.as_str().to_string(),
+        amount: pi.amount,
+        amount_capturable: pi.amount_capturable,
+        amount_received: pi.amount_received,
+        customer: pi.customer.map(|c| c.id().to_string()),
+        metadata: pi.metadata,
+        last_payment_error: pi.last_payment_error.map(|e| CardError {
+            code: e
+                .code
+                .map(|c| c.as_str().to_string())
+                .unwrap_or_else(|| "card_declined".into()),
+            decline_code: e.decline_code,
+            message: e.message.unwrap_or_default(),
+        }),
     }
-    Some(CardError {
-        code: str_of(v, "code").unwrap_or_else(|| "card_declined".into()),
-        decline_code: str_of(v, "decline_code"),
-        message: str_of(v, "message").unwrap_or_default(),
-    })
-}
-
-fn parse_payment_intent(v: &Value) -> Result<PaymentIntent, StripeError> {
-    let cents = |k: &str| v.get(k).and_then(Value::as_i64).unwrap_or(0);
-    let metadata = v
-        .get("metadata")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(PaymentIntent {
-        id: required_str(v, "id", "payment intent")?,
-        status: required_str(v, "status", "payment intent")?,
-        amount: cents("amount"),
-        amount_capturable: cents("amount_capturable"),
-        amount_received: cents("amount_received"),
-        customer: expandable_id(v.get("customer")),
-        metadata,
-        last_payment_error: v.get("last_payment_error").and_then(parse_card_error),
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,20 +599,20 @@ pub fn verify_webhook(
     if age_secs.saturating_abs() > tolerance_secs {
         return Err(WebhookError::Stale { age_secs });
     }
-    let event: Value = serde_json::from_slice(payload)
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| WebhookError::MalformedPayload("not UTF-8".into()))?;
+    let event: stripe_shared::Event = miniserde::json::from_str(text).map_err(|_| {
+        WebhookError::MalformedPayload(
+            "not a Stripe Event (id, type, created, data.object…)".into(),
+        )
+    })?;
+    let object = serde_json::from_str(&miniserde::json::to_string(&event.data.object))
         .map_err(|e| WebhookError::MalformedPayload(e.to_string()))?;
-    let text = |k: &str| {
-        str_of(&event, k).ok_or_else(|| WebhookError::MalformedPayload(format!("no {k}")))
-    };
     Ok(WebhookEvent {
-        id: text("id")?,
-        kind: text("type")?,
-        created: event.get("created").and_then(Value::as_i64).unwrap_or(0),
-        object: event
-            .get("data")
-            .and_then(|d| d.get("object"))
-            .cloned()
-            .ok_or_else(|| WebhookError::MalformedPayload("no data.object".into()))?,
+        id: event.id.to_string(),
+        kind: event.type_.as_str().to_string(),
+        created: event.created,
+        object,
     })
 }
 
@@ -591,7 +622,7 @@ mod tests {
 
     const SECRET: &str = "whsec_test_secret";
     const PAYLOAD: &[u8] =
-        br#"{"id":"evt_1","type":"payment_intent.succeeded","created":1700000000,"data":{"object":{"id":"pi_1"}}}"#;
+        br#"{"id":"evt_1","object":"event","type":"payment_intent.succeeded","created":1700000000,"livemode":false,"pending_webhooks":1,"data":{"object":{"id":"pi_1"}}}"#;
 
     #[test]
     fn a_signed_event_verifies() {

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::Faults;
-use cmb_providers::stripe::{sign_webhook, API_VERSION};
+use cmb_providers::stripe::{api_version, sign_webhook};
 
 mod customers;
 mod payment_intents;
@@ -548,7 +548,7 @@ impl StripeSim {
         let event = json!({
             "id": random_id("evt"),
             "object": "event",
-            "api_version": API_VERSION,
+            "api_version": api_version(),
             "created": now(),
             "livemode": false,
             "pending_webhooks": 1,

@@ -425,7 +425,7 @@ async fn webhooks_arrive_signed_and_in_order() {
         assert!(event.id.starts_with("evt_"));
         let raw: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(raw["livemode"], false);
-        assert_eq!(raw["api_version"], API_VERSION);
+        assert_eq!(raw["api_version"], api_version());
         if event.kind == "payment_intent.succeeded" {
             assert_eq!(event.object["amount_received"], 185);
         }

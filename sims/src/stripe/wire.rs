@@ -148,7 +148,7 @@ pub(super) fn respond(status: StatusCode, body: Value, headers: &[(&str, &str)])
     if let Ok(v) = HeaderValue::from_str(&random_id("req")) {
         h.insert("request-id", v);
     }
-    h.insert("stripe-version", HeaderValue::from_static(API_VERSION));
+    h.insert("stripe-version", HeaderValue::from_static(api_version()));
     for (k, v) in headers {
         if let (Ok(name), Ok(value)) = (
             axum::http::HeaderName::from_bytes(k.as_bytes()),
