@@ -447,6 +447,40 @@ async fn the_main_flows_answer_what_the_document_says() {
             .any(|s| s.starts_with("settled: 65 ¢ captured")),
         "{summaries:#?}"
     );
+    // The story a user reads: the hold and its amount, each provider's usage; every entry
+    // names its event and actor; usage lines give quantity and unit, never what it cost us.
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s.contains("65 ¢ held on card (pi_")),
+        "{summaries:#?}"
+    );
+    assert!(
+        summaries
+            .iter()
+            .any(|s| s.starts_with("twilio outbound-voice-minutes: 1 minute")),
+        "a provider's usage: {summaries:#?}"
+    );
+    for entry in done.body["timeline"].as_array().unwrap() {
+        assert!(entry["event_type"].is_string(), "{entry}");
+        assert!(entry["actor"].is_string(), "{entry}");
+    }
+    let usage = done.body["usage"].as_array().unwrap();
+    assert!(!usage.is_empty(), "{done:?}");
+    for line in usage {
+        assert!(
+            line["service"].is_string() && line["unit"].is_string(),
+            "{line}"
+        );
+        assert!(line["quantity"].as_i64().is_some_and(|q| q > 0), "{line}");
+    }
+    let told = done.body.to_string();
+    for internal in ["margin", "micros", "unit_cost", "per_units"] {
+        assert!(
+            !told.contains(internal),
+            "{internal} stays internal: {told}"
+        );
+    }
     // A duration the hold does not cover: 402 saying how much is missing.
     let small = user
         .post(
@@ -570,10 +604,37 @@ async fn empty_filters_count_as_absent_and_form_webhooks_answer_json_errors() {
         let reply = user.get(path).await;
         assert_eq!(reply.status, 200, "{path}: {reply:?}");
     }
-    // A value that is there is still checked.
-    let bad = user.get("/api/calls?status=nope").await;
-    assert_eq!(bad.status, 400, "{bad:?}");
-    assert_eq!(bad.body["error"]["field"], "status");
+    // A value that is there is still checked: a bad one is a 400 naming its parameter.
+    for (path, field) in [
+        ("/api/calls?status=nope", "status"),
+        ("/api/calls?page=0", "page"),
+        ("/api/calls?limit=101", "limit"),
+        ("/api/calls?sort=sideways", "sort"),
+        ("/api/calls?from_date=yesterday", "from_date"),
+        ("/api/calls?to_date=2026-13-45", "to_date"),
+        ("/api/calls/scheduled?status=nope", "status"),
+        ("/api/calls/scheduled?sort=sideways", "sort"),
+        ("/api/personas?page=0", "page"),
+        ("/api/personas?limit=101", "limit"),
+        ("/api/personas?search=a", "search"),
+        ("/api/personas?sort=sideways", "sort"),
+        ("/api/personas?created_by=nobody", "created_by"),
+        ("/api/personas?is_public=perhaps", "is_public"),
+    ] {
+        let bad = user.get(path).await;
+        assert_eq!(bad.status, 400, "{path}: {bad:?}");
+        assert_eq!(bad.body["error"]["field"], field, "{path}: {bad:?}");
+    }
+    // Totals for paging.
+    let page = user.get("/api/personas?limit=1").await;
+    assert!(
+        page.body["pagination"]["total"].as_i64().unwrap() >= 1,
+        "{page:?}"
+    );
+    let calls = user.get("/api/calls?limit=1").await;
+    assert!(calls.body["pagination"]["total"].is_i64(), "{calls:?}");
+    let scheduled = user.get("/api/calls/scheduled").await;
+    assert!(scheduled.body["total"].is_u64(), "{scheduled:?}");
 
     let http = reqwest::Client::new();
     for hook in ["answer", "callback"] {

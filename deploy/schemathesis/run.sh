@@ -21,22 +21,35 @@ export RATE_LIMITS=off CALL_NUMBER_DAILY_LIMIT=100000 CALL_USER_DAILY_LIMIT=1000
 serve=$!
 trap 'kill $serve 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do curl -sf "$base/readyz" >/dev/null && break; sleep 1; done
-# A fresh account per run (its email and phone number must be new to the database).
-token=
-for _ in 1 2 3 4 5; do
-  n=$(( (RANDOM << 15 | RANDOM) % 10000 ))
-  token=$(curl -s -XPOST "$base/api/auth/register" -H 'content-type: application/json' \
-    -d "{\"email\":\"fuzz-$(date +%s)-$n@example.com\",\"password\":\"Schemath3sis!x\",\"name\":\"Fuzz\",\"phone\":\"+1415555$(printf %04d $n)\"}" \
-    | python3 -c 'import sys,json;print(json.load(sys.stdin).get("token",""))' || true)
-  [ -n "$token" ] && break
-done
-[ -n "$token" ] || { echo "could not register the fuzzing account" >&2; exit 1; }
-# A card on file, so that holds and credit packs go through and the calls get past payment.
-curl -sf -XPOST "$base/api/user/payment-method" -H "Authorization: Bearer $token" \
-  -H 'content-type: application/json' -d '{"payment_method_id":"pm_card_visa","set_default":true}' >/dev/null
+# A fresh account (its email and phone number must be new to the database), with a card on
+# file so that holds and credit packs go through and the calls get past payment.
+register() {
+  local token= n
+  for _ in 1 2 3 4 5; do
+    n=$(( (RANDOM << 15 | RANDOM) % 10000 ))
+    token=$(curl -s -XPOST "$base/api/auth/register" -H 'content-type: application/json' \
+      -d "{\"email\":\"fuzz-$(date +%s)-$n@example.com\",\"password\":\"Schemath3sis!x\",\"name\":\"Fuzz\",\"phone\":\"+1415555$(printf %04d $n)\"}" \
+      | python3 -c 'import sys,json;print(json.load(sys.stdin).get("token",""))' || true)
+    [ -n "$token" ] && break
+  done
+  [ -n "$token" ] || { echo "could not register a fuzzing account" >&2; exit 1; }
+  curl -sf -XPOST "$base/api/user/payment-method" -H "Authorization: Bearer $token" \
+    -H 'content-type: application/json' -d '{"payment_method_id":"pm_card_visa","set_default":true}' >/dev/null
+  echo "$token"
+}
 cd "$here"
-# Signing out, changing the password or erasing the account would end the run's own session:
-# those are left to tests/account_lifecycle.rs and tests/account_erasure.rs.
+ending='^/api/(auth/(logout-all|logout|password)|user)$'
+status=0
+# Every operation but the four that end the run's own session (signing out, changing the
+# password, erasing the account): a session ended midway would leave the rest only 401s.
 schemathesis --config-file "$here/schemathesis.toml" run "$base/api/openapi.json" \
-  -H "Authorization: Bearer $token" --continue-on-failure -w 1 \
-  --exclude-path-regex '^/api/(auth/(logout-all|logout|password)|user)$' --request-timeout 30 "$@"
+  -H "Authorization: Bearer $(register)" --continue-on-failure -w 1 \
+  --exclude-path-regex "$ending" --request-timeout 30 "$@" || status=$?
+# Then those four, one account each, so that each starts signed in (once its session is
+# ended, the rest of its cases are answered 401, which the document states).
+for op in 'auth/logout' 'auth/logout-all' 'auth/password' 'user'; do
+  schemathesis --config-file "$here/schemathesis.toml" run "$base/api/openapi.json" \
+    -H "Authorization: Bearer $(register)" --continue-on-failure -w 1 \
+    --include-path-regex "^/api/$op\$" --request-timeout 30 "$@" || status=$?
+done
+exit $status

@@ -272,8 +272,16 @@ pub async fn logout_all(
 }
 
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"current_password": "Correct-horse-1", "new_password": "Battery-staple-2"}))]
 pub struct ChangePasswordBody {
+    #[schema(min_length = 1)]
     current_password: String,
+    /// As at registration, and not the current one.
+    #[schema(
+        min_length = 8,
+        max_length = 128,
+        pattern = r"^(?=.*[A-Z])(?=.*[a-z])(?=.*[0-9])(?=.*[^A-Za-z0-9])[^\x00-\x1f\x7f-\x9f]{8,128}$"
+    )]
     new_password: String,
 }
 
@@ -323,6 +331,7 @@ pub async fn change_password(
 }
 
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"email": "ada@example.com"}))]
 pub struct ForgotBody {
     #[schema(format = "email", min_length = 3, max_length = 254)]
     email: String,
@@ -355,6 +364,7 @@ pub async fn forgot_password(
 }
 
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"token": "the code from the email", "new_password": "Battery-staple-2"}))]
 pub struct ResetBody {
     /// The code from the email.
     #[schema(min_length = 1, max_length = 128, pattern = r"\S")]

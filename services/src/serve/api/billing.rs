@@ -104,6 +104,7 @@ pub async fn billing(
 }
 
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"payment_method_id": "pm_card_visa", "set_default": true}))]
 pub struct AttachBody {
     /// A Stripe PaymentMethod made by Stripe.js.
     #[schema(pattern = "^pm_", max_length = 100, example = "pm_card_visa")]

@@ -61,6 +61,7 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<im
 }
 
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"persona_id": "brad_001"}))]
 pub struct AddBody {
     /// A persona you can see.
     #[schema(min_length = 1, max_length = 100, example = "brad")]

@@ -254,6 +254,7 @@ pub async fn create(
 
 /// Fields left out keep their value.
 #[derive(Deserialize, ToSchema)]
+#[schema(example = json!({"description": "A calm coach who listens first.", "tags": ["calm", "coach"]}))]
 pub struct UpdateBody {
     /// 3 to 50 characters, unique among your personas.
     #[schema(min_length = 3, max_length = 50)]

@@ -144,3 +144,30 @@ fn operation_ids_are_unique_and_empty_query_values_are_stated() {
         }
     }
 }
+
+#[test]
+fn every_json_request_body_has_an_example() {
+    // A front-end developer reads the example first (and /docs shows it as the request to
+    // try): every JSON body an operation takes comes with one.
+    let doc = document();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("a path item") {
+            let content = &op["requestBody"]["content"]["application/json"];
+            let Some(schema) = content.get("schema") else {
+                continue;
+            };
+            let schema = match schema["$ref"].as_str() {
+                Some(r) => &doc["components"]["schemas"][r.rsplit('/').next().unwrap_or("")],
+                None => schema,
+            };
+            // The Stripe webhook's body is Stripe's Event, described in words.
+            if op["tags"][0] == "webhooks" {
+                continue;
+            }
+            assert!(
+                schema.get("example").is_some() || content.get("example").is_some(),
+                "{method} {path}: its JSON body has no example"
+            );
+        }
+    }
+}
