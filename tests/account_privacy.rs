@@ -425,6 +425,12 @@ async fn stream_caught_up(env: &TestEnv, pool: &PgPool) -> Vec<String> {
     bodies.expect("the publisher republished the whole log")
 }
 
+async fn privacy_migrate_keeping_the_stream(env: &TestEnv) -> String {
+    callmeback(env, &["privacy", "migrate", "--keep-stream"], &[])
+        .await
+        .expect("privacy migrate runs")
+}
+
 async fn privacy_migrate(env: &TestEnv) -> String {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
         .args(["privacy", "migrate"])
@@ -681,6 +687,72 @@ async fn what_a_call_taught_is_forgotten_with_its_transcript() {
         export.body.to_string().contains(FACT),
         "the export holds what was learned"
     );
+
+    // As a build before the calls' keys wrote it: what the call taught sealed under the
+    // user's own key. `privacy migrate` moves it to the call's key.
+    let (memory_id, sequence, mut older): (String, i64, Value) = sqlx::query_as(
+        "SELECT aggregate_id, sequence, payload FROM events WHERE aggregate_type = 'memory'
+            AND event_type = 'FactsLearned' AND aggregate_id LIKE $1 || ':%'",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let keys = app.state.store.keys().clone();
+    keys.open("memory", &memory_id, "FactsLearned", &mut older)
+        .await
+        .unwrap();
+    let call = older["FactsLearned"]
+        .as_object_mut()
+        .unwrap()
+        .remove("call_id")
+        .unwrap();
+    keys.seal("memory", &memory_id, "FactsLearned", &mut older)
+        .await
+        .unwrap();
+    older["FactsLearned"]["call_id"] = call;
+    let text = older["FactsLearned"]["facts"][0]["text"]["$sealed"].clone();
+    assert!(
+        text.as_str().is_some_and(|t| !t.starts_with("c:")),
+        "{older}"
+    );
+    sqlx::query(
+        "UPDATE events SET payload = $3 WHERE aggregate_type = 'memory' AND aggregate_id = $1
+            AND sequence = $2",
+    )
+    .bind(&memory_id)
+    .bind(sequence)
+    .bind(&older)
+    .execute(&pool)
+    .await
+    .unwrap();
+    app.stop().await;
+    let said = privacy_migrate_keeping_the_stream(&env).await;
+    assert!(
+        said.contains("1 moved from the user's key to their call's"),
+        "{said}"
+    );
+    let moved: Value =
+        sqlx::query_scalar("SELECT payload FROM events WHERE aggregate_id = $1 AND sequence = $2")
+            .bind(&memory_id)
+            .bind(sequence)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let text = &moved["FactsLearned"]["facts"][0]["text"]["$sealed"];
+    assert!(
+        text.as_str().is_some_and(|t| t.starts_with("c:")),
+        "{moved}"
+    );
+    let app = env.spawn_app().await;
+    let login = Api::new(app.addr)
+        .post(
+            "/api/auth/login",
+            json!({ "email": profile["email"], "password": PASSWORD }),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{login:?}");
+    let user = Api::new(app.addr).with_token(login.body["token"].as_str().unwrap());
 
     // Inside the retention nothing goes.
     let store = &app.state.store;

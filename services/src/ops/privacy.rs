@@ -58,6 +58,8 @@ pub struct Migrated {
     pub sealed: u64,
     /// Of those, rewritten `[erased]` (their owner was erased before the migration).
     pub erased: u64,
+    /// Of the sealed ones, what a call taught moved from its user's key to the call's.
+    pub rekeyed: u64,
     /// Whether the stream was deleted for the next `serve` to republish.
     pub stream_deleted: bool,
     /// Dead letters whose copy of an event (`dead_letters.body`) was sealed (or erased) the
@@ -118,13 +120,19 @@ async fn reseal(
     payload: &Value,
 ) -> anyhow::Result<Option<(Value, bool)>> {
     let mut original = payload.clone();
-    if !has_clear(aggregate_type, event_type, &mut original)
+    let rekey = Keyring::needs_call_key(aggregate_type, event_type, &mut original);
+    if !(rekey || has_clear(aggregate_type, event_type, &mut original))
         || privacy::subject(aggregate_type, aggregate_id, event_type, &original).is_none()
     {
-        // Nothing in clear, or nobody's (a system persona's texts).
+        // Nothing in clear (or to move to its call's key), or nobody's (a system persona's).
         return Ok(None);
     }
     let mut sealed = original.clone();
+    if rekey {
+        // Opened under the user's key, to be sealed again under the call's.
+        keys.open(aggregate_type, aggregate_id, event_type, &mut sealed)
+            .await?;
+    }
     keys.seal(aggregate_type, aggregate_id, event_type, &mut sealed)
         .await?;
     let erased = !privacy::has_sealed(aggregate_type, event_type, &mut sealed);
@@ -183,9 +191,11 @@ pub async fn seal_log(pool: &PgPool) -> anyhow::Result<Migrated> {
             );
             let mut payload = payload;
             add_owner(pool, id, &mut payload).await?;
+            let rekey = Keyring::needs_call_key(id.0, id.2, &mut payload);
             let Some((sealed, erased)) = reseal(&keys, id, &payload).await? else {
                 continue;
             };
+            report.rekeyed += u64::from(rekey && !erased);
             sqlx::query(
                 "UPDATE events SET payload = $4
                   WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
@@ -304,6 +314,10 @@ pub async fn run(config: Config, command: PrivacyCommand) -> anyhow::Result<()> 
     println!(
         "examined {} events with personal fields: {} sealed, {} erased (owner already erased)",
         report.examined, report.sealed, report.erased
+    );
+    println!(
+        "of those sealed, {} moved from the user's key to their call's (what personas learned)",
+        report.rekeyed
     );
     println!(
         "dead letters: {} copies of events sealed, {} bodies that are not events left as they are",

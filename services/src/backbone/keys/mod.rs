@@ -206,6 +206,20 @@ impl Keyring {
         Ok(key)
     }
 
+    /// Whether `payload` holds what a call taught sealed under its user's key (by a build
+    /// before the calls' keys): `privacy migrate` moves it to the call's key, so that it goes
+    /// with the transcript's retention.
+    pub fn needs_call_key(aggregate_type: &str, event_type: &str, payload: &mut Value) -> bool {
+        if privacy::call_scope(aggregate_type, event_type, payload).is_none() {
+            return false;
+        }
+        let mut under_user = false;
+        privacy::each_field(aggregate_type, event_type, payload, |_, v| {
+            under_user |= privacy::sealed(v).is_some_and(|t| !t.starts_with(CALL_KEYED));
+        });
+        under_user
+    }
+
     /// Which key seals an event's personal fields: `None` when they are nobody's.
     fn key_of(
         aggregate_type: &str,
