@@ -97,6 +97,31 @@ async fn session_end(app: &Running, id: &str) -> Vec<Value> {
     .expect("the voice session's end is recorded")
 }
 
+/// Turns the persona's memory off for `user`, so no extraction request follows a call and
+/// the LLM simulators' counts are the call's replies alone.
+async fn memory_off(user: &Api, persona_id: &str) {
+    let off = user
+        .put(
+            &format!("/api/personas/{persona_id}/customization"),
+            json!({ "memory_enabled": false }),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{off:?}");
+}
+
+/// The call's LLM token costs per provider: (tokens, whether any were estimated).
+async fn llm_costs(app: &Running, id: &str) -> std::collections::HashMap<String, (i64, bool)> {
+    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+        "SELECT service, sum(quantity)::bigint, bool_or(estimated) FROM rm_call_costs
+          WHERE call_id = $1::uuid AND service IN ('cerebras', 'openai') GROUP BY service",
+    )
+    .bind(id)
+    .fetch_all(&app.state.pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(s, q, e)| (s, (q, e))).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() {
     let env = TestEnv::new()
@@ -114,13 +139,7 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
     grant(&app, &profile, 100).await;
     let persona_id = persona(&user, "Hi there.", turn_taking(300, 20_000, 40_000)).await;
     // The simulator's token counts are compared with the call's voice costs: no memory work.
-    let off = user
-        .put(
-            &format!("/api/personas/{persona_id}/customization"),
-            json!({ "memory_enabled": false }),
-        )
-        .await;
-    assert_eq!(off.status, 200, "{off:?}");
+    memory_off(&user, &persona_id).await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let expected: Vec<(String, String, bool)> = [
@@ -239,6 +258,7 @@ async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    memory_off(&user, &persona_id).await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let cut: Vec<&(String, String, bool)> = transcript.iter().filter(|l| l.2).collect();
@@ -276,6 +296,22 @@ async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
         .is_some());
     let sim = app.sims.twilio.as_ref().unwrap();
     assert!(sim.calls()[0].clears_received >= 1);
+    // The reply cut off is billed too. When Cerebras had finished writing it before the
+    // caller talked over it, its usage came and the line is exact; when the barge-in cancelled
+    // the request first, its prompt and the words written are counted by our estimate (which
+    // differs from the simulator's count: within a factor of two).
+    let costs = llm_costs(&app, &id).await;
+    let cerebras = app.sims.cerebras.as_ref().unwrap();
+    let (recorded, estimated) = costs["cerebras"];
+    let seen = (cerebras.prompt_tokens_total() + cerebras.completion_tokens_total()) as i64;
+    if estimated {
+        assert!(
+            recorded * 2 >= seen && recorded <= seen * 2,
+            "Cerebras read and wrote {seen} tokens, {recorded} recorded"
+        );
+    } else {
+        assert_eq!(recorded, seen, "every token Cerebras counted is billed");
+    }
     app.stop().await;
     env.cleanup().await;
 }
@@ -393,6 +429,8 @@ async fn a_failing_or_slow_llm_falls_back_for_that_turn() {
     let (user, profile) = api.register(PASSWORD).await;
     grant(&app, &profile, 100).await;
     let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    // Only the replies' LLM requests reach the simulators: no memory extraction after the call.
+    memory_off(&user, &persona_id).await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let turns = events_of(&app, &id, "TurnCompleted").await;
     assert_eq!(turns.len(), 2, "{turns:?}");
@@ -406,6 +444,30 @@ async fn a_failing_or_slow_llm_falls_back_for_that_turn() {
         .map(|l| l.1)
         .collect();
     assert_eq!(persona_lines, ["Hi.", "Fallback here.", "Fallback here."]);
+    // Both costs of a hedge are recorded: OpenAI's answer as its usage said, and the prompt
+    // the stalled Cerebras request read (it never said its usage: estimated, by our own count,
+    // which differs from the simulator's, so within a factor of two of what it counted). The
+    // failed request (a 500) read nothing and costs nothing.
+    let costs = llm_costs(&app, &id).await;
+    let (openai, cerebras) = (
+        app.sims.openai.as_ref().unwrap(),
+        app.sims.cerebras.as_ref().unwrap(),
+    );
+    assert_eq!(
+        costs.get("openai"),
+        Some(&(
+            (openai.prompt_tokens_total() + openai.completion_tokens_total()) as i64,
+            false
+        )),
+        "{costs:?}"
+    );
+    let seen = (cerebras.prompt_tokens_total() + cerebras.completion_tokens_total()) as i64;
+    let (recorded, estimated) = costs["cerebras"];
+    assert!(seen > 0 && estimated, "{costs:?}, Cerebras saw {seen}");
+    assert!(
+        recorded * 2 >= seen && recorded <= seen * 2,
+        "Cerebras read {seen} tokens, {recorded} recorded"
+    );
     app.stop().await;
     env.cleanup().await;
 }
