@@ -329,6 +329,26 @@ async fn a_refund_and_a_dispute_of_calls_are_recorded_on_them_and_reconciled() {
     assert_eq!(count(&app, "PaymentReversed", &refunded).await, 2);
     assert_eq!(count(&app, "PaymentReversed", &disputed).await, 1);
 
+    // The call's payment says so: refunded, how much (as its detail shows it).
+    let payment = eventually(Duration::from_secs(30), || async {
+        let id = uuid::Uuid::parse_str(&refunded).unwrap();
+        let user: uuid::Uuid = sqlx::query_scalar("SELECT user_id FROM rm_calls WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.state.pool)
+            .await
+            .unwrap();
+        let call = cmb_projections::calls::view(&app.state.pool, id, user)
+            .await
+            .unwrap()
+            .unwrap();
+        let payment = serde_json::to_value(call.payment()).unwrap();
+        (payment["refunded_cents"] == 65).then_some(payment)
+    })
+    .await
+    .expect("the refunds shown on the call");
+    assert_eq!(payment["state"], "refunded", "{payment}");
+    assert_eq!(payment["captured_cents"], 65, "{payment}");
+
     // Reconciliation: the refund and the dispute take the revenue to 0, the dispute is flagged.
     let report = reconcile(&env).await;
     let line = |id: &str| {

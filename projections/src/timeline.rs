@@ -234,3 +234,45 @@ pub async fn of(
     .fetch_all(pool)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::call_story;
+    use cmb_domain::call::{CallEvent, Reversal, TurnTimings};
+
+    /// What a user reads on the call detail: the amount captured and released, the amount
+    /// given back, a turn's latency (the LLM that answered, and whether the caller cut it).
+    #[test]
+    fn the_timeline_says_amounts_and_a_turns_latency() {
+        let settled = CallEvent::CallSettled {
+            charged_cents: 65,
+            released_cents: 10,
+        };
+        assert_eq!(
+            call_story(&settled).1.as_deref(),
+            Some("settled: 65 ¢ captured, 10 ¢ released")
+        );
+        let refunded = CallEvent::PaymentReversed {
+            kind: Reversal::Refund,
+            reference: "re_1".into(),
+            amount_cents: 65,
+            at: chrono::Utc::now(),
+        };
+        let said = call_story(&refunded).1.unwrap();
+        assert!(said.contains("65 ¢ given back"), "{said}");
+        let turn = CallEvent::TurnCompleted {
+            turn: 2,
+            timings: TurnTimings {
+                first_audio_ms: Some(640),
+                ..TurnTimings::default()
+            },
+            interrupted: true,
+            llm_provider: "cerebras".into(),
+            fell_back: false,
+        };
+        assert_eq!(
+            call_story(&turn).1.as_deref(),
+            Some("turn 2: first audio after 640 ms (cerebras), interrupted")
+        );
+    }
+}

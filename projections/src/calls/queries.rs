@@ -29,6 +29,10 @@ pub struct CallView {
     /// What the call costs the user.
     pub cost_cents: i64,
     pub charged_cents: Option<i64>,
+    /// Of what was charged, what was given back since (refunds and disputes); shown in the
+    /// call's payment.
+    #[serde(skip)]
+    pub reversed_cents: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -64,6 +68,7 @@ impl CallView {
             billed_minutes: 0,
             cost_cents: 0,
             charged_cents: None,
+            reversed_cents: 0,
             created_at: at,
             updated_at: at,
         }
@@ -73,7 +78,7 @@ impl CallView {
 const CALL_COLUMNS: &str = "id, persona_id, persona_name, phone AS phone_number, status,
     max_minutes AS duration_minutes, max_price_cents, payment_method, scheduled_for, timezone,
     call_sid, answered_at, ended_at, duration_secs, billed_minutes, price_cents AS cost_cents,
-    charged_cents, created_at, updated_at";
+    charged_cents, reversed_cents, created_at, updated_at";
 
 /// Call `id` of `user`.
 pub async fn view(pool: &PgPool, id: Uuid, user: Uuid) -> Result<Option<CallView>, sqlx::Error> {
@@ -168,12 +173,14 @@ pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<CallView>, i64),
 pub struct PaymentView {
     /// `credits` or `card`.
     pub method: String,
-    /// `held` (until the call is settled), `captured` (charged; the rest released) or
-    /// `released` (nothing charged).
+    /// `held` (until the call is settled), `captured` (charged; the rest released),
+    /// `released` (nothing charged) or `refunded` (charged, then some or all of it given back
+    /// by a refund or a dispute: `refunded_cents`).
     pub state: &'static str,
     pub held_cents: i64,
     pub captured_cents: i64,
     pub released_cents: i64,
+    pub refunded_cents: i64,
 }
 
 impl CallView {
@@ -183,6 +190,7 @@ impl CallView {
         let held = call.max_price_cents;
         let (state, captured) = match call.charged_cents {
             Some(0) => ("released", 0),
+            Some(charged) if call.reversed_cents > 0 => ("refunded", charged),
             Some(charged) => ("captured", charged),
             None if call.status == "canceled" => ("released", 0),
             None => ("held", 0),
@@ -193,6 +201,7 @@ impl CallView {
             held_cents: held,
             captured_cents: captured,
             released_cents: if state == "held" { 0 } else { held - captured },
+            refunded_cents: call.reversed_cents,
         }
     }
 }
