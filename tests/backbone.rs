@@ -250,6 +250,7 @@ async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twic
             settings: config.publisher.clone(),
             instance_id: "test".into(),
             lag_samples: None,
+            after_wave: None,
         };
         let stop = shutdown.clone();
         async move {
@@ -270,6 +271,87 @@ async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twic
     tokio::time::sleep(Duration::from_millis(1500)).await;
     publish_for(Duration::from_secs(2)).await;
     assert_exactly_once_in_order(&stored, &read_stream(&env).await);
+    env.cleanup().await;
+}
+
+/// A publisher that stalls mid-batch past a third of its lease's TTL while another instance
+/// takes the lease publishes no further wave: it checks the lease before every wave, finds it
+/// lost, and leaves the rest of the batch to the new holder, which publishes it exactly once
+/// and in order.
+#[tokio::test]
+async fn a_publisher_that_lost_its_lease_stops_within_one_wave() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let config = env.config();
+    // Ten personas with six events each: one batch of six waves of ten.
+    write_commands(EventStore::new(b.pool.clone()), 1, 10, 60).await;
+    let stored = events_in_store(&b.pool).await;
+    assert_eq!(stored.len(), 60);
+    let ttl = Duration::from_millis(600);
+    let stalled = Arc::new(AtomicBool::new(false));
+    let after_wave: callmeback::backbone::outbox::AfterWave = {
+        let pool = b.pool.clone();
+        let stalled = stalled.clone();
+        Arc::new(move |waves| {
+            let pool = pool.clone();
+            let stalled = stalled.clone();
+            Box::pin(async move {
+                if waves == 2 && !stalled.swap(true, Ordering::SeqCst) {
+                    // Another instance takes the lease while this one stalls.
+                    sqlx::query(
+                        "UPDATE leases SET holder = 'another', expires_at = now() + interval '1 hour'
+                          WHERE name = 'publisher'",
+                    )
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                    tokio::time::sleep(ttl / 2).await;
+                }
+            })
+        })
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let publisher = callmeback::backbone::outbox::Publisher {
+        pool: b.pool.clone(),
+        js: b.js.clone(),
+        stream: config.stream.clone(),
+        settings: callmeback::config::PublisherSettings {
+            lease_ttl: ttl,
+            ..config.publisher.clone()
+        },
+        instance_id: "stalling".into(),
+        lag_samples: None,
+        after_wave: Some(after_wave),
+    };
+    let running = tokio::spawn(publisher.run(shutdown.clone()));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            stalled.load(Ordering::SeqCst).then_some(())
+        })
+        .await
+        .is_some(),
+        "the publisher published two waves and stalled"
+    );
+    // Long enough for several more waves and retries, had it gone on.
+    tokio::time::sleep(ttl * 3).await;
+    assert_eq!(
+        stream_count(&env).await,
+        20,
+        "two waves of ten out, none after the lease was lost"
+    );
+    // The other holder goes away: this instance takes the lease back and publishes the rest.
+    sqlx::query("DELETE FROM leases WHERE name = 'publisher' AND holder = 'another'")
+        .execute(&b.pool)
+        .await
+        .unwrap();
+    let all = eventually(Duration::from_secs(10), || async {
+        (stream_count(&env).await == 60).then_some(())
+    })
+    .await;
+    assert!(all.is_some(), "the rest published once the lease was back");
+    assert_exactly_once_in_order(&stored, &read_stream(&env).await);
+    shutdown.cancel();
+    running.await.unwrap();
     env.cleanup().await;
 }
 
@@ -360,6 +442,7 @@ async fn a_transaction_open_elsewhere_does_not_stall_publication() {
         settings: config.publisher.clone(),
         instance_id: "test".into(),
         lag_samples: None,
+        after_wave: None,
     };
     let running = tokio::spawn(publisher.run(shutdown.clone()));
     write_commands(EventStore::new(b.pool.clone()), 2, 10, 40).await;

@@ -795,6 +795,66 @@ async fn a_dialer_killed_between_twilios_answer_and_recording_the_sid_places_the
     env.cleanup().await;
 }
 
+/// A dial slower than the worker's ack wait is not redelivered to another handler: the
+/// dialer's runner extends the message's deadline while Twilio takes its time (here 5 ack
+/// waits), so JetStream never hands the `CallRequested` out again, and Twilio is asked once.
+#[tokio::test]
+async fn a_dial_slower_than_the_ack_wait_is_not_redelivered() {
+    let ack_wait = Duration::from_millis(600);
+    let env = env()
+        .set("SIM_TWILIO_HOLD_CREATE_RESPONSE_MS", "3000")
+        .set("WORKER_ACK_WAIT_MS", &ack_wait.as_millis().to_string());
+    let app = env.spawn_app().await;
+    let api = Api::new(app.addr);
+    let (user, profile) = api.register(PASSWORD).await;
+    grant(&app, &profile, 100).await;
+    assert!(eventually(Duration::from_secs(5), || async {
+        (balance(&app.state.pool, &profile).await == 100).then_some(())
+    })
+    .await
+    .is_some());
+    let config = env.config();
+    let js = async_nats::jetstream::new(async_nats::connect(&config.nats_url).await.unwrap());
+    let mut dialer = js
+        .get_stream(&config.stream.stream)
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&format!(
+            "{}-worker-dialer",
+            config.consumer_prefix
+        ))
+        .await
+        .unwrap();
+    let id = request_call(&user, "brad_001", 1).await;
+    // While Twilio holds its answer (3 s), the message is never redelivered.
+    let held_until = tokio::time::Instant::now() + Duration::from_millis(3_400);
+    let mut checks = 0;
+    while tokio::time::Instant::now() < held_until {
+        let info = dialer.info().await.unwrap().clone();
+        assert_eq!(
+            info.num_redelivered, 0,
+            "redelivered while the first dial was still waiting for Twilio: {info:?}"
+        );
+        checks += 1;
+        tokio::time::sleep(ack_wait / 4).await;
+    }
+    assert!(checks >= 10, "watched the whole dial ({checks} checks)");
+    let done = wait_for(&app.state.pool, &user, &id, "completed", true).await;
+    assert_eq!(done["call"]["charged_cents"], 65);
+    assert_eq!(count_events(&app.state.pool, &id, "DialAttempted").await, 1);
+    let placed: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT payload -> 'CallPlaced' ->> 'call_sid') FROM events
+          WHERE aggregate_id = $1 AND event_type = 'CallPlaced'",
+    )
+    .bind(&id)
+    .fetch_one(&app.state.pool)
+    .await
+    .unwrap();
+    assert_eq!(placed, 1, "one call at Twilio");
+    app.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_scheduled_call_missed_beyond_the_grace_period_expires_and_releases_its_hold() {
     let env = env().set("SCHEDULE_GRACE_SECS", "600");

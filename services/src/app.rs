@@ -87,6 +87,7 @@ pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyho
         settings: config.publisher.clone(),
         instance_id: config.instance_id.clone(),
         lag_samples: None,
+        after_wave: None,
     };
     tasks.spawn(publisher.run(shutdown.clone()));
 

@@ -25,6 +25,13 @@ pub const PROJECTION_LAG: &str = "cmb_projection_lag_seconds";
 /// share of [`PROJECTION_LAG`]), with the same buckets.
 pub const PUBLICATION_LAG: &str = "cmb_publication_lag_seconds";
 
+/// Seconds an event spent in one stage on its way to a read model, with the lags' buckets:
+/// `stage="publish_read"` (commit to the publisher reading it), `"publish_ack"` (read to
+/// JetStream's acknowledgement), and per projection `"queue"` (stored in the stream to the
+/// projector taking it: delivery plus waiting behind the batch before) and `"apply"` (taken to
+/// its batch committed). Where [`PROJECTION_LAG`] comes from.
+pub const LAG_STAGE: &str = "cmb_lag_stage_seconds";
+
 /// Buckets of the lags, finely enough to read a p99 against 200 ms.
 const LAG_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -45,6 +52,8 @@ pub fn metrics() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(PROJECTION_LAG.into()), LAG_BUCKETS)
                 .expect("the bucket list is not empty")
                 .set_buckets_for_metric(Matcher::Full(PUBLICATION_LAG.into()), LAG_BUCKETS)
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(LAG_STAGE.into()), LAG_BUCKETS)
                 .expect("the bucket list is not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

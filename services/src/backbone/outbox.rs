@@ -290,6 +290,10 @@ async fn drop_already_published(
 /// Publication lags (commit to acknowledgement), kept for benchmarks.
 pub type LagSamples = Arc<Mutex<Vec<Duration>>>;
 
+/// Called after each wave of a batch with the number of waves out so far (tests use it to
+/// stall a publisher mid-batch); `None` in service.
+pub type AfterWave = Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
 pub struct Publisher {
     pub pool: PgPool,
     pub js: jetstream::Context,
@@ -297,6 +301,7 @@ pub struct Publisher {
     pub settings: PublisherSettings,
     pub instance_id: String,
     pub lag_samples: Option<LagSamples>,
+    pub after_wave: Option<AfterWave>,
 }
 
 /// The publisher's checkpoint and lease name.
@@ -356,6 +361,7 @@ impl Publisher {
             _ => (checkpoint(&self.pool, PUBLISHER).await?, true),
         };
         let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch).await?;
+        let read_at = Utc::now();
         let Some(last) = batch.last() else {
             return match at.pending.take() {
                 // Nothing new visible: the done snapshot stays (its scan costs nothing).
@@ -383,7 +389,7 @@ impl Publisher {
             batch = drop_already_published(&self.js, &self.stream, batch).await?;
         }
         let mut acks = Vec::with_capacity(batch.len());
-        for wave in cmb_nats::publish::waves(&batch) {
+        for (n, wave) in cmb_nats::publish::waves(&batch).into_iter().enumerate() {
             // A publisher that lost its lease stops within one wave.
             if !lease.ensure(&self.pool).await? {
                 return Err("the publisher lease was lost mid-batch".into());
@@ -391,6 +397,9 @@ impl Publisher {
             acks.extend(
                 cmb_nats::publish::publish_wave(&self.js, &self.stream, &batch, &wave).await?,
             );
+            if let Some(after_wave) = &self.after_wave {
+                after_wave(n + 1).await;
+            }
         }
         if full {
             at.at = last;
@@ -412,6 +421,15 @@ impl Publisher {
             .collect();
         for lag in &lags {
             metrics::histogram!(crate::telemetry::PUBLICATION_LAG).record(lag.as_secs_f64());
+        }
+        // Where that went: waiting to be read, then the waves to JetStream's acknowledgement.
+        let acked_in = (now - read_at).to_std().unwrap_or_default().as_secs_f64();
+        for e in &batch {
+            let waited = (read_at - e.occurred_at).to_std().unwrap_or_default();
+            metrics::histogram!(crate::telemetry::LAG_STAGE, "stage" => "publish_read")
+                .record(waited.as_secs_f64());
+            metrics::histogram!(crate::telemetry::LAG_STAGE, "stage" => "publish_ack")
+                .record(acked_in);
         }
         if let Some(samples) = &self.lag_samples {
             samples.lock().expect("lag samples lock").extend(lags);

@@ -136,7 +136,7 @@ impl Projector {
                     None => break,
                 }
             }
-            self.handle_batch(projection, spec, &consumer_name, batch)
+            self.handle_batch(projection, spec, &consumer_name, batch, chrono::Utc::now())
                 .await?;
             if let Some(e) = stopped {
                 return Err(e);
@@ -153,19 +153,29 @@ impl Projector {
         spec: &DurableSpec,
         consumer_name: &str,
         batch: Vec<jetstream::Message>,
+        taken_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), async_nats::Error> {
         let mut delivered = Vec::with_capacity(batch.len());
         for message in batch {
-            let (stream_sequence, deliveries) = message
+            let (stream_sequence, deliveries, stored_at) = message
                 .info()
-                .map(|i| (i.stream_sequence, i.delivered))
-                .unwrap_or((0, 1));
+                .map(|i| {
+                    let nanos = i.published.unix_timestamp_nanos();
+                    let stored_at = chrono::DateTime::from_timestamp(
+                        (nanos / 1_000_000_000) as i64,
+                        (nanos % 1_000_000_000) as u32,
+                    );
+                    (i.stream_sequence, i.delivered, stored_at)
+                })
+                .unwrap_or((0, 1, None));
             match cmb_nats::contract::decode_body(&message.payload) {
                 Ok(event) => delivered.push(Delivered {
                     message,
                     event,
                     stream_sequence,
                     deliveries,
+                    stored_at,
+                    taken_at,
                 }),
                 Err(e) => {
                     // Never acknowledged and forgotten: kept, body and all.
@@ -258,6 +268,8 @@ impl Projector {
             event,
             stream_sequence,
             deliveries,
+            stored_at,
+            taken_at,
         } = d;
         match applied {
             Ok(Outcome::Gap { expected }) => {
@@ -297,6 +309,14 @@ impl Projector {
                         .unwrap_or_default();
                     metrics::histogram!(crate::telemetry::PROJECTION_LAG, "projection" => name)
                         .record(lag.as_secs_f64());
+                    // Where it went after publication: waiting for the projector, applying.
+                    let secs = |d: chrono::TimeDelta| d.to_std().unwrap_or_default().as_secs_f64();
+                    if let Some(stored_at) = stored_at {
+                        metrics::histogram!(crate::telemetry::LAG_STAGE, "stage" => "queue", "projection" => name)
+                            .record(secs(taken_at - stored_at));
+                    }
+                    metrics::histogram!(crate::telemetry::LAG_STAGE, "stage" => "apply", "projection" => name)
+                        .record(secs(chrono::Utc::now() - taken_at));
                 }
                 metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => outcome_label(outcome)).increment(1);
             }
@@ -363,6 +383,9 @@ struct Delivered {
     event: cmb_domain::EventEnvelope,
     stream_sequence: u64,
     deliveries: i64,
+    /// When JetStream stored it, and when this projector took it (for [`crate::telemetry::LAG_STAGE`]).
+    stored_at: Option<chrono::DateTime<chrono::Utc>>,
+    taken_at: chrono::DateTime<chrono::Utc>,
 }
 
 fn outcome_label(outcome: Outcome) -> &'static str {

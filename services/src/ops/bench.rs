@@ -77,6 +77,7 @@ pub async fn events(
         settings: config.publisher.clone(),
         instance_id: config.instance_id.clone(),
         lag_samples: Some(samples.clone()),
+        after_wave: None,
     };
     let publishing = tokio::spawn(publisher.run(shutdown.clone()));
 

@@ -46,6 +46,10 @@ pub struct Figures {
     pub publication_lag_p99_ms: f64,
     /// Projection lag p99 per projection.
     pub projection_lag_p99_ms_by_projection: BTreeMap<String, f64>,
+    /// Per stage of [`STAGES`], p50 and p99 (ms, bucket bounds): where the lag goes.
+    pub stage_lag_ms: BTreeMap<String, [f64; 2]>,
+    /// Per projection, p99 (ms) of its `queue` and `apply` stages.
+    pub stage_lag_p99_ms_by_projection: BTreeMap<String, [f64; 2]>,
     /// From the first call requested to the last one created at Twilio (the dialer's pace).
     pub placing_seconds: f64,
     /// From the last call's end until no projection had a message waiting (`null`: not within
@@ -54,6 +58,9 @@ pub struct Figures {
     pub seconds: f64,
     pub load_average: [f64; 3],
 }
+
+/// The stages of `cmb_lag_stage_seconds`, in the order an event goes through them.
+const STAGES: [&str; 4] = ["publish_read", "publish_ack", "queue", "apply"];
 
 /// `name{labels} value` lines of a Prometheus text exposition.
 fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
@@ -71,17 +78,18 @@ fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
 
 /// The lag histogram summed over projections: upper bound (seconds) → cumulative count.
 fn lag_buckets(text: &str) -> BTreeMap<String, f64> {
-    buckets(text, crate::telemetry::PROJECTION_LAG, "")
+    buckets(text, crate::telemetry::PROJECTION_LAG, &[])
 }
 
-/// Histogram `metric`'s buckets summed over the series whose labels contain `label`: upper
-/// bound (seconds) → cumulative count.
-fn buckets(text: &str, metric: &str, label: &str) -> BTreeMap<String, f64> {
+/// Histogram `metric`'s buckets summed over the series whose labels contain every one of
+/// `labels`: upper bound (seconds) → cumulative count.
+fn buckets(text: &str, metric: &str, labels: &[&str]) -> BTreeMap<String, f64> {
     let mut by_le = BTreeMap::new();
-    for (labels, v) in samples(text, &format!("{metric}_bucket")) {
-        if !labels.contains(label) {
+    for (series, v) in samples(text, &format!("{metric}_bucket")) {
+        if !labels.iter().all(|l| series.contains(l)) {
             continue;
         }
+        let labels = series;
         if let Some(le) = labels
             .split("le=\"")
             .nth(1)
@@ -246,17 +254,41 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
                 .unwrap_or_default()
                 .as_secs_f64()
         });
-    let publication = |t: &str| buckets(t, crate::telemetry::PUBLICATION_LAG, "");
+    let publication = |t: &str| buckets(t, crate::telemetry::PUBLICATION_LAG, &[]);
     let (publication_before, publication_after) = (publication(&before), publication(&after));
     let projection_lag_p99_ms_by_projection = cmb_projections::all()
         .iter()
         .map(|p| {
             let label = format!("projection=\"{}\"", p.name());
-            let of = |t: &str| buckets(t, crate::telemetry::PROJECTION_LAG, &label);
+            let of = |t: &str| buckets(t, crate::telemetry::PROJECTION_LAG, &[&label]);
             (
                 p.name().to_string(),
                 quantile_ms(&of(&before), &of(&after), 0.99),
             )
+        })
+        .collect();
+    // Where the lag goes, stage by stage (serve's `cmb_lag_stage_seconds`).
+    let stage = |labels: &[&str], q: f64| {
+        let of = |t: &str| buckets(t, crate::telemetry::LAG_STAGE, labels);
+        quantile_ms(&of(&before), &of(&after), q)
+    };
+    let mut stage_lag_ms = BTreeMap::new();
+    for name in STAGES {
+        let label = format!("stage=\"{name}\"");
+        stage_lag_ms.insert(
+            name.to_string(),
+            [stage(&[&label], 0.50), stage(&[&label], 0.99)],
+        );
+    }
+    let stage_lag_p99_ms_by_projection = cmb_projections::all()
+        .iter()
+        .map(|p| {
+            let projection = format!("projection=\"{}\"", p.name());
+            let of = |name: &str| {
+                let label = format!("stage=\"{name}\"");
+                stage(&[&label, &projection], 0.99)
+            };
+            (p.name().to_string(), [of("queue"), of("apply")])
         })
         .collect();
     let figures = Figures {
@@ -273,6 +305,8 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         publication_lag_p50_ms: quantile_ms(&publication_before, &publication_after, 0.50),
         publication_lag_p99_ms: quantile_ms(&publication_before, &publication_after, 0.99),
         projection_lag_p99_ms_by_projection,
+        stage_lag_ms,
+        stage_lag_p99_ms_by_projection,
         placing_seconds,
         caught_up_seconds,
         seconds: seconds_taken,
@@ -339,6 +373,22 @@ pub fn print(f: &Figures) {
         f.projection_lag_p99_ms_by_projection
             .iter()
             .map(|(p, v)| format!("{p} {}", ms(*v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "by stage p50 / p99: {}; queue / apply p99 by projection: {}",
+        STAGES
+            .iter()
+            .map(|s| {
+                let [p50, p99] = f.stage_lag_ms.get(*s).copied().unwrap_or_default();
+                format!("{s} {} / {}", ms(p50), ms(p99))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        f.stage_lag_p99_ms_by_projection
+            .iter()
+            .map(|(p, [queue, apply])| format!("{p} {} / {}", ms(*queue), ms(*apply)))
             .collect::<Vec<_>>()
             .join(", ")
     );

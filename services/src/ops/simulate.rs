@@ -499,6 +499,7 @@ async fn publish_all(config: &Config, b: &crate::backbone::Backbone) -> anyhow::
         settings: config.publisher.clone(),
         instance_id: config.instance_id.clone(),
         lag_samples: None,
+        after_wave: None,
     };
     let running = tokio::spawn(publisher.run(shutdown.clone()));
     let deadline = tokio::time::Instant::now() + StdDuration::from_secs(600);

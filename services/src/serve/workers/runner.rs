@@ -157,9 +157,12 @@ pub async fn run<F, Fut>(
         let result: Result<(), async_nats::Error> = async {
             let consumer = consume::durable(&stream, &spec).await?;
             let mut messages = consumer.messages().await?;
-            // The lanes: an aggregate's messages always go to the same one, in order.
+            // The lanes: an aggregate's messages always go to the same one, in order. Unbounded
+            // (JetStream's `max_ack_pending` bounds what is in flight): a slow handler holds up
+            // its own lane only, never the dispatch to the others, and every message taken is
+            // kept alive (below) from the moment it is taken.
             let (lanes, queues): (Vec<_>, Vec<_>) = (0..LANES)
-                .map(|_| tokio::sync::mpsc::channel::<Job>(4))
+                .map(|_| tokio::sync::mpsc::unbounded_channel::<Job>())
                 .unzip();
             let workers = futures::future::join_all(queues.into_iter().map(|mut queue| {
                 let (pool, share, handle, consumer_name, spec, shutdown) = (
@@ -244,12 +247,13 @@ pub async fn run<F, Fut>(
                     };
                     let lane = lane_of(&event);
                     let job = Job {
+                        alive: keep_alive(&message, spec.ack_wait),
                         message,
                         event,
                         stream_sequence,
                         deliveries,
                     };
-                    if lanes[lane].send(job).await.is_err() {
+                    if lanes[lane].send(job).is_err() {
                         return Ok(()); // the lanes stopped: shutting down
                     }
                 }
@@ -276,6 +280,8 @@ pub const LANES: usize = 16;
 
 /// A delivered message and its event, for a lane.
 struct Job {
+    /// Extends the message's ack deadline until dropped (see [`keep_alive`]).
+    alive: tokio_util::sync::DropGuard,
     message: jetstream::Message,
     event: EventEnvelope,
     stream_sequence: u64,
@@ -305,18 +311,20 @@ where
     Fut: Future<Output = Result<(), Failure>>,
 {
     let Job {
+        alive,
         message,
         event,
         stream_sequence,
         deliveries,
     } = job;
     let id = event.event_id();
-    // The wait for a permit counts as work: the message's deadline is extended meanwhile.
-    let handled = with_progress(&message, spec.ack_wait, async {
+    // The message is kept alive while it waits for a permit and while it is handled.
+    let handled = {
         let _permit = share.acquire().await;
         handle(event.clone()).await
-    });
-    match handled.await {
+    };
+    drop(alive);
+    match handled {
         Ok(()) => {
             message.ack().await?;
             metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "ok")
@@ -356,25 +364,27 @@ where
     Ok(())
 }
 
-/// Runs `work`, telling JetStream the message is still being worked on (`+WPI`) every third of
-/// its ack wait, so a slow handler (a provider taking its time) is not redelivered to another
-/// handler while it still runs.
-async fn with_progress<T>(
-    message: &jetstream::Message,
-    ack_wait: Duration,
-    work: impl Future<Output = T>,
-) -> T {
+/// Tells JetStream that `message` is still being worked on (`+WPI`) every third of its ack
+/// wait until the guard is dropped: from the moment the dispatcher takes it, through its wait
+/// in its lane behind its aggregate's earlier messages and for a permit, to the end of its
+/// handler. So neither a slow handler (a provider taking its time) nor the messages queued
+/// behind it are redelivered to another handler meanwhile.
+fn keep_alive(message: &jetstream::Message, ack_wait: Duration) -> tokio_util::sync::DropGuard {
+    let stop = CancellationToken::new();
+    let (message, stopped) = (message.clone(), stop.clone());
     let every = (ack_wait / 3).max(Duration::from_millis(100));
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = ticks.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %e, "could not extend a message's ack deadline");
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled() => break,
+                _ = ticks.tick() => {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        tracing::warn!(error = %e, "could not extend a message's ack deadline");
+                    }
                 }
             }
         }
-    }
+    });
+    stop.drop_guard()
 }
