@@ -294,6 +294,7 @@ impl Projector {
                     }
                     None => {
                         tracing::debug!(projection = name, event = %event.event_id(), expected, "out of order; redeliver later");
+                        metrics::counter!("cmb_projection_events_total", "projection" => name, "outcome" => "gap").increment(1);
                         message
                             .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
                             .await?;

@@ -50,6 +50,8 @@ pub struct Figures {
     pub stage_lag_ms: BTreeMap<String, [f64; 2]>,
     /// Per projection, p99 (ms) of its `queue` and `apply` stages.
     pub stage_lag_p99_ms_by_projection: BTreeMap<String, [f64; 2]>,
+    /// Events the projectors received before their predecessor (redelivered later).
+    pub projection_gaps: u64,
     /// From the first call requested to the last one created at Twilio (the dialer's pace).
     pub placing_seconds: f64,
     /// From the last call's end until no projection had a message waiting (`null`: not within
@@ -307,6 +309,9 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figu
         projection_lag_p99_ms_by_projection,
         stage_lag_ms,
         stage_lag_p99_ms_by_projection,
+        projection_gaps: (counter(&after, "cmb_projection_events_total", "outcome=\"gap\"")
+            - counter(&before, "cmb_projection_events_total", "outcome=\"gap\""))
+            as u64,
         placing_seconds,
         caught_up_seconds,
         seconds: seconds_taken,
@@ -377,7 +382,7 @@ pub fn print(f: &Figures) {
             .join(", ")
     );
     println!(
-        "by stage p50 / p99: {}; queue / apply p99 by projection: {}",
+        "by stage p50 / p99: {}; queue / apply p99 by projection: {}; {} events out of order",
         STAGES
             .iter()
             .map(|s| {
@@ -390,7 +395,8 @@ pub fn print(f: &Figures) {
             .iter()
             .map(|(p, [queue, apply])| format!("{p} {} / {}", ms(*queue), ms(*apply)))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        f.projection_gaps
     );
     println!("{}", json!({ "bench": "calls", "figures": f }));
 }
