@@ -28,6 +28,21 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event. Called once per event, in per-aggregate order.
     async fn apply(&self, db: &mut PgConnection, event: &EventEnvelope) -> Result<(), sqlx::Error>;
 
+    /// Applies several events, each the next of its aggregate (in per-aggregate order; events
+    /// of different aggregates interleaved), as [`Projection::apply`] would one after the
+    /// other. The default does just that; a projection with many events per aggregate writes
+    /// them set-based instead (one statement per table for the whole batch).
+    async fn apply_all(
+        &self,
+        db: &mut PgConnection,
+        events: &[&EventEnvelope],
+    ) -> Result<(), sqlx::Error> {
+        for e in events {
+            self.apply(db, e).await?;
+        }
+        Ok(())
+    }
+
     fn wants(&self, aggregate_type: &str) -> bool {
         let types = self.aggregate_types();
         types.is_empty() || types.contains(&aggregate_type)
@@ -226,6 +241,9 @@ pub async fn apply_batch(
     let mut moved: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     let mut highest = 0u64;
     let mut count = 0i64;
+    // The events to apply, in delivery order (each the next of its aggregate), written
+    // together by `apply_all` once the batch is sorted out.
+    let mut due: Vec<&EventEnvelope> = Vec::with_capacity(events.len());
     for (n, (e, stream_sequence)) in events.iter().enumerate() {
         let key = (e.aggregate_type.as_str(), e.aggregate_id.as_str());
         let Some(at) = last.get_mut(&key) else {
@@ -240,7 +258,7 @@ pub async fn apply_batch(
             continue;
         }
         outcomes[n] = if e.is_known() {
-            projection.apply(&mut tx, e).await?;
+            due.push(e);
             Outcome::Applied
         } else {
             tracing::warn!(event = %e.event_id(), event_type = %e.event_type, "unknown event type skipped");
@@ -257,31 +275,31 @@ pub async fn apply_batch(
         tx.rollback().await?;
         return Ok(outcomes);
     }
+    if !due.is_empty() {
+        projection.apply_all(&mut tx, &due).await?;
+    }
     let (types, rest): (Vec<&str>, Vec<(&str, i64)>) = moved
         .iter()
         .map(|((t, i), s)| (*t, (*i, *s as i64)))
         .unzip();
     let (ids, sequences): (Vec<&str>, Vec<i64>) = rest.into_iter().unzip();
+    // The offsets and the status in one statement (one round trip).
     sqlx::query(
-        "INSERT INTO projection_offsets (projection, aggregate_type, aggregate_id, sequence)
-         SELECT $1, t, i, s FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(t, i, s)
-         ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence",
-    )
-    .bind(projection.name())
-    .bind(&types)
-    .bind(&ids)
-    .bind(&sequences)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO projection_status (projection, stream_sequence, events_applied, updated_at)
-         VALUES ($1, $2, $3, now())
+        "WITH offsets AS (
+              INSERT INTO projection_offsets (projection, aggregate_type, aggregate_id, sequence)
+              SELECT $1, t, i, s FROM unnest($2::text[], $3::text[], $4::bigint[]) AS u(t, i, s)
+              ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET sequence = EXCLUDED.sequence)
+         INSERT INTO projection_status (projection, stream_sequence, events_applied, updated_at)
+         VALUES ($1, $5, $6, now())
          ON CONFLICT (projection) DO UPDATE
             SET stream_sequence = GREATEST(projection_status.stream_sequence, EXCLUDED.stream_sequence),
                 events_applied = projection_status.events_applied + EXCLUDED.events_applied,
                 updated_at = now()",
     )
     .bind(projection.name())
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
     .bind(highest as i64)
     .bind(count)
     .execute(&mut *tx)

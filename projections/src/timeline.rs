@@ -22,53 +22,143 @@ impl Projection for Timeline {
         &[]
     }
     async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
-        let story = match e.aggregate_type.as_str() {
-            "call" => e.decode::<CallEvent>().ok().map(|event| call_story(&event)),
-            _ => None,
+        self.apply_all(db, &[e]).await
+    }
+
+    /// One insert for the whole batch; a status change's summary names the status before it,
+    /// from the batch or, for an aggregate's first status change in it, from one read of the
+    /// aggregates' last status so far.
+    async fn apply_all(
+        &self,
+        db: &mut PgConnection,
+        events: &[&EventEnvelope],
+    ) -> Result<(), sqlx::Error> {
+        use std::collections::HashMap;
+        if events.is_empty() {
+            return Ok(());
+        }
+        let stories: Vec<(Option<String>, Option<String>)> = events
+            .iter()
+            .map(|e| match e.aggregate_type.as_str() {
+                "call" => e.decode::<CallEvent>().ok().map(|event| call_story(&event)),
+                _ => None,
+            })
+            .map(Option::unwrap_or_default)
+            .collect();
+        // The aggregates whose first status change in the batch comes before any other status
+        // of theirs in it: the status before is in the table (below that event's sequence).
+        let mut first_change: HashMap<(&str, &str), Option<i64>> = HashMap::new();
+        for (e, (status, summary)) in events.iter().zip(&stories) {
+            if status.is_none() {
+                continue;
+            }
+            first_change
+                .entry((e.aggregate_type.as_str(), e.aggregate_id.as_str()))
+                .or_insert_with(|| summary.is_none().then_some(e.sequence as i64));
+        }
+        let (mut types, mut ids, mut below) = (Vec::new(), Vec::new(), Vec::new());
+        for ((t, i), sequence) in &first_change {
+            if let Some(sequence) = sequence {
+                types.push(*t);
+                ids.push(*i);
+                below.push(*sequence);
+            }
+        }
+        let mut last_status: HashMap<(String, String), String> = HashMap::new();
+        if !types.is_empty() {
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT u.t, u.i, l.status
+                   FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(t, i, s)
+                  CROSS JOIN LATERAL (
+                        SELECT status FROM rm_timeline
+                         WHERE aggregate_type = u.t AND aggregate_id = u.i AND sequence < u.s
+                           AND status IS NOT NULL
+                         ORDER BY sequence DESC LIMIT 1) AS l",
+            )
+            .bind(&types)
+            .bind(&ids)
+            .bind(&below)
+            .fetch_all(&mut *db)
+            .await?;
+            last_status.extend(rows.into_iter().map(|(t, i, status)| ((t, i), status)));
+        }
+        let n = events.len();
+        let mut rows = Rows {
+            aggregate_type: Vec::with_capacity(n),
+            aggregate_id: Vec::with_capacity(n),
+            sequence: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            actor: Vec::with_capacity(n),
+            request_id: Vec::with_capacity(n),
+            correlation_id: Vec::with_capacity(n),
+            causation_id: Vec::with_capacity(n),
+            status: Vec::with_capacity(n),
+            summary: Vec::with_capacity(n),
         };
-        let (status, summary) = story.unwrap_or_default();
-        let summary = match (&status, summary) {
-            // From the status before, in the same aggregate's story.
-            (Some(to), None) => {
-                let from: Option<String> = sqlx::query_scalar(
-                    "SELECT status FROM rm_timeline
-                      WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence < $3
-                        AND status IS NOT NULL
-                      ORDER BY sequence DESC LIMIT 1",
-                )
-                .bind(&e.aggregate_type)
-                .bind(&e.aggregate_id)
-                .bind(e.sequence as i64)
-                .fetch_optional(&mut *db)
-                .await?;
-                Some(match from {
+        for (e, (status, summary)) in events.iter().zip(stories) {
+            let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
+            let summary = match (&status, summary) {
+                // From the status before, in the same aggregate's story.
+                (Some(to), None) => Some(match last_status.get(&key) {
                     Some(from) => format!("status {from} → {to}"),
                     None => format!("status → {to}"),
-                })
+                }),
+                (_, summary) => summary,
+            };
+            if let Some(to) = &status {
+                last_status.insert(key, to.clone());
             }
-            (_, summary) => summary,
-        };
+            rows.aggregate_type.push(e.aggregate_type.as_str());
+            rows.aggregate_id.push(e.aggregate_id.as_str());
+            rows.sequence.push(e.sequence as i64);
+            rows.event_type.push(e.event_type.as_str());
+            rows.occurred_at.push(e.occurred_at);
+            rows.actor.push(e.metadata.actor.as_str());
+            rows.request_id.push(e.metadata.request_id.as_str());
+            rows.correlation_id.push(e.metadata.correlation_id.as_str());
+            rows.causation_id.push(e.metadata.causation_id.as_str());
+            rows.status.push(status);
+            rows.summary.push(summary);
+        }
         sqlx::query(
             "INSERT INTO rm_timeline (aggregate_type, aggregate_id, sequence, event_type, occurred_at,
                                       actor, request_id, correlation_id, causation_id, status, summary)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],
+                                  $5::timestamptz[], $6::text[], $7::text[], $8::text[],
+                                  $9::text[], $10::text[], $11::text[])
              ON CONFLICT DO NOTHING",
         )
-        .bind(&e.aggregate_type)
-        .bind(&e.aggregate_id)
-        .bind(e.sequence as i64)
-        .bind(&e.event_type)
-        .bind(e.occurred_at)
-        .bind(&e.metadata.actor)
-        .bind(&e.metadata.request_id)
-        .bind(&e.metadata.correlation_id)
-        .bind(&e.metadata.causation_id)
-        .bind(&status)
-        .bind(&summary)
+        .bind(&rows.aggregate_type)
+        .bind(&rows.aggregate_id)
+        .bind(&rows.sequence)
+        .bind(&rows.event_type)
+        .bind(&rows.occurred_at)
+        .bind(&rows.actor)
+        .bind(&rows.request_id)
+        .bind(&rows.correlation_id)
+        .bind(&rows.causation_id)
+        .bind(&rows.status)
+        .bind(&rows.summary)
         .execute(db)
         .await?;
         Ok(())
     }
+}
+
+/// The timeline rows of a batch, column by column (bound as arrays).
+struct Rows<'e> {
+    aggregate_type: Vec<&'e str>,
+    aggregate_id: Vec<&'e str>,
+    sequence: Vec<i64>,
+    event_type: Vec<&'e str>,
+    occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
+    actor: Vec<&'e str>,
+    request_id: Vec<&'e str>,
+    correlation_id: Vec<&'e str>,
+    causation_id: Vec<&'e str>,
+    status: Vec<Option<String>>,
+    summary: Vec<Option<String>>,
 }
 
 /// One line of a timeline.
