@@ -171,3 +171,41 @@ fn every_json_request_body_has_an_example() {
         }
     }
 }
+
+#[test]
+fn webhooks_state_their_signature_and_signed_in_routes_the_bearer_scheme() {
+    // Stripe and Twilio call us: their operations are tagged as webhooks and name the header
+    // that carries the signature we check (the media stream's upgrade included).
+    let doc = document();
+    for (path, method, header) in [
+        ("/api/stripe/webhook", "post", "Stripe-Signature"),
+        ("/api/twilio/answer", "post", "X-Twilio-Signature"),
+        ("/api/twilio/callback", "post", "X-Twilio-Signature"),
+        ("/api/twilio/stream", "get", "X-Twilio-Signature"),
+    ] {
+        let op = &doc["paths"][path][method];
+        assert_eq!(op["tags"][0], "webhooks", "{method} {path}");
+        let named = op["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["in"] == "header" && p["name"] == header && p["required"] == true);
+        assert!(named, "{method} {path} states its {header} header");
+    }
+    assert!(doc["paths"]["/api/twilio/stream"]["get"]["responses"]["101"].is_object());
+    let bearer = &doc["components"]["securitySchemes"]["bearer"];
+    assert_eq!(bearer["type"], "http");
+    assert_eq!(bearer["scheme"], "bearer");
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/api/openapi.json",
+    ] {
+        assert!(
+            doc["paths"][path]["get"].is_object(),
+            "{path} is documented"
+        );
+    }
+}
