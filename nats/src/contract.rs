@@ -1,13 +1,15 @@
 //! The message contract: one event, one JetStream message.
 //!
 //! - Subject: `{prefix}.{aggregate_type}.{aggregate_id}` (characters NATS reserves in a token —
-//!   `.`, `*`, `>`, white space — are replaced by `_` in the subject only; the headers and body
-//!   carry the exact id).
+//!   `.`, `*`, `>`, white space — are replaced by `_` in the subject only; the `Nats-Msg-Id`
+//!   and the body carry the exact id).
 //! - Headers: `Nats-Msg-Id` (`{aggregate_type}:{aggregate_id}:{sequence}`, stable per event, so
-//!   JetStream drops a republished copy inside its duplicate window), `Cmb-Aggregate-Type`,
-//!   `Cmb-Aggregate-Id`, `Cmb-Sequence`, `Cmb-Event-Type`, `Cmb-Event-Version`,
-//!   `Cmb-Occurred-At` (RFC 3339), and `Cmb-Global-Position` / `Cmb-Commit-Xid` (the event
-//!   store's commit order).
+//!   JetStream drops a republished copy inside its duplicate window; [`aggregate_of`] reads the
+//!   aggregate and sequence back from it) and `Cmb-Event-Type`. Nothing else: every consumer
+//!   parses each header of every message it receives (a map of owned strings), and the body
+//!   has all the rest. Messages published before this (with `Cmb-Aggregate-Type`,
+//!   `Cmb-Aggregate-Id`, `Cmb-Sequence`, `Cmb-Event-Version`, `Cmb-Occurred-At`,
+//!   `Cmb-Global-Position`, `Cmb-Commit-Xid` as well) read the same way.
 //! - Body: the [`EventEnvelope`] as JSON: payload, metadata and the fields above.
 
 use async_nats::HeaderMap;
@@ -15,14 +17,7 @@ use bytes::Bytes;
 use cmb_domain::EventEnvelope;
 
 pub const MSG_ID: &str = "Nats-Msg-Id";
-pub const AGGREGATE_TYPE: &str = "Cmb-Aggregate-Type";
-pub const AGGREGATE_ID: &str = "Cmb-Aggregate-Id";
-pub const SEQUENCE: &str = "Cmb-Sequence";
 pub const EVENT_TYPE: &str = "Cmb-Event-Type";
-pub const EVENT_VERSION: &str = "Cmb-Event-Version";
-pub const OCCURRED_AT: &str = "Cmb-Occurred-At";
-pub const GLOBAL_POSITION: &str = "Cmb-Global-Position";
-pub const COMMIT_XID: &str = "Cmb-Commit-Xid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContractError {
@@ -61,17 +56,23 @@ pub fn subject(prefix: &str, aggregate_type: &str, aggregate_id: &str) -> String
 pub fn encode(event: &EventEnvelope) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(MSG_ID, event.event_id().as_str());
-    headers.insert(AGGREGATE_TYPE, event.aggregate_type.as_str());
-    headers.insert(AGGREGATE_ID, event.aggregate_id.as_str());
-    headers.insert(SEQUENCE, event.sequence.to_string().as_str());
     headers.insert(EVENT_TYPE, event.event_type.as_str());
-    headers.insert(EVENT_VERSION, event.event_version.as_str());
-    headers.insert(OCCURRED_AT, event.occurred_at.to_rfc3339().as_str());
-    headers.insert(GLOBAL_POSITION, event.global_position.to_string().as_str());
-    headers.insert(COMMIT_XID, event.commit_xid.to_string().as_str());
     // Serialising a struct of strings, numbers and JSON values cannot fail.
     let body = serde_json::to_vec(event).expect("an envelope always serialises");
     (headers, Bytes::from(body))
+}
+
+/// The aggregate type, aggregate id and sequence a message's `Nats-Msg-Id` names (an
+/// aggregate type has no `:`; an id may).
+pub fn aggregate_of(headers: &HeaderMap) -> Option<(String, String, u64)> {
+    let id = headers.get(MSG_ID)?.as_str();
+    let (aggregate_type, rest) = id.split_once(':')?;
+    let (aggregate_id, sequence) = rest.rsplit_once(':')?;
+    Some((
+        aggregate_type.to_string(),
+        aggregate_id.to_string(),
+        sequence.parse().ok()?,
+    ))
 }
 
 /// The envelope carried by a message body.
@@ -82,17 +83,6 @@ pub fn decode_body(payload: &[u8]) -> Result<EventEnvelope, ContractError> {
 /// The envelope of a consumed message.
 pub fn decode_message(message: &async_nats::Message) -> Result<EventEnvelope, ContractError> {
     decode_body(&message.payload)
-}
-
-/// The commit position `(commit_xid, global_position)` named by a message's headers.
-pub fn commit_position(headers: &HeaderMap) -> Result<(i64, i64), ContractError> {
-    let read = |name: &'static str| {
-        headers
-            .get(name)
-            .and_then(|v| v.as_str().parse::<i64>().ok())
-            .ok_or(ContractError::Header(name))
-    };
-    Ok((read(COMMIT_XID)?, read(GLOBAL_POSITION)?))
 }
 
 #[cfg(test)]
@@ -106,6 +96,18 @@ mod tests {
             "cmb.events.call.a_b_c_d_e"
         );
         assert_eq!(subject("p", "persona", "brad_001"), "p.persona.brad_001");
+    }
+
+    #[test]
+    fn the_message_id_names_the_aggregate_even_with_colons_in_its_id() {
+        let mut headers = HeaderMap::new();
+        headers.insert(MSG_ID, "stripe_event:evt:1:a:17");
+        assert_eq!(
+            aggregate_of(&headers),
+            Some(("stripe_event".into(), "evt:1:a".into(), 17))
+        );
+        headers.insert(MSG_ID, "garbage");
+        assert_eq!(aggregate_of(&headers), None);
     }
 
     #[test]
@@ -124,7 +126,11 @@ mod tests {
         };
         let (headers, body) = encode(&event);
         assert_eq!(headers.get(MSG_ID).unwrap().as_str(), "persona:brad_001:2");
-        assert_eq!(commit_position(&headers).unwrap(), (777, 42));
+        assert_eq!(headers.iter().count(), 2, "Nats-Msg-Id and Cmb-Event-Type only");
+        assert_eq!(
+            aggregate_of(&headers),
+            Some(("persona".into(), "brad_001".into(), 2))
+        );
         assert_eq!(decode_body(&body).unwrap(), event);
     }
 }

@@ -90,12 +90,14 @@ pub async fn park(pool: &PgPool, p: Parked<'_>) -> Result<(), sqlx::Error> {
             Some(e.sequence as i64),
             Some(e.event_type.clone()),
         ),
-        None => (
-            header(cmb_nats::contract::AGGREGATE_TYPE),
-            header(cmb_nats::contract::AGGREGATE_ID),
-            header(cmb_nats::contract::SEQUENCE).and_then(|s| s.parse().ok()),
-            header(cmb_nats::contract::EVENT_TYPE),
-        ),
+        None => {
+            let named = p.headers.and_then(cmb_nats::contract::aggregate_of);
+            let (t, id, sequence) = match named {
+                Some((t, id, sequence)) => (Some(t), Some(id), i64::try_from(sequence).ok()),
+                None => (None, None, None),
+            };
+            (t, id, sequence, header(cmb_nats::contract::EVENT_TYPE))
+        }
     };
     sqlx::query(
         "INSERT INTO dead_letters (consumer, stream_sequence, aggregate_type, aggregate_id,

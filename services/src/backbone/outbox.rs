@@ -262,18 +262,13 @@ async fn drop_already_published(
         let subject = settings.subject(&e.aggregate_type, &e.aggregate_id);
         let last = match stream.direct_get_last_for_subject(&subject).await {
             Ok(message) => {
-                let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
-                // Only trust a message that names this very aggregate.
-                if header(cmb_nats::contract::AGGREGATE_ID).as_deref()
-                    == Some(e.aggregate_id.as_str())
-                    && header(cmb_nats::contract::AGGREGATE_TYPE).as_deref()
-                        == Some(e.aggregate_type.as_str())
-                {
-                    header(cmb_nats::contract::SEQUENCE)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0)
-                } else {
-                    0
+                // Only trust a message that names this very aggregate (a subject token can
+                // stand for several ids).
+                match cmb_nats::contract::aggregate_of(&message.headers) {
+                    Some((t, id, sequence)) if t == e.aggregate_type && id == e.aggregate_id => {
+                        sequence
+                    }
+                    _ => 0,
                 }
             }
             Err(err) if matches!(err.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => 0,
