@@ -12,6 +12,7 @@
 //!   `Cmb-Global-Position`, `Cmb-Commit-Xid` as well) read the same way.
 //! - Body: the [`EventEnvelope`] as JSON: payload, metadata and the fields above.
 
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use cmb_domain::EventEnvelope;
@@ -55,7 +56,7 @@ pub fn subject(prefix: &str, aggregate_type: &str, aggregate_id: &str) -> String
 /// Headers and body of the message that carries `event`.
 pub fn encode(event: &EventEnvelope) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
-    headers.insert(MSG_ID, event.event_id().as_str());
+    headers.insert(NATS_MESSAGE_ID, event.event_id().as_str());
     headers.insert(EVENT_TYPE, event.event_type.as_str());
     // Serialising a struct of strings, numbers and JSON values cannot fail.
     let body = serde_json::to_vec(event).expect("an envelope always serialises");
@@ -63,9 +64,10 @@ pub fn encode(event: &EventEnvelope) -> (HeaderMap, Bytes) {
 }
 
 /// The aggregate type, aggregate id and sequence a message's `Nats-Msg-Id` names (an
-/// aggregate type has no `:`; an id may).
+/// aggregate type has no `:`; an id may). Looked up by the client's standard header name: a
+/// received message's `Nats-Msg-Id` is filed under it, never under the plain string.
 pub fn aggregate_of(headers: &HeaderMap) -> Option<(String, String, u64)> {
-    let id = headers.get(MSG_ID)?.as_str();
+    let id = headers.get(NATS_MESSAGE_ID)?.as_str();
     let (aggregate_type, rest) = id.split_once(':')?;
     let (aggregate_id, sequence) = rest.rsplit_once(':')?;
     Some((
@@ -101,12 +103,12 @@ mod tests {
     #[test]
     fn the_message_id_names_the_aggregate_even_with_colons_in_its_id() {
         let mut headers = HeaderMap::new();
-        headers.insert(MSG_ID, "stripe_event:evt:1:a:17");
+        headers.insert(NATS_MESSAGE_ID, "stripe_event:evt:1:a:17");
         assert_eq!(
             aggregate_of(&headers),
             Some(("stripe_event".into(), "evt:1:a".into(), 17))
         );
-        headers.insert(MSG_ID, "garbage");
+        headers.insert(NATS_MESSAGE_ID, "garbage");
         assert_eq!(aggregate_of(&headers), None);
     }
 
@@ -125,8 +127,15 @@ mod tests {
             metadata: Default::default(),
         };
         let (headers, body) = encode(&event);
-        assert_eq!(headers.get(MSG_ID).unwrap().as_str(), "persona:brad_001:2");
-        assert_eq!(headers.iter().count(), 2, "Nats-Msg-Id and Cmb-Event-Type only");
+        assert_eq!(
+            headers.get(NATS_MESSAGE_ID).unwrap().as_str(),
+            "persona:brad_001:2"
+        );
+        assert_eq!(
+            headers.iter().count(),
+            2,
+            "Nats-Msg-Id and Cmb-Event-Type only"
+        );
         assert_eq!(
             aggregate_of(&headers),
             Some(("persona".into(), "brad_001".into(), 2))
