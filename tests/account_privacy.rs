@@ -889,6 +889,29 @@ async fn data_keys_are_stored_wrapped_and_rewrap_moves_them_to_a_new_master_key(
         assert!(!stored.windows(32).any(|w| w == clear), "the key in clear");
         clear_keys.push(clear);
     }
+    // A call's memory key, under the old master too.
+    let memory = cmb_domain::memory::memory_id(ids[0], "sarah_001");
+    let mut summary = json!({"SummaryRewritten": {
+        "call_id": uuid::Uuid::now_v7().to_string(), "summary": "Keeps bees."}});
+    keys::Keyring::with_masters(
+        pool.clone(),
+        std::sync::Arc::new(Masters::from_settings(Some(&old), None).unwrap()),
+    )
+    .seal("memory", &memory, "SummaryRewritten", &mut summary)
+    .await
+    .unwrap();
+    let memory_keys = |master: [u8; 8]| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM memory_keys WHERE master_id = $1")
+                .bind(&master[..])
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(memory_keys(under_old.current.id()).await, 1);
+
     // One key as a build before wrapping stored it: in clear, no master.
     sqlx::query("UPDATE data_keys SET key = $2, master_id = NULL WHERE user_id = $1")
         .bind(ids[1])
@@ -930,15 +953,20 @@ async fn data_keys_are_stored_wrapped_and_rewrap_moves_them_to_a_new_master_key(
     let said = callmeback(&env, &["privacy", "rewrap", "--batch", "1"], &both)
         .await
         .unwrap();
-    assert!(said.contains("2 data keys rewrapped"), "{said}");
+    assert!(said.contains("3 data keys rewrapped"), "{said}");
     let said = callmeback(&env, &["privacy", "rewrap"], &both)
         .await
         .unwrap();
     assert!(
-        said.contains("0 data keys rewrapped by the current master key, 2 already"),
+        said.contains("0 data keys rewrapped by the current master key, 3 already"),
         "{said}"
     );
     let under_new = Masters::from_settings(Some(&new), None).unwrap();
+    assert_eq!(
+        memory_keys(under_new.current.id()).await,
+        1,
+        "the memory key moved"
+    );
     for (id, clear) in ids.iter().zip(&clear_keys) {
         let (stored, now) = keys::stored_and_clear(&pool, &under_new, *id)
             .await
