@@ -127,14 +127,15 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     };
 
     // A bill: call 0 as estimated, call 1 three cents dearer (Twilio's export), an unknown
-    // CallSid; the busy call is not billed (and not estimated).
+    // CallSid (quoted, with a comma and quotes in it); the busy call is not billed (and not
+    // estimated).
     let dir = std::env::temp_dir().join(format!("cmb-replay-{}", env.id));
     std::fs::create_dir_all(&dir).unwrap();
     let generic = dir.join("generic.csv");
     std::fs::write(
         &generic,
         format!(
-            "provider,call_id,usage_date,quantity,unit,billed_usd\ntwilio,{},2026-11-29,1,minute,0.014\ntwilio,CAunknown00000000000000000000000,2026-11-29,1,minute,0.014\n",
+            "provider,call_id,usage_date,quantity,unit,billed_usd\ntwilio,{},2026-11-29,1,minute,0.014\ntwilio,\"CAunknown, \"\"0\"\"\",2026-11-29,1,minute,0.014\n",
             ids[0]
         ),
     )
@@ -169,8 +170,38 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     assert_eq!(find("billed_but_unknown").len(), 1, "{diffs:?}");
     assert_eq!(
         find("billed_but_unknown")[0]["reference"],
-        "CAunknown00000000000000000000000"
+        "CAunknown, \"0\""
     );
+    // The same as CSV: written by the csv crate, so the reference comes back whole.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args([
+            "replay",
+            "--source",
+            "postgres",
+            "--format",
+            "csv",
+            "reconcile",
+        ])
+        .arg("--billed")
+        .args([&generic, &export])
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("replay runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rows = csv::Reader::from_reader(out.stdout.as_slice());
+    let unknown: Vec<csv::StringRecord> = rows
+        .records()
+        .map(Result::unwrap)
+        .filter(|r| &r[0] == "billed_but_unknown")
+        .collect();
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
+    assert_eq!(&unknown[0][3], "CAunknown, \"0\"", "{unknown:?}");
     let off = find("differs");
     assert_eq!(off.len(), 1, "{diffs:?}");
     assert_eq!(off[0]["call_id"], ids[1].as_str());
