@@ -11,7 +11,7 @@ use common::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A production configuration that lacks nothing.
-const PRODUCTION: [(&str, &str); 10] = [
+const PRODUCTION: [(&str, &str); 11] = [
     ("TWILIO_ACCOUNT_SID", "AC0123456789abcdef0123456789abcdef"),
     ("TWILIO_AUTH_TOKEN", "a-real-twilio-auth-token"),
     ("STRIPE_SECRET_KEY", "sk_live_0123456789"),
@@ -25,6 +25,11 @@ const PRODUCTION: [(&str, &str); 10] = [
         "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     ),
     ("PUBLIC_BASE_URL", "https://callmeback.example"),
+    // base64 of 32 bytes: the master key the users' data keys are wrapped with.
+    (
+        "DATA_KEYS_MASTER_KEY",
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+    ),
 ];
 
 /// `callmeback serve` with exactly `vars` (nothing inherited); its exit code and stderr.
@@ -171,6 +176,7 @@ async fn production_with_simulated_providers_starts_and_says_so_loudly() {
             ("JWT_SECRET", PRODUCTION[8].1),
             ("TWILIO_AUTH_TOKEN", "a-real-twilio-auth-token"),
             ("PUBLIC_BASE_URL", "https://callmeback.example"),
+            ("DATA_KEYS_MASTER_KEY", PRODUCTION[10].1),
         ],
         "PRODUCTION MODE WITH SIMULATED PROVIDERS",
     )

@@ -100,4 +100,3 @@ pub fn verify_webhook(
         object,
     })
 }
-
