@@ -71,32 +71,41 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
     })
     .await;
     assert!(settled.is_some(), "every call settled");
-    // Until the publisher has put every event on the stream (slow on a loaded machine).
+    // Until the publisher has put every event on the stream (slow on a loaded machine), and
+    // while the log stays still: the workers still write events of their own after the calls
+    // settled (what memory learned and its LLM costs, on the calls; the system personas'
+    // knowledge marked indexed), so both sources are read between two equal counts of the
+    // store, and read again if it moved meanwhile.
     let config = env.config();
     let js = async_nats::jetstream::new(
         cmb_nats::connect(&config.nats_url, "callmeback tests")
             .await
             .unwrap(),
     );
-    let published = eventually(Duration::from_secs(60), || async {
-        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+    let stored = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
             .fetch_one(&app.state.pool)
             .await
-            .unwrap();
+            .unwrap()
+    };
+    let read = eventually(Duration::from_secs(120), || async {
+        let before = stored().await;
         let on_stream = cmb_nats::replay::last_sequence(&js, &config.stream)
             .await
             .unwrap();
-        (on_stream >= stored as u64).then_some(())
+        if on_stream < before as u64 {
+            return None;
+        }
+        let from_nats = replay(&env, &["--source", "nats", "--format", "json", "reconcile"]).await;
+        let from_pg = replay(
+            &env,
+            &["--source", "postgres", "--format", "json", "reconcile"],
+        )
+        .await;
+        (stored().await == before).then_some((from_nats, from_pg))
     })
     .await;
-    assert!(published.is_some(), "every event on the stream");
-
-    let from_nats = replay(&env, &["--source", "nats", "--format", "json", "reconcile"]).await;
-    let from_pg = replay(
-        &env,
-        &["--source", "postgres", "--format", "json", "reconcile"],
-    )
-    .await;
+    let (from_nats, from_pg) = read.expect("the log kept still long enough to read it twice");
     assert_eq!(
         from_nats, from_pg,
         "the same answers from JetStream and Postgres"
