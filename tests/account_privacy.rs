@@ -63,26 +63,18 @@ async fn find_anywhere(pool: &PgPool, needle: &str) -> Vec<String> {
 }
 
 async fn reconcile(env: &TestEnv, source: &str) -> Value {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-        .args([
+    let report = super::common::callmeback_json(
+        env,
+        &[
             "replay",
             "--source",
             source,
             "--format",
             "json",
             "reconcile",
-        ])
-        .env_clear()
-        .envs(&env.vars)
-        .output()
-        .await
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        ],
+    )
+    .await;
     json!({ "calls": report["calls"], "per_user": report["per_user"],
             "per_provider": report["per_provider"], "totals": report["totals"] })
 }

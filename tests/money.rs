@@ -257,26 +257,18 @@ async fn card_call(app: &Running, api: &Api, pm: &str) -> (String, String) {
 }
 
 async fn reconcile(env: &TestEnv) -> Value {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-        .args([
+    common::callmeback_json(
+        env,
+        &[
             "replay",
             "--source",
             "postgres",
             "--format",
             "json",
             "reconcile",
-        ])
-        .env_clear()
-        .envs(&env.vars)
-        .output()
-        .await
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON report")
+        ],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,21 +11,10 @@ use common::{eventually, Api, TestEnv, PASSWORD};
 use serde_json::{json, Value};
 
 async fn replay(env: &TestEnv, args: &[&str]) -> Value {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-        .arg("replay")
-        .args(args)
-        .env_clear()
-        .envs(&env.vars)
-        .output()
-        .await
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let args: Vec<&str> = std::iter::once("replay")
+        .chain(args.iter().copied())
+        .collect();
+    common::callmeback_json(env, &args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,28 +171,22 @@ async fn calls_reconcile_to_the_cent_from_either_source_and_against_billed_files
         "CAunknown, \"0\""
     );
     // The same as CSV: written by the csv crate, so the reference comes back whole.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
-        .args([
+    let out = common::callmeback_ok(
+        &env,
+        &[
             "replay",
             "--source",
             "postgres",
             "--format",
             "csv",
             "reconcile",
-        ])
-        .arg("--billed")
-        .args([&generic, &export])
-        .env_clear()
-        .envs(&env.vars)
-        .output()
-        .await
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut rows = csv::Reader::from_reader(out.stdout.as_slice());
+            "--billed",
+            generic.to_str().unwrap(),
+            export.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut rows = csv::Reader::from_reader(out.as_slice());
     let unknown: Vec<csv::StringRecord> = rows
         .records()
         .map(Result::unwrap)

@@ -15,18 +15,7 @@ fn callmeback(env: &TestEnv) -> tokio::process::Command {
 }
 
 async fn run(env: &TestEnv, args: &[&str]) -> Value {
-    let out = callmeback(env)
-        .args(args)
-        .output()
-        .await
-        .expect("the binary runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    common::callmeback_json(env, args).await
 }
 
 /// Rebuilds two projections and swaps them in.

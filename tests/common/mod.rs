@@ -338,6 +338,31 @@ pub fn persona_body(name: &str, is_public: bool) -> serde_json::Value {
 }
 
 /// Grants `credits` to the user (as `register` returns it), straight through the event store.
+/// `callmeback ARGS` with the test's environment (nothing inherited): its standard output,
+/// once it has exited successfully (its standard error otherwise).
+pub async fn callmeback_ok(env: &TestEnv, args: &[&str]) -> Vec<u8> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callmeback"))
+        .args(args)
+        .env_clear()
+        .envs(&env.vars)
+        .output()
+        .await
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "callmeback {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// [`callmeback_ok`]'s output read as JSON.
+pub async fn callmeback_json(env: &TestEnv, args: &[&str]) -> serde_json::Value {
+    let out = callmeback_ok(env, args).await;
+    serde_json::from_slice(&out)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+}
+
 pub async fn grant(app: &Running, user: &serde_json::Value, credits: i64) {
     use cmb_domain::wallet::{Wallet, WalletCommand};
     app.state
