@@ -7,31 +7,8 @@ use crate::common;
 use std::time::Duration;
 
 use callmeback::app::Running;
-use common::{eventually, grant, request_call, wait_for_event, Api, TestEnv, PASSWORD};
+use common::{eventually, request_call, wait_for_event, Api};
 use serde_json::{json, Value};
-
-/// A persona with a short greeting and the given turn-taking, owned by `user`.
-async fn persona(user: &Api, greeting: &str, turn_taking: Value) -> String {
-    let reply = user
-        .post(
-            "/api/personas",
-            json!({
-                "name": "Test Buddy",
-                "description": "A persona for voice tests.",
-                "voice": "21m00Tcm4TlvDq8ikWAM",
-                "system_prompt": "You are a test buddy. Answer in one short sentence.",
-                "greeting": greeting,
-                "turn_taking": turn_taking,
-            }),
-        )
-        .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    reply.body["persona"]["id"].as_str().unwrap().to_string()
-}
-
-fn turn_taking(endpointing: u32, reminder: u32, hangup: u32) -> Value {
-    json!({ "endpointing_ms": endpointing, "silence_reminder_ms": reminder, "silence_hangup_ms": hangup })
-}
 
 /// Calls, and waits until the call has ended and its voice session is recorded.
 async fn converse(app: &Running, user: &Api, persona_id: &str) -> (String, Value) {
@@ -97,18 +74,6 @@ async fn session_end(app: &Running, id: &str) -> Vec<Value> {
     .expect("the voice session's end is recorded")
 }
 
-/// Turns the persona's memory off for `user`, so no extraction request follows a call and
-/// the LLM simulators' counts are the call's replies alone.
-async fn memory_off(user: &Api, persona_id: &str) {
-    let off = user
-        .put(
-            &format!("/api/personas/{persona_id}/customization"),
-            json!({ "memory_enabled": false }),
-        )
-        .await;
-    assert_eq!(off.status, 200, "{off:?}");
-}
-
 /// The call's LLM token costs per provider: (tokens, whether any were estimated).
 async fn llm_costs(app: &Running, id: &str) -> std::collections::HashMap<String, (i64, bool)> {
     let rows: Vec<(String, i64, bool)> = sqlx::query_as(
@@ -124,22 +89,22 @@ async fn llm_costs(app: &Running, id: &str) -> std::collections::HashMap<String,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "14")
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:3000,1000:3000,1000:3000")
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(14, "1000:3000,1000:3000,1000:3000")
         .set(
             "SIM_DEEPGRAM_SCRIPT",
             "I ran five miles today|my knee hurts a bit|thanks that helps",
         )
-        .set("SIM_CEREBRAS_REPLY", "Okay, noted.");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi there.", turn_taking(300, 20_000, 40_000)).await;
-    // The simulator's token counts are compared with the call's voice costs: no memory work.
-    memory_off(&user, &persona_id).await;
+        .set("SIM_CEREBRAS_REPLY", "Okay, noted.")
+        .greeting("Hi there.")
+        // The simulator's token counts are compared with the call's voice costs: no memory work.
+        .memory_off()
+        .start()
+        .await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let expected: Vec<(String, String, bool)> = [
@@ -243,22 +208,22 @@ async fn a_multi_turn_conversation_follows_the_script_and_bills_what_was_used() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        // The last reply (about 10 s of audio from this slow speaker, from about 7 s into the
-        // call) must end before the call does, even on a busy machine: 24 s leaves it 6 s.
-        .set("SIM_TWILIO_CALL_SECONDS", "24")
-        // Speak, let the persona start its long reply, then a 200 ms "mm-hmm", then talk over it.
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:1500,200:1200,1200:6000")
+    // The caller speaks, lets the persona start its long reply, then says a 200 ms "mm-hmm",
+    // then talks over it. The last reply (about 10 s of audio from this slow speaker, from
+    // about 7 s into the call) must end before the call does, even on a busy machine: 24 s
+    // leaves it 6 s.
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(24, "1000:1500,200:1200,1200:6000")
         // A slow speaker: twice the 65 ms a character a fixed rate would assume.
         .set("SIM_ELEVENLABS_TTS_MS_PER_CHAR", "130")
-        .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story|no wait stop");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
-    memory_off(&user, &persona_id).await;
+        .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story|no wait stop")
+        .memory_off()
+        .start()
+        .await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let cut: Vec<&(String, String, bool)> = transcript.iter().filter(|l| l.2).collect();
@@ -318,17 +283,16 @@ async fn barge_in_cuts_the_reply_to_what_was_heard_and_backchannels_do_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backchannel_pauses_the_reply_which_then_resumes_whole() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "16")
-        // Speak, let the persona start its long reply, a 200 ms "mm-hmm", then quiet.
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:1500,200:12000")
-        .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+    // Speak, let the persona start its long reply, a 200 ms "mm-hmm", then quiet.
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(16, "1000:1500,200:12000")
+        .set("SIM_DEEPGRAM_SCRIPT", "tell me a long story")
+        .start()
+        .await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let full =
@@ -358,18 +322,17 @@ async fn a_backchannel_pauses_the_reply_which_then_resumes_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deepgram_dropping_mid_call_is_reconnected_and_the_next_turns_answered() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "14")
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:2500,1000:2500,1000:2500")
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(14, "1000:2500,1000:2500,1000:2500")
         // Every socket is dropped, without a close frame, after 4 s of audio.
         .set("SIM_DEEPGRAM_DISCONNECT_AFTER_MS", "4000")
-        .set("SIM_CEREBRAS_REPLY", "Okay, noted.");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
+        .set("SIM_CEREBRAS_REPLY", "Okay, noted.")
+        .start()
+        .await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let deepgram = app.sims.deepgram.as_ref().unwrap();
     assert!(
@@ -415,22 +378,21 @@ async fn deepgram_dropping_mid_call_is_reconnected_and_the_next_turns_answered()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_slow_llm_falls_back_for_that_turn() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "9")
-        .set("SIM_TWILIO_CALLER_TURNS", "800:3500,800:3000")
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(9, "800:3500,800:3000")
         .set("SIM_DEEPGRAM_SCRIPT", "first question|second question")
         .set("SIM_CEREBRAS_FAIL_EVERY", "2")
         .set("SIM_CEREBRAS_STALL_EVERY", "1")
         .set("SIM_OPENAI_REPLY", "Fallback here.")
-        .set("LLM_FIRST_TOKEN_TIMEOUT_MS", "700");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
-    // Only the replies' LLM requests reach the simulators: no memory extraction after the call.
-    memory_off(&user, &persona_id).await;
+        .set("LLM_FIRST_TOKEN_TIMEOUT_MS", "700")
+        // Only the replies' LLM requests reach the simulators: no memory extraction after the call.
+        .memory_off()
+        .start()
+        .await;
     let (id, call) = converse(&app, &user, &persona_id).await;
     let turns = events_of(&app, &id, "TurnCompleted").await;
     assert_eq!(turns.len(), 2, "{turns:?}");
@@ -474,15 +436,15 @@ async fn a_failing_or_slow_llm_falls_back_for_that_turn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silence_gets_a_reminder_then_a_goodbye_and_a_hang_up() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "60")
-        .set("SIM_TWILIO_CALLER_TURNS", "0:60000");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 3000, 5000)).await;
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(60, "0:60000")
+        .turn_taking(300, 3000, 5000)
+        .start()
+        .await;
     let started = std::time::Instant::now();
     let (id, call) = converse(&app, &user, &persona_id).await;
     assert!(
@@ -518,17 +480,17 @@ async fn silence_gets_a_reminder_then_a_goodbye_and_a_hang_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "300")
-        // Quiet, then talking from 45 s to 75 s into the stream: over the goodbye, which
-        // starts 4 s before the paid minute ends.
-        .set("SIM_TWILIO_CALLER_TURNS", "0:43800,30000:300000");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 120_000, 300_000)).await;
+    // Quiet, then talking from 45 s to 75 s into the stream: over the goodbye, which
+    // starts 4 s before the paid minute ends.
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(300, "0:43800,30000:300000")
+        .turn_taking(300, 120_000, 300_000)
+        .start()
+        .await;
     let id = request_call(&user, &persona_id, 1).await;
     let completed = eventually(Duration::from_secs(75), || async {
         let row: Option<(String, i32)> =
@@ -574,15 +536,15 @@ async fn the_paid_duration_is_a_hard_cap_with_a_warning_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_lowered_during_a_call_ends_it_gracefully() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "300")
-        .set("SIM_TWILIO_CALLER_TURNS", "0:300000");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 120_000, 300_000)).await;
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(300, "0:300000")
+        .turn_taking(300, 120_000, 300_000)
+        .start()
+        .await;
     let id = request_call(&user, &persona_id, 5).await;
     // Once the call is under way, the user lowers their daily limit below its price.
     let answered = eventually(Duration::from_secs(10), || async {
@@ -623,26 +585,19 @@ async fn settled(app: &Running, id: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deepgram_refusing_the_call_gets_an_apology_and_a_clean_end() {
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "40")
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:30000")
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(40, "1000:30000")
         // Every handshake refused (503), the retries too.
-        .set("SIM_DEEPGRAM_FAIL_EVERY", "1");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi there.", turn_taking(300, 20_000, 40_000)).await;
-    let started = std::time::Instant::now();
-    let reply = user
-        .post(
-            "/api/call",
-            json!({ "persona_id": persona_id, "use_credits": true, "duration": 2 }),
-        )
+        .set("SIM_DEEPGRAM_FAIL_EVERY", "1")
+        .greeting("Hi there.")
+        .start()
         .await;
-    assert_eq!(reply.status, 201, "{reply:?}");
-    let id = reply.body["call"]["id"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let id = request_call(&user, &persona_id, 2).await;
     let end = session_end(&app, &id).await;
     assert_eq!(
         end[0]["VoiceSessionEnded"]["reason"], "speech-to-text unavailable",
@@ -685,21 +640,21 @@ async fn deepgram_refusing_the_call_gets_an_apology_and_a_clean_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greeting_talked_over_keeps_what_was_heard_of_it() {
     let greeting = "Hello and welcome to this call, I am so glad that you picked up the phone today because there is a lot to talk about, and I have been looking forward to it all week long.";
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "24")
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(24, "1200:12000")
         // The caller waits until it has heard the greeting start (its first 500 ms played and
         // its mark echoed), then 1.2 s more (the default lead silence), then talks over it for
         // 1.2 s — however late the greeting started on a busy machine.
         .set("SIM_TWILIO_CALLER_WAITS_TO_HEAR", "1")
-        .set("SIM_TWILIO_CALLER_TURNS", "1200:12000")
         .set("SIM_DEEPGRAM_SCRIPT", "sorry who is this")
-        .set("SIM_CEREBRAS_REPLY", "It is me.");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, greeting, turn_taking(300, 20_000, 40_000)).await;
+        .set("SIM_CEREBRAS_REPLY", "It is me.")
+        .greeting(greeting)
+        .start()
+        .await;
     let (_, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let first = &transcript[0];
@@ -742,28 +697,21 @@ async fn a_greeting_talked_over_keeps_what_was_heard_of_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_to_speech_failing_mid_reply_stops_the_llm_and_keeps_what_was_said() {
     let reply = "Sure, I can tell you all about that. It started long ago in a small town by the sea, where the fishermen went out every morning before dawn and came back with stories.";
-    let env = TestEnv::new()
-        .set("SIM_TWILIO_RING_MS", "100")
-        .set("SIM_TWILIO_CALL_SECONDS", "24")
-        .set("SIM_TWILIO_CALLER_TURNS", "1000:20000")
+    let common::Voice {
+        env,
+        app,
+        user,
+        persona_id,
+    } = common::voice(24, "1000:20000")
         .set("SIM_DEEPGRAM_SCRIPT", "tell me a story")
         // A slow LLM (about 12 s for the reply's 36 words, its first sentence after 3 s), and a
         // TTS socket that breaks after 600 ms of the reply's audio.
         .set("SIM_CEREBRAS_REPLY", reply)
         .set("SIM_CEREBRAS_TOKENS_PER_SEC", "3")
-        .set("SIM_ELEVENLABS_TTS_BREAK_AFTER_CHUNKS", "6");
-    let app = env.spawn_app().await;
-    let api = Api::new(app.addr);
-    let (user, profile) = api.register(PASSWORD).await;
-    grant(&app, &profile, 100).await;
-    let persona_id = persona(&user, "Hi.", turn_taking(300, 20_000, 40_000)).await;
-    let off = user
-        .put(
-            &format!("/api/personas/{persona_id}/customization"),
-            json!({ "memory_enabled": false }),
-        )
+        .set("SIM_ELEVENLABS_TTS_BREAK_AFTER_CHUNKS", "6")
+        .memory_off()
+        .start()
         .await;
-    assert_eq!(off.status, 200, "{off:?}");
     let (id, call) = converse(&app, &user, &persona_id).await;
     let transcript = lines(&call);
     let said: Vec<&(String, String, bool)> = transcript

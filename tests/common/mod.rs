@@ -12,6 +12,7 @@ use callmeback::config::Config;
 
 mod accounts;
 mod calls;
+mod voice;
 pub use accounts::{
     add_document, create_persona, erase, transcript_lines, user_with_credits, wait_for_transcript,
 };
@@ -19,6 +20,7 @@ pub use calls::{
     call_body, count_events, request_call, schedule_call, wait_for_event, wait_for_settlement,
     wait_for_status,
 };
+pub use voice::{voice, Voice};
 
 pub struct TestEnv {
     pub id: String,
