@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -15,6 +14,29 @@ use crate::backbone::Backbone;
 use crate::config::Config;
 use crate::serve::http::{self, state::AppState};
 use crate::serve::providers::{Providers, Simulators};
+
+/// Why the service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    RunMode(#[from] crate::config::mode::RunModeError),
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::ConnectError),
+    #[error("defining the system personas")]
+    SystemPersonas(#[from] crate::usecases::personas::SystemError),
+    #[error("defining the system personas' knowledge")]
+    SystemLibraries(
+        #[from] crate::backbone::store::CommandError<cmb_domain::persona::PersonaError>,
+    ),
+    #[error(transparent)]
+    Providers(#[from] crate::serve::providers::ConnectError),
+}
 
 /// A running service.
 pub struct Running {
@@ -35,18 +57,25 @@ impl Running {
 }
 
 /// Starts the API and all workers.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+pub async fn start(config: Config) -> Result<Running, StartError> {
     start_with(config, crate::clock::Clock::system()).await
 }
 
 /// Starts the API and all workers on `clock` (tests pass a manual one).
-pub async fn start_with(mut config: Config, clock: crate::clock::Clock) -> anyhow::Result<Running> {
+pub async fn start_with(
+    mut config: Config,
+    clock: crate::clock::Clock,
+) -> Result<Running, StartError> {
     // Production without what it needs never starts (`cli` prints the same lines and exits 2).
     config.check_run_mode()?;
+    let bind = |source| StartError::Bind {
+        addr: config.http_addr,
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
-        .with_context(|| format!("binding {}", config.http_addr))?;
-    let addr = listener.local_addr()?;
+        .map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
     if !config.public_base_url_explicit {
         config.public_base_url = format!("http://{addr}");
     }

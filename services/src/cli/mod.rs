@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 mod analyst;
+mod dlq;
 mod replay;
 
 #[derive(Parser)]
@@ -74,7 +75,7 @@ enum Command {
     /// Events set aside after consumers kept failing on them (dead letters).
     Dlq {
         #[command(subcommand)]
-        command: crate::backbone::deadletter::DlqCommand,
+        command: dlq::DlqCommand,
     },
     /// Personal data in the event log: seal what an older build wrote in clear.
     Privacy {
@@ -261,7 +262,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Dlq { command } => {
             let b = crate::backbone::connect(&config, 2).await?;
-            crate::backbone::deadletter::cli(&b.pool, command).await
+            dlq::run(&b.pool, command).await
         }
         Command::Simulate {
             days,
@@ -294,7 +295,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let b = crate::backbone::connect(&config, 4).await?;
             let report = crate::backbone::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| anyhow::anyhow!(e))?;
             println!(
                 "events in the store (published so far): {}",
                 report.in_store
@@ -358,7 +359,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 std::io::stderr().is_terminal(),
             )
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| anyhow::anyhow!(e))?;
             println!("rebuilt {name}: {applied} events applied");
             Ok(ExitCode::SUCCESS)
         }

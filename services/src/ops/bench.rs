@@ -4,7 +4,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaDraft, PersonaPatch, TurnTaking};
 use cmb_domain::{Actor, CommandContext};
 use serde_json::json;
@@ -46,6 +45,21 @@ fn database_name(url: &str) -> String {
         .to_string()
 }
 
+/// Why `bench events` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EventsBenchError {
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::ConnectError),
+    #[error("the benchmark's stream")]
+    Stream(#[source] async_nats::Error),
+    #[error("a benchmark persona")]
+    Invalid(#[from] cmb_domain::values::Invalid),
+    #[error("a persona command")]
+    Command(#[from] crate::backbone::store::CommandError<cmb_domain::persona::PersonaError>),
+    #[error("a benchmark worker died")]
+    Worker(#[from] tokio::task::JoinError),
+}
+
 /// `bench events`: `commands` persona commands from `concurrency` tasks over `aggregates`
 /// personas, each producing one event, through the real command path, with the real
 /// publisher running; measures commit and publication throughput and publication lag.
@@ -54,7 +68,7 @@ pub async fn events(
     commands: u64,
     concurrency: u64,
     aggregates: u64,
-) -> anyhow::Result<()> {
+) -> Result<(), EventsBenchError> {
     use sqlx::migrate::MigrateDatabase;
     let aggregates = aggregates.clamp(1, commands.max(1));
     let bench_db = format!("{}_bench", database_name(&config.database_url));
@@ -66,7 +80,7 @@ pub async fn events(
     b.js.delete_stream(&config.stream.stream).await.ok();
     cmb_nats::ensure_stream(&b.js, &config.stream)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(EventsBenchError::Stream)?;
 
     let samples: LagSamples = Default::default();
     let shutdown = CancellationToken::new();
@@ -107,7 +121,7 @@ pub async fn events(
             loop {
                 for id in &mine {
                     if next.fetch_add(1, Ordering::Relaxed) >= commands {
-                        return Ok::<u64, anyhow::Error>(done);
+                        return Ok::<u64, EventsBenchError>(done);
                     }
                     let ctx = CommandContext::for_request(
                         format!("bench-{w}-{done}"),
@@ -136,10 +150,7 @@ pub async fn events(
                             },
                         }
                     };
-                    store
-                        .execute::<Persona>(id, command, &ctx)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    store.execute::<Persona>(id, command, &ctx).await?;
                     done += 1;
                 }
                 round += 1;
@@ -148,7 +159,7 @@ pub async fn events(
     }
     let mut committed = 0;
     for w in workers {
-        committed += w.await.context("bench worker")??;
+        committed += w.await??;
     }
     let commit_elapsed = started.elapsed();
 
@@ -176,10 +187,10 @@ pub async fn events(
         let mut s =
             b.js.get_stream(&config.stream.stream)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| EventsBenchError::Stream(e.into()))?;
         s.info()
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| EventsBenchError::Stream(e.into()))?
             .state
             .messages
     };

@@ -137,7 +137,7 @@ fn counter(text: &str, name: &str, label: &str) -> f64 {
 }
 
 /// Runs the benchmark with `calls` concurrent calls of about `seconds` each.
-pub async fn run(base: &Config, calls: u32, seconds: u32) -> anyhow::Result<Figures> {
+pub async fn run(base: &Config, calls: u32, seconds: u32) -> Result<Figures, child::BenchError> {
     let config = child::isolated(base, "calls", calls).await;
 
     // Twilio, here: the REST API, signed callbacks and media streams with a caller who talks.

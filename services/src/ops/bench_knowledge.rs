@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use cmb_domain::knowledge::rank::{KnowledgeIndex, PassageIn};
 
+use crate::ops::child::BenchError;
+
 /// Figures for one passage count.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Figures {
@@ -237,7 +239,7 @@ pub async fn give_persona(
     token: &str,
     persona_id: &str,
     passages: usize,
-) -> anyhow::Result<u64> {
+) -> Result<u64, BenchError> {
     let path = format!("{base_url}/api/personas/{persona_id}/knowledge");
     for (title, content) in documents(passages) {
         let r = http
@@ -246,11 +248,12 @@ pub async fn give_persona(
             .json(&serde_json::json!({ "title": title, "format": "text", "content": content }))
             .send()
             .await?;
-        anyhow::ensure!(
-            r.status().as_u16() == 202,
-            "adding {title}: {}",
-            r.text().await?
-        );
+        if r.status().as_u16() != 202 {
+            return Err(BenchError::Refused {
+                what: format!("adding {title}"),
+                answer: r.text().await?,
+            });
+        }
     }
     let deadline = Instant::now() + std::time::Duration::from_secs(900);
     loop {
@@ -263,15 +266,20 @@ pub async fn give_persona(
             .await?;
         let docs = list["documents"].as_array().cloned().unwrap_or_default();
         if let Some(failed) = docs.iter().find(|d| d["status"] == "failed") {
-            anyhow::bail!("a document failed to index: {failed}");
+            return Err(BenchError::Refused {
+                what: "a document failed to index".into(),
+                answer: failed.to_string(),
+            });
         }
         if !docs.is_empty() && docs.iter().all(|d| d["status"] == "indexed") {
             return Ok(docs.iter().filter_map(|d| d["passages"].as_u64()).sum());
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "documents not indexed in 15 minutes"
-        );
+        if Instant::now() >= deadline {
+            return Err(BenchError::Refused {
+                what: "documents not indexed in 15 minutes".into(),
+                answer: list.to_string(),
+            });
+        }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
 }

@@ -103,7 +103,7 @@ pub async fn run(
     calls: u32,
     seconds: u32,
     knowledge: usize,
-) -> anyhow::Result<Figures> {
+) -> Result<Figures, child::BenchError> {
     let mut config = child::isolated(base, "voice", calls).await;
 
     // The providers, here.

@@ -16,6 +16,33 @@ use serde_json::{json, Value};
 use crate::backbone::store::EventStore;
 use crate::config::Config;
 
+/// Why a benchmark that drives `serve` as a child stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("starting serve or a simulator")]
+    Io(#[from] std::io::Error),
+    #[error("a request to serve")]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::ConnectError),
+    #[error("serve did not come up in 600 s (see {})", .log.display())]
+    ServeTimedOut { log: PathBuf },
+    #[error("serve exited ({status}); see {}", .log.display())]
+    ServeExited {
+        status: std::process::ExitStatus,
+        log: PathBuf,
+    },
+    /// Serve answered, but not what the benchmark needs: what it asked, and the answer.
+    #[error("{what}: {answer}")]
+    Refused { what: String, answer: String },
+    #[error("granting {user} credits")]
+    Grant {
+        user: String,
+        #[source]
+        source: crate::backbone::store::CommandError<cmb_domain::wallet::WalletError>,
+    },
+}
+
 /// `base` on a database and stream of a benchmark's own, emptied first: `kind` (`voice`,
 /// `calls`) and `n` (its number of calls, so runs of several sizes do not meet) name them.
 pub async fn isolated(base: &Config, kind: &str, n: u32) -> Config {
@@ -84,7 +111,7 @@ pub async fn spawn_serve(
     config: &Config,
     env: &[(&str, String)],
     log_name: &str,
-) -> anyhow::Result<Serve> {
+) -> Result<Serve, BenchError> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -141,10 +168,10 @@ pub async fn spawn_serve(
             break;
         }
         if up.elapsed() > Duration::from_secs(600) {
-            anyhow::bail!("serve did not come up in 600 s (see {})", log.display());
+            return Err(BenchError::ServeTimedOut { log });
         }
         if let Some(status) = process.try_wait()? {
-            anyhow::bail!("serve exited ({status}); see {}", log.display());
+            return Err(BenchError::ServeExited { status, log });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -172,11 +199,11 @@ pub async fn register_users(
     store: &EventStore,
     n: u32,
     crowd: &Crowd<'_>,
-) -> anyhow::Result<Users> {
+) -> Result<Users, BenchError> {
     eprintln!("registering {n} users…");
     let server_errors = AtomicU64::new(0);
     let reference = format!("bench-{}", crowd.kind);
-    let registered: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
+    let registered: Vec<Result<String, BenchError>> = futures::stream::iter(0..n)
         .map(|i| {
             let (server_errors, reference) = (&server_errors, &reference);
             async move {
@@ -200,7 +227,10 @@ pub async fn register_users(
                 let reply: Value = response.json().await?;
                 let token = reply["token"]
                     .as_str()
-                    .ok_or_else(|| anyhow::anyhow!("register: {reply}"))?
+                    .ok_or_else(|| BenchError::Refused {
+                        what: "register".into(),
+                        answer: reply.to_string(),
+                    })?
                     .to_string();
                 let id = reply["user"]["id"].as_str().unwrap_or_default();
                 store
@@ -214,7 +244,10 @@ pub async fn register_users(
                         &CommandContext::for_request(reference.as_str(), Actor::System),
                     )
                     .await
-                    .map_err(|e| anyhow::anyhow!("granting {id} credits: {e}"))?;
+                    .map_err(|source| BenchError::Grant {
+                        user: id.to_string(),
+                        source,
+                    })?;
                 Ok(token)
             }
         })
@@ -222,7 +255,7 @@ pub async fn register_users(
         .collect()
         .await;
     Ok(Users {
-        tokens: registered.into_iter().collect::<anyhow::Result<_>>()?,
+        tokens: registered.into_iter().collect::<Result<_, _>>()?,
         server_errors: server_errors.load(Ordering::Relaxed),
     })
 }
@@ -233,7 +266,7 @@ pub async fn create_persona(
     serve: &Serve,
     token: &str,
     body: &Value,
-) -> anyhow::Result<String> {
+) -> Result<String, BenchError> {
     let persona: Value = http
         .post(format!("{}/api/personas", serve.base_url))
         .bearer_auth(token)
@@ -244,7 +277,10 @@ pub async fn create_persona(
         .await?;
     Ok(persona["persona"]["id"]
         .as_str()
-        .ok_or_else(|| anyhow::anyhow!("persona: {persona}"))?
+        .ok_or_else(|| BenchError::Refused {
+            what: "persona".into(),
+            answer: persona.to_string(),
+        })?
         .to_string())
 }
 

@@ -78,6 +78,30 @@ fn has_clear(aggregate_type: &str, event_type: &str, payload: &mut Value) -> boo
     clear
 }
 
+/// Why `privacy migrate` or `privacy rewrap` stopped: nothing is half-written (each event
+/// is updated in one statement, after its checks), so it can be run again.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyError {
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::ConnectError),
+    #[error("the database")]
+    Db(#[from] sqlx::Error),
+    #[error("sealing or opening personal fields")]
+    Keys(#[from] crate::backbone::keys::KeyError),
+    #[error("an instance holds the publisher lease: stop every `callmeback serve` first (the stream is rebuilt from the store when anything is sealed)")]
+    PublisherBusy,
+    /// A sealed payload failed its check: nothing of it was written.
+    #[error("{event}: {problem}")]
+    Check {
+        event: String,
+        problem: &'static str,
+    },
+    #[error("writing a dead letter's body")]
+    Body(#[from] serde_json::Error),
+    #[error("deleting the stream")]
+    Stream(#[source] async_nats::Error),
+}
+
 /// The owner a persona event recorded before events carried it (`PersonaUpdated`,
 /// `KnowledgeDocumentAdded`), from the persona's `PersonaCreated`, added to `payload`; so
 /// that its texts can be sealed under the owner's key. Other events are left as they are.
@@ -85,7 +109,7 @@ async fn add_owner(
     pool: &PgPool,
     (aggregate_type, aggregate_id, event_type): (&str, &str, &str),
     payload: &mut Value,
-) -> anyhow::Result<()> {
+) -> Result<(), PrivacyError> {
     if aggregate_type != "persona"
         || !matches!(event_type, "PersonaUpdated" | "KnowledgeDocumentAdded")
     {
@@ -118,7 +142,7 @@ async fn reseal(
     keys: &Keyring,
     (aggregate_type, aggregate_id, event_type): (&str, &str, &str),
     payload: &Value,
-) -> anyhow::Result<Option<(Value, bool)>> {
+) -> Result<Option<(Value, bool)>, PrivacyError> {
     let mut original = payload.clone();
     let rekey = Keyring::needs_call_key(aggregate_type, event_type, &mut original);
     if !(rekey || has_clear(aggregate_type, event_type, &mut original))
@@ -143,26 +167,31 @@ async fn reseal(
     privacy::erase(aggregate_type, event_type, &mut facts_before);
     let mut facts_after = sealed.clone();
     privacy::erase(aggregate_type, event_type, &mut facts_after);
-    anyhow::ensure!(
-        facts_before == facts_after,
-        "{aggregate_type}:{aggregate_id} {event_type}: sealing would change a fact"
-    );
+    let event = || format!("{aggregate_type}:{aggregate_id} {event_type}");
+    if facts_before != facts_after {
+        return Err(PrivacyError::Check {
+            event: event(),
+            problem: "sealing would change a fact",
+        });
+    }
     // Opened (owner not erased) it is the original; bring the already-sealed fields of a
     // half-migrated original to their clear form before comparing.
     if !erased {
         let mut expected = original;
         keys.open(aggregate_type, aggregate_id, event_type, &mut expected)
             .await?;
-        anyhow::ensure!(
-            opened == expected,
-            "{aggregate_type}:{aggregate_id} {event_type}: the sealed payload does not open to the original"
-        );
+        if opened != expected {
+            return Err(PrivacyError::Check {
+                event: event(),
+                problem: "the sealed payload does not open to the original",
+            });
+        }
     }
     Ok(Some((sealed, erased)))
 }
 
 /// Seals every clear personal field in `events` (see the module).
-pub async fn seal_log(pool: &PgPool) -> anyhow::Result<Migrated> {
+pub async fn seal_log(pool: &PgPool) -> Result<Migrated, PrivacyError> {
     let keys = Keyring::new(pool.clone());
     let mut report = Migrated::default();
     let types: Vec<String> = privacy::personal_events()
@@ -223,7 +252,7 @@ async fn seal_dead_letters(
     pool: &PgPool,
     keys: &Keyring,
     report: &mut Migrated,
-) -> anyhow::Result<()> {
+) -> Result<(), PrivacyError> {
     let mut after = i64::MIN;
     loop {
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
@@ -278,7 +307,7 @@ async fn seal_dead_letters(
 }
 
 /// `callmeback privacy …`.
-pub async fn run(config: Config, command: PrivacyCommand) -> anyhow::Result<()> {
+pub async fn run(config: Config, command: PrivacyCommand) -> Result<(), PrivacyError> {
     let keep_stream = match command {
         PrivacyCommand::Migrate { keep_stream } => keep_stream,
         PrivacyCommand::Rewrap { batch } => return rewrap(&config, batch).await,
@@ -290,23 +319,20 @@ pub async fn run(config: Config, command: PrivacyCommand) -> anyhow::Result<()> 
         Duration::from_secs(600),
     );
     if !lease.ensure(&b.pool).await? {
-        anyhow::bail!(
-            "an instance holds the publisher lease: stop every `callmeback serve` first \
-             (the stream is rebuilt from the store when anything is sealed)"
-        );
+        return Err(PrivacyError::PublisherBusy);
     }
     let result = async {
         let mut report = seal_log(&b.pool).await?;
         if report.sealed + report.erased > 0 && !keep_stream {
             b.js.delete_stream(&config.stream.stream)
                 .await
-                .map_err(|e| anyhow::anyhow!("deleting the stream: {e}"))?;
+                .map_err(|e| PrivacyError::Stream(e.into()))?;
             sqlx::query("DELETE FROM publisher_checkpoints")
                 .execute(&b.pool)
                 .await?;
             report.stream_deleted = true;
         }
-        anyhow::Ok(report)
+        Ok::<_, PrivacyError>(report)
     }
     .await;
     lease.release(&b.pool).await;
@@ -332,7 +358,7 @@ pub async fn run(config: Config, command: PrivacyCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn rewrap(config: &Config, batch: i64) -> anyhow::Result<()> {
+async fn rewrap(config: &Config, batch: i64) -> Result<(), PrivacyError> {
     if config.data_keys_master_key.is_none() {
         tracing::warn!("DATA_KEYS_MASTER_KEY is not set: wrapping by the development master key");
     }

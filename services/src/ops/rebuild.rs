@@ -39,6 +39,26 @@ pub struct Rebuilt {
     pub seconds: f64,
 }
 
+/// Why a rebuild stopped (the live tables untouched; its schema dropped, or by the next
+/// rebuild).
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("another rebuild of {0} is running; wait for it to finish")]
+    Busy(&'static str),
+    #[error("the database")]
+    Db(#[from] sqlx::Error),
+    #[error("reading the stream's last sequence")]
+    Stream(#[source] async_nats::Error),
+    #[error("replaying the stream")]
+    Replay(#[from] cmb_nats::replay::ReplayError),
+    #[error("opening an event's personal fields")]
+    Keys(#[from] crate::backbone::keys::KeyError),
+    #[error(
+        "{event} arrived but its sequence {expected} never did; run `callmeback events verify`"
+    )]
+    Gap { event: String, expected: u64 },
+}
+
 /// The session lock a rebuild of a projection holds from start to end (two-key space, apart
 /// from the swap lock's `1`).
 const REBUILD_LOCK_KEY: &str = "2, hashtext($1)";
@@ -52,7 +72,7 @@ pub async fn rebuild_and_swap(
     settings: &StreamSettings,
     projection: &dyn Projection,
     show_progress: bool,
-) -> anyhow::Result<Rebuilt> {
+) -> Result<Rebuilt, RebuildError> {
     let started = Instant::now();
     // One rebuild of a projection at a time: a session lock on a connection of its own, held
     // to the end (released with the connection, also when the process dies). Holding it, the
@@ -65,10 +85,7 @@ pub async fn rebuild_and_swap(
             .fetch_one(&mut guard)
             .await?;
     if !alone {
-        anyhow::bail!(
-            "another rebuild of {} is running; wait for it to finish",
-            projection.name()
-        );
+        return Err(RebuildError::Busy(projection.name()));
     }
     let leftovers: Vec<String> =
         sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1")
@@ -117,7 +134,7 @@ async fn build_and_swap(
     projection: &dyn Projection,
     schema: &str,
     show_progress: bool,
-) -> anyhow::Result<(u64, u64, i64)> {
+) -> Result<(u64, u64, i64), RebuildError> {
     for table in projection.tables().iter().chain(OFFSET_TABLES.iter()) {
         sqlx::query(&format!(
             "CREATE TABLE \"{schema}\".{table} (LIKE public.{table} INCLUDING ALL)"
@@ -135,7 +152,7 @@ async fn build_and_swap(
 
     let until = cmb_nats::replay::last_sequence(js, settings)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(RebuildError::Stream)?;
     let mut progress =
         crate::backbone::projector::Progress::new(&format!("rebuild {}", projection.name()), until)
             .force(show_progress);
@@ -170,7 +187,7 @@ async fn build_and_swap(
     .await?;
     let last = cmb_nats::replay::last_sequence(js, settings)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(RebuildError::Stream)?;
     // What reached the stream since the rebuild started, applied on the swap's own connection
     // (into the rebuild schema): no other connection is needed while the lock is held.
     sqlx::query(&format!("SET LOCAL search_path TO \"{schema}\", public"))
@@ -232,24 +249,26 @@ async fn apply_range(
     start: Start,
     until: u64,
     progress: &mut crate::backbone::projector::Progress,
-) -> anyhow::Result<u64> {
+) -> Result<u64, RebuildError> {
     let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), start, until)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(RebuildError::Stream)?;
     // The keys are in `public`, on the rebuild schema's search path.
     let keys = crate::backbone::keys::Keyring::new(pool.clone());
     let mut applied = 0;
     while let Some(item) = rx.recv().await {
-        let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = item?;
         let event = keys.opened(&r.event).await?;
         match cmb_projections::apply(pool, projection, &event, r.stream_sequence).await? {
             Outcome::Applied => applied += 1,
             // Read in stream order, an aggregate's events come in order: a gap means the
             // stream lost one.
-            Outcome::Gap { expected } => anyhow::bail!(
-                "{} arrived but its sequence {expected} never did; run `callmeback events verify`",
-                r.event.event_id()
-            ),
+            Outcome::Gap { expected } => {
+                return Err(RebuildError::Gap {
+                    event: r.event.event_id(),
+                    expected,
+                })
+            }
             Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => {}
         }
         progress.tick(1);
@@ -266,20 +285,22 @@ async fn apply_range_on(
     projection: &dyn Projection,
     start: Start,
     until: u64,
-) -> anyhow::Result<u64> {
+) -> Result<u64, RebuildError> {
     let mut rx = cmb_nats::replay::open(js, settings, &settings.all_subjects(), start, until)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(RebuildError::Stream)?;
     let mut applied = 0;
     while let Some(item) = rx.recv().await {
-        let r = item.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = item?;
         let event = keys.opened(&r.event).await?;
         match cmb_projections::apply_on(conn, projection, &event, r.stream_sequence).await? {
             Outcome::Applied => applied += 1,
-            Outcome::Gap { expected } => anyhow::bail!(
-                "{} arrived but its sequence {expected} never did; run `callmeback events verify`",
-                r.event.event_id()
-            ),
+            Outcome::Gap { expected } => {
+                return Err(RebuildError::Gap {
+                    event: r.event.event_id(),
+                    expected,
+                })
+            }
             Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => {}
         }
     }

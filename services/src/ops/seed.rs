@@ -1,11 +1,11 @@
 //! `callmeback seed`: the system personas and a demo account with 100 credits, idempotently.
 
 use cmb_domain::values::{Email, Password, PhoneNumber};
-use cmb_domain::wallet::{Wallet, WalletCommand};
+use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
 use cmb_domain::{Actor, CommandContext};
 use uuid::Uuid;
 
-use crate::backbone::store::EventStore;
+use crate::backbone::store::{CommandError, EventStore};
 
 pub const DEMO_EMAIL: &str = "demo@callmeback.app";
 pub const DEMO_PASSWORD: &str = "CallMeBack!2026";
@@ -18,7 +18,24 @@ pub struct Demo {
     pub credits: i64,
 }
 
-pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
+/// Why seeding stopped (it is repeatable: run it again).
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("defining the system personas")]
+    SystemPersonas(#[from] crate::usecases::personas::SystemError),
+    #[error("defining the system personas' knowledge")]
+    SystemLibraries(#[from] CommandError<cmb_domain::persona::PersonaError>),
+    #[error("the demo account's details")]
+    Invalid(#[from] cmb_domain::values::Invalid),
+    #[error("looking the demo user up")]
+    Lookup(#[from] sqlx::Error),
+    #[error("creating the demo user")]
+    Create(#[from] crate::usecases::accounts::Error),
+    #[error("granting the demo credits")]
+    Grant(#[from] CommandError<WalletError>),
+}
+
+pub async fn demo(store: &EventStore) -> Result<Demo, SeedError> {
     crate::usecases::personas::define_system_personas(store).await?;
     crate::usecases::knowledge::define_system_libraries(store).await?;
     let email = Email::parse(DEMO_EMAIL)?;
@@ -37,8 +54,7 @@ pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
                 &Password::parse(DEMO_PASSWORD)?,
                 &ctx,
             )
-            .await
-            .map_err(|e| anyhow::anyhow!("creating the demo user: {e}"))?;
+            .await?;
             id
         }
     };
@@ -50,12 +66,8 @@ pub async fn demo(store: &EventStore) -> anyhow::Result<Demo> {
     };
     store
         .execute::<Wallet>(&user_id.to_string(), grant, &ctx)
-        .await
-        .map_err(|e| anyhow::anyhow!("granting the demo credits: {e}"))?;
-    let (wallet, _) = store
-        .load::<Wallet>(&user_id.to_string())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .await?;
+    let (wallet, _) = store.load::<Wallet>(&user_id.to_string()).await?;
     Ok(Demo {
         user_id,
         email: email.to_string(),

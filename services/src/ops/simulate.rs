@@ -63,11 +63,34 @@ pub struct Summary {
 
 const WORKERS: usize = 4;
 
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> anyhow::Error + '_ {
-    move |e| anyhow::anyhow!("{what}: {e}")
+/// Why a simulation stopped (what it wrote stays: events are facts).
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error(transparent)]
+    Backbone(#[from] crate::backbone::ConnectError),
+    #[error("the database")]
+    Db(#[from] sqlx::Error),
+    #[error("another instance holds the publisher's lease (is `serve` running?): stop it first — its workers would act on the simulated calls while they are written")]
+    PublisherBusy,
+    #[error("the publisher did not drain within 10 minutes (is another instance publishing?)")]
+    NotDrained,
+    #[error("a simulated user's details")]
+    Invalid(#[from] cmb_domain::values::Invalid),
+    #[error("registering a simulated user")]
+    Register(#[from] crate::usecases::accounts::Error),
+    #[error("{0} (wallet)")]
+    Wallet(&'static str, #[source] CommandError<WalletError>),
+    #[error("a call command")]
+    Call(#[from] CommandError<cmb_domain::call::CallError>),
+    #[error("a refund")]
+    Refund(#[from] CommandError<cmb_domain::billing::StripeEventError>),
+    #[error("a refund taken back")]
+    Reversal(#[from] crate::usecases::billing::Error),
+    #[error("a simulation worker died")]
+    Worker(#[from] tokio::task::JoinError),
 }
 
-pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
+pub async fn run(config: Config, options: Options) -> Result<Summary, SimulateError> {
     let b = crate::backbone::connect(&config, (WORKERS as u32 + 2).max(8)).await?;
     let pool = b.pool.clone();
     let store = EventStore::new(pool.clone());
@@ -89,10 +112,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
         tokio::time::Instant::now() + config.publisher.lease_ttl + StdDuration::from_secs(1);
     while !lease.ensure(&pool).await? {
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "another instance holds the publisher's lease (is `serve` running?): stop it \
-                 first — its workers would act on the simulated calls while they are written"
-            );
+            return Err(SimulateError::PublisherBusy);
         }
         tokio::time::sleep(StdDuration::from_millis(250)).await;
     }
@@ -128,16 +148,15 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
     let start = today - Duration::days(options.days as i64);
     let total_calls = options.days as u64 * options.calls_per_day as u64;
     let n_users = (options.calls_per_day as usize / 2).clamp(3, 200);
-    let password = Password::parse("Simulated-user-1!").map_err(err("password"))?;
+    let password = Password::parse("Simulated-user-1!")?;
     let mut users = Vec::new();
     for i in 0..n_users {
         let id = Uuid::from_u128(rng.gen());
-        let email = Email::parse(&format!("sim-{run_id}-{i}@example.com")).map_err(err("email"))?;
+        let email = Email::parse(&format!("sim-{run_id}-{i}@example.com"))?;
         let phone = PhoneNumber::parse(
             "phone",
             &format!("+1555{:07}", rng.gen_range(0..10_000_000)),
-        )
-        .map_err(err("phone"))?;
+        )?;
         let ctx = CommandContext::system("simulate");
         crate::usecases::accounts::create(
             &store,
@@ -148,8 +167,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
             &password,
             &ctx,
         )
-        .await
-        .map_err(|e| anyhow::anyhow!("registering a simulated user: {e}"))?;
+        .await?;
         grant(&store, id, &format!("sim-grant-{id}")).await?;
         if backdate.load(Ordering::SeqCst) {
             sqlx::query(
@@ -190,7 +208,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
             for p in plan {
                 one_call(&store, &pool, &backdate, p, &mut summary).await?;
             }
-            Ok::<Summary, anyhow::Error>(summary)
+            Ok::<Summary, SimulateError>(summary)
         });
     }
     let mut summary = Summary {
@@ -223,7 +241,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-async fn grant(store: &EventStore, user: Uuid, reference: &str) -> anyhow::Result<()> {
+async fn grant(store: &EventStore, user: Uuid, reference: &str) -> Result<(), SimulateError> {
     store
         .execute::<Wallet>(
             &user.to_string(),
@@ -235,7 +253,7 @@ async fn grant(store: &EventStore, user: Uuid, reference: &str) -> anyhow::Resul
             &CommandContext::system("simulate"),
         )
         .await
-        .map_err(err("granting credits"))?;
+        .map_err(|e| SimulateError::Wallet("granting credits", e))?;
     Ok(())
 }
 
@@ -252,7 +270,7 @@ async fn one_call(
     backdate: &AtomicBool,
     plan: Plan,
     summary: &mut Summary,
-) -> anyhow::Result<()> {
+) -> Result<(), SimulateError> {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let prices = PriceTable::LAUNCH;
     let call_id = Uuid::now_v7().to_string();
@@ -265,12 +283,7 @@ async fn one_call(
     let call = |command: CallCommand| {
         let ctx = ctx.clone();
         let call_id = call_id.clone();
-        async move {
-            store
-                .execute::<Call>(&call_id, command, &ctx)
-                .await
-                .map_err(err("a call command"))
-        }
+        async move { store.execute::<Call>(&call_id, command, &ctx).await }
     };
 
     let payment = if by_card {
@@ -290,10 +303,10 @@ async fn one_call(
                 store
                     .execute::<Wallet>(&user, reserve, &ctx)
                     .await
-                    .map_err(err("holding credits"))?;
+                    .map_err(|e| SimulateError::Wallet("holding credits", e))?;
             }
             other => {
-                other.map_err(err("holding credits"))?;
+                other.map_err(|e| SimulateError::Wallet("holding credits", e))?;
             }
         }
         Payment::Credits { credits }
@@ -385,7 +398,7 @@ async fn one_call(
     }
 
     // Settlement, as the settlement worker does it.
-    let (state, _) = store.load::<Call>(&call_id).await.map_err(err("a call"))?;
+    let (state, _) = store.load::<Call>(&call_id).await?;
     let price = state.price_cents.unwrap_or(0);
     let settlement = payment.settle(price, state.max_price_cents);
     if let Payment::Credits { .. } = &payment {
@@ -402,7 +415,7 @@ async fn one_call(
         store
             .execute::<Wallet>(&user, command, &ctx)
             .await
-            .map_err(err("settling a hold"))?;
+            .map_err(|e| SimulateError::Wallet("settling a hold", e))?;
     }
     call(CallCommand::RecordSettlement {
         charged_cents: settlement.charged_cents,
@@ -433,12 +446,9 @@ async fn one_call(
                     },
                     &ctx,
                 )
-                .await
-                .map_err(err("a refund"))?;
+                .await?;
             if let Some(reversal) = ChargeReversal::of("charge.refunded", &object, created) {
-                reverse(store, &reversal, &ctx)
-                    .await
-                    .map_err(err("a refund taken back"))?;
+                reverse(store, &reversal, &ctx).await?;
             }
             summary.refunds += 1;
             refund_event = Some(event_id);
@@ -487,7 +497,7 @@ async fn one_call(
 }
 
 /// Runs the publisher until the stream holds every committed event.
-async fn publish_all(config: &Config, b: &crate::backbone::Backbone) -> anyhow::Result<()> {
+async fn publish_all(config: &Config, b: &crate::backbone::Backbone) -> Result<(), SimulateError> {
     if crate::backbone::outbox::unpublished(&b.pool).await? == 0 {
         return Ok(());
     }
@@ -509,9 +519,7 @@ async fn publish_all(config: &Config, b: &crate::backbone::Backbone) -> anyhow::
         }
         if tokio::time::Instant::now() > deadline {
             shutdown.cancel();
-            anyhow::bail!(
-                "the publisher did not drain within 10 minutes (is another instance publishing?)"
-            );
+            return Err(SimulateError::NotDrained);
         }
         tokio::time::sleep(StdDuration::from_millis(100)).await;
     }

@@ -65,7 +65,7 @@ impl Scheduler {
     }
 
     /// Fires every call whose time has come. Returns how many were fired.
-    pub async fn fire_due(&self) -> anyhow::Result<usize> {
+    pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let now = self.clock.now();
         let due = crate::usecases::calls::ledger::due(&self.pool, now, 500).await?;
         let ctx = CommandContext::for_request(
@@ -95,7 +95,7 @@ impl Scheduler {
 
     /// Looks up placed calls that have gone quiet on Twilio and records the end of those that
     /// ended there. Returns how many ends were recorded.
-    pub async fn end_quiet_calls(&self) -> anyhow::Result<usize> {
+    pub async fn end_quiet_calls(&self) -> Result<usize, sqlx::Error> {
         let quiet_since =
             self.clock.now() - chrono::Duration::from_std(QUIET_FOR).unwrap_or_default();
         let quiet = cmb_projections::calls::unfinished(&self.pool, quiet_since, 200).await?;

@@ -78,6 +78,17 @@ pub async fn purge(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
     Ok(done.rows_affected())
 }
 
+/// Why a round of the transcripts' retention stopped; the next round starts over.
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    #[error("deleting old transcript lines")]
+    Purge(#[source] sqlx::Error),
+    #[error("forgetting what personas learned from old calls")]
+    Memory(#[source] crate::usecases::memory::Error),
+    #[error("destroying old calls' memory keys")]
+    Keys(#[source] crate::backbone::keys::KeyError),
+}
+
 /// The transcripts' retention, hourly: lines older than `days` days are deleted, and with
 /// them what personas learned from those calls: forgotten by the memories
 /// (`usecases::memory::expire`), and the keys it was sealed under in the log destroyed
@@ -86,10 +97,18 @@ pub async fn purge(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
 pub async fn apply_retention(
     store: &crate::backbone::store::EventStore,
     days: u32,
-) -> anyhow::Result<(u64, usize)> {
-    let lines = purge(store.pool(), days).await?;
+) -> Result<(u64, usize), RetentionError> {
+    let lines = purge(store.pool(), days)
+        .await
+        .map_err(RetentionError::Purge)?;
     let before = Utc::now() - chrono::Duration::days(i64::from(days));
-    let forgotten = crate::usecases::memory::expire(store, before).await?;
-    store.keys().expire_calls(before).await?;
+    let forgotten = crate::usecases::memory::expire(store, before)
+        .await
+        .map_err(RetentionError::Memory)?;
+    store
+        .keys()
+        .expire_calls(before)
+        .await
+        .map_err(RetentionError::Keys)?;
     Ok((lines, forgotten))
 }

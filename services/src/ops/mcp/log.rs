@@ -82,6 +82,19 @@ impl Scope {
     }
 }
 
+/// Why a read of the log stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("reading the event store")]
+    Db(#[from] sqlx::Error),
+    #[error("reading the stream")]
+    Stream(#[source] async_nats::Error),
+    #[error("reading the stream")]
+    Replay(#[from] cmb_nats::replay::ReplayError),
+    #[error("the log's reader died")]
+    Reader(#[from] tokio::task::JoinError),
+}
+
 /// Events per query of a Postgres read.
 const BATCH: i64 = 5000;
 
@@ -91,7 +104,7 @@ async fn from_store(
     pool: &PgPool,
     scope: Scope,
     tx: tokio::sync::mpsc::Sender<EventEnvelope>,
-) -> anyhow::Result<()> {
+) -> Result<(), LogError> {
     use crate::backbone::outbox::{envelope_from_row, CommitPosition, SELECT_ENVELOPE};
     let mut db = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -146,7 +159,7 @@ impl Log {
         &self,
         scope: &Scope,
         mut each: impl FnMut(EventEnvelope),
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), LogError> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
         let reader = match self.source {
             Source::Postgres => {
@@ -156,7 +169,7 @@ impl Log {
             Source::Nats => {
                 let until = cmb_nats::replay::last_sequence(&self.js, &self.stream)
                     .await
-                    .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                    .map_err(LogError::Stream)?;
                 let subjects = match (&scope.aggregate_type, &scope.aggregate_id) {
                     (Some(t), Some(id)) => self.stream.subject(t, id),
                     (Some(t), None) => self.stream.type_subjects(t),
@@ -169,15 +182,15 @@ impl Log {
                 let mut events =
                     cmb_nats::replay::open(&self.js, &self.stream, &subjects, start, until)
                         .await
-                        .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                        .map_err(LogError::Stream)?;
                 tokio::spawn(async move {
                     while let Some(item) = events.recv().await {
-                        let e = item.map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                        let e = item?;
                         if tx.send(e.event).await.is_err() {
                             break;
                         }
                     }
-                    Ok(())
+                    Ok::<(), LogError>(())
                 })
             }
         };
@@ -200,7 +213,7 @@ impl Log {
         event_type: Option<String>,
         range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         mut each: impl FnMut(EventEnvelope),
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), LogError> {
         let mut user_calls = std::collections::HashSet::new();
         let (from, to) = range;
         // A call's events are the call aggregate's, unless another type was asked for.

@@ -331,16 +331,22 @@ impl ServerHandler for AnalystTools {
     }
 }
 
+/// Why the stdio MCP session ended other than by the client closing it.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("starting the MCP session")]
+    Start(#[source] Box<rmcp::service::ServerInitializeError>),
+    #[error("the MCP session")]
+    Session(#[from] tokio::task::JoinError),
+}
+
 /// Serves the tools on stdin/stdout until the client closes them.
-pub async fn serve_stdio(log: Log) -> anyhow::Result<()> {
+pub async fn serve_stdio(log: Log) -> Result<(), StdioError> {
     use rmcp::ServiceExt as _;
     let running = AnalystTools::new(log)
         .serve(rmcp::transport::stdio())
         .await
-        .map_err(|e| anyhow::anyhow!("starting the MCP session: {e}"))?;
-    running
-        .waiting()
-        .await
-        .map_err(|e| anyhow::anyhow!("MCP session: {e}"))?;
+        .map_err(|e| StdioError::Start(Box::new(e)))?;
+    running.waiting().await?;
     Ok(())
 }
