@@ -730,6 +730,9 @@ async fn the_callers_words_embedded_in_time_rank_the_passages_too() {
     assert!(!turns.is_empty(), "{call}");
     assert_eq!(turns[0]["knowledge_vector"], true, "{turns:?}");
     assert!(turns[0]["knowledge_us"].as_u64().is_some(), "{turns:?}");
+    // Its words held still 600 ms before the final (endpointing 500 ms): ranked ahead then,
+    // and the final, the same nine words, took that ranking.
+    assert_eq!(turns[0]["knowledge_preranked"], true, "{turns:?}");
     // Billed to the call, with the session's other costs.
     let billed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_id = $1 AND event_type = 'CostRecorded'
@@ -753,6 +756,8 @@ async fn a_slow_embedding_never_delays_the_reply_and_the_words_still_find_the_pa
     let turns = knowledge_turns(&app, &id).await;
     assert!(!turns.is_empty(), "{call}");
     assert_eq!(turns[0]["knowledge_vector"], false, "{turns:?}");
+    // Nothing to rank ahead with: ranked on the turn's path, by its words.
+    assert_eq!(turns[0]["knowledge_preranked"], false, "{turns:?}");
     // The reply started long before the embedding (4 s) could have come back.
     let first_token = turns[0]["llm_first_token_ms"].as_u64().unwrap();
     assert!(first_token < 3000, "{turns:?}");

@@ -31,6 +31,10 @@ pub struct TurnTimings {
     /// `knowledge_us` is beyond it is waiting (the thread preempted), not work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub knowledge_cpu_us: Option<u32>,
+    /// Whether the passages had been ranked ahead, off the turn's path, for the final
+    /// transcript's very words (the stable interim's), so the turn only took that ranking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knowledge_preranked: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

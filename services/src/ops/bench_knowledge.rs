@@ -299,6 +299,8 @@ pub struct InCalls {
     pub cpu_p99_us: f64,
     /// Turns ranked with the caller's vector too, of `turns`.
     pub with_vector: usize,
+    /// Turns whose passages were ranked ahead (off the turn's path), of `turns`.
+    pub preranked: usize,
 }
 
 impl InCalls {
@@ -325,6 +327,10 @@ impl InCalls {
             with_vector: timings
                 .iter()
                 .filter(|t| t["knowledge_vector"] == true)
+                .count(),
+            preranked: timings
+                .iter()
+                .filter(|t| t["knowledge_preranked"] == true)
                 .count(),
         }
     }

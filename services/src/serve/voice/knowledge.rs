@@ -7,9 +7,13 @@
 //! caller's words are embedded off the reply's path (`prefetch`): each interim transcript once it
 //! has held still for [`SETTLE`] (a final segment at once), by one task per call with at most
 //! one request in flight (newer words wait and replace older ones); the latest vector is used
-//! only if it is there when the turn ends and its words are most of the turn's. No provider
-//! call ever waits in the reply's path. The embeddings' tokens are billed to the call with the
-//! session's other costs (`embedding_tokens`).
+//! only if it is there when the turn ends and its words are most of the turn's. Once the
+//! embedded words have held still almost as long as the persona's endpointing (so the final is
+//! probably next), the same task ranks the passages for them; a final transcript with the same
+//! words reuses that ranking, and the turn's path does no ranking work at all (otherwise it
+//! ranks there, a few hundred microseconds of CPU that a preempted thread stretches to
+//! milliseconds). No provider call ever waits in the reply's path. The embeddings' tokens are
+//! billed to the call with the session's other costs (`embedding_tokens`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,6 +38,11 @@ const PASSAGES_PER_TURN: usize = 3;
 /// usually there by the final.
 const SETTLE: Duration = Duration::from_millis(150);
 
+/// The passages are ranked ahead for embedded words once they have held still for the
+/// persona's endpointing less this (the final transcript comes no sooner than the endpointing
+/// after the last word): ready before the final, and once per pause rather than per interim.
+const RANK_BEFORE_FINAL: Duration = Duration::from_millis(60);
+
 /// A call's knowledge: its persona's passages, and the caller's words embedded so far.
 pub(super) struct CallKnowledge {
     index: Arc<KnowledgeIndex>,
@@ -46,6 +55,9 @@ pub(super) struct CallKnowledge {
     embedded: Arc<Mutex<Option<Embedded>>>,
     /// Tokens of every embedding of the caller's words, billed with the session's end.
     tokens: Arc<AtomicU64>,
+    /// How long the caller's words hold still before the final comes (the persona's
+    /// endpointing): when to rank ahead.
+    endpointing: Duration,
 }
 
 #[derive(Clone, Default, PartialEq)]
@@ -60,6 +72,23 @@ struct Embedded {
     turn: u64,
     text: String,
     vector: Vec<f32>,
+    /// The passages ranked ahead for `text` with `vector`, once its words held still.
+    ranked: Option<Ranked>,
+}
+
+/// A ranking made ahead of the turn's end: what [`Retrieved`] carries of it.
+struct Ranked {
+    note: Option<String>,
+    ids: Vec<String>,
+}
+
+impl Ranked {
+    fn of(hits: &[cmb_domain::knowledge::rank::Hit<'_>]) -> Ranked {
+        Ranked {
+            note: (!hits.is_empty()).then(|| note(hits)),
+            ids: hits.iter().map(|h| h.passage.id.clone()).collect(),
+        }
+    }
 }
 
 /// What a call's index is built from: the persona's indexed documents (an id is never reused
@@ -91,6 +120,7 @@ pub(super) async fn load(
     persona_id: &str,
     persona: &Persona,
 ) -> Result<Option<CallKnowledge>, SessionError> {
+    let endpointing = Duration::from_millis(u64::from(persona.turn_taking.endpointing_ms));
     let limit = voice.knowledge.session_passages;
     let Some(key) = index_key(persona, limit) else {
         return Ok(None);
@@ -132,6 +162,7 @@ pub(super) async fn load(
         turn: AtomicU64::new(0),
         embedded: Arc::default(),
         tokens: Arc::default(),
+        endpointing,
     }))
 }
 
@@ -147,6 +178,8 @@ pub(super) struct Retrieved {
     pub cpu_us: u32,
     /// Whether the caller's words were embedded in time (cosine fused with the words' rank).
     pub with_vector: bool,
+    /// Whether the passages were ranked ahead, for the same words, off the turn's path.
+    pub preranked: bool,
 }
 
 /// Where a call's knowledge work is billed and logged.
@@ -180,6 +213,13 @@ impl CallKnowledge {
                 call.voice.clone(),
                 call.call_id.to_string(),
                 rx,
+                Ahead {
+                    index: self.index.clone(),
+                    still: self
+                        .endpointing
+                        .saturating_sub(RANK_BEFORE_FINAL)
+                        .max(SETTLE),
+                },
                 self.embedded.clone(),
                 self.tokens.clone(),
             ));
@@ -203,51 +243,82 @@ impl CallKnowledge {
         let started = std::time::Instant::now();
         let cpu_started = crate::telemetry::thread_cpu_ns();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let vector = self
+        let embedded = self
             .embedded
             .lock()
             .expect("embedded")
             .take()
-            .filter(|e| e.turn == turn && covers(&e.text, text))
-            .map(|e| e.vector);
-        let hits = self.index.search(
-            text,
-            vector.as_deref(),
-            PASSAGES_PER_TURN,
-            call.voice.knowledge.prompt_tokens,
-        );
+            .filter(|e| e.turn == turn && covers(&e.text, text));
+        let (ranked, with_vector, preranked) = match embedded {
+            // Ranked ahead for these very words: nothing to do here.
+            Some(Embedded {
+                ranked: Some(ranked),
+                text: ahead,
+                ..
+            }) if words(&ahead) == words(text) => (ranked, true, true),
+            embedded => {
+                let vector = embedded.map(|e| e.vector);
+                let hits = self.index.search(
+                    text,
+                    vector.as_deref(),
+                    PASSAGES_PER_TURN,
+                    call.voice.knowledge.prompt_tokens,
+                );
+                (Ranked::of(&hits), vector.is_some(), false)
+            }
+        };
         let took = started.elapsed();
         let cpu_us = crate::telemetry::thread_cpu_ns().saturating_sub(cpu_started) / 1_000;
         metrics::histogram!("cmb_knowledge_retrieval_us").record(took.as_micros() as f64);
         metrics::histogram!("cmb_knowledge_retrieval_cpu_us").record(cpu_us as f64);
-        tracing::debug!(call = %call.call_id, us = took.as_micros() as u64, found = hits.len(), with_vector = vector.is_some(), "knowledge retrieval");
+        tracing::debug!(call = %call.call_id, us = took.as_micros() as u64, found = ranked.ids.len(), with_vector, preranked, "knowledge retrieval");
         Retrieved {
-            note: (!hits.is_empty()).then(|| note(&hits)),
-            ids: hits.iter().map(|h| h.passage.id.clone()).collect(),
+            note: ranked.note,
+            ids: ranked.ids,
             us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
             cpu_us: u32::try_from(cpu_us).unwrap_or(u32::MAX),
-            with_vector: vector.is_some(),
+            with_vector,
+            preranked,
         }
     }
 }
 
+/// What the embedding task needs to rank ahead: the call's index, and how long the words must
+/// hold still first.
+struct Ahead {
+    index: Arc<KnowledgeIndex>,
+    still: Duration,
+}
+
 /// Embeds what the caller said, as it changes: a final segment at once, an interim once it has
 /// held still for [`SETTLE`]; one request at a time (what came meanwhile is the next one, the
-/// latest words only). Ends with the call's session.
+/// latest words only). Once the embedded words have held still for `ahead.still`, ranks the
+/// passages for them (see [`CallKnowledge::for_turn`]). Ends with the call's session.
 async fn embed_task(
     voice: Arc<Voice>,
     call_id: String,
     mut said: watch::Receiver<Said>,
+    ahead: Ahead,
     embedded: Arc<Mutex<Option<Embedded>>>,
     tokens: Arc<AtomicU64>,
 ) {
     let mut last = Said::default();
-    while said.changed().await.is_ok() {
+    // Newer words came while waiting to rank: handled without waiting for another change.
+    let mut pending = false;
+    loop {
+        if !std::mem::take(&mut pending) && said.changed().await.is_err() {
+            return;
+        }
+        // When the words last changed.
+        let mut since = tokio::time::Instant::now();
         // Wait for the words to hold still.
         while !said.borrow_and_update().settled {
             tokio::select! {
                 _ = tokio::time::sleep(SETTLE) => break,
-                changed = said.changed() => if changed.is_err() { return },
+                changed = said.changed() => {
+                    if changed.is_err() { return }
+                    since = tokio::time::Instant::now();
+                }
             }
         }
         let now = said.borrow_and_update().clone();
@@ -255,7 +326,7 @@ async fn embed_task(
             continue;
         }
         last = now.clone();
-        match voice
+        let vector = match voice
             .knowledge
             .embeddings
             .embed(std::slice::from_ref(&now.text))
@@ -263,18 +334,47 @@ async fn embed_task(
         {
             Ok(mut e) if e.vectors.len() == 1 => {
                 tokens.fetch_add(e.prompt_tokens, Ordering::Relaxed);
-                *embedded.lock().expect("embedded") = Some(Embedded {
-                    turn: now.turn,
-                    text: now.text,
-                    vector: e.vectors.pop().unwrap_or_default(),
-                });
+                e.vectors.pop().unwrap_or_default()
             }
             Ok(e) => {
                 tokens.fetch_add(e.prompt_tokens, Ordering::Relaxed);
+                continue;
             }
             Err(e) => {
-                tracing::debug!(call = %call_id, error = %e, "embedding the caller's words failed; full-text only")
+                tracing::debug!(call = %call_id, error = %e, "embedding the caller's words failed; full-text only");
+                continue;
             }
+        };
+        *embedded.lock().expect("embedded") = Some(Embedded {
+            turn: now.turn,
+            text: now.text.clone(),
+            vector: vector.clone(),
+            ranked: None,
+        });
+        // The words held still this long: the final is probably next, rank for them now.
+        tokio::select! {
+            _ = tokio::time::sleep_until(since + ahead.still) => {}
+            changed = said.changed() => {
+                if changed.is_err() { return }
+                pending = true;
+                continue;
+            }
+        }
+        let hits = ahead.index.search(
+            &now.text,
+            Some(&vector),
+            PASSAGES_PER_TURN,
+            voice.knowledge.prompt_tokens,
+        );
+        let ranked = Ranked::of(&hits);
+        // Unless the turn ended meanwhile (its vector taken) or newer words replaced these.
+        if let Some(e) = embedded
+            .lock()
+            .expect("embedded")
+            .as_mut()
+            .filter(|e| e.turn == now.turn && e.text == now.text)
+        {
+            e.ranked = Some(ranked);
         }
     }
 }

@@ -224,6 +224,7 @@ impl Session {
                 knowledge_us: knowledge.as_ref().map(|k| k.us),
                 knowledge_vector: knowledge.as_ref().map(|k| k.with_vector),
                 knowledge_cpu_us: knowledge.as_ref().map(|k| k.cpu_us),
+                knowledge_preranked: knowledge.as_ref().map(|k| k.preranked),
                 ..Default::default()
             },
             provider: self.voice.llm.provider(),
