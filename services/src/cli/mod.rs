@@ -151,6 +151,11 @@ enum BenchCommand {
         /// callers then ask about them) and report the retrieval on each turn's path.
         #[arg(long, default_value_t = 0)]
         knowledge: usize,
+        /// Run the Twilio simulator (the callers, and what they measure) as a process of its
+        /// own, `callmeback sim twilio`, instead of in the bench process beside the other
+        /// simulators.
+        #[arg(long)]
+        twilio_apart: bool,
     },
     /// N concurrent calls through the real HTTP API against the simulators, measured from
     /// outside: this process plays Twilio (REST, webhooks, media streams) and the users,
@@ -381,11 +386,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     calls,
                     seconds,
                     knowledge,
+                    twilio_apart,
                 },
         } => {
             let mut rows = Vec::new();
             for n in calls {
-                let f = crate::ops::bench_voice::run(&config, n, seconds, knowledge).await?;
+                let f = crate::ops::bench_voice::run(&config, n, seconds, knowledge, twilio_apart)
+                    .await?;
                 let cpu = f
                     .cpu_pct_per_call
                     .map_or("not sampled".into(), |c| format!("{c:.3} % per call"));

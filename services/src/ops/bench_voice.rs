@@ -6,14 +6,16 @@
 //! API. What a caller would notice is timed where Twilio sits: reply latency (the caller's last
 //! word → the persona's first audio), net of the configured delays; barge-in (the caller's first
 //! word over the persona → `clear`); how late outbound frames arrive against their pace. CPU and
-//! resident memory are serve's own, read from `/proc/<pid>` while the calls are up.
+//! resident memory are serve's own, read from `/proc/<pid>` while the calls are up. With
+//! `--twilio-apart` the Twilio simulator (the measuring side) is a process of its own
+//! (`callmeback sim twilio`, see `bench_voice_twilio`).
 
 use std::time::{Duration, Instant};
 
-use cmb_sims::twilio::{Observations, Settings, TwilioSim};
 use serde_json::{json, Value};
 
 use crate::config::Config;
+use crate::ops::bench_voice_twilio::Twilio;
 use crate::ops::child::{self, cpu_ms, load_average, rss_mib, Callgrind};
 
 const ACCOUNT_SID: &str = "ACbe0c4be0c4be0c4be0c4be0c4be0c4b";
@@ -78,6 +80,10 @@ pub struct Figures {
     pub rss_mib_peak: f64,
     /// This process's CPU (the simulators, the callers), % of one core.
     pub bench_cpu_pct: f64,
+    /// With `--twilio-apart`: the Twilio simulator's process CPU, % of one core (else it is in
+    /// `bench_cpu_pct`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub twilio_cpu_pct: Option<f64>,
     /// Under callgrind (`CMB_BENCH_SERVE_PREFIX`): serve's instructions over the CPU window,
     /// per call-second — a CPU figure the machine's load does not move.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +109,7 @@ pub async fn run(
     calls: u32,
     seconds: u32,
     knowledge: usize,
+    twilio_apart: bool,
 ) -> Result<Figures, child::BenchError> {
     let mut config = child::isolated(base, "voice", calls).await;
 
@@ -149,18 +156,27 @@ pub async fn run(
     }
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
-    let mut settings = Settings::from_lookup(&|k: &str| config.sim_var(k));
-    settings.account_sid = ACCOUNT_SID.into();
-    settings.auth_token = AUTH_TOKEN.into();
-    // The reply latency is timed from the silence frame that ends a caller's turn for the
-    // listener, as sent: how late this process sent it is its own delay, not serve's.
-    settings.caller.endpointing_ms = ENDPOINTING_MS as u32;
-    let twilio = TwilioSim::new(settings);
+    let mut twilio_vars: Vec<(&str, String)> = config
+        .sim
+        .iter()
+        .filter(|(k, _)| k.starts_with("SIM_TWILIO_"))
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    twilio_vars.extend([
+        ("TWILIO_ACCOUNT_SID", ACCOUNT_SID.to_string()),
+        ("TWILIO_AUTH_TOKEN", AUTH_TOKEN.to_string()),
+        // The reply latency is timed from the silence frame that ends a caller's turn for the
+        // listener, as sent: how late the simulator sent it is its own delay, not serve's.
+        (
+            "SIM_TWILIO_CALLER_ENDPOINTING_MS",
+            ENDPOINTING_MS.to_string(),
+        ),
+    ]);
+    let (twilio, twilio_url) = Twilio::start(twilio_apart, &twilio_vars, &shutdown, &tasks).await?;
     use crate::serve::simulators as sims;
     let serve_sim = |name: &'static str, router: axum::Router| {
         cmb_sims::serve(name, router, shutdown.clone(), &tasks)
     };
-    let twilio_url = serve_sim("twilio", twilio.router()).await?;
     let deepgram_url = serve_sim("deepgram", sims::deepgram(&config).router()).await?;
     let cerebras_url = serve_sim("cerebras", sims::llm(&config, "CEREBRAS").router()).await?;
     let openai_url = serve_sim("openai", sims::llm(&config, "OPENAI").router()).await?;
@@ -219,6 +235,8 @@ pub async fn run(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = rss_mib(&pid);
     let bench_cpu_before = cpu_ms("self");
+    let twilio_pid = twilio.pid().map(|p| p.to_string());
+    let twilio_cpu_before = twilio_pid.as_deref().map(cpu_ms);
     let started = Instant::now();
     let answers = child::place_calls(&http, &serve, &users.tokens, &persona_id).await;
     let requested = answers.iter().filter(|s| **s == 201).count() as u64;
@@ -242,7 +260,7 @@ pub async fn run(
     let mut counting = false;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let sims = twilio.calls();
+        let sims = twilio.calls().await;
         let live = sims
             .iter()
             .filter(|c| c.stream_opened && !c.stream_closed)
@@ -269,7 +287,7 @@ pub async fn run(
             }
         }
         last = Some((now, cpu, live));
-        let ended = sims.iter().filter(|c| c.ended_at.is_some()).count() as u64;
+        let ended = sims.iter().filter(|c| c.ended).count() as u64;
         if (ended >= requested && sims.len() as u64 >= requested) || Instant::now() > deadline {
             break;
         }
@@ -282,21 +300,16 @@ pub async fn run(
     let serve_instructions = callgrind.as_ref().and_then(Callgrind::instructions);
     let bench_cpu = cpu_ms("self") - bench_cpu_before;
     let wall = started.elapsed().as_secs_f64();
+    let twilio_cpu = twilio_pid
+        .as_deref()
+        .zip(twilio_cpu_before)
+        .map(|(p, before)| (cpu_ms(p) - before) / 10.0 / wall);
     let load = load_average();
-    let sessions = twilio.calls().iter().filter(|c| c.stream_opened).count() as u64;
-    let mut all = Observations::default();
-    for o in twilio.observations() {
-        all.reply_us.extend(o.reply_us);
-        all.replies_unmeasured += o.replies_unmeasured;
-        all.barge_in_us.extend(o.barge_in_us);
-        all.barge_ins_missed += o.barge_ins_missed;
-        all.frame_lateness_us.extend(o.frame_lateness_us);
-        all.tick_lateness_us.extend(o.tick_lateness_us);
-        all.endpoint_late_us.extend(o.endpoint_late_us);
-    }
+    let mut all = twilio.observations().await?;
     // A session failed when its call was requested and its stream never opened, never carried
     // the persona's voice, or the call did not end as completed.
-    let sims = twilio.calls();
+    let sims = twilio.calls().await;
+    let sessions = sims.iter().filter(|c| c.stream_opened).count() as u64;
     let good = sims
         .iter()
         .filter(|c| c.stream_opened && c.frames_received > 0 && c.status == "completed")
@@ -355,6 +368,7 @@ pub async fn run(
             .then(|| (rss_peak - rss_before).max(0.0) / requested.max(1) as f64),
         rss_mib_peak: rss_peak,
         bench_cpu_pct: bench_cpu / 10.0 / wall,
+        twilio_cpu_pct: twilio_cpu,
         serve_instructions_per_call_second: serve_instructions
             .filter(|_| call_seconds > 0.0)
             .map(|ir| ir as f64 / call_seconds),
@@ -363,6 +377,7 @@ pub async fn run(
             .map(|n| crate::ops::bench_knowledge::InCalls::from_timings(n, &inside)),
     };
     serve.stop().await;
+    twilio.stop().await;
     shutdown.cancel();
     tasks.close();
     backbone.pool.close().await;
@@ -469,6 +484,13 @@ pub fn print(rows: &[Figures]) {
             Box::new(|f: &Figures| format!("{:.0}", f.bench_cpu_pct)),
         ),
         (
+            "Twilio simulator apart: CPU % of a core",
+            Box::new(|f: &Figures| {
+                f.twilio_cpu_pct
+                    .map_or("- (in the bench)".into(), |c| format!("{c:.0}"))
+            }),
+        ),
+        (
             "load average",
             Box::new(|f: &Figures| {
                 format!(
@@ -497,8 +519,8 @@ pub fn print(rows: &[Figures]) {
     for f in rows {
         if let Some(k) = &f.knowledge {
             println!(
-                "{} calls, knowledge of {} passages: retrieval on the turn's path p50/p99/max {:.0}/{:.0}/{:.0} µs (its thread's CPU p50/p99 {:.0}/{:.0} µs) over {} turns, {} of them with the caller's words embedded in time",
-                f.calls, k.passages, k.p50_us, k.p99_us, k.max_us, k.cpu_p50_us, k.cpu_p99_us, k.turns, k.with_vector
+                "{} calls, knowledge of {} passages: retrieval on the turn's path p50/p99/max {:.0}/{:.0}/{:.0} µs (its thread's CPU p50/p99 {:.0}/{:.0} µs) over {} turns, {} of them with the caller's words embedded in time, {} ranked ahead off the turn's path",
+                f.calls, k.passages, k.p50_us, k.p99_us, k.max_us, k.cpu_p50_us, k.cpu_p99_us, k.turns, k.with_vector, k.preranked
             );
         }
     }

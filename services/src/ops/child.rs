@@ -35,6 +35,9 @@ pub enum BenchError {
     /// Serve answered, but not what the benchmark needs: what it asked, and the answer.
     #[error("{what}: {answer}")]
     Refused { what: String, answer: String },
+    /// `bench voice --twilio-apart`: its Twilio simulator did not start.
+    #[error("callmeback sim twilio: {what} (see {})", .log.display())]
+    TwilioApart { what: &'static str, log: PathBuf },
     #[error("granting {user} credits")]
     Grant {
         user: String,

@@ -8,6 +8,7 @@ pub mod bench_knowledge;
 pub mod bench_replay;
 #[cfg(feature = "sims")]
 pub mod bench_voice;
+pub mod bench_voice_twilio;
 #[cfg(feature = "sims")]
 pub mod child;
 pub mod mcp;

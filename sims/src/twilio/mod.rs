@@ -21,7 +21,7 @@ mod tests;
 pub use media::{
     caller_audio, caller_frames, linear_to_mulaw, mulaw_to_linear, CallerScript, FRAME_BYTES,
 };
-pub use observe::{Observations, LEAD};
+pub use observe::{CallState, Observations, LEAD};
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -144,6 +144,7 @@ impl Settings {
     /// `SIM_TWILIO_DUPLICATE_CALLBACKS`, `SIM_TWILIO_REORDER_CALLBACKS`,
     /// `SIM_TWILIO_LATENCY_MS`, `SIM_TWILIO_FAIL_EVERY`, `SIM_TWILIO_CALLER_TURNS`,
     /// `SIM_TWILIO_CALLER_WAITS_TO_HEAR` (the script starts once the caller heard us),
+    /// `SIM_TWILIO_CALLER_ENDPOINTING_MS` (the listener's endpointing, for the observations),
     /// `SIM_TWILIO_HOLD_CREATE_RESPONSE_MS`.
     /// A malformed value falls back to the default with a warning.
     pub fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> Self {
@@ -184,6 +185,7 @@ impl Settings {
         };
         let caller = CallerScript {
             waits_to_hear: flag("SIM_TWILIO_CALLER_WAITS_TO_HEAR"),
+            endpointing_ms: number("SIM_TWILIO_CALLER_ENDPOINTING_MS", 0).min(60_000) as u32,
             ..caller
         };
         Settings {
@@ -327,6 +329,9 @@ impl TwilioSim {
                 "/2010-04-01/Accounts/{account}/Calls/{call}",
                 get(fetch_call).post(update_call),
             )
+            // For a benchmark in another process (not Twilio's; loopback only).
+            .route("/_sim/calls", get(observe::calls))
+            .route("/_sim/observations", get(observe::observations))
             .with_state(self.clone())
     }
 

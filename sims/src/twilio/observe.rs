@@ -5,10 +5,15 @@
 //! our server promises (one 20 ms frame per 20 ms, the first [`LEAD`] of audio at once).
 //!
 //! Each stream keeps its own [`Observer`] (no lock per frame); it is filed with the call's
-//! counters when the stream ends, and read with `TwilioSim::observations`.
+//! counters when the stream ends, and read with `TwilioSim::observations` — or, by a benchmark
+//! in another process (`callmeback sim twilio`), over HTTP: `GET /_sim/calls` (each call's
+//! state) and `GET /_sim/observations` (every ended stream's figures as one).
 
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// How far ahead of playback our server sends audio: the first frames of a run arrive at once.
@@ -16,7 +21,7 @@ pub const LEAD: Duration = Duration::from_millis(80);
 const FRAME: Duration = Duration::from_millis(20);
 
 /// One stream's figures, in microseconds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Observations {
     /// Caller's last speech frame (when it was due) → the persona's first frame received, for
     /// turns that ended while the persona was silent (else the first frame could be the old
@@ -38,6 +43,58 @@ pub struct Observations {
     /// Per measured reply: how late this simulator sent the silence frame that ended the
     /// caller's turn for the listener (already taken off `reply_us`).
     pub endpoint_late_us: Vec<u32>,
+}
+
+impl Observations {
+    /// Every stream's figures as one.
+    pub fn merge(all: impl IntoIterator<Item = Observations>) -> Observations {
+        let mut m = Observations::default();
+        for o in all {
+            m.reply_us.extend(o.reply_us);
+            m.replies_unmeasured += o.replies_unmeasured;
+            m.barge_in_us.extend(o.barge_in_us);
+            m.barge_ins_missed += o.barge_ins_missed;
+            m.played_before_clear_ms.extend(o.played_before_clear_ms);
+            m.frame_lateness_us.extend(o.frame_lateness_us);
+            m.tick_lateness_us.extend(o.tick_lateness_us);
+            m.endpoint_late_us.extend(o.endpoint_late_us);
+        }
+        m
+    }
+}
+
+/// A call as `GET /_sim/calls` shows it to a benchmark in another process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallState {
+    pub sid: String,
+    pub status: String,
+    pub stream_opened: bool,
+    pub stream_closed: bool,
+    pub ended: bool,
+    /// `media` frames our server sent.
+    pub frames_received: u64,
+}
+
+/// `GET /_sim/calls`: every call created so far, oldest first.
+pub(super) async fn calls(State(sim): State<super::TwilioSim>) -> Json<Vec<CallState>> {
+    Json(
+        sim.calls()
+            .into_iter()
+            .map(|c| CallState {
+                ended: c.ended_at.is_some(),
+                sid: c.sid,
+                status: c.status,
+                stream_opened: c.stream_opened,
+                stream_closed: c.stream_closed,
+                frames_received: c.frames_received,
+            })
+            .collect(),
+    )
+}
+
+/// `GET /_sim/observations`: what the callers measured on every stream that has ended.
+pub(super) async fn observations(State(sim): State<super::TwilioSim>) -> Json<Observations> {
+    Json(Observations::merge(sim.observations()))
 }
 
 /// The running state of one stream's measurements.

@@ -612,6 +612,37 @@ async fn connect_stream_plays_the_caller_and_echoes_marks() {
     });
     assert_eq!(counts.get("start"), Some(&1));
     assert_eq!(counts.get("stop"), Some(&1));
+
+    // What a benchmark in another process reads of it, over HTTP.
+    let http = reqwest::Client::new();
+    let calls: Vec<CallState> = http
+        .get(format!("{}/_sim/calls", env.sim_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let state = &calls[0];
+    assert_eq!(state.sid, created.sid);
+    assert_eq!(state.status, "completed");
+    assert!(
+        state.stream_opened && state.stream_closed && state.ended,
+        "{state:?}"
+    );
+    assert_eq!(state.frames_received, 10);
+    let observed: Observations = http
+        .get(format!("{}/_sim/observations", env.sim_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // A tick per caller frame sent, and each of our ten frames timed against its pace.
+    assert_eq!(observed.tick_lateness_us.len() as u64, call.frames_sent);
+    assert_eq!(observed.frame_lateness_us.len(), 10);
 }
 
 /// A media-stream server that takes `connected` and `start`, then ends the stream: with a
