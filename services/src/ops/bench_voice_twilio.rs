@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 pub enum Twilio {
     Here(TwilioSim),
     Apart {
-        process: tokio::process::Child,
+        process: Box<tokio::process::Child>,
         pid: u32,
         url: String,
         http: reqwest::Client,
@@ -96,7 +96,7 @@ impl Twilio {
         );
         Ok((
             Twilio::Apart {
-                process,
+                process: Box::new(process),
                 pid,
                 url: url.clone(),
                 http: reqwest::Client::builder()
