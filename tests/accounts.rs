@@ -262,7 +262,12 @@ async fn ten_failures_from_one_address_lock_it_out_and_unknown_emails_look_the_s
                 "Wr0ng!pass".into(),
                 &client,
                 chrono::Utc::now(),
-                |id| cmb_domain::CommandContext::for_request("test", cmb_domain::Actor::User(id)),
+                |id| {
+                    cmb_domain::CommandContext::for_request(
+                        "test",
+                        cmb_domain::Actor::User(id.uuid()),
+                    )
+                },
             )
             .await;
             assert!(failed.is_err());

@@ -327,7 +327,7 @@ async fn an_owner_adds_lists_and_removes_documents_that_are_indexed_and_billed()
 
     // At most 20 documents per persona (3 so far; the rest added by the use case, since
     // uploads are rate-limited to 30 an hour).
-    let owner_id: uuid::Uuid = profile["id"].as_str().unwrap().parse().unwrap();
+    let owner_id: cmb_domain::UserId = profile["id"].as_str().unwrap().parse().unwrap();
     for i in 3..20 {
         let upload = callmeback::usecases::knowledge::Upload {
             title: None,
@@ -336,9 +336,15 @@ async fn an_owner_adds_lists_and_removes_documents_that_are_indexed_and_billed()
             bytes: format!("Note number {i}: rest day.").into_bytes(),
         };
         let ctx = cmb_domain::CommandContext::system("test-fill");
-        callmeback::usecases::knowledge::add(&app.state.store, owner_id, &public, upload, &ctx)
-            .await
-            .unwrap_or_else(|e| panic!("{i}: {e}"));
+        callmeback::usecases::knowledge::add(
+            &app.state.store,
+            owner_id,
+            &public.as_str().into(),
+            upload,
+            &ctx,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{i}: {e}"));
     }
     let r = owner
         .post(&path, json!({ "content": "One note too many." }))

@@ -329,7 +329,7 @@ async fn a_refund_and_a_dispute_of_calls_are_recorded_on_them_and_reconciled() {
             .fetch_one(&app.state.pool)
             .await
             .unwrap();
-        let call = cmb_projections::calls::view(&app.state.pool, id, user)
+        let call = cmb_projections::calls::view(&app.state.pool, id.into(), user.into())
             .await
             .unwrap()
             .unwrap();

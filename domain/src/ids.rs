@@ -2,7 +2,8 @@
 //!
 //! Each is its inner value on the wire (`#[serde(transparent)]`), so events, answers and rows
 //! keep their shape. The domain does no I/O, so these carry no database encoding: a query binds
-//! `id.uuid()` (or `id.as_str()`).
+//! `id.uuid()` (or `id.as_str()`), and a row struct reads one through its inner value
+//! (`#[sqlx(try_from = "Uuid")]`, or `"String"` where the column holds it as text).
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,6 +51,14 @@ macro_rules! uuid_id {
             type Err = uuid::Error;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 Uuid::parse_str(s).map($name)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = uuid::Error;
+            /// A column or field that holds the id as text.
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
             }
         }
 
@@ -131,6 +140,8 @@ mod tests {
         assert_eq!(call.to_string(), uuid.to_string());
         assert_eq!(uuid.to_string().parse::<CallId>().unwrap(), call);
         assert!("brad_001".parse::<UserId>().is_err());
+        assert_eq!(CallId::try_from(uuid.to_string()).unwrap(), call);
+        assert!(CallId::try_from("brad_001".to_string()).is_err());
         let persona = PersonaId::new("brad_001");
         assert_eq!(
             serde_json::to_value(&persona).unwrap(),

@@ -1,6 +1,7 @@
 //! What the API asks of the users, wallets and contacts read models.
 
 use chrono::{DateTime, Utc};
+use cmb_domain::{PersonaId, UserId};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -8,7 +9,9 @@ use uuid::Uuid;
 /// The user as the front end shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct UserView {
-    pub id: Uuid,
+    #[sqlx(try_from = "Uuid")]
+    #[schema(value_type = Uuid)]
+    pub id: UserId,
     pub name: String,
     pub email: String,
     /// None for an account made by a WorkOS sign-in until the user adds one.
@@ -27,7 +30,7 @@ pub struct UserView {
     pub updated_at: DateTime<Utc>,
 }
 
-pub async fn user_view(pool: &PgPool, id: Uuid) -> Result<Option<UserView>, sqlx::Error> {
+pub async fn user_view(pool: &PgPool, id: UserId) -> Result<Option<UserView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT u.id, u.name, u.email, u.phone, u.email_verified, false AS phone_verified,
                 array_remove(ARRAY[CASE WHEN u.has_password THEN 'password' END,
@@ -37,7 +40,7 @@ pub async fn user_view(pool: &PgPool, id: Uuid) -> Result<Option<UserView>, sqlx
            FROM rm_users u LEFT JOIN rm_wallets w ON w.user_id = u.id
           WHERE u.id = $1",
     )
-    .bind(id)
+    .bind(id.uuid())
     .fetch_optional(pool)
     .await
 }
@@ -52,7 +55,7 @@ pub struct ContactView {
 
 /// The user's contacts with their personas, newest first. A persona deleted a moment ago may
 /// still have a contact row until the clean-up reaches it; the join hides it meanwhile.
-pub async fn contacts(pool: &PgPool, user: Uuid) -> Result<Vec<ContactView>, sqlx::Error> {
+pub async fn contacts(pool: &PgPool, user: UserId) -> Result<Vec<ContactView>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT c.added_at, {}
            FROM rm_contacts c JOIN rm_personas p ON p.id = c.persona_id
@@ -62,7 +65,7 @@ pub async fn contacts(pool: &PgPool, user: Uuid) -> Result<Vec<ContactView>, sql
         crate::personas::PERSONA_COLUMNS
     ))
     .bind(user.to_string())
-    .bind(user)
+    .bind(user.uuid())
     .fetch_all(pool)
     .await
 }
@@ -70,7 +73,9 @@ pub async fn contacts(pool: &PgPool, user: Uuid) -> Result<Vec<ContactView>, sql
 /// A user's customisation of a persona, as the front end shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct CustomizationView {
-    pub persona_id: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub persona_id: PersonaId,
     pub custom_prompt: Option<String>,
     pub voice_override: Option<String>,
     pub favorite: bool,
@@ -81,20 +86,20 @@ pub struct CustomizationView {
 /// `user`'s customisation of persona `persona_id` (the defaults when there is none).
 pub async fn customization(
     pool: &PgPool,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona_id: &PersonaId,
 ) -> Result<CustomizationView, sqlx::Error> {
     let row: Option<CustomizationView> = sqlx::query_as(
         "SELECT persona_id, custom_prompt, voice_override, favorite, memory_enabled, updated_at
            FROM rm_persona_preferences WHERE user_id = $1 AND persona_id = $2",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_optional(pool)
     .await?;
     let none = cmb_domain::persona::preference::Customization::default();
     Ok(row.unwrap_or(CustomizationView {
-        persona_id: persona_id.to_string(),
+        persona_id: persona_id.clone(),
         custom_prompt: none.custom_prompt,
         voice_override: none.voice_override,
         favorite: none.favorite,

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use cmb_domain::call::{CallRequest, Payment, Status};
+use cmb_domain::{CallId, PersonaId, UserId};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -11,8 +12,12 @@ use uuid::Uuid;
 /// A call as the front end shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct CallView {
-    pub id: Uuid,
-    pub persona_id: String,
+    #[sqlx(try_from = "Uuid")]
+    #[schema(value_type = Uuid)]
+    pub id: CallId,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub persona_id: PersonaId,
     pub persona_name: String,
     pub phone_number: String,
     pub status: String,
@@ -40,7 +45,7 @@ pub struct CallView {
 impl CallView {
     /// The call as the projection will show it once it applies `CallRequested`: what a
     /// handler answers when the read model has not caught up yet.
-    pub fn requested(id: Uuid, request: &CallRequest, at: DateTime<Utc>) -> CallView {
+    pub fn requested(id: CallId, request: &CallRequest, at: DateTime<Utc>) -> CallView {
         let status = if request.scheduled_for.is_some() {
             Status::Scheduled
         } else {
@@ -52,7 +57,7 @@ impl CallView {
         };
         CallView {
             id,
-            persona_id: request.persona_id.clone(),
+            persona_id: PersonaId::new(request.persona_id.clone()),
             persona_name: request.persona_name.clone(),
             phone_number: request.phone.as_str().to_string(),
             status: status.as_str().to_string(),
@@ -81,12 +86,16 @@ const CALL_COLUMNS: &str = "id, persona_id, persona_name, phone AS phone_number,
     charged_cents, reversed_cents, created_at, updated_at";
 
 /// Call `id` of `user`.
-pub async fn view(pool: &PgPool, id: Uuid, user: Uuid) -> Result<Option<CallView>, sqlx::Error> {
+pub async fn view(
+    pool: &PgPool,
+    id: CallId,
+    user: UserId,
+) -> Result<Option<CallView>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {CALL_COLUMNS} FROM rm_calls WHERE id = $1 AND user_id = $2"
     ))
-    .bind(id)
-    .bind(user)
+    .bind(id.uuid())
+    .bind(user.uuid())
     .fetch_optional(pool)
     .await
 }
@@ -127,7 +136,7 @@ impl Sort {
 /// Which of a user's calls, in what order, which page.
 #[derive(Debug, Clone)]
 pub struct ListFilter {
-    pub user: Uuid,
+    pub user: UserId,
     /// One of [`STATUSES`].
     pub status: Option<String>,
     pub from: Option<DateTime<Utc>>,
@@ -141,7 +150,8 @@ pub struct ListFilter {
 pub async fn list(pool: &PgPool, f: &ListFilter) -> Result<(Vec<CallView>, i64), sqlx::Error> {
     let build = |select: &str| {
         let mut q: QueryBuilder<Postgres> = QueryBuilder::new(select);
-        q.push(" FROM rm_calls WHERE user_id = ").push_bind(f.user);
+        q.push(" FROM rm_calls WHERE user_id = ")
+            .push_bind(f.user.uuid());
         if let Some(s) = f.status.clone() {
             q.push(" AND status = ").push_bind(s);
         }
@@ -221,15 +231,15 @@ pub struct UsageLine {
 /// The usage lines of call `id` of `user` (the ones a provider's bill replaced left out).
 pub async fn usage_lines(
     pool: &PgPool,
-    id: Uuid,
-    user: Uuid,
+    id: CallId,
+    user: UserId,
 ) -> Result<Vec<UsageLine>, sqlx::Error> {
     sqlx::query_as(
         "SELECT service, operation, quantity, unit, estimated FROM rm_call_costs
           WHERE call_id = $1 AND user_id = $2 AND NOT superseded ORDER BY sequence",
     )
-    .bind(id)
-    .bind(user)
+    .bind(id.uuid())
+    .bind(user.uuid())
     .fetch_all(pool)
     .await
 }
@@ -237,7 +247,7 @@ pub async fn usage_lines(
 /// A user's scheduled (or cancelled scheduled) calls by time.
 pub async fn scheduled(
     pool: &PgPool,
-    user: Uuid,
+    user: UserId,
     cancelled: bool,
     ascending: bool,
 ) -> Result<Vec<CallView>, sqlx::Error> {
@@ -248,7 +258,7 @@ pub async fn scheduled(
           WHERE user_id = $1 AND status = $2 AND scheduled_for IS NOT NULL
           ORDER BY scheduled_for {order}, id"
     ))
-    .bind(user)
+    .bind(user.uuid())
     .bind(status)
     .fetch_all(pool)
     .await
@@ -267,7 +277,7 @@ pub struct Month {
 /// the one of `now`, newest first, months without calls included.
 pub async fn usage(
     pool: &PgPool,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
     months: i64,
 ) -> Result<Vec<Month>, sqlx::Error> {
@@ -284,7 +294,7 @@ pub async fn usage(
                 AND c.created_at >= m AND c.created_at < m + interval '1 month'
           GROUP BY m ORDER BY m DESC",
     )
-    .bind(user)
+    .bind(user.uuid())
     .bind(now)
     .bind(months)
     .fetch_all(pool)
@@ -297,9 +307,9 @@ pub async fn unfinished(
     pool: &PgPool,
     quiet_since: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<(String, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id::text, call_sid FROM rm_calls
+) -> Result<Vec<(CallId, String)>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, call_sid FROM rm_calls
           WHERE status IN ('initiated', 'queued', 'ringing', 'in-progress')
             AND call_sid IS NOT NULL AND updated_at < $1
           ORDER BY updated_at LIMIT $2",
@@ -307,13 +317,17 @@ pub async fn unfinished(
     .bind(quiet_since)
     .bind(limit)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, sid)| (CallId::from(id), sid))
+        .collect())
 }
 
 /// An erased user's calls keep their money and times but no longer their destination, nor
 /// the name of a persona of their own: those read as [`cmb_domain::privacy::ERASED`], as a
 /// rebuild (the key destroyed) would write them. Returns the calls changed.
-pub async fn forget_phones(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error> {
+pub async fn forget_phones(pool: &PgPool, user: UserId) -> Result<u64, sqlx::Error> {
     let system = &cmb_domain::persona::system::SYSTEM_PERSONA_IDS[..];
     let done = sqlx::query(
         "UPDATE rm_calls
@@ -322,7 +336,7 @@ pub async fn forget_phones(pool: &PgPool, user: Uuid) -> Result<u64, sqlx::Error
           WHERE user_id = $1
             AND (phone <> $2 OR (persona_id <> ALL($3) AND persona_name <> $2))",
     )
-    .bind(user)
+    .bind(user.uuid())
     .bind(cmb_domain::privacy::ERASED)
     .bind(system)
     .execute(pool)

@@ -1,6 +1,7 @@
 //! What the API and the voice session ask of the memory read models (`rm_memory_*`).
 
 use chrono::{DateTime, Utc};
+use cmb_domain::{CallId, PersonaId, UserId};
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -11,7 +12,9 @@ pub struct FactView {
     pub text: String,
     pub kind: String,
     /// The call it was learned from.
-    pub call_id: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub call_id: CallId,
     pub at: DateTime<Utc>,
 }
 
@@ -19,14 +22,18 @@ pub struct FactView {
 pub struct OpenItemView {
     pub id: String,
     pub text: String,
-    pub call_id: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub call_id: CallId,
     pub at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct SummaryView {
     pub summary: String,
-    pub call_id: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub call_id: CallId,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -38,29 +45,33 @@ pub struct MemoryView {
     pub open_items: Vec<OpenItemView>,
 }
 
-pub async fn view(pool: &PgPool, user: Uuid, persona_id: &str) -> Result<MemoryView, sqlx::Error> {
+pub async fn view(
+    pool: &PgPool,
+    user: UserId,
+    persona_id: &PersonaId,
+) -> Result<MemoryView, sqlx::Error> {
     let summary = sqlx::query_as(
         "SELECT summary, call_id, updated_at FROM rm_memory_summary
           WHERE user_id = $1 AND persona_id = $2",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_optional(pool)
     .await?;
     let facts = sqlx::query_as(
         "SELECT id, text, kind, call_id, at FROM rm_memory_facts
           WHERE user_id = $1 AND persona_id = $2 ORDER BY at, id",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_all(pool)
     .await?;
     let open_items = sqlx::query_as(
         "SELECT id, text, call_id, at FROM rm_memory_open_items
           WHERE user_id = $1 AND persona_id = $2 ORDER BY at, id",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_all(pool)
     .await?;
     Ok(MemoryView {
@@ -81,30 +92,30 @@ pub struct ForPrompt {
 
 pub async fn for_prompt(
     pool: &PgPool,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona_id: &PersonaId,
 ) -> Result<ForPrompt, sqlx::Error> {
     let summary = sqlx::query_scalar(
         "SELECT summary FROM rm_memory_summary WHERE user_id = $1 AND persona_id = $2",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_optional(pool)
     .await?;
     let open_items = sqlx::query_scalar(
         "SELECT text FROM rm_memory_open_items WHERE user_id = $1 AND persona_id = $2
           ORDER BY at, id",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_all(pool)
     .await?;
     let facts = sqlx::query_as(
         "SELECT id, text FROM rm_memory_facts WHERE user_id = $1 AND persona_id = $2
           ORDER BY at, id",
     )
-    .bind(user)
-    .bind(persona_id)
+    .bind(user.uuid())
+    .bind(persona_id.as_str())
     .fetch_all(pool)
     .await?;
     Ok(ForPrompt {
@@ -115,16 +126,27 @@ pub async fn for_prompt(
 }
 
 /// The personas that remember anything of `user`.
-pub async fn personas_of(pool: &PgPool, user: Uuid) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+pub async fn personas_of(pool: &PgPool, user: UserId) -> Result<Vec<PersonaId>, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(
         "SELECT persona_id FROM rm_memory_summary WHERE user_id = $1
          UNION SELECT persona_id FROM rm_memory_facts WHERE user_id = $1
          UNION SELECT persona_id FROM rm_memory_open_items WHERE user_id = $1
          ORDER BY 1",
     )
-    .bind(user)
+    .bind(user.uuid())
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PersonaId::from).collect())
+}
+
+/// A memory (user × persona) and the calls that taught it something still remembered.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Learned {
+    #[sqlx(rename = "user_id", try_from = "Uuid")]
+    pub user: UserId,
+    #[sqlx(rename = "persona_id", try_from = "String")]
+    pub persona: PersonaId,
+    pub calls: Vec<String>,
 }
 
 /// Per memory (user × persona), the calls that taught it something still remembered — a
@@ -132,9 +154,9 @@ pub async fn personas_of(pool: &PgPool, user: Uuid) -> Result<Vec<String>, sqlx:
 pub async fn learned_before(
     pool: &PgPool,
     before: DateTime<Utc>,
-) -> Result<Vec<(Uuid, String, Vec<String>)>, sqlx::Error> {
+) -> Result<Vec<Learned>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT user_id, persona_id, array_agg(DISTINCT call_id) FROM (
+        "SELECT user_id, persona_id, array_agg(DISTINCT call_id) AS calls FROM (
             SELECT user_id, persona_id, call_id FROM rm_memory_facts WHERE at < $1
             UNION ALL
             SELECT user_id, persona_id, call_id FROM rm_memory_open_items WHERE at < $1

@@ -2,14 +2,16 @@
 
 use chrono::{DateTime, Utc};
 use cmb_domain::persona::{PersonaDraft, TurnTaking};
+use cmb_domain::{PersonaId, UserId};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, QueryBuilder};
-use uuid::Uuid;
 
 /// A persona as the front end shows it. Another user's prompt is theirs: it is left out.
 #[derive(Debug, Serialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct PersonaView {
-    pub id: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub id: PersonaId,
     pub name: String,
     pub description: String,
     pub voice_id: String,
@@ -32,9 +34,9 @@ pub struct PersonaView {
 impl PersonaView {
     /// `owner`'s new persona as the projection will show it to them once it applies
     /// `PersonaCreated`: what a handler answers when the read model has not caught up yet.
-    pub fn created(id: &str, owner: Uuid, draft: &PersonaDraft, at: DateTime<Utc>) -> Self {
+    pub fn created(id: &PersonaId, owner: UserId, draft: &PersonaDraft, at: DateTime<Utc>) -> Self {
         PersonaView {
-            id: id.to_string(),
+            id: id.clone(),
             name: draft.name.clone(),
             description: draft.description.clone(),
             voice_id: draft.voice_id.clone(),
@@ -62,15 +64,15 @@ pub(crate) const PERSONA_COLUMNS: &str = "p.id, p.name, p.description, p.voice_i
 /// Persona `id`, if `viewer` may see it (public, system, or theirs).
 pub async fn view(
     pool: &PgPool,
-    id: &str,
-    viewer: Option<Uuid>,
+    id: &PersonaId,
+    viewer: Option<UserId>,
 ) -> Result<Option<PersonaView>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {PERSONA_COLUMNS} FROM rm_personas p
           WHERE p.id = $2 AND (p.is_public OR p.created_by IN ('system', $1))"
     ))
     .bind(viewer.map(|v| v.to_string()).unwrap_or_default())
-    .bind(id)
+    .bind(id.as_str())
     .fetch_optional(pool)
     .await
 }
@@ -79,7 +81,7 @@ pub async fn view(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreatedBy {
     System,
-    User(Uuid),
+    User(UserId),
 }
 
 /// The order of a list.
@@ -107,7 +109,7 @@ impl Sort {
 /// Which personas a viewer sees, in what order, which page.
 #[derive(Debug, Clone)]
 pub struct ListFilter {
-    pub viewer: Option<Uuid>,
+    pub viewer: Option<UserId>,
     /// In the name or the description (at least 2 characters).
     pub search: Option<String>,
     /// Any of these tags (lower case).
@@ -207,13 +209,16 @@ pub struct KnowledgeDocumentView {
 }
 
 /// The documents of persona `id` (`rm_persona_knowledge`), oldest first.
-pub async fn knowledge(pool: &PgPool, id: &str) -> Result<Vec<KnowledgeDocumentView>, sqlx::Error> {
+pub async fn knowledge(
+    pool: &PgPool,
+    id: &PersonaId,
+) -> Result<Vec<KnowledgeDocumentView>, sqlx::Error> {
     sqlx::query_as(
         "SELECT document_id AS id, title, format, chars, status, passages, embedded, reason,
                 added_at, updated_at
            FROM rm_persona_knowledge WHERE persona_id = $1 ORDER BY added_at, document_id",
     )
-    .bind(id)
+    .bind(id.as_str())
     .fetch_all(pool)
     .await
 }

@@ -2,7 +2,7 @@
 
 use cmb_domain::values::{Email, Password, PhoneNumber};
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError};
-use cmb_domain::{Actor, CommandContext};
+use cmb_domain::{Actor, CommandContext, UserId};
 use uuid::Uuid;
 
 use crate::backbone::store::{CommandError, EventStore};
@@ -13,7 +13,7 @@ pub const DEMO_PHONE: &str = "+15555550100";
 pub const DEMO_CREDITS: i64 = 100;
 
 pub struct Demo {
-    pub user_id: Uuid,
+    pub user_id: UserId,
     pub email: String,
     pub credits: i64,
 }
@@ -43,7 +43,7 @@ pub async fn demo(store: &EventStore) -> Result<Demo, SeedError> {
     let user_id = match crate::usecases::accounts::claims::user_by_email(pool, &email).await? {
         Some(id) => id,
         None => {
-            let id = Uuid::now_v7();
+            let id = UserId::generate();
             let ctx = CommandContext::system("seed");
             crate::usecases::accounts::create(
                 store,

@@ -160,7 +160,7 @@ pub async fn run(config: Config, options: Options) -> Result<Summary, SimulateEr
         let ctx = CommandContext::system("simulate");
         crate::usecases::accounts::create(
             &store,
-            id,
+            id.into(),
             format!("Simulated {i}"),
             &email,
             &phone,

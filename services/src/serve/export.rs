@@ -11,6 +11,7 @@
 
 use bytes::Bytes;
 use chrono::Utc;
+use cmb_domain::UserId;
 use cmb_projections::calls::{self, ListFilter as CallFilter, Sort as CallSort};
 use cmb_projections::personas::{
     self, CreatedBy, ListFilter as PersonaFilter, Sort as PersonaSort,
@@ -20,7 +21,6 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
 use crate::serve::transcripts;
 
@@ -71,7 +71,7 @@ impl Writer {
 }
 
 /// The archive of `user`'s data, as a stream of JSON chunks.
-pub fn archive(pool: PgPool, user: Uuid) -> impl futures::Stream<Item = Chunk> {
+pub fn archive(pool: PgPool, user: UserId) -> impl futures::Stream<Item = Chunk> {
     let (tx, rx) = mpsc::channel::<Chunk>(8);
     tokio::spawn(async move {
         let w = Writer { tx: tx.clone() };
@@ -85,7 +85,7 @@ pub fn archive(pool: PgPool, user: Uuid) -> impl futures::Stream<Item = Chunk> {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }
 
-async fn write(pool: &PgPool, user: Uuid, w: &Writer) -> Result<(), ExportError> {
+async fn write(pool: &PgPool, user: UserId, w: &Writer) -> Result<(), ExportError> {
     let head = json!({ "format": FORMAT, "exported_at": Utc::now(), "user_id": user });
     let head = serde_json::to_string(&head)?;
     // The head's closing brace is left off: the members follow.
@@ -118,7 +118,7 @@ async fn write(pool: &PgPool, user: Uuid, w: &Writer) -> Result<(), ExportError>
         let (rows, _) = personas::list(pool, &filter).await?;
         for persona in &rows {
             let knowledge = personas::knowledge(pool, &persona.id).await?;
-            aggregates.push(persona.id.clone());
+            aggregates.push(persona.id.to_string());
             w.element(
                 &mut first,
                 &json!({ "persona": persona, "knowledge": knowledge }),

@@ -81,7 +81,11 @@ impl Scheduler {
             } else {
                 CallCommand::Fire { at: now }
             };
-            match self.store.execute::<Call>(&id, command, &ctx).await {
+            match self
+                .store
+                .execute::<Call>(&id.to_string(), command, &ctx)
+                .await
+            {
                 Ok(c) if c.events > 0 => {
                     fired += 1;
                     tracing::info!(call = %id, "scheduled call fired");
@@ -129,7 +133,11 @@ impl Scheduler {
                 duration_secs: resource.duration.as_deref().and_then(|d| d.parse().ok()),
                 at: self.clock.now(),
             };
-            match self.store.execute::<Call>(&id, command, &ctx).await {
+            match self
+                .store
+                .execute::<Call>(&id.to_string(), command, &ctx)
+                .await
+            {
                 Ok(c) if c.events > 0 => {
                     ended += 1;
                     metrics::counter!("cmb_calls_ended_by_sweep_total").increment(1);

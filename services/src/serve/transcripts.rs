@@ -3,6 +3,7 @@
 //! session ends, before the event that says everything is recorded.
 
 use chrono::{DateTime, Utc};
+use cmb_domain::CallId;
 use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -50,12 +51,12 @@ pub async fn save(pool: &PgPool, call_id: Uuid, lines: &[Line]) -> Result<(), sq
 }
 
 /// A call's transcript, in order.
-pub async fn of(pool: &PgPool, call_id: Uuid) -> Result<Vec<SavedLine>, sqlx::Error> {
+pub async fn of(pool: &PgPool, call_id: CallId) -> Result<Vec<SavedLine>, sqlx::Error> {
     sqlx::query_as(
         "SELECT speaker, text, cut_off, at, passages FROM call_transcripts
           WHERE call_id = $1 ORDER BY seq",
     )
-    .bind(call_id)
+    .bind(call_id.uuid())
     .fetch_all(pool)
     .await
 }

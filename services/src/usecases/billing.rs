@@ -15,9 +15,8 @@ use cmb_domain::billing::{
 use cmb_domain::call::{Call, CallCommand, CallError, Reversal};
 use cmb_domain::user::{User, UserError};
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError, CENTS_PER_CREDIT};
-use cmb_domain::CommandContext;
+use cmb_domain::{CallId, CommandContext, UserId};
 use cmb_providers::stripe::{CreatePaymentIntent, PaymentIntent, Stripe, StripeError};
-use uuid::Uuid;
 
 use crate::backbone::store::{CommandError, Committed, EventStore};
 
@@ -47,7 +46,7 @@ pub enum Error {
     Db(#[from] sqlx::Error),
 }
 
-pub async fn load(store: &EventStore, user: Uuid) -> Result<Billing, Error> {
+pub async fn load(store: &EventStore, user: UserId) -> Result<Billing, Error> {
     let (billing, _) = store.load::<Billing>(&user.to_string()).await?;
     Ok(billing)
 }
@@ -55,7 +54,7 @@ pub async fn load(store: &EventStore, user: Uuid) -> Result<Billing, Error> {
 /// Records a billing event on the user's billing aggregate.
 pub async fn record(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     command: BillingCommand,
     ctx: &CommandContext,
 ) -> Result<(), Error> {
@@ -70,7 +69,7 @@ pub async fn record(
 async fn customer(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     ctx: &CommandContext,
 ) -> Result<String, Error> {
     if let Some(id) = load(store, user).await?.customer_id {
@@ -103,7 +102,7 @@ async fn customer(
 pub async fn attach_card(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     payment_method_id: &str,
     set_default: bool,
     ctx: &CommandContext,
@@ -142,7 +141,7 @@ pub async fn attach_card(
 pub async fn detach_card(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     payment_method_id: &str,
     ctx: &CommandContext,
 ) -> Result<(), Error> {
@@ -173,7 +172,7 @@ pub async fn detach_card(
 pub async fn make_default(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     payment_method_id: &str,
     ctx: &CommandContext,
 ) -> Result<(), Error> {
@@ -206,7 +205,7 @@ pub async fn make_default(
 }
 
 /// Customer and default card, or [`Error::NoPaymentMethod`].
-async fn chargeable(store: &EventStore, user: Uuid) -> Result<(String, String), Error> {
+async fn chargeable(store: &EventStore, user: UserId) -> Result<(String, String), Error> {
     let b = load(store, user).await?;
     match (b.customer_id, b.default_card) {
         (Some(c), Some(pm)) => Ok((c, pm)),
@@ -219,7 +218,7 @@ async fn chargeable(store: &EventStore, user: Uuid) -> Result<(String, String), 
 pub async fn authorise_call(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     minutes: u32,
     amount: i64,
     idempotency_key: &str,
@@ -277,7 +276,7 @@ pub struct Bought {
 pub async fn buy_credits(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     credits: i64,
     idempotency_key: &str,
     ctx: &CommandContext,
@@ -366,9 +365,9 @@ impl ChargeReversal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reversed {
     /// From a credit pack: the credits the user's wallet lost now (0 when already taken).
-    Credits { user: Uuid, events: usize },
+    Credits { user: UserId, events: usize },
     /// Recorded on the call its payment paid for.
-    Call { call: Uuid, events: usize },
+    Call { call: CallId, events: usize },
     /// The payment intent pays for nothing of ours.
     Unknown,
 }
@@ -388,14 +387,13 @@ async fn paid_for(pool: &sqlx::PgPool, pi: &str) -> Result<Option<Reversed>, sql
     .fetch_optional(pool)
     .await?;
     Ok(row.and_then(|(kind, id)| {
-        let id = Uuid::parse_str(&id).ok()?;
         Some(match kind.as_str() {
             "wallet" => Reversed::Credits {
-                user: id,
+                user: id.parse().ok()?,
                 events: 0,
             },
             _ => Reversed::Call {
-                call: id,
+                call: id.parse().ok()?,
                 events: 0,
             },
         })

@@ -2,8 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use cmb_domain::contacts::{Contacts, ContactsCommand, ContactsError, RemovalReason};
-use cmb_domain::CommandContext;
-use uuid::Uuid;
+use cmb_domain::{CommandContext, PersonaId, UserId};
 
 use crate::backbone::store::{CommandError, Committed, EventStore};
 use crate::usecases::personas;
@@ -19,8 +18,8 @@ pub enum Error {
 /// Adds persona `persona_id` (one the user can see).
 pub async fn add(
     store: &EventStore,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona_id: &PersonaId,
     at: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
@@ -37,12 +36,12 @@ pub async fn add(
 /// Removes persona `persona_id` from the user's contacts.
 pub async fn remove(
     store: &EventStore,
-    user: Uuid,
-    persona_id: String,
+    user: UserId,
+    persona_id: PersonaId,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     let command = ContactsCommand::Remove {
-        persona_id,
+        persona_id: persona_id.into(),
         reason: RemovalReason::ByUser,
     };
     Ok(store

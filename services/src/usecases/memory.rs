@@ -3,8 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use cmb_domain::memory::{memory_id, Memory, MemoryCommand, MemoryError};
-use cmb_domain::CommandContext;
-use uuid::Uuid;
+use cmb_domain::{CommandContext, PersonaId, UserId};
 
 use crate::backbone::store::{CommandError, Committed, EventStore};
 use crate::usecases::personas;
@@ -15,20 +14,22 @@ pub enum Error {
     Persona(#[from] personas::Error),
     #[error(transparent)]
     Rejected(#[from] CommandError<MemoryError>),
+    #[error("the memory read model")]
+    ReadModel(#[from] sqlx::Error),
 }
 
 /// Forgets one fact or open item (or the summary, as item `summary`) of persona `persona_id`.
 pub async fn forget(
     store: &EventStore,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona_id: &PersonaId,
     item: String,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     personas::accessible(store, persona_id, user).await?;
     Ok(store
         .execute::<Memory>(
-            &memory_id(user, persona_id),
+            &memory_id(user.uuid(), persona_id.as_str()),
             MemoryCommand::Forget { id: item },
             ctx,
         )
@@ -38,13 +39,17 @@ pub async fn forget(
 /// Forgets everything persona `persona_id` remembers about the user.
 pub async fn clear(
     store: &EventStore,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona_id: &PersonaId,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     personas::accessible(store, persona_id, user).await?;
     Ok(store
-        .execute::<Memory>(&memory_id(user, persona_id), MemoryCommand::Clear, ctx)
+        .execute::<Memory>(
+            &memory_id(user.uuid(), persona_id.as_str()),
+            MemoryCommand::Clear,
+            ctx,
+        )
         .await?)
 }
 
@@ -53,17 +58,15 @@ pub async fn clear(
 /// longer than the transcript. Returns the items forgotten. Repeatable: the read model only
 /// finds the memories to look at, each memory's aggregate decides.
 pub async fn expire(store: &EventStore, before: DateTime<Utc>) -> Result<usize, Error> {
-    let learned = cmb_projections::memory::learned_before(store.pool(), before)
-        .await
-        .map_err(|e| CommandError::Store(e.to_string()))?;
+    let learned = cmb_projections::memory::learned_before(store.pool(), before).await?;
     let ctx = CommandContext::system("memory-retention");
     let mut forgotten = 0;
-    for (user, persona_id, calls) in learned {
+    for memory in learned {
         let done = store
             .execute::<Memory>(
-                &memory_id(user, &persona_id),
+                &memory_id(memory.user.uuid(), memory.persona.as_str()),
                 MemoryCommand::ForgetCalls {
-                    calls: calls.into_iter().collect(),
+                    calls: memory.calls.into_iter().collect(),
                 },
                 &ctx,
             )

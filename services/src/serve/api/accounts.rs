@@ -7,12 +7,11 @@ use axum::response::IntoResponse;
 use chrono::Utc;
 use cmb_domain::user::User;
 use cmb_domain::values::{parse_name, Email, Password, PhoneNumber};
-use cmb_domain::{Actor, CommandContext};
+use cmb_domain::{Actor, CommandContext, UserId};
 use cmb_projections::accounts::UserView;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::serve::http::answer::Done;
 use crate::serve::http::auth::{self, AuthUser};
@@ -75,8 +74,8 @@ pub async fn register(
     let password = Password::parse(&body.password)?;
     let phone = PhoneNumber::parse("phone", &body.phone)?;
 
-    let id = Uuid::now_v7();
-    let ctx = context(&headers, Actor::User(id));
+    let id = UserId::generate();
+    let ctx = context(&headers, Actor::User(id.uuid()));
     let committed =
         accounts::create(&state.store, id, name, &email, &phone, &password, &ctx).await?;
     tracing::info!(user = %id, email = %email.masked(), phone = %phone.masked(), "registered");
@@ -123,7 +122,7 @@ pub async fn login(
         body.password,
         &client,
         Utc::now(),
-        |id| context(&headers, Actor::User(id)),
+        |id| context(&headers, Actor::User(id.uuid())),
     )
     .await?;
     let epoch = accounts::sessions::epoch(&state.pool, id).await?;
@@ -400,7 +399,7 @@ pub async fn reset_password(
         ApiError::validation("new_password", format!("new_password: {}", e.message))
     })?;
     let user = accounts::recovery::reset_password(&state.store, token, &new, Utc::now(), |id| {
-        context(&headers, Actor::User(id))
+        context(&headers, Actor::User(id.uuid()))
     })
     .await?;
     tracing::info!(user = %user, "password reset; every session revoked");

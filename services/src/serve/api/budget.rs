@@ -50,8 +50,8 @@ pub struct BudgetAnswer {
 #[utoipa::path(get, path = "/user/budget", operation_id = "get_budget", tag = "billing", security(("bearer" = [])),
     responses((status = 200, description = "Your budget", body = BudgetAnswer)))]
 pub async fn get(State(state): State<AppState>, user: AuthUser) -> ApiResult<impl IntoResponse> {
-    let s = budget::settings(&state.store, user.user_id()).await?;
-    let spent = budget::spent(&state.store, user.user_id(), state.clock.now(), None).await?;
+    let s = budget::settings(&state.store, user.id).await?;
+    let spent = budget::spent(&state.store, user.id, state.clock.now(), None).await?;
     Ok(axum::Json(BudgetAnswer {
         budget: s,
         spent: Some(spent),
@@ -91,7 +91,7 @@ pub async fn put(
     user: AuthUser,
     Json(body): Json<BudgetBody>,
 ) -> ApiResult<impl IntoResponse> {
-    let mut s = budget::settings(&state.store, user.user_id()).await?;
+    let mut s = budget::settings(&state.store, user.id).await?;
     if let Some(v) = body.max_cost_per_call_cents {
         s.max_cost_per_call_cents = v;
     }
@@ -105,7 +105,7 @@ pub async fn put(
         s.warn_at_percent = v;
     }
     let s = s.validate()?;
-    budget::set(&state.store, user.user_id(), s, &user.context()).await?;
+    budget::set(&state.store, user.id, s, &user.context()).await?;
     Ok(axum::Json(BudgetAnswer {
         budget: s,
         spent: None,

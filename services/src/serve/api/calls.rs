@@ -8,11 +8,11 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use cmb_domain::call::Payment;
 use cmb_domain::values::{Invalid, PhoneNumber};
+use cmb_domain::CallId;
 use cmb_projections::calls::{CallView, ListFilter, PaymentView, Sort, UsageLine, STATUSES};
 use cmb_projections::timeline::Entry;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
-use uuid::Uuid;
 
 use crate::serve::http::answer::Pagination;
 use crate::serve::http::auth::AuthUser;
@@ -85,7 +85,7 @@ impl CallBody {
             },
         };
         Ok(Request {
-            user_id: user.user_id(),
+            user_id: user.id,
             phone,
             persona_id: self.persona_id.into(),
             minutes: self.duration,
@@ -176,7 +176,7 @@ async fn created(
 ) -> ApiResult<impl IntoResponse> {
     let caught_up = state.read_your_writes("calls", &requested.committed).await;
     let found = match caught_up {
-        true => cmb_projections::calls::view(&state.pool, requested.call_id.uuid(), user.id).await,
+        true => cmb_projections::calls::view(&state.pool, requested.call_id, user.id).await,
         false => Ok(None),
     };
     let view = match found {
@@ -187,7 +187,7 @@ async fn created(
             }
             metrics::counter!("cmb_answered_before_read_model_total", "resource" => "call")
                 .increment(1);
-            CallView::requested(requested.call_id.uuid(), &requested.request, requested.at)
+            CallView::requested(requested.call_id, &requested.request, requested.at)
         }
     };
     let hold = match requested.hold {
@@ -329,8 +329,8 @@ pub async fn scheduled(
     }))
 }
 
-fn parse_call_id(raw: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("call"))
+fn parse_call_id(raw: &str) -> ApiResult<CallId> {
+    raw.parse().map_err(|_| ApiError::not_found("call"))
 }
 
 /// The hold given back when a scheduled call is cancelled.
@@ -370,8 +370,8 @@ pub async fn cancel(
     let id = parse_call_id(&id)?;
     let cancelled = cancel::cancel(
         &state.store,
-        user.user_id(),
-        id.into(),
+        user.id,
+        id,
         state.clock.now(),
         &user.context(),
     )

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::Utc;
 use cmb_domain::contacts::MAX_CONTACTS;
+use cmb_domain::PersonaId;
 use cmb_projections::accounts::ContactView;
 use cmb_projections::personas::PersonaView;
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,8 @@ use crate::usecases::contacts;
 /// A persona you keep at hand.
 #[derive(Serialize, ToSchema)]
 pub struct Contact {
-    persona_id: String,
+    #[schema(value_type = String)]
+    persona_id: PersonaId,
     added_at: chrono::DateTime<Utc>,
     persona: PersonaView,
 }
@@ -79,8 +81,8 @@ pub async fn add(
     user: AuthUser,
     Json(body): Json<AddBody>,
 ) -> ApiResult<impl IntoResponse> {
-    let persona_id = body.persona_id.trim().to_string();
-    if persona_id.is_empty() || persona_id.len() > 100 {
+    let persona_id = PersonaId::new(body.persona_id.trim());
+    if persona_id.as_str().is_empty() || persona_id.as_str().len() > 100 {
         return Err(ApiError::validation(
             "persona_id",
             "persona_id: must be a persona id",
@@ -116,7 +118,7 @@ pub async fn add(
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(persona_id): Path<String>,
+    Path(persona_id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = contacts::remove(&state.store, user.id, persona_id, &user.context()).await?;
     state.read_your_writes("contacts", &committed).await;

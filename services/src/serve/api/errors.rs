@@ -408,6 +408,7 @@ impl From<memory::Error> for ApiError {
         match e {
             memory::Error::Persona(e) => e.into(),
             memory::Error::Rejected(e) => e.into(),
+            memory::Error::ReadModel(e) => e.into(),
         }
     }
 }

@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 use base64::Engine;
 use cmb_domain::knowledge::{DocumentFormat, MAX_DOCUMENTS, MAX_DOCUMENT_CHARS, MAX_UPLOAD_BYTES};
 use cmb_domain::persona::Owner;
+use cmb_domain::PersonaId;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -154,7 +155,7 @@ async fn from_multipart(state: &AppState, req: Request) -> ApiResult<knowledge::
 pub async fn add(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
     // The owner is checked before the body is read, so a stranger learns nothing from it.
@@ -197,11 +198,11 @@ pub async fn add(
 pub async fn list(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     let persona = personas::accessible(&state.store, &id, user.id).await?;
     let documents = cmb_projections::personas::knowledge(&state.pool, &id).await?;
-    let owner = persona.owner == Some(Owner::User(user.id));
+    let owner = persona.owner == Some(Owner::User(user.id.uuid()));
     let documents: Vec<serde_json::Value> = if owner {
         documents.into_iter().map(|d| json!(d)).collect()
     } else {
@@ -234,7 +235,7 @@ pub async fn list(
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
-    Path((id, doc)): Path<(String, String)>,
+    Path((id, doc)): Path<(PersonaId, String)>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = knowledge::remove(&state.store, user.id, &id, &doc, &user.context()).await?;
     state.read_your_writes("personas", &committed).await;

@@ -5,6 +5,7 @@
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use cmb_domain::persona::preference::{preference_id, Preference};
+use cmb_domain::PersonaId;
 use cmb_projections::memory::{FactView, OpenItemView, SummaryView};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -17,7 +18,8 @@ use crate::usecases::{memory, personas};
 
 #[derive(Serialize, ToSchema)]
 pub struct Memory {
-    persona_id: String,
+    #[schema(value_type = String)]
+    persona_id: PersonaId,
     /// Whether the persona remembers your calls (the customisation's `memory_enabled`).
     enabled: bool,
     summary: Option<SummaryView>,
@@ -43,12 +45,12 @@ pub struct MemoryAnswer {
 pub async fn get(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     personas::accessible(&state.store, &id, user.id).await?;
     let (pref, _) = state
         .store
-        .load::<Preference>(&preference_id(user.id, &id))
+        .load::<Preference>(&preference_id(user.id.uuid(), id.as_str()))
         .await?;
     let m = cmb_projections::memory::view(&state.pool, user.id, &id).await?;
     Ok(axum::Json(MemoryAnswer {
@@ -73,7 +75,7 @@ pub async fn get(
 pub async fn forget(
     State(state): State<AppState>,
     user: AuthUser,
-    Path((id, item)): Path<(String, String)>,
+    Path((id, item)): Path<(PersonaId, String)>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = memory::forget(&state.store, user.id, &id, item, &user.context()).await?;
     state.read_your_writes("memory", &committed).await;
@@ -90,7 +92,7 @@ pub async fn forget(
 pub async fn clear(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = memory::clear(&state.store, user.id, &id, &user.context()).await?;
     state.read_your_writes("memory", &committed).await;

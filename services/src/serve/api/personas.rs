@@ -7,12 +7,12 @@ use axum::response::IntoResponse;
 use cmb_domain::persona::preference::Customization;
 use cmb_domain::persona::{parse_tags, parse_voice_id, PersonaDraft, PersonaPatch, TurnTaking};
 use cmb_domain::values::{parse_name, parse_text, Invalid};
+use cmb_domain::PersonaId;
 use cmb_projections::accounts::CustomizationView;
 use cmb_projections::personas::PersonaView;
 use cmb_projections::personas::{CreatedBy, ListFilter, Sort};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
-use uuid::Uuid;
 
 use crate::serve::http::answer::{Done, Pagination};
 use crate::serve::http::auth::{AuthUser, MaybeUser};
@@ -106,7 +106,7 @@ pub async fn list(
         None => None,
         Some("system") => Some(CreatedBy::System),
         Some("me") if user.is_some() => user.as_ref().map(|u| CreatedBy::User(u.id)),
-        Some(other) => match Uuid::parse_str(other) {
+        Some(other) => match other.parse() {
             Ok(id) => Some(CreatedBy::User(id)),
             Err(_) => {
                 return Err(ApiError::validation(
@@ -144,7 +144,7 @@ pub async fn list(
 pub async fn get_one(
     State(state): State<AppState>,
     MaybeUser(user): MaybeUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     let persona = cmb_projections::personas::view(&state.pool, &id, user.map(|u| u.id))
         .await?
@@ -320,7 +320,7 @@ impl UpdateBody {
 pub async fn update(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
     Json(body): Json<UpdateBody>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = personas::update(
@@ -351,7 +351,7 @@ pub async fn update(
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = personas::remove(&state.store, user.id, &id, &user.context()).await?;
     state.read_your_writes("personas", &committed).await;
@@ -377,7 +377,7 @@ pub struct CustomizationAnswer {
 pub async fn get_customization(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
 ) -> ApiResult<impl IntoResponse> {
     personas::accessible(&state.store, &id, user.id).await?;
     let c = cmb_projections::accounts::customization(&state.pool, user.id, &id).await?;
@@ -436,7 +436,7 @@ impl CustomizeBody {
 pub async fn customize(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<PersonaId>,
     Json(body): Json<CustomizeBody>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = personas::customize(

@@ -10,6 +10,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use cmb_domain::UserId;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -27,7 +28,7 @@ const ALGORITHM: Algorithm = Algorithm::HS256;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user id.
-    pub sub: Uuid,
+    pub sub: UserId,
     pub iat: i64,
     pub exp: i64,
     /// The token id, the handle for revocation.
@@ -50,14 +51,18 @@ impl Claims {
 }
 
 /// A token for `user_id` in session epoch `epoch` (`usecases::accounts::sessions::epoch`).
-pub fn issue_token(secret: &str, user_id: Uuid, epoch: u32) -> Result<(String, Claims), ApiError> {
+pub fn issue_token(
+    secret: &str,
+    user_id: UserId,
+    epoch: u32,
+) -> Result<(String, Claims), ApiError> {
     issue_token_for_session(secret, user_id, epoch, None)
 }
 
 /// A token as [`issue_token`] makes, remembering the WorkOS session `wos_sid` it came from.
 pub fn issue_token_for_session(
     secret: &str,
-    user_id: Uuid,
+    user_id: UserId,
     epoch: u32,
     wos_sid: Option<String>,
 ) -> Result<(String, Claims), ApiError> {
@@ -96,17 +101,12 @@ pub fn decode_token(secret: &str, token: &str) -> Option<Claims> {
 /// A signed-in user: the token was valid, unexpired and not revoked.
 #[derive(Debug, Clone)]
 pub struct AuthUser {
-    pub id: Uuid,
+    pub id: UserId,
     pub claims: Claims,
     pub request_id: String,
 }
 
 impl AuthUser {
-    /// The signed-in user's id, typed, for the use cases.
-    pub fn user_id(&self) -> cmb_domain::UserId {
-        self.id.into()
-    }
-
     /// For a sensitive change (email, phone, a card, buying credits): a sign-in younger than
     /// `reauth::FRESH_MINUTES`, or `password` (the account's, sent with the request). Else
     /// `403 reauthentication_required`; a wrong password is `403 wrong_password`.
@@ -147,7 +147,7 @@ impl AuthUser {
     }
 
     pub fn actor(&self) -> cmb_domain::Actor {
-        cmb_domain::Actor::User(self.id)
+        cmb_domain::Actor::User(self.id.uuid())
     }
     pub fn context(&self) -> cmb_domain::CommandContext {
         cmb_domain::CommandContext::for_request(self.request_id.clone(), self.actor())
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn only_our_algorithm_and_secret_are_accepted() {
-        let (token, claims) = issue_token("s3cret", Uuid::now_v7(), 0).unwrap();
+        let (token, claims) = issue_token("s3cret", UserId::generate(), 0).unwrap();
         assert_eq!(decode_token("s3cret", &token).unwrap().jti, claims.jti);
         assert!(decode_token("other", &token).is_none());
         // The same claims signed with HS512 are refused although the secret is right.
@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn expired_tokens_are_refused() {
         let claims = Claims {
-            sub: Uuid::now_v7(),
+            sub: UserId::generate(),
             iat: Utc::now().timestamp() - 100,
             exp: Utc::now().timestamp() - 1,
             jti: "x".into(),

@@ -4,10 +4,10 @@
 use chrono::{DateTime, Utc};
 use cmb_domain::user::User;
 use cmb_domain::wallet::Wallet;
+use cmb_domain::UserId;
 use cmb_projections::accounts::UserView;
 use serde::Serialize;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::serve::http::auth;
 use crate::serve::http::error::{ApiError, ApiResult};
@@ -18,7 +18,7 @@ use crate::serve::http::state::AppState;
 /// command that went through).
 pub async fn user_after_write(
     state: &AppState,
-    id: Uuid,
+    id: UserId,
     signed_in: Option<DateTime<Utc>>,
     caught_up: bool,
 ) -> ApiResult<UserView> {

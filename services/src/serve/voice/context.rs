@@ -115,7 +115,12 @@ async fn load_memory(
         summary,
         open_items,
         facts,
-    } = cmb_projections::memory::for_prompt(voice.store.pool(), user_id, persona_id).await?;
+    } = cmb_projections::memory::for_prompt(
+        voice.store.pool(),
+        user_id.into(),
+        &cmb_domain::PersonaId::from(persona_id),
+    )
+    .await?;
     let section = cmb_domain::memory::prompt::memory_section(
         summary.as_deref(),
         &open_items,

@@ -3,6 +3,7 @@
 //! two registrations racing for one email cannot both win, on any number of instances.
 
 use cmb_domain::values::{Email, PhoneNumber};
+use cmb_domain::UserId;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -24,7 +25,7 @@ async fn claim(
     tx: &mut sqlx::PgConnection,
     kind: &str,
     value: &str,
-    user: Uuid,
+    user: UserId,
 ) -> Result<bool, sqlx::Error> {
     let holder: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO identity_claims (kind, value, user_id) VALUES ($1, $2, $3)
@@ -33,20 +34,20 @@ async fn claim(
     )
     .bind(kind)
     .bind(value)
-    .bind(user)
+    .bind(user.uuid())
     .fetch_optional(&mut *tx)
     .await?;
-    Ok(holder == Some(user))
+    Ok(holder == Some(user.uuid()))
 }
 
 /// Gives up `user`'s claim on `value` of `kind` (logged, not returned, on failure: a claim
 /// left behind only keeps that value taken).
-pub async fn release(pool: &PgPool, kind: &str, value: &str, user: Uuid) {
+pub async fn release(pool: &PgPool, kind: &str, value: &str, user: UserId) {
     let released =
         sqlx::query("DELETE FROM identity_claims WHERE kind = $1 AND value = $2 AND user_id = $3")
             .bind(kind)
             .bind(value)
-            .bind(user)
+            .bind(user.uuid())
             .execute(pool)
             .await;
     if let Err(e) = released {
@@ -57,7 +58,7 @@ pub async fn release(pool: &PgPool, kind: &str, value: &str, user: Uuid) {
 /// Claims an email and/or phone atomically: both or neither.
 pub async fn claim_identity(
     pool: &PgPool,
-    user: Uuid,
+    user: UserId,
     email: Option<&Email>,
     phone: Option<&PhoneNumber>,
 ) -> Result<(), ClaimError> {
@@ -77,18 +78,21 @@ pub async fn claim_identity(
 }
 
 /// The user holding `email`, from the claims (consistent, unlike a read model).
-pub async fn user_by_email(pool: &PgPool, email: &Email) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT user_id FROM identity_claims WHERE kind = 'email' AND value = $1")
-        .bind(email.as_str())
-        .fetch_optional(pool)
-        .await
+pub async fn user_by_email(pool: &PgPool, email: &Email) -> Result<Option<UserId>, sqlx::Error> {
+    let user: Option<Uuid> = sqlx::query_scalar(
+        "SELECT user_id FROM identity_claims WHERE kind = 'email' AND value = $1",
+    )
+    .bind(email.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(user.map(UserId::from))
 }
 
 /// Claims WorkOS user `workos_user_id` (and `email`, for a new account) for `user`: both or
 /// neither.
 pub async fn claim_workos(
     pool: &PgPool,
-    user: Uuid,
+    user: UserId,
     workos_user_id: &str,
     email: Option<&Email>,
 ) -> Result<(), ClaimError> {
@@ -109,9 +113,12 @@ pub async fn claim_workos(
 pub async fn user_by_workos(
     pool: &PgPool,
     workos_user_id: &str,
-) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT user_id FROM identity_claims WHERE kind = 'workos' AND value = $1")
-        .bind(workos_user_id)
-        .fetch_optional(pool)
-        .await
+) -> Result<Option<UserId>, sqlx::Error> {
+    let user: Option<Uuid> = sqlx::query_scalar(
+        "SELECT user_id FROM identity_claims WHERE kind = 'workos' AND value = $1",
+    )
+    .bind(workos_user_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(user.map(UserId::from))
 }

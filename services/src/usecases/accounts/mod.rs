@@ -16,8 +16,8 @@ use chrono::{DateTime, Duration, Utc};
 use cmb_domain::user::{User, UserCommand, UserError, LOCKOUT_MINUTES, LOCKOUT_THRESHOLD};
 use cmb_domain::values::{Email, Password, PhoneNumber};
 use cmb_domain::CommandContext;
+use cmb_domain::UserId;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::backbone::counters;
 use crate::backbone::store::{CommandError, Committed, EventStore};
@@ -52,7 +52,7 @@ pub enum Error {
 #[allow(clippy::too_many_arguments)]
 pub async fn create(
     store: &EventStore,
-    id: Uuid,
+    id: UserId,
     name: String,
     email: &Email,
     phone: &PhoneNumber,
@@ -87,8 +87,8 @@ pub async fn sign_in(
     password: String,
     client: &str,
     now: DateTime<Utc>,
-    ctx_for: impl FnOnce(Uuid) -> CommandContext,
-) -> Result<(Uuid, Committed), Error> {
+    ctx_for: impl FnOnce(UserId) -> CommandContext,
+) -> Result<(UserId, Committed), Error> {
     let pool = store.pool();
     let user_id = claims::user_by_email(pool, email).await?;
     let user = match user_id {
@@ -141,7 +141,7 @@ pub async fn sign_in(
 /// Revokes token `token_id` of `user` everywhere from now on, and records it.
 pub async fn sign_out(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     token_id: &str,
     expires_at: DateTime<Utc>,
     ctx: &CommandContext,
@@ -162,7 +162,7 @@ pub async fn sign_out(
 pub async fn revoked(
     pool: &PgPool,
     token_id: &str,
-    user: Uuid,
+    user: UserId,
     epoch: u32,
 ) -> Result<bool, sqlx::Error> {
     sessions::refused(pool, token_id, user, epoch).await
@@ -172,7 +172,7 @@ pub async fn revoked(
 /// Returns the epoch new tokens carry.
 pub async fn sign_out_everywhere(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<u32, Error> {
@@ -186,7 +186,7 @@ pub async fn sign_out_everywhere(
 /// the epoch of the token the caller gets instead of theirs.
 pub async fn change_password(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     current: String,
     new: &Password,
     now: DateTime<Utc>,
@@ -226,7 +226,7 @@ pub struct ProfileChange {
 /// its claims back (the old ones on success, the new ones on failure).
 pub async fn update_profile(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     change: ProfileChange,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {

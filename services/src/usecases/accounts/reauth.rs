@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::user::User;
-use uuid::Uuid;
+use cmb_domain::UserId;
 
 use super::{password, Error};
 use crate::backbone::store::EventStore;
@@ -19,7 +19,11 @@ pub fn fresh(issued_at: i64, now: DateTime<Utc>) -> bool {
 
 /// Checks `given` against the user's password: [`Error::WrongPassword`] when it is not, and
 /// [`Error::NoPassword`] for an account without one (it can only sign in again).
-pub async fn confirm_password(store: &EventStore, user: Uuid, given: String) -> Result<(), Error> {
+pub async fn confirm_password(
+    store: &EventStore,
+    user: UserId,
+    given: String,
+) -> Result<(), Error> {
     let (account, _) = store.load::<User>(&user.to_string()).await?;
     if !account.registered {
         return Err(Error::NoAccount);

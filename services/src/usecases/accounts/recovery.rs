@@ -8,6 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use cmb_domain::user::{User, UserCommand};
 use cmb_domain::values::{Email, Password};
 use cmb_domain::CommandContext;
+use cmb_domain::UserId;
 use cmb_providers::email::Mailer;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -56,7 +57,7 @@ pub async fn send_reset_link(
          VALUES ($1, $2, $3, $4)",
     )
     .bind(digest(&token))
-    .bind(user)
+    .bind(user.uuid())
     .bind(now)
     .bind(now + Duration::minutes(RESET_MINUTES))
     .execute(pool)
@@ -99,8 +100,8 @@ pub async fn reset_password(
     token: &str,
     new: &Password,
     now: DateTime<Utc>,
-    ctx_for: impl FnOnce(Uuid) -> CommandContext,
-) -> Result<Uuid, ResetError> {
+    ctx_for: impl FnOnce(UserId) -> CommandContext,
+) -> Result<UserId, ResetError> {
     let pool = store.pool();
     // Hashed before the link is spent, so a failure here leaves the link usable.
     let password_hash = password::hash(new.expose().to_string())
@@ -115,10 +116,10 @@ pub async fn reset_password(
     .bind(now)
     .fetch_optional(pool)
     .await?;
-    let user = user.ok_or(ResetError::InvalidToken)?;
+    let user = UserId::from(user.ok_or(ResetError::InvalidToken)?);
     // The other links of this user are void from now on.
     sqlx::query("UPDATE password_resets SET used_at = $2 WHERE user_id = $1 AND used_at IS NULL")
-        .bind(user)
+        .bind(user.uuid())
         .bind(now)
         .execute(pool)
         .await?;

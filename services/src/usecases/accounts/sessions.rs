@@ -7,15 +7,15 @@
 use chrono::{DateTime, Utc};
 use cmb_domain::user::{User, UserCommand, UserError};
 use cmb_domain::CommandContext;
+use cmb_domain::UserId;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::backbone::store::{CommandError, EventStore};
 
 /// Adds a token to `revoked_tokens`.
 pub async fn revoke(
     pool: &PgPool,
-    user: Uuid,
+    user: UserId,
     token_id: &str,
     expires_at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
@@ -24,7 +24,7 @@ pub async fn revoke(
          ON CONFLICT DO NOTHING",
     )
     .bind(token_id)
-    .bind(user)
+    .bind(user.uuid())
     .bind(expires_at)
     .execute(pool)
     .await?;
@@ -32,12 +32,12 @@ pub async fn revoke(
 }
 
 /// Raises `user`'s session epoch to `epoch` (never lowers it).
-pub async fn raise_epoch(pool: &PgPool, user: Uuid, epoch: u32) -> Result<(), sqlx::Error> {
+pub async fn raise_epoch(pool: &PgPool, user: UserId, epoch: u32) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO session_epochs (user_id, epoch) VALUES ($1, $2)
          ON CONFLICT (user_id) DO UPDATE SET epoch = GREATEST(session_epochs.epoch, EXCLUDED.epoch)",
     )
-    .bind(user)
+    .bind(user.uuid())
     .bind(epoch as i32)
     .execute(pool)
     .await?;
@@ -45,10 +45,10 @@ pub async fn raise_epoch(pool: &PgPool, user: Uuid, epoch: u32) -> Result<(), sq
 }
 
 /// The epoch a token issued now for `user` carries.
-pub async fn epoch(pool: &PgPool, user: Uuid) -> Result<u32, sqlx::Error> {
+pub async fn epoch(pool: &PgPool, user: UserId) -> Result<u32, sqlx::Error> {
     let epoch: Option<i32> =
         sqlx::query_scalar("SELECT epoch FROM session_epochs WHERE user_id = $1")
-            .bind(user)
+            .bind(user.uuid())
             .fetch_optional(pool)
             .await?;
     Ok(epoch.unwrap_or(0).max(0) as u32)
@@ -58,7 +58,7 @@ pub async fn epoch(pool: &PgPool, user: Uuid) -> Result<u32, sqlx::Error> {
 pub async fn refused(
     pool: &PgPool,
     token_id: &str,
-    user: Uuid,
+    user: UserId,
     token_epoch: u32,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
@@ -66,7 +66,7 @@ pub async fn refused(
              OR COALESCE((SELECT epoch FROM session_epochs WHERE user_id = $2), 0) > $3",
     )
     .bind(token_id)
-    .bind(user)
+    .bind(user.uuid())
     .bind(token_epoch as i64)
     .fetch_one(pool)
     .await
@@ -76,7 +76,7 @@ pub async fn refused(
 /// effective before returning: the epoch tokens issued from now on carry.
 pub async fn run_revoking(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     command: UserCommand,
     ctx: &CommandContext,
 ) -> Result<u32, CommandError<UserError>> {

@@ -11,10 +11,10 @@ use chrono::{DateTime, Duration, Utc};
 use cmb_domain::user::{User, UserCommand, UserError};
 use cmb_domain::values::{parse_name, Email};
 use cmb_domain::CommandContext;
+use cmb_domain::UserId;
 use cmb_providers::workos::{Authentication, Connection, Workos, WorkosError};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use super::claims::{self, ClaimError};
 use crate::backbone::store::{CommandError, Committed, EventStore};
@@ -105,7 +105,7 @@ pub async fn start(
 /// A finished sign-in.
 #[derive(Debug)]
 pub struct SignedIn {
-    pub user: Uuid,
+    pub user: UserId,
     /// The account was made by this sign-in.
     pub created: bool,
     /// The WorkOS session, for its logout URL.
@@ -152,7 +152,7 @@ pub async fn finish(
     state: &str,
     code: &str,
     now: DateTime<Utc>,
-    ctx_for: impl Fn(Uuid) -> CommandContext,
+    ctx_for: impl Fn(UserId) -> CommandContext,
 ) -> Result<SignedIn, SignInError> {
     let pool = store.pool();
     let verifier = spend_state(pool, state, now).await?;
@@ -170,7 +170,7 @@ pub async fn finish(
                 user
             }
             None => {
-                let user = Uuid::now_v7();
+                let user = UserId::generate();
                 let command = UserCommand::RegisterWithWorkos {
                     name: name_of(&auth, &email),
                     email: email.clone(),
@@ -222,7 +222,7 @@ fn other_workos_user(e: CommandError<UserError>) -> SignInError {
 /// Links WorkOS user `workos_id` to the existing account `user` (its email verified by WorkOS).
 async fn link(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     workos_id: &str,
     verified: bool,
     ctx: &CommandContext,

@@ -201,8 +201,8 @@ pub async fn request(
         }
     };
     policy.destination(&phone).map_err(RequestError::Refused)?;
-    let persona_id = request.persona_id.as_str().trim().to_string();
-    let persona = personas::accessible(store, &persona_id, user.uuid()).await?;
+    let persona_id = PersonaId::new(request.persona_id.as_str().trim());
+    let persona = personas::accessible(store, &persona_id, user).await?;
     let prices = prices::current(store, now).await?;
     let minutes = match (request.minutes, &intent) {
         (Some(minutes), _) => minutes,
@@ -292,7 +292,7 @@ pub async fn request(
         Payment::Card { payment_intent_id } => {
             let used = billing::record(
                 store,
-                user.uuid(),
+                user,
                 BillingCommand::UseAuthorization {
                     payment_intent_id: payment_intent_id.clone(),
                     call_id: call_id.to_string(),
@@ -316,7 +316,7 @@ pub async fn request(
     };
     let recorded = CallRequest {
         user_id: user.uuid(),
-        persona_id,
+        persona_id: persona_id.into(),
         persona_name: persona.name.clone(),
         phone,
         max_minutes: minutes,

@@ -13,7 +13,7 @@ use cmb_domain::knowledge::{
 };
 use cmb_domain::persona::{Persona, PersonaCommand, PersonaError};
 use cmb_domain::values::Invalid;
-use cmb_domain::CommandContext;
+use cmb_domain::{CommandContext, PersonaId, UserId};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -131,13 +131,14 @@ fn sha256(text: &str) -> String {
 /// Returns the document and the commit.
 pub async fn add(
     store: &EventStore,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona: &PersonaId,
     upload: Upload,
     ctx: &CommandContext,
 ) -> Result<(NewDocument, Committed), Error> {
     // Ownership first: a stranger learns nothing from a validation error.
-    personas::owned(store, persona_id, user).await?;
+    personas::owned(store, persona, user).await?;
+    let persona_id = persona.as_str();
     let format = upload.format;
     let mut upload = upload;
     let text = extract_text(format, std::mem::take(&mut upload.bytes)).await?;
@@ -150,7 +151,7 @@ pub async fn add(
     };
     store_text(store.pool(), persona_id, &document, &text).await?;
     let command = PersonaCommand::AddKnowledge {
-        by: user,
+        by: user.uuid(),
         document: document.clone(),
         at: chrono::Utc::now(),
     };
@@ -217,14 +218,15 @@ pub async fn forget_persona(pool: &sqlx::PgPool, persona_id: &str) -> Result<u64
 /// deleted.
 pub async fn remove(
     store: &EventStore,
-    user: Uuid,
-    persona_id: &str,
+    user: UserId,
+    persona: &PersonaId,
     document_id: &str,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
-    personas::owned(store, persona_id, user).await?;
+    personas::owned(store, persona, user).await?;
+    let persona_id = persona.as_str();
     let command = PersonaCommand::RemoveKnowledge {
-        by: user,
+        by: user.uuid(),
         document_id: document_id.to_string(),
     };
     let committed = store.execute::<Persona>(persona_id, command, ctx).await?;

@@ -9,9 +9,8 @@ use cmb_domain::persona::{
 };
 use cmb_domain::pricing::{PriceTable, Pricing, PricingCommand, PRICING_ID};
 use cmb_domain::values::Invalid;
-use cmb_domain::{CommandContext, PersonaId};
+use cmb_domain::{CommandContext, PersonaId, UserId};
 use cmb_providers::elevenlabs::ElevenLabs;
-use uuid::Uuid;
 
 use crate::backbone::store::{CommandError, Committed, EventStore};
 use names::NameError;
@@ -47,12 +46,16 @@ impl Error {
 
 /// The persona, if it exists and `user` may see it: public, system, or theirs. From the event
 /// store, so a persona deleted a moment ago is already gone.
-pub async fn accessible(store: &EventStore, id: &str, user: Uuid) -> Result<Persona, Error> {
-    let (persona, _) = store.load::<Persona>(id).await?;
+pub async fn accessible(
+    store: &EventStore,
+    id: &PersonaId,
+    user: UserId,
+) -> Result<Persona, Error> {
+    let (persona, _) = store.load::<Persona>(id.as_str()).await?;
     let visible = persona.exists()
         && (persona.is_public
             || matches!(persona.owner, Some(Owner::System))
-            || persona.owner == Some(Owner::User(user)));
+            || persona.owner == Some(Owner::User(user.uuid())));
     if visible {
         Ok(persona)
     } else {
@@ -61,12 +64,12 @@ pub async fn accessible(store: &EventStore, id: &str, user: Uuid) -> Result<Pers
 }
 
 /// The persona, if `user` may change it (owner, not system).
-pub async fn owned(store: &EventStore, id: &str, user: Uuid) -> Result<Persona, Error> {
-    let (persona, _) = store.load::<Persona>(id).await?;
+pub async fn owned(store: &EventStore, id: &PersonaId, user: UserId) -> Result<Persona, Error> {
+    let (persona, _) = store.load::<Persona>(id.as_str()).await?;
     match persona.owner {
         _ if !persona.exists() => Err(Error::rejected(PersonaError::NotFound)),
         Some(Owner::System) => Err(Error::rejected(PersonaError::SystemPersona)),
-        Some(Owner::User(owner)) if owner == user => Ok(persona),
+        Some(Owner::User(owner)) if owner == user.uuid() => Ok(persona),
         _ => Err(Error::rejected(PersonaError::NotOwner {
             visible: persona.is_public,
         })),
@@ -96,19 +99,20 @@ async fn check_voice(
 pub async fn create(
     store: &EventStore,
     elevenlabs: &ElevenLabs,
-    user: Uuid,
+    user: UserId,
     draft: PersonaDraft,
     ctx: &CommandContext,
-) -> Result<(String, Committed), Error> {
+) -> Result<(PersonaId, Committed), Error> {
     check_voice(elevenlabs, "voice", &draft.voice_id).await?;
-    let id = Uuid::now_v7().to_string();
+    // A user's persona is named by a UUID (v7: ordered by creation time).
+    let id = PersonaId::new(uuid::Uuid::now_v7().to_string());
     names::claim(store.pool(), user, &id, &draft.name).await?;
     let name = draft.name.clone();
     let command = PersonaCommand::Create {
-        owner: Owner::User(user),
+        owner: Owner::User(user.uuid()),
         draft,
     };
-    match store.execute::<Persona>(&id, command, ctx).await {
+    match store.execute::<Persona>(id.as_str(), command, ctx).await {
         Ok(c) => Ok((id, c)),
         Err(e) => {
             names::release(store.pool(), user, &name, &id).await;
@@ -122,8 +126,8 @@ pub async fn create(
 pub async fn update(
     store: &EventStore,
     elevenlabs: &ElevenLabs,
-    user: Uuid,
-    id: &str,
+    user: UserId,
+    id: &PersonaId,
     patch: impl FnOnce() -> Result<PersonaPatch, Invalid>,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
@@ -139,8 +143,11 @@ pub async fn update(
     if let Some(name) = &renamed {
         names::rename(store.pool(), user, id, name).await?;
     }
-    let command = PersonaCommand::Update { by: user, patch };
-    let result = store.execute::<Persona>(id, command, ctx).await;
+    let command = PersonaCommand::Update {
+        by: user.uuid(),
+        patch,
+    };
+    let result = store.execute::<Persona>(id.as_str(), command, ctx).await;
     if renamed.is_some() && result.is_err() {
         // Put the claim back under the name the persona still has.
         if let Err(e) = names::rename(store.pool(), user, id, &current.name).await {
@@ -153,19 +160,17 @@ pub async fn update(
 /// Deletes `user`'s persona `id`, unless anyone's scheduled call with it is still to come.
 pub async fn remove(
     store: &EventStore,
-    user: Uuid,
-    id: &str,
+    user: UserId,
+    id: &PersonaId,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     let current = owned(store, id, user).await?;
-    let scheduled =
-        crate::usecases::calls::ledger::waiting_with_persona(store.pool(), &PersonaId::from(id))
-            .await?;
+    let scheduled = crate::usecases::calls::ledger::waiting_with_persona(store.pool(), id).await?;
     if scheduled > 0 {
         return Err(Error::Scheduled(scheduled));
     }
-    let command = PersonaCommand::Delete { by: user };
-    let committed = store.execute::<Persona>(id, command, ctx).await?;
+    let command = PersonaCommand::Delete { by: user.uuid() };
+    let committed = store.execute::<Persona>(id.as_str(), command, ctx).await?;
     names::release(store.pool(), user, &current.name, id).await;
     Ok(committed)
 }
@@ -184,13 +189,13 @@ pub struct CustomizationChange {
 pub async fn customize(
     store: &EventStore,
     elevenlabs: &ElevenLabs,
-    user: Uuid,
-    id: &str,
+    user: UserId,
+    id: &PersonaId,
     change: impl FnOnce() -> Result<CustomizationChange, Invalid>,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     accessible(store, id, user).await?;
-    let aggregate_id = preference_id(user, id);
+    let aggregate_id = preference_id(user.uuid(), id.as_str());
     let (current, _) = store.load::<Preference>(&aggregate_id).await?;
     let change = change()?;
     let mut next: Customization = current.customization.unwrap_or_default();
@@ -210,7 +215,7 @@ pub async fn customize(
         next.memory_enabled = memory;
     }
     let command = Customize {
-        user_id: user,
+        user_id: user.uuid(),
         persona_id: id.to_string(),
         customization: next,
     };

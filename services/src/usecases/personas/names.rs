@@ -3,8 +3,8 @@
 //! the owner, so they hold with any number of instances.
 
 use cmb_domain::persona::PERSONA_LIMITS;
+use cmb_domain::{PersonaId, UserId};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NameError {
@@ -22,8 +22,8 @@ pub enum NameError {
 /// Reserves `name` for `owner`'s new persona `persona_id`.
 pub async fn claim(
     pool: &PgPool,
-    owner: Uuid,
-    persona_id: &str,
+    owner: UserId,
+    persona_id: &PersonaId,
     name: &str,
 ) -> Result<(), NameError> {
     let owner = owner.to_string();
@@ -46,7 +46,7 @@ pub async fn claim(
     )
     .bind(&owner)
     .bind(name.to_lowercase())
-    .bind(persona_id)
+    .bind(persona_id.as_str())
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -60,15 +60,15 @@ pub async fn claim(
 /// Moves persona `persona_id`'s name claim to `to`.
 pub async fn rename(
     pool: &PgPool,
-    owner: Uuid,
-    persona_id: &str,
+    owner: UserId,
+    persona_id: &PersonaId,
     to: &str,
 ) -> Result<(), NameError> {
     let moved = sqlx::query(
         "UPDATE persona_name_claims SET name_key = $3 WHERE owner = $1 AND persona_id = $2",
     )
     .bind(owner.to_string())
-    .bind(persona_id)
+    .bind(persona_id.as_str())
     .bind(to.to_lowercase())
     .execute(pool)
     .await;
@@ -80,22 +80,22 @@ pub async fn rename(
 }
 
 /// Gives a name back (logged, not returned, on failure).
-pub async fn release(pool: &PgPool, owner: Uuid, name: &str, persona_id: &str) {
+pub async fn release(pool: &PgPool, owner: UserId, name: &str, persona_id: &PersonaId) {
     let released = sqlx::query(
         "DELETE FROM persona_name_claims WHERE owner = $1 AND name_key = $2 AND persona_id = $3",
     )
     .bind(owner.to_string())
     .bind(name.to_lowercase())
-    .bind(persona_id)
+    .bind(persona_id.as_str())
     .execute(pool)
     .await;
     if let Err(e) = released {
-        tracing::error!(persona = persona_id, error = %e, "could not release a persona name");
+        tracing::error!(persona = %persona_id, error = %e, "could not release a persona name");
     }
 }
 
 /// Gives back every name of `owner` (an erased account's; again: nothing changes).
-pub async fn release_all(pool: &PgPool, owner: Uuid) -> Result<u64, sqlx::Error> {
+pub async fn release_all(pool: &PgPool, owner: UserId) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("DELETE FROM persona_name_claims WHERE owner = $1")
         .bind(owner.to_string())
         .execute(pool)

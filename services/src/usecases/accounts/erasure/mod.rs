@@ -64,7 +64,7 @@ pub struct Erased {
 pub async fn erase(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
     retry: Duration,
     ctx: &CommandContext,
@@ -80,7 +80,7 @@ pub async fn erase(
          VALUES ($1, $2, $2 + $3::interval)
          ON CONFLICT (user_id) DO UPDATE SET next_attempt_at = EXCLUDED.next_attempt_at",
     )
-    .bind(user)
+    .bind(user.uuid())
     .bind(now)
     .bind(interval(retry))
     .execute(pool)
@@ -97,7 +97,7 @@ pub async fn erase(
 async fn attempt(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
     retry: Duration,
     ctx: &CommandContext,
@@ -107,7 +107,7 @@ async fn attempt(
     sqlx::query(
         "INSERT INTO erasures (user_id, next_attempt_at) VALUES ($1, now()) ON CONFLICT DO NOTHING",
     )
-    .bind(user)
+    .bind(user.uuid())
     .execute(pool)
     .await?;
     let mut erased = Erased::default();
@@ -119,7 +119,7 @@ async fn attempt(
                 "UPDATE erasures SET finished_at = now(), last_error = NULL, attempts = attempts + 1
                   WHERE user_id = $1",
             )
-            .bind(user)
+            .bind(user.uuid())
             .execute(pool)
             .await?;
         }
@@ -131,7 +131,7 @@ async fn attempt(
                         next_attempt_at = now() + LEAST($3::interval * power(2, attempts), interval '1 hour')
                   WHERE user_id = $1",
             )
-            .bind(user)
+            .bind(user.uuid())
             .bind(&error)
             .bind(interval(retry))
             .execute(pool)
@@ -151,20 +151,20 @@ fn interval(d: Duration) -> String {
 pub async fn finish(
     store: &EventStore,
     stripe: &Stripe,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
     ctx: &CommandContext,
     erased: &mut Erased,
 ) -> Result<(), StepError> {
     let pool = store.pool();
-    store.keys().destroy(user).await?;
+    store.keys().destroy(user.uuid()).await?;
     crash_point("erasure.after_key");
     sqlx::query("DELETE FROM identity_claims WHERE user_id = $1")
-        .bind(user)
+        .bind(user.uuid())
         .execute(pool)
         .await?;
     sqlx::query("DELETE FROM password_resets WHERE user_id = $1")
-        .bind(user)
+        .bind(user.uuid())
         .execute(pool)
         .await?;
     let memories: Vec<String> = sqlx::query_scalar(
@@ -180,8 +180,7 @@ pub async fn finish(
             .await?;
     }
     erased.memories = memories.len();
-    erased.calls_cancelled =
-        personas::cancel_waiting(store, None, Some(UserId::from(user)), now, ctx).await?;
+    erased.calls_cancelled = personas::cancel_waiting(store, None, Some(user), now, ctx).await?;
     let removed = personas::remove(store, user, now, ctx).await?;
     erased.personas = removed.personas;
     erased.documents = removed.documents;
@@ -195,7 +194,7 @@ pub async fn finish(
     .bind(user.to_string())
     .fetch_all(pool)
     .await?;
-    crate::usecases::calls::dials::forget_user(pool, user.into()).await?;
+    crate::usecases::calls::dials::forget_user(pool, user).await?;
     cmb_projections::calls::forget_phones(pool, user).await?;
     let lines = sqlx::query("DELETE FROM call_transcripts WHERE call_id = ANY($1)")
         .bind(&calls)
@@ -243,14 +242,14 @@ pub async fn resume(
     .fetch_all(pool)
     .await?;
     let (mut finished, mut failing) = (0, 0);
-    for user in due {
+    for user in due.into_iter().map(UserId::from) {
         let (account, _) = store
             .load::<User>(&user.to_string())
             .await
             .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
         if !account.erased {
             sqlx::query("DELETE FROM erasures WHERE user_id = $1 AND finished_at IS NULL")
-                .bind(user)
+                .bind(user.uuid())
                 .execute(pool)
                 .await?;
             tracing::info!(user = %user, "an erasure request that recorded nothing was dropped");

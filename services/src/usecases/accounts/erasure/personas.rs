@@ -37,8 +37,8 @@ pub struct Removed {
 }
 
 /// The ids of the personas `user` created.
-async fn created_by(store: &EventStore, user: Uuid) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+async fn created_by(store: &EventStore, user: UserId) -> Result<Vec<PersonaId>, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(
         "SELECT aggregate_id FROM events
           WHERE aggregate_type = 'persona' AND event_type = 'PersonaCreated'
             AND payload->'PersonaCreated'->'owner'->>'user_id' = $1
@@ -46,7 +46,8 @@ async fn created_by(store: &EventStore, user: Uuid) -> Result<Vec<String>, sqlx:
     )
     .bind(user.to_string())
     .fetch_all(store.pool())
-    .await
+    .await?;
+    Ok(ids.into_iter().map(PersonaId::from).collect())
 }
 
 /// Cancels scheduled calls still waiting (for persona `persona`, or of `user`), on their
@@ -80,30 +81,28 @@ pub async fn cancel_waiting(
 /// Deletes every persona `user` made, with its knowledge (see the module's note).
 pub async fn remove(
     store: &EventStore,
-    user: Uuid,
+    user: UserId,
     now: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<Removed, StepError> {
     let pool = store.pool();
     let mut removed = Removed::default();
     for id in created_by(store, user).await? {
-        let (persona, _) = store.load::<Persona>(&id).await?;
-        if persona.exists() && persona.owner == Some(Owner::User(user)) {
-            removed.calls_cancelled +=
-                cancel_waiting(store, Some(&PersonaId::from(id.as_str())), None, now, ctx).await?;
+        let (persona, _) = store.load::<Persona>(id.as_str()).await?;
+        if persona.exists() && persona.owner == Some(Owner::User(user.uuid())) {
+            removed.calls_cancelled += cancel_waiting(store, Some(&id), None, now, ctx).await?;
             for document in &persona.knowledge {
                 let command = PersonaCommand::RemoveKnowledge {
-                    by: user,
+                    by: user.uuid(),
                     document_id: document.document.document_id.clone(),
                 };
-                store.execute::<Persona>(&id, command, ctx).await?;
+                store.execute::<Persona>(id.as_str(), command, ctx).await?;
             }
-            store
-                .execute::<Persona>(&id, PersonaCommand::Delete { by: user }, ctx)
-                .await?;
+            let delete = PersonaCommand::Delete { by: user.uuid() };
+            store.execute::<Persona>(id.as_str(), delete, ctx).await?;
             removed.personas += 1;
         }
-        removed.documents += knowledge::forget_persona(pool, &id).await?;
+        removed.documents += knowledge::forget_persona(pool, id.as_str()).await?;
     }
     names::release_all(pool, user).await?;
     Ok(removed)
