@@ -208,7 +208,7 @@ async fn verify_republishes_what_the_stream_lost() {
     .await
     .unwrap();
     let config = env.config();
-    let dry = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, false)
+    let dry = callmeback::backbone::verify::verify(&b.pool, &b.js, &config.stream, false)
         .await
         .unwrap();
     assert_eq!(
@@ -219,14 +219,14 @@ async fn verify_republishes_what_the_stream_lost() {
     assert_eq!(dry.republished, 0);
     assert_eq!(stream_count(&env).await, 0, "a dry run publishes nothing");
 
-    let repaired = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, true)
+    let repaired = callmeback::backbone::verify::verify(&b.pool, &b.js, &config.stream, true)
         .await
         .unwrap();
     assert_eq!(repaired.republished as usize, stored.len());
     assert_exactly_once_in_order(&stored, &read_stream(&env).await);
 
     // Running it again finds nothing to do and publishes nothing twice.
-    let again = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, true)
+    let again = callmeback::backbone::verify::verify(&b.pool, &b.js, &config.stream, true)
         .await
         .unwrap();
     assert!(again.missing.is_empty());
@@ -380,7 +380,7 @@ async fn verify_never_repairs_an_event_behind_a_later_one_of_its_aggregate() {
     let kept: Vec<_> = events
         .iter()
         .filter(|e| e.event_id() != lost.event_id())
-        .cloned()
+        .map(cmb_nats::contract::Outgoing::of)
         .collect();
     cmb_nats::publish::publish_in_order(&b.js, &config.stream, &kept)
         .await
@@ -392,7 +392,7 @@ async fn verify_never_repairs_an_event_behind_a_later_one_of_its_aggregate() {
     .execute(&b.pool)
     .await
     .unwrap();
-    let report = callmeback::backbone::outbox::verify(&b.pool, &b.js, &config.stream, true)
+    let report = callmeback::backbone::verify::verify(&b.pool, &b.js, &config.stream, true)
         .await
         .unwrap();
     assert_eq!(report.missing, vec![lost.event_id()]);
@@ -582,5 +582,91 @@ async fn an_existing_durable_consumer_follows_changed_settings() {
         again.info().await.unwrap().config.ack_wait,
         Duration::from_secs(7)
     );
+    env.cleanup().await;
+}
+
+/// The publisher and the projectors run on the pipeline's own runtime: with the service's
+/// runtime stalled (this test's one thread blocked), events committed just before still reach
+/// JetStream and their read model.
+#[tokio::test]
+async fn the_read_models_move_while_the_services_runtime_is_stalled() {
+    let env = TestEnv::new();
+    let app = env.spawn_app().await;
+    let b = env.backbone().await;
+    // Five personas created (one writer: ids 0, 2, 4, 1, 3).
+    write_commands(EventStore::new(b.pool.clone()), 1, 5, 5).await;
+    let url = env.config().database_url;
+    // Watched from a thread of its own while this one — the service's runtime — is blocked.
+    let projected = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            // Every persona in the store (the five, and the system's) in the read model.
+            eventually(Duration::from_secs(30), || async {
+                let caught_up: bool = sqlx::query_scalar(
+                    "SELECT (SELECT count(*) FROM projection_offsets
+                              WHERE projection = 'personas' AND aggregate_type = 'persona')
+                          = (SELECT count(DISTINCT aggregate_id) FROM events
+                              WHERE aggregate_type = 'persona')",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                caught_up.then_some(())
+            })
+            .await
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(
+        projected.is_some(),
+        "the personas projection did not apply the five events while the service's runtime was stalled"
+    );
+    app.stop().await;
+    env.cleanup().await;
+}
+
+/// The publisher's checkpoint is written by its next read, and by itself when it stops: once
+/// it has published everything and stopped, the checkpoint covers every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_covers_what_was_published_once_the_publisher_stops() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let config = env.config();
+    write_commands(EventStore::new(b.pool.clone()), 2, 10, 40).await;
+    let stored = events_in_store(&b.pool).await.len() as u64;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let publisher = callmeback::backbone::outbox::Publisher {
+        pool: b.pool.clone(),
+        js: b.js.clone(),
+        stream: config.stream.clone(),
+        settings: config.publisher.clone(),
+        instance_id: "test".into(),
+        lag_samples: None,
+        after_wave: None,
+    };
+    let running = tokio::spawn(publisher.run(shutdown.clone()));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            (stream_count(&env).await == stored).then_some(())
+        })
+        .await
+        .is_some(),
+        "every event published"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(
+        callmeback::backbone::outbox::unpublished(&b.pool)
+            .await
+            .unwrap(),
+        0,
+        "the checkpoint covers every published event"
+    );
+    assert_exactly_once_in_order(&events_in_store(&b.pool).await, &read_stream(&env).await);
     env.cleanup().await;
 }

@@ -10,9 +10,8 @@
 use std::collections::HashMap;
 
 use async_nats::jetstream;
-use cmb_domain::EventEnvelope;
 
-use crate::contract::encode;
+use crate::contract::Outgoing;
 use crate::stream::StreamSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +33,7 @@ pub struct Acked {
 }
 
 /// The batch split into waves, each a list of indexes into `events` in commit order.
-pub fn waves(events: &[EventEnvelope]) -> Vec<Vec<usize>> {
+pub fn waves(events: &[Outgoing]) -> Vec<Vec<usize>> {
     let mut rank: HashMap<(&str, &str), usize> = HashMap::new();
     let mut waves: Vec<Vec<usize>> = Vec::new();
     for (i, e) in events.iter().enumerate() {
@@ -55,7 +54,7 @@ pub fn waves(events: &[EventEnvelope]) -> Vec<Vec<usize>> {
 pub async fn publish_in_order(
     js: &jetstream::Context,
     settings: &StreamSettings,
-    events: &[EventEnvelope],
+    events: &[Outgoing],
 ) -> Result<Vec<Acked>, PublishError> {
     let mut acks = vec![
         Acked {
@@ -80,16 +79,15 @@ pub async fn publish_in_order(
 pub async fn publish_wave(
     js: &jetstream::Context,
     settings: &StreamSettings,
-    events: &[EventEnvelope],
+    events: &[Outgoing],
     wave: &[usize],
 ) -> Result<Vec<Acked>, PublishError> {
     let mut pending = Vec::with_capacity(wave.len());
     for &i in wave {
         let event = &events[i];
-        let (headers, body) = encode(event);
         let subject = settings.subject(&event.aggregate_type, &event.aggregate_id);
         let ack = js
-            .publish_with_headers(subject, headers, body)
+            .publish_with_headers(subject, event.headers(), event.body.clone())
             .await
             .map_err(|source| PublishError::Publish {
                 event_id: event.event_id(),
@@ -124,18 +122,13 @@ pub async fn publish_wave(
 mod tests {
     use super::*;
 
-    fn event(agg: &str, seq: u64) -> EventEnvelope {
-        EventEnvelope {
+    fn event(agg: &str, seq: u64) -> Outgoing {
+        Outgoing {
             aggregate_type: "t".into(),
             aggregate_id: agg.into(),
             sequence: seq,
             event_type: "E".into(),
-            event_version: "1".into(),
-            occurred_at: chrono::Utc::now(),
-            global_position: 0,
-            commit_xid: 0,
-            payload: serde_json::Value::Null,
-            metadata: Default::default(),
+            body: Default::default(),
         }
     }
 

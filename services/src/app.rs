@@ -45,6 +45,8 @@ pub struct Running {
     pub sims: Simulators,
     pub shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Shut down after the tasks, when this is dropped.
+    _pipeline: crate::backbone::pipeline::Pipeline,
 }
 
 impl Running {
@@ -109,22 +111,24 @@ pub async fn start_with(
         });
     }
 
+    // Commit → stream → read model on a runtime, pool and NATS connection of its own.
+    let pipeline = crate::backbone::pipeline::Pipeline::start(&config).await?;
     let publisher = Publisher {
-        pool: pool.clone(),
-        js: js.clone(),
+        pool: pipeline.pool.clone(),
+        js: pipeline.js.clone(),
         stream: config.stream.clone(),
         settings: config.publisher.clone(),
         instance_id: config.instance_id.clone(),
         lag_samples: None,
         after_wave: None,
     };
-    tasks.spawn(publisher.run(shutdown.clone()));
+    tasks.spawn_on(publisher.run(shutdown.clone()), pipeline.handle());
 
     let lag = crate::backbone::projector::LagBoard::default();
     let projector = Arc::new(Projector {
-        pool: pool.clone(),
-        keys: store.keys().clone(),
-        stream: stream.clone(),
+        pool: pipeline.pool.clone(),
+        keys: crate::backbone::keys::Keyring::new(pipeline.pool.clone()),
+        stream: pipeline.stream.clone(),
         settings: config.stream.clone(),
         consumer_prefix: config.consumer_prefix.clone(),
         lag: lag.clone(),
@@ -133,7 +137,12 @@ pub async fn start_with(
     });
     let mut defined = crate::usecases::personas::define_system_personas(&store).await?;
     defined.extend(crate::usecases::knowledge::define_system_libraries(&store).await?);
-    projector.spawn_all(cmb_projections::all(), shutdown.clone(), &tasks);
+    projector.spawn_all(
+        cmb_projections::all(),
+        shutdown.clone(),
+        &tasks,
+        pipeline.handle(),
+    );
     // Serve once the persona list shows them (bounded: a lagging read model is not fatal).
     for c in &defined {
         store
@@ -286,5 +295,6 @@ pub async fn start_with(
         sims,
         shutdown,
         tasks,
+        _pipeline: pipeline,
     })
 }

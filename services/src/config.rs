@@ -86,6 +86,8 @@ pub struct Config {
     pub public_base_url_explicit: bool,
     /// Connections to Postgres per instance.
     pub database_pool_size: u32,
+    /// Connections of the event pipeline (publisher and projectors), besides those.
+    pub pipeline_pool_size: u32,
     /// How often the scheduler looks for due calls.
     pub scheduler_tick: Duration,
     /// A scheduled call found due later than this (the service was down) expires instead.
@@ -445,6 +447,7 @@ impl Config {
                 1_000,
             )?),
             database_pool_size: parse("DATABASE_POOL_SIZE", get("DATABASE_POOL_SIZE"), 32)?,
+            pipeline_pool_size: parse("PIPELINE_POOL_SIZE", get("PIPELINE_POOL_SIZE"), 10)?,
             schedule_grace: Duration::from_secs(parse(
                 "SCHEDULE_GRACE_SECS",
                 get("SCHEDULE_GRACE_SECS"),

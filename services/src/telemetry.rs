@@ -32,6 +32,13 @@ pub const PUBLICATION_LAG: &str = "cmb_publication_lag_seconds";
 /// its batch committed). Where [`PROJECTION_LAG`] comes from.
 pub const LAG_STAGE: &str = "cmb_lag_stage_seconds";
 
+/// Events a projector took in one batch (`projection` label): what it had received when the
+/// batch started, up to `cmb_projections::MAX_BATCH`.
+pub const PROJECTION_BATCH: &str = "cmb_projection_batch_events";
+
+/// Buckets of [`PROJECTION_BATCH`].
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Buckets of the lags, finely enough to read a p99 against 200 ms.
 const LAG_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -54,6 +61,8 @@ pub fn metrics() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(PUBLICATION_LAG.into()), LAG_BUCKETS)
                 .expect("the bucket list is not empty")
                 .set_buckets_for_metric(Matcher::Full(LAG_STAGE.into()), LAG_BUCKETS)
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Full(PROJECTION_BATCH.into()), BATCH_BUCKETS)
                 .expect("the bucket list is not empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

@@ -7,8 +7,10 @@ pub mod deadletter;
 pub mod keys;
 pub mod lease;
 pub mod outbox;
+pub mod pipeline;
 pub mod projector;
 pub mod store;
+pub mod verify;
 
 use crate::config::Config;
 

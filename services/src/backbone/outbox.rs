@@ -10,7 +10,8 @@
 //! A crash between the acknowledgement and the checkpoint republishes a few events, which
 //! JetStream drops inside its duplicate window; on taking the lease the publisher also moves
 //! its checkpoint up to the stream's last message, so even a restart after the window cannot
-//! duplicate. `callmeback events verify` repairs what a lost JetStream write left missing.
+//! duplicate. `callmeback events verify` ([`super::verify`]) repairs what a lost JetStream write left
+//! missing.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::Utc;
 use cmb_domain::{EventEnvelope, EventMetadata};
+use cmb_nats::contract::{Outgoing, StoredParts};
 use cmb_nats::StreamSettings;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -85,7 +87,7 @@ impl Default for Checkpoint {
 }
 
 /// The SQL condition "this event is on the stream according to the checkpoint `c`".
-const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
+pub(crate) const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
      OR (c.pending IS NOT NULL AND pg_visible_in_snapshot(e.xact_id, c.pending)
          AND (e.xact_id, e.global_position) <= (c.commit_xid::text::xid8, c.global_position)))";
 
@@ -97,28 +99,35 @@ const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
 /// (one per case) merged, so a batch costs its own size even behind a long backlog. Nothing
 /// here waits for the cluster's oldest transaction: a transaction still open is simply not
 /// visible yet, and only its own events wait for it.
+///
+/// With `save`, the same statement first records `checkpoint` as the publisher's position
+/// (what [`save_checkpoint`] does): the position after a batch is written by the read of the
+/// next one, which comes after the batch's acknowledgements anyway — one round trip fewer
+/// per batch.
 pub async fn read_due(
     pool: &PgPool,
     checkpoint: &Checkpoint,
     limit: i64,
-) -> Result<(Option<String>, Vec<EventEnvelope>), sqlx::Error> {
-    let rows = sqlx::query(
-        "WITH s AS MATERIALIZED (
+    save: bool,
+) -> Result<(Option<String>, Vec<Due>), sqlx::Error> {
+    let saved = if save {
+        format!("{SAVE_CHECKPOINT_CTE},")
+    } else {
+        String::new()
+    };
+    let sql = format!(
+        "WITH {saved} s AS MATERIALIZED (
               SELECT $1::pg_snapshot AS done,
                      COALESCE($2::pg_snapshot, pg_current_snapshot()) AS pending)
          SELECT (SELECT pending::text FROM s) AS snapshot, u.* FROM (
-           (SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                   metadata, global_position, xact_id, xact_id::text::bigint AS commit_xid,
-                   recorded_at
+           (SELECT {DUE_COLUMNS}
               FROM events, s
              WHERE xact_id = ANY(ARRAY(SELECT pg_snapshot_xip(s.done)))
                AND pg_visible_in_snapshot(xact_id, s.pending)
                AND (xact_id, global_position) > ($3::text::xid8, $4)
              ORDER BY xact_id, global_position LIMIT $5)
            UNION ALL
-           (SELECT aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                   metadata, global_position, xact_id, xact_id::text::bigint AS commit_xid,
-                   recorded_at
+           (SELECT {DUE_COLUMNS}
               FROM events, s
              WHERE xact_id >= pg_snapshot_xmax(s.done)
                AND xact_id < pg_snapshot_xmax(s.pending)
@@ -127,24 +136,76 @@ pub async fn read_due(
              ORDER BY xact_id, global_position LIMIT $5)
          ) u
          ORDER BY u.xact_id, u.global_position
-         LIMIT $5",
-    )
-    .bind(&checkpoint.done)
-    .bind(checkpoint.pending.as_deref())
-    .bind(checkpoint.at.commit_xid)
-    .bind(checkpoint.at.global_position)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+         LIMIT $5"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(&checkpoint.done)
+        .bind(checkpoint.pending.as_deref())
+        .bind(checkpoint.at.commit_xid)
+        .bind(checkpoint.at.global_position)
+        .bind(limit);
+    let rows = if save { rows.bind(PUBLISHER) } else { rows }
+        .fetch_all(pool)
+        .await?;
     let snapshot = rows
         .first()
         .map(|r| r.try_get::<String, _>("snapshot"))
         .transpose()?;
-    let events = rows
-        .iter()
-        .map(envelope_from_row)
-        .collect::<Result<_, _>>()?;
+    let events = rows.iter().map(due_from_row).collect::<Result<_, _>>()?;
     Ok((snapshot, events))
+}
+
+/// What [`read_due`] reads of an event: the payload and metadata as the JSON text Postgres
+/// stores (metadata that is not an object, which no writer makes, as `{}`, as
+/// [`envelope_from_row`] reads it).
+const DUE_COLUMNS: &str = "aggregate_type, aggregate_id, sequence, event_type, event_version,
+       payload::text AS payload,
+       CASE WHEN json_typeof(metadata) = 'object' THEN metadata::text ELSE '{}' END AS metadata,
+       global_position, xact_id, xact_id::text::bigint AS commit_xid, recorded_at";
+
+/// An event due for publication: its message, its body written around the stored JSON
+/// ([`cmb_nats::contract::body_from_stored`]: never parsed and encoded again), and what the
+/// publisher's bookkeeping needs.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub message: Outgoing,
+    pub at: CommitPosition,
+    pub occurred_at: chrono::DateTime<Utc>,
+}
+
+fn due_from_row(row: &sqlx::postgres::PgRow) -> Result<Due, sqlx::Error> {
+    let aggregate_type: &str = row.try_get("aggregate_type")?;
+    let aggregate_id: &str = row.try_get("aggregate_id")?;
+    let sequence = row.try_get::<i64, _>("sequence")? as u64;
+    let event_type: &str = row.try_get("event_type")?;
+    let occurred_at = row.try_get("recorded_at")?;
+    let at = CommitPosition {
+        commit_xid: row.try_get("commit_xid")?,
+        global_position: row.try_get("global_position")?,
+    };
+    let body = cmb_nats::contract::body_from_stored(&StoredParts {
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_type,
+        event_version: row.try_get("event_version")?,
+        occurred_at,
+        global_position: at.global_position,
+        commit_xid: at.commit_xid,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+    });
+    Ok(Due {
+        message: Outgoing {
+            aggregate_type: aggregate_type.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            sequence,
+            event_type: event_type.to_string(),
+            body,
+        },
+        at,
+        occurred_at,
+    })
 }
 
 /// The publisher's confirmed position.
@@ -175,25 +236,29 @@ pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sqlx::E
 /// message per aggregate when it takes over — and any later commit that does wait flushes
 /// this one too (the log is written in order).
 async fn save_checkpoint(pool: &PgPool, name: &str, at: &Checkpoint) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO publisher_checkpoints
+    sqlx::query(&format!("WITH {SAVE_CHECKPOINT_CTE} SELECT 1"))
+        .bind(&at.done)
+        .bind(at.pending.as_deref())
+        .bind(at.at.commit_xid)
+        .bind(at.at.global_position)
+        .bind(0i64) // the read's limit ($5), unused here
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The checkpoint's upsert as a data-modifying `WITH` item (`$1`–`$4`: done, pending,
+/// commit_xid, global_position; `$6`: the name), committed without waiting for its own fsync.
+const SAVE_CHECKPOINT_CTE: &str = "saved AS (
+         INSERT INTO publisher_checkpoints
                 (name, snapshot, pending, commit_xid, global_position, updated_at)
-         SELECT $1, $2::pg_snapshot, $3::pg_snapshot, $4, $5, now()
+         SELECT $6, $1::pg_snapshot, $2::pg_snapshot, $3, $4, now()
            FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait
          ON CONFLICT (name) DO UPDATE
             SET snapshot = EXCLUDED.snapshot, pending = EXCLUDED.pending,
                 commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,
-                updated_at = now()",
-    )
-    .bind(name)
-    .bind(&at.done)
-    .bind(at.pending.as_deref())
-    .bind(at.at.commit_xid)
-    .bind(at.at.global_position)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
+                updated_at = now())";
 
 /// How many committed events the publisher's checkpoint does not cover yet.
 pub async fn unpublished(pool: &PgPool) -> Result<i64, sqlx::Error> {
@@ -249,12 +314,12 @@ pub async fn oldest_transaction(pool: &PgPool) -> Result<Option<OldestTransactio
 async fn drop_already_published(
     js: &jetstream::Context,
     settings: &StreamSettings,
-    batch: Vec<EventEnvelope>,
-) -> Result<Vec<EventEnvelope>, async_nats::Error> {
+    batch: Vec<Due>,
+) -> Result<Vec<Due>, async_nats::Error> {
     use std::collections::HashMap;
     let stream = js.get_stream(&settings.stream).await?;
     let mut published: HashMap<(String, String), u64> = HashMap::new();
-    for e in &batch {
+    for e in batch.iter().map(|d| &d.message) {
         let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
         if published.contains_key(&key) {
             continue;
@@ -278,7 +343,10 @@ async fn drop_already_published(
     }
     Ok(batch
         .into_iter()
-        .filter(|e| e.sequence > published[&(e.aggregate_type.clone(), e.aggregate_id.clone())])
+        .filter(|d| {
+            let e = &d.message;
+            e.sequence > published[&(e.aggregate_type.clone(), e.aggregate_id.clone())]
+        })
         .collect())
 }
 
@@ -299,6 +367,12 @@ pub struct Publisher {
     pub after_wave: Option<AfterWave>,
 }
 
+/// Where a running publisher stands, and whether its checkpoint row says so yet.
+struct Position {
+    at: Checkpoint,
+    unsaved: bool,
+}
+
 /// The publisher's checkpoint and lease name.
 pub const PUBLISHER: &str = "publisher";
 
@@ -306,7 +380,7 @@ impl Publisher {
     /// Runs until `shutdown`: holds (or waits for) the lease and publishes.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut lease = Lease::new(PUBLISHER, &self.instance_id, self.settings.lease_ttl);
-        let mut position: Option<Checkpoint> = None;
+        let mut position: Option<Position> = None;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             match self.step(&mut lease, &mut position).await {
@@ -336,6 +410,14 @@ impl Publisher {
                 }
             }
         }
+        // The last position, if the next read was to write it.
+        if let Some(Position { at, unsaved: true }) = &position {
+            if lease.is_held() {
+                if let Err(e) = save_checkpoint(&self.pool, PUBLISHER, at).await {
+                    tracing::warn!(error = %e, "the publisher's last checkpoint was not saved");
+                }
+            }
+        }
         lease.release(&self.pool).await;
         tracing::info!("publisher stopped");
     }
@@ -344,37 +426,43 @@ impl Publisher {
     async fn step(
         &self,
         lease: &mut Lease,
-        position: &mut Option<Checkpoint>,
+        position: &mut Option<Position>,
     ) -> Result<bool, async_nats::Error> {
         let was_held = lease.is_held();
         if !lease.ensure(&self.pool).await? {
             *position = None;
             return Ok(false);
         }
-        let (mut at, taking_over) = match position.take() {
-            Some(at) if was_held => (at, false),
-            _ => (checkpoint(&self.pool, PUBLISHER).await?, true),
+        let (Position { mut at, unsaved }, taking_over) = match position.take() {
+            Some(p) if was_held => (p, false),
+            _ => (
+                Position {
+                    at: checkpoint(&self.pool, PUBLISHER).await?,
+                    unsaved: false,
+                },
+                true,
+            ),
         };
-        let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch).await?;
+        // The position after the last batch is written by this read.
+        let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch, unsaved).await?;
         let read_at = Utc::now();
         let Some(last) = batch.last() else {
             return match at.pending.take() {
                 // Nothing new visible: the done snapshot stays (its scan costs nothing).
                 None => {
-                    *position = Some(at);
+                    *position = Some(Position { at, unsaved: false });
                     Ok(false)
                 }
-                // The pending snapshot is fully out.
+                // The pending snapshot is fully out (written by the next read, at once).
                 Some(pending) => {
                     at.done = pending;
                     at.at = CommitPosition::default();
-                    save_checkpoint(&self.pool, PUBLISHER, &at).await?;
-                    *position = Some(at);
+                    *position = Some(Position { at, unsaved: true });
                     Ok(true)
                 }
             };
         };
-        let last = CommitPosition::of(last);
+        let last = last.at;
         let full = batch.len() as i64 >= self.settings.batch;
         if at.pending.is_none() {
             at.pending = snapshot;
@@ -383,6 +471,10 @@ impl Publisher {
             // Only the first batch after taking over can hold what a predecessor published.
             batch = drop_already_published(&self.js, &self.stream, batch).await?;
         }
+        let (batch, occurred): (Vec<Outgoing>, Vec<_>) = batch
+            .into_iter()
+            .map(|d| (d.message, d.occurred_at))
+            .unzip();
         let mut acks = Vec::with_capacity(batch.len());
         for (n, wave) in cmb_nats::publish::waves(&batch).into_iter().enumerate() {
             // A publisher that lost its lease stops within one wave.
@@ -403,24 +495,24 @@ impl Publisher {
             at.done = at.pending.take().unwrap_or(at.done);
             at.at = CommitPosition::default();
         }
-        save_checkpoint(&self.pool, PUBLISHER, &at).await?;
-        *position = Some(at);
+        // Acknowledged: the next read writes the new position down.
+        *position = Some(Position { at, unsaved: true });
         let now = Utc::now();
         let fresh = acks.iter().filter(|a| !a.duplicate).count() as u64;
         metrics::counter!("cmb_events_published_total").increment(fresh);
         metrics::counter!("cmb_events_republished_duplicates_total")
             .increment(batch.len() as u64 - fresh);
-        let lags: Vec<Duration> = batch
+        let lags: Vec<Duration> = occurred
             .iter()
-            .map(|e| (now - e.occurred_at).to_std().unwrap_or_default())
+            .map(|at| (now - *at).to_std().unwrap_or_default())
             .collect();
         for lag in &lags {
             metrics::histogram!(crate::telemetry::PUBLICATION_LAG).record(lag.as_secs_f64());
         }
         // Where that went: waiting to be read, then the waves to JetStream's acknowledgement.
         let acked_in = (now - read_at).to_std().unwrap_or_default().as_secs_f64();
-        for e in &batch {
-            let waited = (read_at - e.occurred_at).to_std().unwrap_or_default();
+        for at in &occurred {
+            let waited = (read_at - *at).to_std().unwrap_or_default();
             metrics::histogram!(crate::telemetry::LAG_STAGE, "stage" => "publish_read")
                 .record(waited.as_secs_f64());
             metrics::histogram!(crate::telemetry::LAG_STAGE, "stage" => "publish_ack")
@@ -431,115 +523,4 @@ impl Publisher {
         }
         Ok(true)
     }
-}
-
-/// What `events verify` found.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct VerifyReport {
-    pub in_store: u64,
-    pub in_stream: u64,
-    pub missing: Vec<String>,
-    pub republished: u64,
-    pub unknown_in_stream: u64,
-    /// Missing events whose aggregate already has a later event on the stream: republishing
-    /// them would put them after it, so they are left alone (see [`UNREPAIRABLE_HINT`]).
-    pub unrepairable: Vec<String>,
-}
-
-/// What to do when `verify` finds a loss it cannot repair in order.
-pub const UNREPAIRABLE_HINT: &str = "the stream holds later events of these aggregates, so \
-republishing the lost ones would break their order. Rebuild the stream from the store: stop \
-every instance, delete the stream (nats stream rm), DELETE FROM publisher_checkpoints, start \
-one `callmeback serve` (the publisher republishes the whole log in commit order), then \
-`callmeback projections rebuild NAME` for each projection.";
-
-/// Events the checkpoint says are on the stream, after `after` in commit order.
-async fn read_covered(
-    pool: &PgPool,
-    after: CommitPosition,
-    limit: i64,
-) -> Result<Vec<EventEnvelope>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                e.payload, e.metadata, e.global_position, e.xact_id::text::bigint AS commit_xid,
-                e.recorded_at
-           FROM events e, publisher_checkpoints c
-          WHERE c.name = $1 AND {COVERED}
-            AND (e.xact_id, e.global_position) > ($2::text::xid8, $3)
-          ORDER BY e.xact_id, e.global_position
-          LIMIT $4"
-    ))
-    .bind(PUBLISHER)
-    .bind(after.commit_xid)
-    .bind(after.global_position)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(envelope_from_row).collect()
-}
-
-/// Compares the stream with the event store up to the publisher's checkpoint (what the
-/// publisher has not reached yet is its job, not a loss) and, with `repair`, republishes what
-/// is missing, in commit order — but never an event whose aggregate already has a later one
-/// on the stream (that would break the aggregate's order: it is reported as unrepairable).
-pub async fn verify(
-    pool: &PgPool,
-    js: &jetstream::Context,
-    settings: &StreamSettings,
-    repair: bool,
-) -> Result<VerifyReport, async_nats::Error> {
-    use std::collections::{HashMap, HashSet};
-    let until = cmb_nats::replay::last_sequence(js, settings).await?;
-    let mut seen: HashSet<String> = HashSet::new();
-    // Per aggregate, the highest sequence the stream holds.
-    let mut highest: HashMap<(String, String), u64> = HashMap::new();
-    let mut rx = cmb_nats::replay::open(
-        js,
-        settings,
-        &settings.all_subjects(),
-        cmb_nats::replay::Start::Beginning,
-        until,
-    )
-    .await?;
-    while let Some(item) = rx.recv().await {
-        let r = item.map_err(|e| async_nats::Error::from(e.to_string()))?;
-        let top = highest
-            .entry((r.event.aggregate_type.clone(), r.event.aggregate_id.clone()))
-            .or_default();
-        *top = (*top).max(r.event.sequence);
-        seen.insert(r.event.event_id());
-    }
-    let mut report = VerifyReport {
-        in_stream: seen.len() as u64,
-        ..Default::default()
-    };
-    let mut after = CommitPosition::default();
-    // Aggregates with an unrepairable loss: none of their later events is republished either.
-    let mut broken: HashSet<(String, String)> = HashSet::new();
-    loop {
-        let batch = read_covered(pool, after, 5_000).await?;
-        let Some(last) = batch.last() else { break };
-        after = CommitPosition::of(last);
-        let mut missing = Vec::new();
-        for e in batch {
-            report.in_store += 1;
-            if seen.remove(&e.event_id()) {
-                continue;
-            }
-            report.missing.push(e.event_id());
-            let key = (e.aggregate_type.clone(), e.aggregate_id.clone());
-            if broken.contains(&key) || highest.get(&key).is_some_and(|&top| top > e.sequence) {
-                report.unrepairable.push(e.event_id());
-                broken.insert(key);
-            } else {
-                missing.push(e);
-            }
-        }
-        if repair && !missing.is_empty() {
-            let acks = cmb_nats::publish::publish_in_order(js, settings, &missing).await?;
-            report.republished += acks.iter().filter(|a| !a.duplicate).count() as u64;
-        }
-    }
-    report.unknown_in_stream = seen.len() as u64;
-    Ok(report)
 }

@@ -44,17 +44,18 @@ impl Projector {
         format!("{}-proj-{}", self.consumer_prefix, projection.name())
     }
 
-    /// Spawns one consumer loop per projection, plus a lag monitor.
+    /// Spawns one consumer loop per projection on `runtime` (the pipeline's).
     pub fn spawn_all(
         self: Arc<Self>,
         projections: Vec<Arc<dyn Projection>>,
         shutdown: CancellationToken,
         tasks: &tokio_util::task::TaskTracker,
+        runtime: &tokio::runtime::Handle,
     ) {
         for projection in projections {
             let me = self.clone();
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { me.run(projection, shutdown).await });
+            tasks.spawn_on(async move { me.run(projection, shutdown).await }, runtime);
         }
     }
 
@@ -155,6 +156,8 @@ impl Projector {
         batch: Vec<jetstream::Message>,
         taken_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), async_nats::Error> {
+        metrics::histogram!(crate::telemetry::PROJECTION_BATCH, "projection" => projection.name())
+            .record(batch.len() as f64);
         let mut delivered = Vec::with_capacity(batch.len());
         for message in batch {
             let (stream_sequence, deliveries, stored_at) = message

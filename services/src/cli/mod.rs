@@ -298,7 +298,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             command: EventsCommand::Verify { dry_run },
         } => {
             let b = crate::backbone::connect(&config, 4).await?;
-            let report = crate::backbone::outbox::verify(&b.pool, &b.js, &config.stream, !dry_run)
+            let report = crate::backbone::verify::verify(&b.pool, &b.js, &config.stream, !dry_run)
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?;
             println!(
@@ -328,7 +328,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 for id in report.unrepairable.iter().take(20) {
                     println!("  {id}");
                 }
-                eprintln!("{}", crate::backbone::outbox::UNREPAIRABLE_HINT);
+                eprintln!("{}", crate::backbone::verify::UNREPAIRABLE_HINT);
             }
             Ok(
                 if report.missing.is_empty() || report.republished as usize == report.missing.len()

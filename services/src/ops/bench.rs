@@ -84,16 +84,18 @@ pub async fn events(
 
     let samples: LagSamples = Default::default();
     let shutdown = CancellationToken::new();
+    // The publisher as `serve` runs it: on the pipeline's runtime, pool and NATS connection.
+    let pipeline = crate::backbone::pipeline::Pipeline::start(&config).await?;
     let publisher = Publisher {
-        pool: b.pool.clone(),
-        js: b.js.clone(),
+        pool: pipeline.pool.clone(),
+        js: pipeline.js.clone(),
         stream: config.stream.clone(),
         settings: config.publisher.clone(),
         instance_id: config.instance_id.clone(),
         lag_samples: Some(samples.clone()),
         after_wave: None,
     };
-    let publishing = tokio::spawn(publisher.run(shutdown.clone()));
+    let publishing = pipeline.handle().spawn(publisher.run(shutdown.clone()));
 
     let store = EventStore::new(b.pool.clone());
     let owner = uuid::Uuid::now_v7();

@@ -50,6 +50,8 @@ pub struct Figures {
     pub stage_lag_ms: BTreeMap<String, [f64; 2]>,
     /// Per projection, p99 (ms) of its `queue` and `apply` stages.
     pub stage_lag_p99_ms_by_projection: BTreeMap<String, [f64; 2]>,
+    /// Per projection, p50 and p99 of the events it took in one batch (bucket bounds).
+    pub batch_events_by_projection: BTreeMap<String, [f64; 2]>,
     /// Events the projectors received before their predecessor (redelivered later).
     pub projection_gaps: u64,
     /// From the first call requested to the last one created at Twilio (the dialer's pace).
@@ -105,6 +107,11 @@ fn buckets(text: &str, metric: &str, labels: &[&str]) -> BTreeMap<String, f64> {
 
 /// The bucket bound (ms) under which a fraction `q` of the events in `after − before` fall.
 fn quantile_ms(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, q: f64) -> f64 {
+    quantile(before, after, q) * 1000.0
+}
+
+/// The bucket bound under which a fraction `q` of the samples in `after − before` fall.
+fn quantile(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, q: f64) -> f64 {
     let mut bounds: Vec<(f64, f64)> = after
         .iter()
         .map(|(le, n)| {
@@ -124,7 +131,7 @@ fn quantile_ms(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, q:
     bounds
         .iter()
         .find(|(_, n)| *n >= q * total)
-        .map(|(b, _)| b * 1000.0)
+        .map(|(b, _)| *b)
         .unwrap_or(f64::INFINITY)
 }
 
@@ -293,6 +300,18 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> Result<Figures, chi
             (p.name().to_string(), [of("queue"), of("apply")])
         })
         .collect();
+    let batch_events_by_projection = cmb_projections::all()
+        .iter()
+        .map(|p| {
+            let label = format!("projection=\"{}\"", p.name());
+            let of = |t: &str| buckets(t, crate::telemetry::PROJECTION_BATCH, &[&label]);
+            let (b, a) = (of(&before), of(&after));
+            (
+                p.name().to_string(),
+                [quantile(&b, &a, 0.50), quantile(&b, &a, 0.99)],
+            )
+        })
+        .collect();
     let figures = Figures {
         calls,
         requested,
@@ -309,6 +328,7 @@ pub async fn run(base: &Config, calls: u32, seconds: u32) -> Result<Figures, chi
         projection_lag_p99_ms_by_projection,
         stage_lag_ms,
         stage_lag_p99_ms_by_projection,
+        batch_events_by_projection,
         projection_gaps: (counter(&after, "cmb_projection_events_total", "outcome=\"gap\"")
             - counter(&before, "cmb_projection_events_total", "outcome=\"gap\""))
             as u64,
@@ -397,6 +417,14 @@ pub fn print(f: &Figures) {
             .collect::<Vec<_>>()
             .join(", "),
         f.projection_gaps
+    );
+    println!(
+        "events per projector batch p50 / p99: {}",
+        f.batch_events_by_projection
+            .iter()
+            .map(|(p, [p50, p99])| format!("{p} {p50} / {p99}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("{}", json!({ "bench": "calls", "figures": f }));
 }
