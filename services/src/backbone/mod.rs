@@ -35,6 +35,10 @@ pub enum ConnectError {
     Nats(#[source] async_nats::ConnectError),
     #[error("creating the JetStream stream")]
     Stream(#[source] async_nats::Error),
+    #[error("starting the event pipeline's runtime")]
+    PipelineRuntime(#[source] std::io::Error),
+    #[error("the event pipeline's runtime stopped while connecting")]
+    PipelineStopped(#[source] tokio::task::JoinError),
 }
 
 /// Connects to Postgres (creating the database and applying migrations) and NATS, and

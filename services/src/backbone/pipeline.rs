@@ -8,10 +8,10 @@
 //! Here it has its own thread (the kernel gives a thread that mostly sleeps the core soon
 //! after it wakes), its own connections and its own NATS socket, driven by that thread.
 
-use anyhow::Context as _;
 use async_nats::jetstream;
 use sqlx::PgPool;
 
+use super::ConnectError;
 use crate::config::Config;
 
 /// Worker threads of the pipeline's runtime: its tasks mostly wait on Postgres and NATS.
@@ -29,13 +29,13 @@ impl Pipeline {
     /// Starts the runtime and connects its pool (`PIPELINE_POOL_SIZE` connections) and its
     /// NATS client from it, so their sockets are driven by its thread. The database and the
     /// stream exist already ([`crate::backbone::connect`]).
-    pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
+    pub async fn start(config: &Config) -> Result<Pipeline, ConnectError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(THREADS)
             .thread_name("cmb-pipeline")
             .enable_all()
             .build()
-            .context("starting the pipeline's runtime")?;
+            .map_err(ConnectError::PipelineRuntime)?;
         let database_url = config.database_url.clone();
         let pool_size = config.pipeline_pool_size;
         let nats_url = config.nats_url.clone();
@@ -45,19 +45,19 @@ impl Pipeline {
             .spawn(async move {
                 let pool = super::db::connect(&database_url, pool_size)
                     .await
-                    .context("connecting the pipeline to Postgres")?;
+                    .map_err(ConnectError::Postgres)?;
                 let nats = cmb_nats::connect(&nats_url, &client_name)
                     .await
-                    .context("connecting the pipeline to NATS")?;
+                    .map_err(ConnectError::Nats)?;
                 let js = jetstream::new(nats);
                 let stream = js
                     .get_stream(&stream_name)
                     .await
-                    .map_err(|e| anyhow::anyhow!("the pipeline's stream: {e}"))?;
-                anyhow::Ok((pool, js, stream))
+                    .map_err(|e| ConnectError::Stream(e.into()))?;
+                Ok::<_, ConnectError>((pool, js, stream))
             })
             .await
-            .context("the pipeline's runtime")??;
+            .map_err(ConnectError::PipelineStopped)??;
         Ok(Pipeline {
             runtime: Some(runtime),
             pool,
