@@ -8,7 +8,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::values::Invalid;
+use crate::values::{Cents, Invalid};
 
 /// The start (UTC midnight) of the day of `now`: daily limits count from here.
 pub fn day_start(now: DateTime<Utc>) -> DateTime<Utc> {
@@ -55,8 +55,13 @@ impl BudgetSettings {
 
     /// Which limit a call of at most `max_price` would break, given what was already spent
     /// (or is held) today and this month.
-    pub fn refusal(&self, max_price: i64, spent_today: i64, spent_month: i64) -> Option<Breach> {
-        if let Some(limit) = self.max_cost_per_call_cents {
+    pub fn refusal(
+        &self,
+        max_price: Cents,
+        spent_today: Cents,
+        spent_month: Cents,
+    ) -> Option<Breach> {
+        if let Some(limit) = self.max_cost_per_call_cents.map(Cents) {
             if max_price > limit {
                 return Some(Breach {
                     limit: "max_cost_per_call_cents",
@@ -65,7 +70,7 @@ impl BudgetSettings {
                 });
             }
         }
-        if let Some(limit) = self.max_daily_spend_cents {
+        if let Some(limit) = self.max_daily_spend_cents.map(Cents) {
             if spent_today + max_price > limit {
                 return Some(Breach {
                     limit: "max_daily_spend_cents",
@@ -74,7 +79,7 @@ impl BudgetSettings {
                 });
             }
         }
-        if let Some(limit) = self.max_monthly_spend_cents {
+        if let Some(limit) = self.max_monthly_spend_cents.map(Cents) {
             if spent_month + max_price > limit {
                 return Some(Breach {
                     limit: "max_monthly_spend_cents",
@@ -90,8 +95,8 @@ impl BudgetSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Breach {
     pub limit: &'static str,
-    pub limit_cents: i64,
-    pub would_be_cents: i64,
+    pub limit_cents: Cents,
+    pub would_be_cents: Cents,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,17 +231,17 @@ mod tests {
             max_monthly_spend_cents: Some(1000),
             warn_at_percent: 80,
         };
-        assert_eq!(s.refusal(225, 0, 0), None);
+        assert_eq!(s.refusal(Cents(225), Cents(0), Cents(0)), None);
         assert_eq!(
-            s.refusal(345, 0, 0).unwrap().limit,
+            s.refusal(Cents(345), Cents(0), Cents(0)).unwrap().limit,
             "max_cost_per_call_cents"
         );
         assert_eq!(
-            s.refusal(225, 300, 300).unwrap().limit,
+            s.refusal(Cents(225), Cents(300), Cents(300)).unwrap().limit,
             "max_daily_spend_cents"
         );
         assert_eq!(
-            s.refusal(225, 0, 900).unwrap().limit,
+            s.refusal(Cents(225), Cents(0), Cents(900)).unwrap().limit,
             "max_monthly_spend_cents"
         );
     }

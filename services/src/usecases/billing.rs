@@ -14,6 +14,7 @@ use cmb_domain::billing::{
 };
 use cmb_domain::call::{Call, CallCommand, CallError, Reversal};
 use cmb_domain::user::{User, UserError};
+use cmb_domain::values::Cents;
 use cmb_domain::wallet::{Wallet, WalletCommand, WalletError, CENTS_PER_CREDIT};
 use cmb_domain::{CallId, CommandContext, UserId};
 use cmb_providers::stripe::{CreatePaymentIntent, PaymentIntent, Stripe, StripeError};
@@ -220,7 +221,7 @@ pub async fn authorise_call(
     stripe: &Stripe,
     user: UserId,
     minutes: u32,
-    amount: i64,
+    amount: Cents,
     idempotency_key: &str,
     ctx: &CommandContext,
 ) -> Result<PaymentIntent, Error> {
@@ -228,7 +229,7 @@ pub async fn authorise_call(
     let intent = stripe
         .create_payment_intent(
             &CreatePaymentIntent {
-                amount,
+                amount: amount.0,
                 currency: CURRENCY.into(),
                 customer,
                 payment_method: pm,
@@ -267,7 +268,7 @@ pub async fn authorise_call(
 #[derive(Debug, Clone)]
 pub struct Bought {
     pub payment_intent_id: String,
-    pub amount: i64,
+    pub amount: Cents,
     pub committed: Committed,
 }
 
@@ -313,7 +314,7 @@ pub async fn buy_credits(
         .await?;
     Ok(Bought {
         payment_intent_id: intent.id,
-        amount,
+        amount: Cents(amount),
         committed,
     })
 }
@@ -337,7 +338,7 @@ pub struct ChargeReversal {
     /// `refund:<charge>` (its amount is the charge's refunded total so far) or
     /// `dispute:<dispute>`.
     pub reference: String,
-    pub amount_cents: i64,
+    pub amount: Cents,
     /// When Stripe reported it.
     pub at: chrono::DateTime<chrono::Utc>,
 }
@@ -355,7 +356,7 @@ impl ChargeReversal {
             kind,
             payment_intent: object.get("payment_intent")?.as_str()?.to_string(),
             reference: format!("{}:{}", kind.as_str(), object.get("id")?.as_str()?),
-            amount_cents: object.get(amount)?.as_i64()?,
+            amount: Cents(object.get(amount)?.as_i64()?),
             at: chrono::DateTime::from_timestamp(created, 0).unwrap_or_else(chrono::Utc::now),
         })
     }
@@ -421,7 +422,7 @@ pub async fn reverse(
     match target {
         Reversed::Credits { user, .. } => {
             // Credits of a pack are 5¢ each: a reversal of part of a cent takes a whole credit.
-            let credits = (reversal.amount_cents + CENTS_PER_CREDIT - 1) / CENTS_PER_CREDIT;
+            let credits = (reversal.amount.0 + CENTS_PER_CREDIT - 1) / CENTS_PER_CREDIT;
             let revoke = WalletCommand::Revoke {
                 grant: reversal.payment_intent.clone(),
                 reversal: reversal.reference.clone(),
@@ -440,7 +441,7 @@ pub async fn reverse(
             let record = CallCommand::RecordPaymentReversal {
                 kind: reversal.kind,
                 reference: reversal.reference.clone(),
-                amount_cents: reversal.amount_cents,
+                amount_cents: reversal.amount.0,
                 at: reversal.at,
             };
             let done = store

@@ -28,11 +28,11 @@ pub enum ReadError {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(
-        "this call could cost up to {max_price} cents, which would take you to {} cents against \
-         your {} of {} cents",
-        breach.would_be_cents, breach.limit, breach.limit_cents
+        "this call could cost up to {} cents, which would take you to {} cents against your {} \
+         of {} cents",
+        max_price.0, breach.would_be_cents.0, breach.limit, breach.limit_cents.0
     )]
-    Exceeded { max_price: i64, breach: Breach },
+    Exceeded { max_price: Cents, breach: Breach },
     #[error(transparent)]
     Read(#[from] ReadError),
 }
@@ -40,8 +40,8 @@ pub enum CheckError {
 /// What the user spent (or holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Spent {
-    pub today_cents: i64,
-    pub this_month_cents: i64,
+    pub today_cents: Cents,
+    pub this_month_cents: Cents,
 }
 
 pub async fn settings(store: &EventStore, user: UserId) -> Result<BudgetSettings, StoreError> {
@@ -57,21 +57,10 @@ pub async fn spent(
     except: Option<CallId>,
 ) -> Result<Spent, sqlx::Error> {
     let pool = store.pool();
+    let since = |start| crate::usecases::calls::ledger::spent_since(pool, user, start, except);
     Ok(Spent {
-        today_cents: crate::usecases::calls::ledger::spent_since(
-            pool,
-            user,
-            day_start(now),
-            except,
-        )
-        .await?,
-        this_month_cents: crate::usecases::calls::ledger::spent_since(
-            pool,
-            user,
-            month_start(now),
-            except,
-        )
-        .await?,
+        today_cents: Cents(since(day_start(now)).await?),
+        this_month_cents: Cents(since(month_start(now)).await?),
     })
 }
 
@@ -82,7 +71,6 @@ pub async fn check(
     now: DateTime<Utc>,
     max_price: Cents,
 ) -> Result<(), CheckError> {
-    let max_price = max_price.0;
     let settings = settings(store, user).await.map_err(ReadError::from)?;
     if settings.max_cost_per_call_cents.is_none()
         && settings.max_daily_spend_cents.is_none()
@@ -121,13 +109,12 @@ pub async fn allows(
     now: DateTime<Utc>,
     price: Cents,
 ) -> Result<bool, ReadError> {
-    let price = price.0;
     let s = settings(store, user).await?;
     if s.max_daily_spend_cents.is_none() && s.max_monthly_spend_cents.is_none() {
         return Ok(true);
     }
     let spent = spent(store, user, now, Some(call_id)).await?;
-    let within = |limit: Option<i64>, spent: i64| limit.is_none_or(|l| spent + price <= l);
+    let within = |limit: Option<i64>, spent: Cents| limit.is_none_or(|l| spent + price <= Cents(l));
     Ok(within(s.max_daily_spend_cents, spent.today_cents)
         && within(s.max_monthly_spend_cents, spent.this_month_cents))
 }
@@ -142,7 +129,6 @@ pub async fn observe(
     at: DateTime<Utc>,
     ctx: &CommandContext,
 ) -> Result<(), ReadError> {
-    let price = price.0;
     let settings = settings(store, user).await?;
     let spent = spent(store, user, at, Some(call_id)).await?;
     for (limit, spent, period) in [
@@ -160,7 +146,7 @@ pub async fn observe(
         let Some(limit) = limit else { continue };
         let command = BudgetCommand::ObserveSpend {
             period,
-            spent_cents: spent + price,
+            spent_cents: (spent + price).0,
             limit_cents: limit,
         };
         store
@@ -168,4 +154,26 @@ pub async fn observe(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_says_its_amounts_in_cents() {
+        let e = CheckError::Exceeded {
+            max_price: Cents(225),
+            breach: Breach {
+                limit: "max_daily_spend_cents",
+                limit_cents: Cents(500),
+                would_be_cents: Cents(525),
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "this call could cost up to 225 cents, which would take you to 525 cents against \
+             your max_daily_spend_cents of 500 cents"
+        );
+    }
 }

@@ -252,7 +252,7 @@ pub async fn create_payment_intent(
     }
     let key = idempotency_key("hold", &user, body.idempotency_key.as_deref())?;
     let prices = prices::current(&state.store, state.clock.now()).await?;
-    let amount = prices.max_price(minutes).0;
+    let amount = prices.max_price(minutes);
     let intent = billing::authorise_call(
         &state.store,
         &state.stripe,
@@ -354,7 +354,7 @@ pub async fn buy_credits(
         StatusCode::CREATED,
         axum::Json(CreditsAnswer {
             payment_intent_id: bought.payment_intent_id,
-            amount: bought.amount,
+            amount: bought.amount.0,
             credits: body.credits,
             balance: wallet.balance,
         }),

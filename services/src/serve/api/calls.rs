@@ -388,7 +388,7 @@ pub async fn cancel(
             method: "card",
             credits_released: None,
             payment_intent_id: Some(payment_intent_id),
-            amount_cents: Some(cancelled.max_price_cents),
+            amount_cents: Some(cancelled.max_price.0),
         },
     });
     Ok(axum::Json(Cancelled {

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use cmb_domain::call::{Call, CallCommand, CallError, Payment};
+use cmb_domain::values::Cents;
 use cmb_domain::{CallId, CommandContext, UserId};
 
 use super::schedule::MIN_NOTICE_MINUTES;
@@ -13,7 +14,7 @@ use crate::backbone::store::{CommandError, Committed, EventStore};
 pub struct Cancelled {
     pub committed: Committed,
     pub payment: Option<Payment>,
-    pub max_price_cents: i64,
+    pub max_price: Cents,
 }
 
 pub type CancelError = CommandError<CallError>;
@@ -37,6 +38,6 @@ pub async fn cancel(
     Ok(Cancelled {
         committed,
         payment: call.payment,
-        max_price_cents: call.max_price_cents,
+        max_price: Cents(call.max_price_cents),
     })
 }

@@ -81,14 +81,14 @@ pub enum RequestError {
     #[error("no such payment intent")]
     UnknownIntent,
     #[error(
-        "the payment intent holds {capturable} cents ({status}); a call of {minutes} minutes can \
-         cost up to {needed} cents: {} cents missing. Ask for fewer minutes, or create an intent \
-         for {minutes}", needed - capturable
+        "the payment intent holds {} cents ({status}); a call of {minutes} minutes can cost up \
+         to {} cents: {} cents missing. Ask for fewer minutes, or create an intent for {minutes}",
+        capturable.0, needed.0, (*needed - *capturable).0
     )]
     IntentTooSmall {
         status: String,
-        capturable: i64,
-        needed: i64,
+        capturable: Cents,
+        needed: Cents,
         minutes: u32,
     },
     #[error(transparent)]
@@ -224,8 +224,8 @@ pub async fn request(
             if intent.status != "requires_capture" || intent.amount_capturable < max_price.0 {
                 return Err(RequestError::IntentTooSmall {
                     status: intent.status,
-                    capturable: intent.amount_capturable,
-                    needed: max_price.0,
+                    capturable: Cents(intent.amount_capturable),
+                    needed: max_price,
                     minutes,
                 });
             }

@@ -114,7 +114,13 @@ pub async fn settle(
                 }
             }
             Payment::Card { payment_intent_id } => {
-                settle_card(stripe, &id, payment_intent_id, settlement.charged_cents).await?;
+                settle_card(
+                    stripe,
+                    &id,
+                    payment_intent_id,
+                    Cents(settlement.charged_cents),
+                )
+                .await?;
             }
         }
         // A crash here leaves the hold closed (or the card captured) and the call unsettled:
@@ -157,11 +163,11 @@ async fn settle_card(
     stripe: &Stripe,
     call_id: &str,
     pi: &str,
-    price: i64,
+    price: Cents,
 ) -> Result<(), SettleError> {
-    let result = if price > 0 {
+    let result = if price.0 > 0 {
         stripe
-            .capture_payment_intent(pi, price, &format!("capture-{call_id}"))
+            .capture_payment_intent(pi, price.0, &format!("capture-{call_id}"))
             .await
     } else {
         stripe
@@ -178,8 +184,8 @@ async fn settle_card(
             // Settled already (by an earlier delivery with another key, or by hand)?
             let intent = stripe.retrieve_payment_intent(pi).await.map_err(failed)?;
             let done =
-                (price > 0 && intent.status == "succeeded" && intent.amount_received == price)
-                    || (price == 0 && intent.status == "canceled");
+                (price.0 > 0 && intent.status == "succeeded" && intent.amount_received == price.0)
+                    || (price.0 == 0 && intent.status == "canceled");
             if done {
                 Ok(())
             } else {
