@@ -143,6 +143,13 @@ impl CostKind {
     }
 }
 
+/// Our estimate of the tokens `words` words make (4 tokens per 3 words, rounded up): what an
+/// LLM reply cut off before the provider reported its usage is billed by, and what prompt
+/// budgets and knowledge passages are measured in.
+pub fn estimated_tokens(words: u64) -> u64 {
+    (words * 4).div_ceil(3)
+}
+
 /// The production name of an operation that histories written before the names were unified
 /// used (`simulate` and `synthetic` recorded `stt-streaming` and `llm-tokens`): read models
 /// and reports use this, so old and new lines group together. Events are never edited.
@@ -157,6 +164,14 @@ pub fn canonical_operation(operation: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_estimated_at_four_per_three_words_rounded_up() {
+        assert_eq!(estimated_tokens(0), 0);
+        assert_eq!(estimated_tokens(3), 4);
+        assert_eq!(estimated_tokens(4), 6);
+        assert_eq!(crate::knowledge::tokens("one two three four"), 6);
+    }
 
     #[test]
     fn every_kind_has_its_production_name() {

@@ -122,5 +122,5 @@ pub struct KnowledgeDocument {
 
 /// Rough tokens of `text` (words × 4/3), the estimate used for budgets and passage sizes.
 pub fn tokens(text: &str) -> usize {
-    (text.split_whitespace().count() * 4).div_ceil(3)
+    crate::cost::estimated_tokens(text.split_whitespace().count() as u64) as usize
 }

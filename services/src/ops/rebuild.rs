@@ -240,6 +240,19 @@ async fn build_and_swap(
     Ok((applied + caught_up, caught_up, rows))
 }
 
+/// 1 for an event applied, 0 for one already applied or not the projection's. Read in stream
+/// order, an aggregate's events come in order: a gap means the stream lost one.
+fn counted(outcome: Outcome, event: &cmb_domain::EventEnvelope) -> Result<u64, RebuildError> {
+    match outcome {
+        Outcome::Applied => Ok(1),
+        Outcome::Gap { expected } => Err(RebuildError::Gap {
+            event: event.event_id(),
+            expected,
+        }),
+        Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => Ok(0),
+    }
+}
+
 /// Applies the stream's events from `start` up to `until` to `projection` on `pool`.
 async fn apply_range(
     pool: &PgPool,
@@ -259,18 +272,8 @@ async fn apply_range(
     while let Some(item) = rx.recv().await {
         let r = item?;
         let event = keys.opened(&r.event).await?;
-        match cmb_projections::apply(pool, projection, &event, r.stream_sequence).await? {
-            Outcome::Applied => applied += 1,
-            // Read in stream order, an aggregate's events come in order: a gap means the
-            // stream lost one.
-            Outcome::Gap { expected } => {
-                return Err(RebuildError::Gap {
-                    event: r.event.event_id(),
-                    expected,
-                })
-            }
-            Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => {}
-        }
+        let outcome = cmb_projections::apply(pool, projection, &event, r.stream_sequence).await?;
+        applied += counted(outcome, &r.event)?;
         progress.tick(1);
     }
     Ok(applied)
@@ -293,16 +296,9 @@ async fn apply_range_on(
     while let Some(item) = rx.recv().await {
         let r = item?;
         let event = keys.opened(&r.event).await?;
-        match cmb_projections::apply_on(conn, projection, &event, r.stream_sequence).await? {
-            Outcome::Applied => applied += 1,
-            Outcome::Gap { expected } => {
-                return Err(RebuildError::Gap {
-                    event: r.event.event_id(),
-                    expected,
-                })
-            }
-            Outcome::AlreadyApplied | Outcome::Ignored | Outcome::Unknown => {}
-        }
+        let outcome =
+            cmb_projections::apply_on(conn, projection, &event, r.stream_sequence).await?;
+        applied += counted(outcome, &r.event)?;
     }
     Ok(applied)
 }

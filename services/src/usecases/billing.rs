@@ -422,7 +422,7 @@ pub async fn reverse(
     match target {
         Reversed::Credits { user, .. } => {
             // Credits of a pack are 5¢ each: a reversal of part of a cent takes a whole credit.
-            let credits = (reversal.amount.0 + CENTS_PER_CREDIT - 1) / CENTS_PER_CREDIT;
+            let credits = cmb_domain::pricing::credits_for(reversal.amount);
             let revoke = WalletCommand::Revoke {
                 grant: reversal.payment_intent.clone(),
                 reversal: reversal.reference.clone(),

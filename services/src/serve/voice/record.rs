@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use cmb_domain::call::{Call, CallCommand};
-use cmb_domain::cost::{CostKind, LlmProvider};
+use cmb_domain::cost::{estimated_tokens, CostKind, LlmProvider};
 use cmb_domain::{Actor, CommandContext};
 
 use super::error::SessionError;
@@ -80,7 +80,7 @@ impl Session {
                 ((u.prompt_tokens + u.completion_tokens) as i64, false)
             } else {
                 // Cut off before the provider said: the prompt it read and the words it wrote.
-                ((u.prompt_estimate + (u.words * 4).div_ceil(3)) as i64, true)
+                ((u.prompt_estimate + estimated_tokens(u.words)) as i64, true)
             };
             let entry = tokens.entry(llm).or_default();
             entry.0 += n;

@@ -258,7 +258,9 @@ async fn collect(llm: &Llm, request: &ChatRequest) -> Result<(String, i64, bool)
         .map_err(|e| (format!("{}: {e}", llm.provider()), 0))?;
     let mut text = String::new();
     let mut usage = None;
-    let estimate = |text: &str| (text.split_whitespace().count() as u64 * 4).div_ceil(3) as i64;
+    let estimate = |text: &str| {
+        cmb_domain::cost::estimated_tokens(text.split_whitespace().count() as u64) as i64
+    };
     loop {
         match rx.recv().await {
             Some(LlmChunk::Delta(d)) => text.push_str(&d),
