@@ -45,6 +45,10 @@ pub struct Hit<'a> {
     pub score: f32,
 }
 
+/// The passages nearest a query's vector, best first (see [`KnowledgeIndex::near`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Near(Vec<(u32, f32)>);
+
 pub struct KnowledgeIndex {
     passages: Vec<PassageIn>,
     /// The passages' unit vectors (see [`Vectors`]).
@@ -162,11 +166,29 @@ impl KnowledgeIndex {
         max: usize,
         budget_tokens: usize,
     ) -> Vec<Hit<'_>> {
+        let near = query_vector.map(|q| self.near(q));
+        self.search_near(query, near.as_ref(), max, budget_tokens)
+    }
+
+    /// The passages nearest `query_vector`: the costly half of a search, to do ahead (off a
+    /// turn's path) and fuse later with the words' ranking ([`KnowledgeIndex::search_near`]).
+    pub fn near(&self, query_vector: &[f32]) -> Near {
+        Near(self.cosine(query_vector))
+    }
+
+    /// [`KnowledgeIndex::search`] with the vector's half done already (`near`, of this index).
+    pub fn search_near(
+        &self,
+        query: &str,
+        near: Option<&Near>,
+        max: usize,
+        budget_tokens: usize,
+    ) -> Vec<Hit<'_>> {
         if self.passages.is_empty() || max == 0 {
             return Vec::new();
         }
         let lexical = self.bm25(query);
-        let semantic = query_vector.map(|q| self.cosine(q)).unwrap_or_default();
+        let semantic: &[(u32, f32)] = near.map_or(&[], |n| &n.0);
         let mut fused: HashMap<u32, f32> = HashMap::new();
         for (rank, (i, _)) in lexical.iter().enumerate() {
             *fused.entry(*i).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
@@ -274,6 +296,42 @@ mod tests {
             tokens: super::super::tokens(text) as u32,
             embedding,
         }
+    }
+
+    #[test]
+    fn a_search_with_its_vector_s_half_done_ahead_is_the_same_search() {
+        let index = KnowledgeIndex::new(vec![
+            passage("d:0", "Run intervals every Tuesday.", vec![1.0, 0.0, 0.0]),
+            passage(
+                "d:1",
+                "Sleep eight hours before a race.",
+                vec![0.0, 1.0, 0.0],
+            ),
+            passage("d:2", "Eat oats before a long run.", vec![0.6, 0.8, 0.0]),
+        ]);
+        let q = [0.1, 0.9, 0.1];
+        let near = index.near(&q);
+        for query in [
+            "what do I eat before a long run",
+            "how much sleep",
+            "tuesday",
+        ] {
+            let ids = |hits: Vec<Hit<'_>>| -> Vec<String> {
+                hits.iter().map(|h| h.passage.id.clone()).collect()
+            };
+            let whole = ids(index.search(query, Some(&q), 3, 500));
+            assert!(!whole.is_empty(), "{query}");
+            assert_eq!(
+                ids(index.search_near(query, Some(&near), 3, 500)),
+                whole,
+                "{query}"
+            );
+        }
+        // Without a vector, words alone.
+        assert_eq!(
+            index.search_near("tuesday", None, 3, 500)[0].passage.id,
+            "d:0"
+        );
     }
 
     #[test]

@@ -10,16 +10,18 @@
 //! only if it is there when the turn ends and its words are most of the turn's. Once the
 //! embedded words have held still almost as long as the persona's endpointing (so the final is
 //! probably next), the same task ranks the passages for them; a final transcript with the same
-//! words reuses that ranking, and the turn's path does no ranking work at all (otherwise it
-//! ranks there, a few hundred microseconds of CPU that a preempted thread stretches to
-//! milliseconds). No provider call ever waits in the reply's path. The embeddings' tokens are
+//! words reuses that ranking, and the turn's path does no ranking work at all; one with other
+//! words (the caller said another after the last interim) ranks by its words there, fused with
+//! the passages nearest the vector found ahead (the costly half, done). Otherwise the turn
+//! ranks in full, a few hundred microseconds of CPU that a preempted thread can stretch to
+//! milliseconds. No provider call ever waits in the reply's path. The embeddings' tokens are
 //! billed to the call with the session's other costs (`embedding_tokens`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use cmb_domain::knowledge::rank::KnowledgeIndex;
+use cmb_domain::knowledge::rank::{KnowledgeIndex, Near};
 use cmb_domain::knowledge::DocumentStatus;
 use cmb_domain::persona::Persona;
 use tokio::sync::watch;
@@ -72,8 +74,9 @@ struct Embedded {
     turn: u64,
     text: String,
     vector: Vec<f32>,
-    /// The passages ranked ahead for `text` with `vector`, once its words held still.
-    ranked: Option<Ranked>,
+    /// The passages ranked ahead for `text` with `vector`, once its words held still, and
+    /// the vector's half of that ranking (the passages nearest it).
+    ranked: Option<(Ranked, Near)>,
 }
 
 /// A ranking made ahead of the turn's end: what [`Retrieved`] carries of it.
@@ -249,21 +252,30 @@ impl CallKnowledge {
             .expect("embedded")
             .take()
             .filter(|e| e.turn == turn && covers(&e.text, text));
+        let budget = call.voice.knowledge.prompt_tokens;
         let (ranked, with_vector, preranked) = match embedded {
             // Ranked ahead for these very words: nothing to do here.
             Some(Embedded {
-                ranked: Some(ranked),
+                ranked: Some((ranked, near)),
                 text: ahead,
                 ..
-            }) if words(&ahead) == words(text) => (ranked, true, true),
+            }) => {
+                if words(&ahead) == words(text) {
+                    (ranked, true, true)
+                } else {
+                    // Other words (a word or two more): ranked by them now, fused with the
+                    // passages nearest the vector found ahead — the costly half is done.
+                    let hits = self
+                        .index
+                        .search_near(text, Some(&near), PASSAGES_PER_TURN, budget);
+                    (Ranked::of(&hits), true, false)
+                }
+            }
             embedded => {
                 let vector = embedded.map(|e| e.vector);
-                let hits = self.index.search(
-                    text,
-                    vector.as_deref(),
-                    PASSAGES_PER_TURN,
-                    call.voice.knowledge.prompt_tokens,
-                );
+                let hits = self
+                    .index
+                    .search(text, vector.as_deref(), PASSAGES_PER_TURN, budget);
                 (Ranked::of(&hits), vector.is_some(), false)
             }
         };
@@ -360,13 +372,14 @@ async fn embed_task(
                 continue;
             }
         }
-        let hits = ahead.index.search(
+        let near = ahead.index.near(&vector);
+        let hits = ahead.index.search_near(
             &now.text,
-            Some(&vector),
+            Some(&near),
             PASSAGES_PER_TURN,
             voice.knowledge.prompt_tokens,
         );
-        let ranked = Ranked::of(&hits);
+        let ranked = (Ranked::of(&hits), near);
         // Unless the turn ended meanwhile (its vector taken) or newer words replaced these.
         if let Some(e) = embedded
             .lock()
