@@ -29,7 +29,7 @@ pub enum Error {
         voice_id: String,
     },
     #[error("the voice could not be checked with ElevenLabs; try again")]
-    VoiceUnchecked(String),
+    VoiceUnchecked(#[source] cmb_providers::ProviderError),
     #[error("this persona has {0} scheduled call(s) to come; cancel them first")]
     Scheduled(i64),
     #[error(transparent)]
@@ -90,7 +90,7 @@ async fn check_voice(
         }),
         Err(e) => {
             tracing::warn!(error = %e, "voice check failed");
-            Err(Error::VoiceUnchecked(e.to_string()))
+            Err(Error::VoiceUnchecked(e))
         }
     }
 }

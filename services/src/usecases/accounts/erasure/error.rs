@@ -9,15 +9,16 @@ use crate::backbone::store::CommandError;
 pub enum StepError {
     #[error("{0}")]
     Db(#[from] sqlx::Error),
-    #[error("{0}")]
-    Command(String),
+    /// A command of the clean-up refused or failed (its error as it is).
+    #[error(transparent)]
+    Command(Box<dyn std::error::Error + Send + Sync>),
     #[error("deleting the Stripe customer: {0}")]
     Stripe(#[from] StripeError),
 }
 
-impl<E: std::error::Error> From<CommandError<E>> for StepError {
+impl<E: std::error::Error + Send + Sync + 'static> From<CommandError<E>> for StepError {
     fn from(e: CommandError<E>) -> Self {
-        StepError::Command(e.to_string())
+        StepError::Command(Box::new(e))
     }
 }
 

@@ -201,10 +201,7 @@ pub async fn finish(
         .execute(pool)
         .await?;
     erased.transcript_lines = lines.rows_affected();
-    let (billing, _) = store
-        .load::<Billing>(&user.to_string())
-        .await
-        .map_err(|e| StepError::Command(e.to_string()))?;
+    let (billing, _) = store.load::<Billing>(&user.to_string()).await?;
     if let Some(customer) = &billing.customer_id {
         match stripe.delete_customer(customer).await {
             Ok(()) => {}
@@ -231,7 +228,7 @@ pub async fn resume(
     retry: Duration,
     limit: i64,
     ctx: &CommandContext,
-) -> Result<(usize, usize), sqlx::Error> {
+) -> Result<(usize, usize), StepError> {
     let pool = store.pool();
     let due: Vec<Uuid> = sqlx::query_scalar(
         "SELECT user_id FROM erasures
@@ -243,10 +240,7 @@ pub async fn resume(
     .await?;
     let (mut finished, mut failing) = (0, 0);
     for user in due.into_iter().map(UserId::from) {
-        let (account, _) = store
-            .load::<User>(&user.to_string())
-            .await
-            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let (account, _) = store.load::<User>(&user.to_string()).await?;
         if !account.erased {
             sqlx::query("DELETE FROM erasures WHERE user_id = $1 AND finished_at IS NULL")
                 .bind(user.uuid())
