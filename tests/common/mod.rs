@@ -54,7 +54,10 @@ impl TestEnv {
             // address of its own (X-Forwarded-For).
             ("TRUSTED_PROXIES".to_string(), "127.0.0.1,::1".to_string()),
             // Several apps run at once against one Postgres (max_connections 100).
-            ("DATABASE_POOL_SIZE".to_string(), "20".to_string()),
+            // The pipeline's pool (the publisher and projectors) comes on top: 22 an app, as the
+            // one pool of 20 before the pipeline had its own.
+            ("DATABASE_POOL_SIZE".to_string(), "14".to_string()),
+            ("PIPELINE_POOL_SIZE".to_string(), "8".to_string()),
         ]);
         TestEnv { id, vars }
     }

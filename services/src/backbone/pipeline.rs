@@ -41,7 +41,7 @@ impl Pipeline {
         let nats_url = config.nats_url.clone();
         let client_name = format!("callmeback {} pipeline", config.instance_id);
         let stream_name = config.stream.stream.clone();
-        let (pool, js, stream) = runtime
+        let connected = runtime
             .spawn(async move {
                 let pool = super::db::connect(&database_url, pool_size)
                     .await
@@ -57,7 +57,16 @@ impl Pipeline {
                 Ok::<_, ConnectError>((pool, js, stream))
             })
             .await
-            .map_err(ConnectError::PipelineStopped)??;
+            .map_err(ConnectError::PipelineStopped)
+            .and_then(|connected| connected);
+        let (pool, js, stream) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                // Dropped here it would block inside the caller's runtime, which panics.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(Pipeline {
             runtime: Some(runtime),
             pool,
@@ -82,5 +91,27 @@ impl Drop for Pipeline {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the whole suite: with Postgres out of connections the pipeline's runtime was
+    /// dropped inside the caller's, which panicked instead of reporting the error.
+    #[tokio::test]
+    async fn a_pipeline_that_cannot_connect_says_so_instead_of_panicking() {
+        let config = Config::from_lookup(|k| match k {
+            // Nothing listens on port 1.
+            "DATABASE_URL" => Some("postgres://postgres@127.0.0.1:1/nothing".into()),
+            _ => None,
+        })
+        .expect("a development configuration");
+        let err = Pipeline::start(&config)
+            .await
+            .err()
+            .expect("no Postgres, no pipeline");
+        assert!(matches!(err, ConnectError::Postgres(_)), "{err:?}");
     }
 }
