@@ -264,3 +264,124 @@ async fn a_batch_applies_each_event_once_in_aggregate_order() {
     b.pool.close().await;
     env.cleanup().await;
 }
+
+/// The wallets projection writes a batch set-based (one upsert of the wallets it moves, one
+/// insert of the ledger lines): the same wallets, and ledger lines with the same balance after
+/// each event, as applying the events one at a time.
+#[tokio::test]
+async fn wallet_events_in_one_batch_write_what_one_at_a_time_writes() {
+    use cmb_domain::wallet::WalletEvent;
+    use cqrs_es::DomainEvent as _;
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let wallets = cmb_projections::by_name("wallets").expect("the wallets projection");
+    let story = |user: &str| {
+        let hold = "hold-1".to_string();
+        [
+            WalletEvent::CreditsGranted {
+                credits: 100,
+                reason: "pack".into(),
+                reference: "pi_1".into(),
+                balance_after: 100,
+            },
+            WalletEvent::CreditsReserved {
+                hold_id: hold.clone(),
+                credits: 30,
+                available_after: 70,
+            },
+            WalletEvent::CreditsSettled {
+                hold_id: hold.clone(),
+                used: 12,
+                released: 18,
+                balance_after: 88,
+            },
+            WalletEvent::CreditsRevoked {
+                grant: "pi_1".into(),
+                reversal: "re_1".into(),
+                cause: "refund".into(),
+                credits: 100,
+                from_balance: 88,
+                to_debt: 12,
+                balance_after: 0,
+                debt_after: 12,
+            },
+            WalletEvent::DebtPaid {
+                credits: 12,
+                balance_after: 0,
+                debt_after: 0,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(n, event)| cmb_domain::EventEnvelope {
+            aggregate_type: "wallet".into(),
+            aggregate_id: user.to_string(),
+            sequence: n as u64 + 1,
+            event_type: event.event_type(),
+            event_version: event.event_version(),
+            occurred_at: chrono::Utc::now(),
+            global_position: 0,
+            commit_xid: 0,
+            payload: serde_json::to_value(&event).unwrap(),
+            metadata: Default::default(),
+        })
+        .collect::<Vec<_>>()
+    };
+    let (batched, alone) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    // Two users' stories interleaved in one batch (another user's wallet between them)…
+    let (a, other) = (
+        story(&batched.to_string()),
+        story(&uuid::Uuid::now_v7().to_string()),
+    );
+    let mixed: Vec<_> = a
+        .iter()
+        .zip(other.iter())
+        .flat_map(|(x, y)| [x, y])
+        .collect();
+    let batch: Vec<_> = mixed.iter().copied().zip(1u64..).collect();
+    let outcomes = cmb_projections::apply_batch(&b.pool, wallets.as_ref(), &batch)
+        .await
+        .unwrap();
+    assert!(
+        outcomes.iter().all(|o| *o == Outcome::Applied),
+        "{outcomes:?}"
+    );
+    // …and the same story one event at a time.
+    for (i, e) in story(&alone.to_string()).iter().enumerate() {
+        let outcome = cmb_projections::apply(&b.pool, wallets.as_ref(), e, 100 + i as u64)
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Applied);
+    }
+    let wallet = |user: uuid::Uuid| {
+        let pool = b.pool.clone();
+        async move {
+            let row: (i64, i64, i64) =
+                sqlx::query_as("SELECT balance, reserved, debt FROM rm_wallets WHERE user_id = $1")
+                    .bind(user)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            let ledger: Vec<(i64, String, i64, String, String, i64)> = sqlx::query_as(
+                "SELECT sequence, kind, credits, reason, reference, balance_after
+                   FROM rm_credit_ledger WHERE user_id = $1 ORDER BY sequence",
+            )
+            .bind(user)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            (row, ledger)
+        }
+    };
+    let (one_by_one, set_based) = (wallet(alone).await, wallet(batched).await);
+    // 100 granted, 12 used, 88 taken back, 12 of debt paid; the hold's 30 released.
+    assert_eq!(one_by_one.0, (-12, 0, 0));
+    assert_eq!(
+        one_by_one.1.iter().map(|l| l.5).collect::<Vec<_>>(),
+        vec![100, 100, 88, 0, -12],
+        "balance after each event, as the projection has always computed it"
+    );
+    assert_eq!(set_based, one_by_one);
+    b.pool.close().await;
+    env.cleanup().await;
+}

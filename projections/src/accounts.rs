@@ -265,6 +265,86 @@ impl Projection for Wallets {
         &["wallet"]
     }
     async fn apply(&self, db: &mut PgConnection, e: &EventEnvelope) -> Result<(), sqlx::Error> {
+        self.apply_all(db, &[e]).await
+    }
+
+    /// Set-based: every wallet the batch moves updated by one upsert (its events' changes
+    /// summed), and every event's ledger line by one insert, its balance after the event being
+    /// the wallet's new balance less what the wallet's later events in the batch moved.
+    async fn apply_all(
+        &self,
+        db: &mut PgConnection,
+        events: &[&EventEnvelope],
+    ) -> Result<(), sqlx::Error> {
+        let mut m = Movements::default();
+        for e in events {
+            m.push(e)?;
+        }
+        sqlx::query(
+            "WITH d AS (
+                  SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[],
+                                       $5::text[], $6::text[], $7::bigint[], $8::bigint[],
+                                       $9::bigint[], $10::timestamptz[])
+                         WITH ORDINALITY
+                         AS d(user_id, sequence, kind, credits, reason, reference,
+                              balance, reserved, debt, at, n)),
+              totals AS (
+                  SELECT DISTINCT ON (user_id) user_id,
+                         sum(balance) OVER w AS balance, sum(reserved) OVER w AS reserved,
+                         sum(debt) OVER w AS debt, at
+                    FROM d WINDOW w AS (PARTITION BY user_id)
+                   ORDER BY user_id, n DESC),
+              wallets AS (
+                  INSERT INTO rm_wallets (user_id, balance, reserved, debt, updated_at)
+                  SELECT user_id, balance, reserved, debt, at FROM totals
+                  ON CONFLICT (user_id) DO UPDATE
+                     SET balance = rm_wallets.balance + EXCLUDED.balance,
+                         reserved = rm_wallets.reserved + EXCLUDED.reserved,
+                         debt = rm_wallets.debt + EXCLUDED.debt,
+                         updated_at = EXCLUDED.updated_at
+                  RETURNING user_id, balance)
+             INSERT INTO rm_credit_ledger
+                    (user_id, sequence, kind, credits, reason, reference, balance_after, at)
+             SELECT d.user_id, d.sequence, d.kind, d.credits, d.reason, d.reference,
+                    w.balance - COALESCE(sum(d.balance) OVER (
+                        PARTITION BY d.user_id ORDER BY d.n DESC
+                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0),
+                    d.at
+               FROM d JOIN wallets w USING (user_id)",
+        )
+        .bind(&m.user_id)
+        .bind(&m.sequence)
+        .bind(&m.kind)
+        .bind(&m.credits)
+        .bind(&m.reason)
+        .bind(&m.reference)
+        .bind(&m.balance)
+        .bind(&m.reserved)
+        .bind(&m.debt)
+        .bind(&m.at)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Wallet events as columns: what each moved, and its ledger line.
+#[derive(Default)]
+struct Movements {
+    user_id: Vec<Uuid>,
+    sequence: Vec<i64>,
+    kind: Vec<&'static str>,
+    credits: Vec<i64>,
+    reason: Vec<String>,
+    reference: Vec<String>,
+    balance: Vec<i64>,
+    reserved: Vec<i64>,
+    debt: Vec<i64>,
+    at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Movements {
+    fn push(&mut self, e: &EventEnvelope) -> Result<(), sqlx::Error> {
         let id = user_id(e)?;
         // (kind, credits moved, reason, reference, balance change, reserved change); debt change
         let mut debt_delta = 0;
@@ -330,33 +410,16 @@ impl Projection for Wallets {
                     )
                 }
             };
-        let balance_after: i64 = sqlx::query_scalar(
-            "INSERT INTO rm_wallets (user_id, balance, reserved, debt, updated_at) VALUES ($1, $2, $3, $5, $4)
-             ON CONFLICT (user_id) DO UPDATE SET balance = rm_wallets.balance + $2,
-                 reserved = rm_wallets.reserved + $3, debt = rm_wallets.debt + $5, updated_at = $4
-             RETURNING balance",
-        )
-        .bind(id)
-        .bind(balance_delta)
-        .bind(reserved_delta)
-        .bind(e.occurred_at)
-        .bind(debt_delta)
-        .fetch_one(&mut *db)
-        .await?;
-        sqlx::query(
-            "INSERT INTO rm_credit_ledger (user_id, sequence, kind, credits, reason, reference, balance_after, at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(id)
-        .bind(e.sequence as i64)
-        .bind(kind)
-        .bind(credits)
-        .bind(reason)
-        .bind(reference)
-        .bind(balance_after)
-        .bind(e.occurred_at)
-        .execute(db)
-        .await?;
+        self.user_id.push(id);
+        self.sequence.push(e.sequence as i64);
+        self.kind.push(kind);
+        self.credits.push(credits);
+        self.reason.push(reason);
+        self.reference.push(reference);
+        self.balance.push(balance_delta);
+        self.reserved.push(reserved_delta);
+        self.debt.push(debt_delta);
+        self.at.push(e.occurred_at);
         Ok(())
     }
 }
