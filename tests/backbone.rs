@@ -243,15 +243,7 @@ async fn a_publisher_restarted_after_the_duplicate_window_publishes_nothing_twic
     let stored = events_in_store(&b.pool).await;
     let publish_for = |d: Duration| {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let publisher = callmeback::backbone::outbox::Publisher {
-            pool: b.pool.clone(),
-            js: b.js.clone(),
-            stream: config.stream.clone(),
-            settings: config.publisher.clone(),
-            instance_id: "test".into(),
-            lag_samples: None,
-            after_wave: None,
-        };
+        let publisher = plain_publisher(&b, &config);
         let stop = shutdown.clone();
         async move {
             let run = tokio::spawn(publisher.run(shutdown));
@@ -435,15 +427,7 @@ async fn a_transaction_open_elsewhere_does_not_stall_publication() {
 
     let config = env.config();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let publisher = callmeback::backbone::outbox::Publisher {
-        pool: b.pool.clone(),
-        js: b.js.clone(),
-        stream: config.stream.clone(),
-        settings: config.publisher.clone(),
-        instance_id: "test".into(),
-        lag_samples: None,
-        after_wave: None,
-    };
+    let publisher = plain_publisher(&b, &config);
     let running = tokio::spawn(publisher.run(shutdown.clone()));
     write_commands(EventStore::new(b.pool.clone()), 2, 10, 40).await;
     let written = events_in_store(&b.pool).await.len() as u64;
@@ -640,15 +624,7 @@ async fn the_checkpoint_covers_what_was_published_once_the_publisher_stops() {
     write_commands(EventStore::new(b.pool.clone()), 2, 10, 40).await;
     let stored = events_in_store(&b.pool).await.len() as u64;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let publisher = callmeback::backbone::outbox::Publisher {
-        pool: b.pool.clone(),
-        js: b.js.clone(),
-        stream: config.stream.clone(),
-        settings: config.publisher.clone(),
-        instance_id: "test".into(),
-        lag_samples: None,
-        after_wave: None,
-    };
+    let publisher = plain_publisher(&b, &config);
     let running = tokio::spawn(publisher.run(shutdown.clone()));
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -669,4 +645,20 @@ async fn the_checkpoint_covers_what_was_published_once_the_publisher_stops() {
     );
     assert_exactly_once_in_order(&events_in_store(&b.pool).await, &read_stream(&env).await);
     env.cleanup().await;
+}
+
+/// A publisher with the test's settings, no lag samples and no hook after its waves.
+fn plain_publisher(
+    b: &callmeback::backbone::Backbone,
+    config: &callmeback::config::Config,
+) -> callmeback::backbone::outbox::Publisher {
+    callmeback::backbone::outbox::Publisher {
+        pool: b.pool.clone(),
+        js: b.js.clone(),
+        stream: config.stream.clone(),
+        settings: config.publisher.clone(),
+        instance_id: "test".into(),
+        lag_samples: None,
+        after_wave: None,
+    }
 }

@@ -118,18 +118,7 @@ impl Twilio {
     /// Every call created so far (empty when the simulator apart does not answer).
     pub async fn calls(&self) -> Vec<CallState> {
         match self {
-            Twilio::Here(sim) => sim
-                .calls()
-                .into_iter()
-                .map(|c| CallState {
-                    ended: c.ended_at.is_some(),
-                    sid: c.sid,
-                    status: c.status,
-                    stream_opened: c.stream_opened,
-                    stream_closed: c.stream_closed,
-                    frames_received: c.frames_received,
-                })
-                .collect(),
+            Twilio::Here(sim) => sim.calls().into_iter().map(CallState::from).collect(),
             Twilio::Apart { url, http, .. } => {
                 match http.get(format!("{url}/_sim/calls")).send().await {
                     Ok(r) => r.json().await.unwrap_or_default(),

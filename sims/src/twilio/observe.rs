@@ -75,21 +75,22 @@ pub struct CallState {
     pub frames_received: u64,
 }
 
+impl From<super::SimCall> for CallState {
+    fn from(c: super::SimCall) -> CallState {
+        CallState {
+            ended: c.ended_at.is_some(),
+            sid: c.sid,
+            status: c.status,
+            stream_opened: c.stream_opened,
+            stream_closed: c.stream_closed,
+            frames_received: c.frames_received,
+        }
+    }
+}
+
 /// `GET /_sim/calls`: every call created so far, oldest first.
 pub(super) async fn calls(State(sim): State<super::TwilioSim>) -> Json<Vec<CallState>> {
-    Json(
-        sim.calls()
-            .into_iter()
-            .map(|c| CallState {
-                ended: c.ended_at.is_some(),
-                sid: c.sid,
-                status: c.status,
-                stream_opened: c.stream_opened,
-                stream_closed: c.stream_closed,
-                frames_received: c.frames_received,
-            })
-            .collect(),
-    )
+    Json(sim.calls().into_iter().map(CallState::from).collect())
 }
 
 /// `GET /_sim/observations`: what the callers measured on every stream that has ended.
