@@ -102,3 +102,20 @@ pub fn thread_cpu_ns() -> u64 {
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// An error and each of its causes, outermost first (`reading the event store: pool timed
+/// out …`), for a log line or an operator's message: a typed error's Display says only its own
+/// part, and the causes it keeps (`#[source]`) are the rest.
+pub struct Causes<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}

@@ -253,7 +253,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replay { range, command } => replay::run(config, *range, command).await,
+        Command::Replay { range, command } => Ok(replay::run(config, *range, command).await?),
         Command::Mcp(args) => analyst::mcp(config, args).await,
         Command::AnalystToken { command } => analyst::token(config, command).await,
         Command::Sim {

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use crate::backbone::store::CommandError;
 use crate::config::Config;
+use crate::ops::reconcile;
 
 #[derive(clap::Args)]
 pub struct ReplayRange {
@@ -71,10 +73,70 @@ pub enum ReplayCommand {
     },
 }
 
-fn parse_time(field: &str, raw: &str, end: bool) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+/// A `replay` that could not run or finish, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--{field}: expected YYYY-MM-DD or an ISO 8601 time, got {raw:?}")]
+    Time { field: &'static str, raw: String },
+    #[error("--format: table, csv or json")]
+    Format,
+    #[error("--source: nats or postgres, not {0:?}")]
+    Source(String),
+    #[error("replay projections rebuilds from the first event: a read model folds every event of its aggregates, so --from, --to, --since-seq and the filters do not apply")]
+    ProjectionsFiltered,
+    #[error("replay projections reads the stream (--source nats): the stream sequence is what the live projectors resume from")]
+    ProjectionsFromPostgres,
+    #[error("no projection {name:?}; there are: {all}")]
+    NoProjection { name: String, all: String },
+    #[error("connecting")]
+    Connect(#[from] crate::backbone::ConnectError),
+    #[error("reading the event store")]
+    Store(#[from] sqlx::Error),
+    #[error("reading the stream's last sequence")]
+    LastSequence(#[source] async_nats::Error),
+    #[error("opening the stream")]
+    Open(#[source] async_nats::Error),
+    #[error("reading the stream")]
+    Stream(#[from] cmb_nats::replay::ReplayError),
+    #[error("a reader of the log stopped")]
+    Reader(#[from] tokio::task::JoinError),
+    #[error("reconciling")]
+    Reconcile(#[from] reconcile::Error),
+    #[error("opening an event's personal fields")]
+    Keys(#[from] crate::backbone::keys::KeyError),
+    #[error("reading a bill")]
+    Billed(#[from] reconcile::BilledError),
+    #[error("recording a bill on call {call_id}")]
+    Record {
+        call_id: String,
+        #[source]
+        source: CommandError<cmb_domain::call::CallError>,
+    },
+    #[error("rebuilding")]
+    Rebuild(#[from] crate::ops::rebuild::RebuildError),
+    #[error("writing the chart to {path}")]
+    Chart {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the output")]
+    Write(#[from] std::io::Error),
+    #[error("writing JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("writing CSV")]
+    Csv(#[from] csv::Error),
+}
+
+fn parse_time(
+    field: &'static str,
+    raw: &str,
+    end: bool,
+) -> Result<chrono::DateTime<chrono::Utc>, Error> {
     // The field name is only for the API's message; the command line says its own.
-    cmb_domain::values::parse_time_bound("time", raw, end).map_err(|_| {
-        anyhow::anyhow!("--{field}: expected YYYY-MM-DD or an ISO 8601 time, got {raw:?}")
+    cmb_domain::values::parse_time_bound("time", raw, end).map_err(|_| Error::Time {
+        field,
+        raw: raw.to_string(),
     })
 }
 
@@ -83,7 +145,7 @@ pub async fn run(
     config: Config,
     range: ReplayRange,
     command: ReplayCommand,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, Error> {
     use std::io::IsTerminal;
     let from = range
         .from
@@ -103,7 +165,7 @@ pub async fn run(
         }
     });
     if !["table", "csv", "json"].contains(&format.as_str()) {
-        anyhow::bail!("--format: table, csv or json");
+        return Err(Error::Format);
     }
     if let ReplayCommand::Projections { names } = &command {
         return replay_projections(config, &range, names, &format).await;
@@ -143,7 +205,7 @@ pub async fn run(
             "nats" => {
                 let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
                     .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    .map_err(Error::LastSequence)?;
                 let start = range.since_seq.unwrap_or(1);
                 let partitions = crate::ops::reconcile::stream::PARTITIONS;
                 crate::ops::reconcile::stream::reconcile(
@@ -157,7 +219,7 @@ pub async fn run(
                 .await?
                 .0
             }
-            other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
+            other => return Err(Error::Source(other.to_string())),
         })
     } else {
         None
@@ -173,13 +235,14 @@ pub async fn run(
         "postgres" => {
             let pool = b.pool.clone();
             tokio::spawn(async move {
-                crate::ops::reconcile::postgres::from_postgres(&pool, tx, from, to).await
+                crate::ops::reconcile::postgres::from_postgres(&pool, tx, from, to).await?;
+                Ok::<_, Error>(())
             })
         }
         "nats" => {
             let until = cmb_nats::replay::last_sequence(&b.js, &config.stream)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(Error::LastSequence)?;
             progress = crate::backbone::projector::Progress::new("replay", until)
                 .force(std::io::stderr().is_terminal() && format != "json");
             let start = match (range.since_seq, from) {
@@ -194,10 +257,10 @@ pub async fn run(
             let mut events =
                 cmb_nats::replay::open(&b.js, &config.stream, &filter_subject, start, until)
                     .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    .map_err(Error::Open)?;
             tokio::spawn(async move {
                 while let Some(item) = events.recv().await {
-                    let e = item.map_err(|e| anyhow::anyhow!("{e}"))?.event;
+                    let e = item?.event;
                     if to.is_some_and(|t| e.occurred_at >= t)
                         || from.is_some_and(|f| e.occurred_at < f)
                     {
@@ -210,7 +273,7 @@ pub async fn run(
                 Ok(())
             })
         }
-        other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
+        other => return Err(Error::Source(other.to_string())),
     };
     let mut user_calls = std::collections::HashSet::new();
     let mut reconciler = crate::ops::reconcile::Reconciler::requested_between(calls_in_range);
@@ -240,7 +303,12 @@ pub async fn run(
     {
         let report = report.unwrap_or_else(|| reconciler.report());
         if let Some(path) = chart {
-            std::fs::write(&path, crate::ops::reconcile::output::chart_svg(&report))?;
+            std::fs::write(&path, crate::ops::reconcile::output::chart_svg(&report)).map_err(
+                |source| Error::Chart {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?;
         }
         if billed.is_empty() {
             crate::ops::reconcile::output::write_report(&mut out, &report, &format)?;
@@ -325,7 +393,7 @@ async fn record_billed(
     pool: &sqlx::PgPool,
     report: &crate::ops::reconcile::Report,
     rows: &[crate::ops::reconcile::billed::Billed],
-) -> anyhow::Result<(u64, u64)> {
+) -> Result<(u64, u64), Error> {
     use cmb_domain::call::{Call, CallCommand, Cost};
     let store = crate::backbone::store::EventStore::new(pool.clone());
     let ctx = cmb_domain::CommandContext::system("reconcile-record");
@@ -341,7 +409,10 @@ async fn record_billed(
                 &ctx,
             )
             .await
-            .map_err(|e| anyhow::anyhow!("recording a bill on {call_id}: {e}"))?;
+            .map_err(|source| Error::Record {
+                call_id: call_id.clone(),
+                source,
+            })?;
         if committed.events > 0 {
             recorded += 1;
         } else {
@@ -357,7 +428,7 @@ async fn replay_projections(
     range: &ReplayRange,
     names: &[String],
     format: &str,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, Error> {
     use std::io::IsTerminal;
     if range.from.is_some()
         || range.to.is_some()
@@ -366,16 +437,19 @@ async fn replay_projections(
         || range.user.is_some()
         || range.call.is_some()
     {
-        anyhow::bail!("replay projections rebuilds from the first event: a read model folds every event of its aggregates, so --from, --to, --since-seq and the filters do not apply");
+        return Err(Error::ProjectionsFiltered);
     }
     if range.source != "nats" {
-        anyhow::bail!("replay projections reads the stream (--source nats): the stream sequence is what the live projectors resume from");
+        return Err(Error::ProjectionsFromPostgres);
     }
     let mut projections = Vec::new();
     for name in names {
         let Some(p) = cmb_projections::by_name(name) else {
             let all: Vec<_> = cmb_projections::all().iter().map(|p| p.name()).collect();
-            anyhow::bail!("no projection {name:?}; there are: {}", all.join(", "));
+            return Err(Error::NoProjection {
+                name: name.clone(),
+                all: all.join(", "),
+            });
         };
         projections.push(p);
     }

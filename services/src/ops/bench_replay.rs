@@ -6,12 +6,11 @@
 use std::future::IntoFuture;
 use std::time::Instant;
 
-use anyhow::Context as _;
 use futures::StreamExt;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::ops::reconcile::{Reconciler, Report};
+use crate::ops::reconcile::{self, Reconciler, Report};
 use crate::ops::synthetic::History;
 
 /// The synthetic month: `events` events of calls spread over thirty days.
@@ -66,6 +65,37 @@ fn same(a: &Report, b: &Report) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
+/// A `bench replay` that could not run or whose reconcile was wrong, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--source: nats or postgres, not {0:?}")]
+    Source(String),
+    #[error("connecting to NATS")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("creating the bench's stream")]
+    Stream(#[source] async_nats::Error),
+    #[error("publishing")]
+    Publish(#[source] async_nats::jetstream::context::PublishError),
+    #[error("a publish's ack")]
+    Ack(#[source] async_nats::jetstream::context::PublishError),
+    #[error("the events' generator stopped")]
+    Generator(#[source] tokio::task::JoinError),
+    #[error("the bench's event table")]
+    Database(#[from] sqlx::Error),
+    #[error("migrating the bench's database")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("replaying the bench's stream")]
+    Replay(#[from] cmb_nats::replay::ReplayError),
+    #[error("a reader of the bench's stream stopped")]
+    Reader(#[source] tokio::task::JoinError),
+    #[error("replayed {replayed} of {events} events")]
+    Replayed { replayed: u64, events: u64 },
+    #[error("reconciling")]
+    Reconcile(#[from] reconcile::Error),
+    #[error("the reconcile differs from the reference fold")]
+    NotTheReference,
+}
+
 /// `bench replay --source nats|postgres`.
 pub async fn replay(
     config: Config,
@@ -73,11 +103,11 @@ pub async fn replay(
     source: &str,
     partitions: u64,
     keep: bool,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let (written_per_s, runs, replayed_per_s, messages) = match source {
         "nats" => nats(&config, events, partitions, keep).await?,
         "postgres" => postgres(&config, events, keep).await?,
-        other => anyhow::bail!("--source: nats or postgres, not {other:?}"),
+        other => return Err(Error::Source(other.to_string())),
     };
     let (runs, reference) = runs;
     let per_s = |seconds: f64| (events as f64 / seconds.max(1e-9)).round();
@@ -135,10 +165,9 @@ pub async fn replay(
             "same_as_reference": same_as_reference,
         })
     );
-    anyhow::ensure!(
-        same_as_reference,
-        "the reconcile differs from the reference fold"
-    );
+    if !same_as_reference {
+        return Err(Error::NotTheReference);
+    }
     Ok(())
 }
 
@@ -146,23 +175,16 @@ type Figures = (f64, (Vec<Run>, Report), Option<f64>, Option<u64>);
 
 /// Publishes to a stream of its own (`<stream>_BENCH_REPLAY`, recreated) with bounded
 /// in-flight acks; replays every body once, then reconciles twice.
-async fn nats(
-    config: &Config,
-    events: u64,
-    partitions: u64,
-    keep: bool,
-) -> anyhow::Result<Figures> {
+async fn nats(config: &Config, events: u64, partitions: u64, keep: bool) -> Result<Figures, Error> {
     let mut settings = config.stream.clone();
     settings.stream = format!("{}_BENCH_REPLAY", config.stream.stream);
     settings.subject_prefix = format!("{}_bench_replay", config.stream.subject_prefix);
-    let nats = cmb_nats::connect(&config.nats_url, "callmeback bench replay")
-        .await
-        .context("connecting to NATS")?;
+    let nats = cmb_nats::connect(&config.nats_url, "callmeback bench replay").await?;
     let js = async_nats::jetstream::new(nats);
     js.delete_stream(&settings.stream).await.ok();
     cmb_nats::ensure_stream(&js, &settings)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(Error::Stream)?;
     const MAX_IN_FLIGHT: usize = 8_192;
     let prefix = settings.clone();
     let (mut rx, generator) = generate(events, 1_000, move |e| {
@@ -180,25 +202,25 @@ async fn nats(
             while in_flight.len() >= MAX_IN_FLIGHT {
                 if let Some(ack) = in_flight.next().await {
                     let ack: Result<_, async_nats::jetstream::context::PublishError> = ack;
-                    ack.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+                    ack.map_err(Error::Ack)?;
                 }
             }
             in_flight.push(
                 js.publish_with_headers(subject, headers, body)
                     .await
-                    .map_err(|e| anyhow::anyhow!("publish: {e}"))?
+                    .map_err(Error::Publish)?
                     .into_future(),
             );
         }
     }
     while let Some(ack) = in_flight.next().await {
-        ack.map_err(|e| anyhow::anyhow!("publish ack: {e}"))?;
+        ack.map_err(Error::Ack)?;
     }
-    let reference = generator.await.context("generator")?;
+    let reference = generator.await.map_err(Error::Generator)?;
     let written_per_s = events as f64 / started.elapsed().as_secs_f64();
     let until = cmb_nats::replay::last_sequence(&js, &settings)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(reconcile::Error::LastSequence)?;
 
     // Every body, on `partitions` consumers over all subjects, each body parsed (not kept).
     let started = Instant::now();
@@ -216,15 +238,17 @@ async fn nats(
                 Ok(())
             })
             .await?;
-            Ok::<_, anyhow::Error>(n)
+            Ok::<_, Error>(n)
         }));
     }
     let mut replayed = 0;
     for r in readers {
-        replayed += r.await??;
+        replayed += r.await.map_err(Error::Reader)??;
     }
     let replayed_per_s = replayed as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(replayed == events, "replayed {replayed} of {events} events");
+    if replayed != events {
+        return Err(Error::Replayed { replayed, events });
+    }
 
     let mut runs = Vec::new();
     let mut messages = 0;
@@ -271,7 +295,7 @@ fn copy_text(out: &mut String, value: &str) {
 
 /// Writes the events into an event table of its own (database `<name>_bench_replay`,
 /// recreated) with `COPY`, 100,000 to a transaction; vacuums it; reconciles twice in SQL.
-async fn postgres(config: &Config, events: u64, keep: bool) -> anyhow::Result<Figures> {
+async fn postgres(config: &Config, events: u64, keep: bool) -> Result<Figures, Error> {
     use sqlx::migrate::MigrateDatabase;
     let name = config
         .database_url
@@ -283,7 +307,9 @@ async fn postgres(config: &Config, events: u64, keep: bool) -> anyhow::Result<Fi
         crate::ops::bench::with_database(&config.database_url, &format!("{name}_bench_replay"));
     let _ = sqlx::Postgres::drop_database(&url).await;
     let pool = crate::backbone::db::connect(&url, 2).await?;
-    crate::backbone::db::migrate(&pool).await?;
+    crate::backbone::db::migrate(&pool)
+        .await
+        .map_err(Error::Migrate)?;
     let (mut rx, generator) = generate(events, 100_000, |e| {
         let mut row = String::with_capacity(1_024);
         for field in [
@@ -314,7 +340,7 @@ async fn postgres(config: &Config, events: u64, keep: bool) -> anyhow::Result<Fi
         copy.send(batch.concat().into_bytes()).await?;
         copy.finish().await?;
     }
-    let reference = generator.await.context("generator")?;
+    let reference = generator.await.map_err(Error::Generator)?;
     let written_per_s = events as f64 / started.elapsed().as_secs_f64();
     // As a table that has been in service for a while: hint bits set, statistics known.
     sqlx::query("VACUUM (ANALYZE) events")

@@ -11,14 +11,15 @@ use serde_json::Value;
 
 use super::log::Log;
 use crate::ops::reconcile::{billed, Report};
+use crate::telemetry::Causes;
 
 /// A tool's failure, said so an analyst (or an assistant) can correct the call.
 #[derive(Debug)]
 pub struct ToolError(pub String);
 
-impl<E: std::fmt::Display> From<E> for ToolError {
+impl<E: std::error::Error> From<E> for ToolError {
     fn from(e: E) -> Self {
-        ToolError(format!("reading the event log failed: {e}"))
+        ToolError(format!("reading the event log failed: {}", Causes(&e)))
     }
 }
 
@@ -202,8 +203,8 @@ pub async fn compare_bill(
     if csv_text.trim().is_empty() {
         return Err(bad("csv_text: empty; expected a header `provider,call_id,usage_date,quantity,unit,billed_usd` or Twilio's call export (Sid, Duration, Price), then rows"));
     }
-    let rows =
-        billed::parse_billed(csv_text, "csv_text").map_err(|e| ToolError(format!("{e:#}")))?;
+    let rows = billed::parse_billed(csv_text, "csv_text")
+        .map_err(|e| ToolError(Causes(&e).to_string()))?;
     let report = log.report((None, None)).await?;
     let (diffs, total) = billed::compare(&report, &rows, threshold_cents);
     let (differences, total_differences, next_cursor) =

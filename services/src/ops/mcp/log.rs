@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use cmb_domain::EventEnvelope;
 use sqlx::PgPool;
 
-use crate::ops::reconcile::{Filter, Report};
+use crate::ops::reconcile::{self, Filter, Report};
 
 /// Which copy of the log the tools read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,14 +252,14 @@ impl Log {
     pub async fn report(
         &self,
         range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-    ) -> anyhow::Result<Report> {
+    ) -> Result<Report, reconcile::Error> {
         use crate::ops::reconcile::{postgres, stream};
         match self.source {
             Source::Postgres => postgres::reconcile_in_sql(&self.pool, range).await,
             Source::Nats => {
                 let until = cmb_nats::replay::last_sequence(&self.js, &self.stream)
                     .await
-                    .map_err(|e| anyhow::anyhow!("reading the stream: {e}"))?;
+                    .map_err(reconcile::Error::LastSequence)?;
                 let (report, _) = stream::reconcile(
                     &self.nats_url,
                     &self.stream,

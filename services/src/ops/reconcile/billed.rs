@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::{micros_to_cents, parse_usd_micros, CallLine, Report};
+use super::{micros_to_cents, parse_usd_micros, BilledError, CallLine, Report};
 
 /// A provider's billed line, from a generic CSV or Twilio's call export.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,9 +18,13 @@ pub struct Billed {
 
 /// Reads a billed file: the generic `provider,call_id,usage_date,quantity,unit,billed_usd`, or
 /// Twilio's call-records export (columns `Sid`, `Duration`, `Price`; prices are negative).
-pub fn read_billed(path: &std::path::Path) -> anyhow::Result<Vec<Billed>> {
-    let text = std::fs::read_to_string(path)?;
-    parse_billed(&text, &path.display().to_string())
+pub fn read_billed(path: &std::path::Path) -> Result<Vec<Billed>, BilledError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| BilledError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_billed(&text, &file)
 }
 
 /// A header cell as compared: lower case, without spaces or underscores (`Call Sid`,
@@ -35,7 +39,7 @@ fn column_key(h: &str) -> String {
 /// A billed file's text (the formats of [`read_billed`]); `source` names it in messages. Read
 /// with the `csv` crate: quoted fields (Twilio's dates and caller names hold commas), doubled
 /// quotes, CRLF line ends, a UTF-8 byte-order mark, blank lines and ragged rows.
-pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
+pub fn parse_billed(text: &str, source: &str) -> Result<Vec<Billed>, BilledError> {
     let text = text.trim_start_matches('\u{feff}');
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
@@ -43,7 +47,10 @@ pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
         .from_reader(text.as_bytes());
     let header: Vec<String> = reader
         .headers()
-        .map_err(|e| anyhow::anyhow!("{source}: unreadable header: {e}"))?
+        .map_err(|e| BilledError::Header {
+            file: source.to_string(),
+            source: e,
+        })?
         .iter()
         .map(column_key)
         .collect();
@@ -52,22 +59,26 @@ pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
             .iter()
             .find_map(|n| header.iter().position(|h| h == n))
     };
-    let (provider, reference, amount, twilio) = match (
-        col(&["provider"]),
-        col(&["callid"]),
-        col(&["billedusd"]),
-    ) {
-        (Some(p), Some(c), Some(b)) => (Some(p), c, b, false),
-        _ => match (col(&["sid", "callsid"]), col(&["price"])) {
-            (Some(s), Some(p)) => (None, s, p, true),
-            _ => anyhow::bail!("{source}: expected a header `provider,call_id,usage_date,quantity,unit,billed_usd` or Twilio's export (Sid, Duration, Price)"),
-        },
-    };
+    let (provider, reference, amount, twilio) =
+        match (col(&["provider"]), col(&["callid"]), col(&["billedusd"])) {
+            (Some(p), Some(c), Some(b)) => (Some(p), c, b, false),
+            _ => match (col(&["sid", "callsid"]), col(&["price"])) {
+                (Some(s), Some(p)) => (None, s, p, true),
+                _ => {
+                    return Err(BilledError::Columns {
+                        file: source.to_string(),
+                    })
+                }
+            },
+        };
     let amount_name = if twilio { "Price" } else { "billed_usd" };
     let source = source.to_string();
     let mut out = Vec::new();
     for record in reader.records() {
-        let record = record.map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        let record = record.map_err(|e| BilledError::Row {
+            file: source.clone(),
+            source: e,
+        })?;
         if record.iter().all(str::is_empty) {
             continue;
         }
@@ -77,11 +88,11 @@ pub fn parse_billed(text: &str, source: &str) -> anyhow::Result<Vec<Billed>> {
             // Twilio leaves the price of an unanswered call empty: nothing was billed.
             continue;
         }
-        let micros = parse_usd_micros(&get(amount)).ok_or_else(|| {
-            anyhow::anyhow!(
-                "{source} line {line}: {amount_name} {:?} is not a decimal",
-                get(amount)
-            )
+        let micros = parse_usd_micros(&get(amount)).ok_or_else(|| BilledError::Amount {
+            file: source.clone(),
+            line,
+            column: amount_name,
+            value: get(amount),
         })?;
         out.push(Billed {
             provider: match provider {

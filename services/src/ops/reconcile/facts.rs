@@ -14,7 +14,7 @@ use cmb_domain::call::{Outcome, Reversal};
 use serde::Deserialize as _;
 use uuid::Uuid;
 
-use super::{CallFact, Reconciler};
+use super::{CallFact, CopyError, Error, Reconciler};
 use crate::backbone::outbox::CommitPosition;
 
 /// What a fact row holds, in order (the request's place in the log and time on requests only).
@@ -49,8 +49,8 @@ impl CopyBinary {
     pub fn push(
         &mut self,
         chunk: &[u8],
-        mut each: impl FnMut(&Fields) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+        mut each: impl FnMut(&Fields) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let joined;
         let data: &[u8] = if self.rest.is_empty() {
             chunk
@@ -70,7 +70,9 @@ impl CopyBinary {
             self.header_read = true;
         }
         while at < data.len() {
-            anyhow::ensure!(!self.ended, "COPY: data after the trailer");
+            if self.ended {
+                return Err(CopyError::AfterTrailer.into());
+            }
             match row(&data[at..])? {
                 Row::Whole(len, fields) => {
                     each(&fields)?;
@@ -88,20 +90,24 @@ impl CopyBinary {
     }
 
     /// Checks the data ended with the trailer.
-    pub fn finish(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.ended && self.rest.is_empty(), "COPY: cut short");
+    pub fn finish(&self) -> Result<(), CopyError> {
+        if !(self.ended && self.rest.is_empty()) {
+            return Err(CopyError::CutShort);
+        }
         Ok(())
     }
 }
 
 /// The header's length, or None when `data` does not hold all of it yet.
-fn header_len(data: &[u8]) -> anyhow::Result<Option<usize>> {
+fn header_len(data: &[u8]) -> Result<Option<usize>, CopyError> {
     let fixed = SIGNATURE.len() + 8;
-    if data.len() < fixed {
+    let Some(&[a, b, c, d]) = data.get(fixed - 4..fixed) else {
         return Ok(None);
+    };
+    if !data.starts_with(SIGNATURE) {
+        return Err(CopyError::NotBinary);
     }
-    anyhow::ensure!(data.starts_with(SIGNATURE), "COPY: not the binary format");
-    let extension = u32::from_be_bytes(data[fixed - 4..fixed].try_into()?) as usize;
+    let extension = u32::from_be_bytes([a, b, c, d]) as usize;
     Ok((data.len() >= fixed + extension).then_some(fixed + extension))
 }
 
@@ -113,7 +119,7 @@ enum Row<'a> {
     Cut,
 }
 
-fn row(data: &[u8]) -> anyhow::Result<Row<'_>> {
+fn row(data: &[u8]) -> Result<Row<'_>, CopyError> {
     let Some(count) = data.get(..2) else {
         return Ok(Row::Cut);
     };
@@ -121,17 +127,19 @@ fn row(data: &[u8]) -> anyhow::Result<Row<'_>> {
     if count == -1 {
         return Ok(Row::Trailer);
     }
-    anyhow::ensure!(
-        count as usize == COLUMNS,
-        "COPY: {count} fields, expected {COLUMNS}"
-    );
+    if count as usize != COLUMNS {
+        return Err(CopyError::Fields {
+            count,
+            expected: COLUMNS,
+        });
+    }
     let mut fields: Fields = [None; COLUMNS];
     let mut at = 2;
     for field in &mut fields {
-        let Some(len) = data.get(at..at + 4) else {
+        let Some(&[a, b, c, d]) = data.get(at..at + 4) else {
             return Ok(Row::Cut);
         };
-        let len = i32::from_be_bytes(len.try_into()?);
+        let len = i32::from_be_bytes([a, b, c, d]);
         at += 4;
         if len < 0 {
             continue;
@@ -244,8 +252,8 @@ impl CallFold {
     }
 
     /// Adds a row of [`CALL_FACTS_COLUMNS`].
-    pub fn row(&mut self, f: &Fields) -> anyhow::Result<()> {
-        let id = text(f[0]).ok_or_else(|| anyhow::anyhow!("a call id that is not UTF-8"))?;
+    pub fn row(&mut self, f: &Fields) -> Result<(), Error> {
+        let id = text(f[0]).ok_or(Error::CallId)?;
         if id != self.call {
             self.end_call();
             self.call.push_str(id);

@@ -15,12 +15,15 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub mod billed;
+mod error;
 mod facts;
 pub mod fast;
 mod merge;
 pub mod output;
 pub mod postgres;
 pub mod stream;
+
+pub use error::{BilledError, CopyError, Error};
 
 /// Micro-dollars to cents, half up.
 pub fn micros_to_cents(micros: i64) -> i64 {

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use cmb_domain::EventEnvelope;
 
-use super::{facts, Reconciler, Report};
+use super::{facts, Error, Reconciler, Report};
 use crate::backbone::outbox::{envelope_from_row, CommitPosition, SELECT_ENVELOPE};
 
 /// Events from Postgres in commit order (the same order the stream has), every event committed
@@ -17,7 +17,7 @@ pub async fn from_postgres(
     tx: tokio::sync::mpsc::Sender<EventEnvelope>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
-) -> anyhow::Result<()> {
+) -> Result<(), sqlx::Error> {
     let mut db = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *db)
@@ -75,16 +75,16 @@ async fn snapshot_tx(
     pool: &sqlx::PgPool,
     snapshot: Option<&str>,
     export: bool,
-) -> anyhow::Result<(sqlx::Transaction<'static, sqlx::Postgres>, Option<String>)> {
+) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, Option<String>), Error> {
     let mut db = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *db)
         .await?;
     if let Some(id) = snapshot {
-        anyhow::ensure!(
-            id.chars().all(|c| c.is_ascii_hexdigit() || c == '-'),
-            "a snapshot id {id:?}"
-        );
+        // Written into the statement (SET TRANSACTION SNAPSHOT takes no parameter).
+        if !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(Error::SnapshotId(id.to_string()));
+        }
         sqlx::query(&format!("SET TRANSACTION SNAPSHOT '{id}'"))
             .execute(&mut *db)
             .await?;
@@ -109,7 +109,7 @@ async fn fold_facts(
     db: &mut sqlx::PgConnection,
     range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
     ids: &(Option<String>, Option<String>),
-) -> anyhow::Result<(Reconciler, Vec<String>)> {
+) -> Result<(Reconciler, Vec<String>), Error> {
     use futures::TryStreamExt as _;
     let mut bounds = String::new();
     if let Some(from) = &ids.0 {
@@ -144,7 +144,7 @@ async fn fold_facts(
 pub async fn reconcile_in_sql(
     pool: &sqlx::PgPool,
     range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
-) -> anyhow::Result<Report> {
+) -> Result<Report, Error> {
     // The facts are of the payloads as stored: with an upcaster for call events, only their
     // decoded (upcast) events tell the reconcile right.
     let upcast = cmb_domain::events::UPCASTERS
@@ -167,7 +167,7 @@ pub async fn reconcile_in_sql(
             let (mut db, _) = snapshot_tx(&pool, snapshot.as_deref(), false).await?;
             let folded = fold_facts(&mut db, range, &ids).await?;
             db.commit().await?;
-            Ok::<_, anyhow::Error>(folded)
+            Ok::<_, Error>(folded)
         }));
     }
     let (mut r, mut refold) = match parts.first() {

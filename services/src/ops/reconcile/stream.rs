@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use cmb_nats::replay::{self, Start};
 use cmb_nats::StreamSettings;
 
-use super::{Reconciler, Report};
+use super::{Error, Reconciler, Report};
 
 /// The aggregate types the reconcile reads, besides calls.
 const OTHER_TYPES: [&str; 2] = ["system_cost", "stripe_event"];
@@ -32,7 +32,7 @@ pub async fn reconcile(
     until: u64,
     range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
     partitions: u64,
-) -> anyhow::Result<(Report, Read)> {
+) -> Result<(Report, Read), Error> {
     let start = start.max(1);
     let partitions = partitions.clamp(1, until.saturating_sub(start) + 1);
     let span = (until + 1).saturating_sub(start);
@@ -58,7 +58,7 @@ pub async fn reconcile(
                 Ok(r.add_body(u128::from(seq), &m.payload)?)
             })
             .await?;
-            Ok::<_, anyhow::Error>((r, n))
+            Ok::<_, Error>((r, n))
         }));
     }
     let mut whole = Reconciler::requested_between(range);
