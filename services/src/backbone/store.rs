@@ -42,8 +42,53 @@ pub enum CommandError<E: std::error::Error> {
     /// worth a retry, not a failure of ours.
     #[error("the event store is busy: {0}")]
     Busy(String),
-    #[error("event store: {0}")]
-    Store(String),
+    #[error("event store")]
+    Store(#[source] StoreError),
+}
+
+/// The event store's own failure (not a refusal, not overload), with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("reading {aggregate}:{id}'s events")]
+    Read {
+        aggregate: &'static str,
+        id: String,
+        #[source]
+        source: cqrs_es::persist::PersistenceError,
+    },
+    #[error("opening {aggregate}:{id}'s personal fields")]
+    Open {
+        aggregate: &'static str,
+        id: String,
+        #[source]
+        source: super::keys::KeyError,
+    },
+    #[error("decoding {aggregate}:{id}:{sequence} {event_type}")]
+    Decode {
+        aggregate: &'static str,
+        id: String,
+        sequence: usize,
+        event_type: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encoding an event of {aggregate}:{id}")]
+    Encode {
+        aggregate: &'static str,
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("sealing {aggregate}:{id}'s personal fields")]
+    Seal {
+        aggregate: &'static str,
+        id: String,
+        #[source]
+        source: super::keys::KeyError,
+    },
+    /// Writing the events, or a table a command keeps beside them.
+    #[error("Postgres")]
+    Postgres(#[from] sqlx::Error),
 }
 
 /// Whether Postgres, or our pool of connections to it, had no room for a request in time
@@ -76,7 +121,7 @@ enum Insert {
     Conflict,
     /// Postgres had no room in time ([`overloaded`]).
     Busy(String),
-    Failed(String),
+    Failed(StoreError),
 }
 
 /// Appends a command's events after sequence `before` of aggregate `id`, in one statement
@@ -90,26 +135,38 @@ async fn insert_events<A: Aggregate>(
     events: &[A::Event],
     ctx: &CommandContext,
 ) -> Result<(), Insert> {
-    let failed = |e: &dyn std::fmt::Display| Insert::Failed(e.to_string());
+    let encode = |source| {
+        Insert::Failed(StoreError::Encode {
+            aggregate: A::TYPE,
+            id: id.to_string(),
+            source,
+        })
+    };
     let mut types = Vec::with_capacity(events.len());
     let mut versions = Vec::with_capacity(events.len());
     let mut payloads = Vec::with_capacity(events.len());
     for event in events {
         let event_type = event.event_type();
         let payload = if cmb_domain::privacy::is_personal(A::TYPE, &event_type) {
-            let mut value = serde_json::to_value(event).map_err(|e| failed(&e))?;
+            let mut value = serde_json::to_value(event).map_err(encode)?;
             keys.seal(A::TYPE, id, &event_type, &mut value)
                 .await
-                .map_err(|e| failed(&e))?;
+                .map_err(|source| {
+                    Insert::Failed(StoreError::Seal {
+                        aggregate: A::TYPE,
+                        id: id.to_string(),
+                        source,
+                    })
+                })?;
             value.to_string()
         } else {
-            serde_json::to_string(event).map_err(|e| failed(&e))?
+            serde_json::to_string(event).map_err(encode)?
         };
         types.push(event_type);
         versions.push(event.event_version());
         payloads.push(payload);
     }
-    let metadata = serde_json::to_string(&ctx.to_metadata()).map_err(|e| failed(&e))?;
+    let metadata = serde_json::to_string(&ctx.to_metadata()).map_err(encode)?;
     let inserted = sqlx::query(
         "INSERT INTO events
                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
@@ -133,7 +190,7 @@ async fn insert_events<A: Aggregate>(
             Err(Insert::Conflict)
         }
         Err(e) if overloaded(&e) => Err(Insert::Busy(e.to_string())),
-        Err(e) => Err(failed(&e)),
+        Err(e) => Err(Insert::Failed(e.into())),
     }
 }
 
@@ -171,12 +228,15 @@ impl EventStore {
     /// ([`Keyring::open`]), upcast ([`StoreUpcaster`], the same upcasters the stream's readers
     /// use), decoded and applied in order.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<(A, u64), CommandError<A::Error>> {
-        let store = |e: &dyn std::fmt::Display| CommandError::Store(e.to_string());
         let events = self.repository.get_events::<A>(id).await.map_err(|e| {
             if persistence_overloaded(&e) {
                 CommandError::Busy(e.to_string())
             } else {
-                store(&e)
+                CommandError::Store(StoreError::Read {
+                    aggregate: A::TYPE,
+                    id: id.to_string(),
+                    source: e,
+                })
             }
         })?;
         let mut aggregate = A::default();
@@ -185,13 +245,24 @@ impl EventStore {
             self.keys
                 .open(A::TYPE, id, &event.event_type, &mut event.payload)
                 .await
-                .map_err(|e| store(&e))?;
+                .map_err(|source| {
+                    CommandError::Store(StoreError::Open {
+                        aggregate: A::TYPE,
+                        id: id.to_string(),
+                        source,
+                    })
+                })?;
             if StoreUpcaster.can_upcast(&event.event_type, &event.event_version) {
                 event = StoreUpcaster.upcast(event);
             }
-            let decoded: A::Event = serde_json::from_value(event.payload).map_err(|e| {
-                let (seq, kind) = (event.sequence, &event.event_type);
-                store(&format!("{}:{id}:{seq} {kind}: {e}", A::TYPE))
+            let decoded: A::Event = serde_json::from_value(event.payload).map_err(|source| {
+                CommandError::Store(StoreError::Decode {
+                    aggregate: A::TYPE,
+                    id: id.to_string(),
+                    sequence: event.sequence,
+                    event_type: event.event_type.clone(),
+                    source,
+                })
             })?;
             aggregate.apply(decoded);
             sequence = event.sequence as u64;

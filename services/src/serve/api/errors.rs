@@ -33,7 +33,7 @@ impl<E: std::error::Error + Into<ApiError>> From<CommandError<E>> for ApiError {
                 ..ApiError::unavailable(format!("the {what} is busy; try again"))
             },
             CommandError::Busy(detail) => ApiError::busy(detail),
-            CommandError::Store(detail) => ApiError::internal(detail),
+            CommandError::Store(e) => ApiError::internal(crate::telemetry::Causes(&e)),
         }
     }
 }

@@ -335,6 +335,7 @@ where
                 Failure::Retry(e) => (true, e),
                 Failure::Skip(e) => (false, e),
             };
+            let said = crate::telemetry::Causes(&*e).to_string();
             if !can_pass || deliveries >= spec.set_aside_after {
                 metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "dead_letter").increment(1);
                 deadletter::park(
@@ -346,7 +347,7 @@ where
                         headers: None,
                         body: None,
                         deliveries,
-                        error: &e.to_string(),
+                        error: &said,
                         retry: false,
                     },
                 )
@@ -355,7 +356,7 @@ where
                 return Ok(());
             }
             let backoff = Duration::from_millis(200 * 2u64.pow((deliveries as u32).min(8)));
-            tracing::warn!(worker = name, event = %id, deliveries, error = %e, "handler failed; redelivering");
+            tracing::warn!(worker = name, event = %id, deliveries, error = %said, "handler failed; redelivering");
             metrics::counter!("cmb_worker_events_total", "worker" => name, "outcome" => "retry")
                 .increment(1);
             message.ack_with(AckKind::Nak(Some(backoff))).await?;

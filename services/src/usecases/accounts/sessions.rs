@@ -86,6 +86,6 @@ pub async fn run_revoking(
     let (current, _) = store.load::<User>(&user.to_string()).await?;
     raise_epoch(store.pool(), user, current.session_epoch)
         .await
-        .map_err(|e| CommandError::Store(e.to_string()))?;
+        .map_err(|e| CommandError::Store(e.into()))?;
     Ok(current.session_epoch)
 }

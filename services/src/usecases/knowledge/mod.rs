@@ -267,7 +267,7 @@ async fn define_system_library(
         };
         store_text(store.pool(), persona_id, &document, text)
             .await
-            .map_err(|e| CommandError::Store(e.to_string()))?;
+            .map_err(|e| CommandError::Store(e.into()))?;
         documents.push(document);
     }
     let command = PersonaCommand::DefineSystemKnowledge {
