@@ -262,12 +262,7 @@ async fn ten_failures_from_one_address_lock_it_out_and_unknown_emails_look_the_s
                 "Wr0ng!pass".into(),
                 &client,
                 chrono::Utc::now(),
-                |id| {
-                    cmb_domain::CommandContext::for_request(
-                        "test",
-                        cmb_domain::Actor::User(id.uuid()),
-                    )
-                },
+                |id| cmb_domain::CommandContext::for_request("test", cmb_domain::Actor::User(id)),
             )
             .await;
             assert!(failed.is_err());

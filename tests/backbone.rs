@@ -33,7 +33,7 @@ async fn stream_count(env: &TestEnv) -> u64 {
 /// Drives `commands` persona commands from `tasks` concurrent writers over `aggregates`
 /// personas, straight through the command path.
 async fn write_commands(store: EventStore, tasks: usize, aggregates: usize, commands: usize) {
-    let owner = uuid::Uuid::now_v7();
+    let owner = cmb_domain::UserId::generate();
     let ids: Arc<Vec<String>> = Arc::new(
         (0..aggregates)
             .map(|_| uuid::Uuid::now_v7().to_string())

@@ -810,7 +810,7 @@ async fn budgets_limits_deletions_and_the_scheduler_do_not_wait_for_the_calls_re
 
     // The waiting-calls limit counts calls rm_calls has not seen either.
     let busy_id: uuid::Uuid = busy_profile["id"].as_str().unwrap().parse().unwrap();
-    let ctx = CommandContext::for_request("test", Actor::User(busy_id));
+    let ctx = CommandContext::for_request("test", Actor::User(busy_id.into()));
     let later = start + chrono::Duration::hours(2);
     let ask = || Request {
         user_id: busy_id.into(),

@@ -66,7 +66,7 @@ async fn a_poison_event_is_set_aside_while_its_neighbours_move_on_and_goes_back_
     .await
     .unwrap();
 
-    let owner = uuid::Uuid::now_v7();
+    let owner = cmb_domain::UserId::generate();
     let ctx = CommandContext::for_request("test", Actor::User(owner));
     let poison = uuid::Uuid::now_v7().to_string();
     store

@@ -375,8 +375,8 @@ async fn a_document_is_embedded_in_batches_a_failure_says_why_and_indexing_again
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");
-    let empty = r.body["document"]["id"].as_str().unwrap().to_string();
-    let failed = settled(&owner, &id, &empty).await;
+    let empty: cmb_domain::DocumentId = r.body["document"]["id"].as_str().unwrap().into();
+    let failed = settled(&owner, &id, empty.as_str()).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(
         failed["reason"]
@@ -403,13 +403,13 @@ async fn a_document_is_embedded_in_batches_a_failure_says_why_and_indexing_again
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");
-    let long = r.body["document"]["id"].as_str().unwrap().to_string();
-    let doc = settled(&owner, &id, &long).await;
+    let long: cmb_domain::DocumentId = r.body["document"]["id"].as_str().unwrap().into();
+    let doc = settled(&owner, &id, long.as_str()).await;
     assert_eq!(doc["status"], "indexed", "{doc}");
     let n = doc["passages"].as_u64().unwrap();
     assert!(n > 64, "{doc}");
     assert_eq!(sim.embedding_requests() - requests, n.div_ceil(64), "{doc}");
-    let stored = passages(&app, &id, &long).await;
+    let stored = passages(&app, &id, long.as_str()).await;
     assert_eq!(stored.len() as u64, n);
     assert!(stored.iter().all(|(_, dims)| *dims == 256));
     // Strangers see the indexed document's title only, not the failed one.
@@ -454,7 +454,7 @@ async fn a_document_is_embedded_in_batches_a_failure_says_why_and_indexing_again
             callmeback::usecases::knowledge::IndexOutcome::Settled
         );
     }
-    assert_eq!(passages(&app, &id, &long).await, stored);
+    assert_eq!(passages(&app, &id, long.as_str()).await, stored);
     assert_eq!(events().await, before);
     env.cleanup().await;
 }

@@ -27,7 +27,7 @@ async fn rebuilt_projections_equal_live_ones_and_redelivery_changes_nothing() {
     let app = env.spawn_app().await;
     let pool = app.state.pool.clone();
     let store = EventStore::new(pool.clone());
-    let owner = uuid::Uuid::now_v7();
+    let owner = cmb_domain::UserId::generate();
     let ctx = CommandContext::for_request("projection-test", Actor::User(owner));
 
     // A history with creations, updates and deletions, after the three system personas and

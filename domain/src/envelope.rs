@@ -11,11 +11,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::ids::UserId;
+
 /// Who caused a command: a user, the system, a webhook source or a worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum Actor {
-    User(Uuid),
+    User(UserId),
     System,
     Webhook(String),
     Worker(String),
@@ -52,7 +54,7 @@ impl Actor {
         }
         let (kind, rest) = s.split_once(':')?;
         match kind {
-            "user" => Uuid::parse_str(rest).ok().map(Actor::User),
+            "user" => rest.parse().ok().map(Actor::User),
             "webhook" => Some(Actor::Webhook(rest.to_string())),
             "worker" => Some(Actor::Worker(rest.to_string())),
             _ => None,
@@ -178,7 +180,7 @@ mod tests {
     #[test]
     fn actors_round_trip_through_their_string_form() {
         for actor in [
-            Actor::User(Uuid::now_v7()),
+            Actor::User(UserId::generate()),
             Actor::System,
             Actor::Webhook("twilio".into()),
             Actor::Worker("dialer".into()),

@@ -79,50 +79,64 @@ uuid_id!(
     CallId
 );
 
-/// A persona's id: a system persona's name (`brad_001`) or a user's persona's UUID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PersonaId(String);
+macro_rules! text_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
 
-impl PersonaId {
-    pub fn new(id: impl Into<String>) -> Self {
-        PersonaId(id.into())
-    }
+        impl $name {
+            pub fn new(id: impl Into<String>) -> Self {
+                $name(id.into())
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(id: String) -> Self {
+                $name(id)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(id: &str) -> Self {
+                $name(id.to_string())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> Self {
+                id.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
 }
 
-impl From<String> for PersonaId {
-    fn from(id: String) -> Self {
-        PersonaId(id)
-    }
-}
-
-impl From<&str> for PersonaId {
-    fn from(id: &str) -> Self {
-        PersonaId(id.to_string())
-    }
-}
-
-impl From<PersonaId> for String {
-    fn from(id: PersonaId) -> Self {
-        id.0
-    }
-}
-
-impl AsRef<str> for PersonaId {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for PersonaId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+text_id!(
+    /// A persona's id: a system persona's name (`brad_001`) or a user's persona's UUID.
+    PersonaId
+);
+text_id!(
+    /// A knowledge document's id within its persona: a UUID for a user's upload, `<slug>-<hash>`
+    /// for a system persona's shipped document.
+    DocumentId
+);
 
 #[cfg(test)]
 mod tests {
@@ -148,5 +162,10 @@ mod tests {
             serde_json::json!("brad_001")
         );
         assert_eq!(persona.to_string(), "brad_001");
+        let document = DocumentId::new("faq-0123456789ab");
+        assert_eq!(
+            serde_json::to_value(&document).unwrap(),
+            serde_json::json!("faq-0123456789ab")
+        );
     }
 }

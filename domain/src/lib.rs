@@ -24,4 +24,4 @@ pub mod values;
 pub mod wallet;
 
 pub use envelope::{Actor, CommandContext, EventEnvelope, EventMetadata};
-pub use ids::{CallId, PersonaId, UserId};
+pub use ids::{CallId, DocumentId, PersonaId, UserId};

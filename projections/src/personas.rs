@@ -1,7 +1,7 @@
 //! Personas as the front end lists and searches them.
 
 use async_trait::async_trait;
-use cmb_domain::persona::{Owner, PersonaEvent};
+use cmb_domain::persona::PersonaEvent;
 use cmb_domain::EventEnvelope;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
@@ -46,10 +46,7 @@ impl Projection for Personas {
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)",
                 )
                 .bind(&e.aggregate_id)
-                .bind(match owner {
-                    Owner::System => "system".to_string(),
-                    Owner::User(id) => id.to_string(),
-                })
+                .bind(owner.created_by())
                 .bind(name)
                 .bind(description)
                 .bind(voice_id)
@@ -117,7 +114,7 @@ impl Projection for Personas {
                      ON CONFLICT (persona_id, document_id) DO NOTHING",
                 )
                 .bind(&e.aggregate_id)
-                .bind(&document.document_id)
+                .bind(document.document_id.as_str())
                 .bind(&document.title)
                 .bind(document.format.as_str())
                 .bind(document.chars as i32)
@@ -138,7 +135,7 @@ impl Projection for Personas {
                       WHERE persona_id = $1 AND document_id = $2",
                 )
                 .bind(&e.aggregate_id)
-                .bind(document_id)
+                .bind(document_id.as_str())
                 .bind(passages as i32)
                 .bind(embedded)
                 .bind(e.occurred_at)
@@ -154,7 +151,7 @@ impl Projection for Personas {
                       WHERE persona_id = $1 AND document_id = $2",
                 )
                 .bind(&e.aggregate_id)
-                .bind(document_id)
+                .bind(document_id.as_str())
                 .bind(reason)
                 .bind(e.occurred_at)
                 .execute(db)
@@ -165,7 +162,7 @@ impl Projection for Personas {
                     "DELETE FROM rm_persona_knowledge WHERE persona_id = $1 AND document_id = $2",
                 )
                 .bind(&e.aggregate_id)
-                .bind(document_id)
+                .bind(document_id.as_str())
                 .execute(db)
                 .await?;
             }

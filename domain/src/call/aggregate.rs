@@ -143,8 +143,8 @@ impl Aggregate for Call {
                     return Err(CallError::AlreadyExists);
                 }
                 vec![CallEvent::CallRequested {
-                    user_id: r.user_id,
-                    persona_id: r.persona_id,
+                    user_id: r.user_id.uuid(),
+                    persona_id: r.persona_id.into(),
                     persona_name: r.persona_name,
                     phone: r.phone,
                     max_minutes: r.max_minutes,
@@ -176,7 +176,7 @@ impl Aggregate for Call {
                 }
             }
             CallCommand::Cancel { by, at, min_notice } => {
-                if self.user_id != Some(by) {
+                if self.user_id != Some(by.uuid()) {
                     return Err(CallError::NotOwner);
                 }
                 if self.status == Some(Status::Ended(Outcome::Canceled)) {

@@ -1,16 +1,16 @@
 //! What can be asked of a call.
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::{Cost, Payment, Status, TurnTimings};
+use crate::ids::{PersonaId, UserId};
 use crate::pricing::PriceTable;
 use crate::values::PhoneNumber;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallRequest {
-    pub user_id: Uuid,
-    pub persona_id: String,
+    pub user_id: UserId,
+    pub persona_id: PersonaId,
     pub persona_name: String,
     pub phone: PhoneNumber,
     pub max_minutes: u32,
@@ -33,7 +33,7 @@ pub enum CallCommand {
     },
     /// The owner cancels a scheduled call, at least `min_notice` before it.
     Cancel {
-        by: Uuid,
+        by: UserId,
         at: DateTime<Utc>,
         min_notice: chrono::Duration,
     },

@@ -5,6 +5,7 @@ use cqrs_es::test::TestFramework;
 use uuid::Uuid;
 
 use super::*;
+use crate::ids::UserId;
 use crate::pricing::PriceTable;
 use crate::values::PhoneNumber;
 
@@ -150,7 +151,7 @@ fn scheduled_calls_fire_once_and_cancel_only_with_notice() {
     TestFramework::<Call>::with(())
         .given(vec![requested(Some(when))])
         .when(CallCommand::Cancel {
-            by: Uuid::nil(),
+            by: UserId::from_uuid(Uuid::nil()),
             at: when - Duration::minutes(4),
             min_notice: Duration::minutes(5),
         })
@@ -158,7 +159,7 @@ fn scheduled_calls_fire_once_and_cancel_only_with_notice() {
     TestFramework::<Call>::with(())
         .given(vec![requested(Some(when))])
         .when(CallCommand::Cancel {
-            by: Uuid::now_v7(),
+            by: UserId::generate(),
             at: t,
             min_notice: Duration::minutes(5),
         })

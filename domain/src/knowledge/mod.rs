@@ -13,6 +13,7 @@ pub mod vectors;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::Cost;
+use crate::ids::DocumentId;
 
 /// At most this many documents per persona.
 pub const MAX_DOCUMENTS: usize = 20;
@@ -76,7 +77,7 @@ impl DocumentFormat {
 /// A document as it is added (its text already extracted and stored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewDocument {
-    pub document_id: String,
+    pub document_id: DocumentId,
     pub title: String,
     pub format: DocumentFormat,
     /// Characters of extracted text.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::command::{PersonaCommand, PersonaDraft};
 use super::event::PersonaEvent;
 use super::rules::{Owner, TurnTaking};
+use crate::ids::{DocumentId, UserId};
 use crate::knowledge::{DocumentStatus, KnowledgeDocument, NewDocument, MAX_DOCUMENTS};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -45,8 +46,10 @@ pub struct Persona {
 }
 
 impl Persona {
-    pub fn document(&self, id: &str) -> Option<&KnowledgeDocument> {
-        self.knowledge.iter().find(|d| d.document.document_id == id)
+    pub fn document(&self, id: &DocumentId) -> Option<&KnowledgeDocument> {
+        self.knowledge
+            .iter()
+            .find(|d| &d.document.document_id == id)
     }
 
     fn add_document(
@@ -72,7 +75,7 @@ impl Persona {
     }
 
     /// Whether document `id` is there and still waiting for its indexing outcome.
-    fn indexing(&self, id: &str) -> bool {
+    fn indexing(&self, id: &DocumentId) -> bool {
         self.exists()
             && self
                 .document(id)
@@ -83,7 +86,7 @@ impl Persona {
         self.created && !self.deleted
     }
 
-    fn check_owner(&self, by: uuid::Uuid) -> Result<(), PersonaError> {
+    fn check_owner(&self, by: UserId) -> Result<(), PersonaError> {
         match self.owner {
             _ if !self.exists() => Err(PersonaError::NotFound),
             Some(Owner::System) => Err(PersonaError::SystemPersona),
@@ -250,12 +253,12 @@ impl Aggregate for Persona {
                 if self.owner != Some(Owner::System) || !self.exists() {
                     return Err(PersonaError::NotFound);
                 }
-                let shipped: Vec<&str> = documents.iter().map(|d| d.document_id.as_str()).collect();
-                let gone: Vec<String> = self
+                let shipped: Vec<&DocumentId> = documents.iter().map(|d| &d.document_id).collect();
+                let gone: Vec<DocumentId> = self
                     .knowledge
                     .iter()
                     .map(|d| d.document.document_id.clone())
-                    .filter(|id| !shipped.contains(&id.as_str()))
+                    .filter(|id| !shipped.contains(&id))
                     .collect();
                 for document_id in gone {
                     sink.write(PersonaEvent::KnowledgeDocumentRemoved { document_id }, self)
@@ -382,7 +385,6 @@ impl Aggregate for Persona {
 #[cfg(test)]
 mod tests {
     use cqrs_es::test::TestFramework;
-    use uuid::Uuid;
 
     use super::*;
     use crate::persona::PersonaPatch;
@@ -409,7 +411,7 @@ mod tests {
 
     #[test]
     fn a_user_creates_a_persona() {
-        let user = Uuid::now_v7();
+        let user = UserId::generate();
         Given::with(())
             .given_no_previous_events()
             .when(PersonaCommand::Create {
@@ -424,13 +426,15 @@ mod tests {
         Given::with(())
             .given(vec![created(Owner::System, "Brad")])
             .when(PersonaCommand::Update {
-                by: Uuid::now_v7(),
+                by: UserId::generate(),
                 patch: PersonaPatch::default(),
             })
             .then_expect_error(PersonaError::SystemPersona);
         Given::with(())
             .given(vec![created(Owner::System, "Brad")])
-            .when(PersonaCommand::Delete { by: Uuid::now_v7() })
+            .when(PersonaCommand::Delete {
+                by: UserId::generate(),
+            })
             .then_expect_error(PersonaError::SystemPersona);
     }
 
@@ -446,11 +450,11 @@ mod tests {
 
     #[test]
     fn only_the_owner_edits_and_only_what_changed_is_recorded() {
-        let owner = Uuid::now_v7();
+        let owner = UserId::generate();
         Given::with(())
             .given(vec![created(Owner::User(owner), "Coach")])
             .when(PersonaCommand::Update {
-                by: Uuid::now_v7(),
+                by: UserId::generate(),
                 patch: PersonaPatch::default(),
             })
             .then_expect_error(PersonaError::NotOwner { visible: true });
@@ -479,7 +483,7 @@ mod tests {
 
     #[test]
     fn a_deleted_persona_is_gone() {
-        let owner = Uuid::now_v7();
+        let owner = UserId::generate();
         Given::with(())
             .given(vec![
                 created(Owner::User(owner), "Coach"),
@@ -505,7 +509,7 @@ mod tests {
 
     #[test]
     fn only_the_owner_adds_knowledge_and_the_same_text_is_not_added_twice() {
-        let owner = Uuid::now_v7();
+        let owner = UserId::generate();
         let added = PersonaEvent::KnowledgeDocumentAdded {
             document: doc("d1", "aa"),
             at: at(),
@@ -522,7 +526,7 @@ mod tests {
         Given::with(())
             .given(vec![created(Owner::User(owner), "Coach")])
             .when(PersonaCommand::AddKnowledge {
-                by: Uuid::now_v7(),
+                by: UserId::generate(),
                 document: doc("d1", "aa"),
                 at: at(),
             })
@@ -541,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_persona_holds_a_bounded_number_of_documents() {
-        let owner = Uuid::now_v7();
+        let owner = UserId::generate();
         let mut given = vec![created(Owner::User(owner), "Coach")];
         for i in 0..crate::knowledge::MAX_DOCUMENTS {
             given.push(PersonaEvent::KnowledgeDocumentAdded {
@@ -564,7 +568,7 @@ mod tests {
 
     #[test]
     fn indexing_is_recorded_once_and_never_for_a_removed_document() {
-        let owner = Uuid::now_v7();
+        let owner = UserId::generate();
         let added = PersonaEvent::KnowledgeDocumentAdded {
             document: doc("d1", "aa"),
             at: at(),
@@ -608,7 +612,7 @@ mod tests {
 
     #[test]
     fn removing_needs_the_owner_and_an_existing_document() {
-        let owner = Uuid::now_v7();
+        let owner = UserId::generate();
         Given::with(())
             .given(vec![created(Owner::User(owner), "Coach")])
             .when(PersonaCommand::RemoveKnowledge {

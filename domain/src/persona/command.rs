@@ -1,7 +1,6 @@
-use uuid::Uuid;
-
 use super::rules::{Owner, TurnTaking};
 use crate::cost::Cost;
+use crate::ids::{DocumentId, UserId};
 use crate::knowledge::NewDocument;
 use crate::values::{parse_name, parse_text, Invalid};
 
@@ -83,33 +82,33 @@ pub enum PersonaCommand {
         draft: PersonaDraft,
     },
     Update {
-        by: Uuid,
+        by: UserId,
         patch: PersonaPatch,
     },
     Delete {
-        by: Uuid,
+        by: UserId,
     },
     /// The owner adds a document (its text already stored).
     AddKnowledge {
-        by: Uuid,
+        by: UserId,
         document: NewDocument,
         at: chrono::DateTime<chrono::Utc>,
     },
     /// The indexing worker's outcome; nothing happens for a document removed or already
     /// settled (a redelivered message).
     MarkKnowledgeIndexed {
-        document_id: String,
+        document_id: DocumentId,
         passages: u32,
         embedded: bool,
         costs: Vec<Cost>,
     },
     MarkKnowledgeFailed {
-        document_id: String,
+        document_id: DocumentId,
         reason: String,
     },
     RemoveKnowledge {
-        by: Uuid,
-        document_id: String,
+        by: UserId,
+        document_id: DocumentId,
     },
     /// Brings a system persona's built-in library to `documents`: adds what is missing,
     /// removes what is no longer shipped.

@@ -3,6 +3,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rules::{Owner, TurnTaking};
 use crate::cost::Cost;
+use crate::ids::DocumentId;
 use crate::knowledge::NewDocument;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,7 +55,7 @@ pub enum PersonaEvent {
     /// Its passages are searchable (`knowledge_passages`); embedding them cost `costs`,
     /// billed to the persona's owner.
     KnowledgeDocumentIndexed {
-        document_id: String,
+        document_id: DocumentId,
         passages: u32,
         embedded: bool,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -62,11 +63,11 @@ pub enum PersonaEvent {
     },
     /// It could not be indexed, and why.
     KnowledgeDocumentIndexingFailed {
-        document_id: String,
+        document_id: DocumentId,
         reason: String,
     },
     KnowledgeDocumentRemoved {
-        document_id: String,
+        document_id: DocumentId,
     },
 }
 

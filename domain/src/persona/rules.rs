@@ -1,14 +1,13 @@
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
-
+use crate::ids::UserId;
 use crate::values::{parse_name, Invalid};
+use serde::{Deserialize, Serialize};
 
 /// Who owns a persona.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "user_id")]
 pub enum Owner {
     System,
-    User(Uuid),
+    User(UserId),
 }
 
 impl Owner {

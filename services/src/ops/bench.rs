@@ -98,7 +98,7 @@ pub async fn events(
     let publishing = pipeline.handle().spawn(publisher.run(shutdown.clone()));
 
     let store = EventStore::new(b.pool.clone());
-    let owner = uuid::Uuid::now_v7();
+    let owner = cmb_domain::UserId::generate();
     let ids: Arc<Vec<String>> = Arc::new(
         (0..aggregates)
             .map(|_| uuid::Uuid::now_v7().to_string())

@@ -275,7 +275,8 @@ async fn one_call(
     let prices = PriceTable::LAUNCH;
     let call_id = Uuid::now_v7().to_string();
     let user = plan.user.to_string();
-    let ctx = CommandContext::for_request(format!("simulate-{call_id}"), Actor::User(plan.user));
+    let ctx =
+        CommandContext::for_request(format!("simulate-{call_id}"), Actor::User(plan.user.into()));
     let t = plan.at;
     let max_minutes = rng.gen_range(1..=10u32);
     let max_price = prices.max_price(max_minutes);
@@ -312,7 +313,7 @@ async fn one_call(
         Payment::Credits { credits }
     };
     call(CallCommand::Request(CallRequest {
-        user_id: plan.user,
+        user_id: plan.user.into(),
         persona_id: "brad_001".into(),
         persona_name: "Brad".into(),
         phone: plan.phone.clone(),

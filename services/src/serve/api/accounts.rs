@@ -75,7 +75,7 @@ pub async fn register(
     let phone = PhoneNumber::parse("phone", &body.phone)?;
 
     let id = UserId::generate();
-    let ctx = context(&headers, Actor::User(id.uuid()));
+    let ctx = context(&headers, Actor::User(id));
     let committed =
         accounts::create(&state.store, id, name, &email, &phone, &password, &ctx).await?;
     tracing::info!(user = %id, email = %email.masked(), phone = %phone.masked(), "registered");
@@ -122,7 +122,7 @@ pub async fn login(
         body.password,
         &client,
         Utc::now(),
-        |id| context(&headers, Actor::User(id.uuid())),
+        |id| context(&headers, Actor::User(id)),
     )
     .await?;
     let epoch = accounts::sessions::epoch(&state.pool, id).await?;
@@ -399,7 +399,7 @@ pub async fn reset_password(
         ApiError::validation("new_password", format!("new_password: {}", e.message))
     })?;
     let user = accounts::recovery::reset_password(&state.store, token, &new, Utc::now(), |id| {
-        context(&headers, Actor::User(id.uuid()))
+        context(&headers, Actor::User(id))
     })
     .await?;
     tracing::info!(user = %user, "password reset; every session revoked");

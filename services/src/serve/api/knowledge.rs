@@ -202,7 +202,7 @@ pub async fn list(
 ) -> ApiResult<impl IntoResponse> {
     let persona = personas::accessible(&state.store, &id, user.id).await?;
     let documents = cmb_projections::personas::knowledge(&state.pool, &id).await?;
-    let owner = persona.owner == Some(Owner::User(user.id.uuid()));
+    let owner = persona.owner == Some(Owner::User(user.id));
     let documents: Vec<serde_json::Value> = if owner {
         documents.into_iter().map(|d| json!(d)).collect()
     } else {
@@ -235,7 +235,7 @@ pub async fn list(
 pub async fn remove(
     State(state): State<AppState>,
     user: AuthUser,
-    Path((id, doc)): Path<(PersonaId, String)>,
+    Path((id, doc)): Path<(PersonaId, cmb_domain::DocumentId)>,
 ) -> ApiResult<impl IntoResponse> {
     let committed = knowledge::remove(&state.store, user.id, &id, &doc, &user.context()).await?;
     state.read_your_writes("personas", &committed).await;

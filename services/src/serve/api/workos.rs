@@ -188,7 +188,7 @@ pub async fn callback(
     };
     let request = request_id(&headers);
     let done = workos::finish(&state.store, workos, &given, &code, Utc::now(), |id| {
-        cmb_domain::CommandContext::for_request(request.clone(), Actor::User(id.uuid()))
+        cmb_domain::CommandContext::for_request(request.clone(), Actor::User(id))
     })
     .await?;
     tracing::info!(user = %done.user, new_account = done.created, "signed in with WorkOS");

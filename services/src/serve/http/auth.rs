@@ -147,7 +147,7 @@ impl AuthUser {
     }
 
     pub fn actor(&self) -> cmb_domain::Actor {
-        cmb_domain::Actor::User(self.id.uuid())
+        cmb_domain::Actor::User(self.id)
     }
     pub fn context(&self) -> cmb_domain::CommandContext {
         cmb_domain::CommandContext::for_request(self.request_id.clone(), self.actor())

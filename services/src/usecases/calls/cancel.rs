@@ -27,7 +27,7 @@ pub async fn cancel(
     ctx: &CommandContext,
 ) -> Result<Cancelled, CancelError> {
     let command = CallCommand::Cancel {
-        by: user.uuid(),
+        by: user,
         at: now,
         min_notice: Duration::minutes(MIN_NOTICE_MINUTES),
     };

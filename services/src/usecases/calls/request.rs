@@ -315,8 +315,8 @@ pub async fn request(
         None => (None, None),
     };
     let recorded = CallRequest {
-        user_id: user.uuid(),
-        persona_id: persona_id.into(),
+        user_id: user,
+        persona_id: persona_id.clone(),
         persona_name: persona.name.clone(),
         phone,
         max_minutes: minutes,

@@ -10,7 +10,7 @@ use cmb_domain::knowledge::split::{self, Passage};
 use cmb_domain::knowledge::DocumentStatus;
 use cmb_domain::persona::{Owner, Persona, PersonaCommand, PersonaError};
 use cmb_domain::pricing::PricingError;
-use cmb_domain::CommandContext;
+use cmb_domain::{CommandContext, DocumentId};
 use cmb_providers::embeddings::Embeddings;
 use sqlx::PgPool;
 
@@ -52,7 +52,7 @@ pub async fn index_document(
     store: &EventStore,
     embeddings: &Embeddings,
     persona_id: &str,
-    document_id: &str,
+    document_id: &DocumentId,
     ctx: &CommandContext,
 ) -> Result<IndexOutcome, IndexError> {
     let (persona, _) = store.load::<Persona>(persona_id).await?;
@@ -67,7 +67,7 @@ pub async fn index_document(
         "SELECT body FROM knowledge_documents WHERE persona_id = $1 AND document_id = $2",
     )
     .bind(persona_id)
-    .bind(document_id)
+    .bind(document_id.as_str())
     .fetch_optional(store.pool())
     .await?;
     let passages = body.as_deref().map(split::split).unwrap_or_default();
@@ -78,7 +78,7 @@ pub async fn index_document(
         }
         .to_string();
         let command = PersonaCommand::MarkKnowledgeFailed {
-            document_id: document_id.to_string(),
+            document_id: document_id.clone(),
             reason: reason.clone(),
         };
         store.execute::<Persona>(persona_id, command, ctx).await?;
@@ -93,7 +93,7 @@ pub async fn index_document(
         .into_iter()
         .collect();
     let command = PersonaCommand::MarkKnowledgeIndexed {
-        document_id: document_id.to_string(),
+        document_id: document_id.clone(),
         passages: passages.len() as u32,
         embedded,
         costs,
@@ -150,14 +150,14 @@ fn embedding_input(p: &Passage) -> String {
 async fn write_passages(
     pool: &PgPool,
     persona_id: &str,
-    document_id: &str,
+    document_id: &DocumentId,
     passages: &[Passage],
     vectors: Option<Vec<Vec<f32>>>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("DELETE FROM knowledge_passages WHERE persona_id = $1 AND document_id = $2")
         .bind(persona_id)
-        .bind(document_id)
+        .bind(document_id.as_str())
         .execute(&mut *tx)
         .await?;
     for (i, p) in passages.iter().enumerate() {
@@ -170,7 +170,7 @@ async fn write_passages(
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(persona_id)
-        .bind(document_id)
+        .bind(document_id.as_str())
         .bind(p.ord as i32)
         .bind(&p.heading)
         .bind(&p.text)
@@ -186,11 +186,11 @@ async fn write_passages(
 pub async fn drop_passages(
     pool: &PgPool,
     persona_id: &str,
-    document_id: &str,
+    document_id: &DocumentId,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM knowledge_passages WHERE persona_id = $1 AND document_id = $2")
         .bind(persona_id)
-        .bind(document_id)
+        .bind(document_id.as_str())
         .execute(pool)
         .await?;
     Ok(())
@@ -222,7 +222,7 @@ pub async fn passages(
     persona: &Persona,
     limit: usize,
 ) -> Result<LoadedPassages, sqlx::Error> {
-    let live: Vec<(String, String)> = persona
+    let live: Vec<(DocumentId, String)> = persona
         .knowledge
         .iter()
         .filter(|d| matches!(d.status, DocumentStatus::Indexed { .. }))
@@ -234,7 +234,7 @@ pub async fn passages(
             left_out: 0,
         });
     }
-    let ids: Vec<String> = live.iter().map(|(id, _)| id.clone()).collect();
+    let ids: Vec<&str> = live.iter().map(|(id, _)| id.as_str()).collect();
     let purpose = format!(
         "{} {} {}",
         persona.name,
@@ -260,7 +260,7 @@ pub async fn passages(
         .map(|r| {
             let title = live
                 .iter()
-                .find(|(id, _)| *id == r.document_id)
+                .find(|(id, _)| id.as_str() == r.document_id)
                 .map(|(_, t)| t.clone())
                 .unwrap_or_default();
             PassageIn {

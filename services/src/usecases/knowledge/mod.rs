@@ -13,7 +13,7 @@ use cmb_domain::knowledge::{
 };
 use cmb_domain::persona::{Persona, PersonaCommand, PersonaError};
 use cmb_domain::values::Invalid;
-use cmb_domain::{CommandContext, PersonaId, UserId};
+use cmb_domain::{CommandContext, DocumentId, PersonaId, UserId};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -143,7 +143,7 @@ pub async fn add(
     let mut upload = upload;
     let text = extract_text(format, std::mem::take(&mut upload.bytes)).await?;
     let document = NewDocument {
-        document_id: Uuid::now_v7().to_string(),
+        document_id: DocumentId::new(Uuid::now_v7().to_string()),
         title: title_of(&upload, &text)?,
         format,
         chars: text.chars().count() as u32,
@@ -151,7 +151,7 @@ pub async fn add(
     };
     store_text(store.pool(), persona_id, &document, &text).await?;
     let command = PersonaCommand::AddKnowledge {
-        by: user.uuid(),
+        by: user,
         document: document.clone(),
         at: chrono::Utc::now(),
     };
@@ -175,7 +175,7 @@ async fn store_text(
          VALUES ($1, $2, $3, $4) ON CONFLICT (persona_id, document_id) DO NOTHING",
     )
     .bind(persona_id)
-    .bind(&document.document_id)
+    .bind(document.document_id.as_str())
     .bind(document.format.as_str())
     .bind(text)
     .execute(pool)
@@ -185,13 +185,13 @@ async fn store_text(
 
 /// Deletes a document's text and passages (best effort: the aggregate already says it is
 /// gone, and a call only uses passages of documents the aggregate has).
-async fn forget_text(pool: &sqlx::PgPool, persona_id: &str, document_id: &str) {
+async fn forget_text(pool: &sqlx::PgPool, persona_id: &str, document_id: &DocumentId) {
     for table in ["knowledge_passages", "knowledge_documents"] {
         let done = sqlx::query(&format!(
             "DELETE FROM {table} WHERE persona_id = $1 AND document_id = $2"
         ))
         .bind(persona_id)
-        .bind(document_id)
+        .bind(document_id.as_str())
         .execute(pool)
         .await;
         if let Err(e) = done {
@@ -220,14 +220,14 @@ pub async fn remove(
     store: &EventStore,
     user: UserId,
     persona: &PersonaId,
-    document_id: &str,
+    document_id: &DocumentId,
     ctx: &CommandContext,
 ) -> Result<Committed, Error> {
     personas::owned(store, persona, user).await?;
     let persona_id = persona.as_str();
     let command = PersonaCommand::RemoveKnowledge {
-        by: user.uuid(),
-        document_id: document_id.to_string(),
+        by: user,
+        document_id: document_id.clone(),
     };
     let committed = store.execute::<Persona>(persona_id, command, ctx).await?;
     forget_text(store.pool(), persona_id, document_id).await;
@@ -259,7 +259,7 @@ async fn define_system_library(
         let text = shipped.markdown.trim();
         let hash = sha256(text);
         let document = NewDocument {
-            document_id: format!("{}-{}", shipped.slug, &hash[..12]),
+            document_id: DocumentId::new(format!("{}-{}", shipped.slug, &hash[..12])),
             title: shipped.title.to_string(),
             format: DocumentFormat::Markdown,
             chars: text.chars().count() as u32,

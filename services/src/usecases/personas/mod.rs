@@ -55,7 +55,7 @@ pub async fn accessible(
     let visible = persona.exists()
         && (persona.is_public
             || matches!(persona.owner, Some(Owner::System))
-            || persona.owner == Some(Owner::User(user.uuid())));
+            || persona.owner == Some(Owner::User(user)));
     if visible {
         Ok(persona)
     } else {
@@ -69,7 +69,7 @@ pub async fn owned(store: &EventStore, id: &PersonaId, user: UserId) -> Result<P
     match persona.owner {
         _ if !persona.exists() => Err(Error::rejected(PersonaError::NotFound)),
         Some(Owner::System) => Err(Error::rejected(PersonaError::SystemPersona)),
-        Some(Owner::User(owner)) if owner == user.uuid() => Ok(persona),
+        Some(Owner::User(owner)) if owner == user => Ok(persona),
         _ => Err(Error::rejected(PersonaError::NotOwner {
             visible: persona.is_public,
         })),
@@ -109,7 +109,7 @@ pub async fn create(
     names::claim(store.pool(), user, &id, &draft.name).await?;
     let name = draft.name.clone();
     let command = PersonaCommand::Create {
-        owner: Owner::User(user.uuid()),
+        owner: Owner::User(user),
         draft,
     };
     match store.execute::<Persona>(id.as_str(), command, ctx).await {
@@ -143,10 +143,7 @@ pub async fn update(
     if let Some(name) = &renamed {
         names::rename(store.pool(), user, id, name).await?;
     }
-    let command = PersonaCommand::Update {
-        by: user.uuid(),
-        patch,
-    };
+    let command = PersonaCommand::Update { by: user, patch };
     let result = store.execute::<Persona>(id.as_str(), command, ctx).await;
     if renamed.is_some() && result.is_err() {
         // Put the claim back under the name the persona still has.
@@ -169,7 +166,7 @@ pub async fn remove(
     if scheduled > 0 {
         return Err(Error::Scheduled(scheduled));
     }
-    let command = PersonaCommand::Delete { by: user.uuid() };
+    let command = PersonaCommand::Delete { by: user };
     let committed = store.execute::<Persona>(id.as_str(), command, ctx).await?;
     names::release(store.pool(), user, &current.name, id).await;
     Ok(committed)

@@ -17,7 +17,6 @@ use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand};
 use cmb_domain::persona::{Owner, Persona, PersonaCommand};
 use cmb_domain::{CommandContext, PersonaId, UserId};
-use uuid::Uuid;
 
 use super::error::StepError;
 use crate::backbone::store::EventStore;
@@ -62,7 +61,7 @@ pub async fn cancel_waiting(
 ) -> Result<usize, sqlx::Error> {
     let mut cancelled = 0;
     for (call, owner) in ledger::waiting_calls(store.pool(), persona, user).await? {
-        let Ok(owner) = Uuid::parse_str(&owner) else {
+        let Ok(owner) = owner.parse::<UserId>() else {
             continue;
         };
         let command = CallCommand::Cancel {
@@ -89,16 +88,16 @@ pub async fn remove(
     let mut removed = Removed::default();
     for id in created_by(store, user).await? {
         let (persona, _) = store.load::<Persona>(id.as_str()).await?;
-        if persona.exists() && persona.owner == Some(Owner::User(user.uuid())) {
+        if persona.exists() && persona.owner == Some(Owner::User(user)) {
             removed.calls_cancelled += cancel_waiting(store, Some(&id), None, now, ctx).await?;
             for document in &persona.knowledge {
                 let command = PersonaCommand::RemoveKnowledge {
-                    by: user.uuid(),
+                    by: user,
                     document_id: document.document.document_id.clone(),
                 };
                 store.execute::<Persona>(id.as_str(), command, ctx).await?;
             }
-            let delete = PersonaCommand::Delete { by: user.uuid() };
+            let delete = PersonaCommand::Delete { by: user };
             store.execute::<Persona>(id.as_str(), delete, ctx).await?;
             removed.personas += 1;
         }
