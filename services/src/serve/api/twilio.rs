@@ -225,9 +225,11 @@ pub async fn answer(
                 .warm_greeting(id.clone(), prices, voice_id, greeting),
         );
     }
-    let call_uuid = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("call"))?;
+    let call_id = id
+        .parse::<cmb_domain::CallId>()
+        .map_err(|_| ApiError::not_found("call"))?;
     let expires_at = state.clock.now() + crate::serve::voice::TOKEN_LIFETIME;
-    let token = state.voice.stream_tokens.mint(call_uuid, &sid, expires_at);
+    let token = state.voice.stream_tokens.mint(call_id, &sid, expires_at);
     let twiml = format!(
         r#"<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="{}/api/twilio/stream"><Parameter name="call_id" value="{}"/><Parameter name="token" value="{}"/></Stream></Connect><Say>{}</Say><Hangup/></Response>"#,
         xml_escape(&ws_base(&state)),

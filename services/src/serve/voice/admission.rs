@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use cmb_domain::call::{Call, Status};
+use cmb_domain::CallId;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -19,7 +20,7 @@ use super::tokens::{Refusal, TokenClaims, CALL_PARAMETER, TOKEN_PARAMETER};
 /// hang up) and the live-session row it holds until `release`.
 #[derive(Debug)]
 pub(super) struct Admitted {
-    pub(super) call_id: Uuid,
+    pub(super) call_id: CallId,
     pub(super) call_sid: String,
     pub(super) session_id: Uuid,
 }
@@ -37,7 +38,7 @@ pub(super) async fn admit(
         Ok(c) => c,
         Err(r) => return Ok(Err(r)),
     };
-    let named = params.get(CALL_PARAMETER).map(|id| Uuid::parse_str(id));
+    let named = params.get(CALL_PARAMETER).map(|id| id.parse::<CallId>());
     if matches!(named, Some(Err(_))) || matches!(named, Some(Ok(id)) if id != claims.call_id) {
         return Ok(Err(Refusal::OtherCall));
     }
@@ -86,7 +87,7 @@ async fn use_token(pool: &PgPool, claims: &TokenClaims) -> Result<bool, sqlx::Er
          ON CONFLICT (nonce) DO NOTHING",
     )
     .bind(claims.nonce)
-    .bind(claims.call_id)
+    .bind(claims.call_id.uuid())
     .bind(claims.expires_at)
     .execute(pool)
     .await?;
@@ -96,7 +97,7 @@ async fn use_token(pool: &PgPool, claims: &TokenClaims) -> Result<bool, sqlx::Er
 /// Takes the call's live-session row; false when another session holds it.
 async fn claim(
     pool: &PgPool,
-    call_id: Uuid,
+    call_id: CallId,
     session_id: Uuid,
     lasts_secs: i64,
 ) -> Result<bool, sqlx::Error> {
@@ -109,7 +110,7 @@ async fn claim(
           WHERE voice_sessions.expires_at < now()
          RETURNING session_id",
     )
-    .bind(call_id)
+    .bind(call_id.uuid())
     .bind(session_id)
     .bind(lasts_secs as f64)
     .fetch_optional(pool)
@@ -120,7 +121,7 @@ async fn claim(
 /// Gives the call's live-session row back (only the session that holds it can).
 pub(super) async fn release(pool: &PgPool, admitted: &Admitted) {
     let done = sqlx::query("DELETE FROM voice_sessions WHERE call_id = $1 AND session_id = $2")
-        .bind(admitted.call_id)
+        .bind(admitted.call_id.uuid())
         .bind(admitted.session_id)
         .execute(pool)
         .await;

@@ -7,15 +7,16 @@ use cmb_domain::call::Call;
 use cmb_domain::persona::preference::{preference_id, Preference};
 use cmb_domain::persona::Persona;
 use cmb_domain::pricing::PriceTable;
+use cmb_domain::{CallId, PersonaId, UserId};
 
 use super::error::SessionError;
 use super::shared::Voice;
 
 /// Who is on the call and how the persona behaves.
 pub(super) struct Context {
-    pub(super) call_id: String,
+    pub(super) call_id: CallId,
     pub(super) call_sid: String,
-    pub(super) user_id: uuid::Uuid,
+    pub(super) user_id: UserId,
     pub(super) prices: PriceTable,
     pub(super) max_minutes: u32,
     pub(super) voice_id: String,
@@ -34,10 +35,10 @@ pub(super) struct Context {
 
 pub(super) async fn load_context(
     voice: &Voice,
-    call_id: &str,
+    call_id: CallId,
     call_sid: &str,
 ) -> Result<Context, SessionError> {
-    let (call, _) = voice.store.load::<Call>(call_id).await?;
+    let (call, _) = voice.store.load::<Call>(&call_id.to_string()).await?;
     let user_id = call
         .user_id
         .ok_or_else(|| SessionError::NoCall(call_id.to_string()))?;
@@ -62,7 +63,7 @@ pub(super) async fn load_context(
         ));
     }
     let (follow_up, recall) = if custom.memory_enabled {
-        let memory = load_memory(voice, user_id, &persona_id).await?;
+        let memory = load_memory(voice, user_id.into(), &persona_id.as_str().into()).await?;
         if let Some(section) = &memory.section {
             system_prompt.push_str("\n\n");
             system_prompt.push_str(section);
@@ -81,9 +82,9 @@ pub(super) async fn load_context(
     let knowledge = super::knowledge::load(voice, &persona_id, &persona).await?;
     let tt = persona.turn_taking;
     Ok(Context {
-        call_id: call_id.to_string(),
+        call_id,
         call_sid: call_sid.to_string(),
-        user_id,
+        user_id: user_id.into(),
         prices: call.prices.unwrap_or(PriceTable::LAUNCH),
         max_minutes: call.max_minutes.max(1),
         voice_id: custom.voice_override.unwrap_or(persona.voice_id),
@@ -108,19 +109,14 @@ struct LoadedMemory {
 /// (within the token budget) and the facts left out of it, with vectors for per-turn recall.
 async fn load_memory(
     voice: &Voice,
-    user_id: uuid::Uuid,
-    persona_id: &str,
+    user_id: UserId,
+    persona_id: &PersonaId,
 ) -> Result<LoadedMemory, SessionError> {
     let cmb_projections::memory::ForPrompt {
         summary,
         open_items,
         facts,
-    } = cmb_projections::memory::for_prompt(
-        voice.store.pool(),
-        user_id.into(),
-        &cmb_domain::PersonaId::from(persona_id),
-    )
-    .await?;
+    } = cmb_projections::memory::for_prompt(voice.store.pool(), user_id, persona_id).await?;
     let section = cmb_domain::memory::prompt::memory_section(
         summary.as_deref(),
         &open_items,

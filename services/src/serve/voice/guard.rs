@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cmb_domain::CallId;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -45,9 +46,10 @@ impl Guard {
     pub(super) fn spawn(
         ends: &Arc<CallEnds>,
         pool: &PgPool,
-        call_id: Uuid,
+        call_id: CallId,
         cap: Duration,
     ) -> Guard {
+        let call_id = call_id.uuid();
         ends.watch(pool, call_id);
         let frames = Arc::new(AtomicU64::new(0));
         let (tx, end) = oneshot::channel();

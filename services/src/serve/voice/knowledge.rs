@@ -24,6 +24,7 @@ use std::time::Duration;
 use cmb_domain::knowledge::rank::{KnowledgeIndex, Near};
 use cmb_domain::knowledge::DocumentStatus;
 use cmb_domain::persona::Persona;
+use cmb_domain::CallId;
 use tokio::sync::watch;
 
 use super::error::SessionError;
@@ -188,7 +189,7 @@ pub(super) struct Retrieved {
 /// Where a call's knowledge work is billed and logged.
 pub(super) struct ForCall<'a> {
     pub voice: &'a Arc<Voice>,
-    pub call_id: &'a str,
+    pub call_id: CallId,
 }
 
 impl CallKnowledge {

@@ -17,11 +17,10 @@ impl Session {
     /// limits (the hold was checked against them; the limits may have changed since).
     pub(super) async fn budget_allows(&self, elapsed: Duration) -> Result<bool, SessionError> {
         let price = self.ctx.prices.call_price((elapsed.as_secs() + 60) as u32);
-        let call_id = self.ctx.call_id.parse::<cmb_domain::CallId>()?;
         Ok(crate::usecases::budget::allows(
             &self.voice.store,
-            self.ctx.user_id.into(),
-            call_id,
+            self.ctx.user_id,
+            self.ctx.call_id,
             self.voice.clock.now(),
             price,
         )

@@ -32,7 +32,7 @@ impl Session {
             uuid::Uuid::new_v4().to_string(),
             Actor::Worker("voice".into()),
         );
-        let id = self.ctx.call_id.clone();
+        let id = self.ctx.call_id.to_string();
         let record = |command: CallCommand| {
             let ctx = ctx_cmd.clone();
             let id = id.clone();
@@ -102,8 +102,7 @@ impl Session {
             costs.push(p.cost(CostKind::KnowledgeEmbeddingTokens, embedded as i64, false));
         }
         // The transcript first: the session's end event says everything is recorded.
-        let call_uuid = uuid::Uuid::parse_str(&self.ctx.call_id)?;
-        transcripts::save(store.pool(), call_uuid, &self.transcript).await?;
+        transcripts::save(store.pool(), self.ctx.call_id.uuid(), &self.transcript).await?;
         record(CallCommand::RecordSessionEnd {
             costs,
             turns: self.turns,

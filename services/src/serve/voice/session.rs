@@ -207,7 +207,7 @@ impl Session {
         });
         // The call's text-to-speech socket opens meanwhile, ready for the first reply.
         let tts = self.tts.clone();
-        let call_id = self.ctx.call_id.clone();
+        let call_id = self.ctx.call_id;
         tokio::spawn(async move {
             if let Err(e) = tts.open().await {
                 tracing::warn!(call = %call_id, error = %e, "text-to-speech socket not opened yet");

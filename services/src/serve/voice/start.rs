@@ -53,9 +53,9 @@ async fn session(
     inbound: SplitStream<WebSocket>,
     stream_sid: String,
 ) -> Result<(), SessionError> {
-    let call_id = admitted.call_id.to_string();
+    let call_id = admitted.call_id;
     // Only the CallSid recorded for the call is ever used (to hang up), never the client's.
-    let ctx = load_context(&voice, &call_id, &admitted.call_sid).await?;
+    let ctx = load_context(&voice, call_id, &admitted.call_sid).await?;
     let cap = Duration::from_secs(u64::from(ctx.max_minutes) * 60);
     let guard = Guard::spawn(&voice.call_ends, voice.store.pool(), admitted.call_id, cap);
     tracing::info!(call = %call_id, %stream_sid, "voice session started");

@@ -5,6 +5,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use cmb_domain::CallId;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
@@ -59,7 +60,7 @@ impl Refusal {
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenClaims {
-    pub call_id: Uuid,
+    pub call_id: CallId,
     pub call_sid: String,
     pub expires_at: DateTime<Utc>,
     pub nonce: Uuid,
@@ -106,10 +107,10 @@ impl StreamTokens {
     }
 
     /// A fresh token for `call_id` as Twilio knows it (`call_sid`), good until `expires_at`.
-    pub fn mint(&self, call_id: Uuid, call_sid: &str, expires_at: DateTime<Utc>) -> String {
+    pub fn mint(&self, call_id: CallId, call_sid: &str, expires_at: DateTime<Utc>) -> String {
         let body = format!(
             "v1.{}.{call_sid}.{}.{}",
-            call_id.simple(),
+            call_id.uuid().simple(),
             expires_at.timestamp(),
             Uuid::new_v4().simple()
         );
@@ -134,7 +135,7 @@ impl StreamTokens {
         if version != "v1" {
             return Err(Refusal::Forged);
         }
-        let call_id = Uuid::parse_str(call_id).map_err(|_| Refusal::Forged)?;
+        let call_id = call_id.parse::<CallId>().map_err(|_| Refusal::Forged)?;
         let nonce = Uuid::parse_str(nonce).map_err(|_| Refusal::Forged)?;
         let expires_at = expiry
             .parse::<i64>()
@@ -164,7 +165,7 @@ mod tests {
     #[test]
     fn a_token_names_its_call_and_expires() {
         let tokens = StreamTokens::new("a server secret");
-        let id = Uuid::new_v4();
+        let id = CallId::generate();
         let token = tokens.mint(id, "CA0123", at(1_000));
         let claims = tokens.check(&token, at(999)).expect("valid");
         assert_eq!((claims.call_id, claims.call_sid.as_str()), (id, "CA0123"));
@@ -176,7 +177,7 @@ mod tests {
     #[test]
     fn a_token_cannot_be_forged_or_altered() {
         let tokens = StreamTokens::new("a server secret");
-        let id = Uuid::new_v4();
+        let id = CallId::generate();
         let token = tokens.mint(id, "CA0123", at(1_000));
         let other = StreamTokens::new("another secret").mint(id, "CA0123", at(1_000));
         assert_eq!(tokens.check(&other, at(0)), Err(Refusal::Forged));

@@ -38,7 +38,7 @@ impl Session {
     pub(super) fn for_call(&self) -> ForCall<'_> {
         ForCall {
             voice: &self.voice,
-            call_id: &self.ctx.call_id,
+            call_id: self.ctx.call_id,
         }
     }
 
