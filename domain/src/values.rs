@@ -111,13 +111,14 @@ impl fmt::Display for PhoneNumber {
     }
 }
 
-/// A person's display name: 1 to 100 characters, no control characters.
-pub fn parse_name(
+/// `raw` without surrounding white space, `min` to `max` characters long: the length rule of
+/// names and free text alike.
+fn trimmed_within<'a>(
     field: &'static str,
-    raw: &str,
+    raw: &'a str,
     min: usize,
     max: usize,
-) -> Result<String, Invalid> {
+) -> Result<&'a str, Invalid> {
     let s = raw.trim();
     let n = s.chars().count();
     if n < min || n > max {
@@ -126,6 +127,17 @@ pub fn parse_name(
             format!("must be {min} to {max} characters"),
         ));
     }
+    Ok(s)
+}
+
+/// A person's display name: 1 to 100 characters, no control characters.
+pub fn parse_name(
+    field: &'static str,
+    raw: &str,
+    min: usize,
+    max: usize,
+) -> Result<String, Invalid> {
+    let s = trimmed_within(field, raw, min, max)?;
     if s.chars().any(|c| c.is_control() || c == '<' || c == '>') {
         return Err(Invalid::new(
             field,
@@ -143,14 +155,7 @@ pub fn parse_text(
     min: usize,
     max: usize,
 ) -> Result<String, Invalid> {
-    let s = raw.trim();
-    let n = s.chars().count();
-    if n < min || n > max {
-        return Err(Invalid::new(
-            field,
-            format!("must be {min} to {max} characters"),
-        ));
-    }
+    let s = trimmed_within(field, raw, min, max)?;
     if s.chars()
         .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
     {
