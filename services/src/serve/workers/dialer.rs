@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use cmb_domain::call::{Call, CallCommand, CallEvent, MAX_DIAL_ATTEMPTS};
 use cmb_domain::{Actor, CallId, CommandContext, EventEnvelope, UserId};
 
-use super::runner::{decode, Failure};
+use super::runner::{decode, Failure, NotACallId};
 use crate::backbone::store::EventStore;
 use crate::clock::Clock;
 use crate::usecases::calls::dials::CallPolicy;
@@ -65,8 +65,12 @@ fn created_at(call: &CallResource) -> Option<DateTime<Utc>> {
 
 /// The call's id as the typed id; a message about anything else can never be handled.
 fn call_id(id: &str) -> Result<CallId, Failure> {
-    id.parse()
-        .map_err(|e| Failure::skip(format!("{id} is not a call id: {e}")))
+    id.parse().map_err(|source| {
+        Failure::from(NotACallId {
+            id: id.to_string(),
+            source,
+        })
+    })
 }
 
 /// How long a dial attempt may be in flight at Twilio (the HTTP client's timeout and a

@@ -13,7 +13,7 @@ use cmb_domain::persona::preference::{preference_id, Preference};
 use cmb_domain::pricing::PriceTable;
 use cmb_domain::{Actor, CommandContext, EventEnvelope};
 
-use super::runner::{decode, Failure};
+use super::runner::{decode, Failure, NotACallId};
 use crate::backbone::store::EventStore;
 use cmb_providers::embeddings::Embeddings;
 use cmb_providers::llm::{ChatMessage, ChatRequest, Llm, LlmChunk};
@@ -75,8 +75,10 @@ impl MemoryWorker {
         if memory.digested.contains(&call_id) {
             return Ok(());
         }
-        let call_uuid = uuid::Uuid::parse_str(&call_id)
-            .map_err(|e| Failure::skip(format!("{call_id} is not a call id: {e}")))?;
+        let call_uuid = uuid::Uuid::parse_str(&call_id).map_err(|source| NotACallId {
+            id: call_id.clone(),
+            source,
+        })?;
         let lines = crate::serve::transcripts::lines(self.store.pool(), call_uuid).await?;
         let execute = |command: MemoryCommand| async {
             self.store

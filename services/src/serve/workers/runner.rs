@@ -39,16 +39,38 @@ pub fn decode<E: serde::de::DeserializeOwned>(event: &EventEnvelope) -> Result<O
     if !event.is_known() {
         return Ok(None);
     }
-    event.decode().map(Some).map_err(|e| {
-        Failure::Skip(
-            format!(
-                "{} {} does not decode as its type: {e}",
-                event.event_type,
-                event.event_id()
-            )
-            .into(),
-        )
+    event.decode().map(Some).map_err(|source| {
+        Failure::Skip(Box::new(Undecodable {
+            event_type: event.event_type.clone(),
+            event_id: event.event_id(),
+            source,
+        }))
     })
+}
+
+/// A known event type whose body does not decode as it: it can never be handled.
+#[derive(Debug, thiserror::Error)]
+#[error("{event_type} {event_id} does not decode as its type")]
+pub struct Undecodable {
+    event_type: String,
+    event_id: String,
+    #[source]
+    source: serde_json::Error,
+}
+
+/// A message naming a call by something that is not a call id: it can never be handled.
+#[derive(Debug, thiserror::Error)]
+#[error("{id} is not a call id")]
+pub struct NotACallId {
+    pub id: String,
+    #[source]
+    pub source: uuid::Error,
+}
+
+impl From<NotACallId> for Failure {
+    fn from(e: NotACallId) -> Self {
+        Failure::Skip(Box::new(e))
+    }
 }
 
 impl Failure {
@@ -70,9 +92,10 @@ impl Failure {
     }
 }
 
-/// What a handler was doing when `cause` stopped it.
+/// What a handler was doing when `cause` stopped it (said after it by the log line and the
+/// dead letter, which print the whole chain).
 #[derive(Debug, thiserror::Error)]
-#[error("{doing}: {cause}")]
+#[error("{doing}")]
 pub struct Step {
     doing: String,
     #[source]
