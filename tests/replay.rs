@@ -491,7 +491,7 @@ async fn readers_from_mid_stream_and_in_parallel_read_every_message_once() {
     let client = cmb_nats::connect(&env.config().nats_url, "callmeback tests")
         .await
         .unwrap();
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     cmb_nats::ensure_stream(&js, &settings).await.unwrap();
     const N: u64 = 20_000;
     // One envelope for every message (readers do not look at the subjects' ids), 4 kB each.
@@ -539,8 +539,12 @@ async fn readers_from_mid_stream_and_in_parallel_read_every_message_once() {
     assert_eq!(until, N);
     let all: Vec<u64> = (1..=N).collect();
 
+    // Each range read twice: by the library's ordered consumer, and in place from the
+    // connection's buffer (`read_bodies`: a push consumer, flow control answered by hand —
+    // 20,000 bodies of 4 kB make the server ask for it many times over).
     let read = |filter: String, from: u64, to: u64| {
-        let (js, settings) = (js.clone(), settings.clone());
+        let (client, js, settings) = (client.clone(), js.clone(), settings.clone());
+        let (url, body) = (env.config().nats_url, body.clone());
         async move {
             let mut seen = Vec::new();
             let read = replay::read(
@@ -559,6 +563,29 @@ async fn readers_from_mid_stream_and_in_parallel_read_every_message_once() {
                 .expect("the range ends")
                 .expect("read");
             assert_eq!(n, seen.len() as u64);
+            let mut in_place = Vec::new();
+            let read = replay::read_bodies(
+                &client,
+                &url,
+                &settings,
+                &filter,
+                Start::Sequence(from),
+                to,
+                |s, b| {
+                    assert_eq!(b, &body[..], "the body at {s}, whole");
+                    in_place.push(s);
+                    Ok(())
+                },
+            );
+            let n = tokio::time::timeout(Duration::from_secs(120), read)
+                .await
+                .expect("the range ends, read in place")
+                .expect("read in place");
+            assert_eq!(n, in_place.len() as u64);
+            assert_eq!(
+                in_place, seen,
+                "{filter} from {from} to {to}, read in place"
+            );
             seen
         }
     };

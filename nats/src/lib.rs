@@ -6,12 +6,14 @@
 //! - [`publish`]: publication that keeps per-aggregate order even when some publishes fail.
 //! - [`consume`]: durable pull consumers shared by every instance, and their lag.
 //! - [`replay`]: an ordered reader over a range of the stream.
+//! - [`wire`]: a minimal NATS protocol connection that reads deliveries in place (replays).
 
 pub mod consume;
 pub mod contract;
 pub mod publish;
 pub mod replay;
 pub mod stream;
+pub mod wire;
 
 pub use contract::{decode_message, encode, ContractError};
 pub use stream::{ensure_stream, StreamSettings};

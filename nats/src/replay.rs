@@ -9,6 +9,7 @@ use futures::StreamExt;
 
 use crate::contract::{decode_body, ContractError};
 use crate::stream::StreamSettings;
+use crate::wire::{self, Connection, Op, WireError};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,12 @@ pub enum ReplayError {
     Contract(#[from] ContractError),
     #[error("the stream stopped delivering at sequence {reached}, before {until}")]
     Stalled { reached: u64, until: u64 },
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("a delivery's reply subject is not a JetStream one: {0:?}")]
+    NotJetStream(String),
+    #[error("the server sent status {0} to a replay")]
+    Status(u16),
 }
 
 /// One replayed event and its place in the stream.
@@ -158,27 +165,13 @@ impl Range {
             return Ok(None);
         }
         let stream = js.get_stream(&settings.stream).await?;
-        // The last message on the filter now, which is where the range ends if before `until`.
-        let last_on_filter = match stream.get_last_raw_message_by_subject(filter).await {
-            Ok(m) => m.sequence,
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let deliver_policy = match start {
-            Start::Beginning => consumer::DeliverPolicy::All,
-            Start::Sequence(start_sequence) => consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start_sequence.max(1),
-            },
-            Start::Time(t) => consumer::DeliverPolicy::ByStartTime {
-                start_time: time_from_chrono(t),
-            },
+        let Some(last_on_filter) = last_on(&stream, filter).await? else {
+            return Ok(None);
         };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: filter.to_string(),
-                deliver_policy,
+                deliver_policy: deliver_policy(start),
                 ..Default::default()
             })
             .await?;
@@ -263,8 +256,244 @@ where
     }
 }
 
+/// Reads as [`read`] does, each body handed to `each` as a slice of the read buffer: over a
+/// connection of its own that parses the deliveries in place ([`crate::wire`]) from an
+/// ordered push consumer (no acknowledgements; flow-control requests answered as they are
+/// read; a gap in the consumer's sequence, or a heartbeat saying one was missed, makes a new
+/// consumer from the last message handed over). `client` makes and deletes the consumers; a
+/// `nats_url` this connection cannot speak (TLS) is read by [`read`] instead.
+pub async fn read_bodies<F>(
+    client: &async_nats::Client,
+    nats_url: &str,
+    settings: &StreamSettings,
+    filter: &str,
+    start: Start,
+    until: u64,
+    mut each: F,
+) -> Result<u64, ReplayError>
+where
+    F: FnMut(u64, &[u8]) -> Result<(), ContractError>,
+{
+    if until == 0 {
+        return Ok(0);
+    }
+    let js = jetstream::new(client.clone());
+    let mut connection = match Connection::connect(nats_url, "callmeback replay").await {
+        Ok(c) => c,
+        Err(WireError::Unsupported(_)) => {
+            let each = |seq: u64, m: &jetstream::Message| each(seq, &m.payload);
+            return read(&js, settings, filter, start, until, each).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let stream = js
+        .get_stream(&settings.stream)
+        .await
+        .map_err(|e| ReplayError::Nats(e.into()))?;
+    let Some(last_on_filter) = last_on(&stream, filter).await? else {
+        return Ok(0);
+    };
+    let (mut reached, mut handed) = (0, 0);
+    let (mut range, mut sid) = (None, 0);
+    loop {
+        sid += 1;
+        let inbox = client.new_inbox();
+        connection.output.subscribe(&inbox, sid);
+        connection.sync(|_| {}).await?;
+        let from = match reached {
+            0 => start,
+            reached => Start::Sequence(reached + 1),
+        };
+        let consumer = stream
+            .create_consumer(consumer::push::Config {
+                deliver_subject: inbox,
+                filter_subject: filter.to_string(),
+                deliver_policy: deliver_policy(from),
+                ack_policy: consumer::AckPolicy::None,
+                max_deliver: 1,
+                flow_control: true,
+                idle_heartbeat: HEARTBEAT,
+                memory_storage: true,
+                num_replicas: 1,
+                inactive_threshold: std::time::Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ReplayError::Nats(e.into()))?;
+        let name = consumer.cached_info().name.clone();
+        let range = *range.get_or_insert_with(|| Range {
+            first: consumer.cached_info().delivered.stream_sequence + 1,
+            last: until.min(last_on_filter),
+            until,
+        });
+        let read = if range.first > range.last {
+            Ok(Delivery::End)
+        } else {
+            deliver(
+                &mut connection,
+                sid,
+                range,
+                &mut reached,
+                &mut handed,
+                &mut each,
+            )
+            .await
+        };
+        connection.output.unsubscribe(sid);
+        connection.flush().await?;
+        // Gone by itself once nobody listens (inactive threshold); deleted now to be tidy.
+        let _ = stream.delete_consumer(&name).await;
+        match read? {
+            Delivery::End => return Ok(handed),
+            Delivery::Gap => {
+                tracing::debug!(
+                    reached,
+                    "replay: a gap in delivery, reading on with a new consumer"
+                );
+            }
+        }
+    }
+}
+
+/// How one consumer's delivery ended.
+enum Delivery {
+    /// The range was read.
+    End,
+    /// A message was missed: read on with a new consumer.
+    Gap,
+}
+
+/// Reads subscription `sid`'s deliveries (an ordered push consumer's) on `connection`.
+async fn deliver<F>(
+    connection: &mut Connection,
+    sid: u64,
+    range: Range,
+    reached: &mut u64,
+    handed: &mut u64,
+    each: &mut F,
+) -> Result<Delivery, ReplayError>
+where
+    F: FnMut(u64, &[u8]) -> Result<(), ContractError>,
+{
+    let mut consumer_sequence = 0;
+    loop {
+        // A slow stream is waited for; one that stops delivering for a long time is an error,
+        // never a silent early end.
+        match tokio::time::timeout(STALL_LIMIT, connection.fill()).await {
+            Ok(filled) => filled?,
+            Err(_) => {
+                return Err(ReplayError::Stalled {
+                    reached: *reached,
+                    until: range.last,
+                })
+            }
+        }
+        while let Some(op) = connection.input.next_op()? {
+            let m = match op {
+                Op::Msg(m) if m.sid == sid => m,
+                // An earlier consumer's, sent before it was unsubscribed.
+                Op::Msg(_) | Op::Pong | Op::Other => continue,
+                Op::Ping => {
+                    connection.output.pong();
+                    continue;
+                }
+                Op::Err(e) => return Err(wire::server_error(e).into()),
+            };
+            if let Some(status) = wire::status(m.headers) {
+                if status != 100 {
+                    return Err(ReplayError::Status(status));
+                }
+                // A flow-control request (its reply subject), or a heartbeat that says the
+                // server waits for one answered (stalled) and which message it sent last.
+                if !m.reply.is_empty() {
+                    connection.output.publish_empty(m.reply);
+                }
+                if let Some(subject) = wire::header(m.headers, "Nats-Consumer-Stalled") {
+                    connection.output.publish_empty(subject);
+                }
+                let last = wire::header(m.headers, "Nats-Last-Consumer").and_then(wire::number);
+                if last.is_some_and(|last| last != consumer_sequence) {
+                    return Ok(Delivery::Gap);
+                }
+                continue;
+            }
+            let (stream_sequence, delivered) = ack_sequences(m.reply).ok_or_else(|| {
+                ReplayError::NotJetStream(String::from_utf8_lossy(m.reply).into())
+            })?;
+            if delivered != consumer_sequence + 1 {
+                return Ok(Delivery::Gap);
+            }
+            consumer_sequence = delivered;
+            match range.step(*reached, stream_sequence) {
+                Step::Skip => continue,
+                Step::Past => return Ok(Delivery::End),
+                step => {
+                    *reached = stream_sequence;
+                    each(stream_sequence, m.payload)?;
+                    *handed += 1;
+                    if step == Step::Last {
+                        return Ok(Delivery::End);
+                    }
+                }
+            }
+        }
+        connection.flush().await?;
+    }
+}
+
+/// The stream and consumer sequences of a JetStream delivery, from its reply subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or
+/// with a domain and account hash after `ACK` (and a token at the end) on newer servers.
+fn ack_sequences(reply: &[u8]) -> Option<(u64, u64)> {
+    let mut tokens = [&reply[..0]; 12];
+    let mut count = 0;
+    for token in reply.split(|&b| b == b'.') {
+        *tokens.get_mut(count)? = token;
+        count += 1;
+    }
+    if tokens[0] != b"$JS" || tokens[1] != b"ACK" {
+        return None;
+    }
+    let at = match count {
+        9 => 5,
+        c if c >= 11 => 7,
+        _ => return None,
+    };
+    Some((wire::number(tokens[at])?, wire::number(tokens[at + 1])?))
+}
+
+/// How often a replay's push consumer sends a heartbeat when it has nothing to deliver.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a replay waits for the next message before it calls the stream stalled.
 const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The last message on `filter` now (where a range ends if before its `until`), None when
+/// the filter has none.
+async fn last_on(
+    stream: &jetstream::stream::Stream,
+    filter: &str,
+) -> Result<Option<u64>, async_nats::Error> {
+    match stream.get_last_raw_message_by_subject(filter).await {
+        Ok(m) => Ok(Some(m.sequence)),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn deliver_policy(start: Start) -> consumer::DeliverPolicy {
+    match start {
+        Start::Beginning => consumer::DeliverPolicy::All,
+        Start::Sequence(start_sequence) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start_sequence.max(1),
+        },
+        Start::Time(t) => consumer::DeliverPolicy::ByStartTime {
+            start_time: time_from_chrono(t),
+        },
+    }
+}
 
 fn time_from_chrono(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
@@ -275,7 +504,24 @@ fn time_from_chrono(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
 
 #[cfg(test)]
 mod tests {
-    use super::{Range, Step};
+    use super::{ack_sequences, Range, Step};
+
+    #[test]
+    fn a_delivery_s_sequences_are_read_from_its_reply_subject() {
+        assert_eq!(
+            ack_sequences(b"$JS.ACK.CMB_EVENTS.abc.1.4207.12.1700000000000000000.99"),
+            Some((4207, 12))
+        );
+        assert_eq!(
+            ack_sequences(
+                b"$JS.ACK.hub.ACCHASH.CMB_EVENTS.abc.1.4207.12.1700000000000000000.99.tok"
+            ),
+            Some((4207, 12))
+        );
+        assert_eq!(ack_sequences(b"_INBOX.abc"), None);
+        assert_eq!(ack_sequences(b"$JS.ACK.S.C.1.x.12.0.0"), None);
+        assert_eq!(ack_sequences(b""), None);
+    }
 
     #[test]
     fn a_range_ends_at_a_sequence_and_skips_what_came_before_it() {

@@ -180,7 +180,7 @@ async fn nats(config: &Config, events: u64, partitions: u64, keep: bool) -> Resu
     settings.stream = format!("{}_BENCH_REPLAY", config.stream.stream);
     settings.subject_prefix = format!("{}_bench_replay", config.stream.subject_prefix);
     let nats = cmb_nats::connect(&config.nats_url, "callmeback bench replay").await?;
-    let js = async_nats::jetstream::new(nats);
+    let js = async_nats::jetstream::new(nats.clone());
     js.delete_stream(&settings.stream).await.ok();
     cmb_nats::ensure_stream(&js, &settings)
         .await
@@ -226,17 +226,23 @@ async fn nats(config: &Config, events: u64, partitions: u64, keep: bool) -> Resu
     let started = Instant::now();
     let mut readers = Vec::new();
     for i in 0..partitions {
-        let (url, settings) = (config.nats_url.clone(), settings.clone());
+        let (client, url, settings) = (nats.clone(), config.nats_url.clone(), settings.clone());
         let (a, b) = (1 + until * i / partitions, until * (i + 1) / partitions);
         readers.push(tokio::spawn(async move {
-            let nats = cmb_nats::connect(&url, "callmeback bench replay").await?;
-            let js = async_nats::jetstream::new(nats);
             let all = settings.all_subjects();
             let start = cmb_nats::replay::Start::Sequence(a);
-            let n = cmb_nats::replay::read(&js, &settings, &all, start, b, |_, m| {
-                serde_json::from_slice::<serde::de::IgnoredAny>(&m.payload)?;
-                Ok(())
-            })
+            let n = cmb_nats::replay::read_bodies(
+                &client,
+                &url,
+                &settings,
+                &all,
+                start,
+                b,
+                |_, body| {
+                    serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
+                    Ok(())
+                },
+            )
             .await?;
             Ok::<_, Error>(n)
         }));

@@ -13,8 +13,9 @@ use super::{Error, Reconciler, Report};
 const OTHER_TYPES: [&str; 2] = ["system_cost", "stripe_event"];
 
 /// How many consumers read the call subjects at once by default (`bench replay --partitions`
-/// tries others).
-pub const PARTITIONS: u64 = 4;
+/// tries others): two read fastest on a 2-core host, where each more is the server's work too
+/// (README "Benchmarks", bench replay).
+pub const PARTITIONS: u64 = 2;
 
 /// How a reconcile from the stream went.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +25,9 @@ pub struct Read {
 }
 
 /// The reconcile of the events from `start` up to stream sequence `until`, read by
-/// `partitions` consumers of the call subjects (at least one) and one per other type.
+/// `partitions` consumers of the call subjects (at least one) and one per other type, each
+/// on a connection of its own that reads the deliveries in place
+/// ([`cmb_nats::replay::read_bodies`]).
 pub async fn reconcile(
     nats_url: &str,
     settings: &StreamSettings,
@@ -47,17 +50,19 @@ pub async fn reconcile(
     for t in OTHER_TYPES {
         parts.push((settings.type_subjects(t), start, until));
     }
+    // Consumers are made and deleted on this one; messages arrive on each reader's own.
+    let client = cmb_nats::connect(nats_url, "callmeback reconcile").await?;
     let mut readers = Vec::new();
-    for (i, (filter, a, b)) in parts.into_iter().enumerate() {
-        let (url, settings) = (nats_url.to_string(), settings.clone());
+    for (filter, a, b) in parts {
+        let (client, url, settings) = (client.clone(), nats_url.to_string(), settings.clone());
         readers.push(tokio::spawn(async move {
-            let nats = cmb_nats::connect(&url, &format!("callmeback reconcile {i}")).await?;
-            let js = async_nats::jetstream::new(nats);
             let mut r = Reconciler::requested_between(range);
-            let n = replay::read(&js, &settings, &filter, Start::Sequence(a), b, |seq, m| {
-                Ok(r.add_body(u128::from(seq), &m.payload)?)
-            })
-            .await?;
+            let start = Start::Sequence(a);
+            let n =
+                replay::read_bodies(&client, &url, &settings, &filter, start, b, |seq, body| {
+                    Ok(r.add_body(u128::from(seq), body)?)
+                })
+                .await?;
             Ok::<_, Error>((r, n))
         }));
     }
