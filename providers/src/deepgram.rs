@@ -228,6 +228,10 @@ struct Ended {
     input_closed: bool,
 }
 
+/// Audio frames written with one flush at most, when they queued up while the socket's task
+/// waited for a core.
+const BATCH_FRAMES: usize = 16;
+
 /// Runs one socket: `replay` first, then the audio as it comes (each frame also kept in
 /// `recent`), events to `events`, until the stream ends the way the protocol says or fails.
 async fn run(
@@ -274,9 +278,29 @@ async fn run(
                 // A zero-length binary frame makes Deepgram close the socket.
                 Some(frame) if frame.is_empty() => {}
                 Some(frame) => {
-                    sent_bytes += frame.len() as u64;
-                    recent.push(frame.clone());
-                    if let Err(e) = sink.send(Message::Binary(frame)).await {
+                    // The frames queued meanwhile (this task ran late) go in the same write:
+                    // one flush for all of them, none held back for a later one.
+                    let mut next = Some(frame);
+                    let mut fed = 0;
+                    let mut failed = None;
+                    while let Some(frame) = next.take() {
+                        if !frame.is_empty() {
+                            sent_bytes += frame.len() as u64;
+                            recent.push(frame.clone());
+                            if let Err(e) = sink.feed(Message::Binary(frame)).await {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                        fed += 1;
+                        if fed < BATCH_FRAMES {
+                            next = audio.try_recv().ok();
+                        }
+                    }
+                    if let Some(e) = failed {
+                        break Err(format!("sending audio failed: {e}"));
+                    }
+                    if let Err(e) = sink.flush().await {
                         break Err(format!("sending audio failed: {e}"));
                     }
                     last_sent = Instant::now();
