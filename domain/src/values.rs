@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::privacy::ERASED;
+
 /// A rule a value broke, naming the field so the API can point at it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -21,9 +23,12 @@ impl Invalid {
     }
 }
 
-/// An email address, trimmed and lower-cased.
+/// An email address, trimmed and lower-cased. Read back (an event, a payload) through
+/// [`Email::parse`], so none is ever built invalid; the one other value it can hold is an
+/// erased one ([`crate::privacy::ERASED`]: its owner's key was destroyed), which says so
+/// ([`Email::is_erased`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "String", try_from = "String")]
 pub struct Email(String);
 
 impl Email {
@@ -51,6 +56,11 @@ impl Email {
         &self.0
     }
 
+    /// Whether this is an erased address (its owner's data key was destroyed).
+    pub fn is_erased(&self) -> bool {
+        self.0 == ERASED
+    }
+
     /// `j***@example.com`, for logs.
     pub fn masked(&self) -> String {
         match self.0.split_once('@') {
@@ -69,9 +79,11 @@ impl fmt::Display for Email {
     }
 }
 
-/// A phone number in E.164: `+` then 8 to 15 digits, the first not 0.
+/// A phone number in E.164: `+` then 8 to 15 digits, the first not 0. Read back through
+/// [`PhoneNumber::parse`] as [`Email`] is, an erased number ([`crate::privacy::ERASED`]) the
+/// one other value it can hold ([`PhoneNumber::is_erased`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "String", try_from = "String")]
 pub struct PhoneNumber(String);
 
 impl PhoneNumber {
@@ -95,6 +107,11 @@ impl PhoneNumber {
         &self.0
     }
 
+    /// Whether this is an erased number (its owner's data key was destroyed).
+    pub fn is_erased(&self) -> bool {
+        self.0 == ERASED
+    }
+
     /// `+1415*****23`, for logs.
     pub fn masked(&self) -> String {
         let n = self.0.len();
@@ -108,6 +125,42 @@ impl PhoneNumber {
 impl fmt::Display for PhoneNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Reading back: a stored address goes through its parser again, or is the erased marker.
+impl TryFrom<String> for Email {
+    type Error = Invalid;
+
+    fn try_from(raw: String) -> Result<Self, Invalid> {
+        if raw == ERASED {
+            return Ok(Email(raw));
+        }
+        Email::parse(&raw)
+    }
+}
+
+impl From<Email> for String {
+    fn from(email: Email) -> String {
+        email.0
+    }
+}
+
+/// Reading back: a stored number goes through its parser again, or is the erased marker.
+impl TryFrom<String> for PhoneNumber {
+    type Error = Invalid;
+
+    fn try_from(raw: String) -> Result<Self, Invalid> {
+        if raw == ERASED {
+            return Ok(PhoneNumber(raw));
+        }
+        PhoneNumber::parse("phone", &raw)
+    }
+}
+
+impl From<PhoneNumber> for String {
+    fn from(phone: PhoneNumber) -> String {
+        phone.0
     }
 }
 
@@ -265,6 +318,30 @@ pub fn parse_time_bound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emails_and_phone_numbers_are_read_back_through_their_parsers_or_as_erased() {
+        let email: Email = serde_json::from_str(r#""jo@example.com""#).unwrap();
+        let phone: PhoneNumber = serde_json::from_str(r#""+14155550123""#).unwrap();
+        assert_eq!((email.as_str(), phone.as_str()), ("jo@example.com", "+14155550123"));
+        assert!(!email.is_erased() && !phone.is_erased());
+        assert_eq!(serde_json::to_string(&email).unwrap(), r#""jo@example.com""#);
+        assert_eq!(serde_json::to_string(&phone).unwrap(), r#""+14155550123""#);
+
+        let email: Email = serde_json::from_str(r#""[erased]""#).unwrap();
+        let phone: PhoneNumber = serde_json::from_str(r#""[erased]""#).unwrap();
+        assert!(email.is_erased() && phone.is_erased());
+        assert_eq!(serde_json::to_string(&phone).unwrap(), r#""[erased]""#);
+
+        for bad in [r#""jo""#, r#""jo@x""#] {
+            let err = serde_json::from_str::<Email>(bad).unwrap_err().to_string();
+            assert!(err.contains("must be a valid email address"), "{bad}: {err}");
+        }
+        for bad in [r#""4155550123""#, r#""+0123456789""#, r#""call me""#] {
+            let err = serde_json::from_str::<PhoneNumber>(bad).unwrap_err().to_string();
+            assert!(err.contains("E.164"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn emails_are_normalised_to_lower_case() {
