@@ -323,9 +323,15 @@ mod tests {
     fn emails_and_phone_numbers_are_read_back_through_their_parsers_or_as_erased() {
         let email: Email = serde_json::from_str(r#""jo@example.com""#).unwrap();
         let phone: PhoneNumber = serde_json::from_str(r#""+14155550123""#).unwrap();
-        assert_eq!((email.as_str(), phone.as_str()), ("jo@example.com", "+14155550123"));
+        assert_eq!(
+            (email.as_str(), phone.as_str()),
+            ("jo@example.com", "+14155550123")
+        );
         assert!(!email.is_erased() && !phone.is_erased());
-        assert_eq!(serde_json::to_string(&email).unwrap(), r#""jo@example.com""#);
+        assert_eq!(
+            serde_json::to_string(&email).unwrap(),
+            r#""jo@example.com""#
+        );
         assert_eq!(serde_json::to_string(&phone).unwrap(), r#""+14155550123""#);
 
         let email: Email = serde_json::from_str(r#""[erased]""#).unwrap();
@@ -335,10 +341,15 @@ mod tests {
 
         for bad in [r#""jo""#, r#""jo@x""#] {
             let err = serde_json::from_str::<Email>(bad).unwrap_err().to_string();
-            assert!(err.contains("must be a valid email address"), "{bad}: {err}");
+            assert!(
+                err.contains("must be a valid email address"),
+                "{bad}: {err}"
+            );
         }
         for bad in [r#""4155550123""#, r#""+0123456789""#, r#""call me""#] {
-            let err = serde_json::from_str::<PhoneNumber>(bad).unwrap_err().to_string();
+            let err = serde_json::from_str::<PhoneNumber>(bad)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("E.164"), "{bad}: {err}");
         }
     }
