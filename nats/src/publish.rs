@@ -82,19 +82,6 @@ pub async fn publish_wave(
     events: &[Outgoing],
     wave: &[usize],
 ) -> Result<Vec<Acked>, PublishError> {
-    send_wave(js, settings, events, wave).await?.await
-}
-
-/// Sends one wave (as [`publish_wave`]) and returns, without waiting for them, its
-/// acknowledgements to come (in the wave's order, or the first failure): what the caller does
-/// meanwhile (the publisher reads its next batch) overlaps JetStream's round trip.
-pub async fn send_wave<'a>(
-    js: &jetstream::Context,
-    settings: &StreamSettings,
-    events: &'a [Outgoing],
-    wave: &[usize],
-) -> Result<impl std::future::Future<Output = Result<Vec<Acked>, PublishError>> + 'a, PublishError>
-{
     let mut pending = Vec::with_capacity(wave.len());
     for &i in wave {
         let event = &events[i];
@@ -108,29 +95,27 @@ pub async fn send_wave<'a>(
             })?;
         pending.push((i, ack));
     }
-    Ok(async move {
-        // Await every ack of the wave, then report the first failure (if any).
-        let results = futures::future::join_all(
-            pending
-                .into_iter()
-                .map(|(i, ack)| async move { (i, ack.await) }),
-        )
-        .await;
-        results
+    // Await every ack of the wave, then report the first failure (if any).
+    let results = futures::future::join_all(
+        pending
             .into_iter()
-            .map(|(i, result)| {
-                result
-                    .map(|ack| Acked {
-                        stream_sequence: ack.sequence,
-                        duplicate: ack.duplicate,
-                    })
-                    .map_err(|source| PublishError::Publish {
-                        event_id: events[i].event_id(),
-                        source,
-                    })
-            })
-            .collect()
-    })
+            .map(|(i, ack)| async move { (i, ack.await) }),
+    )
+    .await;
+    results
+        .into_iter()
+        .map(|(i, result)| {
+            result
+                .map(|ack| Acked {
+                    stream_sequence: ack.sequence,
+                    duplicate: ack.duplicate,
+                })
+                .map_err(|source| PublishError::Publish {
+                    event_id: events[i].event_id(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]

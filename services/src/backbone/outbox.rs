@@ -100,17 +100,18 @@ pub(crate) const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
 /// here waits for the cluster's oldest transaction: a transaction still open is simply not
 /// visible yet, and only its own events wait for it.
 ///
-/// With `save`, the same statement first records that checkpoint as the publisher's position
-/// (what [`save_checkpoint`] does): the position after a batch is written by a later read,
-/// which comes after the batch's acknowledgements anyway — one round trip fewer per batch.
+/// With `save`, the same statement first records `checkpoint` as the publisher's position
+/// (what [`save_checkpoint`] does): the position after a batch is written by the read of the
+/// next one, which comes after the batch's acknowledgements anyway — one round trip fewer
+/// per batch.
 pub async fn read_due(
     pool: &PgPool,
     checkpoint: &Checkpoint,
     limit: i64,
-    save: Option<&Checkpoint>,
+    save: bool,
 ) -> Result<(Option<String>, Vec<Due>), sqlx::Error> {
-    let saved = if save.is_some() {
-        format!("{},", save_cte(6))
+    let saved = if save {
+        format!("{SAVE_CHECKPOINT_CTE},")
     } else {
         String::new()
     };
@@ -143,12 +144,9 @@ pub async fn read_due(
         .bind(checkpoint.at.commit_xid)
         .bind(checkpoint.at.global_position)
         .bind(limit);
-    let rows = match save {
-        Some(saved) => bind_saved(rows, saved),
-        None => rows,
-    }
-    .fetch_all(pool)
-    .await?;
+    let rows = if save { rows.bind(PUBLISHER) } else { rows }
+        .fetch_all(pool)
+        .await?;
     let snapshot = rows
         .first()
         .map(|r| r.try_get::<String, _>("snapshot"))
@@ -237,41 +235,30 @@ pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sqlx::E
 /// publishes again JetStream drops (`Nats-Msg-Id`), as does the check of the stream's last
 /// message per aggregate when it takes over — and any later commit that does wait flushes
 /// this one too (the log is written in order).
-async fn save_checkpoint(pool: &PgPool, at: &Checkpoint) -> Result<(), sqlx::Error> {
-    let sql = format!("WITH {} SELECT 1", save_cte(1));
-    bind_saved(sqlx::query(&sql), at).execute(pool).await?;
-    Ok(())
-}
-
-/// The checkpoint's upsert as a data-modifying `WITH` item, its parameters from `$first` on
-/// (the name, done, pending, commit_xid, global_position: [`bind_saved`]), committed without
-/// waiting for its own fsync.
-fn save_cte(first: usize) -> String {
-    let [name, done, pending, xid, position] = std::array::from_fn(|i| first + i);
-    format!(
-        "saved AS (
-         INSERT INTO publisher_checkpoints
-                (name, snapshot, pending, commit_xid, global_position, updated_at)
-         SELECT ${name}, ${done}::pg_snapshot, ${pending}::pg_snapshot, ${xid}, ${position}, now()
-           FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait
-         ON CONFLICT (name) DO UPDATE
-            SET snapshot = EXCLUDED.snapshot, pending = EXCLUDED.pending,
-                commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,
-                updated_at = now())"
-    )
-}
-
-type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// Binds [`save_cte`]'s parameters (after the ones bound already).
-fn bind_saved<'q>(query: Query<'q>, at: &'q Checkpoint) -> Query<'q> {
-    query
-        .bind(PUBLISHER)
+async fn save_checkpoint(pool: &PgPool, name: &str, at: &Checkpoint) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("WITH {SAVE_CHECKPOINT_CTE} SELECT 1"))
         .bind(&at.done)
         .bind(at.pending.as_deref())
         .bind(at.at.commit_xid)
         .bind(at.at.global_position)
+        .bind(0i64) // the read's limit ($5), unused here
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
+
+/// The checkpoint's upsert as a data-modifying `WITH` item (`$1`–`$4`: done, pending,
+/// commit_xid, global_position; `$6`: the name), committed without waiting for its own fsync.
+const SAVE_CHECKPOINT_CTE: &str = "saved AS (
+         INSERT INTO publisher_checkpoints
+                (name, snapshot, pending, commit_xid, global_position, updated_at)
+         SELECT $6, $1::pg_snapshot, $2::pg_snapshot, $3, $4, now()
+           FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_wait
+         ON CONFLICT (name) DO UPDATE
+            SET snapshot = EXCLUDED.snapshot, pending = EXCLUDED.pending,
+                commit_xid = EXCLUDED.commit_xid, global_position = EXCLUDED.global_position,
+                updated_at = now())";
 
 /// How many committed events the publisher's checkpoint does not cover yet.
 pub async fn unpublished(pool: &PgPool) -> Result<i64, sqlx::Error> {
@@ -384,15 +371,6 @@ pub struct Publisher {
 struct Position {
     at: Checkpoint,
     unsaved: bool,
-    /// The batch after `at`, read while the last one's acknowledgements were on their way.
-    next: Option<Read>,
-}
-
-/// A read of the events due after a position.
-struct Read {
-    snapshot: Option<String>,
-    batch: Vec<Due>,
-    at: chrono::DateTime<Utc>,
 }
 
 /// The publisher's checkpoint and lease name.
@@ -433,12 +411,9 @@ impl Publisher {
             }
         }
         // The last position, if the next read was to write it.
-        if let Some(Position {
-            at, unsaved: true, ..
-        }) = &position
-        {
+        if let Some(Position { at, unsaved: true }) = &position {
             if lease.is_held() {
-                if let Err(e) = save_checkpoint(&self.pool, at).await {
+                if let Err(e) = save_checkpoint(&self.pool, PUBLISHER, at).await {
                     tracing::warn!(error = %e, "the publisher's last checkpoint was not saved");
                 }
             }
@@ -448,11 +423,6 @@ impl Publisher {
     }
 
     /// One round: returns Ok(true) when it published something (or finished a snapshot).
-    ///
-    /// The round's last wave goes out, then the next batch is read while its acknowledgements
-    /// come back (that read writes down the position before this batch — acknowledged — if
-    /// no read did yet); the next round publishes what it read once they are all in, so an
-    /// aggregate's events still go out one acknowledgement after the other.
     async fn step(
         &self,
         lease: &mut Lease,
@@ -463,80 +433,39 @@ impl Publisher {
             *position = None;
             return Ok(false);
         }
-        let (
-            Position {
-                mut at,
-                mut unsaved,
-                next,
-            },
-            taking_over,
-        ) = match position.take() {
+        let (Position { mut at, unsaved }, taking_over) = match position.take() {
             Some(p) if was_held => (p, false),
             _ => (
                 Position {
                     at: checkpoint(&self.pool, PUBLISHER).await?,
                     unsaved: false,
-                    next: None,
                 },
                 true,
             ),
         };
-        let Read {
-            snapshot,
-            mut batch,
-            at: read_at,
-        } = match next {
-            Some(read) => read,
-            None => {
-                // The position after the last batch is written by this read.
-                let saved = unsaved.then_some(&at);
-                let (snapshot, batch) =
-                    read_due(&self.pool, &at, self.settings.batch, saved).await?;
-                unsaved = false;
-                Read {
-                    snapshot,
-                    batch,
-                    at: Utc::now(),
-                }
-            }
-        };
+        // The position after the last batch is written by this read.
+        let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch, unsaved).await?;
+        let read_at = Utc::now();
         let Some(last) = batch.last() else {
             return match at.pending.take() {
                 // Nothing new visible: the done snapshot stays (its scan costs nothing).
                 None => {
-                    *position = Some(Position {
-                        at,
-                        unsaved,
-                        next: None,
-                    });
+                    *position = Some(Position { at, unsaved: false });
                     Ok(false)
                 }
                 // The pending snapshot is fully out (written by the next read, at once).
                 Some(pending) => {
                     at.done = pending;
                     at.at = CommitPosition::default();
-                    *position = Some(Position {
-                        at,
-                        unsaved: true,
-                        next: None,
-                    });
+                    *position = Some(Position { at, unsaved: true });
                     Ok(true)
                 }
             };
         };
         let last = last.at;
         let full = batch.len() as i64 >= self.settings.batch;
-        // Where publication stands once this batch is acknowledged.
-        let mut after = at.clone();
-        if after.pending.is_none() {
-            after.pending = snapshot;
-        }
-        if full {
-            after.at = last;
-        } else {
-            // Fewer than a batch: that was the pending snapshot's last page.
-            after.done = after.pending.take().unwrap_or(after.done);
-            after.at = CommitPosition::default();
+        if at.pending.is_none() {
+            at.pending = snapshot;
         }
         if taking_over {
             // Only the first batch after taking over can hold what a predecessor published.
@@ -546,48 +475,29 @@ impl Publisher {
             .into_iter()
             .map(|d| (d.message, d.occurred_at))
             .unzip();
-        let waves = cmb_nats::publish::waves(&batch);
         let mut acks = Vec::with_capacity(batch.len());
-        let mut next = None;
-        let mut acked_at = Utc::now();
-        for (n, wave) in waves.iter().enumerate() {
+        for (n, wave) in cmb_nats::publish::waves(&batch).into_iter().enumerate() {
             // A publisher that lost its lease stops within one wave.
             if !lease.ensure(&self.pool).await? {
                 return Err("the publisher lease was lost mid-batch".into());
             }
-            let sent = cmb_nats::publish::send_wave(&self.js, &self.stream, &batch, wave).await?;
-            let acked = async {
-                let acked = sent.await;
-                (acked, Utc::now())
-            };
-            let (acked, at_ack) = if n + 1 < waves.len() {
-                acked.await
-            } else {
-                // The last wave: the next batch is read meanwhile.
-                let saved = unsaved.then_some(&at);
-                let read = read_due(&self.pool, &after, self.settings.batch, saved);
-                let ((acked, at_ack), read) = tokio::join!(acked, read);
-                let (snapshot, batch) = read?;
-                next = Some(Read {
-                    snapshot,
-                    batch,
-                    at: Utc::now(),
-                });
-                (acked, at_ack)
-            };
-            acks.extend(acked?);
-            acked_at = at_ack;
+            acks.extend(
+                cmb_nats::publish::publish_wave(&self.js, &self.stream, &batch, &wave).await?,
+            );
             if let Some(after_wave) = &self.after_wave {
                 after_wave(n + 1).await;
             }
         }
-        // Acknowledged: a later read writes the new position down.
-        *position = Some(Position {
-            at: after,
-            unsaved: true,
-            next,
-        });
-        let now = acked_at;
+        if full {
+            at.at = last;
+        } else {
+            // Fewer than a batch: that was the pending snapshot's last page.
+            at.done = at.pending.take().unwrap_or(at.done);
+            at.at = CommitPosition::default();
+        }
+        // Acknowledged: the next read writes the new position down.
+        *position = Some(Position { at, unsaved: true });
+        let now = Utc::now();
         let fresh = acks.iter().filter(|a| !a.duplicate).count() as u64;
         metrics::counter!("cmb_events_published_total").increment(fresh);
         metrics::counter!("cmb_events_republished_duplicates_total")
