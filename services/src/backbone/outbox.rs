@@ -96,7 +96,12 @@ pub(crate) const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
 ///
 /// An event is due when its transaction is visible in the pending snapshot and was not in the
 /// done one: in `done`'s in-progress list, or at or above its `xmax`. Two ordered index scans
-/// (one per case) merged, so a batch costs its own size even behind a long backlog. Nothing
+/// (one per case) merged, so a batch costs its own size even behind a long backlog. Each scan
+/// is bounded by values read here from `done`'s text ([`Bounds`]), which the index uses
+/// whatever the plan: the in-progress list, and the later of the checkpoint's position and
+/// `done`'s `xmax` — not `pg_snapshot_xip(s.done)` and `pg_snapshot_xmax(s.done)`, which a
+/// cached generic plan applied as filters to every event from the start of the log, on every
+/// poll. Nothing
 /// here waits for the cluster's oldest transaction: a transaction still open is simply not
 /// visible yet, and only its own events wait for it.
 ///
@@ -104,8 +109,8 @@ pub(crate) const COVERED: &str = "(pg_visible_in_snapshot(e.xact_id, c.snapshot)
 /// (what [`save_checkpoint`] does): the position after a batch is written by the read of the
 /// next one, which comes after the batch's acknowledgements anyway — one round trip fewer
 /// per batch.
-pub async fn read_due(
-    pool: &PgPool,
+pub async fn read_due<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     checkpoint: &Checkpoint,
     limit: i64,
     save: bool,
@@ -122,7 +127,7 @@ pub async fn read_due(
          SELECT (SELECT pending::text FROM s) AS snapshot, u.* FROM (
            (SELECT {DUE_COLUMNS}
               FROM events, s
-             WHERE xact_id = ANY(ARRAY(SELECT pg_snapshot_xip(s.done)))
+             WHERE xact_id = ANY($9::bigint[]::text[]::xid8[])
                AND pg_visible_in_snapshot(xact_id, s.pending)
                AND (xact_id, global_position) > ($3::text::xid8, $4)
              ORDER BY xact_id, global_position LIMIT $5)
@@ -132,20 +137,29 @@ pub async fn read_due(
              WHERE xact_id >= pg_snapshot_xmax(s.done)
                AND xact_id < pg_snapshot_xmax(s.pending)
                AND pg_visible_in_snapshot(xact_id, s.pending)
-               AND (xact_id, global_position) > ($3::text::xid8, $4)
+               AND (xact_id, global_position) > ($7::text::xid8, $8)
              ORDER BY xact_id, global_position LIMIT $5)
          ) u
          ORDER BY u.xact_id, u.global_position
          LIMIT $5"
     );
+    let bounds = Bounds::of(checkpoint).ok_or_else(|| {
+        sqlx::Error::Decode(
+            format!("the publisher's snapshot {:?} is not one", checkpoint.done).into(),
+        )
+    })?;
     let rows = sqlx::query(&sql)
         .bind(&checkpoint.done)
         .bind(checkpoint.pending.as_deref())
         .bind(checkpoint.at.commit_xid)
         .bind(checkpoint.at.global_position)
-        .bind(limit);
-    let rows = if save { rows.bind(PUBLISHER) } else { rows }
-        .fetch_all(pool)
+        .bind(limit)
+        // The checkpoint's name ($6), used by the save only.
+        .bind(PUBLISHER)
+        .bind(bounds.above.commit_xid)
+        .bind(bounds.above.global_position)
+        .bind(&bounds.in_progress)
+        .fetch_all(db)
         .await?;
     let snapshot = rows
         .first()
@@ -153,6 +167,38 @@ pub async fn read_due(
         .transpose()?;
     let events = rows.iter().map(due_from_row).collect::<Result<_, _>>()?;
     Ok((snapshot, events))
+}
+
+/// Where [`read_due`]'s two scans start, from the done snapshot's text (`xmin:xmax:xip,…`,
+/// as Postgres writes a `pg_snapshot`): the transactions it saw in progress, and for those at
+/// or above its `xmax`, the later of that `xmax` and the checkpoint's position.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub in_progress: Vec<i64>,
+    pub above: CommitPosition,
+}
+
+impl Bounds {
+    /// `None` when `done` is not a snapshot's text.
+    pub fn of(checkpoint: &Checkpoint) -> Option<Bounds> {
+        let mut parts = checkpoint.done.splitn(3, ':');
+        let (_xmin, xmax, xip) = (parts.next()?, parts.next()?, parts.next()?);
+        let xmax = xmax.parse::<i64>().ok()?;
+        let in_progress = xip
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse::<i64>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        // Every event of transaction `xmax` itself comes after (xmax, i64::MIN).
+        let floor = CommitPosition {
+            commit_xid: xmax,
+            global_position: i64::MIN,
+        };
+        Some(Bounds {
+            in_progress,
+            above: checkpoint.at.max(floor),
+        })
+    }
 }
 
 /// What [`read_due`] reads of an event: the payload and metadata as the JSON text Postgres
@@ -522,5 +568,53 @@ impl Publisher {
             samples.lock().expect("lag samples lock").extend(lags);
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(done: &str, commit_xid: i64, global_position: i64) -> Checkpoint {
+        Checkpoint {
+            done: done.into(),
+            pending: None,
+            at: CommitPosition {
+                commit_xid,
+                global_position,
+            },
+        }
+    }
+
+    #[test]
+    fn a_reads_bounds_come_from_the_done_snapshot_and_the_position() {
+        // A finished snapshot: the scan above it starts at its xmax, not at the log's start.
+        assert_eq!(
+            Bounds::of(&at("100:105:100,103", 0, 0)),
+            Some(Bounds {
+                in_progress: vec![100, 103],
+                above: CommitPosition {
+                    commit_xid: 105,
+                    global_position: i64::MIN
+                },
+            })
+        );
+        // Mid-snapshot, past its xmax: from the position.
+        assert_eq!(
+            Bounds::of(&at("105:105:", 107, 42)),
+            Some(Bounds {
+                in_progress: vec![],
+                above: CommitPosition {
+                    commit_xid: 107,
+                    global_position: 42
+                },
+            })
+        );
+        assert_eq!(
+            Bounds::of(&Checkpoint::default()).map(|b| b.above.commit_xid),
+            Some(1)
+        );
+        assert_eq!(Bounds::of(&at("not a snapshot", 0, 0)), None);
+        assert_eq!(Bounds::of(&at("1:2:x", 0, 0)), None);
     }
 }
