@@ -722,3 +722,72 @@ async fn a_publishers_read_after_a_finished_snapshot_does_not_scan_the_log() {
     );
     env.cleanup().await;
 }
+
+/// The call facts the reconcile reads (`fact_*`) are worked out by a trigger on call events,
+/// not by generation expressions: Postgres prepares those again for every INSERT statement,
+/// inlining each SQL function they call — the most of a command's cost in Postgres, whatever
+/// its event (`bench events`). A call event still gets its facts, on insert and on a payload
+/// rewritten in place; any other event none.
+#[tokio::test]
+async fn call_facts_are_worked_out_for_call_events_only_and_without_generation_expressions() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let generated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute
+          WHERE attrelid = 'events'::regclass AND attgenerated <> ''",
+    )
+    .fetch_one(&b.pool)
+    .await
+    .unwrap();
+    assert_eq!(generated, 0, "events has generation expressions");
+    let insert = |aggregate_type: &'static str, event_type: &'static str, payload: &'static str| {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                                 payload, metadata)
+             VALUES ($1, $2, 1, $2, '1', $3::jsonb, '{}')",
+        )
+        .bind(aggregate_type)
+        .bind(event_type)
+        .bind(payload)
+    };
+    insert(
+        "call",
+        "CostRecorded",
+        r#"{"CostRecorded": {"service": "twilio", "total_micros": 1234, "billed_reference": "r"}}"#,
+    )
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    insert("persona", "PersonaUpdated", r#"{"PersonaUpdated": {}}"#)
+        .execute(&b.pool)
+        .await
+        .unwrap();
+    type Facts = (Option<i16>, Option<String>, Option<i64>, Option<i64>);
+    let facts = |id: &'static str| {
+        sqlx::query_as::<_, Facts>(
+            "SELECT fact_kind, fact_text, fact_int, fact_int2 FROM events WHERE aggregate_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&b.pool)
+    };
+    assert_eq!(
+        facts("CostRecorded").await.unwrap(),
+        (Some(4), Some("twilio".into()), Some(1234), Some(1))
+    );
+    assert_eq!(
+        facts("PersonaUpdated").await.unwrap(),
+        (None, None, None, None)
+    );
+    sqlx::query(
+        r#"UPDATE events SET payload = '{"CostRecorded": {"service": "deepgram", "total_micros": 5}}'
+            WHERE aggregate_id = 'CostRecorded'"#,
+    )
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        facts("CostRecorded").await.unwrap(),
+        (Some(4), Some("deepgram".into()), Some(5), Some(0))
+    );
+    env.cleanup().await;
+}
