@@ -1,13 +1,38 @@
 //! Partial reconciles merged, and refunds matched to calls by their places in the log.
 
-use super::Reconciler;
+use hashbrown::HashMap;
+
+use super::{CallLine, Reconciler};
 
 impl Reconciler {
     /// Folds in `later`: a reconciler (with the same range) of events that all come after
     /// this one's in the log — or of other aggregate types, whose order against these does
     /// not matter except for refunds, which carry their positions.
     pub fn merge(&mut self, later: Reconciler) {
-        for (id, b) in later.calls {
+        // Into nothing yet (the first part), taken whole rather than rebuilt entry by entry.
+        if self.calls.is_empty() {
+            self.calls = later.calls;
+        } else {
+            self.merge_calls(later.calls);
+        }
+        if self.by_intent.is_empty() {
+            self.by_intent = later.by_intent;
+        } else {
+            for (pi, calls) in later.by_intent {
+                self.by_intent.entry(pi).or_default().extend(calls);
+            }
+        }
+        self.refunds.extend(later.refunds);
+        for (service, micros) in later.system_micros {
+            *self.system_micros.entry(service).or_default() += micros;
+        }
+        self.next = self.next.max(later.next);
+    }
+
+    /// Folds `later`'s calls into these (see [`Self::merge`]).
+    fn merge_calls(&mut self, later: HashMap<String, Box<CallLine>>) {
+        self.calls.reserve(later.len());
+        for (id, b) in later {
             let Some(a) = self.calls.get_mut(&id) else {
                 self.calls.insert(id, b);
                 continue;
@@ -41,14 +66,6 @@ impl Reconciler {
                 *a.billed_micros.entry(service).or_default() += micros;
             }
         }
-        for (pi, calls) in later.by_intent {
-            self.by_intent.entry(pi).or_default().extend(calls);
-        }
-        self.refunds.extend(later.refunds);
-        for (service, micros) in later.system_micros {
-            *self.system_micros.entry(service).or_default() += micros;
-        }
-        self.next = self.next.max(later.next);
     }
 
     /// Matches each refund to the call last requested with its payment intent before it in

@@ -6,7 +6,9 @@
 //! its rounded lines, so reports add up.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+
+use hashbrown::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use cmb_domain::call::{CallEvent, Outcome, Payment, Reversal};
@@ -204,6 +206,16 @@ pub(crate) enum CallFact<'a> {
     Other,
 }
 
+/// Adds `cents` to `key`'s sum, the key copied only when new.
+fn add_to(sums: &mut BTreeMap<String, i64>, key: &str, cents: i64) {
+    match sums.get_mut(key) {
+        Some(sum) => *sum += cents,
+        None => {
+            sums.insert(key.to_string(), cents);
+        }
+    }
+}
+
 /// Folds events (in log order) into per-call lines.
 ///
 /// Each event comes with its position in the log (any number that grows with log order: a
@@ -214,7 +226,9 @@ pub(crate) enum CallFact<'a> {
 /// each was folded in.
 #[derive(Default)]
 pub struct Reconciler {
-    calls: HashMap<String, CallLine>,
+    /// Per call, its line — boxed, so the map stays small to grow, merge and sort (a line is
+    /// a few hundred bytes).
+    calls: HashMap<String, Box<CallLine>>,
     /// Per payment intent, the calls requested with it and where, in log order.
     by_intent: HashMap<String, Vec<(u128, String)>>,
     /// Refunds (where, payment intent, cents), matched to calls in [`Self::report`].
@@ -281,18 +295,14 @@ impl Reconciler {
         }
     }
 
-    /// The call's line, made on its first event.
+    /// The call's line, made on its first event (one hash of the id; the id copied only then).
     fn line(&mut self, call_id: &str) -> &mut CallLine {
-        if !self.calls.contains_key(call_id) {
-            self.calls.insert(
-                call_id.to_string(),
-                CallLine {
-                    call_id: call_id.to_string(),
-                    ..Default::default()
-                },
-            );
-        }
-        self.calls.get_mut(call_id).expect("just made")
+        self.calls.entry_ref(call_id).or_insert_with(|| {
+            Box::new(CallLine {
+                call_id: call_id.to_string(),
+                ..Default::default()
+            })
+        })
     }
 
     fn add_call(&mut self, position: u128, e: &EventEnvelope) {
@@ -404,9 +414,11 @@ impl Reconciler {
         let mut report = Report::default();
         let (from, to) = self.range;
         let orphan_refunds = self.match_refunds();
-        let mut calls: Vec<CallLine> = self.calls.into_values().collect();
+        let mut calls: Vec<Box<CallLine>> = self.calls.into_values().collect();
         calls.sort_unstable_by(|a, b| a.call_id.cmp(&b.call_id));
-        for mut line in calls {
+        report.calls.reserve(calls.len());
+        for line in calls {
+            let mut line = *line;
             // Only lines with a request can be placed in time; the others are anomalies.
             if let Some(at) = line.requested_at {
                 if from.is_some_and(|f| at < f) || to.is_some_and(|t| at >= t) {
@@ -426,72 +438,74 @@ impl Reconciler {
             line.revenue_cents =
                 line.charged_cents.unwrap_or(0) - line.refunded_cents - line.disputed_cents;
             line.margin_cents = line.revenue_cents - line.total_cost_cents;
-            let id = line.call_id.clone();
-            let mut anomaly = |kind: &'static str, detail: String| {
-                report.anomalies.push(Anomaly {
-                    call_id: id.clone(),
-                    kind,
-                    detail,
-                })
+            let anomaly = |kind: &'static str, detail: String| Anomaly {
+                call_id: line.call_id.clone(),
+                kind,
+                detail,
             };
             if !line.requested {
-                anomaly(
+                report.anomalies.push(anomaly(
                     "cost_without_call",
                     format!(
                         "{} cents of cost events for a call never requested",
                         line.total_cost_cents
                     ),
-                );
+                ));
             }
             match (line.price_cents, line.charged_cents) {
-                (Some(price), Some(charged)) if price != charged => anomaly(
+                (Some(price), Some(charged)) if price != charged => report.anomalies.push(anomaly(
                     "charge_differs_from_price",
                     format!("charged {charged} cents for a call priced {price} cents"),
-                ),
-                (Some(_), None) => anomaly(
+                )),
+                (Some(_), None) => report.anomalies.push(anomaly(
                     "hold_not_settled",
                     "the call ended but its hold was never captured or released".into(),
-                ),
-                (None, Some(charged)) if charged > 0 => anomaly(
+                )),
+                (None, Some(charged)) if charged > 0 => report.anomalies.push(anomaly(
                     "capture_without_call",
                     format!("{charged} cents captured for a call that never ended"),
-                ),
+                )),
                 _ => {}
             }
             if line.charged_cents.unwrap_or(0) > 0
                 && line.outcome.as_deref().is_some_and(|o| o != "completed")
             {
-                anomaly(
+                report.anomalies.push(anomaly(
                     "capture_without_completed_call",
                     format!(
                         "charged {} cents for a call that ended {}",
                         line.charged_cents.unwrap_or(0),
                         line.outcome.clone().unwrap_or_default()
                     ),
-                );
+                ));
             }
             if line.disputed_cents > 0 {
-                anomaly(
+                report.anomalies.push(anomaly(
                     "charge_disputed",
                     format!(
                         "{} cents of the capture disputed by the cardholder",
                         line.disputed_cents
                     ),
-                );
+                ));
             }
-            let user = report.per_user.entry(line.user_id.clone()).or_default();
+            // Keys copied only where new (a report has few users, providers and days against
+            // its calls).
+            let user = match report.per_user.get_mut(&line.user_id) {
+                Some(user) => user,
+                None => report.per_user.entry(line.user_id.clone()).or_default(),
+            };
             user.calls += 1;
             user.revenue_cents += line.revenue_cents;
             user.cost_cents += line.total_cost_cents;
             user.margin_cents += line.margin_cents;
             for (provider, cents) in &line.cost_cents {
-                *report.per_provider.entry(provider.clone()).or_default() += cents;
+                add_to(&mut report.per_provider, provider, *cents);
             }
             if let Some(day) = line.day {
                 let d = report.per_day.entry(day).or_default();
                 d.revenue_cents += line.revenue_cents;
                 for (provider, cents) in &line.cost_cents {
-                    *d.cost_cents.entry(provider.clone()).or_default() += cents;
+                    add_to(&mut d.cost_cents, provider, *cents);
                 }
             }
             report.totals.calls += 1;

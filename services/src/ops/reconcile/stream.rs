@@ -66,10 +66,11 @@ pub async fn reconcile(
             Ok::<_, Error>((r, n))
         }));
     }
+    // Call partitions first, in stream order (the first taken whole as the start of the fold:
+    // merged into nothing it needs no copy); then the other types (whose order against calls
+    // matters only for refunds, which carry their stream sequence).
     let mut whole = Reconciler::requested_between(range);
     let mut messages = 0;
-    // Call partitions first, in stream order; then the other types (whose order against calls
-    // matters only for refunds, which carry their stream sequence).
     for reader in readers {
         let (part, n) = reader.await??;
         whole.merge(part);
