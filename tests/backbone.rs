@@ -791,3 +791,126 @@ async fn call_facts_are_worked_out_for_call_events_only_and_without_generation_e
     );
     env.cleanup().await;
 }
+
+/// A command decides on the state this store's last command left (one statement per command,
+/// no read of the aggregate's events), and only a commit proves that state current: written
+/// behind its back — by another instance, or anything else — the command is decided again on
+/// the stored events, and a refusal on a kept state is checked against them too.
+#[tokio::test]
+async fn a_kept_aggregate_state_is_used_and_decided_again_once_the_store_moved_past_it() {
+    use cmb_domain::knowledge::{DocumentFormat, NewDocument};
+    use cmb_domain::persona::PersonaError;
+    use cmb_domain::DocumentId;
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    // Two instances' stores on the same event store.
+    let here = EventStore::new(b.pool.clone());
+    let there = EventStore::new(b.pool.clone());
+    let owner = cmb_domain::UserId::generate();
+    let ctx = CommandContext::for_request("kept", Actor::User(owner));
+    let update = |description: &str| PersonaCommand::Update {
+        by: owner,
+        patch: PersonaPatch {
+            description: Some(description.into()),
+            ..Default::default()
+        },
+    };
+    let id = uuid::Uuid::now_v7().to_string();
+    let create = PersonaCommand::Create {
+        owner: Owner::User(owner),
+        draft: persona_draft("Kept state"),
+    };
+    here.execute::<Persona>(&id, create, &ctx).await.unwrap();
+
+    // Used: the stored creation changed behind the store's back (a fresh read would find the
+    // description already there, and nothing to do); the kept state still has the old one.
+    sqlx::query(
+        "UPDATE events SET payload = jsonb_set(payload, '{PersonaCreated,description}',
+                                               '\"Changed in the store only.\"')
+          WHERE aggregate_type = 'persona' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(&id)
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    let done = here
+        .execute::<Persona>(&id, update("Changed in the store only."), &ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.events, done.sequence),
+        (1, 2),
+        "decided on the kept state, not on a read of the events"
+    );
+
+    // Moved past by another writer: the kept state (sequence 2) is behind; the command is
+    // decided again on the stored events, which already say what it asks for.
+    there
+        .execute::<Persona>(&id, update("Written by the other instance."), &ctx)
+        .await
+        .unwrap();
+    let done = here
+        .execute::<Persona>(&id, update("Written by the other instance."), &ctx)
+        .await
+        .unwrap();
+    assert_eq!((done.events, done.sequence), (0, 3), "nothing left to do");
+
+    // A refusal on a kept state is checked against the stored events: the other instance
+    // added a document this store's state has never seen; removing it is accepted.
+    let document_id = DocumentId::new(uuid::Uuid::now_v7().to_string());
+    let document = NewDocument {
+        document_id: document_id.clone(),
+        title: "Added elsewhere".into(),
+        format: DocumentFormat::Text,
+        chars: 10,
+        sha256: "0".repeat(64),
+    };
+    here.execute::<Persona>(&id, update("Kept at sequence 4."), &ctx)
+        .await
+        .unwrap();
+    there
+        .execute::<Persona>(
+            &id,
+            PersonaCommand::AddKnowledge {
+                by: owner,
+                document,
+                at: chrono::Utc::now(),
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    let removed = here
+        .execute::<Persona>(
+            &id,
+            PersonaCommand::RemoveKnowledge {
+                by: owner,
+                document_id: document_id.clone(),
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    assert_eq!((removed.events, removed.sequence), (1, 6));
+    // And a refusal that holds on the stored events is still one.
+    let again = here
+        .execute::<Persona>(
+            &id,
+            PersonaCommand::RemoveKnowledge {
+                by: owner,
+                document_id,
+            },
+            &ctx,
+        )
+        .await;
+    assert!(
+        matches!(
+            again,
+            Err(callmeback::backbone::store::CommandError::Rejected(
+                PersonaError::DocumentNotFound
+            ))
+        ),
+        "{again:?}"
+    );
+    env.cleanup().await;
+}

@@ -8,8 +8,10 @@
 //! cqrs-es's `CqrsFramework` would also dispatch in-process `Query`s after the commit; we do
 //! not use those (a crash loses them): every read model and worker is fed from JetStream.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cmb_domain::events::StoreUpcaster;
 use cmb_domain::CommandContext;
@@ -18,7 +20,7 @@ use cqrs_es::{Aggregate, DomainEvent as _};
 use postgres_es::PostgresEventRepository;
 use sqlx::PgPool;
 
-use super::keys::Keyring;
+use super::keys::{self, Keyring};
 
 /// What a successful command wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,12 +199,72 @@ async fn insert_events<A: Aggregate>(
 /// How many times a command is re-decided after losing an optimistic-concurrency race.
 const CONFLICT_RETRIES: usize = 8;
 
+/// The states aggregates were left in by this store's last successful commands, so the next
+/// command on one decides without reading its events again (one statement per command, not
+/// two). Only a commit proves a kept state current: the insert after sequence `n` is refused
+/// if any event `n + 1` exists (written by another instance, or by anything else), so a stale
+/// state costs a re-decision on the stored events, never a wrong write; a command a kept state
+/// refuses, or finds nothing to do, is decided again on the stored events too. A state is
+/// kept at most [`keys::LIVE_FOR`] (the bound on another instance's erasures the data keys'
+/// cache already has) and dropped by an erasure in this process ([`keys::erasures`]).
+#[derive(Default)]
+struct Kept {
+    states: Mutex<HashMap<(&'static str, String), KeptState>>,
+}
+
+struct KeptState {
+    aggregate: Box<dyn Any + Send>,
+    sequence: u64,
+    at: Instant,
+    erasures: u64,
+}
+
+/// Aggregates kept at most (a bound on memory: a state is a few kilobytes at most); at the
+/// bound, those kept longer than half of [`keys::LIVE_FOR`] go, and all of them if that is
+/// not enough.
+const KEPT_MAX: usize = 4_096;
+
+impl Kept {
+    /// Takes aggregate `id`'s kept state (a concurrent command on it reads the store).
+    fn take<A: Aggregate + 'static>(&self, id: &str) -> Option<(A, u64)> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = states.remove(&(A::TYPE, id.to_string()))?;
+        if kept.at.elapsed() >= keys::LIVE_FOR || kept.erasures != keys::erasures() {
+            return None;
+        }
+        let aggregate = kept.aggregate.downcast::<A>().ok()?;
+        Some((*aggregate, kept.sequence))
+    }
+
+    fn keep<A: Aggregate + 'static>(&self, id: &str, aggregate: A, sequence: u64) {
+        let erasures = keys::erasures();
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if states.len() >= KEPT_MAX {
+            let now = Instant::now();
+            states.retain(|_, k| now.duration_since(k.at) < keys::LIVE_FOR / 2);
+            if states.len() >= KEPT_MAX {
+                states.clear();
+            }
+        }
+        states.insert(
+            (A::TYPE, id.to_string()),
+            KeptState {
+                aggregate: Box::new(aggregate),
+                sequence,
+                at: Instant::now(),
+                erasures,
+            },
+        );
+    }
+}
+
 #[derive(Clone)]
 pub struct EventStore {
     pool: PgPool,
     keys: Keyring,
     /// postgres-es's reader of the `events` table (an aggregate's events in order).
     repository: Arc<PostgresEventRepository>,
+    kept: Arc<Kept>,
 }
 
 impl EventStore {
@@ -210,6 +272,7 @@ impl EventStore {
         EventStore {
             keys: Keyring::new(pool.clone()),
             repository: Arc::new(PostgresEventRepository::new(pool.clone())),
+            kept: Default::default(),
             pool,
         }
     }
@@ -270,7 +333,8 @@ impl EventStore {
         Ok((aggregate, sequence))
     }
 
-    /// Runs `command` against aggregate `id` and commits what it decides.
+    /// Runs `command` against aggregate `id` and commits what it decides: on the state this
+    /// store's last command on it left ([`Kept`]) when there is one, else on its stored events.
     pub async fn execute<A>(
         &self,
         id: &str,
@@ -278,20 +342,32 @@ impl EventStore {
         ctx: &CommandContext,
     ) -> Result<Committed, CommandError<A::Error>>
     where
-        A: Aggregate<Services = ()>,
+        A: Aggregate<Services = ()> + 'static,
         A::Command: Clone,
     {
         let mut attempt = 0;
+        let mut kept = self.kept.take::<A>(id);
         loop {
-            let (mut aggregate, before) = self.load::<A>(id).await?;
+            let from_kept = kept.is_some();
+            let (mut aggregate, before) = match kept.take() {
+                Some(kept) => kept,
+                None => self.load::<A>(id).await?,
+            };
             let sink = cqrs_es::event_sink::EventSink::default();
-            aggregate
-                .handle(command.clone(), &(), &sink)
-                .await
-                .map_err(CommandError::Rejected)?;
+            if let Err(e) = aggregate.handle(command.clone(), &(), &sink).await {
+                if from_kept {
+                    // Refused on a kept state: decided again on the stored events.
+                    continue;
+                }
+                return Err(CommandError::Rejected(e));
+            }
             let events = sink.collect().await;
             let count = events.len();
             if count == 0 {
+                if from_kept {
+                    continue;
+                }
+                self.kept.keep(id, aggregate, before);
                 return Ok(Committed {
                     aggregate_type: A::TYPE,
                     aggregate_id: id.to_string(),
@@ -303,13 +379,17 @@ impl EventStore {
                 Ok(()) => {
                     metrics::counter!("cmb_events_committed_total", "aggregate" => A::TYPE)
                         .increment(count as u64);
+                    let sequence = before + count as u64;
+                    self.kept.keep(id, aggregate, sequence);
                     return Ok(Committed {
                         aggregate_type: A::TYPE,
                         aggregate_id: id.to_string(),
-                        sequence: before + count as u64,
+                        sequence,
                         events: count,
                     });
                 }
+                // The kept state was behind the store: decided again on its events at once.
+                Err(Insert::Conflict) if from_kept => {}
                 Err(Insert::Conflict) if attempt < CONFLICT_RETRIES => {
                     attempt += 1;
                     // Back off a little, with jitter, so hot aggregates stop colliding.

@@ -31,6 +31,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,15 @@ use master::{stored_row, B64};
 
 /// How long another instance may still open a user's fields after the key was destroyed.
 pub const LIVE_FOR: Duration = Duration::from_secs(30);
+
+/// Data keys destroyed by this process so far: what was opened before one was may no longer
+/// be kept in clear (the event store's kept aggregates, `store::Kept`, check it).
+static ERASURES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process destroyed data keys ([`ERASURES`]).
+pub fn erasures() -> u64 {
+    ERASURES.load(Ordering::SeqCst)
+}
 
 /// Before the ciphertext of a field sealed under a call's key (base64 has no `:`); a field
 /// without it was sealed under its user's key.
@@ -400,6 +410,7 @@ impl Keyring {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        ERASURES.fetch_add(1, Ordering::SeqCst);
         remember(KeyId::user(user), DataKey::Erased);
         for call in calls {
             let id = KeyId {
@@ -428,6 +439,9 @@ impl Keyring {
         .bind(before)
         .fetch_all(&self.pool)
         .await?;
+        if !gone.is_empty() {
+            ERASURES.fetch_add(1, Ordering::SeqCst);
+        }
         for (user, call) in &gone {
             let id = KeyId {
                 user: *user,
