@@ -206,14 +206,13 @@ pub(crate) enum CallFact<'a> {
     Other,
 }
 
-/// Adds `cents` to `key`'s sum, the key copied only when new.
-fn add_to(sums: &mut BTreeMap<String, i64>, key: &str, cents: i64) {
-    match sums.get_mut(key) {
-        Some(sum) => *sum += cents,
-        None => {
-            sums.insert(key.to_string(), cents);
-        }
+/// `key`'s entry, made empty when new: the key is copied only then (a report has few users,
+/// providers and days against its calls).
+fn entry<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
     }
+    map.get_mut(key).expect("just made")
 }
 
 /// Folds events (in log order) into per-call lines.
@@ -488,24 +487,19 @@ impl Reconciler {
                     ),
                 ));
             }
-            // Keys copied only where new (a report has few users, providers and days against
-            // its calls).
-            let user = match report.per_user.get_mut(&line.user_id) {
-                Some(user) => user,
-                None => report.per_user.entry(line.user_id.clone()).or_default(),
-            };
+            let user = entry(&mut report.per_user, &line.user_id);
             user.calls += 1;
             user.revenue_cents += line.revenue_cents;
             user.cost_cents += line.total_cost_cents;
             user.margin_cents += line.margin_cents;
             for (provider, cents) in &line.cost_cents {
-                add_to(&mut report.per_provider, provider, *cents);
+                *entry(&mut report.per_provider, provider) += cents;
             }
             if let Some(day) = line.day {
                 let d = report.per_day.entry(day).or_default();
                 d.revenue_cents += line.revenue_cents;
                 for (provider, cents) in &line.cost_cents {
-                    add_to(&mut d.cost_cents, provider, *cents);
+                    *entry(&mut d.cost_cents, provider) += cents;
                 }
             }
             report.totals.calls += 1;
