@@ -914,3 +914,91 @@ async fn a_kept_aggregate_state_is_used_and_decided_again_once_the_store_moved_p
     );
     env.cleanup().await;
 }
+
+/// Commands committing at the same time share a statement and a transaction (the store's
+/// group commit), and a command in such a statement that lost its race does not fail the
+/// others: the statement wrote nothing, each command is written again on its own, and only
+/// the loser is decided again.
+#[tokio::test]
+async fn concurrent_commands_commit_together_and_a_loser_does_not_fail_the_others() {
+    let env = TestEnv::new();
+    let b = env.backbone().await;
+    let store = EventStore::new(b.pool.clone());
+    let owner = cmb_domain::UserId::generate();
+    let ids: Vec<String> = (0..40).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let ctx = CommandContext::for_request("together", Actor::User(owner));
+    for id in &ids {
+        let create = PersonaCommand::Create {
+            owner: Owner::User(owner),
+            draft: persona_draft("Together"),
+        };
+        store.execute::<Persona>(id, create, &ctx).await.unwrap();
+    }
+    // Every aggregate updated at once; returns each command's new sequence.
+    let update_all = |round: u32| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (store, id, ctx) = (store.clone(), id.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    let update = PersonaCommand::Update {
+                        by: owner,
+                        patch: PersonaPatch {
+                            description: Some(format!("Round {round} of this persona.")),
+                            ..Default::default()
+                        },
+                    };
+                    store.execute::<Persona>(&id, update, &ctx).await.unwrap()
+                })
+            })
+            .collect();
+        async move {
+            let mut sequences = Vec::new();
+            for h in handles {
+                let done = h.await.unwrap();
+                assert_eq!(done.events, 1);
+                sequences.push(done.sequence);
+            }
+            sequences
+        }
+    };
+    assert_eq!(update_all(1).await, vec![2; 40]);
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xact_id) FROM events WHERE aggregate_type = 'persona' AND sequence = 2",
+    )
+    .fetch_one(&b.pool)
+    .await
+    .unwrap();
+    assert!(
+        transactions < 40,
+        "40 concurrent commands took {transactions} transactions: none committed together"
+    );
+
+    // Another writer appends to the first aggregate behind the store's back: its kept state
+    // (sequence 2) is stale, and its command conflicts inside whatever statement it joins.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         SELECT aggregate_type, aggregate_id, 3, event_type, event_version, payload, metadata
+           FROM events WHERE aggregate_type = 'persona' AND aggregate_id = $1 AND sequence = 2",
+    )
+    .bind(&ids[0])
+    .execute(&b.pool)
+    .await
+    .unwrap();
+    let mut expected = vec![3; 40];
+    expected[0] = 4;
+    assert_eq!(
+        update_all(2).await,
+        expected,
+        "every command committed; the loser after the other writer's event"
+    );
+    let stored = events_in_store(&b.pool).await;
+    assert_eq!(stored.len(), 40 * 3 + 1);
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (_, id, sequence) in &stored {
+        let before = last.insert(id, *sequence).unwrap_or(0);
+        assert_eq!(*sequence, before + 1, "{id}: a gap or a copy in the store");
+    }
+    env.cleanup().await;
+}

@@ -126,17 +126,27 @@ enum Insert {
     Failed(StoreError),
 }
 
-/// Appends a command's events after sequence `before` of aggregate `id`, in one statement
-/// (so one round trip, its own transaction): each event serialised once, straight to the
-/// JSON text Postgres stores; the primary key refuses a sequence another writer took.
-async fn insert_events<A: Aggregate>(
-    pool: &PgPool,
+/// A command's events, encoded, to append after sequence `before` of aggregate `id`.
+struct Rows {
+    aggregate_type: &'static str,
+    id: String,
+    before: u64,
+    types: Vec<String>,
+    versions: Vec<String>,
+    payloads: Vec<String>,
+    /// The command's metadata as JSON text (every event of the command carries it).
+    metadata: String,
+}
+
+/// Encodes a command's events: each serialised once, straight to the JSON text Postgres
+/// stores (personal fields sealed first).
+async fn encode_rows<A: Aggregate>(
     keys: &Keyring,
     id: &str,
     before: u64,
     events: &[A::Event],
     ctx: &CommandContext,
-) -> Result<(), Insert> {
+) -> Result<Rows, Insert> {
     let encode = |source| {
         Insert::Failed(StoreError::Encode {
             aggregate: A::TYPE,
@@ -169,30 +179,180 @@ async fn insert_events<A: Aggregate>(
         payloads.push(payload);
     }
     let metadata = serde_json::to_string(&ctx.to_metadata()).map_err(encode)?;
-    let inserted = sqlx::query(
+    Ok(Rows {
+        aggregate_type: A::TYPE,
+        id: id.to_string(),
+        before,
+        types,
+        versions,
+        payloads,
+        metadata,
+    })
+}
+
+/// Appends the events of one or more commands in one statement (so one round trip, one
+/// transaction, one wait for the log's flush): each command's events after its sequence
+/// `before`, in order. The primary key refuses a sequence another writer took, which fails
+/// the whole statement (nothing of it is written).
+async fn insert_rows(pool: &PgPool, commands: &[&Rows]) -> Result<(), sqlx::Error> {
+    let n: usize = commands.iter().map(|c| c.types.len()).sum();
+    let mut aggregate_types = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut sequences = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    for c in commands {
+        for (i, ((t, v), p)) in c.types.iter().zip(&c.versions).zip(&c.payloads).enumerate() {
+            aggregate_types.push(c.aggregate_type);
+            ids.push(c.id.as_str());
+            sequences.push((c.before + 1 + i as u64) as i64);
+            types.push(t.as_str());
+            versions.push(v.as_str());
+            payloads.push(p.as_str());
+            metadata.push(c.metadata.as_str());
+        }
+    }
+    sqlx::query(
         "INSERT INTO events
                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
                  metadata)
-         SELECT $1, $2, $3 + n, t, v, p::jsonb, $7::json
-           FROM unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS u(t, v, p, n)
+         SELECT a, i, s, t, v, p::jsonb, m::json
+           FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                       $6::text[], $7::text[]) WITH ORDINALITY AS u(a, i, s, t, v, p, m, n)
           ORDER BY n",
     )
-    .bind(A::TYPE)
-    .bind(id)
-    .bind(before as i64)
+    .bind(&aggregate_types)
+    .bind(&ids)
+    .bind(&sequences)
     .bind(&types)
     .bind(&versions)
     .bind(&payloads)
     .bind(&metadata)
     .execute(pool)
-    .await;
-    match inserted {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-            Err(Insert::Conflict)
+    .await?;
+    Ok(())
+}
+
+/// What a statement's failure means for the commands in it.
+fn insert_failure(e: sqlx::Error) -> Insert {
+    match e {
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("23505") => Insert::Conflict,
+        e if overloaded(&e) => Insert::Busy(e.to_string()),
+        e => Insert::Failed(e.into()),
+    }
+}
+
+/// Commits the commands of concurrent callers together: each command's events are queued,
+/// and whatever has queued while the statements before it were running goes out as one
+/// statement ([`insert_rows`]) — group commit in the process: they share a transaction, a
+/// commit and a wait for the log's flush. In `bench events` (16 concurrent writers) that took
+/// Postgres's CPU per command from 0.75 to 0.31 ms (README "Benchmarks", `bench events`).
+///
+/// Nothing of a command's meaning changes: its events are written all or none, after the
+/// sequence it was decided on. A statement holding several commands that fails (one of them
+/// lost an optimistic-concurrency race, say) wrote nothing; each of its commands is then
+/// written by a statement of its own, so only the loser sees the conflict. A caller that
+/// stops waiting does not stop its command's statement (it runs on a task of its own), as a
+/// dropped single statement would have committed or not anyway.
+struct Committer {
+    queue: tokio::sync::mpsc::UnboundedSender<Queued>,
+}
+
+struct Queued {
+    rows: Rows,
+    done: tokio::sync::oneshot::Sender<Result<(), Insert>>,
+}
+
+/// Statements of queued commands in flight at once: while one waits for the log's flush,
+/// the next gathers what arrives.
+const COMMITTING: usize = 2;
+
+/// Events in one statement at most.
+const BATCH_EVENTS: usize = 256;
+
+impl Committer {
+    /// Starts the committer on the current runtime (`None` outside one: each command then
+    /// writes its own statement).
+    fn start(pool: &PgPool) -> Option<Committer> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<Queued>();
+        let pool = pool.clone();
+        runtime.spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(COMMITTING));
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(first) = queued.recv().await else {
+                    return;
+                };
+                let mut events = first.rows.types.len();
+                let mut batch = vec![first];
+                while events < BATCH_EVENTS {
+                    match queued.try_recv() {
+                        Ok(next) => {
+                            events += next.rows.types.len();
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    commit_together(&pool, batch).await;
+                    drop(slot);
+                });
+            }
+        });
+        Some(Committer { queue })
+    }
+
+    /// Queues `rows` and waits for their statement; `Err(rows)` if the committer has stopped
+    /// (its runtime shut down).
+    async fn commit(&self, rows: Rows) -> Result<Result<(), Insert>, Rows> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        if let Err(back) = self.queue.send(Queued { rows, done }) {
+            return Err(back.0.rows);
         }
-        Err(e) if overloaded(&e) => Err(Insert::Busy(e.to_string())),
-        Err(e) => Err(Insert::Failed(e.into())),
+        Ok(outcome.await.unwrap_or_else(|_| {
+            Err(Insert::Busy(
+                "the event store's committer stopped before answering".into(),
+            ))
+        }))
+    }
+}
+
+/// Writes `batch` in one statement; if that fails with more than one command in it, each
+/// command in a statement of its own (concurrently), so each gets its own answer.
+async fn commit_together(pool: &PgPool, batch: Vec<Queued>) {
+    let all: Vec<&Rows> = batch.iter().map(|q| &q.rows).collect();
+    let together = insert_rows(pool, &all).await;
+    metrics::histogram!("cmb_event_commit_batch_commands").record(batch.len() as f64);
+    match together {
+        Ok(()) => {
+            for q in batch {
+                let _ = q.done.send(Ok(()));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            let q = batch.into_iter().next().expect("one command");
+            let _ = q.done.send(Err(insert_failure(e)));
+        }
+        Err(e) if overloaded(&e) => {
+            let busy = e.to_string();
+            for q in batch {
+                let _ = q.done.send(Err(Insert::Busy(busy.clone())));
+            }
+        }
+        Err(_) => {
+            futures::future::join_all(batch.into_iter().map(|q| async move {
+                let alone = insert_rows(pool, &[&q.rows]).await.map_err(insert_failure);
+                let _ = q.done.send(alone);
+            }))
+            .await;
+        }
     }
 }
 
@@ -265,6 +425,9 @@ pub struct EventStore {
     /// postgres-es's reader of the `events` table (an aggregate's events in order).
     repository: Arc<PostgresEventRepository>,
     kept: Arc<Kept>,
+    /// Commits concurrent commands together ([`Committer`]); `None` when made outside a
+    /// runtime.
+    committer: Option<Arc<Committer>>,
 }
 
 impl EventStore {
@@ -273,6 +436,7 @@ impl EventStore {
             keys: Keyring::new(pool.clone()),
             repository: Arc::new(PostgresEventRepository::new(pool.clone())),
             kept: Default::default(),
+            committer: Committer::start(&pool).map(Arc::new),
             pool,
         }
     }
@@ -284,6 +448,28 @@ impl EventStore {
     /// The data keys personal fields are sealed with.
     pub fn keys(&self) -> &Keyring {
         &self.keys
+    }
+
+    /// Appends a command's events after sequence `before` of aggregate `id`, with the
+    /// commands committing at the same time ([`Committer`]).
+    async fn append<A: Aggregate>(
+        &self,
+        id: &str,
+        before: u64,
+        events: &[A::Event],
+        ctx: &CommandContext,
+    ) -> Result<(), Insert> {
+        let rows = encode_rows::<A>(&self.keys, id, before, events, ctx).await?;
+        let rows = match &self.committer {
+            Some(committer) => match committer.commit(rows).await {
+                Ok(outcome) => return outcome,
+                Err(rows) => rows,
+            },
+            None => rows,
+        };
+        insert_rows(&self.pool, &[&rows])
+            .await
+            .map_err(insert_failure)
     }
 
     /// The aggregate's current state and sequence, straight from the event store (consistent,
@@ -375,7 +561,7 @@ impl EventStore {
                     events: 0,
                 });
             }
-            match insert_events::<A>(&self.pool, &self.keys, id, before, &events, ctx).await {
+            match self.append::<A>(id, before, &events, ctx).await {
                 Ok(()) => {
                     metrics::counter!("cmb_events_committed_total", "aggregate" => A::TYPE)
                         .increment(count as u64);
