@@ -55,6 +55,9 @@ pub struct Settings {
     /// Latency of the handshake and injected 503s (`SIM_DEEPGRAM_LATENCY_MS`,
     /// `SIM_DEEPGRAM_FAIL_EVERY`).
     pub faults: Faults,
+    /// A stream that sent nothing for this long is closed (`NET-0001`): Deepgram's 10 s;
+    /// shorter in tests.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -94,6 +97,7 @@ impl Settings {
             latency: Duration::from_millis(number("SIM_DEEPGRAM_LATENCY_MS").unwrap_or(0)),
             disconnect_after: number("SIM_DEEPGRAM_DISCONNECT_AFTER_MS").map(Duration::from_millis),
             faults: Faults::from_lookup(get, "DEEPGRAM"),
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
@@ -273,12 +277,30 @@ async fn session(socket: WebSocket, sim: DeepgramSim, config: ListenConfig, mode
         }
     };
 
+    // One idle timer for the stream, moved only when it fires early (a timer made and dropped
+    // per message, 50 a second on each of hundreds of streams, costs the runtime more than
+    // hearing the audio does).
+    let mut last_heard = Instant::now();
+    let idle_timeout = settings.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     let end = loop {
-        let message = match tokio::time::timeout(IDLE_TIMEOUT, source.next()).await {
-            Err(_) => break End::Close(1011, "NET-0001"),
-            Ok(None | Some(Err(_))) => break End::Gone,
-            Ok(Some(Ok(message))) => message,
+        let next = tokio::select! {
+            next = source.next() => next,
+            () = &mut idle => {
+                let quiet_until = last_heard + idle_timeout;
+                if Instant::now() >= quiet_until {
+                    break End::Close(1011, "NET-0001");
+                }
+                idle.as_mut().reset(quiet_until);
+                continue;
+            }
         };
+        let message = match next {
+            None | Some(Err(_)) => break End::Gone,
+            Some(Ok(message)) => message,
+        };
+        last_heard = Instant::now();
         let (heard, closing) = match message {
             Message::Binary(audio) => (ear.hear(&audio), false),
             Message::Text(text) => {

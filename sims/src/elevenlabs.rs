@@ -141,10 +141,11 @@ impl TtsSettings {
     }
 }
 
-/// One chunk of speech as ElevenLabs frames it: the audio in base64 and its character
-/// alignment (given twice, as `alignment` and `normalizedAlignment`), plus the socket's own
-/// field (`isFinal` on a single stream, `contextId` on the multi-context one).
-fn audio_frame(chunk: &AudioChunk, (key, value): (&str, Value)) -> Message {
+/// One chunk of speech as ElevenLabs frames it — the audio in base64 and its character
+/// alignment (given twice, as `alignment` and `normalizedAlignment`) — as the JSON object's
+/// text without its closing brace, so that each socket adds its own field (`isFinal` on a
+/// single stream, `contextId` on the multi-context one) with [`audio_message`].
+fn audio_frame_open(chunk: &AudioChunk) -> String {
     let alignment = json!({
         "chars": chunk.chars, "charStartTimesMs": chunk.starts, "charDurationsMs": chunk.durations,
     });
@@ -152,9 +153,63 @@ fn audio_frame(chunk: &AudioChunk, (key, value): (&str, Value)) -> Message {
         "audio": BASE64.encode(&chunk.audio),
         "normalizedAlignment": alignment,
         "alignment": alignment,
+    })
+    .to_string();
+    // An object's text ends with its closing brace.
+    frame.pop();
+    frame
+}
+
+/// A chunk's message: its frame ([`audio_frame_open`]) and `"key":value_json`.
+fn audio_message(open: &str, key: &str, value_json: &str) -> Message {
+    let mut text = String::with_capacity(open.len() + key.len() + value_json.len() + 6);
+    text.push_str(open);
+    text.push_str(",\"");
+    text.push_str(key);
+    text.push_str("\":");
+    text.push_str(value_json);
+    text.push('}');
+    Message::Text(text.into())
+}
+
+/// A segment of text spoken from a given place in the tone: its chunks' frames
+/// ([`audio_frame_open`]) and how many samples it lasts.
+struct Spoken {
+    frames: Vec<String>,
+    samples: u64,
+}
+
+/// Speech is a pure function of the text, the rate and where in the tone it starts, and the
+/// same sentences come back call after call (a persona's greeting, a benchmark's reply): each
+/// is made and framed once and kept, not synthesised and encoded again per reply. At most
+/// [`SPOKEN_KEPT`] are kept (then the cache starts over).
+static SPOKEN: std::sync::LazyLock<std::sync::Mutex<SpokenCache>> =
+    std::sync::LazyLock::new(Default::default);
+/// Spoken segments by text, where in the tone they start (mod one second) and rate (its bits).
+type SpokenCache = std::collections::HashMap<(String, u64, u64), Arc<Spoken>>;
+const SPOKEN_KEPT: usize = 1024;
+
+/// `text` spoken at `ms_per_char` from sample `*sample` of the tone (advanced past it), framed.
+fn spoken(text: &str, sample: &mut u64, ms_per_char: f64) -> Arc<Spoken> {
+    let key = (text.to_string(), *sample % 8000, ms_per_char.to_bits());
+    let kept = SPOKEN.lock().ok().and_then(|m| m.get(&key).cloned());
+    let spoken = kept.unwrap_or_else(|| {
+        let mut at = *sample;
+        let chunks = speak(text, &mut at, ms_per_char);
+        let spoken = Arc::new(Spoken {
+            frames: chunks.iter().map(audio_frame_open).collect(),
+            samples: at - *sample,
+        });
+        if let Ok(mut m) = SPOKEN.lock() {
+            if m.len() >= SPOKEN_KEPT {
+                m.clear();
+            }
+            m.insert(key, spoken.clone());
+        }
+        spoken
     });
-    frame[key] = value;
-    Message::Text(frame.to_string().into())
+    *sample += spoken.samples;
+    spoken
 }
 
 /// ElevenLabs' premade voices (id, name, gender, accent).
@@ -553,10 +608,11 @@ async fn run_stream_input(
         if (last || triggered || buffer.chars().count() >= GENERATE_AT_CHARS)
             && !buffer.trim().is_empty()
         {
-            for chunk in speak(&std::mem::take(&mut buffer), &mut sample, tts.ms_per_char) {
+            let speech = spoken(&std::mem::take(&mut buffer), &mut sample, tts.ms_per_char);
+            for frame in &speech.frames {
                 tokio::time::sleep(tts.wait_for_chunk(&mut first)).await;
                 if socket
-                    .send(audio_frame(&chunk, ("isFinal", json!(false))))
+                    .send(audio_message(frame, "isFinal", "false"))
                     .await
                     .is_err()
                 {

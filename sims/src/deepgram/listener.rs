@@ -115,16 +115,33 @@ impl Listener {
     /// Takes audio of any length; answers once per whole frame it completes.
     pub fn hear(&mut self, audio: &[u8]) -> Vec<Heard> {
         self.received += audio.len() as u64;
-        self.partial.extend_from_slice(audio);
         let mut heard = Vec::new();
-        let whole = self.partial.len() - self.partial.len() % FRAME_BYTES;
-        let frames: Vec<u8> = self.partial.drain(..whole).collect();
-        for frame in frames.chunks_exact(FRAME_BYTES) {
-            let start = self.analysed;
-            self.analysed += FRAME_BYTES as u64;
-            self.frame(start, is_voiced(frame), &mut heard);
+        let mut rest = audio;
+        // A frame begun by an earlier message is completed first; whole frames are then read
+        // where they lie (no copy: this runs for every message of hundreds of streams).
+        if !self.partial.is_empty() {
+            let take = (FRAME_BYTES - self.partial.len()).min(rest.len());
+            self.partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.partial.len() < FRAME_BYTES {
+                return heard;
+            }
+            let voiced = is_voiced(&self.partial);
+            self.partial.clear();
+            self.next_frame(voiced, &mut heard);
         }
+        let mut frames = rest.chunks_exact(FRAME_BYTES);
+        for frame in frames.by_ref() {
+            self.next_frame(is_voiced(frame), &mut heard);
+        }
+        self.partial.extend_from_slice(frames.remainder());
         heard
+    }
+
+    fn next_frame(&mut self, voiced: bool, heard: &mut Vec<Heard>) {
+        let start = self.analysed;
+        self.analysed += FRAME_BYTES as u64;
+        self.frame(start, voiced, heard);
     }
 
     /// `Finalize` or `CloseStream`: the utterance in progress, if any, as a final result.
@@ -259,8 +276,25 @@ pub fn rms(frame: &[u8]) -> f64 {
     (energy / frame.len() as f64).sqrt()
 }
 
+/// Each μ-law byte's linear sample, squared: a frame's energy is a sum of table entries.
+static SQUARED: std::sync::LazyLock<[u64; 256]> = std::sync::LazyLock::new(|| {
+    std::array::from_fn(|b| {
+        let s = i64::from(mulaw_to_linear(b as u8));
+        (s * s) as u64
+    })
+});
+
+/// Whether the frame's RMS is above [`VOICED_RMS`], in integers: the sum of squares against
+/// `VOICED_RMS² × len` (the same decision as `rms(frame) > VOICED_RMS`, exact: both sides are
+/// integers far below 2⁵³).
 pub fn is_voiced(frame: &[u8]) -> bool {
-    rms(frame) > VOICED_RMS
+    if frame.is_empty() {
+        return false;
+    }
+    let squared = &*SQUARED;
+    let energy: u64 = frame.iter().map(|&b| squared[usize::from(b)]).sum();
+    let threshold = (VOICED_RMS * VOICED_RMS) as u64 * frame.len() as u64;
+    energy > threshold
 }
 
 /// `ms` of speech-like audio as 20 ms μ-law frames: a 300 Hz + 700 Hz tone mix with noise,
@@ -321,6 +355,27 @@ mod tests {
             .map(|i| linear_to_mulaw(if i % 2 == 0 { 200 } else { -200 }))
             .collect();
         assert!(!is_voiced(&hiss));
+    }
+
+    #[test]
+    fn the_integer_test_decides_as_the_rms_does() {
+        // Every level a frame of one repeated byte can have, and mixes of two around the
+        // threshold: the table's sum and the floating-point RMS agree on each.
+        for b in 0..=255u8 {
+            let frame = [b; FRAME_BYTES];
+            assert_eq!(is_voiced(&frame), rms(&frame) > VOICED_RMS, "byte {b:#x}");
+            for c in [0xFFu8, 0x7F, 0xA0, 0x20, 0xC0] {
+                let mixed: Vec<u8> = (0..FRAME_BYTES)
+                    .map(|i| if i % 3 == 0 { b } else { c })
+                    .collect();
+                assert_eq!(
+                    is_voiced(&mixed),
+                    rms(&mixed) > VOICED_RMS,
+                    "bytes {b:#x}, {c:#x}"
+                );
+            }
+        }
+        assert!(!is_voiced(&[]));
     }
 
     #[test]

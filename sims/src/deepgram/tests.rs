@@ -368,6 +368,55 @@ async fn a_quiet_stream_is_kept_alive() {
     assert_eq!(seen, [SttEvent::Closed { billed_secs: 0.2 }]);
 }
 
+/// The idle timer runs from the last message of any kind: a KeepAlive moves it, and a stream
+/// quiet for the whole timeout is closed with `NET-0001`, as Deepgram closes it.
+#[tokio::test]
+async fn a_stream_idle_too_long_is_closed_and_any_message_postpones_it() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message as WsMessage};
+    let idle = Duration::from_millis(400);
+    let running = start(Settings {
+        idle_timeout: idle,
+        ..scripted()
+    })
+    .await;
+    let url = format!(
+        "{}/v1/listen?encoding=mulaw&sample_rate=8000&channels=1",
+        running.url.replacen("http", "ws", 1)
+    );
+    let mut request = url.into_client_request().expect("a request");
+    request
+        .headers_mut()
+        .insert("authorization", "Token k".parse().expect("a header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connects");
+    ws.send(WsMessage::binary(vec![0xFFu8; FRAME_BYTES]))
+        .await
+        .expect("sends");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    ws.send(WsMessage::text(r#"{"type":"KeepAlive"}"#))
+        .await
+        .expect("sends");
+    let kept_alive = std::time::Instant::now();
+    // 500 ms after the audio, past the timeout counted from it: still open.
+    let early = tokio::time::timeout(Duration::from_millis(250), ws.next()).await;
+    assert!(early.is_err(), "closed early: {early:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("closed in time");
+    let quiet_for = kept_alive.elapsed();
+    match closed {
+        Some(Ok(WsMessage::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1011);
+            assert_eq!(frame.reason.as_str(), "NET-0001");
+        }
+        other => panic!("not a close frame: {other:?}"),
+    }
+    assert!(quiet_for >= idle, "closed after {quiet_for:?} of quiet");
+    assert_eq!(running.sim.keepalives(), 1);
+}
+
 #[test]
 fn settings_come_from_the_environment() {
     let vars = [

@@ -12,7 +12,7 @@ use axum::response::Response;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::{api_key, audio_frame, speak, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY};
+use super::{api_key, audio_message, spoken, Sim, TtsSettings, GENERATE_AT_CHARS, INACTIVITY};
 
 /// What the sockets did, for tests and benchmarks.
 impl super::ElevenLabsSim {
@@ -239,13 +239,15 @@ async fn generate(
 ) {
     let mut sample: u64 = 0;
     let mut first = true;
+    let context_json = Value::from(context.as_str()).to_string();
     while let Some(job) = jobs.recv().await {
         match job {
             Generate::Speak(text) => {
-                for chunk in speak(&text, &mut sample, tts.ms_per_char) {
+                let speech = spoken(&text, &mut sample, tts.ms_per_char);
+                for frame in &speech.frames {
                     tokio::time::sleep(tts.wait_for_chunk(&mut first)).await;
                     if out
-                        .send(audio_frame(&chunk, ("contextId", json!(context))))
+                        .send(audio_message(frame, "contextId", &context_json))
                         .is_err()
                     {
                         return;

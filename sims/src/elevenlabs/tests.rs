@@ -225,6 +225,48 @@ fn speech_is_cut_in_100_ms_chunks_with_alignment() {
 }
 
 #[test]
+fn speech_kept_for_a_text_is_the_speech_made_for_it() {
+    // Two segments in a row, twice (as two replies would speak them): the second time comes
+    // from the cache, and each time the frames are those the synthesis makes, the tone
+    // continuing from where the first segment ended.
+    let texts = ["Okay. ", "Tell me more, I am listening."];
+    let mut made = Vec::new();
+    let mut sample = 0;
+    for text in texts {
+        made.extend(speak(text, &mut sample, 50.0).iter().map(audio_frame_open));
+    }
+    let made_samples = sample;
+    for _ in 0..2 {
+        let mut sample = 0;
+        let frames: Vec<String> = texts
+            .iter()
+            .flat_map(|t| spoken(t, &mut sample, 50.0).frames.clone())
+            .collect();
+        assert_eq!(frames, made);
+        assert_eq!(sample, made_samples);
+    }
+    let (mut a, mut b) = (0, 0);
+    assert!(Arc::ptr_eq(
+        &spoken(texts[1], &mut a, 50.0),
+        &spoken(texts[1], &mut b, 50.0)
+    ));
+    // Another place in the tone is other audio.
+    let mut later = 1;
+    assert_ne!(
+        spoken(texts[1], &mut later, 50.0).frames,
+        spoken(texts[1], &mut 0, 50.0).frames
+    );
+    // A message is the frame and the socket's own field, as JSON.
+    let Message::Text(text) = audio_message(&made[0], "contextId", "\"c1\"") else {
+        panic!("a text message");
+    };
+    let v: Value = serde_json::from_str(text.as_str()).expect("JSON");
+    assert_eq!(v["contextId"], "c1");
+    assert_eq!(v["alignment"]["chars"][0], "O");
+    assert_eq!(v["alignment"], v["normalizedAlignment"]);
+}
+
+#[test]
 fn tts_settings_from_variables() {
     let s = TtsSettings::from_lookup(&|k| match k {
         "SIM_ELEVENLABS_TTS_FIRST_BYTE_MS" => Some("50".into()),

@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use cmb_providers::twilio::stream::{
-    Inbound, Mark, Media, MediaFormat, Start, Stop, StreamMessage,
-};
-use futures::{SinkExt, StreamExt};
+use cmb_providers::twilio::stream::{Inbound, Mark, MediaFormat, Start, Stop, StreamMessage};
+use futures::{FutureExt as _, SinkExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -116,6 +114,14 @@ static SPEECH: std::sync::LazyLock<Vec<[u8; FRAME_BYTES]>> = std::sync::LazyLock
 
 /// [`caller_audio`], each frame with whether it is speech.
 pub fn caller_frames(script: &CallerScript) -> impl Iterator<Item = (bool, [u8; FRAME_BYTES])> {
+    caller_plan(script).map(|speech| match speech {
+        Some(i) => (true, SPEECH[i]),
+        None => (false, [MULAW_SILENCE; FRAME_BYTES]),
+    })
+}
+
+/// The caller's frames as which frame of [`SPEECH`] each is (`None`: silence), for ever.
+fn caller_plan(script: &CallerScript) -> impl Iterator<Item = Option<usize>> {
     let frames_of = |ms: u32| ms.div_ceil(20) as usize;
     let mut plan: Vec<bool> = vec![false; frames_of(script.lead_silence_ms)];
     for &(speech, silence) in &script.turns {
@@ -124,17 +130,58 @@ pub fn caller_frames(script: &CallerScript) -> impl Iterator<Item = (bool, [u8; 
     }
     let mut voiced_frames = 0usize;
     plan.into_iter()
-        .map(Some)
-        .chain(std::iter::repeat(None))
+        .chain(std::iter::repeat(false))
         .map(move |voiced| {
-            if voiced == Some(true) {
-                let frame = SPEECH[voiced_frames % SPEECH_FRAMES];
+            voiced.then(|| {
                 voiced_frames += 1;
-                (true, frame)
-            } else {
-                (false, [MULAW_SILENCE; FRAME_BYTES])
-            }
+                (voiced_frames - 1) % SPEECH_FRAMES
+            })
         })
+}
+
+/// The base64 of each frame of [`SPEECH`], and of a silent frame: every caller says the same
+/// frames, so each is encoded once per process, not once per frame sent.
+static SPEECH_BASE64: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| SPEECH.iter().map(|f| BASE64.encode(f)).collect());
+static SILENCE_BASE64: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| BASE64.encode([MULAW_SILENCE; FRAME_BYTES]));
+
+/// Writes a caller's `media` messages as Twilio words them (`sequenceNumber`, `streamSid`,
+/// `media.track`, `chunk`, `timestamp` as strings, the payload base64), straight into one
+/// string per frame: no JSON tree and no base64 encoding per frame (see [`SPEECH_BASE64`]).
+struct MediaWriter {
+    /// `","streamSid":"MZ…","media":{"track":"inbound","chunk":"`.
+    middle: String,
+}
+
+impl MediaWriter {
+    fn new(stream_sid: &str) -> Self {
+        // A stream sid is `MZ` and hex: nothing in it needs escaping.
+        MediaWriter {
+            middle: format!(
+                r#"","streamSid":"{stream_sid}","media":{{"track":"inbound","chunk":""#
+            ),
+        }
+    }
+
+    /// The `media` message with `sequence`, `chunk` (from 1; its timestamp is 20 ms a chunk)
+    /// and the frame `speech` (an index into [`SPEECH`], `None`: silence).
+    fn frame(&self, sequence: u64, chunk: u64, speech: Option<usize>) -> String {
+        use std::fmt::Write as _;
+        let payload = match speech {
+            Some(i) => SPEECH_BASE64[i].as_str(),
+            None => SILENCE_BASE64.as_str(),
+        };
+        let mut text = String::with_capacity(self.middle.len() + payload.len() + 96);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            text,
+            r#"{{"event":"media","sequenceNumber":"{sequence}{}{chunk}","timestamp":"{}","payload":"{payload}"}}}}"#,
+            self.middle,
+            (chunk - 1) * 20,
+        );
+        text
+    }
 }
 
 /// A `<Stream>` found in the TwiML of an answered call.
@@ -382,7 +429,8 @@ async fn converse(
 
     let mut sequence: u64 = 2;
     let mut chunk: u64 = 1;
-    let mut audio = caller_frames(&ctx.script);
+    let mut audio = caller_plan(&ctx.script);
+    let media = MediaWriter::new(&stream_sid);
     // Until the caller has heard us (when it waits to), it is quiet and its script waits.
     let mut heard = !ctx.script.waits_to_hear;
     let mut ticker = tokio::time::interval(FRAME);
@@ -390,11 +438,24 @@ async fn converse(
     // rather than the audio clock falling behind the wall clock.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut playback = Playback::default();
+    // Made once, not per turn of the loop: a fresh wait on the token or a fresh timer each
+    // time (50 a second and more) would register and deregister with the runtime each time.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
+    let mark_timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(mark_timer);
+    let mut mark_timer_at: Option<Instant> = None;
     loop {
         let next_mark = playback.pending.front().map(|(_, at)| *at);
+        if next_mark.is_some() && next_mark != mark_timer_at {
+            if let Some(at) = next_mark {
+                mark_timer.as_mut().reset(at);
+            }
+        }
+        mark_timer_at = next_mark;
         let mut outgoing: Vec<String> = Vec::new();
         tokio::select! {
-            _ = stop.cancelled() => {
+            _ = &mut cancelled => {
                 let message = StreamMessage::Stop {
                     sequence_number: Some(sequence.to_string().into()),
                     stream_sid: stream_sid.as_str().into(),
@@ -409,27 +470,20 @@ async fn converse(
                 return StreamEnd::Stopped;
             }
             due = ticker.tick() => {
-                let (voiced, frame) = if heard {
-                    audio.next().unwrap_or((false, [MULAW_SILENCE; FRAME_BYTES]))
-                } else {
-                    (false, [MULAW_SILENCE; FRAME_BYTES])
-                };
-                let now = Instant::now();
-                observer.caller_frame(due, now, voiced, playback.playing(now));
-                let message = StreamMessage::Media {
-                    sequence_number: Some(sequence.to_string().into()),
-                    stream_sid: stream_sid.as_str().into(),
-                    media: Media {
-                        track: Some("inbound".into()),
-                        chunk: Some(chunk.to_string().into()),
-                        timestamp: Some(((chunk - 1) * 20).to_string().into()),
-                        payload: BASE64.encode(frame).into(),
-                    },
-                };
-                outgoing.push(message.to_text());
-                sequence += 1;
-                chunk += 1;
-                ctx.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+                // Every frame due by now goes in this one write: after a late wake-up (this
+                // process waited for a core) the frames due meanwhile leave together, as they
+                // would from a late sender on a real network, not one write each.
+                let mut due = Some(due);
+                while let Some(at) = due {
+                    let speech = if heard { audio.next().flatten() } else { None };
+                    let now = Instant::now();
+                    observer.caller_frame(at, now, speech.is_some(), playback.playing(now));
+                    outgoing.push(media.frame(sequence, chunk, speech));
+                    sequence += 1;
+                    chunk += 1;
+                    ctx.counters.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    due = ticker.tick().now_or_never();
+                }
             }
             received = source.next() => match received {
                 Some(Ok(Message::Text(text))) => {
@@ -447,7 +501,7 @@ async fn converse(
                     return StreamEnd::Closed;
                 }
             },
-            _ = tokio::time::sleep_until(next_mark.unwrap_or_else(Instant::now)), if next_mark.is_some() => {
+            _ = &mut mark_timer, if next_mark.is_some() => {
                 for name in playback.due(Instant::now()) {
                     // Played, so heard (marks echoed on a `clear` were not).
                     heard = true;
@@ -585,6 +639,33 @@ mod tests {
         // After the script: silence for ever.
         let after = caller_audio(&CallerScript::default()).nth(600);
         assert_eq!(after, Some([0xFF; FRAME_BYTES]));
+    }
+
+    #[test]
+    fn media_messages_are_twilio_s_with_the_caller_s_audio() {
+        let writer = MediaWriter::new("MZ0123abcd");
+        let script = CallerScript {
+            lead_silence_ms: 20,
+            turns: vec![(40, 20)],
+            ..CallerScript::default()
+        };
+        let expected: Vec<[u8; FRAME_BYTES]> = caller_audio(&script).take(5).collect();
+        for (i, speech) in caller_plan(&script).take(5).enumerate() {
+            let (sequence, chunk) = (i as u64 + 2, i as u64 + 1);
+            let text = writer.frame(sequence, chunk, speech);
+            let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            assert_eq!(v["event"], "media");
+            assert_eq!(v["sequenceNumber"], sequence.to_string());
+            assert_eq!(v["streamSid"], "MZ0123abcd");
+            assert_eq!(v["media"]["track"], "inbound");
+            assert_eq!(v["media"]["chunk"], chunk.to_string());
+            assert_eq!(v["media"]["timestamp"], ((chunk - 1) * 20).to_string());
+            let payload = v["media"]["payload"].as_str().expect("payload");
+            assert_eq!(BASE64.decode(payload).expect("base64"), expected[i]);
+        }
+        // Silence, two frames of speech, silence.
+        let plan: Vec<bool> = caller_plan(&script).take(5).map(|s| s.is_some()).collect();
+        assert_eq!(plan, [false, true, true, false, false]);
     }
 
     #[test]
