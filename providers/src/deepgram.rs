@@ -2,11 +2,12 @@
 //! μ-law in, transcripts out. A background task owns the socket so callers only see two
 //! channels: audio they push, events they read.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -14,6 +15,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::json::{First, IfObject};
 use crate::ProviderError;
 
 mod live;
@@ -373,49 +375,90 @@ enum Incoming {
     Metadata { duration: f64 },
 }
 
+/// A Deepgram server message, only the fields we use, read in one pass borrowed from the text
+/// (a transcript with escapes in it is the one thing copied). Numbers and flags may be missing
+/// or `null` (read as 0 and false).
+#[derive(Deserialize)]
+struct ServerMessage<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    is_final: Option<bool>,
+    #[serde(default)]
+    speech_final: Option<bool>,
+    #[serde(default)]
+    start: Option<f64>,
+    #[serde(default)]
+    duration: Option<f64>,
+    #[serde(default)]
+    timestamp: Option<f64>,
+    #[serde(default)]
+    last_word_end: Option<f64>,
+    /// An object in `Results`, an array of channel indexes elsewhere.
+    #[serde(borrow, default)]
+    channel: IfObject<Channel<'a>>,
+    #[serde(borrow, default)]
+    description: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    variant: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Channel<'a> {
+    #[serde(borrow, default)]
+    alternatives: First<Alternative<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Alternative<'a> {
+    #[serde(borrow)]
+    transcript: Cow<'a, str>,
+}
+
 /// Reads one server message; `None` for anything we do not use (including empty transcripts
 /// and malformed JSON).
 fn parse_message(body: &str) -> Option<Incoming> {
-    let value: Value = serde_json::from_str(body).ok()?;
-    let number = |v: &Value, key: &str| v.get(key).and_then(Value::as_f64).unwrap_or(0.0);
-    let flag = |key: &str| value.get(key).and_then(Value::as_bool).unwrap_or(false);
-    let event = match value.get("type")?.as_str()? {
+    let message: ServerMessage = serde_json::from_str(body).ok()?;
+    let number = |n: Option<f64>| n.unwrap_or(0.0);
+    let event = match message.kind.as_ref() {
         "Results" => {
-            let text = value
-                .pointer("/channel/alternatives/0/transcript")
-                .and_then(Value::as_str)?
-                .trim();
+            let alternative = message.channel.0?.alternatives.0?;
+            let text = alternative.transcript.trim();
             if text.is_empty() {
                 return None;
             }
-            let is_final = flag("is_final");
+            let is_final = message.is_final.unwrap_or(false);
             SttEvent::Transcript {
                 text: text.to_string(),
                 is_final,
                 // Only ever true on a final result.
-                speech_final: is_final && flag("speech_final"),
-                start: number(&value, "start"),
-                duration: number(&value, "duration"),
+                speech_final: is_final && message.speech_final.unwrap_or(false),
+                start: number(message.start),
+                duration: number(message.duration),
             }
         }
         "SpeechStarted" => SttEvent::SpeechStarted {
-            timestamp: number(&value, "timestamp"),
+            timestamp: number(message.timestamp),
         },
         "UtteranceEnd" => SttEvent::UtteranceEnd {
-            last_word_end: number(&value, "last_word_end"),
+            last_word_end: number(message.last_word_end),
         },
         "Metadata" => {
             return Some(Incoming::Metadata {
-                duration: number(&value, "duration"),
+                duration: number(message.duration),
             })
         }
         "Error" => {
-            let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or("");
-            let described = [text("description"), text("message"), text("variant")]
+            let described = [message.description, message.message, message.variant]
                 .into_iter()
-                .find(|s| !s.is_empty())
-                .unwrap_or("unknown error");
-            SttEvent::Error(format!("Deepgram: {described}"))
+                .flatten()
+                .find(|s| !s.is_empty());
+            SttEvent::Error(format!(
+                "Deepgram: {}",
+                described.as_deref().unwrap_or("unknown error")
+            ))
         }
         _ => return None,
     };
@@ -488,6 +531,29 @@ mod tests {
             parse_message(r#"{"type":"Error","variant":"v","description":"bad audio"}"#),
             Some(Incoming::Event(SttEvent::Error(
                 "Deepgram: bad audio".into()
+            )))
+        );
+        // Escapes in a transcript are read (copied); words and other fields are skipped.
+        let escaped = r#"{"type":"Results","is_final":null,"start":1,"duration":null,
+            "channel":{"alternatives":[{"transcript":" \"caf\u00e9\" ","words":[{"word":"x","start":1.0}]},{"transcript":"other"}]}}"#;
+        assert_eq!(
+            parse_message(escaped),
+            Some(Incoming::Event(SttEvent::Transcript {
+                text: "\"café\"".into(),
+                is_final: false,
+                speech_final: false,
+                start: 1.0,
+                duration: 0.0
+            }))
+        );
+        assert_eq!(
+            parse_message(r#"{"type":"Error","description":"","message":"bad key"}"#),
+            Some(Incoming::Event(SttEvent::Error("Deepgram: bad key".into())))
+        );
+        assert_eq!(
+            parse_message(r#"{"type":"Error"}"#),
+            Some(Incoming::Event(SttEvent::Error(
+                "Deepgram: unknown error".into()
             )))
         );
         for junk in [

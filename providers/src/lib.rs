@@ -5,6 +5,7 @@ pub mod deepgram;
 pub mod elevenlabs;
 pub mod email;
 pub mod embeddings;
+mod json;
 pub mod llm;
 pub mod stripe;
 pub mod twilio;

@@ -5,12 +5,15 @@
 //! into [`LlmChunk`]s on a bounded channel. Dropping the receiver ends that task, which drops the
 //! response and with it the connection — that is how a barge-in cancels a reply.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::json::{First, IfObject};
 use crate::ProviderError;
 
 pub const CEREBRAS_BASE_URL: &str = "https://api.cerebras.ai";
@@ -228,6 +231,39 @@ async fn read_sse(response: reqwest::Response, tx: &mpsc::Sender<LlmChunk>, idle
     }
 }
 
+/// A streamed chunk object, only the fields we use, read in one pass borrowed from the line (a
+/// delta with escapes in it is copied once): the first choice's `delta.content`, `usage`, and an
+/// `error` (rare, so kept whole to quote it). Any of them may be missing or `null`.
+#[derive(Deserialize)]
+struct StreamChunk<'a> {
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(borrow, default)]
+    choices: Option<First<Choice<'a>>>,
+    #[serde(default)]
+    usage: Option<IfObject<TokenCounts>>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct TokenCounts {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
 enum Line {
     Skip,
     Chunks(Vec<LlmChunk>),
@@ -246,11 +282,11 @@ fn parse_line(line: &str) -> Line {
     if data == "[DONE]" {
         return Line::Chunks(vec![LlmChunk::Done]);
     }
-    let value: Value = match serde_json::from_str(data) {
-        Ok(v) => v,
+    let chunk: StreamChunk = match serde_json::from_str(data) {
+        Ok(c) => c,
         Err(e) => return Line::Chunks(vec![LlmChunk::Error(format!("unreadable chunk: {e}"))]),
     };
-    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+    if let Some(error) = chunk.error {
         let message = error
             .get("message")
             .and_then(Value::as_str)
@@ -259,19 +295,21 @@ fn parse_line(line: &str) -> Line {
         return Line::Chunks(vec![LlmChunk::Error(message)]);
     }
     let mut chunks = Vec::new();
-    if let Some(content) = value
-        .pointer("/choices/0/delta/content")
-        .and_then(Value::as_str)
+    if let Some(content) = chunk
+        .choices
+        .and_then(|c| c.0)
+        .and_then(|c| c.delta)
+        .and_then(|d| d.content)
         .filter(|c| !c.is_empty())
     {
-        chunks.push(LlmChunk::Delta(content.to_string()));
+        chunks.push(LlmChunk::Delta(content.into_owned()));
     }
     // Usage may come on any chunk (Cerebras sometimes puts it on the last content chunk).
-    if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-        let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
+    if let Some(usage) = chunk.usage.and_then(|u| u.0) {
+        let count = |n: Option<u64>| n.unwrap_or(0) as u32;
         chunks.push(LlmChunk::Usage {
-            prompt_tokens: count("prompt_tokens"),
-            completion_tokens: count("completion_tokens"),
+            prompt_tokens: count(usage.prompt_tokens),
+            completion_tokens: count(usage.completion_tokens),
         });
     }
     Line::Chunks(chunks)
@@ -310,6 +348,29 @@ mod tests {
                 }
             ]
         );
+        // Escapes in a delta are read; `null`s and later choices are skipped.
+        let escaped = r#"data: {"choices":[{"delta":{"content":"say \"hi\"\n"},"logprobs":null},{"delta":{"content":"no"}}],"usage":null}"#;
+        assert_eq!(
+            chunks(escaped),
+            vec![LlmChunk::Delta("say \"hi\"\n".into())]
+        );
+        let usage_only =
+            r#"data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":null}}"#;
+        assert_eq!(
+            chunks(usage_only),
+            vec![LlmChunk::Usage {
+                prompt_tokens: 5,
+                completion_tokens: 0
+            }]
+        );
+        assert_eq!(
+            chunks(r#"data: {"error":{"code":500}}"#),
+            vec![LlmChunk::Error(r#"{"code":500}"#.into())]
+        );
+        assert!(matches!(
+            chunks("data: {nope").as_slice(),
+            [LlmChunk::Error(_)]
+        ));
         let err = r#"data: {"error":{"message":"overloaded","type":"server_error"}}"#;
         assert_eq!(chunks(err), vec![LlmChunk::Error("overloaded".into())]);
         assert_eq!(
