@@ -21,7 +21,8 @@ use chrono::Utc;
 use cmb_domain::{EventEnvelope, EventMetadata};
 use cmb_nats::contract::{Outgoing, StoredParts};
 use cmb_nats::StreamSettings;
-use sqlx::{PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::backbone::lease::Lease;
@@ -255,13 +256,16 @@ fn due_from_row(row: &sqlx::postgres::PgRow) -> Result<Due, sqlx::Error> {
 }
 
 /// The publisher's confirmed position.
-pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Checkpoint, sqlx::Error> {
+pub async fn checkpoint<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    name: &str,
+) -> Result<Checkpoint, sqlx::Error> {
     let row: Option<(String, Option<String>, i64, i64)> = sqlx::query_as(
         "SELECT snapshot::text, pending::text, commit_xid, global_position
            FROM publisher_checkpoints WHERE name = $1",
     )
     .bind(name)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(row
         .map(|(done, pending, commit_xid, global_position)| Checkpoint {
@@ -427,9 +431,14 @@ impl Publisher {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut lease = Lease::new(PUBLISHER, &self.instance_id, self.settings.lease_ttl);
         let mut position: Option<Position> = None;
+        // The publisher reads every few milliseconds: it keeps one connection of the pool
+        // rather than taking and returning one per read (sqlx checks a connection with a
+        // round trip each time it goes back); a failure returns it, and the next read takes
+        // a fresh one.
+        let mut conn: Option<PoolConnection<Postgres>> = None;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            match self.step(&mut lease, &mut position).await {
+            match self.step(&mut lease, &mut position, &mut conn).await {
                 Ok(true) => failures = 0,
                 Ok(false) => {
                     let pause = if lease.is_held() {
@@ -446,6 +455,7 @@ impl Publisher {
                     failures += 1;
                     // Re-read the checkpoint after a failure: part of the batch may be out.
                     position = None;
+                    conn = None;
                     let backoff = Duration::from_millis(50 * 2u64.pow(failures.min(6)));
                     tracing::warn!(error = %e, ?backoff, "publication failed; retrying");
                     metrics::counter!("cmb_publish_failures_total").increment(1);
@@ -456,6 +466,7 @@ impl Publisher {
                 }
             }
         }
+        drop(conn);
         // The last position, if the next read was to write it.
         if let Some(Position { at, unsaved: true }) = &position {
             if lease.is_held() {
@@ -473,24 +484,29 @@ impl Publisher {
         &self,
         lease: &mut Lease,
         position: &mut Option<Position>,
+        conn: &mut Option<PoolConnection<Postgres>>,
     ) -> Result<bool, async_nats::Error> {
         let was_held = lease.is_held();
         if !lease.ensure(&self.pool).await? {
             *position = None;
             return Ok(false);
         }
+        let db = match conn {
+            Some(db) => db,
+            None => conn.insert(self.pool.acquire().await?),
+        };
         let (Position { mut at, unsaved }, taking_over) = match position.take() {
             Some(p) if was_held => (p, false),
             _ => (
                 Position {
-                    at: checkpoint(&self.pool, PUBLISHER).await?,
+                    at: checkpoint(&mut **db, PUBLISHER).await?,
                     unsaved: false,
                 },
                 true,
             ),
         };
         // The position after the last batch is written by this read.
-        let (snapshot, mut batch) = read_due(&self.pool, &at, self.settings.batch, unsaved).await?;
+        let (snapshot, mut batch) = read_due(&mut **db, &at, self.settings.batch, unsaved).await?;
         let read_at = Utc::now();
         let Some(last) = batch.last() else {
             return match at.pending.take() {
