@@ -301,21 +301,34 @@ pub struct InCalls {
     pub with_vector: usize,
     /// Turns whose passages were ranked ahead (off the turn's path), of `turns`.
     pub preranked: usize,
+    /// Wall p50/p99 of the turns ranked ahead, and of the others (which ranked on the turn's
+    /// path), with the others' thread CPU p99: which of the two makes the tail.
+    pub preranked_p50_us: f64,
+    pub preranked_p99_us: f64,
+    pub ranked_on_path_p50_us: f64,
+    pub ranked_on_path_p99_us: f64,
+    pub ranked_on_path_cpu_p99_us: f64,
+    /// Requests the OpenAI simulator's `/embeddings` answered while the calls ran (the
+    /// callers' words; the documents were indexed before).
+    pub embedding_requests: u64,
 }
 
 impl InCalls {
     /// From `TurnCompleted` timings (JSON objects).
     pub fn from_timings(passages: u64, timings: &[serde_json::Value]) -> InCalls {
-        let mut us: Vec<f64> = timings
-            .iter()
-            .filter_map(|t| t["knowledge_us"].as_f64())
-            .collect();
-        us.sort_by(f64::total_cmp);
-        let mut cpu: Vec<f64> = timings
-            .iter()
-            .filter_map(|t| t["knowledge_cpu_us"].as_f64())
-            .collect();
-        cpu.sort_by(f64::total_cmp);
+        let sorted = |preranked: Option<bool>, field: &str| {
+            let mut v: Vec<f64> = timings
+                .iter()
+                .filter(|t| preranked.is_none_or(|p| (t["knowledge_preranked"] == true) == p))
+                .filter_map(|t| t[field].as_f64())
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let us = sorted(None, "knowledge_us");
+        let cpu = sorted(None, "knowledge_cpu_us");
+        let ahead = sorted(Some(true), "knowledge_us");
+        let on_path = sorted(Some(false), "knowledge_us");
         InCalls {
             passages,
             turns: us.len(),
@@ -328,10 +341,13 @@ impl InCalls {
                 .iter()
                 .filter(|t| t["knowledge_vector"] == true)
                 .count(),
-            preranked: timings
-                .iter()
-                .filter(|t| t["knowledge_preranked"] == true)
-                .count(),
+            preranked: ahead.len(),
+            preranked_p50_us: percentile(&ahead, 0.5),
+            preranked_p99_us: percentile(&ahead, 0.99),
+            ranked_on_path_p50_us: percentile(&on_path, 0.5),
+            ranked_on_path_p99_us: percentile(&on_path, 0.99),
+            ranked_on_path_cpu_p99_us: percentile(&sorted(Some(false), "knowledge_cpu_us"), 0.99),
+            embedding_requests: 0,
         }
     }
 }

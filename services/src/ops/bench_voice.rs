@@ -179,7 +179,8 @@ pub async fn run(
     };
     let deepgram_url = serve_sim("deepgram", sims::deepgram(&config).router()).await?;
     let cerebras_url = serve_sim("cerebras", sims::llm(&config, "CEREBRAS").router()).await?;
-    let openai_url = serve_sim("openai", sims::llm(&config, "OPENAI").router()).await?;
+    let openai = sims::llm(&config, "OPENAI");
+    let openai_url = serve_sim("openai", openai.router()).await?;
     let elevenlabs_url = serve_sim("elevenlabs", sims::elevenlabs(&config).router()).await?;
 
     let serve = child::spawn_serve(
@@ -234,6 +235,7 @@ pub async fn run(
     // Settle, then the baseline.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_before = rss_mib(&pid);
+    let embeddings_before = openai.embedding_requests();
     let bench_cpu_before = cpu_ms("self");
     let twilio_pid = twilio.pid().map(|p| p.to_string());
     let twilio_cpu_before = twilio_pid.as_deref().map(cpu_ms);
@@ -373,8 +375,10 @@ pub async fn run(
             .filter(|_| call_seconds > 0.0)
             .map(|ir| ir as f64 / call_seconds),
         load_average: load,
-        knowledge: knowledge_passages
-            .map(|n| crate::ops::bench_knowledge::InCalls::from_timings(n, &inside)),
+        knowledge: knowledge_passages.map(|n| crate::ops::bench_knowledge::InCalls {
+            embedding_requests: openai.embedding_requests() - embeddings_before,
+            ..crate::ops::bench_knowledge::InCalls::from_timings(n, &inside)
+        }),
     };
     serve.stop().await;
     twilio.stop().await;
@@ -519,8 +523,9 @@ pub fn print(rows: &[Figures]) {
     for f in rows {
         if let Some(k) = &f.knowledge {
             println!(
-                "{} calls, knowledge of {} passages: retrieval on the turn's path p50/p99/max {:.0}/{:.0}/{:.0} µs (its thread's CPU p50/p99 {:.0}/{:.0} µs) over {} turns, {} of them with the caller's words embedded in time, {} ranked ahead off the turn's path",
-                f.calls, k.passages, k.p50_us, k.p99_us, k.max_us, k.cpu_p50_us, k.cpu_p99_us, k.turns, k.with_vector, k.preranked
+                "{} calls, knowledge of {} passages: retrieval on the turn's path p50/p99/max {:.0}/{:.0}/{:.0} µs (its thread's CPU p50/p99 {:.0}/{:.0} µs) over {} turns, {} of them with the caller's words embedded in time, {} ranked ahead off the turn's path (p50/p99 {:.0}/{:.0} µs; the others {:.0}/{:.0} µs, CPU p99 {:.0} µs); {} requests to /embeddings",
+                f.calls, k.passages, k.p50_us, k.p99_us, k.max_us, k.cpu_p50_us, k.cpu_p99_us, k.turns, k.with_vector, k.preranked,
+                k.preranked_p50_us, k.preranked_p99_us, k.ranked_on_path_p50_us, k.ranked_on_path_p99_us, k.ranked_on_path_cpu_p99_us, k.embedding_requests
             );
         }
     }
