@@ -1,7 +1,10 @@
 //! Text embeddings from an OpenAI-compatible `POST {base}/embeddings` (`{"model", "input"}` →
-//! `data[].embedding`, `usage.prompt_tokens`). The memory worker embeds each learned fact.
+//! `data[].embedding`, `usage.prompt_tokens`). The memory worker embeds each learned fact, the
+//! knowledge worker each passage, and a call the caller's words several times a turn: the
+//! response (a few kilobytes of numbers per vector) is read straight into typed structs, each
+//! vector a `Vec<f32>`, without a `serde_json::Value` tree in between.
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::ProviderError;
 
@@ -13,6 +16,35 @@ pub struct Embeddings {
     url: String,
     api_key: String,
     model: String,
+}
+
+/// The request body.
+#[derive(Serialize)]
+struct Request<'a> {
+    model: &'a str,
+    input: &'a [String],
+}
+
+/// The parts of the response that are used.
+#[derive(Deserialize)]
+struct Response {
+    data: Vec<Datum>,
+    #[serde(default)]
+    usage: Usage,
+}
+
+#[derive(Deserialize)]
+struct Datum {
+    /// The input's position (OpenAI answers in order, but says which is which).
+    #[serde(default)]
+    index: usize,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize, Default)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
 }
 
 /// Vectors in input order, and the input tokens billed.
@@ -52,50 +84,38 @@ impl Embeddings {
             .http
             .post(&self.url)
             .bearer_auth(&self.api_key)
-            .json(&json!({ "model": self.model, "input": inputs }))
+            .json(&Request {
+                model: &self.model,
+                input: inputs,
+            })
             .send()
             .await
             .map_err(unreachable)?;
         let status = response.status();
-        let text = response.text().await.map_err(unreachable)?;
+        let body = response.bytes().await.map_err(unreachable)?;
         let bad = |detail: String| ProviderError::Status {
             provider: "openai",
             status: status.as_u16(),
             detail,
         };
         if !status.is_success() {
-            return Err(bad(text.chars().take(300).collect()));
+            return Err(bad(String::from_utf8_lossy(&body)
+                .chars()
+                .take(300)
+                .collect()));
         }
-        let body: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let mut data: Vec<(u64, Vec<f32>)> = body["data"]
-            .as_array()
-            .ok_or_else(|| bad("no data".into()))?
-            .iter()
-            .map(|d| {
-                let index = d["index"].as_u64().unwrap_or(0);
-                let vector = d["embedding"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .filter_map(Value::as_f64)
-                            .map(|x| x as f32)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (index, vector)
-            })
-            .collect();
-        data.sort_by_key(|(i, _)| *i);
-        if data.len() != inputs.len() {
+        let mut body: Response = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+        if body.data.len() != inputs.len() {
             return Err(bad(format!(
                 "{} vectors for {} inputs",
-                data.len(),
+                body.data.len(),
                 inputs.len()
             )));
         }
+        body.data.sort_by_key(|d| d.index);
         Ok(Embedded {
-            vectors: data.into_iter().map(|(_, v)| v).collect(),
-            prompt_tokens: body["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            vectors: body.data.into_iter().map(|d| d.embedding).collect(),
+            prompt_tokens: body.usage.prompt_tokens,
         })
     }
 }
