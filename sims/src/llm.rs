@@ -432,21 +432,52 @@ async fn embeddings(State(sim): State<LlmSim>, headers: HeaderMap, body: Bytes) 
     sim.shared
         .embedding_requests
         .fetch_add(1, Ordering::Relaxed);
-    let data: Vec<Value> = inputs
+    let data: Vec<EmbeddingDatum> = inputs
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            json!({ "object": "embedding", "index": i,
-                    "embedding": cmb_domain::memory::embed::embed(t) })
+        .map(|(index, t)| EmbeddingDatum {
+            object: "embedding",
+            index,
+            embedding: cmb_domain::memory::embed::embed(t),
         })
         .collect();
-    Json(json!({
-        "object": "list",
-        "data": data,
-        "model": body.get("model").and_then(Value::as_str).unwrap_or("text-embedding-3-small"),
-        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-    }))
+    Json(EmbeddingList {
+        object: "list",
+        data,
+        model: body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("text-embedding-3-small"),
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    })
     .into_response()
+}
+
+/// An embeddings answer, written from typed fields so that each vector's numbers are `f32`s
+/// in the fewest digits that read back the same (`-0.0069292835`), as OpenAI writes them,
+/// rather than the seventeen digits of the `f64` a `serde_json::Value` would hold them as.
+#[derive(serde::Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingDatum>,
+    model: &'a str,
+    usage: EmbeddingUsage,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingDatum {
+    object: &'static str,
+    index: usize,
+    embedding: Vec<f32>,
 }
 
 /// One streamed completion.
