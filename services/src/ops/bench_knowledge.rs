@@ -314,8 +314,13 @@ pub struct InCalls {
 }
 
 impl InCalls {
-    /// From `TurnCompleted` timings (JSON objects).
-    pub fn from_timings(passages: u64, timings: &[serde_json::Value]) -> InCalls {
+    /// From `TurnCompleted` timings (JSON objects) and the `/embeddings` requests counted
+    /// while the calls ran.
+    pub fn from_timings(
+        passages: u64,
+        embedding_requests: u64,
+        timings: &[serde_json::Value],
+    ) -> InCalls {
         let sorted = |preranked: Option<bool>, field: &str| {
             let mut v: Vec<f64> = timings
                 .iter()
@@ -347,7 +352,7 @@ impl InCalls {
             ranked_on_path_p50_us: percentile(&on_path, 0.5),
             ranked_on_path_p99_us: percentile(&on_path, 0.99),
             ranked_on_path_cpu_p99_us: percentile(&sorted(Some(false), "knowledge_cpu_us"), 0.99),
-            embedding_requests: 0,
+            embedding_requests,
         }
     }
 }

@@ -375,9 +375,12 @@ pub async fn run(
             .filter(|_| call_seconds > 0.0)
             .map(|ir| ir as f64 / call_seconds),
         load_average: load,
-        knowledge: knowledge_passages.map(|n| crate::ops::bench_knowledge::InCalls {
-            embedding_requests: openai.embedding_requests() - embeddings_before,
-            ..crate::ops::bench_knowledge::InCalls::from_timings(n, &inside)
+        knowledge: knowledge_passages.map(|n| {
+            crate::ops::bench_knowledge::InCalls::from_timings(
+                n,
+                openai.embedding_requests() - embeddings_before,
+                &inside,
+            )
         }),
     };
     serve.stop().await;
